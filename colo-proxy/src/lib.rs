@@ -1,0 +1,24 @@
+//! colo-proxy: the COLO compare engine and everything around it.
+//!
+//! - [`wire`]: typed, zero-copy views over Ethernet, VLAN, IPv4, IPv6, TCP, UDP, ICMP, ARP.
+//! - [`classify`] and [`flow`]: what the engine reads from each frame, and flow keys.
+//! - [`compare`]: the engine of spec/compare.md (rules, modes, timeouts, limits, flushes).
+//! - [`rewrite`]: the secondary's TCP sequence rewriter.
+//! - [`proxy`]: engine and rewriter together, as transports use them.
+//! - [`framing`] and [`notify_dev`]: QEMU's chardev socket framing and its text protocol.
+//! - [`control`]: the JSON-lines control socket of spec/control.md, server and client.
+//! - [`pcap`]: a pcapng writer for captures.
+
+pub mod builder;
+pub mod classify;
+pub mod clock;
+pub mod compare;
+pub mod flow;
+pub mod frame;
+pub mod wire;
+
+pub use classify::{classify, Class};
+pub use clock::{Clock, ManualClock, MonotonicClock, Timestamp};
+pub use compare::{Config, Engine, Mode, Push, Reason, Sink};
+pub use flow::FlowKey;
+pub use frame::{Frame, Side};

@@ -13,8 +13,12 @@ pub mod builder;
 pub mod classify;
 pub mod clock;
 pub mod compare;
+pub mod control;
 pub mod flow;
 pub mod frame;
+pub mod framing;
+pub mod notify_dev;
+pub mod pcap;
 pub mod wire;
 
 pub use classify::{classify, Class};

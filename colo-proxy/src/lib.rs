@@ -19,6 +19,8 @@ pub mod frame;
 pub mod framing;
 pub mod notify_dev;
 pub mod pcap;
+pub mod proxy;
+pub mod rewrite;
 pub mod wire;
 
 pub use classify::{classify, Class};

@@ -1,0 +1,496 @@
+//! The secondary's TCP sequence rewriter (QEMU's filter-rewriter, inside our process).
+//!
+//! The two VMs choose different initial sequence numbers (ISNs), so the secondary's byte stream
+//! is numbered differently from the primary's. For each connection the rewriter learns
+//! `offset = SVM ISN − PVM ISN` and then:
+//! - secondary → out: `seq −= offset`, so the secondary's output can be compared with the
+//!   primary's (and, after failover, released to clients that only know the primary's numbers);
+//! - in → secondary: `ack += offset` (and SACK blocks), so the secondary sees acknowledgements
+//!   of its own numbers.
+//!
+//! Learning: the PVM ISN comes from the primary's SYN or SYN+ACK, or (QEMU's way, for
+//! client-initiated connections) from the client's first ACK, which acknowledges PVM ISN + 1;
+//! the SVM ISN from the secondary's SYN or SYN+ACK. **Ours**: connections the guest opens are
+//! learned from the two guests' SYNs, which QEMU never does. After a checkpoint the secondary's
+//! TCP state equals the primary's, so every offset becomes 0.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use rustc_hash::FxHashMap;
+
+use crate::classify::{Compared, TcpInfo};
+use crate::clock::Timestamp;
+use crate::flow::FlowKind;
+use crate::frame::Frame;
+use crate::wire::checksum;
+use crate::wire::tcp::SeqNumber;
+use crate::wire::{be16, be32, put_be16, put_be32};
+
+/// How long a closed connection's mapping is kept for late retransmissions (TIME_WAIT).
+const CLOSED_GRACE: Duration = Duration::from_secs(60);
+/// How long a handshake may take before its half-learned entry is forgotten.
+const LEARNING_TIMEOUT: Duration = Duration::from_secs(60);
+/// TCP option kinds.
+const OPT_END: u8 = 0;
+const OPT_NOP: u8 = 1;
+const OPT_SACK: u8 = 5;
+
+/// A connection seen from the guest: (VLAN, guest address and port, peer address and port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct ConnKey {
+    vlan: u16,
+    guest: (IpAddr, u16),
+    peer: (IpAddr, u16),
+}
+
+impl ConnKey {
+    /// The key of a frame the guest sent.
+    fn outbound(c: &Compared) -> ConnKey {
+        ConnKey { vlan: c.key.vlan, guest: (c.key.src, c.key.src_port), peer: (c.key.dst, c.key.dst_port) }
+    }
+
+    /// The key of a frame sent to the guest.
+    fn inbound(c: &Compared) -> ConnKey {
+        ConnKey { vlan: c.key.vlan, guest: (c.key.dst, c.key.dst_port), peer: (c.key.src, c.key.src_port) }
+    }
+}
+
+/// What the rewriter knows about one connection.
+#[derive(Debug, Clone)]
+struct Conn {
+    pvm_isn: Option<SeqNumber>,
+    svm_isn: Option<SeqNumber>,
+    /// `SVM ISN − PVM ISN` once both are known.
+    offset: Option<u32>,
+    /// FIN seen from the guest and from the peer.
+    fin: [bool; 2],
+    last_seen: Timestamp,
+}
+
+impl Conn {
+    fn new(now: Timestamp) -> Conn {
+        Conn { pvm_isn: None, svm_isn: None, offset: None, fin: [false; 2], last_seen: now }
+    }
+
+    /// Sets the offset once both ISNs are known; returns whether it was learned now.
+    fn learn(&mut self, key: &ConnKey) -> bool {
+        if let (None, Some(p), Some(s)) = (self.offset, self.pvm_isn, self.svm_isn) {
+            let offset = s.0.wrapping_sub(p.0);
+            self.offset = Some(offset);
+            tracing::debug!(guest = ?key.guest, peer = ?key.peer, offset, "tcp offset learned");
+            return true;
+        }
+        false
+    }
+
+    fn closed(&self) -> bool {
+        self.fin[0] && self.fin[1]
+    }
+}
+
+/// Counters of the rewriter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RewriterStats {
+    /// Connections tracked now.
+    pub connections: u64,
+    /// Offsets learned.
+    pub learned: u64,
+    /// Frames whose sequence or acknowledgement numbers were changed.
+    pub rewritten: u64,
+}
+
+/// The rewriter's connection table.
+#[derive(Debug, Default)]
+pub struct Rewriter {
+    conns: FxHashMap<ConnKey, Conn>,
+    learned: u64,
+    rewritten: u64,
+}
+
+impl Rewriter {
+    /// An empty rewriter.
+    pub fn new() -> Rewriter {
+        Rewriter::default()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> RewriterStats {
+        RewriterStats { connections: self.conns.len() as u64, learned: self.learned, rewritten: self.rewritten }
+    }
+
+    /// The offset learned for the connection of a frame the guest sent (`None` while learning or
+    /// untracked).
+    pub fn offset_of(&self, guest_frame: &Compared) -> Option<u32> {
+        self.conns.get(&ConnKey::outbound(guest_frame)).and_then(|c| c.offset)
+    }
+
+    /// Learns from a frame the primary sent: its SYN or SYN+ACK carries the PVM ISN.
+    pub fn observe_primary(&mut self, c: &Compared, now: Timestamp) {
+        let Some(t) = tcp_of(c) else { return };
+        if !t.flags.syn() {
+            return;
+        }
+        let key = ConnKey::outbound(c);
+        let conn = entry_for_syn(&mut self.conns, key, t.seq, |c| c.pvm_isn, now);
+        conn.pvm_isn = Some(t.seq);
+        self.learned += u64::from(conn.learn(&key));
+    }
+
+    /// Learns from, and rewrites, a frame the secondary sent: `seq −= offset`. `c` is updated to
+    /// the rewritten sequence number.
+    pub fn rewrite_secondary(&mut self, frame: &mut Frame, c: &mut Compared, now: Timestamp) {
+        let Some(t) = tcp_of(c).copied() else { return };
+        let key = ConnKey::outbound(c);
+        if t.flags.syn() {
+            let conn = entry_for_syn(&mut self.conns, key, t.seq, |c| c.svm_isn, now);
+            conn.svm_isn = Some(t.seq);
+            self.learned += u64::from(conn.learn(&key));
+        }
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        conn.last_seen = now;
+        conn.fin[0] |= t.flags.fin();
+        let offset = conn.offset.unwrap_or(0);
+        if t.flags.rst() {
+            self.conns.remove(&key);
+        }
+        if offset != 0 {
+            let seq = SeqNumber(t.seq.0.wrapping_sub(offset));
+            set_tcp_word(frame, &t, t.header_at + 4, seq.0);
+            if let Some(t) = c.tcp.as_mut() {
+                t.seq = seq;
+            }
+            self.rewritten += 1;
+        }
+    }
+
+    /// Learns from, and rewrites, a frame on its way to the secondary: `ack += offset`, and the
+    /// edges of SACK blocks likewise.
+    pub fn rewrite_inbound(&mut self, frame: &mut Frame, c: &Compared, now: Timestamp) {
+        let Some(t) = tcp_of(c).copied() else { return };
+        let key = ConnKey::inbound(c);
+        if t.flags.syn() && !t.flags.ack() {
+            // A peer opens a connection. It replaces an earlier one on the same ports; a
+            // retransmitted SYN during the handshake keeps what was learned.
+            if self.conns.get(&key).is_none_or(|c| c.offset.is_some()) {
+                self.conns.insert(key, Conn::new(now));
+            }
+            return;
+        }
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        conn.last_seen = now;
+        conn.fin[1] |= t.flags.fin();
+        if let (None, None, Some(_), Some(ack)) = (conn.offset, conn.pvm_isn, conn.svm_isn, t.ack) {
+            // The peer's first ACK acknowledges the primary's SYN+ACK: PVM ISN + 1.
+            conn.pvm_isn = Some(SeqNumber(ack.0.wrapping_sub(1)));
+            self.learned += u64::from(conn.learn(&key));
+        }
+        let offset = conn.offset.unwrap_or(0);
+        if t.flags.rst() {
+            self.conns.remove(&key);
+        }
+        if offset == 0 {
+            return;
+        }
+        if let Some(ack) = t.ack {
+            set_tcp_word(frame, &t, t.header_at + 8, ack.0.wrapping_add(offset));
+        }
+        shift_sack_blocks(frame, &t, offset);
+        self.rewritten += 1;
+    }
+
+    /// After a checkpoint the secondary's TCP state is the primary's: every offset is 0.
+    pub fn checkpoint(&mut self) {
+        for conn in self.conns.values_mut() {
+            conn.offset = Some(0);
+            conn.pvm_isn = None;
+            conn.svm_isn = None;
+        }
+    }
+
+    /// Forgets connections closed (FIN both ways) longer than the grace period ago, and
+    /// handshakes that never completed.
+    pub fn expire(&mut self, now: Timestamp) {
+        self.conns.retain(|_, c| {
+            let idle = now.since(c.last_seen);
+            !(c.closed() && idle >= CLOSED_GRACE || c.offset.is_none() && idle >= LEARNING_TIMEOUT)
+        });
+    }
+}
+
+/// The entry a SYN from one guest (ISN `seq`) belongs to: created if missing, replaced if it
+/// belongs to an earlier connection on the same ports (offset known and this guest's ISN
+/// differs; a retransmitted SYN has the same ISN).
+fn entry_for_syn(
+    conns: &mut FxHashMap<ConnKey, Conn>,
+    key: ConnKey,
+    seq: SeqNumber,
+    isn: impl Fn(&Conn) -> Option<SeqNumber>,
+    now: Timestamp,
+) -> &mut Conn {
+    if conns.get(&key).is_some_and(|c| c.offset.is_some() && isn(c) != Some(seq)) {
+        conns.remove(&key);
+    }
+    let conn = conns.entry(key).or_insert_with(|| Conn::new(now));
+    conn.last_seen = now;
+    conn
+}
+
+fn tcp_of(c: &Compared) -> Option<&TcpInfo> {
+    match c.key.kind {
+        FlowKind::Tcp => c.tcp.as_ref(),
+        _ => None,
+    }
+}
+
+/// Replaces the 32-bit word at `at` (an offset in the Ethernet frame, inside the TCP header) and
+/// updates the TCP checksum incrementally — unless the checksum is left to the device
+/// (NEEDS_CSUM): the field then holds only the pseudo-header sum, which does not cover the
+/// TCP header.
+fn set_tcp_word(frame: &mut Frame, t: &TcpInfo, at: usize, new: u32) {
+    let needs_csum = frame.needs_csum();
+    let eth = frame.ethernet_mut();
+    let old = be32(eth, at);
+    put_be32(eth, at, new);
+    if !needs_csum {
+        let csum_at = t.header_at + 16;
+        let c = checksum::update_u32(be16(eth, csum_at), old, new);
+        put_be16(eth, csum_at, c);
+    }
+}
+
+/// Adds `offset` to both edges of every SACK block (RFC 2018): they name the guest's sequence
+/// numbers, which differ on the secondary. Malformed options end the walk.
+fn shift_sack_blocks(frame: &mut Frame, t: &TcpInfo, offset: u32) {
+    let mut at = t.header_at + 20;
+    let end = t.payload_at;
+    while at < end {
+        let kind = frame.ethernet()[at];
+        match kind {
+            OPT_END => return,
+            OPT_NOP => at += 1,
+            _ => {
+                if at + 2 > end {
+                    return;
+                }
+                let len = usize::from(frame.ethernet()[at + 1]);
+                if len < 2 || at + len > end {
+                    return;
+                }
+                if kind == OPT_SACK {
+                    let mut edge = at + 2;
+                    while edge + 4 <= at + len {
+                        let v = be32(frame.ethernet(), edge);
+                        set_tcp_word(frame, t, edge, v.wrapping_add(offset));
+                        edge += 4;
+                    }
+                }
+                at += len;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builder::*;
+    use crate::classify::{classify, Class};
+    use crate::wire::tcp::Flags;
+
+    const T0: Timestamp = Timestamp(0);
+
+    fn meta(f: &Frame) -> Compared {
+        match classify(f.ethernet()) {
+            Class::Compared(c) => c,
+            other => panic!("not compared: {other:?}"),
+        }
+    }
+
+    /// A frame from the guest (port 80) to the client (port 40000).
+    fn out(seq: u32, ack: Option<u32>, flags: u8, payload: &[u8]) -> Frame {
+        Frame::new(tcp4(80, 40000, seq, ack, flags, payload))
+    }
+
+    /// A frame from the client to the guest.
+    fn inb(seq: u32, ack: Option<u32>, flags: u8, payload: &[u8]) -> Frame {
+        Frame::new(tcp4_to(CLIENT_IP, VM_IP, 40000, 80, seq, ack, flags, payload))
+    }
+
+    fn seq_of(f: &Frame) -> u32 {
+        meta(f).tcp.unwrap().seq.0
+    }
+
+    fn ack_of(f: &Frame) -> u32 {
+        meta(f).tcp.unwrap().ack.unwrap().0
+    }
+
+    fn secondary(rw: &mut Rewriter, mut f: Frame) -> Frame {
+        let mut c = meta(&f);
+        rw.rewrite_secondary(&mut f, &mut c, T0);
+        assert_eq!(c.tcp.unwrap().seq.0, seq_of(&f), "metadata follows the rewrite");
+        assert!(l4_checksum_ok(f.ethernet()), "checksum stays valid");
+        f
+    }
+
+    fn inbound(rw: &mut Rewriter, mut f: Frame) -> Frame {
+        let c = meta(&f);
+        rw.rewrite_inbound(&mut f, &c, T0);
+        assert!(l4_checksum_ok(f.ethernet()), "checksum stays valid");
+        f
+    }
+
+    #[test]
+    fn client_initiated_learned_from_both_syn_acks() {
+        let mut rw = Rewriter::new();
+        inbound(&mut rw, inb(100, None, Flags::SYN, b""));
+        let s_synack = secondary(&mut rw, out(5000, Some(101), Flags::SYN, b""));
+        assert_eq!(seq_of(&s_synack), 5000, "PVM ISN not known yet");
+        rw.observe_primary(&meta(&out(1000, Some(101), Flags::SYN, b"")), T0);
+        assert_eq!(rw.stats().learned, 1);
+        let f = inbound(&mut rw, inb(101, Some(1001), 0, b""));
+        assert_eq!(ack_of(&f), 5001);
+        let data = secondary(&mut rw, out(5001, Some(101), Flags::PSH, b"hello"));
+        assert_eq!(seq_of(&data), 1001);
+        assert_eq!(rw.offset_of(&meta(&data)), Some(4000));
+    }
+
+    #[test]
+    fn client_initiated_learned_from_the_clients_first_ack() {
+        // QEMU's way: the primary's SYN+ACK is never seen.
+        let mut rw = Rewriter::new();
+        inbound(&mut rw, inb(100, None, Flags::SYN, b""));
+        secondary(&mut rw, out(5000, Some(101), Flags::SYN, b""));
+        let f = inbound(&mut rw, inb(101, Some(1001), 0, b"req"));
+        assert_eq!(ack_of(&f), 5001, "the learning ACK itself is mapped");
+        assert_eq!(seq_of(&secondary(&mut rw, out(5001, Some(104), 0, b"resp"))), 1001);
+    }
+
+    #[test]
+    fn guest_initiated_learned_from_both_syns() {
+        let mut rw = Rewriter::new();
+        let p_syn = out(1000, None, Flags::SYN, b"");
+        rw.observe_primary(&meta(&p_syn), T0);
+        let s_syn = secondary(&mut rw, out(7000, None, Flags::SYN, b""));
+        assert_eq!(seq_of(&s_syn), 1000, "the secondary's SYN is mapped onto the primary's");
+        let synack = inbound(&mut rw, inb(300, Some(1001), Flags::SYN, b""));
+        assert_eq!(ack_of(&synack), 7001);
+        // The secondary's SYN first works as well.
+        let mut rw = Rewriter::new();
+        secondary(&mut rw, out(7000, None, Flags::SYN, b""));
+        rw.observe_primary(&meta(&p_syn), T0);
+        assert_eq!(seq_of(&secondary(&mut rw, out(7001, Some(301), 0, b"x"))), 1001);
+    }
+
+    #[test]
+    fn offsets_wrap() {
+        let mut rw = Rewriter::new();
+        rw.observe_primary(&meta(&out(0xffff_fff0, None, Flags::SYN, b"")), T0);
+        secondary(&mut rw, out(0x10, None, Flags::SYN, b""));
+        assert_eq!(seq_of(&secondary(&mut rw, out(0x11, Some(1), 0, b"a"))), 0xffff_fff1);
+        assert_eq!(ack_of(&inbound(&mut rw, inb(1, Some(0xffff_fff2), 0, b""))), 0x12);
+    }
+
+    #[test]
+    fn checkpoint_resets_offsets_to_zero() {
+        let mut rw = Rewriter::new();
+        rw.observe_primary(&meta(&out(1000, None, Flags::SYN, b"")), T0);
+        secondary(&mut rw, out(7000, None, Flags::SYN, b""));
+        rw.checkpoint();
+        assert_eq!(seq_of(&secondary(&mut rw, out(1500, Some(1), 0, b"x"))), 1500);
+        assert_eq!(ack_of(&inbound(&mut rw, inb(1, Some(1501), 0, b""))), 1501);
+        assert_eq!(rw.stats().connections, 1, "the connection stays tracked");
+    }
+
+    #[test]
+    fn sack_blocks_are_shifted() {
+        let mut rw = Rewriter::new();
+        rw.observe_primary(&meta(&out(1000, None, Flags::SYN, b"")), T0);
+        secondary(&mut rw, out(7000, None, Flags::SYN, b""));
+        // A client ACK with options NOP, NOP, SACK (one block): a 32-byte header.
+        let mut l4 = tcp_segment(40000, 80, 1, Some(1001), 0, b"");
+        l4[12] = 8 << 4;
+        l4.extend_from_slice(&[OPT_NOP, OPT_NOP, OPT_SACK, 10]);
+        l4.extend_from_slice(&1101u32.to_be_bytes());
+        l4.extend_from_slice(&1201u32.to_be_bytes());
+        let f = Frame::new(ipv4_frame(CLIENT_IP, VM_IP, 6, 1, l4, Some(16)));
+        let f = inbound(&mut rw, f);
+        let eth = f.ethernet();
+        assert_eq!(be32(eth, 14 + 20 + 24), 7101);
+        assert_eq!(be32(eth, 14 + 20 + 28), 7201);
+        assert_eq!(ack_of(&f), 7001);
+    }
+
+    #[test]
+    fn needs_csum_frames_keep_their_partial_checksum() {
+        let mut rw = Rewriter::new();
+        rw.observe_primary(&meta(&out(1000, None, Flags::SYN, b"")), T0);
+        secondary(&mut rw, out(7000, None, Flags::SYN, b""));
+        let plain = out(7001, Some(1), 0, b"x");
+        let mut data = vec![1u8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]; // NEEDS_CSUM
+        data.extend_from_slice(&plain.data);
+        let mut f = Frame::with_vnet_hdr(data, 12);
+        let csum_before = be16(f.ethernet(), 14 + 20 + 16);
+        let mut c = meta(&f);
+        rw.rewrite_secondary(&mut f, &mut c, T0);
+        assert_eq!(seq_of(&f), 1001);
+        assert_eq!(be16(f.ethernet(), 14 + 20 + 16), csum_before);
+    }
+
+    #[test]
+    fn rst_removes_the_mapping_after_rewriting_its_frame() {
+        let mut rw = Rewriter::new();
+        rw.observe_primary(&meta(&out(1000, None, Flags::SYN, b"")), T0);
+        secondary(&mut rw, out(7000, None, Flags::SYN, b""));
+        let rst = secondary(&mut rw, out(7001, None, Flags::RST, b""));
+        assert_eq!(seq_of(&rst), 1001);
+        assert_eq!(rw.stats().connections, 0);
+    }
+
+    #[test]
+    fn closed_connections_expire_after_the_grace_period() {
+        let mut rw = Rewriter::new();
+        rw.observe_primary(&meta(&out(1000, None, Flags::SYN, b"")), T0);
+        secondary(&mut rw, out(7000, None, Flags::SYN, b""));
+        secondary(&mut rw, out(7001, Some(1), Flags::FIN, b""));
+        inbound(&mut rw, inb(1, Some(1002), Flags::FIN, b""));
+        rw.expire(T0.plus(Duration::from_secs(59)));
+        assert_eq!(rw.stats().connections, 1);
+        rw.expire(T0.plus(CLOSED_GRACE));
+        assert_eq!(rw.stats().connections, 0);
+    }
+
+    #[test]
+    fn a_new_connection_on_the_same_ports_replaces_the_old_mapping() {
+        let mut rw = Rewriter::new();
+        rw.observe_primary(&meta(&out(1000, None, Flags::SYN, b"")), T0);
+        secondary(&mut rw, out(7000, None, Flags::SYN, b""));
+        // The client reuses the ports.
+        inbound(&mut rw, inb(900, None, Flags::SYN, b""));
+        secondary(&mut rw, out(9000, Some(901), Flags::SYN, b""));
+        rw.observe_primary(&meta(&out(2000, Some(901), Flags::SYN, b"")), T0);
+        assert_eq!(seq_of(&secondary(&mut rw, out(9001, Some(901), 0, b"x"))), 2001);
+    }
+
+    #[test]
+    fn ipv6_connections_are_rewritten() {
+        let mut rw = Rewriter::new();
+        let p = Frame::new(tcp6(80, 40000, 1000, None, Flags::SYN, b""));
+        rw.observe_primary(&meta(&p), T0);
+        secondary(&mut rw, Frame::new(tcp6(80, 40000, 3000, None, Flags::SYN, b"")));
+        let f = secondary(&mut rw, Frame::new(tcp6(80, 40000, 3001, Some(5), 0, b"v6")));
+        assert_eq!(seq_of(&f), 1001);
+    }
+
+    #[test]
+    fn untracked_and_non_tcp_frames_pass_unchanged() {
+        let mut rw = Rewriter::new();
+        let f = out(5, Some(6), 0, b"no handshake seen");
+        assert_eq!(secondary(&mut rw, f.clone()), f);
+        let mut u = Frame::new(udp4(1, 2, b"udp"));
+        let before = u.clone();
+        let c = meta(&u);
+        rw.rewrite_inbound(&mut u, &c, T0);
+        assert_eq!(u, before);
+    }
+}

@@ -14,6 +14,7 @@ pub mod classify;
 pub mod clock;
 pub mod compare;
 pub mod control;
+pub mod endpoint;
 pub mod flow;
 pub mod frame;
 pub mod framing;

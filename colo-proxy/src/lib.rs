@@ -10,6 +10,7 @@
 //! - [`pcap`]: a pcapng writer for captures.
 
 pub mod builder;
+pub mod capture;
 pub mod classify;
 pub mod clock;
 pub mod compare;
@@ -19,6 +20,7 @@ pub mod flow;
 pub mod frame;
 pub mod framing;
 pub mod notify_dev;
+pub mod packet_socket;
 pub mod pcap;
 pub mod proxy;
 pub mod rewrite;

@@ -1,1 +1,181 @@
-//! Helpers for the end-to-end tests: network namespaces, processes, captures.
+//! Helpers for the end-to-end tests: the workspace's binaries, temporary directories, child
+//! processes that are killed when a test ends (even by panic), network namespaces, and skips
+//! that say why.
+
+pub mod netns;
+pub mod qframe;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Path of a binary of this workspace (built by `cargo test --workspace`, which builds every
+/// member's binaries before running tests).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(Path::parent).expect("target directory");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: run the tests with `cargo test --workspace` so the binaries are built",
+        path.display()
+    );
+    path
+}
+
+/// A unique name for this test run: `prefix` + pid + counter (fits interface names when the
+/// prefix is short).
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}{}{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// A temporary directory removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates `/tmp/colo-<tag>-<unique>`.
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(unique(&format!("colo-{tag}-")));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    /// A path inside the directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop, with its stderr kept for diagnostics.
+pub struct Proc {
+    child: Option<Child>,
+    name: String,
+    stderr_path: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stderr captured to a file next to the test's temp files.
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        let stderr_path = std::env::temp_dir().join(unique(&format!("colo-{name}-stderr-")));
+        let f = std::fs::File::create(&stderr_path).expect("stderr file");
+        cmd.stderr(f).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc { child: Some(child), name: name.to_string(), stderr_path }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Asserts the process is still running, showing its stderr if not.
+    pub fn assert_running(&mut self) {
+        assert!(self.is_running(), "{} exited unexpectedly; stderr:\n{}", self.name, self.stderr());
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- stderr of {} ---\n{}", self.name, self.stderr());
+        }
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}
+
+/// Waits until `path` exists.
+pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// Runs a command to completion; returns (status, stdout+stderr).
+pub fn run(cmd: &mut Command) -> (ExitStatus, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status, text)
+}
+
+/// Whether we are root (namespaces, taps, AF_PACKET).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Whether a program is on PATH (or is an existing path).
+pub fn have(program: &str) -> bool {
+    if program.contains('/') {
+        return Path::new(program).exists();
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+/// Prints a visible skip notice (the test then returns). Set `COLO_REQUIRE_ALL=1` to turn
+/// skips into failures (CI does, so a missing prerequisite cannot pass unnoticed).
+pub fn skip(test: &str, why: &str) {
+    if std::env::var_os("COLO_REQUIRE_ALL").is_some_and(|v| v == "1") {
+        panic!("{test}: prerequisite missing and COLO_REQUIRE_ALL=1: {why}");
+    }
+    eprintln!("SKIPPED {test}: {why}");
+}
+
+/// Reads exactly `n` bytes or fails after the stream's timeout.
+pub fn read_exact(r: &mut impl Read, n: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0; n];
+    r.read_exact(&mut buf)?;
+    Ok(buf)
+}

@@ -1,0 +1,531 @@
+//! `colo-proxy compare`: one mio loop over the four QEMU-style ports and the control socket.
+//!
+//! Inputs are read only while the engine takes their frames: a full flow queue, or released
+//! output piling up because `outdev` does not read, stops reading that input (backpressure
+//! reaches the sender through the socket) instead of dropping frames. Reading resumes after the
+//! next flush, mode change or write.
+
+use std::io::{self, Read, Write};
+use std::time::Instant;
+
+use anyhow::Context;
+use mio::{Events, Poll, Token};
+
+use colo_proxy::capture::Capture;
+use colo_proxy::compare::{Disposal, Engine, Miscompare, Push, Sink, Verdict};
+use colo_proxy::control::Command;
+use colo_proxy::control::{ConnId, ControlServer, Event, Request};
+use colo_proxy::endpoint::Port;
+use colo_proxy::framing::Decoder;
+use colo_proxy::notify_dev::{Inbound, NotifyCodec, Outbound};
+use colo_proxy::{Frame, Side};
+
+use crate::options::CompareArgs;
+use crate::output::OutQueue;
+use crate::signals::Signals;
+
+const SIGNALS: Token = Token(0);
+const PRIMARY_IN: Token = Token(10);
+const SECONDARY_IN: Token = Token(12);
+const OUTDEV: Token = Token(14);
+const NOTIFY_DEV: Token = Token(16);
+const CONTROL: Token = Token(100);
+
+/// Stop reading inputs while this much released output waits for `outdev`.
+const OUTPUT_HIGH_WATER: usize = 16 << 20;
+
+/// One input port and its decoder.
+struct Input {
+    side: Side,
+    port: Port,
+    decoder: Decoder,
+    /// A decoded frame the engine has not taken yet (its queue was full).
+    pending: Option<Frame>,
+    /// Reading stopped before the socket was drained (backpressure).
+    stalled: bool,
+}
+
+/// The notify_dev port.
+struct Notify {
+    port: Port,
+    codec: NotifyCodec,
+    out: Vec<u8>,
+}
+
+/// Where the engine's decisions go during one call.
+struct Outlet<'a> {
+    queue: &'a mut OutQueue,
+    capture: Option<&'a mut Capture>,
+    events: &'a mut Vec<Miscompare>,
+}
+
+impl Sink for Outlet<'_> {
+    fn frame(&mut self, frame: Frame, d: Disposal) {
+        if let Some(c) = self.capture.as_deref_mut() {
+            c.record(&frame, &d);
+        }
+        if d.verdict == Verdict::Released {
+            self.queue.push(&frame);
+        }
+    }
+    fn miscompare(&mut self, event: &Miscompare) {
+        self.events.push(event.clone());
+    }
+}
+
+/// A `checkpoint` command whose `flushed` reply waits until the released frames are written.
+struct PendingFlush {
+    conn: ConnId,
+    id: u64,
+    /// Frames queued for output when the flush finished.
+    target: u64,
+    released: u64,
+    dropped: u64,
+}
+
+struct Proxy {
+    poll: Poll,
+    engine: Engine,
+    inputs: [Input; 2],
+    outdev: Port,
+    queue: OutQueue,
+    notify: Option<Notify>,
+    control: Option<ControlServer>,
+    capture: Option<Capture>,
+    events: Vec<Miscompare>,
+    flushes: Vec<PendingFlush>,
+    nic: String,
+    rejected_frames: u64,
+}
+
+macro_rules! outlet {
+    ($s:expr) => {
+        &mut Outlet { queue: &mut $s.queue, capture: $s.capture.as_mut(), events: &mut $s.events }
+    };
+}
+
+pub fn run(args: CompareArgs) -> anyhow::Result<()> {
+    let poll = Poll::new().context("creating the event loop")?;
+    let mut signals = Signals::register(poll.registry(), SIGNALS)?;
+    let registry = poll.registry();
+    let open = |name, ep, token| Port::open(name, ep, registry, token).map_err(anyhow::Error::from);
+    let primary = open("primary-in", args.primary_in.clone(), PRIMARY_IN)?;
+    let secondary = open("secondary-in", args.secondary_in.clone(), SECONDARY_IN)?;
+    let outdev = open("outdev", args.outdev.clone(), OUTDEV)?;
+    let notify = match args.notify_dev.clone() {
+        Some(ep) => Some(Notify {
+            port: open("notify-dev", ep, NOTIFY_DEV)?,
+            codec: NotifyCodec::new(args.vnet_hdr),
+            out: vec![],
+        }),
+        None => None,
+    };
+    let control = match &args.engine.control_socket {
+        Some(path) => {
+            let mut c = ControlServer::bind(path).with_context(|| format!("control socket {}", path.display()))?;
+            c.register(registry, CONTROL)?;
+            Some(c)
+        }
+        None => None,
+    };
+    let capture = match &args.engine.capture {
+        Some(path) => Some(Capture::create(path).with_context(|| format!("capture file {}", path.display()))?),
+        None => None,
+    };
+    let input = |side, port| Input { side, port, decoder: Decoder::new(args.vnet_hdr), pending: None, stalled: true };
+    let mut proxy = Proxy {
+        engine: Engine::with_config(args.engine.config()),
+        inputs: [input(Side::Primary, primary), input(Side::Secondary, secondary)],
+        outdev,
+        queue: OutQueue::new(args.vnet_hdr),
+        notify,
+        control,
+        capture,
+        events: vec![],
+        flushes: vec![],
+        nic: args.engine.nic.clone().unwrap_or_else(|| "net0".to_string()),
+        rejected_frames: 0,
+        poll,
+    };
+    proxy.engine.set_mode(args.engine.mode, outlet!(proxy));
+    tracing::info!(
+        primary_in = %args.primary_in, secondary_in = %args.secondary_in, outdev = %args.outdev,
+        vnet_hdr = args.vnet_hdr, mode = args.engine.mode.name(), "colo-proxy compare running"
+    );
+    let mut events = Events::with_capacity(256);
+    loop {
+        let timeout = proxy.next_timeout();
+        match proxy.poll.poll(&mut events, timeout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e).context("polling"),
+        }
+        for ev in events.iter() {
+            let token = ev.token();
+            if token == SIGNALS {
+                if signals.received() {
+                    proxy.shutdown();
+                    return Ok(());
+                }
+            } else if proxy.control.as_ref().is_some_and(|c| c.owns(token)) {
+                proxy.handle_control(ev);
+            } else {
+                proxy.handle_port(token);
+            }
+        }
+        proxy.engine.poll_timeouts(outlet!(proxy));
+        proxy.reconnect();
+        proxy.settle();
+    }
+}
+
+impl Proxy {
+    fn next_timeout(&self) -> Option<std::time::Duration> {
+        let now = Instant::now();
+        let engine = self.engine.next_deadline().map(|t| self.engine.clock().instant(t));
+        let retries = self.ports().filter_map(|p| p.next_retry());
+        engine.into_iter().chain(retries).min().map(|at| at.saturating_duration_since(now))
+    }
+
+    fn ports(&self) -> impl Iterator<Item = &Port> {
+        let notify = self.notify.as_ref().map(|n| &n.port);
+        [&self.inputs[0].port, &self.inputs[1].port, &self.outdev].into_iter().chain(notify)
+    }
+
+    fn handle_port(&mut self, token: Token) {
+        let registry = self.poll.registry();
+        for i in 0..2 {
+            if self.inputs[i].port.owns(token) {
+                if self.inputs[i].port.handle_event(registry, token) {
+                    self.inputs[i].decoder.reset();
+                }
+                self.pump(i);
+                return;
+            }
+        }
+        if self.outdev.owns(token) {
+            self.outdev.handle_event(registry, token);
+            self.service_outdev();
+            return;
+        }
+        if self.notify.as_ref().is_some_and(|n| n.port.owns(token)) {
+            self.service_notify(token);
+        }
+    }
+
+    /// Reads frames from input `i` into the engine until the socket is drained or the engine
+    /// (or the output) cannot take more.
+    fn pump(&mut self, i: usize) {
+        let side = self.inputs[i].side;
+        loop {
+            if self.queue.pending_bytes() > OUTPUT_HIGH_WATER {
+                self.inputs[i].stalled = true;
+                return;
+            }
+            if let Some(f) = self.inputs[i].pending.take() {
+                if let Push::Full(f) = self.engine.push(side, f, outlet!(self)) {
+                    self.inputs[i].pending = Some(f);
+                    self.inputs[i].stalled = true;
+                    return;
+                }
+            }
+            match self.inputs[i].decoder.next_frame() {
+                Some(Ok(f)) => {
+                    self.inputs[i].pending = Some(f);
+                    continue;
+                }
+                Some(Err(e)) if e.is_fatal() => {
+                    tracing::error!(port = self.inputs[i].port.name(), error = %e, "protocol error; closing the stream");
+                    self.drop_input_peer(i);
+                    return;
+                }
+                Some(Err(e)) => {
+                    self.rejected_frames += 1;
+                    if self.rejected_frames.is_power_of_two() {
+                        tracing::warn!(port = self.inputs[i].port.name(), error = %e, total = self.rejected_frames, "frame rejected");
+                    }
+                    continue;
+                }
+                None => {}
+            }
+            let input = &mut self.inputs[i];
+            let Some(stream) = input.port.stream() else {
+                input.stalled = false;
+                return;
+            };
+            match input.decoder.read_from(stream) {
+                Ok(0) => {
+                    if input.decoder.buffered() > 0 {
+                        tracing::warn!(
+                            port = input.port.name(),
+                            bytes = input.decoder.buffered(),
+                            "peer left in the middle of a frame"
+                        );
+                    }
+                    self.drop_input_peer(i);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    input.stalled = false;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(port = input.port.name(), error = %e, "read failed");
+                    self.drop_input_peer(i);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drop_input_peer(&mut self, i: usize) {
+        let input = &mut self.inputs[i];
+        input.decoder.reset();
+        // A new peer may already be there (server endpoints); read it at the next settle.
+        input.stalled = input.port.disconnect(self.poll.registry());
+    }
+
+    fn service_outdev(&mut self) {
+        // outdev is write-only; whatever the peer sends is discarded, EOF means it left.
+        let mut scratch = [0u8; 4096];
+        let mut gone = false;
+        if let Some(s) = self.outdev.stream() {
+            loop {
+                match s.read(&mut scratch) {
+                    Ok(0) => {
+                        gone = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if gone {
+            self.queue.peer_lost();
+            self.outdev.disconnect(self.poll.registry());
+        }
+        self.write_output();
+    }
+
+    fn write_output(&mut self) {
+        if let Some(s) = self.outdev.stream() {
+            if let Err(e) = self.queue.write_to(s) {
+                tracing::warn!(error = %e, "outdev write failed");
+                self.queue.peer_lost();
+                self.outdev.disconnect(self.poll.registry());
+            }
+        }
+    }
+
+    fn service_notify(&mut self, token: Token) {
+        let registry = self.poll.registry();
+        let Some(n) = self.notify.as_mut() else { return };
+        if n.port.handle_event(registry, token) {
+            n.codec.reset();
+        }
+        let mut messages = vec![];
+        let mut gone = false;
+        if let Some(s) = n.port.stream() {
+            loop {
+                while let Some(m) = n.codec.next_message() {
+                    match m {
+                        Ok(m) => messages.push(m),
+                        Err(e) if e.is_fatal() => gone = true,
+                        Err(e) => tracing::warn!(error = %e, "notify_dev: bad message"),
+                    }
+                }
+                if gone {
+                    break;
+                }
+                match n.codec.read_from(s) {
+                    Ok(0) => {
+                        gone = true;
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        gone = true;
+                        break;
+                    }
+                }
+            }
+        }
+        for m in messages {
+            match m {
+                Inbound::Checkpoint => {
+                    let s = self.engine.flush(outlet!(self));
+                    tracing::debug!(released = s.released, dropped = s.dropped, "COLO_CHECKPOINT: flushed");
+                }
+                Inbound::ProxyInit => {
+                    if let Some(n) = self.notify.as_mut() {
+                        Outbound::ProxyInitReply.encode(&mut n.out);
+                    }
+                }
+                Inbound::Unknown(_) => {}
+            }
+        }
+        let n = self.notify.as_mut().expect("checked above");
+        if gone {
+            n.codec.reset();
+            n.out.clear();
+            n.port.disconnect(self.poll.registry());
+        }
+        self.write_notify();
+    }
+
+    fn write_notify(&mut self) {
+        let Some(n) = self.notify.as_mut() else { return };
+        let Some(s) = n.port.stream() else {
+            // Checkpoint requests are only meaningful to a connected peer.
+            n.out.clear();
+            return;
+        };
+        while !n.out.is_empty() {
+            match s.write(&n.out) {
+                Ok(k) => {
+                    n.out.drain(..k);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    n.out.clear();
+                    n.codec.reset();
+                    n.port.disconnect(self.poll.registry());
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle_control(&mut self, ev: &mio::event::Event) {
+        let hello = self.hello();
+        let mut requests = vec![];
+        if let Some(c) = self.control.as_mut() {
+            c.handle_event(self.poll.registry(), ev, &hello, &mut requests);
+        }
+        for Request { conn, command } in requests {
+            match command {
+                Command::Checkpoint { id } => {
+                    let s = self.engine.flush(outlet!(self));
+                    self.flushes.push(PendingFlush {
+                        conn,
+                        id,
+                        target: self.queue.queued,
+                        released: s.released,
+                        dropped: s.dropped,
+                    });
+                }
+                Command::Mode { id, mode } => {
+                    self.engine.set_mode(mode, outlet!(self));
+                    self.reply(conn, &Event::ModeSet { id, mode });
+                }
+                Command::QueryStats { id } => {
+                    let stats = self.engine.stats();
+                    self.reply(conn, &Event::Stats { id, stats });
+                }
+            }
+        }
+    }
+
+    fn hello(&self) -> Event {
+        Event::Hello {
+            component: "colo-proxy".to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            nic: self.nic.clone(),
+            mode: self.engine.mode(),
+        }
+    }
+
+    fn reply(&mut self, conn: ConnId, event: &Event) {
+        if let Some(c) = self.control.as_mut() {
+            c.reply(self.poll.registry(), conn, event);
+        }
+    }
+
+    fn reconnect(&mut self) {
+        let now = Instant::now();
+        let registry = self.poll.registry();
+        for i in 0..2 {
+            if self.inputs[i].port.poll_reconnect(registry, now) {
+                self.inputs[i].decoder.reset();
+                self.inputs[i].stalled = true;
+            }
+        }
+        self.outdev.poll_reconnect(registry, now);
+        if let Some(n) = self.notify.as_mut() {
+            if n.port.poll_reconnect(registry, now) {
+                n.codec.reset();
+            }
+        }
+    }
+
+    /// After a batch of events: report inconsistencies, write output, answer flushes whose
+    /// frames are out, and resume inputs that waited.
+    fn settle(&mut self) {
+        for _ in 0..4 {
+            self.report_events();
+            self.write_output();
+            self.write_notify();
+            self.answer_flushes();
+            let stalled: Vec<usize> = (0..2).filter(|&i| self.inputs[i].stalled).collect();
+            if stalled.is_empty() {
+                break;
+            }
+            let before = self.queue.queued;
+            for i in stalled {
+                self.pump(i);
+            }
+            if self.queue.queued == before && self.events.is_empty() {
+                break;
+            }
+        }
+        if let Some(c) = self.capture.as_mut() {
+            c.flush();
+        }
+    }
+
+    fn report_events(&mut self) {
+        for m in std::mem::take(&mut self.events) {
+            if let Some(n) = self.notify.as_mut() {
+                if n.port.is_connected() {
+                    Outbound::DoCheckpoint.encode(&mut n.out);
+                }
+            }
+            let ev = Event::miscompare(&self.nic, &m);
+            if let Some(c) = self.control.as_mut() {
+                c.broadcast(self.poll.registry(), &ev);
+            }
+        }
+    }
+
+    fn answer_flushes(&mut self) {
+        let done = self.queue.written + self.queue.lost;
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.flushes).into_iter().partition(|f| done >= f.target);
+        self.flushes = waiting;
+        for f in ready {
+            self.reply(f.conn, &Event::Flushed { id: f.id, released: f.released, dropped: f.dropped });
+        }
+    }
+
+    fn shutdown(&mut self) {
+        self.write_output();
+        let s = self.engine.stats();
+        tracing::info!(
+            frames_primary = s.frames_primary,
+            frames_secondary = s.frames_secondary,
+            released = s.released,
+            miscompares = s.miscompares.total(),
+            flushes = s.flushes,
+            held_primary = s.held_primary,
+            unwritten = self.queue.pending_bytes(),
+            "shutting down"
+        );
+    }
+}

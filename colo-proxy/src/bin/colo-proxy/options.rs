@@ -1,0 +1,91 @@
+//! Command-line options (QEMU colo-compare's names and defaults).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use colo_proxy::compare::{Config, Mode};
+use colo_proxy::endpoint::Endpoint;
+
+/// Options of the compare engine and its control, shared by `compare` and `run`.
+#[derive(Args, Debug, Clone)]
+pub struct EngineArgs {
+    /// A frame held longer than this (ms) causes a checkpoint request.
+    #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub compare_timeout: u64,
+    /// How often (ms) held frames are checked against --compare-timeout.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub expired_scan_cycle: u64,
+    /// Most frames held per flow and side; a full queue requests a checkpoint and makes the
+    /// input wait (sockets) or drops the frame (interfaces).
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_queue_size: u64,
+    /// Listen for controllers on this Unix socket (JSON lines, spec/control.md; mode 0600).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// Write every miscompared frame of both sides, with its verdict, to this pcapng file.
+    #[arg(long, value_name = "FILE.pcap")]
+    pub capture: Option<PathBuf>,
+    /// Initial mode: colo, passive, primary-only or secondary-only.
+    #[arg(long, value_name = "MODE", default_value = "colo")]
+    pub mode: Mode,
+    /// Name of this NIC in control events (default: the uplink for `run`, "net0" for `compare`).
+    #[arg(long, value_name = "NAME")]
+    pub nic: Option<String>,
+}
+
+impl EngineArgs {
+    /// The engine configuration.
+    pub fn config(&self) -> Config {
+        Config {
+            compare_timeout: Duration::from_millis(self.compare_timeout),
+            expired_scan_cycle: Duration::from_millis(self.expired_scan_cycle),
+            max_queue_size: self.max_queue_size as usize,
+            ..Config::default()
+        }
+    }
+}
+
+/// `colo-proxy compare`.
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "ENDPOINTS: unix:PATH (connect), unix:PATH,server (listen; accepts the next peer when \
+one leaves), tcp:HOST:PORT, tcp:HOST:PORT,server. Client endpoints must be reachable at start and \
+reconnect every second after their peer leaves.")]
+pub struct CompareArgs {
+    /// Frames the primary VM sent (QEMU: filter-mirror's outdev).
+    #[arg(long, value_name = "EP")]
+    pub primary_in: Endpoint,
+    /// Frames the secondary VM sent (QEMU: filter-redirector's outdev).
+    #[arg(long, value_name = "EP")]
+    pub secondary_in: Endpoint,
+    /// Where released primary frames go (QEMU: filter-redirector's indev).
+    #[arg(long, value_name = "EP")]
+    pub outdev: Endpoint,
+    /// The notify_dev text protocol: DO_CHECKPOINT out, COLO_CHECKPOINT in (Xen-style COLO).
+    #[arg(long, value_name = "EP")]
+    pub notify_dev: Option<Endpoint>,
+    /// Frames carry a virtio-net header length field (QEMU's vnet_hdr_support=on).
+    #[arg(long)]
+    pub vnet_hdr: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// `colo-proxy run`.
+#[derive(Args, Debug, Clone)]
+#[command(after_help = "Needs CAP_NET_RAW. Disable checksum and segmentation offloads on the VM-side \
+interfaces' peers (ethtool -K IF tx off tso off gso off), so frames are complete and comparable.")]
+pub struct RunArgs {
+    /// Interface towards the clients: inbound frames are mirrored to both VMs, released
+    /// primary frames leave here.
+    #[arg(long, value_name = "IF")]
+    pub uplink: String,
+    /// Interface towards the primary VM.
+    #[arg(long, value_name = "IF")]
+    pub primary: String,
+    /// Interface towards the secondary VM.
+    #[arg(long, value_name = "IF")]
+    pub secondary: String,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}

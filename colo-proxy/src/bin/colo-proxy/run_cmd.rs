@@ -1,0 +1,3 @@
+pub fn run(_: crate::options::RunArgs) -> anyhow::Result<()> {
+    anyhow::bail!("not yet")
+}

@@ -1,0 +1,1 @@
+//! Network namespaces, veth pairs and taps for tests (see the netns tests).

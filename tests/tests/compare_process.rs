@@ -1,0 +1,305 @@
+//! `colo-proxy compare` as a process over Unix sockets, driven the way QEMU's chardevs drive
+//! colo-compare: framed input on primary-in and secondary-in, released frames on outdev,
+//! `DO_CHECKPOINT` out of and `COLO_CHECKPOINT` into notify_dev; plus the control socket, the
+//! capture file, bad input and bad options.
+
+use std::io::Write;
+use std::process::Command;
+use std::time::Duration;
+
+use colo_proxy::builder::*;
+use colo_proxy::control::{ControlClient, Event};
+use colo_proxy::wire::tcp::Flags;
+use colo_proxy::Mode;
+use colo_tests::qframe::QPeer;
+use colo_tests::{bin, run, wait_for_path, Proc, TempDir};
+
+struct Setup {
+    _dir: TempDir,
+    proc: Proc,
+    pri: QPeer,
+    sec: QPeer,
+    out: QPeer,
+    notify: QPeer,
+    control: std::path::PathBuf,
+    capture: std::path::PathBuf,
+}
+
+fn start(vnet: bool, extra: &[&str]) -> Setup {
+    let dir = TempDir::new("cmp");
+    let ep = |n: &str| format!("unix:{},server", dir.path(n).display());
+    let control = dir.path("ctl.sock");
+    let capture = dir.path("miscompares.pcapng");
+    let mut cmd = Command::new(bin("colo-proxy"));
+    cmd.arg("compare")
+        .args(["--primary-in", &ep("pri.sock"), "--secondary-in", &ep("sec.sock")])
+        .args(["--outdev", &ep("out.sock"), "--notify-dev", &ep("notify.sock")])
+        .arg("--control-socket")
+        .arg(&control)
+        .arg("--capture")
+        .arg(&capture)
+        .args(extra);
+    if vnet {
+        cmd.arg("--vnet-hdr");
+    }
+    let proc = Proc::spawn("colo-proxy", cmd);
+    assert!(wait_for_path(&control, Duration::from_secs(10)), "control socket did not appear");
+    Setup {
+        pri: QPeer::connect(&dir.path("pri.sock"), vnet),
+        sec: QPeer::connect(&dir.path("sec.sock"), vnet),
+        out: QPeer::connect(&dir.path("out.sock"), vnet),
+        notify: QPeer::connect(&dir.path("notify.sock"), vnet),
+        proc,
+        control,
+        capture,
+        _dir: dir,
+    }
+}
+
+fn with_ident(f: &[u8], ident: u16) -> Vec<u8> {
+    // Same datagram, other IP ID (ignored by the comparison); fix the IP checksum.
+    let mut f = f.to_vec();
+    f[18..20].copy_from_slice(&ident.to_be_bytes());
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = colo_proxy::wire::checksum::internet(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn matching_frames_are_released_and_differences_request_a_checkpoint() {
+    let mut s = start(false, &[]);
+    let mut ctl = ControlClient::connect(&s.control).unwrap();
+    assert!(matches!(ctl.hello(), Event::Hello { mode: Mode::Colo, .. }));
+
+    // Matching UDP: the primary's own bytes come out.
+    let p = udp4(5000, 7, b"same answer");
+    s.pri.send(&p, 0).unwrap();
+    s.sec.send(&with_ident(&p, 999), 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().0, p);
+
+    // ARP passes at once.
+    s.pri.send(&arp_request(), 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().0, arp_request());
+
+    // TCP cut differently on the two sides.
+    let data: Vec<u8> = (0..200u8).collect();
+    let p_seg = tcp4(80, 40000, 1000, Some(1), Flags::PSH, &data);
+    s.pri.send(&p_seg, 0).unwrap();
+    s.sec.send(&tcp4(80, 40000, 1000, Some(1), 0, &data[..120]), 0).unwrap();
+    s.sec.send(&tcp4(80, 40000, 1120, Some(1), 0, &data[120..]), 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().0, p_seg);
+
+    // A difference: held, DO_CHECKPOINT on notify_dev, a miscompare event.
+    let p = udp4(5000, 7, b"value=1");
+    s.pri.send(&p, 0).unwrap();
+    s.sec.send(&udp4(5000, 7, b"value=2"), 0).unwrap();
+    assert_eq!(s.notify.recv_plain().unwrap(), b"DO_CHECKPOINT");
+    match ctl.next_event(Some(Duration::from_secs(5))).unwrap() {
+        Some(Event::Miscompare { reason, proto, flow, held, .. }) => {
+            assert_eq!(reason, colo_proxy::Reason::Payload);
+            assert_eq!(proto, "udp");
+            assert_eq!(flow, "10.0.0.2:5000>10.0.0.1:7");
+            assert_eq!(held, 2);
+        }
+        other => panic!("expected a miscompare, got {other:?}"),
+    }
+    assert!(s.out.silent_for(Duration::from_millis(200)), "a differing frame must be held");
+
+    // COLO_CHECKPOINT flushes: the primary's frame goes out.
+    s.notify.send(b"COLO_CHECKPOINT", 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().0, p);
+
+    // The Xen-style handshake.
+    s.notify.send(b"COLO_USERSPACE_PROXY_INIT", 0).unwrap();
+    assert_eq!(s.notify.recv_plain().unwrap(), b"COLO_COMPARE_GET_XEN_INIT");
+
+    let stats = ctl.stats().unwrap();
+    assert_eq!(stats.frames_primary, 4);
+    assert_eq!(stats.flushes, 1);
+    assert_eq!(stats.miscompares.payload, 1);
+
+    // The capture holds both versions, with their verdicts.
+    drop(ctl);
+    s.proc.signal(libc::SIGTERM);
+    let st = s.proc.wait_timeout(Duration::from_secs(10)).expect("exits on SIGTERM");
+    assert!(st.success(), "clean exit on SIGTERM: {st:?}");
+    let pcap = std::fs::read(&s.capture).unwrap();
+    let text = String::from_utf8_lossy(&pcap);
+    assert!(text.contains("primary released (miscompare: payload)"), "capture comments");
+    assert!(text.contains("secondary dropped (flushed at checkpoint) (miscompare: payload)"));
+    assert!(!s.control.exists(), "control socket removed on exit");
+}
+
+#[test]
+fn control_checkpoint_replies_after_the_frames_are_written_and_modes_apply() {
+    let mut s = start(false, &[]);
+    let mut ctl = ControlClient::connect(&s.control).unwrap();
+    let p = udp4(1, 2, b"held");
+    s.pri.send(&p, 0).unwrap();
+    s.sec.send(&udp4(1, 2, b"diff"), 0).unwrap();
+    let summary = ctl.checkpoint().unwrap();
+    assert_eq!((summary.released, summary.dropped), (1, 1));
+    // By the time `flushed` arrived, the frame was written to outdev.
+    s.out.set_timeout(Duration::from_millis(100));
+    assert_eq!(s.out.recv().unwrap().0, p);
+
+    // Passive: the primary's output waits for the next checkpoint.
+    assert_eq!(ctl.set_mode(Mode::Passive).unwrap(), Mode::Passive);
+    let p = udp4(3, 4, b"output commit");
+    s.pri.send(&p, 0).unwrap();
+    assert!(s.out.silent_for(Duration::from_millis(200)));
+    ctl.checkpoint().unwrap();
+    assert_eq!(s.out.recv().unwrap().0, p);
+
+    // Primary-only: released at once, no secondary needed.
+    ctl.set_mode(Mode::PrimaryOnly).unwrap();
+    s.pri.send(&p, 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().0, p);
+    // A new controller sees the current mode in its hello.
+    let c2 = ControlClient::connect(&s.control).unwrap();
+    assert!(matches!(c2.hello(), Event::Hello { mode: Mode::PrimaryOnly, .. }));
+}
+
+#[test]
+fn vnet_header_mode_keeps_the_primary_header() {
+    let mut s = start(true, &[]);
+    let mut hdr = vec![0u8; 12];
+    hdr[1] = 7; // some flag byte the secondary does not share
+    let p = [hdr.clone(), udp4(9, 9, b"vnet")].concat();
+    s.pri.send(&p, 12).unwrap();
+    s.sec.send(&[vec![0u8; 12], udp4(9, 9, b"vnet")].concat(), 12).unwrap();
+    assert_eq!(s.out.recv().unwrap(), (p, 12));
+    // notify_dev input carries the vnet field in vnet mode; its output does not.
+    s.pri.send(&[vec![0u8; 12], udp4(9, 9, b"x")].concat(), 12).unwrap();
+    s.sec.send(&[vec![0u8; 12], udp4(9, 9, b"y")].concat(), 12).unwrap();
+    assert_eq!(s.notify.recv_plain().unwrap(), b"DO_CHECKPOINT");
+    s.notify.send(b"COLO_CHECKPOINT", 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().1, 12);
+}
+
+#[test]
+fn bad_input_is_counted_and_the_process_keeps_serving() {
+    let mut s = start(false, &[]);
+    let mut ctl = ControlClient::connect(&s.control).unwrap();
+    // A zero-length frame (crashes QEMU), a runt, garbage that parses as no protocol.
+    s.pri.send(&[], 0).unwrap();
+    s.pri.send(&[1, 2, 3], 0).unwrap();
+    let p = udp4(1, 1, b"after the bad ones");
+    s.pri.send(&p, 0).unwrap();
+    s.sec.send(&p, 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().0, p);
+    // An oversized length is a protocol error: the stream is closed, the port accepts again.
+    s.pri.stream().write_all(&1_000_000u32.to_be_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    s.proc.assert_running();
+    let mut pri2 = QPeer::connect(&s._dir.path("pri.sock"), false);
+    pri2.send(&p, 0).unwrap();
+    s.sec.send(&p, 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().0, p);
+    // The secondary leaves; the next secondary, already waiting in the backlog, takes over.
+    let old = std::mem::replace(&mut s.sec, QPeer::connect(&s._dir.path("sec.sock"), false));
+    drop(old);
+    pri2.send(&udp4(5, 5, b"z"), 0).unwrap();
+    s.sec.send(&udp4(5, 5, b"z"), 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().0, udp4(5, 5, b"z"));
+    // Bad control lines get errors; the connection and the process stay.
+    ctl.send_raw_line("{not json").unwrap();
+    assert!(matches!(ctl.next_event(Some(Duration::from_secs(5))).unwrap(), Some(Event::Error { .. })));
+    ctl.send_raw_line(r#"{"type":"mode","id":7,"mode":"sideways"}"#).unwrap();
+    assert!(matches!(ctl.next_event(Some(Duration::from_secs(5))).unwrap(), Some(Event::Error { id: Some(7), .. })));
+    assert!(ctl.stats().is_ok());
+    s.proc.assert_running();
+}
+
+#[test]
+fn full_queue_pushes_back_on_the_input_instead_of_dropping() {
+    let mut s = start(false, &["--max-queue-size", "4"]);
+    let mut ctl = ControlClient::connect(&s.control).unwrap();
+    // 20 primary frames of one flow, no secondary: 4 are held, the rest wait in the socket.
+    for i in 0..20u8 {
+        s.pri.send(&udp4(1, 2, &[i]), 0).unwrap();
+    }
+    match ctl.next_event(Some(Duration::from_secs(5))).unwrap() {
+        Some(Event::Miscompare { reason, .. }) => assert_eq!(reason, colo_proxy::Reason::QueueFull),
+        other => panic!("expected queue-full, got {other:?}"),
+    }
+    // Each checkpoint releases what is held and lets more in; nothing is lost.
+    let mut got = vec![];
+    for _ in 0..10 {
+        ctl.checkpoint().unwrap();
+        s.out.set_timeout(Duration::from_millis(50));
+        while let Ok((f, _)) = s.out.recv() {
+            got.push(f);
+        }
+        if got.len() == 20 {
+            break;
+        }
+    }
+    let expect: Vec<Vec<u8>> = (0..20u8).map(|i| udp4(1, 2, &[i])).collect();
+    assert_eq!(got, expect, "every frame, in order");
+    assert_eq!(ctl.stats().unwrap().dropped_overflow, 0);
+}
+
+#[test]
+fn bad_options_and_unusable_endpoints_fail_clearly() {
+    let dir = TempDir::new("badopt");
+    let colo = bin("colo-proxy");
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["compare".into()], "--primary-in"),
+        (
+            vec!["compare", "--primary-in", "udp:1", "--secondary-in", "unix:/x", "--outdev", "unix:/y"]
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            "expected unix:PATH",
+        ),
+        (
+            vec![
+                "compare".to_string(),
+                "--primary-in".into(),
+                format!("unix:{}", dir.path("missing.sock").display()),
+                "--secondary-in".into(),
+                format!("unix:{},server", dir.path("s").display()),
+                "--outdev".into(),
+                format!("unix:{},server", dir.path("o").display()),
+            ],
+            "primary-in unix:",
+        ),
+        (
+            vec!["compare", "--primary-in", "unix:/a,server", "--secondary-in", "unix:/b,server"]
+                .into_iter()
+                .chain(["--outdev", "unix:/c,server", "--compare-timeout", "0"])
+                .map(String::from)
+                .collect(),
+            "compare-timeout",
+        ),
+        (
+            vec!["compare", "--primary-in", "unix:/a,server", "--secondary-in", "unix:/b,server"]
+                .into_iter()
+                .chain(["--outdev", "unix:/c,server", "--mode", "sideways"])
+                .map(String::from)
+                .collect(),
+            "unknown mode",
+        ),
+    ];
+    for (args, expect) in cases {
+        let (st, text) = run(Command::new(&colo).args(&args));
+        assert!(!st.success(), "{args:?} should fail");
+        assert!(text.contains(expect), "{args:?}: message should mention '{expect}', got:\n{text}");
+    }
+    let (st, text) = run(Command::new(&colo).args(["compare", "--help"]));
+    assert!(st.success());
+    for opt in [
+        "--primary-in",
+        "--notify-dev",
+        "--vnet-hdr",
+        "--compare-timeout",
+        "--expired-scan-cycle",
+        "--max-queue-size",
+        "--control-socket",
+        "--capture",
+    ] {
+        assert!(text.contains(opt), "--help mentions {opt}");
+    }
+}

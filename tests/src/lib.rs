@@ -3,6 +3,7 @@
 //! that say why.
 
 pub mod netns;
+pub mod pcapread;
 pub mod qframe;
 
 use std::io::Read;

@@ -4,7 +4,9 @@
 
 pub mod netns;
 pub mod pcapread;
+pub mod qemu;
 pub mod qframe;
+pub mod topology;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -12,19 +14,20 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-/// Path of a binary of this workspace (built by `cargo test --workspace`, which builds every
-/// member's binaries before running tests).
+/// Path of a binary of this workspace: next to the running executable (a binary in
+/// `target/<profile>/`) or one directory up (a test in `target/<profile>/deps/`). `cargo test
+/// --workspace` builds every member's binaries before running tests.
 pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe.parent().and_then(Path::parent).expect("target directory");
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} not found: run the tests with `cargo test --workspace` so the binaries are built",
-        path.display()
-    );
-    path
+    let exe = std::env::current_exe().expect("executable path");
+    let here = exe.parent().expect("executable directory");
+    let candidates = [here.join(name), here.parent().map(|p| p.join(name)).unwrap_or_default()];
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{name} not found next to {}: build the workspace first (`cargo test --workspace` or \
+             `cargo build --workspace`)",
+            exe.display()
+        )
+    })
 }
 
 /// A unique name for this test run: `prefix` + pid + counter (fits interface names when the

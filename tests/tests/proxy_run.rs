@@ -10,17 +10,12 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use colo_proxy::control::{ControlClient, Event};
-use colo_tests::netns::{prerequisites, veth, Netns};
-use colo_tests::{bin, pcapread, skip, wait_for_path, Proc, TempDir};
-
-const VM_IP: &str = "10.0.0.2";
-const VM_MAC: &str = "52:54:00:12:34:56";
-const CLIENT_MAC: &str = "52:54:00:00:00:01";
+use colo_tests::netns::prerequisites;
+use colo_tests::topology::{ProxyTopology, VM_IP};
+use colo_tests::{pcapread, skip, TempDir};
 
 /// Parsed view of a frame on the uplink, as far as this test cares.
 #[derive(Debug, PartialEq, Eq, Hash, Clone)]
@@ -55,103 +50,24 @@ fn parse(f: &[u8]) -> Option<Seen> {
     }
 }
 
-/// A UDP service inside a namespace that answers every datagram with a fixed reply.
-struct Responder {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Responder {
-    fn start(ns: &Netns, port: u16, reply: &'static [u8]) -> Responder {
-        let sock = ns.enter(move || UdpSocket::bind(("0.0.0.0", port)).unwrap());
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 1500];
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok((_, from)) = sock.recv_from(&mut buf) {
-                    let _ = sock.send_to(reply, from);
-                }
-            }
-        });
-        Responder { stop, thread: Some(thread) }
-    }
-}
-
-impl Drop for Responder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 #[test]
 fn proxy_run_in_namespaces_mirrors_compares_and_releases_once() {
     if let Err(why) = prerequisites(&["ip", "socat", "tcpdump", "ethtool", "ping"]) {
         return skip("proxy_run_in_namespaces_mirrors_compares_and_releases_once", &why);
     }
     let dir = TempDir::new("run");
-    // Namespaces first: locals drop in reverse order, so the processes below die before their
-    // namespaces are deleted.
-    let client = Netns::new("cl");
-    let proxy_ns = Netns::new("px");
-    let pvm = Netns::new("pv");
-    let svm = Netns::new("sv");
-    veth("eth0", &client, "uplink", &proxy_ns);
-    veth("eth0", &pvm, "pri", &proxy_ns);
-    veth("eth0", &svm, "sec", &proxy_ns);
-    client.exec(&["ip", "link", "set", "dev", "eth0", "address", CLIENT_MAC]);
-    client.exec(&["ip", "addr", "add", "10.0.0.1/24", "dev", "eth0"]);
-    for vm in [&pvm, &svm] {
-        vm.exec(&["ip", "link", "set", "dev", "eth0", "address", VM_MAC]);
-        vm.exec(&["ip", "addr", "add", "10.0.0.2/24", "dev", "eth0"]);
-        // Two independent kernels age their neighbour caches at different random times, and
-        // the proxy (rightly) drops the secondary's own ARP requests. Real COLO VMs share this
-        // state through checkpoints; here, pin it.
-        vm.exec(&["ip", "neigh", "replace", "10.0.0.1", "lladdr", CLIENT_MAC, "dev", "eth0", "nud", "permanent"]);
-    }
-
-    let ctl = dir.path("ctl.sock");
-    let capture = dir.path("miscompares.pcapng");
-    let uplink_pcap = dir.path("uplink.pcap");
-    let mut tcpdump = proxy_ns.spawn(
-        "tcpdump",
-        "tcpdump",
-        &["-i", "uplink", "-n", "-U", "-s", "0", "-w", uplink_pcap.to_str().unwrap()],
-    );
-    let mut proxy = {
-        let mut c = proxy_ns.command(bin("colo-proxy").to_str().unwrap());
-        c.args(["run", "--uplink", "uplink", "--primary", "pri", "--secondary", "sec"])
-            .arg("--control-socket")
-            .arg(&ctl)
-            .arg("--capture")
-            .arg(&capture);
-        Proc::spawn("colo-proxy", c)
-    };
-    let mut services = vec![];
-    for vm in [&pvm, &svm] {
-        services.push(vm.spawn("udp-echo", "socat", &["UDP4-RECVFROM:7,fork", "EXEC:cat"]));
-        services.push(vm.spawn("tcp-echo", "socat", &["TCP4-LISTEN:7,reuseaddr,fork", "EXEC:cat"]));
-    }
-    // A service whose answer depends on the machine (like a hostname or a random token).
-    let _divergent = [Responder::start(&pvm, 9, b"primary\n"), Responder::start(&svm, 9, b"secondary\n")];
-    assert!(wait_for_path(&ctl, Duration::from_secs(10)), "control socket");
-    let mut control = ControlClient::connect(&ctl).unwrap();
-    // Give tcpdump and the services a moment to be listening.
-    std::thread::sleep(Duration::from_millis(500));
-    proxy.assert_running();
+    let mut topo = ProxyTopology::start(&dir.path(""), &[]);
+    let mut control = ControlClient::connect(&topo.control).unwrap();
+    topo.proxy().assert_running();
 
     // 1. Kernel ICMP.
-    let (ok, out) = client.try_exec(&["ping", "-c", "5", "-i", "0.2", "-W", "2", VM_IP]);
+    let (ok, out) = topo.client.try_exec(&["ping", "-c", "5", "-i", "0.2", "-W", "2", VM_IP]);
     assert!(ok, "ping through the proxy failed:\n{out}");
 
     // 2. UDP echo.
     let udp_payloads: Vec<Vec<u8>> = (0..5).map(|i| format!("udp-echo-{i}").into_bytes()).collect();
     let sent = udp_payloads.clone();
-    client.enter(move || {
+    topo.client.enter(move || {
         let s = UdpSocket::bind("10.0.0.1:0").unwrap();
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
         for p in &sent {
@@ -166,7 +82,7 @@ fn proxy_run_in_namespaces_mirrors_compares_and_releases_once() {
     // 3. A TCP echo session: the two kernels choose different ISNs.
     let lines: Vec<String> = (0..20).map(|i| format!("line {i} of the tcp echo session")).collect();
     let to_send = lines.clone();
-    client.enter(move || {
+    topo.client.enter(move || {
         let s = TcpStream::connect_timeout(&"10.0.0.2:7".parse().unwrap(), Duration::from_secs(5)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
@@ -183,7 +99,7 @@ fn proxy_run_in_namespaces_mirrors_compares_and_releases_once() {
     assert!(stats.released > 0 && stats.frames_secondary > 0);
 
     // 4. A service that answers differently: held, reported, released by a checkpoint.
-    let query = client.enter(|| {
+    let query = topo.client.enter(|| {
         let s = UdpSocket::bind("10.0.0.1:0").unwrap();
         s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
         s.send_to(b"who are you?", "10.0.0.2:9").unwrap();
@@ -209,9 +125,8 @@ fn proxy_run_in_namespaces_mirrors_compares_and_releases_once() {
 
     // 5. What crossed the uplink: every reply exactly once.
     std::thread::sleep(Duration::from_millis(300));
-    tcpdump.signal(libc::SIGINT);
-    tcpdump.wait_timeout(Duration::from_secs(5));
-    let frames = pcapread::frames(&std::fs::read(&uplink_pcap).unwrap());
+    topo.stop_tcpdump();
+    let frames = pcapread::frames(&std::fs::read(&topo.uplink_pcap).unwrap());
     let mut counts: HashMap<Seen, usize> = HashMap::new();
     for f in &frames {
         if let Some(s) = parse(f) {
@@ -235,20 +150,18 @@ fn proxy_run_in_namespaces_mirrors_compares_and_releases_once() {
 
     // 6. The proxy's capture has both versions of the divergent reply.
     drop(control);
-    proxy.signal(libc::SIGTERM);
-    assert!(proxy.wait_timeout(Duration::from_secs(5)).is_some_and(|s| s.success()));
-    let cap = std::fs::read(&capture).unwrap();
+    assert!(topo.stop_proxy(), "clean exit on SIGTERM");
+    let cap = std::fs::read(&topo.capture).unwrap();
     let text = String::from_utf8_lossy(&cap);
     assert!(text.contains("primary\n") && text.contains("secondary\n"), "both replies captured");
     assert!(text.contains("primary released (miscompare: size)"));
     assert!(text.contains("secondary dropped (flushed at checkpoint) (miscompare: size)"));
     if colo_tests::have("tshark") {
         let out = Command::new("tshark")
-            .args(["-r", capture.to_str().unwrap(), "-T", "fields", "-e", "frame.comment"])
+            .args(["-r", topo.capture.to_str().unwrap(), "-T", "fields", "-e", "frame.comment"])
             .output()
             .unwrap();
         let comments = String::from_utf8_lossy(&out.stdout);
         assert_eq!(comments.lines().filter(|l| !l.is_empty()).count(), 2, "tshark reads the capture: {comments}");
     }
-    drop(services);
 }

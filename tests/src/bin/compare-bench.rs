@@ -67,10 +67,12 @@ struct Args {
     /// Pairs sent in each paced run.
     #[arg(long, default_value_t = 40_000)]
     paced_pairs: u64,
-    /// Most pairs in flight (sent, primary not yet received on outdev). Must stay below QEMU's
-    /// max_queue_size (1024), which it enforces by dropping frames.
-    #[arg(long, default_value_t = 256)]
-    window: u64,
+    /// Most pairs in flight (sent, primary not yet received on outdev). Default: 1000 per flow,
+    /// at most 4000 — enough to keep both implementations busy (a smaller window measures
+    /// round-trip latency, not capacity) while every flow's queue stays below QEMU's
+    /// max_queue_size (1024), beyond which QEMU drops frames.
+    #[arg(long)]
+    window: Option<u64>,
     /// QEMU binary (default: $COLO_QEMU or /opt/colo-qemu/bin/qemu-system-x86_64).
     #[arg(long)]
     qemu: Option<PathBuf>,
@@ -422,6 +424,11 @@ fn send_all(
     Ok(())
 }
 
+/// The in-flight window for a run with `flows` flows.
+fn window(args: &Args, flows: u16) -> u64 {
+    args.window.unwrap_or((1000 * u64::from(flows)).min(4000))
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     for &s in &args.sizes {
@@ -432,8 +439,8 @@ fn main() -> anyhow::Result<()> {
     if args.flows.contains(&0) {
         bail!("--flows: 0 flows");
     }
-    if args.window == 0 || args.window >= 1024 {
-        bail!("--window must be in 1..1024 (QEMU drops frames beyond max_queue_size = 1024)");
+    if args.window.is_some_and(|w| w == 0 || args.flows.iter().any(|&f| w >= 1024 * u64::from(f))) {
+        bail!("--window must be in 1..1024×flows (QEMU drops frames beyond max_queue_size = 1024 per flow)");
     }
     if args.paced_rate == 0 {
         bail!("--paced-rate must be positive");
@@ -471,14 +478,14 @@ fn main() -> anyhow::Result<()> {
                 let mut paced = Vec::new();
                 for _ in 0..args.repeat {
                     eprint!("{:>4} {size:>5} B {flows:>3} flows: loaded ", kind.name());
-                    let l = run(kind, &cfg, &streams, args.pairs, None, args.window)?;
+                    let l = run(kind, &cfg, &streams, args.pairs, None, window(&args, flows))?;
                     eprint!(
                         "{:.0} frames/s (checkpoints {}, lost {}), paced ",
                         l.frames_per_sec(),
                         l.checkpoints,
                         l.lost()
                     );
-                    let p = run(kind, &cfg, &streams, args.paced_pairs, Some(args.paced_rate), args.window)?;
+                    let p = run(kind, &cfg, &streams, args.paced_pairs, Some(args.paced_rate), window(&args, flows))?;
                     eprintln!("p50 {:.1} µs p99 {:.1} µs", p.hold_us(0.5), p.hold_us(0.99));
                     loaded.push(l);
                     paced.push(p);
@@ -520,7 +527,11 @@ fn report(args: &Args, cfg: &CompareConfig, kinds: &[Compare], rows: &[Row]) -> 
         t,
         "- UDP over Unix sockets (QEMU chardev framing); loaded: {} pairs, at most {} in flight; \
          paced: {} pairs at {} pairs/s; median of {} runs each (fresh process per run)",
-        args.pairs, args.window, args.paced_pairs, args.paced_rate, args.repeat
+        args.pairs,
+        args.window.map_or_else(|| "1000 per flow (≤ 4000)".to_string(), |w| w.to_string()),
+        args.paced_pairs,
+        args.paced_rate,
+        args.repeat
     );
     let _ = writeln!(
         t,

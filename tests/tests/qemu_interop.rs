@@ -498,13 +498,17 @@ fn documented_difference_ipv6_is_compared_by_us_only() {
     let Some((_serial, cfg)) = setup("documented_difference_ipv6_is_compared_by_us_only", false) else { return };
     let p = udp6(5353, 5353, b"v6 answer A");
     let steps = [Step::P(p.clone()), Step::Observe, Step::S(udp6(5353, 5353, b"v6 answer B"))];
-    let (q, o) = run_both(&cfg, &steps);
+    assert_qemu_passes_ours_compares(&cfg, &steps, p);
+}
+
+/// QEMU passes `p` uncompared (released at once, no checkpoint, nothing left to flush); ours
+/// holds it for the secondary, asks for one checkpoint, and the flush releases it.
+fn assert_qemu_passes_ours_compares(cfg: &CompareConfig, steps: &[Step], p: Vec<u8>) {
+    let (q, o) = run_both(cfg, steps);
     let msg = describe_both(&q, &o);
-    // QEMU: IPv6 passes uncompared — released at once, the secondary's copy dropped, no checkpoint.
     assert_eq!(q.phases[0].released, vec![(p.clone(), 0)], "{msg}");
     assert_eq!(q.checkpoints_before_flush(), 0, "{msg}");
     assert!(q.flushed().released.is_empty(), "{msg}");
-    // Ours: held for the secondary, the difference requests a checkpoint, the flush releases it.
     assert!(o.released_before_flush().is_empty(), "{msg}");
     assert_eq!(o.checkpoints_before_flush(), 1, "{msg}");
     assert_eq!(o.flushed().released, vec![(p, 0)], "{msg}");
@@ -517,14 +521,7 @@ fn documented_difference_vlan_tagged_frames_are_compared_by_us_only() {
     };
     let p = vlan_tagged(&udp4(5000, 7, b"tagged A"), 10);
     let steps = [Step::P(p.clone()), Step::Observe, Step::S(vlan_tagged(&udp4(5000, 7, b"tagged B"), 10))];
-    let (q, o) = run_both(&cfg, &steps);
-    let msg = describe_both(&q, &o);
-    assert_eq!(q.phases[0].released, vec![(p.clone(), 0)], "{msg}");
-    assert_eq!(q.checkpoints_before_flush(), 0, "{msg}");
-    assert!(q.flushed().released.is_empty(), "{msg}");
-    assert!(o.released_before_flush().is_empty(), "{msg}");
-    assert_eq!(o.checkpoints_before_flush(), 1, "{msg}");
-    assert_eq!(o.flushed().released, vec![(p, 0)], "{msg}");
+    assert_qemu_passes_ours_compares(&cfg, &steps, p);
 }
 
 #[test]

@@ -34,6 +34,30 @@ const CONTROL: Token = Token(100);
 /// Stop reading inputs while this much released output waits for `outdev`.
 const OUTPUT_HIGH_WATER: usize = 16 << 20;
 
+/// What a non-blocking read says about the peer.
+enum ReadStep {
+    /// Bytes arrived; read again.
+    Data,
+    /// Nothing more for now.
+    Drained,
+    /// The peer left (EOF) or the stream failed.
+    Gone,
+}
+
+impl ReadStep {
+    fn of(r: io::Result<usize>) -> ReadStep {
+        match r {
+            Ok(0) => ReadStep::Gone,
+            Ok(_) => ReadStep::Data,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => ReadStep::Drained,
+            Err(e) => {
+                tracing::debug!(error = %e, "read failed");
+                ReadStep::Gone
+            }
+        }
+    }
+}
+
 /// One input port and its decoder.
 struct Input {
     side: Side,
@@ -292,14 +316,10 @@ impl Proxy {
         let mut gone = false;
         if let Some(s) = self.outdev.stream() {
             loop {
-                match s.read(&mut scratch) {
-                    Ok(0) => {
-                        gone = true;
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
+                match ReadStep::of(s.read(&mut scratch)) {
+                    ReadStep::Data => {}
+                    ReadStep::Drained => break,
+                    ReadStep::Gone => {
                         gone = true;
                         break;
                     }
@@ -343,14 +363,10 @@ impl Proxy {
                 if gone {
                     break;
                 }
-                match n.codec.read_from(s) {
-                    Ok(0) => {
-                        gone = true;
-                        break;
-                    }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
+                match ReadStep::of(n.codec.read_from(s)) {
+                    ReadStep::Data => {}
+                    ReadStep::Drained => break,
+                    ReadStep::Gone => {
                         gone = true;
                         break;
                     }

@@ -203,6 +203,7 @@ fn bad_input_is_counted_and_the_process_keeps_serving() {
     pri2.send(&udp4(5, 5, b"z"), 0).unwrap();
     s.sec.send(&udp4(5, 5, b"z"), 0).unwrap();
     assert_eq!(s.out.recv().unwrap().0, udp4(5, 5, b"z"));
+    assert_eq!(ctl.stats().unwrap().rejected_input, 3, "zero-length, runt and oversized frames are counted");
     // Bad control lines get errors; the connection and the process stay.
     ctl.send_raw_line("{not json").unwrap();
     assert!(matches!(ctl.next_event(Some(Duration::from_secs(5))).unwrap(), Some(Event::Error { .. })));
@@ -302,4 +303,44 @@ fn bad_options_and_unusable_endpoints_fail_clearly() {
     ] {
         assert!(text.contains(opt), "--help mentions {opt}");
     }
+}
+
+#[test]
+fn client_endpoints_reconnect_after_their_peer_leaves() {
+    use std::os::unix::net::UnixListener;
+    let dir = TempDir::new("client");
+    // The test plays the listening side of every port (as QEMU chardevs with server=on would).
+    let listeners: Vec<(UnixListener, std::path::PathBuf)> = ["pri", "sec", "out"]
+        .iter()
+        .map(|n| {
+            let p = dir.path(&format!("{n}.sock"));
+            (UnixListener::bind(&p).unwrap(), p)
+        })
+        .collect();
+    let ep = |i: usize| format!("unix:{}", listeners[i].1.display());
+    let mut cmd = Command::new(bin("colo-proxy"));
+    cmd.args(["compare", "--primary-in", &ep(0), "--secondary-in", &ep(1), "--outdev", &ep(2)]);
+    let mut proc = Proc::spawn("colo-proxy", cmd);
+    let accept = |i: usize| QPeer::from_stream(listeners[i].0.accept().unwrap().0, false);
+    let (mut pri, mut sec, mut out) = (accept(0), accept(1), accept(2));
+    let f = udp4(1, 2, b"first");
+    pri.send(&f, 0).unwrap();
+    sec.send(&f, 0).unwrap();
+    assert_eq!(out.recv().unwrap().0, f);
+    // The outdev peer goes away; the proxy reconnects within about a second and delivers
+    // what was released meanwhile.
+    drop(out);
+    let g = udp4(1, 2, b"second");
+    pri.send(&g, 0).unwrap();
+    sec.send(&g, 0).unwrap();
+    let mut out = accept(2);
+    assert_eq!(out.recv().unwrap().0, g, "the frame released while outdev was away arrives after the reconnect");
+    // The primary's peer leaves and comes back the same way.
+    drop(pri);
+    let mut pri = accept(0);
+    let h = udp4(1, 2, b"third");
+    pri.send(&h, 0).unwrap();
+    sec.send(&h, 0).unwrap();
+    assert_eq!(out.recv().unwrap().0, h);
+    proc.assert_running();
 }

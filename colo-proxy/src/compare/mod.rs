@@ -453,6 +453,14 @@ impl<C: Clock> Engine<C> {
         Push::Accepted
     }
 
+    /// Counts a frame the transport refused before it reached the engine (bad framing, a
+    /// malformed descriptor chain), so `stats` shows it.
+    /// Returns the new total.
+    pub fn count_rejected_input(&mut self) -> u64 {
+        self.counters.stats.rejected_input += 1;
+        self.counters.stats.rejected_input
+    }
+
     /// Discards a frame the engine handed back with [`Push::Full`] and the transport cannot keep
     /// (AF_PACKET, a peer that must not stall); counts it as an overflow drop.
     pub fn discard_overflow<S: Sink>(&mut self, side: Side, frame: Frame, sink: &mut S) {

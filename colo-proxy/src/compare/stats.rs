@@ -9,7 +9,7 @@ use super::Reason;
 
 /// Inconsistencies by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[serde(rename_all = "kebab-case", default)]
 pub struct MiscompareCounts {
     /// Payload bytes differ.
     pub payload: u64,
@@ -41,8 +41,10 @@ impl MiscompareCounts {
     }
 }
 
-/// A snapshot of the engine's counters (the `stats` reply of spec/control.md).
+/// A snapshot of the engine's counters (the `stats` reply of spec/control.md). Missing
+/// counters read as 0, so controllers and compare processes of different versions interoperate.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Stats {
     /// Frames received from the primary.
     pub frames_primary: u64,
@@ -60,6 +62,9 @@ pub struct Stats {
     pub passed_uncompared: u64,
     /// Uncompared frames that were unparsable IP or Ethernet.
     pub malformed: u64,
+    /// Frames the transport refused before the engine saw them (bad framing, zero or
+    /// unsupported length, garbage descriptors).
+    pub rejected_input: u64,
     /// Inconsistencies by reason.
     pub miscompares: MiscompareCounts,
     /// Inconsistencies reported as events (the rest were rate-limited).

@@ -119,7 +119,6 @@ struct Proxy {
     events: Vec<Miscompare>,
     flushes: Vec<PendingFlush>,
     nic: String,
-    rejected_frames: u64,
 }
 
 macro_rules! outlet {
@@ -168,7 +167,6 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         events: vec![],
         flushes: vec![],
         nic: args.engine.nic.clone().unwrap_or_else(|| "net0".to_string()),
-        rejected_frames: 0,
         poll,
     };
     proxy.engine.set_mode(args.engine.mode, outlet!(proxy));
@@ -259,14 +257,15 @@ impl Proxy {
                     continue;
                 }
                 Some(Err(e)) if e.is_fatal() => {
+                    self.engine.count_rejected_input();
                     tracing::error!(port = self.inputs[i].port.name(), error = %e, "protocol error; closing the stream");
                     self.drop_input_peer(i);
                     return;
                 }
                 Some(Err(e)) => {
-                    self.rejected_frames += 1;
-                    if self.rejected_frames.is_power_of_two() {
-                        tracing::warn!(port = self.inputs[i].port.name(), error = %e, total = self.rejected_frames, "frame rejected");
+                    let total = self.engine.count_rejected_input();
+                    if total.is_power_of_two() {
+                        tracing::warn!(port = self.inputs[i].port.name(), error = %e, total, "frame rejected");
                     }
                     continue;
                 }

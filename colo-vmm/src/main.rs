@@ -1,6 +1,169 @@
-//! colo-vmm: a minimal KVM VMM with COLO roles (see issues 4-6).
+//! colo-vmm: run a VM (`colo-vmm run`) or talk to a running one (`colo-vmm ctl`).
 
-fn main() {
-    eprintln!("colo-vmm: not implemented yet");
-    std::process::exit(2);
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use colo_vmm::api::client::{parse_arguments, ApiClient};
+use colo_vmm::api::protocol::Reply;
+use colo_vmm::api::server::ApiServer;
+use colo_vmm::devices::serial::SerialOutput;
+use colo_vmm::loader::Image;
+use colo_vmm::vmm::{Lifecycle, NetConfig, VmConfig, Vmm, VmmApi};
+use colo_vmm::vstate::vcpu::VcpuEnd;
+
+/// A minimal KVM VMM for COLO fault tolerance.
+#[derive(Parser, Debug)]
+#[command(name = "colo-vmm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Boot a VM (the built-in reference guest unless --kernel is given).
+    Run(RunArgs),
+    /// Send one command to a running VMM's control API and print the reply.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "The process exits with the guest's exit code (exit port), 0 after `quit` or \
+SIGTERM, and 1 on errors (no /dev/kvm, bad image, backend unreachable, guest crash).")]
+struct RunArgs {
+    /// A guest ELF image (CPL3 long-mode ABI of colo-vmm-abi); default: the reference guest.
+    #[arg(long, value_name = "ELF")]
+    kernel: Option<PathBuf>,
+    /// The guest's command line (reference guest: e.g. "ip=10.0.0.2/24 gw=10.0.0.1 app=echo,http").
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    mem: u64,
+    /// A virtio-net device backed by a vhost-user backend (repeat for more devices).
+    #[arg(long, value_name = "vhost-user=PATH[,mac=MAC]")]
+    net: Vec<NetConfig>,
+    /// Where the serial console goes: stdio, file:PATH or none.
+    #[arg(long, value_name = "OUT", default_value = "stdio")]
+    serial: SerialOutput,
+    /// Serve the control API on this Unix socket (mode 0600).
+    #[arg(long, value_name = "PATH")]
+    api: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "Commands: query-status, stop, cont, quit. Arguments are key=value (numbers and \
+true/false are typed). Prints the JSON reply; exits 1 if it is an error.")]
+struct CtlArgs {
+    /// The VMM's control socket.
+    #[arg(long, value_name = "PATH")]
+    api: PathBuf,
+    /// The command.
+    command: String,
+    /// Its arguments, key=value.
+    args: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Ctl(args) => ctl(args),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("colo-vmm: error: {e:#}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Why the main thread wakes up.
+enum Event {
+    Vcpu(VcpuEnd),
+    Signal(i32),
+    Quit,
+}
+
+struct QuitByChannel(Sender<Event>);
+
+impl Lifecycle for QuitByChannel {
+    fn quit(&self) {
+        let _ = self.0.send(Event::Quit);
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let config = VmConfig {
+        image: args.kernel.map_or(Image::Reference, Image::File),
+        cmdline: args.cmdline,
+        mem_mib: args.mem,
+        net: args.net,
+        serial: args.serial,
+    };
+    let vmm = Arc::new(Vmm::boot(&config)?);
+    let (tx, rx) = channel();
+    let thread = vmm.take_thread().context("the vCPU thread is gone")?;
+    let vcpu_tx = tx.clone();
+    std::thread::spawn(move || {
+        let end = thread.join().unwrap_or_else(|_| VcpuEnd::Crashed("the vCPU thread panicked".into()));
+        let _ = vcpu_tx.send(Event::Vcpu(end));
+    });
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+        .context("installing signal handlers")?;
+    let sig_tx = tx.clone();
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let _ = sig_tx.send(Event::Signal(sig));
+        }
+    });
+    let api = match &args.api {
+        Some(path) => {
+            let handler = Arc::new(VmmApi { vmm: vmm.clone(), lifecycle: Arc::new(QuitByChannel(tx.clone())) });
+            Some(ApiServer::start(path, handler).with_context(|| format!("control API socket {}", path.display()))?)
+        }
+        None => None,
+    };
+    let code = loop {
+        match rx.recv().context("event channel closed")? {
+            Event::Vcpu(VcpuEnd::GuestExit(code)) => {
+                tracing::info!(code, "guest exited");
+                break ExitCode::from(code as u8);
+            }
+            Event::Vcpu(VcpuEnd::Quit) => break ExitCode::SUCCESS,
+            Event::Vcpu(VcpuEnd::Crashed(why)) => {
+                drop(api);
+                anyhow::bail!("{why}");
+            }
+            Event::Signal(sig) => {
+                tracing::info!(signal = sig, "shutting down");
+                vmm.vcpu().quit();
+            }
+            Event::Quit => {
+                tracing::info!("quit requested");
+                vmm.vcpu().quit();
+            }
+        }
+    };
+    // The vCPU thread has ended and dropped the devices: the backends saw an orderly close.
+    drop(api);
+    Ok(code)
+}
+
+fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
+    let arguments = parse_arguments(&args.args)?;
+    let mut client = ApiClient::connect(&args.api)?;
+    let reply = client.execute(&args.command, arguments)?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    Ok(match reply {
+        Reply::Return { .. } => ExitCode::SUCCESS,
+        Reply::Error { .. } => ExitCode::FAILURE,
+    })
 }

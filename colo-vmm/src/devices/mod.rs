@@ -1,0 +1,101 @@
+//! Devices: the serial console, the paravirtual halt and exit ports, and virtio-mmio devices,
+//! with the dispatch of the vCPU's port and MMIO exits to them.
+
+pub mod pvhalt;
+pub mod serial;
+pub mod vhost_user_net;
+pub mod virtio_mmio;
+
+use colo_vmm_abi::port;
+
+use pvhalt::Waiter;
+use serial::SerialConsole;
+use virtio_mmio::MmioTransport;
+
+/// What a port write asks the vCPU loop to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PioAction {
+    /// Nothing: continue.
+    Continue,
+    /// Halt for at most this many microseconds ([`colo_vmm_abi::HALT_FOREVER`]: no limit).
+    Halt(u32),
+    /// The guest asked to exit with this code.
+    Exit(u32),
+}
+
+/// Every device of the VM, as the vCPU thread sees them.
+pub struct Devices {
+    /// COM1.
+    pub serial: SerialConsole,
+    /// virtio-mmio devices.
+    pub mmio: Vec<MmioTransport>,
+    /// What a halted vCPU waits on.
+    pub waiter: Waiter,
+    /// Port writes to unknown ports (counted, logged the first time).
+    pub unknown_io: u64,
+}
+
+impl Devices {
+    /// A port read.
+    pub fn pio_in(&mut self, port: u16, data: &mut [u8]) {
+        if (port::SERIAL..port::SERIAL + 8).contains(&port) && data.len() == 1 {
+            data[0] = self.serial.read((port - port::SERIAL) as u8);
+        } else {
+            self.count_unknown("in", u64::from(port));
+            data.fill(0xff);
+        }
+    }
+
+    /// A port write.
+    pub fn pio_out(&mut self, port: u16, data: &[u8]) -> PioAction {
+        if (port::SERIAL..port::SERIAL + 8).contains(&port) && data.len() == 1 {
+            self.serial.write((port - port::SERIAL) as u8, data[0]);
+            return PioAction::Continue;
+        }
+        let value = || {
+            let mut b = [0u8; 4];
+            let n = data.len().min(4);
+            b[..n].copy_from_slice(&data[..n]);
+            u32::from_le_bytes(b)
+        };
+        match port {
+            port::HALT => PioAction::Halt(value()),
+            port::EXIT => PioAction::Exit(value()),
+            _ => {
+                self.count_unknown("out", u64::from(port));
+                PioAction::Continue
+            }
+        }
+    }
+
+    /// An MMIO read; unclaimed addresses read as all ones.
+    pub fn mmio_read(&mut self, addr: u64, data: &mut [u8]) {
+        match self.mmio.iter_mut().find(|d| d.contains(addr)) {
+            Some(d) => d.read(addr, data),
+            None => {
+                self.count_unknown("mmio read", addr);
+                data.fill(0xff);
+            }
+        }
+    }
+
+    /// An MMIO write; unclaimed addresses are ignored.
+    pub fn mmio_write(&mut self, addr: u64, data: &[u8]) {
+        match self.mmio.iter_mut().find(|d| d.contains(addr)) {
+            Some(d) => d.write(addr, data),
+            None => self.count_unknown("mmio write", addr),
+        }
+    }
+
+    fn count_unknown(&mut self, what: &str, addr: u64) {
+        self.unknown_io += 1;
+        if self.unknown_io.is_power_of_two() {
+            tracing::warn!(
+                access = what,
+                addr = format_args!("{addr:#x}"),
+                total = self.unknown_io,
+                "guest touched nothing"
+            );
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! A virtio-net device whose data path is a vhost-user backend (vhost-net-compare, or any
+//! vhost-user-net backend): the VMM is the vhost-user frontend. It negotiates features and
+//! protocol features, shares guest memory (the memfd) with the backend, and hands it each
+//! virtqueue with a kick eventfd (written by KVM on QUEUE_NOTIFY) and a call eventfd (which
+//! wakes the guest's paravirtual halt). The MAC address and link status are served from the
+//! VMM's own configuration space.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::virtio_mmio::{QueueConfig, VirtioDevice};
+use crate::vstate::memory::GuestMemoryMmap;
+
+/// Virtio-net feature bits we deal with.
+pub mod feature {
+    /// The device has a MAC address in its configuration space.
+    pub const MAC: u64 = 1 << 5;
+    /// Mergeable receive buffers.
+    pub const MRG_RXBUF: u64 = 1 << 15;
+    /// Link status in the configuration space.
+    pub const STATUS: u64 = 1 << 16;
+    /// Event-index notification suppression.
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    /// Virtio 1.x.
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Features we let through from the backend to the guest. No checksum or segmentation
+/// offloads: COLO compares frames byte for byte.
+const PASSED_THROUGH: u64 = feature::MRG_RXBUF | feature::RING_EVENT_IDX | feature::VERSION_1 | feature::STATUS;
+/// Features the VMM provides itself (configuration space).
+const OWN: u64 = feature::MAC | feature::STATUS;
+/// Queue 0 receives, queue 1 transmits.
+const NUM_QUEUES: usize = 2;
+/// Largest queue we offer.
+const QUEUE_MAX: u16 = 256;
+/// Link up, in the configuration space's status field.
+const LINK_UP: u16 = 1;
+
+/// Errors talking to the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The backend's socket is not there or refuses connections.
+    #[error("cannot connect to the vhost-user backend at {path}: {error}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// What went wrong.
+        error: vhost::Error,
+    },
+    /// A step of the negotiation failed.
+    #[error("vhost-user negotiation with {path} failed at {step}: {error}")]
+    Negotiate {
+        /// The socket.
+        path: PathBuf,
+        /// The request that failed.
+        step: &'static str,
+        /// What the backend (or the socket) said.
+        error: vhost::Error,
+    },
+    /// The backend lacks something we need.
+    #[error("the vhost-user backend at {path} {why}")]
+    Unsupported {
+        /// The socket.
+        path: PathBuf,
+        /// What is missing.
+        why: &'static str,
+    },
+    /// Creating an eventfd failed.
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// The device.
+pub struct VhostUserNet {
+    frontend: Frontend,
+    path: PathBuf,
+    mac: [u8; 6],
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    memory: GuestMemoryMmap,
+    kicks: Vec<EventFd>,
+    calls: Vec<EventFd>,
+    active: Vec<usize>,
+}
+
+impl VhostUserNet {
+    /// Connects to the backend at `path` and negotiates everything that does not depend on the
+    /// guest driver: ownership, virtio features offered, protocol features.
+    pub fn connect(path: &Path, mac: [u8; 6], memory: GuestMemoryMmap) -> Result<VhostUserNet, NetError> {
+        let mut frontend = Frontend::connect(path, NUM_QUEUES as u64)
+            .map_err(|error| NetError::Connect { path: path.into(), error })?;
+        let step = |step: &'static str| move |error| NetError::Negotiate { path: path.into(), step, error };
+        frontend.set_owner().map_err(step("SET_OWNER"))?;
+        let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
+        if backend_features & feature::VERSION_1 == 0 {
+            return Err(NetError::Unsupported { path: path.into(), why: "does not offer VIRTIO_F_VERSION_1" });
+        }
+        let mut protocol = VhostUserProtocolFeatures::empty();
+        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+            let offered = frontend.get_protocol_features().map_err(step("GET_PROTOCOL_FEATURES"))?;
+            let wanted = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::LOG_SHMFD;
+            protocol = offered & wanted;
+            frontend.set_protocol_features(protocol).map_err(step("SET_PROTOCOL_FEATURES"))?;
+            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                // Every request waits for the backend's answer: we need to know when a ring is
+                // really stopped or started.
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
+        let kicks = (0..NUM_QUEUES).map(|_| new_fd()).collect::<Result<_, _>>()?;
+        let calls = (0..NUM_QUEUES).map(|_| new_fd()).collect::<Result<_, _>>()?;
+        tracing::info!(
+            path = %path.display(),
+            features = format_args!("{backend_features:#x}"),
+            protocol = ?protocol,
+            "vhost-user backend connected"
+        );
+        Ok(VhostUserNet {
+            frontend,
+            path: path.into(),
+            mac,
+            backend_features,
+            protocol,
+            memory,
+            kicks,
+            calls,
+            active: vec![],
+        })
+    }
+
+    /// The backend socket.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn setup_rings(&mut self, acked: u64, queues: &[QueueConfig]) -> Result<(), String> {
+        let protocol_features = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let to_backend = (acked & self.backend_features) | (self.backend_features & protocol_features);
+        let fail = |step: &'static str| move |e: vhost::Error| format!("{step}: {e}");
+        self.frontend.set_features(to_backend).map_err(fail("SET_FEATURES"))?;
+        let regions = self
+            .memory
+            .iter()
+            .map(VhostUserMemoryRegionInfo::from_guest_region)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(fail("describing guest memory"))?;
+        self.frontend.set_mem_table(&regions).map_err(fail("SET_MEM_TABLE"))?;
+        for (i, q) in queues.iter().enumerate().take(NUM_QUEUES) {
+            if !q.ready || q.size == 0 {
+                continue;
+            }
+            let n = u64::from(q.size);
+            let host = |gpa: u64, len: u64, what: &str| -> Result<u64, String> {
+                let ok = self.memory.check_range(GuestAddress(gpa), len as usize);
+                let addr = self.memory.get_host_address(GuestAddress(gpa)).ok().filter(|_| ok);
+                addr.map(|p| p as u64).ok_or_else(|| format!("queue {i} {what} at {gpa:#x} is outside guest memory"))
+            };
+            let config = VringConfigData {
+                queue_max_size: QUEUE_MAX,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: host(q.desc, 16 * n, "descriptor table")?,
+                used_ring_addr: host(q.used, 6 + 8 * n, "used ring")?,
+                avail_ring_addr: host(q.avail, 6 + 2 * n, "available ring")?,
+                log_addr: None,
+            };
+            self.frontend.set_vring_num(i, q.size).map_err(fail("SET_VRING_NUM"))?;
+            self.frontend.set_vring_addr(i, &config).map_err(fail("SET_VRING_ADDR"))?;
+            self.frontend.set_vring_base(i, 0).map_err(fail("SET_VRING_BASE"))?;
+            self.frontend.set_vring_call(i, &self.calls[i]).map_err(fail("SET_VRING_CALL"))?;
+            self.frontend.set_vring_kick(i, &self.kicks[i]).map_err(fail("SET_VRING_KICK"))?;
+            if to_backend & protocol_features != 0 {
+                self.frontend.set_vring_enable(i, true).map_err(fail("SET_VRING_ENABLE"))?;
+            }
+            self.active.push(i);
+        }
+        Ok(())
+    }
+}
+
+impl VirtioDevice for VhostUserNet {
+    fn device_type(&self) -> u32 {
+        1
+    }
+
+    fn features(&self) -> u64 {
+        (self.backend_features & PASSED_THROUGH) | OWN
+    }
+
+    fn queue_max_sizes(&self) -> Vec<u16> {
+        vec![QUEUE_MAX; NUM_QUEUES]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_net_config { u8 mac[6]; le16 status; ... }
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac);
+        config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset).ok().and_then(|o| config.get(o + i)).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, acked: u64, queues: &[QueueConfig]) -> Result<(), String> {
+        self.setup_rings(acked, queues)?;
+        tracing::info!(acked = format_args!("{acked:#x}"), queues = ?self.active, "virtio-net activated");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        let enable = self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK)
+            || self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        for i in std::mem::take(&mut self.active) {
+            if enable {
+                let _ = self.frontend.set_vring_enable(i, false);
+            }
+            if let Err(e) = self.frontend.get_vring_base(i) {
+                tracing::warn!(queue = i, error = %e, "stopping the ring failed");
+            }
+        }
+    }
+
+    fn kick_fds(&self) -> Vec<&EventFd> {
+        self.kicks.iter().collect()
+    }
+
+    fn call_fds(&self) -> Vec<RawFd> {
+        self.calls.iter().map(|c| c.as_raw_fd()).collect()
+    }
+}

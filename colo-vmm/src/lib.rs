@@ -1,0 +1,16 @@
+//! colo-vmm: a minimal KVM VMM for COLO.
+//!
+//! One process per VM. Guest RAM is a memfd shared with the vhost-user backend; the guest is a
+//! CPL3 long-mode image (the reference guest by default, see `colo_vmm_abi`); devices are a
+//! 16550 console, a paravirtual halt and exit port, and virtio-net over virtio-mmio whose data
+//! path is a vhost-user backend. A JSON control API (QMP-shaped) drives it.
+//!
+//! Modules follow Firecracker's split: [`arch`] (x86-64 boot state), [`vstate`] (memory, VM,
+//! vCPU), [`devices`], [`loader`], [`api`], and [`vmm`] which ties them together.
+
+pub mod api;
+pub mod arch;
+pub mod devices;
+pub mod loader;
+pub mod vmm;
+pub mod vstate;

@@ -1,0 +1,278 @@
+//! Building and running one VM: memory, KVM, the guest image and boot state, the devices, the
+//! vCPU thread; and the operations the control API offers.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use colo_vmm_abi::{VirtioMmioDevice, MAX_MEM, MIN_MEM, MMIO_BASE, MMIO_DEVICE_SIZE};
+use kvm_ioctls::IoEventAddress;
+use serde_json::{json, Map, Value};
+
+use crate::api::protocol::{ApiError, Handler};
+use crate::arch::{cpuid, regs};
+use crate::devices::pvhalt::Waiter;
+use crate::devices::serial::{SerialConsole, SerialOutput};
+use crate::devices::vhost_user_net::VhostUserNet;
+use crate::devices::virtio_mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::Devices;
+use crate::loader::{self, Image};
+use crate::vstate::memory::GuestRam;
+use crate::vstate::vcpu::{self, VcpuEnd, VcpuHandle};
+use crate::vstate::vm::Vm;
+
+/// `--net vhost-user=PATH[,mac=MAC]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The backend's socket.
+    pub socket: PathBuf,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// The default MAC: locally administered, QEMU's prefix, device index in the last byte.
+pub fn default_mac(index: usize) -> [u8; 6] {
+    [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index as u8)]
+}
+
+impl FromStr for NetConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut socket = None;
+        let mut mac = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("vhost-user", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
+                Some(("mac", m)) => mac = Some(parse_mac(m)?),
+                _ => return Err(format!("'{part}' in '{s}': expected vhost-user=PATH[,mac=MAC]")),
+            }
+        }
+        let socket = socket.ok_or_else(|| format!("'{s}': missing vhost-user=PATH"))?;
+        Ok(NetConfig { socket, mac: mac.unwrap_or_else(|| default_mac(0)) })
+    }
+}
+
+/// Parses `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).map_err(|_| format!("'{s}' is not a MAC address")))
+        .collect::<Result<_, _>>()?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| format!("'{s}' is not a MAC address (six bytes)"))?;
+    if mac[0] & 1 != 0 {
+        return Err(format!("'{s}' is a multicast address"));
+    }
+    Ok(mac)
+}
+
+/// Everything needed to boot a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The guest image.
+    pub image: Image,
+    /// Its command line.
+    pub cmdline: String,
+    /// RAM in MiB.
+    pub mem_mib: u64,
+    /// Network devices.
+    pub net: Vec<NetConfig>,
+    /// Console output.
+    pub serial: SerialOutput,
+}
+
+/// Errors booting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    /// Memory size out of range.
+    #[error("--mem {0} MiB: guest memory must be between {min} and {max} MiB", min = MIN_MEM >> 20, max = MAX_MEM >> 20)]
+    MemorySize(u64),
+    /// Too many devices.
+    #[error("at most {0} network devices")]
+    TooManyDevices(usize),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] crate::vstate::memory::MemoryError),
+    /// KVM.
+    #[error(transparent)]
+    Vm(#[from] crate::vstate::vm::VmError),
+    /// Loading the guest.
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    /// A network backend.
+    #[error(transparent)]
+    Net(#[from] crate::devices::vhost_user_net::NetError),
+    /// Anything else, with context.
+    #[error("{what}: {error}")]
+    Other {
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        error: String,
+    },
+}
+
+fn other<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BootError {
+    move |e| BootError::Other { what, error: e.to_string() }
+}
+
+/// A running VM.
+pub struct Vmm {
+    /// Keeps guest RAM mapped for KVM and the backends.
+    ram: GuestRam,
+    /// Keeps the VM (and its memory slot and ioeventfds) alive.
+    _vm: Vm,
+    vcpu: Arc<VcpuHandle>,
+    thread: Mutex<Option<JoinHandle<VcpuEnd>>>,
+    started: Instant,
+    mem_size: u64,
+}
+
+impl Vmm {
+    /// Creates the VM, loads the guest and starts its vCPU.
+    pub fn boot(config: &VmConfig) -> Result<Vmm, BootError> {
+        let mem_size = config.mem_mib << 20;
+        if !(MIN_MEM..=MAX_MEM).contains(&mem_size) {
+            return Err(BootError::MemorySize(config.mem_mib));
+        }
+        if config.net.len() > colo_vmm_abi::MAX_VIRTIO_DEVICES {
+            return Err(BootError::TooManyDevices(colo_vmm_abi::MAX_VIRTIO_DEVICES));
+        }
+        if let Image::File(p) = &config.image {
+            loader::check_kernel_file(p)?;
+        }
+        let ram = GuestRam::new(mem_size)?;
+        let vm = Vm::new(&ram)?;
+        let loaded = loader::load_image(ram.memory(), &config.image)?;
+        let vcpu = vm.fd().create_vcpu(0).map_err(other("creating the vCPU"))?;
+        vcpu.set_cpuid2(&cpuid::for_vcpu(vm.kvm(), 0).map_err(other("reading CPUID"))?)
+            .map_err(other("setting CPUID"))?;
+        let tsc_khz = vm.tsc_khz(&vcpu);
+
+        let mut waiter = Waiter::new().map_err(other("creating the halt waiter"))?;
+        let mut mmio = vec![];
+        let mut described = vec![];
+        for (i, net) in config.net.iter().enumerate() {
+            let base = MMIO_BASE + i as u64 * MMIO_DEVICE_SIZE;
+            let dev = VhostUserNet::connect(&net.socket, net.mac, ram.memory().clone())?;
+            let transport = MmioTransport::new(base, MMIO_DEVICE_SIZE, Box::new(dev));
+            for (q, kick) in transport.device().kick_fds().into_iter().enumerate() {
+                vm.fd()
+                    .register_ioevent(kick, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), q as u32)
+                    .map_err(other("registering a queue notifier"))?;
+            }
+            for fd in transport.device().call_fds() {
+                waiter.add_source(fd).map_err(other("watching a queue"))?;
+            }
+            described.push(VirtioMmioDevice { base, size: MMIO_DEVICE_SIZE, irq: 5 + i as u32, reserved: 0 });
+            mmio.push(transport);
+        }
+        loader::write_boot_state(ram.memory(), mem_size, &loaded, &config.cmdline, tsc_khz, &described)?;
+        regs::setup(&vcpu, loaded.entry).map_err(other("setting up the vCPU registers"))?;
+        let serial = SerialConsole::new(&config.serial).map_err(other("opening the serial output"))?;
+        let devices = Devices { serial, mmio, waiter, unknown_io: 0 };
+        vcpu::install_kick_handler().map_err(other("installing the vCPU kick handler"))?;
+        let (handle, thread) = vcpu::spawn(vcpu, devices).map_err(other("starting the vCPU thread"))?;
+        tracing::info!(mem_mib = config.mem_mib, entry = format_args!("{:#x}", loaded.entry), tsc_khz, "guest started");
+        Ok(Vmm { ram, _vm: vm, vcpu: handle, thread: Mutex::new(Some(thread)), started: Instant::now(), mem_size })
+    }
+
+    /// The vCPU handle.
+    pub fn vcpu(&self) -> &VcpuHandle {
+        &self.vcpu
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Takes the vCPU thread's join handle (once), to wait for the guest's end.
+    pub fn take_thread(&self) -> Option<JoinHandle<VcpuEnd>> {
+        self.thread.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn status(&self) -> Value {
+        let paused = self.vcpu.is_paused();
+        json!({
+            "status": if paused { "paused" } else { "running" },
+            "running": !paused,
+            "uptime-ms": self.started.elapsed().as_millis() as u64,
+            "memory-mib": self.mem_size >> 20,
+        })
+    }
+}
+
+/// What the API can ask of the VMM besides the VM itself: ending the process.
+pub trait Lifecycle: Send + Sync {
+    /// The `quit` command: end the VMM cleanly.
+    fn quit(&self);
+}
+
+/// The control API's view of a VMM.
+pub struct VmmApi {
+    /// The VM.
+    pub vmm: Arc<Vmm>,
+    /// Who ends the process.
+    pub lifecycle: Arc<dyn Lifecycle>,
+}
+
+impl Handler for VmmApi {
+    fn handle(&self, command: &str, args: &Map<String, Value>) -> Result<Value, ApiError> {
+        let no_args = || {
+            if let Some(k) = args.keys().next() {
+                return Err(ApiError::invalid(format!("{command} takes no argument '{k}'")));
+            }
+            Ok(())
+        };
+        match command {
+            "query-status" => {
+                no_args()?;
+                Ok(self.vmm.status())
+            }
+            "stop" => {
+                no_args()?;
+                if !self.vmm.vcpu.pause() {
+                    return Err(ApiError::generic("the guest is no longer running"));
+                }
+                Ok(json!({}))
+            }
+            "cont" => {
+                no_args()?;
+                self.vmm.vcpu.resume();
+                Ok(json!({}))
+            }
+            "quit" => {
+                no_args()?;
+                self.lifecycle.quit();
+                Ok(json!({}))
+            }
+            other => Err(ApiError::not_found(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_option_parses() {
+        let n: NetConfig = "vhost-user=/tmp/vu.sock,mac=52:54:00:aa:bb:cc".parse().unwrap();
+        assert_eq!(n.socket, PathBuf::from("/tmp/vu.sock"));
+        assert_eq!(n.mac, [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
+        let d: NetConfig = "vhost-user=/x".parse().unwrap();
+        assert_eq!(d.mac, default_mac(0));
+        for bad in [
+            "",
+            "tap=x",
+            "vhost-user=",
+            "vhost-user=/x,mac=zz",
+            "vhost-user=/x,mac=01:00:00:00:00:00",
+            "mac=52:54:00:00:00:01",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
+    }
+}

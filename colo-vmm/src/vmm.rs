@@ -144,12 +144,11 @@ impl Vmm {
         }
         let ram = GuestRam::new(mem_size)?;
         let vm = Vm::new(&ram)?;
-        let loaded = loader::load_image(ram.memory(), &config.image)?;
         let vcpu = vm.fd().create_vcpu(0).map_err(other("creating the vCPU"))?;
         vcpu.set_cpuid2(&cpuid::for_vcpu(vm.kvm(), 0).map_err(other("reading CPUID"))?)
             .map_err(other("setting CPUID"))?;
         let tsc_khz = vm.tsc_khz(&vcpu);
-
+        // Backends first: an unreachable one is the likeliest mistake, so it fails first.
         let mut waiter = Waiter::new().map_err(other("creating the halt waiter"))?;
         let mut mmio = vec![];
         let mut described = vec![];
@@ -168,6 +167,7 @@ impl Vmm {
             described.push(VirtioMmioDevice { base, size: MMIO_DEVICE_SIZE, irq: 5 + i as u32, reserved: 0 });
             mmio.push(transport);
         }
+        let loaded = loader::load_image(ram.memory(), &config.image)?;
         loader::write_boot_state(ram.memory(), mem_size, &loaded, &config.cmdline, tsc_khz, &described)?;
         regs::setup(&vcpu, loaded.entry).map_err(other("setting up the vCPU registers"))?;
         let serial = SerialConsole::new(&config.serial).map_err(other("opening the serial output"))?;

@@ -12,6 +12,9 @@ pub enum VmError {
     /// /dev/kvm could not be opened.
     #[error("cannot open /dev/kvm: {0} (colo-vmm needs KVM; is the kvm module loaded and are you allowed to use it?)")]
     OpenKvm(kvm_ioctls::Error),
+    /// /dev/kvm is there but does not answer like KVM.
+    #[error("/dev/kvm does not behave like KVM ({0}); colo-vmm needs KVM")]
+    NotKvm(String),
     /// A KVM ioctl failed.
     #[error("{what}: {error}")]
     Kvm {
@@ -41,6 +44,12 @@ impl Vm {
     /// Opens KVM and creates a VM with `ram` in slot 0.
     pub fn new(ram: &GuestRam) -> Result<Vm, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        // Opening succeeds on anything at that path; the API version says whether it is KVM.
+        match kvm.get_api_version() {
+            12 => {}
+            v if v < 0 => return Err(VmError::NotKvm(std::io::Error::from_raw_os_error(-v).to_string())),
+            v => return Err(VmError::NotKvm(format!("API version {v}, expected 12"))),
+        }
         let fd = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
         fd.set_tss_address(TSS_ADDRESS).map_err(kvm_err("setting the TSS address"))?;
         fd.create_irq_chip().map_err(kvm_err("creating the interrupt controller"))?;

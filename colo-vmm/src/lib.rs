@@ -12,5 +12,6 @@ pub mod api;
 pub mod arch;
 pub mod devices;
 pub mod loader;
+pub mod persist;
 pub mod vmm;
 pub mod vstate;

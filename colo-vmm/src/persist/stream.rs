@@ -1,0 +1,384 @@
+//! The VM state stream: one format for snapshot files, live-migration streams and COLO
+//! checkpoints.
+//!
+//! ```text
+//! header  = "COLOVMST" (8 bytes) | version u32 LE | flags u32 LE
+//! record  = kind u8 | 3 reserved bytes | length u32 LE | payload (length bytes) | xxh3-64 LE
+//! ```
+//! The checksum covers kind, reserved bytes, length and payload, so a flipped bit anywhere is
+//! caught, and a record cut short is caught by its length. A stream ends with an [`Kind::End`]
+//! record that counts what came before; a stream without it is truncated. Newer versions and
+//! unknown record kinds are refused with a clear error; nothing is applied from a stream that
+//! did not verify.
+
+use std::io::{self, Read, Write};
+
+use xxhash_rust::xxh3::Xxh3;
+
+/// Stream magic.
+pub const MAGIC: [u8; 8] = *b"COLOVMST";
+/// The version this build writes and the newest it reads.
+pub const VERSION: u32 = 1;
+/// Guest page size.
+pub const PAGE_SIZE: usize = 4096;
+/// Largest record payload accepted (a corrupt length must not make us allocate gigabytes).
+pub const MAX_RECORD: usize = 64 << 20;
+/// Pages per [`Kind::Pages`] record when writing.
+pub const PAGES_PER_RECORD: usize = 256;
+
+/// Record kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Kind {
+    /// A batch of guest pages: count u32, then count × gpa u64, then count × 4096 bytes.
+    Pages = 1,
+    /// Device and vCPU state: named sections.
+    State = 2,
+    /// End of a complete stream: number of pages and of records before it.
+    End = 3,
+    /// A control message of the migration or checkpoint protocol (JSON).
+    Control = 4,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        match b {
+            1 => Some(Kind::Pages),
+            2 => Some(Kind::State),
+            3 => Some(Kind::End),
+            4 => Some(Kind::Control),
+            _ => None,
+        }
+    }
+}
+
+/// Why a stream was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// Reading or writing failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// Not a state stream.
+    #[error("not a colo VM state stream (bad magic)")]
+    BadMagic,
+    /// Written by a newer colo-vmm.
+    #[error("state stream version {0} is newer than this colo-vmm understands (up to {VERSION})")]
+    UnsupportedVersion(u32),
+    /// The stream ends in the middle of a record or before its end record.
+    #[error("state stream is truncated: {0}")]
+    Truncated(&'static str),
+    /// A record failed its checksum or is malformed.
+    #[error("state stream is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// One record read from a stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// What it holds.
+    pub kind: Kind,
+    /// Its payload.
+    pub payload: Vec<u8>,
+}
+
+/// Writes a stream.
+pub struct StreamWriter<W: Write> {
+    w: W,
+    pages: u64,
+    records: u64,
+    scratch: Vec<u8>,
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Starts a stream (writes the header).
+    pub fn new(mut w: W) -> io::Result<StreamWriter<W>> {
+        w.write_all(&MAGIC)?;
+        w.write_all(&VERSION.to_le_bytes())?;
+        w.write_all(&0u32.to_le_bytes())?;
+        Ok(StreamWriter { w, pages: 0, records: 0, scratch: Vec::new() })
+    }
+
+    /// Writes one record.
+    pub fn record(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
+        assert!(payload.len() <= MAX_RECORD, "record larger than MAX_RECORD");
+        let mut head = [0u8; 8];
+        head[0] = kind as u8;
+        head[4..8].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let mut h = Xxh3::new();
+        h.update(&head);
+        h.update(payload);
+        self.w.write_all(&head)?;
+        self.w.write_all(payload)?;
+        self.w.write_all(&h.digest().to_le_bytes())?;
+        self.records += 1;
+        Ok(())
+    }
+
+    /// Writes guest pages, batched: `pages` yields (guest-physical address, page contents).
+    pub fn pages<'a>(&mut self, pages: impl IntoIterator<Item = (u64, &'a [u8])>) -> io::Result<u64> {
+        let mut batch: Vec<(u64, &[u8])> = Vec::with_capacity(PAGES_PER_RECORD);
+        let mut n = 0;
+        for p in pages {
+            batch.push(p);
+            if batch.len() == PAGES_PER_RECORD {
+                n += self.page_batch(&batch)?;
+                batch.clear();
+            }
+        }
+        if !batch.is_empty() {
+            n += self.page_batch(&batch)?;
+        }
+        Ok(n)
+    }
+
+    fn page_batch(&mut self, batch: &[(u64, &[u8])]) -> io::Result<u64> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        buf.extend_from_slice(&(batch.len() as u32).to_le_bytes());
+        for (gpa, _) in batch {
+            buf.extend_from_slice(&gpa.to_le_bytes());
+        }
+        for (_, data) in batch {
+            assert_eq!(data.len(), PAGE_SIZE, "pages are 4 KiB");
+            buf.extend_from_slice(data);
+        }
+        let r = self.record(Kind::Pages, &buf);
+        self.scratch = buf;
+        r?;
+        self.pages += batch.len() as u64;
+        Ok(batch.len() as u64)
+    }
+
+    /// Ends the stream: the end record counts pages and records.
+    pub fn finish(mut self) -> io::Result<W> {
+        let mut p = Vec::with_capacity(16);
+        p.extend_from_slice(&self.pages.to_le_bytes());
+        p.extend_from_slice(&self.records.to_le_bytes());
+        self.record(Kind::End, &p)?;
+        self.w.flush()?;
+        Ok(self.w)
+    }
+
+    /// Flushes what was written.
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+
+    /// The underlying writer.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.w
+    }
+
+    /// Pages written so far.
+    pub fn pages_written(&self) -> u64 {
+        self.pages
+    }
+}
+
+/// Reads a stream, verifying every record.
+pub struct StreamReader<R: Read> {
+    r: R,
+    pages: u64,
+    records: u64,
+    ended: bool,
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Reads and checks the header.
+    pub fn new(mut r: R) -> Result<StreamReader<R>, StreamError> {
+        let mut head = [0u8; 16];
+        read_exact(&mut r, &mut head, "in the header")?;
+        if head[..8] != MAGIC {
+            return Err(StreamError::BadMagic);
+        }
+        let version = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+        if version > VERSION || version == 0 {
+            return Err(StreamError::UnsupportedVersion(version));
+        }
+        Ok(StreamReader { r, pages: 0, records: 0, ended: false })
+    }
+
+    /// The next record; `Ok(None)` after the end record. An [`Kind::End`] record is checked
+    /// against what was read and not returned.
+    pub fn next(&mut self) -> Result<Option<Record>, StreamError> {
+        if self.ended {
+            return Ok(None);
+        }
+        let mut head = [0u8; 8];
+        read_exact(&mut self.r, &mut head, "before its end record")?;
+        let kind =
+            Kind::from_u8(head[0]).ok_or_else(|| StreamError::Corrupt(format!("unknown record kind {}", head[0])))?;
+        let len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+        if len > MAX_RECORD {
+            return Err(StreamError::Corrupt(format!("record of {len} bytes exceeds the limit")));
+        }
+        let mut payload = vec![0u8; len];
+        read_exact(&mut self.r, &mut payload, "inside a record")?;
+        let mut sum = [0u8; 8];
+        read_exact(&mut self.r, &mut sum, "inside a record")?;
+        let mut h = Xxh3::new();
+        h.update(&head);
+        h.update(&payload);
+        if h.digest() != u64::from_le_bytes(sum) {
+            return Err(StreamError::Corrupt(format!("checksum mismatch in a {kind:?} record")));
+        }
+        match kind {
+            Kind::End => {
+                if payload.len() != 16 {
+                    return Err(StreamError::Corrupt("malformed end record".into()));
+                }
+                let pages = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
+                let records = u64::from_le_bytes(payload[8..].try_into().expect("8 bytes"));
+                if pages != self.pages || records != self.records {
+                    return Err(StreamError::Corrupt(format!(
+                        "end record counts {pages} pages in {records} records, stream had {} in {}",
+                        self.pages, self.records
+                    )));
+                }
+                self.ended = true;
+                Ok(None)
+            }
+            Kind::Pages => {
+                let n = pages_in(&payload)?;
+                self.pages += n as u64;
+                self.records += 1;
+                Ok(Some(Record { kind, payload }))
+            }
+            _ => {
+                self.records += 1;
+                Ok(Some(Record { kind, payload }))
+            }
+        }
+    }
+
+    /// Whether the end record was read.
+    pub fn is_complete(&self) -> bool {
+        self.ended
+    }
+
+    /// The underlying reader.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.r
+    }
+}
+
+fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], where_: &'static str) -> Result<(), StreamError> {
+    r.read_exact(buf).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => StreamError::Truncated(where_),
+        _ => StreamError::Io(e),
+    })
+}
+
+/// Validates a pages payload and returns how many pages it holds.
+fn pages_in(payload: &[u8]) -> Result<usize, StreamError> {
+    let n = payload
+        .get(..4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+        .ok_or_else(|| StreamError::Corrupt("pages record without count".into()))?;
+    if payload.len() != 4 + n * (8 + PAGE_SIZE) {
+        return Err(StreamError::Corrupt(format!("pages record of {} bytes for {n} pages", payload.len())));
+    }
+    Ok(n)
+}
+
+/// The pages of a [`Kind::Pages`] payload (validated by the reader): (gpa, contents).
+pub fn pages(payload: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    let n = pages_in(payload).unwrap_or(0);
+    let addrs = &payload[4..4 + 8 * n];
+    let data = &payload[4 + 8 * n..];
+    (0..n).map(move |i| {
+        let gpa = u64::from_le_bytes(addrs[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        (gpa, &data[i * PAGE_SIZE..(i + 1) * PAGE_SIZE])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Vec<u8> {
+        let page_a = vec![0xaa; PAGE_SIZE];
+        let page_b = vec![0xbb; PAGE_SIZE];
+        let mut w = StreamWriter::new(Vec::new()).unwrap();
+        w.pages([(0x1000u64, &page_a[..]), (0x5000, &page_b[..])]).unwrap();
+        w.record(Kind::State, b"state").unwrap();
+        w.finish().unwrap()
+    }
+
+    fn read_all(bytes: &[u8]) -> Result<Vec<Record>, StreamError> {
+        let mut r = StreamReader::new(bytes)?;
+        let mut out = vec![];
+        while let Some(rec) = r.next()? {
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn round_trip() {
+        let recs = read_all(&sample()).unwrap();
+        assert_eq!(recs.len(), 2);
+        let p: Vec<(u64, u8)> = pages(&recs[0].payload).map(|(a, d)| (a, d[0])).collect();
+        assert_eq!(p, vec![(0x1000, 0xaa), (0x5000, 0xbb)]);
+        assert_eq!(recs[1], Record { kind: Kind::State, payload: b"state".to_vec() });
+    }
+
+    #[test]
+    fn large_page_sets_are_batched() {
+        let page = vec![7u8; PAGE_SIZE];
+        let mut w = StreamWriter::new(Vec::new()).unwrap();
+        let n = w.pages((0..600u64).map(|i| (i * 4096, &page[..]))).unwrap();
+        assert_eq!(n, 600);
+        let bytes = w.finish().unwrap();
+        let recs = read_all(&bytes).unwrap();
+        assert_eq!(recs.len(), 3, "256 + 256 + 88");
+    }
+
+    #[test]
+    fn refuses_bad_magic_and_newer_versions() {
+        let mut b = sample();
+        b[0] = b'X';
+        assert!(matches!(read_all(&b), Err(StreamError::BadMagic)));
+        let mut b = sample();
+        b[8..12].copy_from_slice(&2u32.to_le_bytes());
+        assert!(matches!(read_all(&b), Err(StreamError::UnsupportedVersion(2))));
+    }
+
+    #[test]
+    fn truncation_is_detected_everywhere() {
+        let b = sample();
+        for cut in 0..b.len() {
+            match read_all(&b[..cut]) {
+                Err(StreamError::Truncated(_)) | Err(StreamError::BadMagic) => {}
+                Err(e) => {
+                    assert!(cut < 16, "cut at {cut}: {e}");
+                }
+                Ok(_) => panic!("a stream cut at {cut} of {} was accepted", b.len()),
+            }
+        }
+    }
+
+    #[test]
+    fn dropping_a_record_is_detected_by_the_end_record() {
+        let mut w = StreamWriter::new(Vec::new()).unwrap();
+        w.record(Kind::State, b"one").unwrap();
+        let keep = w.get_mut().len();
+        w.record(Kind::State, b"two").unwrap();
+        let after = w.get_mut().len();
+        let mut b = w.finish().unwrap();
+        b.drain(keep..after);
+        assert!(matches!(read_all(&b), Err(StreamError::Corrupt(m)) if m.contains("end record counts")));
+    }
+
+    proptest! {
+        #[test]
+        fn any_flipped_bit_is_detected(byte in 16usize..8400, bit in 0u8..8) {
+            let mut b = sample();
+            let byte = byte % b.len();
+            prop_assume!(byte >= 16);
+            b[byte] ^= 1 << bit;
+            prop_assert!(read_all(&b).is_err());
+        }
+    }
+}

@@ -200,7 +200,7 @@ impl<R: Read> StreamReader<R> {
 
     /// The next record; `Ok(None)` after the end record. An [`Kind::End`] record is checked
     /// against what was read and not returned.
-    pub fn next(&mut self) -> Result<Option<Record>, StreamError> {
+    pub fn next_record(&mut self) -> Result<Option<Record>, StreamError> {
         if self.ended {
             return Ok(None);
         }
@@ -309,7 +309,7 @@ mod tests {
     fn read_all(bytes: &[u8]) -> Result<Vec<Record>, StreamError> {
         let mut r = StreamReader::new(bytes)?;
         let mut out = vec![];
-        while let Some(rec) = r.next()? {
+        while let Some(rec) = r.next_record()? {
             out.push(rec);
         }
         Ok(out)

@@ -37,10 +37,13 @@ enum Command {
 SIGTERM, and 1 on errors (no /dev/kvm, bad image, backend unreachable, guest crash).")]
 struct RunArgs {
     /// A guest ELF image (CPL3 long-mode ABI of colo-vmm-abi); default: the reference guest.
-    #[arg(long, value_name = "ELF")]
+    #[arg(long, value_name = "ELF", conflicts_with = "restore")]
     kernel: Option<PathBuf>,
+    /// Resume a VM saved with `snapshot` (the devices given must match the saved ones).
+    #[arg(long, value_name = "FILE")]
+    restore: Option<PathBuf>,
     /// The guest's command line (reference guest: e.g. "ip=10.0.0.2/24 gw=10.0.0.1 app=echo,http").
-    #[arg(long, value_name = "STR", default_value = "")]
+    #[arg(long, value_name = "STR", default_value = "", conflicts_with = "restore")]
     cmdline: String,
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
@@ -57,8 +60,10 @@ struct RunArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(after_help = "Commands: query-status, stop, cont, quit. Arguments are key=value (numbers and \
-true/false are typed). Prints the JSON reply; exits 1 if it is an error.")]
+#[command(
+    after_help = "Commands: query-status, stop, cont, snapshot path=FILE, quit. Arguments are key=value (numbers and \
+true/false are typed). Prints the JSON reply; exits 1 if it is an error."
+)]
 struct CtlArgs {
     /// The VMM's control socket.
     #[arg(long, value_name = "PATH")]
@@ -108,7 +113,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         net: args.net,
         serial: args.serial,
     };
-    let vmm = Arc::new(Vmm::boot(&config)?);
+    let vmm = Arc::new(match &args.restore {
+        Some(path) => Vmm::restore(&config, path)?,
+        None => Vmm::boot(&config)?,
+    });
     let (tx, rx) = channel();
     let thread = vmm.take_thread().context("the vCPU thread is gone")?;
     let vcpu_tx = tx.clone();

@@ -1,7 +1,7 @@
 //! Building and running one VM: memory, KVM, the guest image and boot state, the devices, the
 //! vCPU thread; and the operations the control API offers.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -18,10 +18,16 @@ use crate::devices::serial::{SerialConsole, SerialOutput};
 use crate::devices::vhost_user_net::VhostUserNet;
 use crate::devices::virtio_mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::Devices;
+use crate::devices::DevicesState;
 use crate::loader::{self, Image};
+use crate::persist::sections::Sections;
+use crate::persist::snapshot::{self, Meta, SnapshotStats};
+use crate::persist::stream::{StreamError, StreamReader};
+use crate::persist::{vcpu_state, vm_state};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{self, VcpuEnd, VcpuHandle};
 use crate::vstate::vm::Vm;
+use kvm_ioctls::VcpuFd;
 
 /// `--net vhost-user=PATH[,mac=MAC]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +106,9 @@ pub enum BootError {
     /// Loading the guest.
     #[error(transparent)]
     Load(#[from] loader::LoadError),
+    /// A snapshot or migration stream was refused.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
     /// A network backend.
     #[error(transparent)]
     Net(#[from] crate::devices::vhost_user_net::NetError),
@@ -117,30 +126,25 @@ fn other<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BootErro
     move |e| BootError::Other { what, error: e.to_string() }
 }
 
-/// A running VM.
-pub struct Vmm {
-    /// Keeps guest RAM mapped for KVM and the backends.
+/// The parts of a VM before its vCPU starts.
+struct Machine {
     ram: GuestRam,
-    /// Keeps the VM (and its memory slot and ioeventfds) alive.
-    _vm: Vm,
-    vcpu: Arc<VcpuHandle>,
-    thread: Mutex<Option<JoinHandle<VcpuEnd>>>,
-    started: Instant,
-    mem_size: u64,
+    vm: Vm,
+    vcpu: VcpuFd,
+    devices: Devices,
+    msr_list: Vec<u32>,
+    tsc_khz: u64,
+    described: Vec<VirtioMmioDevice>,
 }
 
-impl Vmm {
-    /// Creates the VM, loads the guest and starts its vCPU.
-    pub fn boot(config: &VmConfig) -> Result<Vmm, BootError> {
-        let mem_size = config.mem_mib << 20;
+impl Machine {
+    /// Memory, KVM, the vCPU and the devices for `config` with `mem_size` bytes of RAM.
+    fn build(config: &VmConfig, mem_size: u64, serial: SerialConsole) -> Result<Machine, BootError> {
         if !(MIN_MEM..=MAX_MEM).contains(&mem_size) {
-            return Err(BootError::MemorySize(config.mem_mib));
+            return Err(BootError::MemorySize(mem_size >> 20));
         }
         if config.net.len() > colo_vmm_abi::MAX_VIRTIO_DEVICES {
             return Err(BootError::TooManyDevices(colo_vmm_abi::MAX_VIRTIO_DEVICES));
-        }
-        if let Image::File(p) = &config.image {
-            loader::check_kernel_file(p)?;
         }
         let ram = GuestRam::new(mem_size)?;
         let vm = Vm::new(&ram)?;
@@ -148,7 +152,7 @@ impl Vmm {
         vcpu.set_cpuid2(&cpuid::for_vcpu(vm.kvm(), 0).map_err(other("reading CPUID"))?)
             .map_err(other("setting CPUID"))?;
         let tsc_khz = vm.tsc_khz(&vcpu);
-        // Backends first: an unreachable one is the likeliest mistake, so it fails first.
+        let msr_list = vcpu_state::saveable_msrs(vm.kvm(), &vcpu).map_err(other("listing MSRs"))?;
         let mut waiter = Waiter::new().map_err(other("creating the halt waiter"))?;
         let mut mmio = vec![];
         let mut described = vec![];
@@ -167,15 +171,118 @@ impl Vmm {
             described.push(VirtioMmioDevice { base, size: MMIO_DEVICE_SIZE, irq: 5 + i as u32, reserved: 0 });
             mmio.push(transport);
         }
-        let loaded = loader::load_image(ram.memory(), &config.image)?;
-        loader::write_boot_state(ram.memory(), mem_size, &loaded, &config.cmdline, tsc_khz, &described)?;
-        regs::setup(&vcpu, loaded.entry).map_err(other("setting up the vCPU registers"))?;
-        let serial = SerialConsole::new(&config.serial).map_err(other("opening the serial output"))?;
         let devices = Devices { serial, mmio, waiter, unknown_io: 0 };
+        Ok(Machine { ram, vm, vcpu, devices, msr_list, tsc_khz, described })
+    }
+
+    /// Starts the vCPU thread.
+    fn start(self) -> Result<Vmm, BootError> {
         vcpu::install_kick_handler().map_err(other("installing the vCPU kick handler"))?;
-        let (handle, thread) = vcpu::spawn(vcpu, devices).map_err(other("starting the vCPU thread"))?;
-        tracing::info!(mem_mib = config.mem_mib, entry = format_args!("{:#x}", loaded.entry), tsc_khz, "guest started");
-        Ok(Vmm { ram, _vm: vm, vcpu: handle, thread: Mutex::new(Some(thread)), started: Instant::now(), mem_size })
+        let mem_size = self.ram.size();
+        let (handle, thread) = vcpu::spawn(self.vcpu, self.devices).map_err(other("starting the vCPU thread"))?;
+        Ok(Vmm {
+            ram: self.ram,
+            vm: self.vm,
+            vcpu: handle,
+            thread: Mutex::new(Some(thread)),
+            started: Instant::now(),
+            mem_size,
+            msr_list: Arc::new(self.msr_list),
+            tsc_khz: self.tsc_khz,
+        })
+    }
+}
+
+/// A running VM.
+pub struct Vmm {
+    /// Guest RAM, mapped for KVM and the backends.
+    ram: GuestRam,
+    /// The VM (its memory slot and ioeventfds live as long as it does).
+    vm: Vm,
+    vcpu: Arc<VcpuHandle>,
+    thread: Mutex<Option<JoinHandle<VcpuEnd>>>,
+    started: Instant,
+    mem_size: u64,
+    msr_list: Arc<Vec<u32>>,
+    tsc_khz: u64,
+}
+
+/// Errors saving a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The guest is not running any more.
+    #[error("the guest is no longer running")]
+    NotRunning,
+    /// Saving vCPU or VM state failed.
+    #[error(transparent)]
+    State(#[from] crate::persist::vcpu_state::VcpuStateError),
+    /// A device could not be paused or resumed.
+    #[error("device: {0}")]
+    Device(String),
+    /// Writing the file failed.
+    #[error("writing the snapshot: {0}")]
+    Write(#[from] StreamError),
+    /// Creating the file failed.
+    #[error("cannot create {path}: {error}")]
+    Create {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+}
+
+impl Vmm {
+    /// Creates the VM, loads the guest and starts its vCPU.
+    pub fn boot(config: &VmConfig) -> Result<Vmm, BootError> {
+        if let Image::File(p) = &config.image {
+            loader::check_kernel_file(p)?;
+        }
+        let serial = SerialConsole::new(&config.serial).map_err(other("opening the serial output"))?;
+        let m = Machine::build(config, config.mem_mib << 20, serial)?;
+        let loaded = loader::load_image(m.ram.memory(), &config.image)?;
+        loader::write_boot_state(m.ram.memory(), m.ram.size(), &loaded, &config.cmdline, m.tsc_khz, &m.described)?;
+        regs::setup(&m.vcpu, loaded.entry).map_err(other("setting up the vCPU registers"))?;
+        tracing::info!(
+            mem_mib = config.mem_mib,
+            entry = format_args!("{:#x}", loaded.entry),
+            tsc_khz = m.tsc_khz,
+            "guest started"
+        );
+        m.start()
+    }
+
+    /// Creates the VM from a snapshot file and resumes it where it was saved. Nothing runs
+    /// unless the whole file verifies.
+    pub fn restore(config: &VmConfig, path: &Path) -> Result<Vmm, BootError> {
+        let file = std::fs::File::open(path).map_err(|e| BootError::Other {
+            what: "opening the snapshot",
+            error: format!("{}: {e}", path.display()),
+        })?;
+        let mut reader = StreamReader::new(std::io::BufReader::with_capacity(1 << 20, file))?;
+        let meta = snapshot::read_meta(&mut reader)?;
+        if meta.vcpus != 1 {
+            return Err(BootError::Other {
+                what: "restoring",
+                error: format!("snapshot has {} vCPUs; this VMM runs one", meta.vcpus),
+            });
+        }
+        let serial_placeholder = SerialConsole::new(&SerialOutput::None).map_err(other("serial"))?;
+        let mut m = Machine::build(config, meta.mem_size, serial_placeholder)?;
+        let state = snapshot::read_rest(&mut reader, m.ram.memory(), meta.mem_size)?;
+        Self::apply_state(&mut m, &state, &config.serial)?;
+        tracing::info!(snapshot = %path.display(), mem_mib = meta.mem_size >> 20, "guest restored");
+        m.start()
+    }
+
+    /// Applies saved vCPU, VM and device state to a freshly built machine.
+    fn apply_state(m: &mut Machine, state: &Sections, serial: &SerialOutput) -> Result<(), BootError> {
+        vm_state::restore(m.vm.fd(), state).map_err(other("restoring the VM state"))?;
+        vcpu_state::restore(&m.vcpu, 0, state).map_err(other("restoring the vCPU"))?;
+        let devices: DevicesState = state.json("devices")?;
+        m.devices.serial = SerialConsole::restored(serial, &devices.serial).map_err(other("restoring the console"))?;
+        m.devices.restore(&devices).map_err(|e| BootError::Other { what: "restoring the devices", error: e })?;
+        Ok(())
     }
 
     /// The vCPU handle.
@@ -191,6 +298,64 @@ impl Vmm {
     /// Takes the vCPU thread's join handle (once), to wait for the guest's end.
     pub fn take_thread(&self) -> Option<JoinHandle<VcpuEnd>> {
         self.thread.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Saves the VM to `path`. The VM is paused while saving and resumed after, unless it was
+    /// already stopped.
+    pub fn snapshot(&self, path: &Path) -> Result<SnapshotStats, SnapshotError> {
+        let was_paused = self.vcpu.is_paused();
+        if !was_paused && !self.vcpu.pause() {
+            return Err(SnapshotError::NotRunning);
+        }
+        let result = self.snapshot_paused(path);
+        if !was_paused {
+            self.vcpu.resume();
+        }
+        result
+    }
+
+    fn snapshot_paused(&self, path: &Path) -> Result<SnapshotStats, SnapshotError> {
+        let t = Instant::now();
+        let (mut state, devices) = self.save_vcpu_and_devices()?;
+        let mut write = || -> Result<SnapshotStats, SnapshotError> {
+            vm_state::save(self.vm.fd(), &mut state)?;
+            let file =
+                std::fs::File::create(path).map_err(|error| SnapshotError::Create { path: path.into(), error })?;
+            let meta = self.meta();
+            Ok(snapshot::write(std::io::BufWriter::with_capacity(1 << 20, file), &meta, self.ram.memory(), &state)?)
+        };
+        let result = write();
+        // Whatever happened, the devices run again.
+        let resumed = self
+            .vcpu
+            .run_paused(move |_, d| d.resume(&devices))
+            .unwrap_or_else(|| Err("the vCPU thread is gone".into()));
+        let stats = result?;
+        resumed.map_err(SnapshotError::Device)?;
+        tracing::info!(path = %path.display(), pages = stats.pages, bytes = stats.bytes, ms = t.elapsed().as_millis() as u64, "snapshot saved");
+        Ok(stats)
+    }
+
+    /// Saves the vCPU and pauses the devices, on the (paused) vCPU thread.
+    fn save_vcpu_and_devices(&self) -> Result<(Sections, DevicesState), SnapshotError> {
+        let msrs = self.msr_list.clone();
+        let r = self.vcpu.run_paused(move |vcpu, devices| -> Result<(Sections, DevicesState), SnapshotError> {
+            let mut s = Sections::new();
+            vcpu_state::save(vcpu, 0, &msrs, &mut s)?;
+            let d = devices.pause().map_err(SnapshotError::Device)?;
+            s.put_json("devices", &d);
+            Ok((s, d))
+        });
+        r.unwrap_or(Err(SnapshotError::NotRunning))
+    }
+
+    fn meta(&self) -> Meta {
+        Meta {
+            mem_size: self.mem_size,
+            vcpus: 1,
+            tsc_khz: self.tsc_khz,
+            writer: format!("colo-vmm {}", env!("CARGO_PKG_VERSION")),
+        }
     }
 
     fn status(&self) -> Value {
@@ -242,6 +407,14 @@ impl Handler for VmmApi {
                 no_args()?;
                 self.vmm.vcpu.resume();
                 Ok(json!({}))
+            }
+            "snapshot" => {
+                let path = args
+                    .get("path")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ApiError::invalid("snapshot needs path=FILE"))?;
+                let stats = self.vmm.snapshot(Path::new(path)).map_err(|e| ApiError::generic(e.to_string()))?;
+                Ok(json!({ "pages": stats.pages, "bytes": stats.bytes }))
             }
             "quit" => {
                 no_args()?;

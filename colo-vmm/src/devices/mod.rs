@@ -9,8 +9,17 @@ pub mod virtio_mmio;
 use colo_vmm_abi::port;
 
 use pvhalt::Waiter;
-use serial::SerialConsole;
-use virtio_mmio::MmioTransport;
+use serial::{SerialConsole, SerialSnapshot};
+use virtio_mmio::{MmioTransport, TransportState};
+
+/// Every device's saved state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DevicesState {
+    /// The console.
+    pub serial: SerialSnapshot,
+    /// Each virtio-mmio transport, in address order.
+    pub virtio: Vec<TransportState>,
+}
 
 /// What a port write asks the vCPU loop to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +45,36 @@ pub struct Devices {
 }
 
 impl Devices {
+    /// Stops every device's data path (vhost-user rings included, so backends no longer write
+    /// guest memory) and returns their state. [`Devices::resume`] restarts them.
+    pub fn pause(&mut self) -> Result<DevicesState, String> {
+        let virtio = self.mmio.iter_mut().map(MmioTransport::pause).collect::<Result<_, _>>()?;
+        Ok(DevicesState { serial: self.serial.snapshot(), virtio })
+    }
+
+    /// Restarts the data paths stopped by [`Devices::pause`].
+    pub fn resume(&mut self, state: &DevicesState) -> Result<(), String> {
+        for (t, s) in self.mmio.iter_mut().zip(&state.virtio) {
+            t.resume(s)?;
+        }
+        Ok(())
+    }
+
+    /// Takes over saved state on fresh devices (same number and kinds, in the same order).
+    pub fn restore(&mut self, state: &DevicesState) -> Result<(), String> {
+        if state.virtio.len() != self.mmio.len() {
+            return Err(format!(
+                "the saved VM had {} network devices, this one has {}",
+                state.virtio.len(),
+                self.mmio.len()
+            ));
+        }
+        for (t, s) in self.mmio.iter_mut().zip(&state.virtio) {
+            t.restore(s)?;
+        }
+        Ok(())
+    }
+
     /// A port read.
     pub fn pio_in(&mut self, port: u16, data: &mut [u8]) {
         if (port::SERIAL..port::SERIAL + 8).contains(&port) && data.len() == 1 {

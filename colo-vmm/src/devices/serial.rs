@@ -1,10 +1,10 @@
 //! COM1: a 16550 UART (vm-superio) whose output goes to stdout, a file, or nowhere.
 
-use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
 /// Where the console's output goes (`--serial`).
@@ -16,6 +16,28 @@ pub enum SerialOutput {
     File(PathBuf),
     /// Nowhere.
     None,
+}
+
+impl SerialOutput {
+    /// Opens the output; `append` continues an existing file (a restored VM's log goes on).
+    fn open(&self, append: bool) -> io::Result<Box<dyn Write + Send>> {
+        Ok(match self {
+            SerialOutput::Stdio => Box::new(io::stdout()),
+            SerialOutput::File(p) => {
+                Box::new(std::fs::OpenOptions::new().create(true).write(true).append(append).truncate(!append).open(p)?)
+            }
+            SerialOutput::None => Box::new(io::sink()),
+        })
+    }
+}
+
+/// The UART's registers and receive buffer, as saved in snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR.
+    pub registers: [u8; 9],
+    /// Bytes received and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
 }
 
 impl FromStr for SerialOutput {
@@ -61,18 +83,52 @@ impl Write for LineWriter {
 
 /// The console device.
 pub struct SerialConsole {
-    uart: Serial<NoInterrupt, vm_superio::serial::NoEvents, LineWriter>,
+    uart: Serial<NoInterrupt, NoEvents, LineWriter>,
 }
 
 impl SerialConsole {
-    /// Opens the output.
+    /// Opens the output (truncating a file).
     pub fn new(output: &SerialOutput) -> io::Result<SerialConsole> {
-        let w: Box<dyn Write + Send> = match output {
-            SerialOutput::Stdio => Box::new(io::stdout()),
-            SerialOutput::File(p) => Box::new(File::create(p)?),
-            SerialOutput::None => Box::new(io::sink()),
+        Ok(SerialConsole { uart: Serial::new(NoInterrupt, LineWriter(output.open(false)?)) })
+    }
+
+    /// A console with saved registers, appending to its output.
+    pub fn restored(output: &SerialOutput, snap: &SerialSnapshot) -> io::Result<SerialConsole> {
+        let r = snap.registers;
+        let state = SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: snap.in_buffer.clone(),
         };
-        Ok(SerialConsole { uart: Serial::new(NoInterrupt, LineWriter(w)) })
+        let uart = Serial::from_state(&state, NoInterrupt, NoEvents, LineWriter(output.open(true)?))
+            .map_err(|e| io::Error::other(format!("restoring the UART: {e:?}")))?;
+        Ok(SerialConsole { uart })
+    }
+
+    /// The registers to save.
+    pub fn snapshot(&self) -> SerialSnapshot {
+        let s = self.uart.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            in_buffer: s.in_buffer,
+        }
     }
 
     /// A register read.

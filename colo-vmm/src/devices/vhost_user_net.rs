@@ -141,7 +141,7 @@ impl VhostUserNet {
         &self.path
     }
 
-    fn setup_rings(&mut self, acked: u64, queues: &[QueueConfig]) -> Result<(), String> {
+    fn setup_rings(&mut self, acked: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), String> {
         let protocol_features = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let to_backend = (acked & self.backend_features) | (self.backend_features & protocol_features);
         let fail = |step: &'static str| move |e: vhost::Error| format!("{step}: {e}");
@@ -174,7 +174,8 @@ impl VhostUserNet {
             };
             self.frontend.set_vring_num(i, q.size).map_err(fail("SET_VRING_NUM"))?;
             self.frontend.set_vring_addr(i, &config).map_err(fail("SET_VRING_ADDR"))?;
-            self.frontend.set_vring_base(i, 0).map_err(fail("SET_VRING_BASE"))?;
+            let base = bases.get(i).copied().unwrap_or(0);
+            self.frontend.set_vring_base(i, base).map_err(fail("SET_VRING_BASE"))?;
             self.frontend.set_vring_call(i, &self.calls[i]).map_err(fail("SET_VRING_CALL"))?;
             self.frontend.set_vring_kick(i, &self.kicks[i]).map_err(fail("SET_VRING_KICK"))?;
             if to_backend & protocol_features != 0 {
@@ -211,10 +212,22 @@ impl VirtioDevice for VhostUserNet {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(&mut self, acked: u64, queues: &[QueueConfig]) -> Result<(), String> {
-        self.setup_rings(acked, queues)?;
-        tracing::info!(acked = format_args!("{acked:#x}"), queues = ?self.active, "virtio-net activated");
+    fn activate(&mut self, acked: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), String> {
+        self.active.clear();
+        self.setup_rings(acked, queues, bases)?;
+        tracing::debug!(acked = format_args!("{acked:#x}"), queues = ?self.active, ?bases, "virtio-net activated");
         Ok(())
+    }
+
+    fn quiesce(&mut self) -> Result<Vec<u16>, String> {
+        let mut bases = vec![0u16; NUM_QUEUES];
+        // GET_VRING_BASE stops the ring in the backend and returns where it stands; the
+        // backend completes descriptors synchronously, so nothing is in flight afterwards.
+        for i in std::mem::take(&mut self.active) {
+            let base = self.frontend.get_vring_base(i).map_err(|e| format!("GET_VRING_BASE on queue {i}: {e}"))?;
+            bases[i] = base as u16;
+        }
+        Ok(bases)
     }
 
     fn reset(&mut self) {

@@ -62,7 +62,7 @@ pub mod status {
 }
 
 /// A virtqueue as the driver configured it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueConfig {
     /// Maximum size the device allows.
     pub max_size: u16,
@@ -90,14 +90,39 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes to the configuration space (ignored by devices that have nothing writable).
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// The driver is ready: start the data path with these features and queues.
-    fn activate(&mut self, acked_features: u64, queues: &[QueueConfig]) -> Result<(), String>;
+    /// Starts the data path with these features and queues; `bases[i]` is where queue `i`'s
+    /// device side resumes (0 for a fresh driver; the saved position after a snapshot).
+    fn activate(&mut self, acked_features: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), String>;
+    /// Stops the data path so guest memory and the rings stay still, and returns each queue's
+    /// position. [`VirtioDevice::activate`] with these bases resumes it.
+    fn quiesce(&mut self) -> Result<Vec<u16>, String>;
     /// The driver reset the device: stop the data path.
     fn reset(&mut self);
     /// The eventfds the guest kicks, one per queue (registered as ioeventfds by the VMM).
     fn kick_fds(&self) -> Vec<&EventFd>;
     /// The eventfds the data path signals when it has news for the guest, one per queue.
     fn call_fds(&self) -> Vec<RawFd>;
+}
+
+/// The transport's registers, as saved in snapshots and checkpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransportState {
+    /// Device status.
+    pub status: u32,
+    /// Features the driver acknowledged.
+    pub acked_features: u64,
+    /// DEVICE_FEATURES_SEL.
+    pub device_features_sel: u32,
+    /// DRIVER_FEATURES_SEL.
+    pub driver_features_sel: u32,
+    /// QUEUE_SEL.
+    pub queue_sel: u32,
+    /// Each queue's configuration.
+    pub queues: Vec<QueueConfig>,
+    /// CONFIG_GENERATION.
+    pub config_generation: u32,
+    /// Where each queue's device side stands (from [`VirtioDevice::quiesce`]).
+    pub bases: Vec<u16>,
 }
 
 /// The transport: registers plus the device.
@@ -266,12 +291,69 @@ impl MmioTransport {
         self.status = v;
         if newly & status::DRIVER_OK != 0 {
             let queues: Vec<QueueConfig> = self.queues.clone();
-            if let Err(e) = self.device.activate(self.acked_features, &queues) {
+            let bases = vec![0; queues.len()];
+            if let Err(e) = self.device.activate(self.acked_features, &queues, &bases) {
                 tracing::error!(error = %e, "device activation failed");
                 self.status |= status::DEVICE_NEEDS_RESET;
                 self.config_generation += 1;
             }
         }
+    }
+
+    fn active(&self) -> bool {
+        self.status & status::DRIVER_OK != 0 && self.status & status::DEVICE_NEEDS_RESET == 0
+    }
+
+    /// Stops the device's data path (if the driver started it) and returns the saved state.
+    pub fn pause(&mut self) -> Result<TransportState, String> {
+        let bases = if self.active() { self.device.quiesce()? } else { vec![0; self.queues.len()] };
+        Ok(self.state_with(bases))
+    }
+
+    /// Restarts the data path after [`MmioTransport::pause`].
+    pub fn resume(&mut self, state: &TransportState) -> Result<(), String> {
+        if self.active() {
+            self.device.activate(self.acked_features, &self.queues.clone(), &state.bases)?;
+        }
+        Ok(())
+    }
+
+    fn state_with(&self, bases: Vec<u16>) -> TransportState {
+        TransportState {
+            status: self.status,
+            acked_features: self.acked_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            queues: self.queues.clone(),
+            config_generation: self.config_generation,
+            bases,
+        }
+    }
+
+    /// Takes over a saved state on a fresh transport and starts the data path where it stood.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        if state.queues.len() != self.queues.len() {
+            return Err(format!("saved device has {} queues, this one {}", state.queues.len(), self.queues.len()));
+        }
+        if state.acked_features & !self.device.features() != 0 {
+            return Err(format!(
+                "saved features {:#x} include some this backend does not offer ({:#x})",
+                state.acked_features,
+                self.device.features()
+            ));
+        }
+        self.status = state.status;
+        self.acked_features = state.acked_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.queues = state.queues.clone();
+        self.config_generation = state.config_generation;
+        if self.active() {
+            self.device.activate(self.acked_features, &self.queues.clone(), &state.bases)?;
+        }
+        Ok(())
     }
 
     fn reset(&mut self) {
@@ -313,9 +395,12 @@ mod tests {
             data.fill(offset as u8);
         }
         fn write_config(&mut self, _: u64, _: &[u8]) {}
-        fn activate(&mut self, f: u64, q: &[QueueConfig]) -> Result<(), String> {
+        fn activate(&mut self, f: u64, q: &[QueueConfig], _bases: &[u16]) -> Result<(), String> {
             self.0.lock().unwrap().activated = Some((f, q.to_vec()));
             Ok(())
+        }
+        fn quiesce(&mut self) -> Result<Vec<u16>, String> {
+            Ok(vec![7, 9])
         }
         fn reset(&mut self) {
             self.0.lock().unwrap().resets += 1;
@@ -378,6 +463,30 @@ mod tests {
         w(&mut t, reg::STATUS, 0);
         assert_eq!(seen.lock().unwrap().resets, 1);
         assert_eq!(r(&mut t, reg::STATUS), 0);
+    }
+
+    #[test]
+    fn pause_and_restore_carry_registers_and_ring_positions() {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let mut t = MmioTransport::new(BASE, 0x1000, Box::new(Fake(seen.clone(), EventFd::new(0).unwrap())));
+        w(&mut t, reg::DRIVER_FEATURES, 1 << 5);
+        w(&mut t, reg::QUEUE_SEL, 1);
+        w(&mut t, reg::QUEUE_NUM, 64);
+        w(&mut t, reg::QUEUE_READY, 1);
+        w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        let state = t.pause().unwrap();
+        assert_eq!(state.bases, vec![7, 9]);
+        assert_eq!(state.queues[1].size, 64);
+        let json = serde_json::to_string(&state).unwrap();
+        let back: TransportState = serde_json::from_str(&json).unwrap();
+        let seen2 = Arc::new(Mutex::new(Seen::default()));
+        let mut t2 = MmioTransport::new(BASE, 0x1000, Box::new(Fake(seen2.clone(), EventFd::new(0).unwrap())));
+        t2.restore(&back).unwrap();
+        assert_eq!(r(&mut t2, reg::STATUS), state.status);
+        assert!(seen2.lock().unwrap().activated.is_some(), "a running device restarts on restore");
+        let mut bad = back.clone();
+        bad.acked_features |= 1 << 7;
+        assert!(t2.restore(&bad).is_err());
     }
 
     #[test]

@@ -1,0 +1,215 @@
+//! colo-guest: colo-vmm's reference guest, a `no_std` unikernel that runs entirely at CPL3.
+//!
+//! It reads the boot information the VMM left in memory, parses its command line, brings up
+//! virtio-net over MMIO and smoltcp with a static address, starts the services asked for,
+//! and then loops: poll the network and the services, and when nothing is due, give the vCPU
+//! back with the paravirtual halt until a device signals or the next deadline.
+//!
+//! Console lines (tests read them):
+//! - `colo-guest: boot mem=<MiB>MiB tsc_khz=<kHz> virtio=<devices>`
+//! - `colo-guest: cmdline <command line>`
+//! - `colo-guest: warning: unknown option <token>`
+//! - `colo-guest: exit <code>` (for `exit=` / `app=exit`, then the guest exits)
+//! - `colo-guest: net up ip=<A.B.C.D/P> mac=<aa:bb:cc:dd:ee:ff>`, `colo-guest: route default via <A.B.C.D>`
+//! - `colo-guest: no network device: network services off`
+//! - `colo-guest: listening <service> <tcp|udp>/<port>`, `colo-guest: running burn`,
+//!   `colo-guest: running dirty pages_per_sec=<n> region_mib=<m>`
+//! - `colo-guest: ready` (every service started)
+//! - `colo-guest: fatal: <why>` (then exit code 1)
+
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+#[macro_use]
+mod serial;
+mod entry;
+mod halt;
+mod heap;
+mod mem;
+mod net;
+mod panic;
+mod port;
+mod region;
+mod services;
+mod time;
+mod virtio;
+
+use colo_vmm_abi::{BootInfo, CMDLINE_MAX};
+
+use colo_guest::cmdline::{self, Config, Ipv4};
+use colo_guest::fmt::Mac;
+use colo_guest::stats::Stats;
+
+use crate::halt::fatal;
+use crate::net::Net;
+use crate::region::{Region, PAGE};
+use crate::services::dirty::Dirty;
+use crate::services::{earliest, Services};
+use crate::virtio::mmio::{Transport, DEVICE_NET};
+use crate::virtio::net::{NetMemory, VirtioNet};
+
+/// Least heap the services need (sockets, per-client state).
+const MIN_HEAP: u64 = 4 << 20;
+
+/// Called by `_start` with the boot-info address the VMM put in RDI.
+///
+/// # Safety
+/// `boot` must point to the boot-info block (the VMM's entry contract); called once.
+pub unsafe extern "C" fn guest_main(boot: *const BootInfo) -> ! {
+    serial::init();
+    // SAFETY: the VMM put the block at this (identity-mapped) address; we take a copy.
+    let boot = unsafe { core::ptr::read_volatile(boot) };
+    if !boot.is_valid() {
+        fatal(format_args!("bad boot info (magic {:#x}, version {})", boot.magic, boot.version));
+    }
+    if boot.tsc_khz == 0 {
+        fatal(format_args!("boot info has no TSC frequency"));
+    }
+    time::init(boot.tsc_khz);
+    status!("boot mem={}MiB tsc_khz={} virtio={}", boot.mem_size >> 20, boot.tsc_khz, boot.virtio_count);
+    let line = cmdline_of(&boot);
+    if !line.is_empty() {
+        status!("cmdline {line}");
+    }
+    let config = cmdline::parse(line, |token| status!("warning: unknown option {token}"))
+        .unwrap_or_else(|error| fatal(format_args!("bad command line: {error}")));
+    if let Some(code) = config.exit_now() {
+        status!("exit {code}");
+        halt::exit(code);
+    }
+    run(&boot, &config)
+}
+
+/// The command line, checked to lie in RAM and be UTF-8.
+fn cmdline_of(boot: &BootInfo) -> &'static str {
+    let (addr, len) = (boot.cmdline_addr, boot.cmdline_len);
+    if len == 0 {
+        return "";
+    }
+    if addr == 0 || len >= CMDLINE_MAX as u64 || addr.checked_add(len).is_none_or(|end| end > boot.mem_size) {
+        fatal(format_args!("boot info: command line outside RAM ({addr:#x}, {len} bytes)"));
+    }
+    // SAFETY: the bytes are in RAM (checked), identity-mapped, and nothing writes them.
+    let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, len as usize) };
+    core::str::from_utf8(bytes).unwrap_or_else(|_| fatal(format_args!("command line is not UTF-8")))
+}
+
+/// The first virtio-mmio network device in the boot info.
+fn find_net_device(boot: &BootInfo) -> Option<Transport> {
+    let count = (boot.virtio_count as usize).min(boot.virtio.len());
+    boot.virtio[..count].iter().find_map(|device| {
+        // SAFETY: the VMM describes a virtio-mmio register window at this address.
+        let transport = unsafe { Transport::new(device.base) };
+        match transport.probe() {
+            Ok(DEVICE_NET) => Some(transport),
+            Ok(_) => None,
+            Err(why) => fatal(format_args!("virtio device at {:#x}: {why}", device.base)),
+        }
+    })
+}
+
+/// Sets up memory, the network and the services, then runs the main loop.
+fn run(boot: &BootInfo, config: &Config) -> ! {
+    // Carve fixed areas (queues, dirty region) first; the heap gets the rest.
+    let mut region = Region::new(boot.free_start, boot.free_end);
+    let nic = find_net_device(boot);
+    let net_memory = nic.map(|_| {
+        NetMemory::carve(&mut region).unwrap_or_else(|| {
+            fatal(format_args!("not enough memory for the network queues ({} KiB)", NetMemory::BYTES >> 10))
+        })
+    });
+    let dirty_pages = u64::from(config.dirty_mib) << 20 >> 12;
+    let dirty_region = config.apps.dirty.then(|| {
+        region.take(dirty_pages * PAGE).unwrap_or_else(|| {
+            fatal(format_args!(
+                "not enough memory for dirty_mib={} (free: {} MiB)",
+                config.dirty_mib,
+                region.rest().1 >> 20
+            ))
+        })
+    });
+    let (heap_start, heap_len) = region.rest();
+    if heap_len < MIN_HEAP {
+        fatal(format_args!("not enough memory: {} KiB left for the heap, need {} KiB", heap_len >> 10, MIN_HEAP >> 10));
+    }
+    // SAFETY: the rest of the free RAM, used by nothing else from now on.
+    unsafe { heap::init(heap_start as *mut u8, heap_len as usize) };
+
+    let mut net = match (nic, net_memory) {
+        (Some(transport), Some(memory)) => Some(start_network(transport, memory, config)),
+        _ => None,
+    };
+    let mut services = Services::default();
+    match &mut net {
+        Some(net) => services
+            .start_network(config, &mut net.sockets)
+            .unwrap_or_else(|why| fatal(format_args!("cannot start the network services: {why}"))),
+        None if config.apps.needs_network() => status!("no network device: network services off"),
+        None => {}
+    }
+    if config.apps.burn {
+        services.start_burn();
+    }
+    if let Some(area) = dirty_region {
+        let rate = u64::from(config.dirty_pages_per_sec);
+        if rate > dirty_pages {
+            status!(
+                "warning: dirty={rate} is more than the region's {dirty_pages} pages; writing {dirty_pages} per second"
+            );
+        }
+        // SAFETY: the area was carved for the dirtier alone.
+        let dirty = unsafe { Dirty::new(area, dirty_pages, rate, time::now()) };
+        services.start_dirty(dirty, rate.min(dirty_pages), config.dirty_mib);
+    }
+    status!("ready");
+    main_loop(net, services)
+}
+
+/// Brings up the device and the interface and prints the `net up` line.
+fn start_network(transport: Transport, memory: NetMemory, config: &Config) -> Net {
+    let device = VirtioNet::init(transport, memory).unwrap_or_else(|why| fatal(format_args!("virtio-net: {why}")));
+    let seed = config.seed.unwrap_or_else(time::rdtsc);
+    let net = Net::new(device, config.ip, config.gateway, seed, time::now())
+        .unwrap_or_else(|why| fatal(format_args!("network: {why}")));
+    status!("net up ip={} mac={}", config.ip, Mac(net.mac()));
+    if let Some(gateway) = config.gateway {
+        status!("route default via {}", Ipv4(gateway));
+    }
+    net
+}
+
+/// Polls the network and the services forever; halts when nothing is due.
+fn main_loop(mut net: Option<Net>, mut services: Services) -> ! {
+    let mut stats = Stats::default();
+    loop {
+        let now = time::now();
+        stats.uptime_ms = now.total_millis() as u64;
+        let (heap_used, heap_free) = heap::usage();
+        (stats.heap_used, stats.heap_free) = (heap_used as u64, heap_free as u64);
+        if let Some(net) = &mut net {
+            net.poll(now);
+            (stats.rx_frames, stats.tx_frames, stats.rx_errors) = net.frame_counts();
+            services.poll_network(now, &mut net.sockets, &mut stats);
+            net.transmit(now);
+        }
+        services.poll_local(now, &mut stats);
+
+        if services.burning() {
+            // Never halt while burning; a frame ends the slice early.
+            services.burn(|| net.as_mut().is_some_and(Net::has_work));
+            continue;
+        }
+        if net.as_mut().is_some_and(Net::has_work) {
+            continue;
+        }
+        let now = time::now();
+        let net_deadline = net.as_mut().and_then(|net| net.deadline(now));
+        match earliest(net_deadline, services.deadline()) {
+            Some(deadline) if deadline <= now => {}
+            Some(deadline) => halt::halt(Some(deadline - now)),
+            None => halt::halt(None),
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The services' wire protocols, apart from the sockets that carry them.
+
+pub mod counter;
+pub mod http;
+pub mod line;
+pub mod top;

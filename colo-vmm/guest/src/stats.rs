@@ -1,0 +1,113 @@
+//! The guest's counters, as `/stats` shows them.
+
+use core::fmt;
+
+/// Counters of the whole guest. The main loop refreshes the device and heap figures; each
+/// service adds to its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Stats {
+    /// Milliseconds since boot.
+    pub uptime_ms: u64,
+    /// Frames received from the network device.
+    pub rx_frames: u64,
+    /// Frames handed to the network device.
+    pub tx_frames: u64,
+    /// Frames the device returned that the guest could not use (bad length or descriptor).
+    pub rx_errors: u64,
+    /// TCP connections accepted, all services.
+    pub tcp_accepted: u64,
+    /// Bytes echoed over TCP.
+    pub echo_tcp_bytes: u64,
+    /// Datagrams echoed over UDP.
+    pub echo_udp_datagrams: u64,
+    /// HTTP requests answered.
+    pub http_requests: u64,
+    /// The counter service's value.
+    pub counter: u64,
+    /// `top` lines made.
+    pub top_lines: u64,
+    /// Burn iterations since boot.
+    pub burn_iterations: u64,
+    /// Pages written by the dirtier since boot.
+    pub dirty_pages: u64,
+    /// Heap bytes in use.
+    pub heap_used: u64,
+    /// Heap bytes free.
+    pub heap_free: u64,
+}
+
+impl fmt::Display for Stats {
+    /// One `key=value` line per counter.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Stats {
+            uptime_ms,
+            rx_frames,
+            tx_frames,
+            rx_errors,
+            tcp_accepted,
+            echo_tcp_bytes,
+            echo_udp_datagrams,
+            http_requests,
+            counter,
+            top_lines,
+            burn_iterations,
+            dirty_pages,
+            heap_used,
+            heap_free,
+        } = self;
+        writeln!(f, "uptime_ms={uptime_ms}")?;
+        writeln!(f, "rx_frames={rx_frames}")?;
+        writeln!(f, "tx_frames={tx_frames}")?;
+        writeln!(f, "rx_errors={rx_errors}")?;
+        writeln!(f, "tcp_accepted={tcp_accepted}")?;
+        writeln!(f, "echo_tcp_bytes={echo_tcp_bytes}")?;
+        writeln!(f, "echo_udp_datagrams={echo_udp_datagrams}")?;
+        writeln!(f, "http_requests={http_requests}")?;
+        writeln!(f, "counter={counter}")?;
+        writeln!(f, "top_lines={top_lines}")?;
+        writeln!(f, "burn_iterations={burn_iterations}")?;
+        writeln!(f, "dirty_pages={dirty_pages}")?;
+        writeln!(f, "heap_used={heap_used}")?;
+        writeln!(f, "heap_free={heap_free}")
+    }
+}
+
+/// Upper bound of the formatted size: 14 lines of at most 19 + 1 + 20 + 1 bytes.
+pub const MAX_FORMATTED: usize = 14 * 41;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::string::ToString;
+
+    #[test]
+    fn every_line_is_key_value() {
+        let s = Stats { uptime_ms: 12, counter: 3, ..Stats::default() }.to_string();
+        assert!(s.starts_with("uptime_ms=12\n"));
+        assert!(s.contains("\ncounter=3\n"));
+        assert!(s.lines().all(|l| l.split_once('=').is_some_and(|(_, v)| v.parse::<u64>().is_ok())));
+    }
+
+    #[test]
+    fn worst_case_fits_the_bound() {
+        let max = u64::MAX;
+        let s = Stats {
+            uptime_ms: max,
+            rx_frames: max,
+            tx_frames: max,
+            rx_errors: max,
+            tcp_accepted: max,
+            echo_tcp_bytes: max,
+            echo_udp_datagrams: max,
+            http_requests: max,
+            counter: max,
+            top_lines: max,
+            burn_iterations: max,
+            dirty_pages: max,
+            heap_used: max,
+            heap_free: max,
+        }
+        .to_string();
+        assert!(s.len() <= MAX_FORMATTED, "{}", s.len());
+    }
+}

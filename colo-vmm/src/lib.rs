@@ -12,6 +12,7 @@ pub mod api;
 pub mod arch;
 pub mod devices;
 pub mod loader;
+pub mod migration;
 pub mod persist;
 pub mod vmm;
 pub mod vstate;

@@ -13,6 +13,9 @@ use colo_vmm::api::protocol::Reply;
 use colo_vmm::api::server::ApiServer;
 use colo_vmm::devices::serial::SerialOutput;
 use colo_vmm::loader::Image;
+use colo_vmm::migration::destination::incoming;
+use colo_vmm::migration::status::{MigrationState, MigrationStatus};
+use colo_vmm::migration::uri::MigrationUri;
 use colo_vmm::vmm::{Lifecycle, NetConfig, VmConfig, Vmm, VmmApi};
 use colo_vmm::vstate::vcpu::VcpuEnd;
 
@@ -40,8 +43,11 @@ struct RunArgs {
     #[arg(long, value_name = "ELF", conflicts_with = "restore")]
     kernel: Option<PathBuf>,
     /// Resume a VM saved with `snapshot` (the devices given must match the saved ones).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "incoming")]
     restore: Option<PathBuf>,
+    /// Wait for a live migration on tcp:HOST:PORT or unix:PATH and run the VM it brings.
+    #[arg(long, value_name = "URI", conflicts_with = "kernel")]
+    incoming: Option<MigrationUri>,
     /// The guest's command line (reference guest: e.g. "ip=10.0.0.2/24 gw=10.0.0.1 app=echo,http").
     #[arg(long, value_name = "STR", default_value = "", conflicts_with = "restore")]
     cmdline: String,
@@ -95,6 +101,7 @@ enum Event {
     Vcpu(VcpuEnd),
     Signal(i32),
     Quit,
+    Migrated,
 }
 
 struct QuitByChannel(Sender<Event>);
@@ -102,6 +109,9 @@ struct QuitByChannel(Sender<Event>);
 impl Lifecycle for QuitByChannel {
     fn quit(&self) {
         let _ = self.0.send(Event::Quit);
+    }
+    fn migrated(&self) {
+        let _ = self.0.send(Event::Migrated);
     }
 }
 
@@ -113,9 +123,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         net: args.net,
         serial: args.serial,
     };
-    let vmm = Arc::new(match &args.restore {
-        Some(path) => Vmm::restore(&config, path)?,
-        None => Vmm::boot(&config)?,
+    let vmm = Arc::new(match (&args.restore, &args.incoming) {
+        (Some(path), _) => Vmm::restore(&config, path)?,
+        (None, Some(uri)) => incoming(&config, uri)?,
+        (None, None) => Vmm::boot(&config)?,
     });
     let (tx, rx) = channel();
     let thread = vmm.take_thread().context("the vCPU thread is gone")?;
@@ -158,6 +169,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 tracing::info!("quit requested");
                 vmm.vcpu().quit();
             }
+            Event::Migrated => {
+                // As QEMU: the source stays, paused ("postmigrate"), until told to quit.
+                tracing::info!("the VM now runs at the migration destination; this VMM waits for quit");
+            }
         }
     };
     // The vCPU thread has ended and dropped the devices: the backends saw an orderly close.
@@ -169,9 +184,47 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let arguments = parse_arguments(&args.args)?;
     let mut client = ApiClient::connect(&args.api)?;
     let reply = client.execute(&args.command, arguments)?;
+    let ok = matches!(reply, Reply::Return { .. });
+    if args.command == "migrate" && ok {
+        return follow_migration(&mut client);
+    }
     println!("{}", serde_json::to_string_pretty(&reply)?);
-    Ok(match reply {
-        Reply::Return { .. } => ExitCode::SUCCESS,
-        Reply::Error { .. } => ExitCode::FAILURE,
-    })
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Shows a progress bar until the migration ends; prints the final status.
+fn follow_migration(client: &mut ApiClient) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    loop {
+        let reply = client.execute("query-migrate", Default::default())?;
+        let Reply::Return { value, .. } = reply else {
+            anyhow::bail!("query-migrate failed: {}", serde_json::to_string(&reply)?);
+        };
+        let st: MigrationStatus = serde_json::from_value(value.clone())?;
+        let pct = (st.pages_sent.min(st.total_pages) * 100).checked_div(st.total_pages).unwrap_or(0) as usize;
+        let bar = format!(
+            "[{:<30}] {:>3}%  round {}  sent {} MiB  dirty {} pages/s  expected downtime {} ms",
+            "#".repeat(pct * 30 / 100),
+            pct,
+            st.rounds,
+            st.bytes_sent >> 20,
+            st.dirty_rate,
+            st.expected_downtime_ms
+        );
+        if tty {
+            eprint!("\r{bar}");
+            let _ = std::io::stderr().flush();
+        }
+        match st.status {
+            MigrationState::Active | MigrationState::None => std::thread::sleep(std::time::Duration::from_millis(100)),
+            MigrationState::Completed | MigrationState::Failed => {
+                if tty {
+                    eprintln!();
+                }
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                return Ok(if st.status == MigrationState::Completed { ExitCode::SUCCESS } else { ExitCode::FAILURE });
+            }
+        }
+    }
 }

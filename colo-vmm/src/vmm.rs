@@ -15,11 +15,15 @@ use crate::api::protocol::{ApiError, Handler};
 use crate::arch::{cpuid, regs};
 use crate::devices::pvhalt::Waiter;
 use crate::devices::serial::{SerialConsole, SerialOutput};
+use crate::devices::vhost_user_net::DirtyLog;
 use crate::devices::vhost_user_net::VhostUserNet;
 use crate::devices::virtio_mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::Devices;
 use crate::devices::DevicesState;
 use crate::loader::{self, Image};
+use crate::migration::source;
+use crate::migration::status::{MigrationParams, MigrationState, MigrationStatus, StatusHandle};
+use crate::migration::uri::MigrationUri;
 use crate::persist::sections::Sections;
 use crate::persist::snapshot::{self, Meta, SnapshotStats};
 use crate::persist::stream::{StreamError, StreamReader};
@@ -126,25 +130,21 @@ fn other<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BootErro
     move |e| BootError::Other { what, error: e.to_string() }
 }
 
-/// The parts of a VM before its vCPU starts.
-struct Machine {
+/// Memory, KVM and the vCPU, before any device: what a migration destination builds while it
+/// receives pages (its backends are still the source's).
+pub struct Core {
     ram: GuestRam,
     vm: Vm,
     vcpu: VcpuFd,
-    devices: Devices,
     msr_list: Vec<u32>,
     tsc_khz: u64,
-    described: Vec<VirtioMmioDevice>,
 }
 
-impl Machine {
-    /// Memory, KVM, the vCPU and the devices for `config` with `mem_size` bytes of RAM.
-    fn build(config: &VmConfig, mem_size: u64, serial: SerialConsole) -> Result<Machine, BootError> {
+impl Core {
+    /// RAM of `mem_size` bytes, the VM and its vCPU.
+    pub fn build(mem_size: u64) -> Result<Core, BootError> {
         if !(MIN_MEM..=MAX_MEM).contains(&mem_size) {
             return Err(BootError::MemorySize(mem_size >> 20));
-        }
-        if config.net.len() > colo_vmm_abi::MAX_VIRTIO_DEVICES {
-            return Err(BootError::TooManyDevices(colo_vmm_abi::MAX_VIRTIO_DEVICES));
         }
         let ram = GuestRam::new(mem_size)?;
         let vm = Vm::new(&ram)?;
@@ -153,15 +153,32 @@ impl Machine {
             .map_err(other("setting CPUID"))?;
         let tsc_khz = vm.tsc_khz(&vcpu);
         let msr_list = vcpu_state::saveable_msrs(vm.kvm(), &vcpu).map_err(other("listing MSRs"))?;
+        Ok(Core { ram, vm, vcpu, msr_list, tsc_khz })
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Connects the network backends of `config` (the console starts silent; a boot opens it,
+    /// a restore takes over the saved one).
+    pub fn attach(self, config: &VmConfig) -> Result<Machine, BootError> {
+        if config.net.len() > colo_vmm_abi::MAX_VIRTIO_DEVICES {
+            return Err(BootError::TooManyDevices(colo_vmm_abi::MAX_VIRTIO_DEVICES));
+        }
         let mut waiter = Waiter::new().map_err(other("creating the halt waiter"))?;
         let mut mmio = vec![];
         let mut described = vec![];
+        let mut logs = vec![];
         for (i, net) in config.net.iter().enumerate() {
             let base = MMIO_BASE + i as u64 * MMIO_DEVICE_SIZE;
-            let dev = VhostUserNet::connect(&net.socket, net.mac, ram.memory().clone())?;
+            let dev = VhostUserNet::connect(&net.socket, net.mac, self.ram.memory().clone())?;
+            logs.push(dev.log_handle());
             let transport = MmioTransport::new(base, MMIO_DEVICE_SIZE, Box::new(dev));
             for (q, kick) in transport.device().kick_fds().into_iter().enumerate() {
-                vm.fd()
+                self.vm
+                    .fd()
                     .register_ioevent(kick, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), q as u32)
                     .map_err(other("registering a queue notifier"))?;
             }
@@ -171,24 +188,39 @@ impl Machine {
             described.push(VirtioMmioDevice { base, size: MMIO_DEVICE_SIZE, irq: 5 + i as u32, reserved: 0 });
             mmio.push(transport);
         }
+        let serial = SerialConsole::new(&SerialOutput::None).map_err(other("serial"))?;
         let devices = Devices { serial, mmio, waiter, unknown_io: 0 };
-        Ok(Machine { ram, vm, vcpu, devices, msr_list, tsc_khz, described })
+        Ok(Machine { core: self, devices, described, logs })
     }
+}
 
+/// A VM with its devices, before its vCPU starts.
+pub struct Machine {
+    core: Core,
+    devices: Devices,
+    described: Vec<VirtioMmioDevice>,
+    logs: Vec<DirtyLog>,
+}
+
+impl Machine {
     /// Starts the vCPU thread.
-    fn start(self) -> Result<Vmm, BootError> {
+    pub fn start(self) -> Result<Vmm, BootError> {
         vcpu::install_kick_handler().map_err(other("installing the vCPU kick handler"))?;
-        let mem_size = self.ram.size();
-        let (handle, thread) = vcpu::spawn(self.vcpu, self.devices).map_err(other("starting the vCPU thread"))?;
+        let Core { ram, vm, vcpu, msr_list, tsc_khz } = self.core;
+        let mem_size = ram.size();
+        let (handle, thread) = vcpu::spawn(vcpu, self.devices).map_err(other("starting the vCPU thread"))?;
         Ok(Vmm {
-            ram: self.ram,
-            vm: self.vm,
+            ram,
+            vm,
             vcpu: handle,
             thread: Mutex::new(Some(thread)),
             started: Instant::now(),
             mem_size,
-            msr_list: Arc::new(self.msr_list),
-            tsc_khz: self.tsc_khz,
+            msr_list: Arc::new(msr_list),
+            tsc_khz,
+            logs: self.logs,
+            migration: Arc::new(Mutex::new(MigrationStatus::default())),
+            migration_params: Mutex::new(MigrationParams::default()),
         })
     }
 }
@@ -205,6 +237,9 @@ pub struct Vmm {
     mem_size: u64,
     msr_list: Arc<Vec<u32>>,
     tsc_khz: u64,
+    logs: Vec<DirtyLog>,
+    migration: StatusHandle,
+    migration_params: Mutex<MigrationParams>,
 }
 
 /// Errors saving a snapshot.
@@ -238,17 +273,13 @@ impl Vmm {
         if let Image::File(p) = &config.image {
             loader::check_kernel_file(p)?;
         }
-        let serial = SerialConsole::new(&config.serial).map_err(other("opening the serial output"))?;
-        let m = Machine::build(config, config.mem_mib << 20, serial)?;
-        let loaded = loader::load_image(m.ram.memory(), &config.image)?;
-        loader::write_boot_state(m.ram.memory(), m.ram.size(), &loaded, &config.cmdline, m.tsc_khz, &m.described)?;
-        regs::setup(&m.vcpu, loaded.entry).map_err(other("setting up the vCPU registers"))?;
-        tracing::info!(
-            mem_mib = config.mem_mib,
-            entry = format_args!("{:#x}", loaded.entry),
-            tsc_khz = m.tsc_khz,
-            "guest started"
-        );
+        let mut m = Core::build(config.mem_mib << 20)?.attach(config)?;
+        m.devices.serial = SerialConsole::new(&config.serial).map_err(other("opening the serial output"))?;
+        let (ram, tsc_khz) = (&m.core.ram, m.core.tsc_khz);
+        let loaded = loader::load_image(ram.memory(), &config.image)?;
+        loader::write_boot_state(ram.memory(), ram.size(), &loaded, &config.cmdline, tsc_khz, &m.described)?;
+        regs::setup(&m.core.vcpu, loaded.entry).map_err(other("setting up the vCPU registers"))?;
+        tracing::info!(mem_mib = config.mem_mib, entry = format_args!("{:#x}", loaded.entry), tsc_khz, "guest started");
         m.start()
     }
 
@@ -267,18 +298,17 @@ impl Vmm {
                 error: format!("snapshot has {} vCPUs; this VMM runs one", meta.vcpus),
             });
         }
-        let serial_placeholder = SerialConsole::new(&SerialOutput::None).map_err(other("serial"))?;
-        let mut m = Machine::build(config, meta.mem_size, serial_placeholder)?;
-        let state = snapshot::read_rest(&mut reader, m.ram.memory(), meta.mem_size)?;
+        let mut m = Core::build(meta.mem_size)?.attach(config)?;
+        let state = snapshot::read_rest(&mut reader, m.core.ram.memory(), meta.mem_size)?;
         Self::apply_state(&mut m, &state, &config.serial)?;
         tracing::info!(snapshot = %path.display(), mem_mib = meta.mem_size >> 20, "guest restored");
         m.start()
     }
 
     /// Applies saved vCPU, VM and device state to a freshly built machine.
-    fn apply_state(m: &mut Machine, state: &Sections, serial: &SerialOutput) -> Result<(), BootError> {
-        vm_state::restore(m.vm.fd(), state).map_err(other("restoring the VM state"))?;
-        vcpu_state::restore(&m.vcpu, 0, state).map_err(other("restoring the vCPU"))?;
+    pub fn apply_state(m: &mut Machine, state: &Sections, serial: &SerialOutput) -> Result<(), BootError> {
+        vm_state::restore(m.core.vm.fd(), state).map_err(other("restoring the VM state"))?;
+        vcpu_state::restore(&m.core.vcpu, 0, state).map_err(other("restoring the vCPU"))?;
         let devices: DevicesState = state.json("devices")?;
         m.devices.serial = SerialConsole::restored(serial, &devices.serial).map_err(other("restoring the console"))?;
         m.devices.restore(&devices).map_err(|e| BootError::Other { what: "restoring the devices", error: e })?;
@@ -336,8 +366,49 @@ impl Vmm {
         Ok(stats)
     }
 
+    /// The VM.
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+
+    /// Handles on the backends' dirty logs.
+    pub fn dirty_logs(&self) -> Vec<DirtyLog> {
+        self.logs.clone()
+    }
+
+    /// Migration progress.
+    pub fn migration_status(&self) -> MigrationStatus {
+        self.migration.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Starts migrating to `uri` on a background thread; `done` runs when it ends (with
+    /// whether it completed).
+    pub fn start_migration(
+        self: &Arc<Self>,
+        uri: MigrationUri,
+        done: impl FnOnce(bool) + Send + 'static,
+    ) -> Result<(), String> {
+        {
+            let mut st = self.migration.lock().unwrap_or_else(|p| p.into_inner());
+            if st.status == MigrationState::Active {
+                return Err("a migration is already running".into());
+            }
+            *st = MigrationStatus { status: MigrationState::Active, ..Default::default() };
+        }
+        let params = *self.migration_params.lock().unwrap_or_else(|p| p.into_inner());
+        let vmm = self.clone();
+        std::thread::Builder::new()
+            .name("migration".into())
+            .spawn(move || {
+                let ok = source::migrate(&vmm, &uri, params, &vmm.migration).is_ok();
+                done(ok);
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
     /// Saves the vCPU and pauses the devices, on the (paused) vCPU thread.
-    fn save_vcpu_and_devices(&self) -> Result<(Sections, DevicesState), SnapshotError> {
+    pub(crate) fn save_vcpu_and_devices(&self) -> Result<(Sections, DevicesState), SnapshotError> {
         let msrs = self.msr_list.clone();
         let r = self.vcpu.run_paused(move |vcpu, devices| -> Result<(Sections, DevicesState), SnapshotError> {
             let mut s = Sections::new();
@@ -349,7 +420,8 @@ impl Vmm {
         r.unwrap_or(Err(SnapshotError::NotRunning))
     }
 
-    fn meta(&self) -> Meta {
+    /// What kind of machine this is.
+    pub fn meta(&self) -> Meta {
         Meta {
             mem_size: self.mem_size,
             vcpus: 1,
@@ -360,8 +432,9 @@ impl Vmm {
 
     fn status(&self) -> Value {
         let paused = self.vcpu.is_paused();
+        let migrated = self.migration_status().status == MigrationState::Completed;
         json!({
-            "status": if paused { "paused" } else { "running" },
+            "status": if migrated { "postmigrate" } else if paused { "paused" } else { "running" },
             "running": !paused,
             "uptime-ms": self.started.elapsed().as_millis() as u64,
             "memory-mib": self.mem_size >> 20,
@@ -373,6 +446,8 @@ impl Vmm {
 pub trait Lifecycle: Send + Sync {
     /// The `quit` command: end the VMM cleanly.
     fn quit(&self);
+    /// A migration handed the VM to its destination: this process has nothing left to run.
+    fn migrated(&self);
 }
 
 /// The control API's view of a VMM.
@@ -381,6 +456,27 @@ pub struct VmmApi {
     pub vmm: Arc<Vmm>,
     /// Who ends the process.
     pub lifecycle: Arc<dyn Lifecycle>,
+}
+
+impl VmmApi {
+    /// Applies `downtime-limit` and `max-rounds` from `args` (other keys than `allowed` are
+    /// refused); nothing changes if any value is invalid.
+    fn set_migration_params(&self, args: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
+        let mut p = *self.vmm.migration_params.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in args {
+            let n = || v.as_u64().ok_or_else(|| ApiError::invalid(format!("{k} must be a non-negative integer")));
+            match k.as_str() {
+                "downtime-limit" => p.downtime_limit = n()?,
+                "max-rounds" => {
+                    p.max_rounds = u32::try_from(n()?).map_err(|_| ApiError::invalid("max-rounds is too large"))?
+                }
+                other if allowed.contains(&other) => {}
+                other => return Err(ApiError::invalid(format!("unknown parameter '{other}'"))),
+            }
+        }
+        *self.vmm.migration_params.lock().unwrap_or_else(|p| p.into_inner()) = p;
+        Ok(())
+    }
 }
 
 impl Handler for VmmApi {
@@ -415,6 +511,37 @@ impl Handler for VmmApi {
                     .ok_or_else(|| ApiError::invalid("snapshot needs path=FILE"))?;
                 let stats = self.vmm.snapshot(Path::new(path)).map_err(|e| ApiError::generic(e.to_string()))?;
                 Ok(json!({ "pages": stats.pages, "bytes": stats.bytes }))
+            }
+            "migrate" => {
+                let uri: MigrationUri = args
+                    .get("uri")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ApiError::invalid("migrate needs uri=tcp:HOST:PORT or uri=unix:PATH"))?
+                    .parse()
+                    .map_err(ApiError::invalid)?;
+                self.set_migration_params(args, &["uri"])?;
+                let lifecycle = self.lifecycle.clone();
+                self.vmm
+                    .start_migration(uri, move |ok| {
+                        if ok {
+                            lifecycle.migrated();
+                        }
+                    })
+                    .map_err(ApiError::generic)?;
+                Ok(json!({}))
+            }
+            "query-migrate" => {
+                no_args()?;
+                serde_json::to_value(self.vmm.migration_status()).map_err(|e| ApiError::generic(e.to_string()))
+            }
+            "migrate-set-parameters" => {
+                self.set_migration_params(args, &[])?;
+                Ok(json!({}))
+            }
+            "query-migrate-parameters" => {
+                no_args()?;
+                let p = *self.vmm.migration_params.lock().unwrap_or_else(|p| p.into_inner());
+                serde_json::to_value(p).map_err(|e| ApiError::generic(e.to_string()))
             }
             "quit" => {
                 no_args()?;

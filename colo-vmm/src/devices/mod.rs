@@ -60,6 +60,21 @@ impl Devices {
         Ok(())
     }
 
+    /// Releases every backend (a migration hands them to the destination).
+    pub fn disconnect(&mut self) {
+        for t in &mut self.mmio {
+            t.disconnect();
+        }
+    }
+
+    /// Re-attaches every backend and restarts the data paths (a failed handover).
+    pub fn reconnect(&mut self, state: &DevicesState) -> Result<(), String> {
+        for (t, s) in self.mmio.iter_mut().zip(&state.virtio) {
+            t.reconnect(s)?;
+        }
+        Ok(())
+    }
+
     /// Takes over saved state on fresh devices (same number and kinds, in the same order).
     pub fn restore(&mut self, state: &DevicesState) -> Result<(), String> {
         if state.virtio.len() != self.mmio.len() {

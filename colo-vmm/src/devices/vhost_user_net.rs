@@ -5,13 +5,14 @@
 //! wakes the guest's paravirtual halt). The MAC address and link status are served from the
 //! VMM's own configuration space.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::virtio_mmio::{QueueConfig, VirtioDevice};
@@ -77,9 +78,19 @@ pub enum NetError {
     EventFd(std::io::Error),
 }
 
+/// What the device and the dirty-log handle share: the connection, the features last given to
+/// the backend, and the dirty log while one is active.
+struct Shared {
+    /// The connection; `None` after [`VirtioDevice::disconnect`].
+    frontend: Option<Frontend>,
+    /// Features sent with the last SET_FEATURES (0 before the driver activates the device).
+    features: u64,
+    log: Option<LogBuffer>,
+}
+
 /// The device.
 pub struct VhostUserNet {
-    frontend: Frontend,
+    shared: Arc<Mutex<Shared>>,
     path: PathBuf,
     mac: [u8; 6],
     backend_features: u64,
@@ -90,30 +101,36 @@ pub struct VhostUserNet {
     active: Vec<usize>,
 }
 
+/// A fresh connection, negotiated up to what does not depend on the guest driver: ownership,
+/// virtio features offered, protocol features.
+fn negotiate(path: &Path) -> Result<(Frontend, u64, VhostUserProtocolFeatures), NetError> {
+    let mut frontend =
+        Frontend::connect(path, NUM_QUEUES as u64).map_err(|error| NetError::Connect { path: path.into(), error })?;
+    let step = |step: &'static str| move |error| NetError::Negotiate { path: path.into(), step, error };
+    frontend.set_owner().map_err(step("SET_OWNER"))?;
+    let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
+    if backend_features & feature::VERSION_1 == 0 {
+        return Err(NetError::Unsupported { path: path.into(), why: "does not offer VIRTIO_F_VERSION_1" });
+    }
+    let mut protocol = VhostUserProtocolFeatures::empty();
+    if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
+        let offered = frontend.get_protocol_features().map_err(step("GET_PROTOCOL_FEATURES"))?;
+        let wanted = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::LOG_SHMFD;
+        protocol = offered & wanted;
+        frontend.set_protocol_features(protocol).map_err(step("SET_PROTOCOL_FEATURES"))?;
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every request waits for the backend's answer: we need to know when a ring is
+            // really stopped or started.
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+    }
+    Ok((frontend, backend_features, protocol))
+}
+
 impl VhostUserNet {
-    /// Connects to the backend at `path` and negotiates everything that does not depend on the
-    /// guest driver: ownership, virtio features offered, protocol features.
+    /// Connects to the backend at `path` and negotiates.
     pub fn connect(path: &Path, mac: [u8; 6], memory: GuestMemoryMmap) -> Result<VhostUserNet, NetError> {
-        let mut frontend = Frontend::connect(path, NUM_QUEUES as u64)
-            .map_err(|error| NetError::Connect { path: path.into(), error })?;
-        let step = |step: &'static str| move |error| NetError::Negotiate { path: path.into(), step, error };
-        frontend.set_owner().map_err(step("SET_OWNER"))?;
-        let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
-        if backend_features & feature::VERSION_1 == 0 {
-            return Err(NetError::Unsupported { path: path.into(), why: "does not offer VIRTIO_F_VERSION_1" });
-        }
-        let mut protocol = VhostUserProtocolFeatures::empty();
-        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0 {
-            let offered = frontend.get_protocol_features().map_err(step("GET_PROTOCOL_FEATURES"))?;
-            let wanted = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::LOG_SHMFD;
-            protocol = offered & wanted;
-            frontend.set_protocol_features(protocol).map_err(step("SET_PROTOCOL_FEATURES"))?;
-            if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-                // Every request waits for the backend's answer: we need to know when a ring is
-                // really stopped or started.
-                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-            }
-        }
+        let (frontend, backend_features, protocol) = negotiate(path)?;
         let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
         let kicks = (0..NUM_QUEUES).map(|_| new_fd()).collect::<Result<_, _>>()?;
         let calls = (0..NUM_QUEUES).map(|_| new_fd()).collect::<Result<_, _>>()?;
@@ -124,7 +141,7 @@ impl VhostUserNet {
             "vhost-user backend connected"
         );
         Ok(VhostUserNet {
-            frontend,
+            shared: Arc::new(Mutex::new(Shared { frontend: Some(frontend), features: 0, log: None })),
             path: path.into(),
             mac,
             backend_features,
@@ -141,18 +158,34 @@ impl VhostUserNet {
         &self.path
     }
 
+    /// A handle to drive the backend's dirty log from another thread (migration, checkpoints).
+    pub fn log_handle(&self) -> DirtyLog {
+        DirtyLog {
+            shared: self.shared.clone(),
+            supported: self.protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD)
+                && self.backend_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0,
+            mem_size: self.memory.iter().map(|r| r.start_addr().0 + r.len()).max().unwrap_or(0),
+            path: self.path.clone(),
+        }
+    }
+
     fn setup_rings(&mut self, acked: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), String> {
         let protocol_features = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let to_backend = (acked & self.backend_features) | (self.backend_features & protocol_features);
+        let mut shared = lock(&self.shared);
+        let mut to_backend = (acked & self.backend_features) | (self.backend_features & protocol_features);
+        if shared.log.is_some() {
+            to_backend |= VhostUserVirtioFeatures::LOG_ALL.bits();
+        }
         let fail = |step: &'static str| move |e: vhost::Error| format!("{step}: {e}");
-        self.frontend.set_features(to_backend).map_err(fail("SET_FEATURES"))?;
+        let frontend = shared.frontend.as_mut().ok_or("the vhost-user backend is disconnected")?;
+        frontend.set_features(to_backend).map_err(fail("SET_FEATURES"))?;
         let regions = self
             .memory
             .iter()
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()
             .map_err(fail("describing guest memory"))?;
-        self.frontend.set_mem_table(&regions).map_err(fail("SET_MEM_TABLE"))?;
+        frontend.set_mem_table(&regions).map_err(fail("SET_MEM_TABLE"))?;
         for (i, q) in queues.iter().enumerate().take(NUM_QUEUES) {
             if !q.ready || q.size == 0 {
                 continue;
@@ -172,17 +205,18 @@ impl VhostUserNet {
                 avail_ring_addr: host(q.avail, 6 + 2 * n, "available ring")?,
                 log_addr: None,
             };
-            self.frontend.set_vring_num(i, q.size).map_err(fail("SET_VRING_NUM"))?;
-            self.frontend.set_vring_addr(i, &config).map_err(fail("SET_VRING_ADDR"))?;
+            frontend.set_vring_num(i, q.size).map_err(fail("SET_VRING_NUM"))?;
+            frontend.set_vring_addr(i, &config).map_err(fail("SET_VRING_ADDR"))?;
             let base = bases.get(i).copied().unwrap_or(0);
-            self.frontend.set_vring_base(i, base).map_err(fail("SET_VRING_BASE"))?;
-            self.frontend.set_vring_call(i, &self.calls[i]).map_err(fail("SET_VRING_CALL"))?;
-            self.frontend.set_vring_kick(i, &self.kicks[i]).map_err(fail("SET_VRING_KICK"))?;
+            frontend.set_vring_base(i, base).map_err(fail("SET_VRING_BASE"))?;
+            frontend.set_vring_call(i, &self.calls[i]).map_err(fail("SET_VRING_CALL"))?;
+            frontend.set_vring_kick(i, &self.kicks[i]).map_err(fail("SET_VRING_KICK"))?;
             if to_backend & protocol_features != 0 {
-                self.frontend.set_vring_enable(i, true).map_err(fail("SET_VRING_ENABLE"))?;
+                frontend.set_vring_enable(i, true).map_err(fail("SET_VRING_ENABLE"))?;
             }
             self.active.push(i);
         }
+        shared.features = to_backend;
         Ok(())
     }
 }
@@ -223,24 +257,55 @@ impl VirtioDevice for VhostUserNet {
         let mut bases = vec![0u16; NUM_QUEUES];
         // GET_VRING_BASE stops the ring in the backend and returns where it stands; the
         // backend completes descriptors synchronously, so nothing is in flight afterwards.
+        let shared = lock(&self.shared);
+        let frontend = shared.frontend.as_ref().ok_or("the vhost-user backend is disconnected")?;
         for i in std::mem::take(&mut self.active) {
-            let base = self.frontend.get_vring_base(i).map_err(|e| format!("GET_VRING_BASE on queue {i}: {e}"))?;
+            let base = frontend.get_vring_base(i).map_err(|e| format!("GET_VRING_BASE on queue {i}: {e}"))?;
             bases[i] = base as u16;
         }
         Ok(bases)
     }
 
     fn reset(&mut self) {
-        let enable = self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK)
-            || self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        // SET_VRING_ENABLE exists only once PROTOCOL_FEATURES was negotiated.
+        let enable = self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        let mut shared = lock(&self.shared);
+        shared.features = 0;
+        let Some(frontend) = shared.frontend.as_mut() else { return };
         for i in std::mem::take(&mut self.active) {
             if enable {
-                let _ = self.frontend.set_vring_enable(i, false);
+                let _ = frontend.set_vring_enable(i, false);
             }
-            if let Err(e) = self.frontend.get_vring_base(i) {
+            if let Err(e) = frontend.get_vring_base(i) {
                 tracing::warn!(queue = i, error = %e, "stopping the ring failed");
             }
         }
+    }
+
+    fn disconnect(&mut self) {
+        let mut shared = lock(&self.shared);
+        shared.frontend = None;
+        shared.features = 0;
+        shared.log = None;
+        self.active.clear();
+        tracing::info!(path = %self.path.display(), "vhost-user backend released");
+    }
+
+    fn reconnect(&mut self) -> Result<(), String> {
+        let (frontend, features, protocol) = negotiate(&self.path).map_err(|e| e.to_string())?;
+        if features & self.backend_features != self.backend_features {
+            return Err(format!(
+                "the backend at {} now offers {features:#x}, less than before ({:#x})",
+                self.path.display(),
+                self.backend_features
+            ));
+        }
+        self.protocol = protocol;
+        let mut shared = lock(&self.shared);
+        shared.frontend = Some(frontend);
+        shared.features = 0;
+        tracing::info!(path = %self.path.display(), "vhost-user backend attached");
+        Ok(())
     }
 
     fn kick_fds(&self) -> Vec<&EventFd> {
@@ -249,5 +314,137 @@ impl VirtioDevice for VhostUserNet {
 
     fn call_fds(&self) -> Vec<RawFd> {
         self.calls.iter().map(|c| c.as_raw_fd()).collect()
+    }
+}
+
+fn lock(m: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A dirty log shared with the backend: a memfd holding one bit per 4 KiB guest page, which
+/// the backend sets (atomically) for every page it writes.
+struct LogBuffer {
+    file: std::fs::File,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only read through `&self` while the backend
+// (another process) writes it with atomic operations; moving it between threads is sound.
+unsafe impl Send for LogBuffer {}
+
+impl LogBuffer {
+    /// A zeroed log for `mem_size` bytes of guest memory.
+    fn new(mem_size: u64) -> std::io::Result<LogBuffer> {
+        let pages = mem_size.div_ceil(4096);
+        // Whole u64 words, so the backend's atomic updates never straddle the end.
+        let len = (pages.div_ceil(64) * 8).max(8) as usize;
+        let name = std::ffi::CString::new("colo-vmm-dirty-log").expect("no NUL");
+        // SAFETY: memfd_create with a valid name; checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.set_len(len as u64)?;
+        // SAFETY: mapping `len` bytes of our memfd, shared; checked below.
+        let ptr = unsafe {
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, fd, 0)
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(LogBuffer { file, ptr: ptr.cast(), len })
+    }
+
+    fn region(&self) -> VhostUserDirtyLogRegion {
+        VhostUserDirtyLogRegion { mmap_size: self.len as u64, mmap_offset: 0, mmap_handle: self.file.as_raw_fd() }
+    }
+
+    /// The bits, one u64 per 64 pages.
+    fn words(&self) -> Vec<u64> {
+        (0..self.len / 8)
+            .map(|i| {
+                // SAFETY: in bounds and 8-aligned (mmap is page-aligned); the backend only ORs
+                // bits in, and this log is no longer the active one when it is read.
+                unsafe { std::ptr::read_volatile(self.ptr.add(i * 8).cast::<u64>()) }
+            })
+            .collect()
+    }
+}
+
+impl Drop for LogBuffer {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Drives a vhost-user backend's dirty log (LOG_SHMFD): start, collect, stop. Collecting swaps
+/// in a fresh log first (SET_LOG_BASE waits for the backend's reply), then reads the old one,
+/// so no write the backend makes meanwhile is lost.
+#[derive(Clone)]
+pub struct DirtyLog {
+    shared: Arc<Mutex<Shared>>,
+    supported: bool,
+    mem_size: u64,
+    path: PathBuf,
+}
+
+impl DirtyLog {
+    /// Whether the backend can log (LOG_SHMFD and LOG_ALL offered).
+    pub fn supported(&self) -> bool {
+        self.supported
+    }
+
+    /// Starts logging every page the backend writes.
+    pub fn start(&self) -> Result<(), String> {
+        if !self.supported {
+            return Err(format!(
+                "the vhost-user backend at {} cannot log dirty pages (no LOG_SHMFD/LOG_ALL)",
+                self.path.display()
+            ));
+        }
+        let buf = LogBuffer::new(self.mem_size).map_err(|e| format!("creating the dirty log: {e}"))?;
+        let mut s = lock(&self.shared);
+        let features = s.features;
+        let frontend = s.frontend.as_mut().ok_or("the vhost-user backend is disconnected")?;
+        frontend.set_log_base(0, Some(buf.region())).map_err(|e| format!("SET_LOG_BASE: {e}"))?;
+        if features != 0 {
+            let f = features | VhostUserVirtioFeatures::LOG_ALL.bits();
+            frontend.set_features(f).map_err(|e| format!("SET_FEATURES with LOG_ALL: {e}"))?;
+            s.features = f;
+        }
+        s.log = Some(buf);
+        Ok(())
+    }
+
+    /// The pages the backend wrote since the last collection (one bit per page).
+    pub fn collect(&self) -> Result<Vec<u64>, String> {
+        let fresh = LogBuffer::new(self.mem_size).map_err(|e| format!("creating the dirty log: {e}"))?;
+        let mut s = lock(&self.shared);
+        if s.log.is_none() {
+            return Err("dirty logging is not active".into());
+        }
+        let frontend = s.frontend.as_mut().ok_or("the vhost-user backend is disconnected")?;
+        frontend.set_log_base(0, Some(fresh.region())).map_err(|e| format!("SET_LOG_BASE: {e}"))?;
+        let old = s.log.replace(fresh).expect("checked above");
+        Ok(old.words())
+    }
+
+    /// Stops logging.
+    pub fn stop(&self) {
+        let mut s = lock(&self.shared);
+        let features = s.features;
+        if s.log.take().is_some() && features != 0 {
+            let f = features & !VhostUserVirtioFeatures::LOG_ALL.bits();
+            if let Some(frontend) = s.frontend.as_mut() {
+                if let Err(e) = frontend.set_features(f) {
+                    tracing::warn!(error = %e, "turning the backend's dirty log off");
+                }
+            }
+            s.features = f;
+        }
     }
 }

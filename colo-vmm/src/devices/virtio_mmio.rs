@@ -98,6 +98,12 @@ pub trait VirtioDevice: Send {
     fn quiesce(&mut self) -> Result<Vec<u16>, String>;
     /// The driver reset the device: stop the data path.
     fn reset(&mut self);
+    /// Lets go of whatever serves the data path (a migration hands it to the destination).
+    fn disconnect(&mut self) {}
+    /// Takes the data path back after [`VirtioDevice::disconnect`] (a failed handover).
+    fn reconnect(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// The eventfds the guest kicks, one per queue (registered as ioeventfds by the VMM).
     fn kick_fds(&self) -> Vec<&EventFd>;
     /// The eventfds the data path signals when it has news for the guest, one per queue.
@@ -308,6 +314,17 @@ impl MmioTransport {
     pub fn pause(&mut self) -> Result<TransportState, String> {
         let bases = if self.active() { self.device.quiesce()? } else { vec![0; self.queues.len()] };
         Ok(self.state_with(bases))
+    }
+
+    /// Releases the device's backend (after [`MmioTransport::pause`]).
+    pub fn disconnect(&mut self) {
+        self.device.disconnect();
+    }
+
+    /// Re-attaches the backend and restarts the data path where `state` left it.
+    pub fn reconnect(&mut self, state: &TransportState) -> Result<(), String> {
+        self.device.reconnect()?;
+        self.resume(state)
     }
 
     /// Restarts the data path after [`MmioTransport::pause`].

@@ -7,6 +7,7 @@ pub mod pcapread;
 pub mod qemu;
 pub mod qframe;
 pub mod topology;
+pub mod vm_topology;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};

@@ -14,7 +14,7 @@ pub struct Stats {
     pub tx_frames: u64,
     /// Frames the device returned that the guest could not use (bad length or descriptor).
     pub rx_errors: u64,
-    /// TCP connections accepted, all services.
+    /// TCP connections accepted (a listening socket got a SYN), all services.
     pub tcp_accepted: u64,
     /// Bytes echoed over TCP.
     pub echo_tcp_bytes: u64,

@@ -18,8 +18,8 @@ const MAX_CLIENTS: usize = 16;
 const TCP_BUFFER: usize = 64 * 1024;
 /// UDP buffers: room for this many datagrams and bytes each way. Transmit is as large as
 /// receive, so any datagram received fits once the transmit buffer drains.
-const UDP_PACKETS: usize = 32;
-const UDP_BYTES: usize = 64 * 1024;
+const UDP_PACKETS: usize = 256;
+const UDP_BYTES: usize = 256 * 1024;
 /// Bytes copied per step (on the stack).
 const CHUNK: usize = 2048;
 

@@ -1,14 +1,16 @@
-//! A TCP server's sockets: a few listening sockets (a backlog, so clients connecting at the
-//! same moment are all accepted) and up to a fixed number of connections, each with the
-//! service's per-client state.
+//! A TCP server's sockets: up to a fixed number of connections, each with the service's
+//! per-client state, and a listening socket for every free slot.
+//!
+//! Every free slot listens because smoltcp hands a SYN to a listening socket during the
+//! interface poll, before the service can open another one: with fewer listeners, clients
+//! connecting at the same moment would be refused. It also means a service's memory is
+//! allocated at start and bounded: a closed connection's socket is freed and a new listener
+//! of the same size takes its place.
 
 use alloc::vec::Vec;
 
 use smoltcp::iface::{SocketHandle, SocketSet};
 use smoltcp::socket::tcp::{self, State};
-
-/// Listening sockets kept ready while below the client limit.
-const BACKLOG: usize = 4;
 
 /// What a service wants done with a connection after serving it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,7 +33,7 @@ pub struct TcpPool<C> {
 
 impl<C: Default> TcpPool<C> {
     /// Listens on `port` for up to `max_clients` clients, each socket with buffers of
-    /// `rx_size` and `tx_size` bytes.
+    /// `rx_size` and `tx_size` bytes (all allocated now).
     pub fn new(
         sockets: &mut SocketSet<'static>,
         port: u16,
@@ -41,8 +43,8 @@ impl<C: Default> TcpPool<C> {
     ) -> Result<TcpPool<C>, &'static str> {
         let mut pool = TcpPool { port, max_clients, rx_size, tx_size, listeners: Vec::new(), clients: Vec::new() };
         pool.refill(sockets);
-        if pool.listeners.is_empty() {
-            return Err("out of memory for a listening socket");
+        if pool.listeners.len() < max_clients {
+            return Err("out of memory for the sockets");
         }
         Ok(pool)
     }
@@ -93,9 +95,9 @@ impl<C: Default> TcpPool<C> {
         !self.clients.is_empty()
     }
 
-    /// Opens listening sockets up to the backlog, within the client limit.
+    /// Opens a listening socket in every free slot.
     fn refill(&mut self, sockets: &mut SocketSet<'static>) {
-        let wanted = BACKLOG.min(self.max_clients.saturating_sub(self.clients.len()));
+        let wanted = self.max_clients.saturating_sub(self.clients.len());
         while self.listeners.len() < wanted {
             let Some(mut socket) = new_socket(self.rx_size, self.tx_size) else {
                 // Out of memory: try again on the next poll, when clients may have left.

@@ -73,8 +73,12 @@ impl Top {
         });
         self.next = match (self.pool.has_clients(), self.next) {
             (false, _) => None,
-            // The first client: its first line comes one period from now.
-            (true, None) => Some(now + self.period),
+            // The first client: its first line comes one period from now and counts the
+            // burn iterations from now.
+            (true, None) => {
+                self.burn_at_last_line = stats.burn_iterations;
+                Some(now + self.period)
+            }
             // Next period; after a long stall (the VM was stopped), restart from now rather
             // than sending the missed lines in a burst.
             (true, Some(next)) if now >= next => {

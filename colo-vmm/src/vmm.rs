@@ -470,6 +470,7 @@ impl VmmApi {
                 "max-rounds" => {
                     p.max_rounds = u32::try_from(n()?).map_err(|_| ApiError::invalid("max-rounds is too large"))?
                 }
+                "verify" => p.verify = v.as_bool().ok_or_else(|| ApiError::invalid("verify must be true or false"))?,
                 other if allowed.contains(&other) => {}
                 other => return Err(ApiError::invalid(format!("unknown parameter '{other}'"))),
             }

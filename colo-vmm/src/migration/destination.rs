@@ -72,6 +72,21 @@ fn receive(config: &VmConfig, chan: Channel, w: &mut StreamWriter<Channel>) -> R
         }
     }
     let state = state.ok_or_else(|| StreamError::Corrupt("no device state in the migration".into()))?;
+    if let Ok(digests) = state.bytes(super::source::VERIFY_SECTION) {
+        let diff = snapshot::differing_pages(core.ram().memory(), meta.mem_size, digests)?;
+        if !diff.is_empty() {
+            let first: Vec<String> = diff.iter().take(8).map(|a| format!("{a:#x}")).collect();
+            return Err(BootError::Other {
+                what: "verifying the migration",
+                error: format!(
+                    "{} pages differ from the source's at the pause (first: {})",
+                    diff.len(),
+                    first.join(", ")
+                ),
+            });
+        }
+        tracing::info!(pages = meta.mem_size / 4096, "verified: memory equals the source's page for page");
+    }
     protocol::send(w, &Control::Ready)?;
     match protocol::recv(&mut r)? {
         Control::Go => {}

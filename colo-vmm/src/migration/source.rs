@@ -9,7 +9,7 @@ use super::protocol::{self, Control};
 use super::status::{update, MigrationParams, MigrationState, MigrationStatus, StatusHandle};
 use super::uri::{Channel, MigrationUri};
 use crate::persist::sections::Sections;
-use crate::persist::snapshot::is_zero;
+use crate::persist::snapshot::{self, is_zero};
 use crate::persist::stream::{Kind, StreamReader, StreamWriter, PAGES_PER_RECORD, PAGE_SIZE};
 use crate::persist::vm_state;
 use crate::vmm::Vmm;
@@ -19,6 +19,9 @@ use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long it may take to attach the backends and start.
 const RUNNING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// State section carrying the source's page digests in verify mode.
+pub const VERIFY_SECTION: &str = "verify.page-digests";
 
 /// Fewest pages a round must send for its duration to say something about the per-page cost.
 const MEASURABLE: u64 = 256;
@@ -136,7 +139,7 @@ fn precopy_and_handover(
             s.total_time_ms = started.elapsed().as_millis() as u64;
         });
         if expected_ms <= params.downtime_limit || round >= params.max_rounds {
-            return finish(vmm, w, chan, tracker, dirty, total, status);
+            return finish(vmm, w, chan, tracker, dirty, total, status, params.verify);
         }
         round += 1;
         let t = Instant::now();
@@ -154,6 +157,7 @@ fn precopy_and_handover(
 }
 
 /// The pause: last pages, device state, handover.
+#[allow(clippy::too_many_arguments)]
 fn finish(
     vmm: &Vmm,
     w: &mut Writer,
@@ -162,6 +166,7 @@ fn finish(
     mut dirty: DirtyBitmap,
     mut total: u64,
     status: &StatusHandle,
+    verify: bool,
 ) -> Result<(), String> {
     let paused_at = Instant::now();
     if !vmm.vcpu().pause() {
@@ -191,6 +196,11 @@ fn finish(
         dirty.union(more.words());
         total += send_pages(w, vmm, dirty.iter(), false)?;
         vm_state::save(vmm.vm().fd(), &mut state).map_err(|e| e.to_string())?;
+        if verify {
+            // Everything is still: this is the memory the destination must end up with.
+            let d = snapshot::page_digests(vmm.ram().memory(), vmm.ram().size()).map_err(|e| e.to_string())?;
+            state.put_bytes(VERIFY_SECTION, snapshot::encode_digests(&d));
+        }
         w.record(Kind::State, &state.encode()).map_err(|e| format!("sending the device state: {e}"))?;
         protocol::send(w, &Control::StateComplete { pages: total }).map_err(|e| e.to_string())?;
         Ok(())

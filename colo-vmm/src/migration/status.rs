@@ -13,11 +13,14 @@ pub struct MigrationParams {
     pub downtime_limit: u64,
     /// Pause after this many pre-copy rounds even if the dirty set never gets that small.
     pub max_rounds: u32,
+    /// Test mode: at the pause the source hashes every page and the destination refuses to run
+    /// unless its memory matches page for page (proves the dirty tracking missed nothing).
+    pub verify: bool,
 }
 
 impl Default for MigrationParams {
     fn default() -> Self {
-        MigrationParams { downtime_limit: 300, max_rounds: 30 }
+        MigrationParams { downtime_limit: 300, max_rounds: 30, verify: false }
     }
 }
 

@@ -254,7 +254,7 @@ fn relay(listen: &Path, target: &Path, at: usize, fault: Fault) -> JoinHandle<()
 /// A migration through a faulty relay fails; the source keeps running its VM (unless the fault
 /// killed it); the destination exits with an error and runs nothing.
 fn faulty_migration(fault_for: impl FnOnce(u32, u32) -> Fault, expect_source_alive: bool) {
-    let mut vm = VmNet::start("app=echo,counter,dirty dirty=1000 dirty_mib=32");
+    let vm = VmNet::start("app=echo,counter,dirty dirty=1000 dirty_mib=32");
     let mut counter = LineClient::new(vm.connect(9000));
     assert_eq!(counter.ask("inc").unwrap(), "1");
     let dst_path = vm.dir.path("dst.sock");

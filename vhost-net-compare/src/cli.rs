@@ -1,0 +1,171 @@
+//! The command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use colo_proxy::compare::{Config, Mode};
+
+use crate::device::MacAddr;
+
+/// vhost-user net backend: a passthrough between one VM and a tap, or — with a second VM socket —
+/// the COLO proxy on the fast path, which mirrors inbound frames into both VMs, compares their
+/// output and releases the primary's.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "vhost-net-compare",
+    version,
+    after_help = "Frontends (QEMU -netdev vhost-user, colo-vmm) connect to the VM sockets; each socket \
+accepts the next frontend when one disconnects (a migrated or restarted VM), with a fresh device. \
+Guest RAM must be shared memory (memfd or shm). The device offers VERSION_1, MAC, STATUS, \
+RING_EVENT_IDX and MRG_RXBUF, no checksum or segmentation offloads, and dirty logging \
+(LOG_SHMFD, LOG_ALL). Needs CAP_NET_ADMIN for the tap. Logging: RUST_LOG (default info)."
+)]
+pub struct Options {
+    /// Unix socket the primary VM's vhost-user frontend connects to (created; an existing file
+    /// at that path is replaced).
+    #[arg(long, value_name = "PATH")]
+    pub primary_socket: PathBuf,
+    /// Unix socket for the secondary VM. With it, the backend runs the COLO compare proxy;
+    /// without it, it is a plain passthrough between the primary VM and the tap.
+    #[arg(long, value_name = "PATH")]
+    pub secondary_socket: Option<PathBuf>,
+    /// The uplink tap interface (created if absent, brought up, opened with a 12-byte virtio-net
+    /// header and no offloads). Frames from it go to the VMs; VM output (released output in
+    /// COLO) goes to it.
+    #[arg(long, value_name = "NAME")]
+    pub tap: String,
+    /// MAC address in the device's config space (both VMs get the same one).
+    /// Default: 02:00:00:c0:10:01 (locally administered).
+    #[arg(long, value_name = "MAC")]
+    pub mac: Option<MacAddr>,
+    /// Listen for controllers on this Unix socket (JSON lines, spec/control.md; mode 0600):
+    /// checkpoint, mode and query-stats commands; hello, miscompare and peer events.
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+    /// COLO: a frame held longer than this (ms) causes a checkpoint request.
+    #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub compare_timeout: u64,
+    /// COLO: how often (ms) held frames are checked against --compare-timeout.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub expired_scan_cycle: u64,
+    /// COLO: most frames held per flow and VM. A full queue requests a checkpoint and leaves the
+    /// guest's TX descriptors on its ring (backpressure) until room appears.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_queue_size: u64,
+    /// COLO: write every miscompared frame of both VMs, with its verdict, to this pcapng file.
+    #[arg(long, value_name = "FILE.pcap")]
+    pub capture: Option<PathBuf>,
+    /// Initial compare mode: colo (default), passive, primary-only or secondary-only. A
+    /// passthrough backend only accepts primary-only.
+    #[arg(long, value_name = "MODE")]
+    pub mode: Option<Mode>,
+    /// Name of this NIC in control events (default: the tap's name).
+    #[arg(long, value_name = "NAME")]
+    pub nic: Option<String>,
+}
+
+/// An inconsistent combination of options.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OptionsError {
+    /// Two sockets on one path.
+    #[error("{0} and {1} must be different paths")]
+    SamePath(&'static str, &'static str),
+    /// A COLO mode without a secondary socket.
+    #[error("--mode {0} needs --secondary-socket (a passthrough backend only runs primary-only)")]
+    ModeNeedsSecondary(&'static str),
+}
+
+impl Options {
+    /// Checks what clap cannot: distinct socket paths, and a mode a passthrough can run.
+    pub fn validate(&self) -> Result<(), OptionsError> {
+        let sockets = [
+            ("--primary-socket", Some(&self.primary_socket)),
+            ("--secondary-socket", self.secondary_socket.as_ref()),
+            ("--control-socket", self.control_socket.as_ref()),
+        ];
+        for (i, (a, pa)) in sockets.iter().enumerate() {
+            for (b, pb) in &sockets[i + 1..] {
+                if pa.is_some() && pa == pb {
+                    return Err(OptionsError::SamePath(a, b));
+                }
+            }
+        }
+        if let Some(mode) = self.mode {
+            if self.secondary_socket.is_none() && mode != Mode::PrimaryOnly {
+                return Err(OptionsError::ModeNeedsSecondary(mode.name()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the COLO proxy runs (a secondary socket was given).
+    pub fn colo(&self) -> bool {
+        self.secondary_socket.is_some()
+    }
+
+    /// The mode to start in: `primary-only` for passthrough, else `--mode` (default `colo`).
+    pub fn initial_mode(&self) -> Mode {
+        if self.colo() {
+            self.mode.unwrap_or(Mode::Colo)
+        } else {
+            Mode::PrimaryOnly
+        }
+    }
+
+    /// The compare engine's configuration.
+    pub fn engine_config(&self) -> Config {
+        Config {
+            compare_timeout: Duration::from_millis(self.compare_timeout),
+            expired_scan_cycle: Duration::from_millis(self.expired_scan_cycle),
+            max_queue_size: self.max_queue_size as usize,
+            ..Config::default()
+        }
+    }
+
+    /// The NIC name for control events.
+    pub fn nic(&self) -> String {
+        self.nic.clone().unwrap_or_else(|| self.tap.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Options, clap::Error> {
+        Options::try_parse_from(std::iter::once("vhost-net-compare").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Options::command().debug_assert();
+    }
+
+    #[test]
+    fn passthrough_and_colo() {
+        let o = parse(&["--primary-socket", "/tmp/p", "--tap", "t0"]).unwrap();
+        o.validate().unwrap();
+        assert!(!o.colo());
+        assert_eq!(o.initial_mode(), Mode::PrimaryOnly);
+        assert_eq!(o.nic(), "t0");
+        let o =
+            parse(&["--primary-socket", "/tmp/p", "--secondary-socket", "/tmp/s", "--tap", "t0", "--mode", "passive"])
+                .unwrap();
+        o.validate().unwrap();
+        assert_eq!(o.initial_mode(), Mode::Passive);
+    }
+
+    #[test]
+    fn bad_combinations_are_refused() {
+        let o = parse(&["--primary-socket", "/tmp/p", "--secondary-socket", "/tmp/p", "--tap", "t0"]).unwrap();
+        assert_eq!(o.validate(), Err(OptionsError::SamePath("--primary-socket", "--secondary-socket")));
+        let o = parse(&["--primary-socket", "/tmp/p", "--tap", "t0", "--mode", "colo"]).unwrap();
+        assert_eq!(o.validate(), Err(OptionsError::ModeNeedsSecondary("colo")));
+        assert!(parse(&["--primary-socket", "/tmp/p", "--tap", "t0", "--mac", "01:00:00:00:00:00"]).is_err());
+        assert!(parse(&["--primary-socket", "/tmp/p", "--tap", "t0", "--mode", "bogus"]).is_err());
+        assert!(parse(&["--primary-socket", "/tmp/p", "--tap", "t0", "--compare-timeout", "0"]).is_err());
+        assert!(parse(&["--tap", "t0"]).is_err(), "--primary-socket is required");
+    }
+}

@@ -1,0 +1,355 @@
+//! Where frames go: between the tap and the connected VMs, through the compare engine in COLO
+//! mode.
+//!
+//! - Passthrough (one VM socket): TX frames go straight to the tap from the VM's worker (one
+//!   `write(2)` per frame, no lock); inbound frames go to the VM's pending RX queue.
+//! - COLO (two VM sockets): TX frames go through [`ColoState`] under its mutex, which writes
+//!   released frames to the tap; inbound frames are mirrored by the proxy (per mode) to both
+//!   VMs' pending RX queues.
+//!
+//! Lock order, everywhere: a vring lock (held by a worker), then the COLO mutex, then the
+//! ports table, then a port's pending queue. Nobody takes a vring lock while holding any of the
+//! others, so there is no cycle.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use colo_proxy::compare::{Mode, Stats};
+use colo_proxy::control::{Command, ControlHandle, Event, PeerState};
+use colo_proxy::{Frame, Side};
+
+use crate::colo::{ColoState, Effects};
+use crate::device::VNET_HDR_LEN;
+use crate::lock::lock;
+use crate::port::Port;
+use crate::ratelimit::RateLimit;
+use crate::stats::add;
+use crate::tap::Tap;
+
+/// The current mode, readable without the COLO lock (for the `hello` of new controllers,
+/// built on the control thread).
+#[derive(Debug)]
+pub struct SharedMode(AtomicU8);
+
+impl SharedMode {
+    /// Starts at `mode`.
+    pub fn new(mode: Mode) -> SharedMode {
+        SharedMode(AtomicU8::new(Self::code(mode)))
+    }
+
+    fn code(mode: Mode) -> u8 {
+        match mode {
+            Mode::Colo => 0,
+            Mode::Passive => 1,
+            Mode::PrimaryOnly => 2,
+            Mode::SecondaryOnly => 3,
+        }
+    }
+
+    /// The mode.
+    pub fn get(&self) -> Mode {
+        match self.0.load(Ordering::SeqCst) {
+            0 => Mode::Colo,
+            1 => Mode::Passive,
+            2 => Mode::PrimaryOnly,
+            _ => Mode::SecondaryOnly,
+        }
+    }
+
+    fn set(&self, mode: Mode) {
+        self.0.store(Self::code(mode), Ordering::SeqCst);
+    }
+}
+
+/// What became of a TX frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Transmit {
+    /// Handed on (to the tap or the engine).
+    Sent,
+    /// The compare queue is full: leave the descriptor on the ring; the port was marked
+    /// blocked and will be signalled when room appears.
+    Full,
+}
+
+/// Counters of passthrough mode (COLO mode has the engine's).
+#[derive(Debug, Default)]
+struct PassthroughCounters {
+    frames: AtomicU64,
+    rejected: AtomicU64,
+    tap_errors: AtomicU64,
+}
+
+/// The router between the tap and the VMs.
+pub struct Hub {
+    tap: Arc<Tap>,
+    nic: String,
+    colo: Option<Mutex<ColoState>>,
+    ports: Mutex<[Option<Arc<Port>>; 2]>,
+    control: Option<ControlHandle>,
+    mode: Arc<SharedMode>,
+    passthrough: PassthroughCounters,
+    tap_error_log: Mutex<RateLimit>,
+    overflow_log: Mutex<RateLimit>,
+    /// Inbound frames for a VM that is not connected.
+    unrouted: AtomicU64,
+}
+
+impl Hub {
+    /// A hub on `tap`; `colo` is `None` for passthrough. `mode` must be the mode `colo` starts
+    /// in (`primary-only` for passthrough).
+    pub fn new(
+        tap: Arc<Tap>,
+        nic: String,
+        colo: Option<ColoState>,
+        control: Option<ControlHandle>,
+        mode: Arc<SharedMode>,
+    ) -> Hub {
+        Hub {
+            tap,
+            nic,
+            colo: colo.map(Mutex::new),
+            ports: Mutex::new([None, None]),
+            control,
+            mode,
+            passthrough: PassthroughCounters::default(),
+            tap_error_log: Mutex::new(RateLimit::default()),
+            overflow_log: Mutex::new(RateLimit::default()),
+            unrouted: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether the compare engine runs (two VM sockets).
+    pub fn is_colo(&self) -> bool {
+        self.colo.is_some()
+    }
+
+    /// The NIC name used in control events.
+    pub fn nic(&self) -> &str {
+        &self.nic
+    }
+
+    /// The current mode (`primary-only` in passthrough).
+    pub fn mode(&self) -> Mode {
+        self.mode.get()
+    }
+
+    /// Inbound frames dropped because their VM was not connected.
+    pub fn unrouted(&self) -> u64 {
+        self.unrouted.load(Ordering::Relaxed)
+    }
+
+    /// Makes `port` the connected VM of its role and tells the controllers.
+    pub fn attach(&self, port: Arc<Port>) {
+        let role = port.role();
+        lock(&self.ports)[role.index()] = Some(port);
+        self.broadcast(Event::Peer { role, state: PeerState::Connected });
+    }
+
+    /// Forgets `port` (if it is still the connected VM of its role) and tells the controllers.
+    pub fn detach(&self, port: &Arc<Port>) {
+        let role = port.role();
+        {
+            let mut ports = lock(&self.ports);
+            if ports[role.index()].as_ref().is_some_and(|p| Arc::ptr_eq(p, port)) {
+                ports[role.index()] = None;
+            }
+        }
+        self.broadcast(Event::Peer { role, state: PeerState::Disconnected });
+    }
+
+    fn broadcast(&self, event: Event) {
+        if let Some(c) = &self.control {
+            c.broadcast(event);
+        }
+    }
+
+    /// A frame `port`'s guest transmitted (12-byte zeroed vnet header, then Ethernet).
+    pub fn transmit(&self, port: &Port, frame: Frame) -> Transmit {
+        let Some(colo) = &self.colo else {
+            add(&self.passthrough.frames, 1);
+            if let Err(e) = self.tap.write(&frame.data) {
+                add(&self.passthrough.tap_errors, 1);
+                if let Some(suppressed) = lock(&self.tap_error_log).check() {
+                    tracing::warn!(tap = self.tap.name(), error = %e, suppressed, "cannot write a frame to the tap");
+                }
+            }
+            return Transmit::Sent;
+        };
+        let mut state = lock(colo);
+        let (refused, effects) = state.from_vm(port.role(), frame);
+        if refused.is_some() {
+            // Marked under the lock: any release that makes room comes after and sees the mark.
+            port.block_tx();
+        }
+        self.apply(&effects);
+        drop(state);
+        if refused.is_some() {
+            Transmit::Full
+        } else {
+            Transmit::Sent
+        }
+    }
+
+    /// Counts a descriptor chain refused by a worker (the `rejected_input` counter).
+    pub fn count_rejected(&self) {
+        match &self.colo {
+            Some(colo) => lock(colo).count_rejected(),
+            None => add(&self.passthrough.rejected, 1),
+        }
+    }
+
+    /// Acts on an engine operation's effects; called with the COLO lock held, so that events
+    /// reach the controllers in the order the engine produced them, before any later reply.
+    fn apply(&self, effects: &Effects) {
+        for m in &effects.miscompares {
+            self.broadcast(Event::miscompare(&self.nic, m));
+        }
+        if effects.made_room {
+            for port in lock(&self.ports).iter().flatten() {
+                port.unblock_tx();
+            }
+        }
+    }
+
+    /// Frames read from the tap (each with a 12-byte vnet header): mirrored to the VMs as the
+    /// mode says, queued on their ports, and their workers woken once per batch.
+    pub fn inbound(&self, frames: Vec<Vec<u8>>) {
+        let mut copies: [Vec<Frame>; 2] = [Vec::new(), Vec::new()];
+        match &self.colo {
+            None => copies[0] = frames.into_iter().map(inbound_frame).collect(),
+            Some(colo) => {
+                let mut state = lock(colo);
+                for data in frames {
+                    let m = state.inbound(inbound_frame(data));
+                    copies[0].extend(m.primary);
+                    copies[1].extend(m.secondary);
+                }
+            }
+        }
+        let ports = lock(&self.ports).clone();
+        for (side, batch) in [Side::Primary, Side::Secondary].into_iter().zip(copies) {
+            if batch.is_empty() {
+                continue;
+            }
+            match &ports[side.index()] {
+                Some(port) => {
+                    let dropped = batch.into_iter().map(|f| port.queue_rx(f)).filter(|ok| !ok).count();
+                    port.notify_rx();
+                    if dropped > 0 {
+                        if let Some(suppressed) = lock(&self.overflow_log).check() {
+                            tracing::warn!(
+                                vm = side.name(),
+                                dropped,
+                                suppressed,
+                                "inbound frames dropped: the VM's RX queue is full (its ring is stopped or it posts no buffers)"
+                            );
+                        }
+                    }
+                }
+                None => {
+                    self.unrouted.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Carries out a controller's command and hands the reply to `reply`. In COLO mode the reply
+    /// is sent while the engine is still locked, so no event caused by later traffic can reach
+    /// a controller ahead of it (a `miscompare` raised after a flush must follow its
+    /// `flushed`).
+    pub fn execute(&self, command: Command, reply: impl FnOnce(Event)) {
+        let Some(colo) = &self.colo else {
+            reply(self.execute_passthrough(command));
+            return;
+        };
+        let mut state = lock(colo);
+        let event = match command {
+            Command::Checkpoint { id } => {
+                // Released frames are on the tap when this returns (written by the sink).
+                let (summary, effects) = state.checkpoint();
+                self.apply(&effects);
+                Event::Flushed { id, released: summary.released, dropped: summary.dropped }
+            }
+            Command::Mode { id, mode } => {
+                let effects = state.set_mode(mode);
+                self.mode.set(mode);
+                self.apply(&effects);
+                Event::ModeSet { id, mode }
+            }
+            Command::QueryStats { id } => Event::Stats { id, stats: state.stats() },
+        };
+        reply(event);
+    }
+
+    /// Commands in passthrough: nothing is ever held (a checkpoint flushes nothing), there is
+    /// no secondary (only `primary-only`, which is what passthrough does, is accepted), and the
+    /// counters are the frames passed to the tap.
+    fn execute_passthrough(&self, command: Command) -> Event {
+        match command {
+            Command::Checkpoint { id } => Event::Flushed { id, released: 0, dropped: 0 },
+            Command::Mode { id, mode: Mode::PrimaryOnly } => Event::ModeSet { id, mode: Mode::PrimaryOnly },
+            Command::Mode { id, mode } => Event::Error {
+                id: Some(id),
+                message: format!(
+                    "mode '{}' needs a secondary VM: this backend runs in passthrough (no --secondary-socket)",
+                    mode.name()
+                ),
+            },
+            Command::QueryStats { id } => {
+                let frames = self.passthrough.frames.load(Ordering::Relaxed);
+                let stats = Stats {
+                    frames_primary: frames,
+                    released: frames,
+                    rejected_input: self.passthrough.rejected.load(Ordering::Relaxed),
+                    ..Stats::default()
+                };
+                Event::Stats { id, stats }
+            }
+        }
+    }
+
+    /// Runs the engine's due timers; returns when they are next due (`None`: nothing held).
+    pub fn poll_timers(&self) -> Option<Instant> {
+        let colo = self.colo.as_ref()?;
+        let mut state = lock(colo);
+        let effects = state.poll_timers();
+        self.apply(&effects);
+        state.next_deadline()
+    }
+
+    /// Released frames the tap refused.
+    pub fn tap_errors(&self) -> u64 {
+        match &self.colo {
+            Some(colo) => lock(colo).tap_errors(),
+            None => self.passthrough.tap_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Writes out whatever the capture still buffers (at shutdown).
+    pub fn flush_capture(&self) {
+        if let Some(colo) = &self.colo {
+            lock(colo).flush_capture();
+        }
+    }
+
+    /// Engine counters (COLO) or passthrough counters, for the shutdown log.
+    pub fn summary(&self) -> Stats {
+        let mut stats = Stats::default();
+        self.execute(Command::QueryStats { id: 0 }, |event| {
+            if let Event::Stats { stats: s, .. } = event {
+                stats = s;
+            }
+        });
+        stats
+    }
+}
+
+/// An inbound frame as the VMs get it: the kernel's vnet header replaced by zeros. With no
+/// offloads on the tap it can only say "checksum already valid", which guests that did not
+/// negotiate GUEST_CSUM must not be told — and both VMs must get identical bytes.
+fn inbound_frame(mut data: Vec<u8>) -> Frame {
+    let hdr = VNET_HDR_LEN.min(data.len());
+    data[..hdr].fill(0);
+    Frame::with_vnet_hdr(data, VNET_HDR_LEN)
+}

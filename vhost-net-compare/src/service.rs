@@ -1,0 +1,195 @@
+//! The whole backend: everything the command line asks for, started in an order that reports
+//! every unusable option before any VM can connect, and stopped cleanly.
+//!
+//! Threads once started:
+//! - `primary-accept` (and `secondary-accept`): accept a frontend, then run its daemon — a
+//!   vhost-user request thread and a `vring_worker` for both rings — until it disconnects;
+//! - `uplink`: tap → VMs' pending RX queues;
+//! - `control`: controllers' commands and the engine's timers; the control socket server runs
+//!   on its own thread too (colo-proxy's [`colo_proxy::control::ControlServer::spawn`]).
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use colo_proxy::capture::Capture;
+use colo_proxy::Side;
+use vhost::vhost_user::Listener;
+
+use crate::cli::{Options, OptionsError};
+use crate::colo::ColoState;
+use crate::control;
+use crate::device::{MacAddr, NetConfig};
+use crate::hub::{Hub, SharedMode};
+use crate::server::VmServer;
+use crate::tap::{Tap, TapError};
+use crate::uplink::Uplink;
+
+/// Why the backend could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Inconsistent options.
+    #[error(transparent)]
+    Options(#[from] OptionsError),
+    /// The tap.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// A path exists and is not a socket (it is never replaced).
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    /// A VM socket could not be bound.
+    #[error("cannot listen on {path}: {error}")]
+    Socket {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        error: vhost::vhost_user::Error,
+    },
+    /// The control socket could not be bound.
+    #[error("cannot listen on control socket {path}: {error}")]
+    Control {
+        /// The socket path.
+        path: PathBuf,
+        /// The error.
+        error: io::Error,
+    },
+    /// The capture file could not be created.
+    #[error("cannot create capture file {path}: {error}")]
+    Capture {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        error: io::Error,
+    },
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(io::Error),
+}
+
+/// The running backend.
+pub struct Service {
+    hub: Arc<Hub>,
+    uplink: Option<Uplink>,
+    socket_paths: Vec<PathBuf>,
+}
+
+impl Service {
+    /// Opens the tap, binds every socket, creates the capture, and starts all threads.
+    pub fn start(opts: &Options) -> Result<Service, StartError> {
+        opts.validate()?;
+        if !opts.colo() {
+            warn_unused_compare_options(opts);
+        }
+        let tap = Arc::new(Tap::open(&opts.tap)?);
+        let mut socket_paths = Vec::new();
+        let primary = bind(&opts.primary_socket)?;
+        socket_paths.push(opts.primary_socket.clone());
+        let secondary = match &opts.secondary_socket {
+            Some(path) => {
+                let l = bind(path)?;
+                socket_paths.push(path.clone());
+                Some(l)
+            }
+            None => None,
+        };
+        let nic = opts.nic();
+        let mode = Arc::new(SharedMode::new(opts.initial_mode()));
+        let control = match &opts.control_socket {
+            Some(path) => {
+                refuse_non_socket(path)?;
+                let c = control::listen(path, nic.clone(), mode.clone())
+                    .map_err(|error| StartError::Control { path: path.clone(), error })?;
+                socket_paths.push(path.clone());
+                Some(c)
+            }
+            None => None,
+        };
+        let colo = if opts.colo() {
+            let capture = match &opts.capture {
+                Some(path) => {
+                    Some(Capture::create(path).map_err(|error| StartError::Capture { path: path.clone(), error })?)
+                }
+                None => None,
+            };
+            Some(ColoState::new(opts.engine_config(), opts.initial_mode(), tap.clone(), capture))
+        } else {
+            None
+        };
+        let handle = control.as_ref().map(|(h, _)| h.clone());
+        let hub = Arc::new(Hub::new(tap.clone(), nic, colo, handle, mode));
+        control::spawn(hub.clone(), control, opts.engine_config().expired_scan_cycle).map_err(StartError::Thread)?;
+        let config = NetConfig { mac: opts.mac.unwrap_or(MacAddr::DEFAULT) };
+        VmServer::new(Side::Primary, primary, hub.clone(), config).spawn().map_err(StartError::Thread)?;
+        if let Some(l) = secondary {
+            VmServer::new(Side::Secondary, l, hub.clone(), config).spawn().map_err(StartError::Thread)?;
+        }
+        let uplink = Uplink::spawn(tap.clone(), hub.clone()).map_err(StartError::Thread)?;
+        tracing::info!(
+            tap = tap.name(),
+            tap_created = tap.created(),
+            mac = %config.mac,
+            primary = %opts.primary_socket.display(),
+            secondary = ?opts.secondary_socket,
+            control = ?opts.control_socket,
+            mode = hub.mode().name(),
+            "vhost-net-compare: {}",
+            if opts.colo() { "COLO compare proxy" } else { "passthrough" }
+        );
+        Ok(Service { hub, uplink: Some(uplink), socket_paths })
+    }
+
+    /// The router (for inspection).
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    /// Stops reading the tap, writes out the capture, removes the socket files and logs the
+    /// totals. VM connections and their threads end with the process.
+    pub fn shutdown(mut self) {
+        if let Some(u) = self.uplink.take() {
+            u.stop();
+        }
+        self.hub.flush_capture();
+        for path in &self.socket_paths {
+            if let Err(e) = fs::remove_file(path) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove socket");
+                }
+            }
+        }
+        let s = self.hub.summary();
+        tracing::info!(
+            frames_primary = s.frames_primary,
+            frames_secondary = s.frames_secondary,
+            released = s.released,
+            miscompares = s.miscompares.total(),
+            dropped_overflow = s.dropped_overflow,
+            rejected_input = s.rejected_input,
+            flushes = s.flushes,
+            inbound_unrouted = self.hub.unrouted(),
+            tap_errors = self.hub.tap_errors(),
+            "shutting down"
+        );
+    }
+}
+
+/// A stale socket file (from a previous run) is replaced; anything else at the path is not.
+fn refuse_non_socket(path: &Path) -> Result<(), StartError> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => Err(StartError::NotASocket(path.to_path_buf())),
+        _ => Ok(()),
+    }
+}
+
+fn bind(path: &Path) -> Result<Listener, StartError> {
+    refuse_non_socket(path)?;
+    Listener::new(path, true).map_err(|error| StartError::Socket { path: path.to_path_buf(), error })
+}
+
+fn warn_unused_compare_options(opts: &Options) {
+    if opts.capture.is_some() {
+        tracing::warn!("--capture has no effect without --secondary-socket (nothing is compared)");
+    }
+}

@@ -119,6 +119,11 @@ impl<C: Clock> Proxy<C> {
         self.engine.set_mode(mode, sink);
     }
 
+    /// Counts inbound frames the transport could not deliver to a VM.
+    pub fn count_inbound_dropped(&mut self, frames: u64) {
+        self.engine.count_inbound_dropped(frames);
+    }
+
     /// Takes back a frame the engine refused with [`Push::Full`] and discards it as overflow.
     pub fn discard_overflow<S: Sink>(&mut self, side: Side, frame: Frame, sink: &mut S) {
         self.engine.discard_overflow(side, frame, sink);

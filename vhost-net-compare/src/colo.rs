@@ -119,6 +119,11 @@ impl ColoState {
         }
     }
 
+    /// Counts inbound frames a VM could not take (its RX queue full, or it is not connected).
+    pub fn count_inbound_dropped(&mut self, frames: u64) {
+        self.proxy.count_inbound_dropped(frames);
+    }
+
     /// An inbound frame from the tap: the copies each VM gets in the current mode (the
     /// secondary's rewritten).
     pub fn inbound(&mut self, frame: Frame) -> Mirrored {

@@ -228,6 +228,7 @@ impl Hub {
             }
         }
         let ports = lock(&self.ports).clone();
+        let mut lost = 0u64;
         for (side, batch) in [Side::Primary, Side::Secondary].into_iter().zip(copies) {
             if batch.is_empty() {
                 continue;
@@ -235,6 +236,7 @@ impl Hub {
             match &ports[side.index()] {
                 Some(port) => {
                     let dropped = batch.into_iter().map(|f| port.queue_rx(f)).filter(|ok| !ok).count();
+                    lost += dropped as u64;
                     port.notify_rx();
                     if dropped > 0 {
                         if let Some(suppressed) = lock(&self.overflow_log).check() {
@@ -249,8 +251,12 @@ impl Hub {
                 }
                 None => {
                     self.unrouted.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    lost += batch.len() as u64;
                 }
             }
+        }
+        if let (Some(colo), true) = (&self.colo, lost > 0) {
+            lock(colo).count_inbound_dropped(lost);
         }
     }
 

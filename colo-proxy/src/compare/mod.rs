@@ -366,10 +366,18 @@ impl<C: Clock> Engine<C> {
     /// secondary frames before rewriting them).
     pub fn push_classified<S: Sink>(&mut self, side: Side, frame: Frame, class: Class, sink: &mut S) -> Push {
         let now = self.clock.now();
-        match side {
-            Side::Primary => self.counters.stats.frames_primary += 1,
-            Side::Secondary => self.counters.stats.frames_secondary += 1,
+        let pushed = self.push_at(side, frame, class, now, sink);
+        // A refused frame is offered again later: count each frame once, when it is taken.
+        if pushed == Push::Accepted {
+            match side {
+                Side::Primary => self.counters.stats.frames_primary += 1,
+                Side::Secondary => self.counters.stats.frames_secondary += 1,
+            }
         }
+        pushed
+    }
+
+    fn push_at<S: Sink>(&mut self, side: Side, frame: Frame, class: Class, now: Timestamp, sink: &mut S) -> Push {
         let compared = match class {
             Class::Uncompared(why) => {
                 self.counters.stats.passed_uncompared += 1;
@@ -459,6 +467,12 @@ impl<C: Clock> Engine<C> {
     pub fn count_rejected_input(&mut self) -> u64 {
         self.counters.stats.rejected_input += 1;
         self.counters.stats.rejected_input
+    }
+
+    /// Counts an inbound frame the transport could not deliver to a VM (its queue full, or no
+    /// VM connected), so `stats` shows it.
+    pub fn count_inbound_dropped(&mut self, frames: u64) {
+        self.counters.stats.inbound_dropped += frames;
     }
 
     /// Discards a frame the engine handed back with [`Push::Full`] and the transport cannot keep

@@ -62,6 +62,8 @@ pub struct Stats {
     pub passed_uncompared: u64,
     /// Uncompared frames that were unparsable IP or Ethernet.
     pub malformed: u64,
+    /// Inbound frames the transport could not deliver to a VM (its queue full, none connected).
+    pub inbound_dropped: u64,
     /// Frames the transport refused before the engine saw them (bad framing, zero or
     /// unsupported length, garbage descriptors).
     pub rejected_input: u64,

@@ -453,6 +453,7 @@ fn full_queue_hands_the_frame_back_and_notifies_once() {
     assert_eq!(t.p(fourth.clone()), Push::Full(Frame::new(fourth.clone())));
     assert_eq!(t.p(fourth.clone()), Push::Full(Frame::new(fourth.clone())));
     assert_eq!(t.reasons(), vec![Reason::QueueFull]);
+    assert_eq!(t.e.stats().frames_primary, 3, "refused offers are not counted as frames");
     assert_eq!(t.e.stats().miscompares.queue_full, 1, "a retry of the same full queue is not a new inconsistency");
     t.flush();
     assert_eq!(t.p(fourth), Push::Accepted, "room after the flush");

@@ -133,6 +133,38 @@ pub fn load_pages(payload: &[u8], mem: &GuestMemoryMmap, mem_size: u64) -> Resul
     Ok(())
 }
 
+/// A 64-bit hash of every page of guest memory, in address order (for the migration test mode).
+pub fn page_digests(mem: &GuestMemoryMmap, mem_size: u64) -> Result<Vec<u64>, StreamError> {
+    let mut page = vec![0u8; PAGE_SIZE];
+    (0..mem_size)
+        .step_by(PAGE_SIZE)
+        .map(|gpa| {
+            mem.read_slice(&mut page, GuestAddress(gpa)).map_err(|e| StreamError::Io(std::io::Error::other(e)))?;
+            Ok(xxhash_rust::xxh3::xxh3_64(&page))
+        })
+        .collect()
+}
+
+/// Encodes digests for a state section.
+pub fn encode_digests(d: &[u64]) -> Vec<u8> {
+    d.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Compares `mem` with digests from [`page_digests`]; returns the addresses of differing pages.
+pub fn differing_pages(mem: &GuestMemoryMmap, mem_size: u64, encoded: &[u8]) -> Result<Vec<u64>, StreamError> {
+    let ours = page_digests(mem, mem_size)?;
+    if encoded.len() != ours.len() * 8 {
+        return Err(StreamError::Corrupt(format!("{} page digests for {} pages", encoded.len() / 8, ours.len())));
+    }
+    Ok(ours
+        .iter()
+        .zip(encoded.chunks_exact(8))
+        .enumerate()
+        .filter(|(_, (a, b))| a.to_le_bytes() != **b)
+        .map(|(i, _)| (i * PAGE_SIZE) as u64)
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,34 +205,3 @@ mod tests {
     }
 }
 
-/// A 64-bit hash of every page of guest memory, in address order (for the migration test mode).
-pub fn page_digests(mem: &GuestMemoryMmap, mem_size: u64) -> Result<Vec<u64>, StreamError> {
-    let mut page = vec![0u8; PAGE_SIZE];
-    (0..mem_size)
-        .step_by(PAGE_SIZE)
-        .map(|gpa| {
-            mem.read_slice(&mut page, GuestAddress(gpa)).map_err(|e| StreamError::Io(std::io::Error::other(e)))?;
-            Ok(xxhash_rust::xxh3::xxh3_64(&page))
-        })
-        .collect()
-}
-
-/// Encodes digests for a state section.
-pub fn encode_digests(d: &[u64]) -> Vec<u8> {
-    d.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
-/// Compares `mem` with digests from [`page_digests`]; returns the addresses of differing pages.
-pub fn differing_pages(mem: &GuestMemoryMmap, mem_size: u64, encoded: &[u8]) -> Result<Vec<u64>, StreamError> {
-    let ours = page_digests(mem, mem_size)?;
-    if encoded.len() != ours.len() * 8 {
-        return Err(StreamError::Corrupt(format!("{} page digests for {} pages", encoded.len() / 8, ours.len())));
-    }
-    Ok(ours
-        .iter()
-        .zip(encoded.chunks_exact(8))
-        .enumerate()
-        .filter(|(_, (a, b))| a.to_le_bytes() != **b)
-        .map(|(i, _)| (i * PAGE_SIZE) as u64)
-        .collect())
-}

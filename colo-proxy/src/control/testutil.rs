@@ -54,7 +54,7 @@ pub const FLOOD_BYTES: usize = MAX_PENDING + (1 << 20);
 pub const HOLD_ID: u64 = 1_000_001;
 
 enum Ctl {
-    Broadcast(Event),
+    Broadcast(Box<Event>),
     ReleaseHeld,
     Stop,
 }
@@ -159,7 +159,7 @@ impl Harness {
     }
 
     pub fn broadcast(&self, event: Event) {
-        self.ctl(Ctl::Broadcast(event));
+        self.ctl(Ctl::Broadcast(Box::new(event)));
     }
 
     pub fn release_held(&self) {

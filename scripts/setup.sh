@@ -20,3 +20,4 @@ else
 fi
 
 scripts/install-qemu.sh
+scripts/install-guest-image.sh

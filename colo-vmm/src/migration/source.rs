@@ -194,7 +194,9 @@ fn finish(
     let last = (|| -> Result<(), String> {
         let more = tracker.collect(vmm.vm(), vmm.ram()).map_err(|e| e.to_string())?;
         dirty.union(more.words());
-        total += send_pages(w, vmm, dirty.iter(), false)?;
+        let last = send_pages(w, vmm, dirty.iter(), false)?;
+        update(status, |s| s.final_pages = last);
+        total += last;
         vm_state::save(vmm.vm().fd(), &mut state).map_err(|e| e.to_string())?;
         if verify {
             // Everything is still: this is the memory the destination must end up with.

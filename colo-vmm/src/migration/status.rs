@@ -61,6 +61,8 @@ pub struct MigrationStatus {
     pub expected_downtime_ms: u64,
     /// The real pause: from pausing here to running there (ms), when completed.
     pub downtime_ms: u64,
+    /// Pages sent during the pause (the last round).
+    pub final_pages: u64,
     /// Time since the migration started (ms).
     pub total_time_ms: u64,
     /// Why it failed.

@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod arch;
+pub mod colo;
 pub mod devices;
 pub mod loader;
 pub mod migration;

@@ -63,6 +63,11 @@ struct RunArgs {
     /// Serve the control API on this Unix socket (mode 0600).
     #[arg(long, value_name = "PATH")]
     api: Option<PathBuf>,
+    /// COLO: the control socket of a compare process (vhost-net-compare or colo-proxy) this VM's
+    /// traffic goes through; repeat for several NICs. A primary sets them to primary-only at
+    /// once; a secondary sets them to secondary-only on failover.
+    #[arg(long, value_name = "PATH")]
+    compare_socket: Vec<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -122,12 +127,26 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         mem_mib: args.mem,
         net: args.net,
         serial: args.serial,
+        compare_sockets: args.compare_socket,
     };
+    let mut secondary = None;
     let vmm = Arc::new(match (&args.restore, &args.incoming) {
         (Some(path), _) => Vmm::restore(&config, path)?,
-        (None, Some(uri)) => incoming(&config, uri)?,
+        (None, Some(uri)) => {
+            let arrived = incoming(&config, uri)?;
+            secondary = arrived.secondary;
+            arrived.vmm
+        }
         (None, None) => Vmm::boot(&config)?,
     });
+    match secondary {
+        Some(runner) => runner.spawn(vmm.clone()),
+        // A primary-to-be keeps its compare processes passing its traffic until COLO starts.
+        None if !config.compare_sockets.is_empty() => {
+            colo_vmm::colo::primary::prepare(vmm.colo()).map_err(anyhow::Error::msg).context("compare processes")?
+        }
+        None => {}
+    }
     let (tx, rx) = channel();
     let thread = vmm.take_thread().context("the vCPU thread is gone")?;
     let vcpu_tx = tx.clone();

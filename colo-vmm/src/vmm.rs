@@ -13,6 +13,8 @@ use serde_json::{json, Map, Value};
 
 use crate::api::protocol::{ApiError, Handler};
 use crate::arch::{cpuid, regs};
+use crate::colo::shared::ColoShared;
+use crate::colo::status::{Role as ColoRole, State as ColoState};
 use crate::devices::pvhalt::Waiter;
 use crate::devices::serial::{SerialConsole, SerialOutput};
 use crate::devices::vhost_user_net::DirtyLog;
@@ -28,6 +30,7 @@ use crate::persist::sections::Sections;
 use crate::persist::snapshot::{self, Meta, SnapshotStats};
 use crate::persist::stream::{StreamError, StreamReader};
 use crate::persist::{vcpu_state, vm_state};
+use crate::vstate::dirty::DirtyTracker;
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{self, VcpuEnd, VcpuHandle};
 use crate::vstate::vm::Vm;
@@ -90,6 +93,8 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     /// Console output.
     pub serial: SerialOutput,
+    /// Control sockets of the compare processes this VM's traffic goes through (COLO).
+    pub compare_sockets: Vec<PathBuf>,
 }
 
 /// Errors booting a VM.
@@ -190,7 +195,7 @@ impl Core {
         }
         let serial = SerialConsole::new(&SerialOutput::None).map_err(other("serial"))?;
         let devices = Devices { serial, mmio, waiter, unknown_io: 0 };
-        Ok(Machine { core: self, devices, described, logs })
+        Ok(Machine { core: self, devices, described, logs, compare_sockets: config.compare_sockets.clone() })
     }
 }
 
@@ -200,9 +205,20 @@ pub struct Machine {
     devices: Devices,
     described: Vec<VirtioMmioDevice>,
     logs: Vec<DirtyLog>,
+    compare_sockets: Vec<PathBuf>,
 }
 
 impl Machine {
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.core.ram
+    }
+
+    /// Starts dirty tracking (before the vCPU runs, so nothing it writes is missed).
+    pub fn dirty_tracker(&self) -> Result<DirtyTracker, String> {
+        DirtyTracker::start(&self.core.vm, &self.core.ram, self.logs.clone()).map_err(|e| e.to_string())
+    }
+
     /// Starts the vCPU thread.
     pub fn start(self) -> Result<Vmm, BootError> {
         vcpu::install_kick_handler().map_err(other("installing the vCPU kick handler"))?;
@@ -221,6 +237,7 @@ impl Machine {
             logs: self.logs,
             migration: Arc::new(Mutex::new(MigrationStatus::default())),
             migration_params: Mutex::new(MigrationParams::default()),
+            colo: Arc::new(ColoShared::new(self.compare_sockets)),
         })
     }
 }
@@ -240,6 +257,7 @@ pub struct Vmm {
     logs: Vec<DirtyLog>,
     migration: StatusHandle,
     migration_params: Mutex<MigrationParams>,
+    colo: Arc<ColoShared>,
 }
 
 /// Errors saving a snapshot.
@@ -366,6 +384,11 @@ impl Vmm {
         Ok(stats)
     }
 
+    /// COLO state.
+    pub fn colo(&self) -> &Arc<ColoShared> {
+        &self.colo
+    }
+
     /// The VM.
     pub fn vm(&self) -> &Vm {
         &self.vm
@@ -388,6 +411,9 @@ impl Vmm {
         uri: MigrationUri,
         done: impl FnOnce(bool) + Send + 'static,
     ) -> Result<(), String> {
+        if matches!(self.colo.status().state, ColoState::Starting | ColoState::Running) {
+            return Err("COLO is running: end it (lost-heartbeat) before migrating".into());
+        }
         {
             let mut st = self.migration.lock().unwrap_or_else(|p| p.into_inner());
             if st.status == MigrationState::Active {
@@ -547,6 +573,54 @@ impl Handler for VmmApi {
             "quit" => {
                 no_args()?;
                 self.lifecycle.quit();
+                Ok(json!({}))
+            }
+            "colo-start" => {
+                let uri: MigrationUri = args
+                    .get("uri")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "colo-start needs uri=tcp:HOST:PORT or uri=unix:PATH (the secondary's --incoming)",
+                        )
+                    })?
+                    .parse()
+                    .map_err(ApiError::invalid)?;
+                if let Some(k) = args.keys().find(|k| *k != "uri") {
+                    return Err(ApiError::invalid(format!("colo-start takes no argument '{k}'")));
+                }
+                crate::colo::primary::start(&self.vmm, uri).map_err(ApiError::generic)?;
+                Ok(json!({}))
+            }
+            "set-parameters" => {
+                let p = self.vmm.colo.set_params(args).map_err(ApiError::invalid)?;
+                tracing::info!(target: "colo", params = ?p, "COLO parameters changed");
+                serde_json::to_value(p).map_err(|e| ApiError::generic(e.to_string()))
+            }
+            "query-parameters" => {
+                no_args()?;
+                serde_json::to_value(self.vmm.colo.params()).map_err(|e| ApiError::generic(e.to_string()))
+            }
+            "query-colo-status" => {
+                no_args()?;
+                serde_json::to_value(self.vmm.colo.status()).map_err(|e| ApiError::generic(e.to_string()))
+            }
+            "lost-heartbeat" => {
+                no_args()?;
+                let s = self.vmm.colo.status();
+                if !matches!(s.state, ColoState::Running | ColoState::Stopped) {
+                    return Err(ApiError::generic(format!("COLO is not running (state {:?})", s.state)));
+                }
+                self.vmm.colo.lost_heartbeat.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(json!({}))
+            }
+            "colo-checkpoint" => {
+                no_args()?;
+                let s = self.vmm.colo.status();
+                if s.role != ColoRole::Primary || s.state != ColoState::Running {
+                    return Err(ApiError::generic("checkpoints are taken by a running COLO primary"));
+                }
+                self.vmm.colo.user_checkpoint.store(true, std::sync::atomic::Ordering::Relaxed);
                 Ok(json!({}))
             }
             other => Err(ApiError::not_found(other)),

@@ -112,6 +112,30 @@ impl SerialConsole {
         Ok(SerialConsole { uart })
     }
 
+    /// Takes over saved registers, keeping this console's output.
+    pub fn load(&mut self, snap: &SerialSnapshot) {
+        let placeholder = Serial::new(NoInterrupt, LineWriter(Box::new(io::sink())));
+        let old = std::mem::replace(&mut self.uart, placeholder);
+        let writer = old.into_writer();
+        let r = snap.registers;
+        let state = SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: snap.in_buffer.clone(),
+        };
+        match Serial::from_state(&state, NoInterrupt, NoEvents, writer) {
+            Ok(u) => self.uart = u,
+            Err(e) => tracing::warn!(error = ?e, "loading UART registers failed; keeping the console as it was"),
+        }
+    }
+
     /// The registers to save.
     pub fn snapshot(&self) -> SerialSnapshot {
         let s = self.uart.state();

@@ -3,38 +3,76 @@
 use std::io::BufReader;
 use std::time::Instant;
 
-use super::protocol::{self, Control};
+use super::protocol::{self, Control, Purpose};
 use super::uri::{Channel, MigrationUri};
 use crate::persist::sections::Sections;
-use crate::persist::snapshot::{self, load_pages};
+use crate::persist::snapshot::{self, load_pages, Meta};
 use crate::persist::stream::{pages, Kind, StreamError, StreamReader, StreamWriter};
 use crate::vmm::{BootError, Core, VmConfig, Vmm};
 
-/// Waits for one incoming migration on `uri` and returns the running VM. Nothing runs unless the
-/// whole state arrived and verified; any failure ends with an error (and tells the source).
-pub fn incoming(config: &VmConfig, uri: &MigrationUri) -> Result<Vmm, BootError> {
+/// The stream reader of an incoming transfer.
+pub type Reader = StreamReader<BufReader<Channel>>;
+
+/// What arrived: the running VM and, for a COLO start, the secondary's checkpoint loop to run.
+pub struct Arrived {
+    /// The VM.
+    pub vmm: Vmm,
+    /// The secondary's loop (COLO).
+    pub secondary: Option<crate::colo::secondary::SecondaryRunner>,
+}
+
+/// Waits for one incoming migration (or COLO start) on `uri` and returns the running VM.
+/// Nothing runs unless the whole state arrived and verified; any failure ends with an error
+/// (and tells the source).
+pub fn incoming(config: &VmConfig, uri: &MigrationUri) -> Result<Arrived, BootError> {
     let err = |what: &'static str| move |e: std::io::Error| BootError::Other { what, error: e.to_string() };
     let listener = uri.listen().map_err(err("listening for the migration"))?;
     tracing::info!(uri = %uri, "waiting for an incoming migration");
     let chan = listener.accept().map_err(err("accepting the migration"))?;
     drop(listener);
     let started = Instant::now();
-    let mut w =
-        StreamWriter::new(chan.try_clone().map_err(err("migration channel"))?).map_err(err("answering the source"))?;
+    let mut w = Some(
+        StreamWriter::new(chan.try_clone().map_err(err("migration channel"))?).map_err(err("answering the source"))?,
+    );
     let result = receive(config, chan, &mut w);
     match &result {
-        Ok(_) => tracing::info!(uri = %uri, ms = started.elapsed().as_millis() as u64, "migration received; running"),
+        Ok(_) => tracing::info!(uri = %uri, ms = started.elapsed().as_millis() as u64, "state received; running"),
         Err(e) => {
-            let _ = protocol::send(&mut w, &Control::Error { message: e.to_string() });
+            if let Some(w) = w.as_mut() {
+                let _ = protocol::send(w, &Control::Error { message: e.to_string() });
+            }
         }
     }
     result
 }
 
-fn receive(config: &VmConfig, chan: Channel, w: &mut StreamWriter<Channel>) -> Result<Vmm, BootError> {
-    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, chan))?;
+fn receive(config: &VmConfig, chan: Channel, w: &mut Option<StreamWriter<Channel>>) -> Result<Arrived, BootError> {
+    let reader_chan =
+        chan.try_clone().map_err(|e| BootError::Other { what: "migration channel", error: e.to_string() })?;
+    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, reader_chan))?;
+    let purpose = match protocol::recv(&mut r)? {
+        Control::Hello { purpose } => purpose,
+        other => return Err(StreamError::Corrupt(format!("expected hello, got {other:?}")).into()),
+    };
     let meta = snapshot::read_meta(&mut r)?;
     let core = Core::build(meta.mem_size)?;
+    let state = receive_state(&core, &meta, &mut r)?;
+    match purpose {
+        Purpose::Migrate => {
+            let vmm = take_over(config, core, state, r, w.as_mut().expect("writer present"))?;
+            Ok(Arrived { vmm, secondary: None })
+        }
+        Purpose::Colo => {
+            let writer = w.take().expect("writer present");
+            let (vmm, runner) = crate::colo::secondary::start(config, core, state, r, writer, chan)?;
+            Ok(Arrived { vmm, secondary: Some(runner) })
+        }
+    }
+}
+
+/// Receives pages (into `core`'s memory) and the device state, up to `state-complete`, and
+/// checks the page count (and, in verify mode, every page).
+fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<Sections, BootError> {
     let mut received = 0u64;
     let mut state: Option<Sections> = None;
     loop {
@@ -72,6 +110,12 @@ fn receive(config: &VmConfig, chan: Channel, w: &mut StreamWriter<Channel>) -> R
         }
     }
     let state = state.ok_or_else(|| StreamError::Corrupt("no device state in the migration".into()))?;
+    verify_pages(core, meta, &state)?;
+    Ok(state)
+}
+
+/// Verify mode: refuses to go on unless memory equals the source's at the pause.
+fn verify_pages(core: &Core, meta: &Meta, state: &Sections) -> Result<(), BootError> {
     if let Ok(digests) = state.bytes(super::source::VERIFY_SECTION) {
         let diff = snapshot::differing_pages(core.ram().memory(), meta.mem_size, digests)?;
         if !diff.is_empty() {
@@ -87,6 +131,17 @@ fn receive(config: &VmConfig, chan: Channel, w: &mut StreamWriter<Channel>) -> R
         }
         tracing::info!(pages = meta.mem_size / 4096, "verified: memory equals the source's page for page");
     }
+    Ok(())
+}
+
+/// Migration's ending: `ready`, wait for `go`, attach the backends, start, `running`.
+fn take_over(
+    config: &VmConfig,
+    core: Core,
+    state: Sections,
+    mut r: Reader,
+    w: &mut StreamWriter<Channel>,
+) -> Result<Vmm, BootError> {
     protocol::send(w, &Control::Ready)?;
     match protocol::recv(&mut r)? {
         Control::Go => {}

@@ -6,10 +6,26 @@ use serde::{Deserialize, Serialize};
 
 use crate::persist::stream::{Kind, StreamError, StreamReader, StreamWriter};
 
+/// Why the source connects: a migration, or the start of COLO (the same transfer, then the
+/// destination runs as a secondary instead of taking over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Purpose {
+    /// Live migration.
+    Migrate,
+    /// COLO start.
+    Colo,
+}
+
 /// A control message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Control {
+    /// Source → destination, first: what this stream is for.
+    Hello {
+        /// Migration or COLO.
+        purpose: Purpose,
+    },
     /// Source → destination: a pre-copy round ended.
     Round {
         /// Its number (0 = the full copy).
@@ -33,6 +49,48 @@ pub enum Control {
         /// What went wrong.
         message: String,
     },
+    /// Secondary → primary: COLO started, the secondary runs.
+    CheckpointReady,
+    /// Primary → secondary: a checkpoint begins (spec/colo.md step 1).
+    CheckpointRequest {
+        /// Its number.
+        seq: u64,
+        /// A passive checkpoint: the secondary stays paused after loading it.
+        passive: bool,
+        /// What triggered it (for the secondary's counters): `periodic`, `passive`, `user` or
+        /// `miscompare:REASON`.
+        #[serde(default)]
+        trigger: String,
+    },
+    /// Secondary → primary: the SVM is paused.
+    CheckpointReply {
+        /// The checkpoint.
+        seq: u64,
+    },
+    /// Primary → secondary: the checkpoint's pages follow (step 3).
+    VmstateSend {
+        /// The checkpoint.
+        seq: u64,
+    },
+    /// Primary → secondary: pages and device state are complete (step 3, end).
+    VmstateSize {
+        /// The checkpoint.
+        seq: u64,
+        /// Pages sent since `vmstate-send` (background pages not included).
+        pages: u64,
+    },
+    /// Secondary → primary: everything is in the RAM cache (step 4).
+    VmstateReceived {
+        /// The checkpoint.
+        seq: u64,
+    },
+    /// Secondary → primary: the SVM holds the checkpoint (step 6).
+    VmstateLoaded {
+        /// The checkpoint.
+        seq: u64,
+    },
+    /// Either way, on an idle link: alive.
+    Heartbeat,
 }
 
 /// Sends a control message.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::protocol::{self, Control};
+use super::protocol::{self, Control, Purpose};
 use super::status::{update, MigrationParams, MigrationState, MigrationStatus, StatusHandle};
 use super::uri::{Channel, MigrationUri};
 use crate::persist::sections::Sections;
@@ -26,10 +26,11 @@ pub const VERIFY_SECTION: &str = "verify.page-digests";
 /// Fewest pages a round must send for its duration to say something about the per-page cost.
 const MEASURABLE: u64 = 256;
 
-type Writer = StreamWriter<BufWriter<Channel>>;
+/// The stream writer of a transfer.
+pub type Writer = StreamWriter<BufWriter<Channel>>;
 
 /// Sends the pages of `set` (all pages, skipping zero ones, when `skip_zero`).
-fn send_pages(w: &mut Writer, vmm: &Vmm, set: impl Iterator<Item = usize>, skip_zero: bool) -> Result<u64, String> {
+pub fn send_pages(w: &mut Writer, vmm: &Vmm, set: impl Iterator<Item = usize>, skip_zero: bool) -> Result<u64, String> {
     let mem = vmm.ram().memory();
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(PAGES_PER_RECORD);
     let mut spare: Vec<Vec<u8>> = Vec::new();
@@ -50,6 +51,51 @@ fn send_pages(w: &mut Writer, vmm: &Vmm, set: impl Iterator<Item = usize>, skip_
     }
     sent += w.pages(batch.iter().map(|(a, d)| (*a, &d[..]))).map_err(|e| format!("sending pages: {e}"))?;
     Ok(sent)
+}
+
+/// A transfer in progress: the channel, the writer, and the dirty tracker.
+pub struct Transfer {
+    /// The stream towards the destination.
+    pub w: Writer,
+    /// The connection (for reading answers).
+    pub chan: Channel,
+    /// Dirty tracking, on since the transfer started.
+    pub tracker: DirtyTracker,
+    /// Pages sent so far.
+    pub total: u64,
+}
+
+/// Connects, announces the purpose and the machine, and starts dirty tracking.
+pub fn connect(vmm: &Vmm, uri: &MigrationUri, purpose: Purpose) -> Result<Transfer, String> {
+    let chan = uri.connect().map_err(|e| format!("connecting to {uri}: {e}"))?;
+    let mut w: Writer =
+        StreamWriter::new(BufWriter::with_capacity(1 << 20, chan.try_clone().map_err(|e| e.to_string())?))
+            .map_err(|e| format!("starting the stream: {e}"))?;
+    protocol::send(&mut w, &Control::Hello { purpose }).map_err(|e| format!("sending: {e}"))?;
+    let mut meta = Sections::new();
+    meta.put_json("meta", &vmm.meta());
+    w.record(Kind::State, &meta.encode()).map_err(|e| format!("sending: {e}"))?;
+    let tracker = DirtyTracker::start(vmm.vm(), vmm.ram(), vmm.dirty_logs()).map_err(|e| e.to_string())?;
+    Ok(Transfer { w, chan, tracker, total: 0 })
+}
+
+/// What the pause left: the devices' saved state (to restart them) and when it began.
+pub struct Paused {
+    /// The devices' state (vring positions included).
+    pub devices: crate::devices::DevicesState,
+    /// When the vCPU stopped.
+    pub at: Instant,
+}
+
+/// Restarts the devices and the vCPU after a pause that led nowhere.
+pub fn rollback(vmm: &Vmm, paused: &Paused, why: String) -> String {
+    let d = paused.devices.clone();
+    let resumed = vmm.vcpu().run_paused(move |_, devs| devs.resume(&d));
+    vmm.vcpu().resume();
+    match resumed {
+        Some(Ok(())) => why,
+        other => format!("{why}; restarting the devices also failed: {other:?}"),
+    }
 }
 
 /// Migrates `vmm` to `uri`. On success the VM runs at the destination and this one is stopped
@@ -83,15 +129,11 @@ fn run(
     status: &StatusHandle,
     started: Instant,
 ) -> Result<(), String> {
-    let chan = uri.connect().map_err(|e| format!("connecting to {uri}: {e}"))?;
-    let mut w: Writer =
-        StreamWriter::new(BufWriter::with_capacity(1 << 20, chan.try_clone().map_err(|e| e.to_string())?))
-            .map_err(|e| format!("starting the stream: {e}"))?;
-    let mut meta = Sections::new();
-    meta.put_json("meta", &vmm.meta());
-    w.record(Kind::State, &meta.encode()).map_err(|e| format!("sending: {e}"))?;
-    let tracker = DirtyTracker::start(vmm.vm(), vmm.ram(), vmm.dirty_logs()).map_err(|e| e.to_string())?;
-    let result = precopy_and_handover(vmm, &mut w, &chan, &tracker, params, status, started);
+    let mut t = connect(vmm, uri, Purpose::Migrate)?;
+    let result = precopy(vmm, &mut t, params, status, started)
+        .and_then(|dirty| pause_and_send_state(vmm, &mut t, dirty, status, params.verify))
+        .and_then(|paused| handover(vmm, &mut t, &paused, status));
+    let Transfer { tracker, chan, .. } = t;
     tracker.stop(vmm.vm(), vmm.ram());
     if result.is_err() {
         chan.shutdown();
@@ -99,27 +141,28 @@ fn run(
     result
 }
 
-fn precopy_and_handover(
+/// Pre-copy: all non-zero pages, then rounds of dirty pages until the rest fits the downtime
+/// limit (or the rounds run out). Returns the pages still dirty.
+pub fn precopy(
     vmm: &Vmm,
-    w: &mut Writer,
-    chan: &Channel,
-    tracker: &DirtyTracker,
+    t: &mut Transfer,
     params: MigrationParams,
     status: &StatusHandle,
     started: Instant,
-) -> Result<(), String> {
+) -> Result<DirtyBitmap, String> {
     let pages = (vmm.ram().size() / PAGE_SIZE as u64) as usize;
     // Round 0: everything that is not zero (the destination starts from zeroed memory).
-    let t = Instant::now();
-    let mut total = send_pages(w, vmm, 0..pages, true)?;
-    protocol::send(w, &Control::Round { round: 0, pages: total }).map_err(|e| e.to_string())?;
+    let clock = Instant::now();
+    t.total = send_pages(&mut t.w, vmm, 0..pages, true)?;
+    protocol::send(&mut t.w, &Control::Round { round: 0, pages: t.total }).map_err(|e| e.to_string())?;
     // Seconds per page sent, learned from rounds that sent enough pages to measure (round 0
     // mostly skips zero pages, so its time says little); start from twice the local copy
     // budget (~0.8 µs per page).
     let mut per_page = 2e-6;
-    if total >= MEASURABLE {
-        per_page = (t.elapsed().as_secs_f64() / total as f64).max(0.8e-6);
+    if t.total >= MEASURABLE {
+        per_page = (clock.elapsed().as_secs_f64() / t.total as f64).max(0.8e-6);
     }
+    let total = t.total;
     update(status, |s| {
         s.pages_sent = total;
         s.bytes_sent = total * PAGE_SIZE as u64;
@@ -127,7 +170,7 @@ fn precopy_and_handover(
     let mut last_collect = Instant::now();
     let mut round = 0;
     loop {
-        let dirty = tracker.collect(vmm.vm(), vmm.ram()).map_err(|e| e.to_string())?;
+        let dirty = t.tracker.collect(vmm.vm(), vmm.ram()).map_err(|e| e.to_string())?;
         let since = last_collect.elapsed().as_secs_f64().max(1e-3);
         last_collect = Instant::now();
         let expected_ms = (dirty.count() as f64 * per_page * 1000.0) as u64;
@@ -139,16 +182,17 @@ fn precopy_and_handover(
             s.total_time_ms = started.elapsed().as_millis() as u64;
         });
         if expected_ms <= params.downtime_limit || round >= params.max_rounds {
-            return finish(vmm, w, chan, tracker, dirty, total, status, params.verify);
+            return Ok(dirty);
         }
         round += 1;
-        let t = Instant::now();
-        let n = send_pages(w, vmm, dirty.iter(), false)?;
-        protocol::send(w, &Control::Round { round, pages: n }).map_err(|e| e.to_string())?;
+        let clock = Instant::now();
+        let n = send_pages(&mut t.w, vmm, dirty.iter(), false)?;
+        protocol::send(&mut t.w, &Control::Round { round, pages: n }).map_err(|e| e.to_string())?;
         if n >= MEASURABLE {
-            per_page = (t.elapsed().as_secs_f64() / n as f64).max(0.8e-6);
+            per_page = (clock.elapsed().as_secs_f64() / n as f64).max(0.8e-6);
         }
-        total += n;
+        t.total += n;
+        let total = t.total;
         update(status, |s| {
             s.pages_sent = total;
             s.bytes_sent = total * PAGE_SIZE as u64;
@@ -156,19 +200,16 @@ fn precopy_and_handover(
     }
 }
 
-/// The pause: last pages, device state, handover.
-#[allow(clippy::too_many_arguments)]
-fn finish(
+/// The pause: stop the vCPU and the backends, send the last dirty pages and the device state,
+/// and `state-complete`. On failure the VM is running again.
+pub fn pause_and_send_state(
     vmm: &Vmm,
-    w: &mut Writer,
-    chan: &Channel,
-    tracker: &DirtyTracker,
+    t: &mut Transfer,
     mut dirty: DirtyBitmap,
-    mut total: u64,
     status: &StatusHandle,
     verify: bool,
-) -> Result<(), String> {
-    let paused_at = Instant::now();
+) -> Result<Paused, String> {
+    let at = Instant::now();
     if !vmm.vcpu().pause() {
         return Err("the guest stopped during the migration".into());
     }
@@ -180,56 +221,60 @@ fn finish(
             return Err(e.to_string());
         }
     };
-    let rollback = |why: String| -> String {
-        let resumed = vmm.vcpu().run_paused({
-            let d = devices.clone();
-            move |_, devs| devs.resume(&d)
-        });
-        vmm.vcpu().resume();
-        match resumed {
-            Some(Ok(())) => why,
-            other => format!("{why}; restarting the devices also failed: {other:?}"),
-        }
-    };
+    let paused = Paused { devices, at };
     let last = (|| -> Result<(), String> {
-        let more = tracker.collect(vmm.vm(), vmm.ram()).map_err(|e| e.to_string())?;
+        let more = t.tracker.collect(vmm.vm(), vmm.ram()).map_err(|e| e.to_string())?;
         dirty.union(more.words());
-        let last = send_pages(w, vmm, dirty.iter(), false)?;
+        let last = send_pages(&mut t.w, vmm, dirty.iter(), false)?;
         update(status, |s| s.final_pages = last);
-        total += last;
+        t.total += last;
         vm_state::save(vmm.vm().fd(), &mut state).map_err(|e| e.to_string())?;
         if verify {
             // Everything is still: this is the memory the destination must end up with.
             let d = snapshot::page_digests(vmm.ram().memory(), vmm.ram().size()).map_err(|e| e.to_string())?;
             state.put_bytes(VERIFY_SECTION, snapshot::encode_digests(&d));
         }
-        w.record(Kind::State, &state.encode()).map_err(|e| format!("sending the device state: {e}"))?;
-        protocol::send(w, &Control::StateComplete { pages: total }).map_err(|e| e.to_string())?;
+        t.w.record(Kind::State, &state.encode()).map_err(|e| format!("sending the device state: {e}"))?;
+        protocol::send(&mut t.w, &Control::StateComplete { pages: t.total }).map_err(|e| e.to_string())?;
         Ok(())
     })();
     if let Err(e) = last {
-        return Err(rollback(e));
+        return Err(rollback(vmm, &paused, e));
     }
+    let total = t.total;
     update(status, |s| {
         s.pages_sent = total;
         s.bytes_sent = total * PAGE_SIZE as u64;
         s.remaining_pages = 0;
     });
-    let reader_chan = chan.try_clone().map_err(|e| rollback(e.to_string()))?;
-    let _ = reader_chan.set_read_timeout(Some(READY_TIMEOUT));
-    let mut r = match StreamReader::new(reader_chan) {
-        Ok(r) => r,
-        Err(e) => return Err(rollback(format!("the destination did not answer: {e}"))),
+    Ok(paused)
+}
+
+/// Waits for the destination's first answer (after `state-complete`).
+pub fn answer(t: &Transfer, timeout: Duration) -> Result<(StreamReader<Channel>, Control), String> {
+    let reader_chan = t.chan.try_clone().map_err(|e| e.to_string())?;
+    let _ = reader_chan.set_read_timeout(Some(timeout));
+    let mut r = StreamReader::new(reader_chan).map_err(|e| format!("the destination did not answer: {e}"))?;
+    let c = protocol::recv(&mut r).map_err(|e| format!("the destination did not confirm: {e}"))?;
+    Ok((r, c))
+}
+
+/// Migration's ending: `ready`, release the backends, `go`, `running`.
+fn handover(vmm: &Vmm, t: &mut Transfer, paused: &Paused, status: &StatusHandle) -> Result<(), String> {
+    let mut r = match answer(t, READY_TIMEOUT) {
+        Ok((r, Control::Ready)) => r,
+        Ok((_, Control::Error { message })) => {
+            return Err(rollback(vmm, paused, format!("the destination refused: {message}")))
+        }
+        Ok((_, other)) => {
+            return Err(rollback(vmm, paused, format!("unexpected answer from the destination: {other:?}")))
+        }
+        Err(e) => return Err(rollback(vmm, paused, e)),
     };
-    match protocol::recv(&mut r) {
-        Ok(Control::Ready) => {}
-        Ok(Control::Error { message }) => return Err(rollback(format!("the destination refused: {message}"))),
-        Ok(other) => return Err(rollback(format!("unexpected answer from the destination: {other:?}"))),
-        Err(e) => return Err(rollback(format!("the destination did not confirm: {e}"))),
-    }
     // Hand the backends over.
     vmm.vcpu().run_paused(|_, d| d.disconnect());
-    let handed = protocol::send(w, &Control::Go).map_err(|e| e.to_string()).and_then(|()| {
+    let chan = &t.chan;
+    let handed = protocol::send(&mut t.w, &Control::Go).map_err(|e| e.to_string()).and_then(|()| {
         let _ = chan.set_read_timeout(Some(RUNNING_TIMEOUT));
         match protocol::recv(&mut r) {
             Ok(Control::Running) => Ok(()),
@@ -239,17 +284,15 @@ fn finish(
     });
     if let Err(e) = handed {
         // Take the backends back and carry on here.
-        let back = vmm.vcpu().run_paused({
-            let d = devices.clone();
-            move |_, devs| devs.reconnect(&d)
-        });
+        let d = paused.devices.clone();
+        let back = vmm.vcpu().run_paused(move |_, devs| devs.reconnect(&d));
         vmm.vcpu().resume();
         return Err(match back {
             Some(Ok(())) => e,
             other => format!("{e}; re-attaching the backends failed too: {other:?}"),
         });
     }
-    update(status, |s| s.downtime_ms = paused_at.elapsed().as_millis() as u64);
-    let _ = w.flush();
+    update(status, |s| s.downtime_ms = paused.at.elapsed().as_millis() as u64);
+    let _ = t.w.flush();
     Ok(())
 }

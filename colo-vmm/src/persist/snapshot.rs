@@ -204,4 +204,3 @@ mod tests {
         assert!(read_rest(&mut r, GuestRam::new(16 << 20).unwrap().memory(), 8 << 20).is_err());
     }
 }
-

@@ -1,0 +1,209 @@
+//! The controller's side of the compare processes' control sockets (spec/control.md): set their
+//! mode, flush them at checkpoints, and hear their miscompares. One reader thread per process
+//! forwards everything into one channel, so the controller waits on all of them at once.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use colo_proxy::compare::Mode;
+use colo_proxy::control::{Command, Event};
+
+/// How long a compare process may take to answer a command.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One connected compare process.
+struct Process {
+    path: PathBuf,
+    writer: UnixStream,
+    nic: String,
+}
+
+/// A miscompare reported by one of the compare processes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reported {
+    /// The NIC.
+    pub nic: String,
+    /// The reason (spec/control.md names).
+    pub reason: String,
+}
+
+/// The compare processes a controller drives.
+pub struct CompareSet {
+    procs: Vec<Process>,
+    rx: Receiver<(usize, Option<Event>)>,
+    stash: VecDeque<(usize, Event)>,
+    next_id: u64,
+}
+
+impl CompareSet {
+    /// Connects to every control socket (retrying each for up to `patience`).
+    pub fn connect(paths: &[PathBuf], patience: Duration) -> Result<CompareSet, String> {
+        let (tx, rx) = channel();
+        let mut procs = vec![];
+        for (i, p) in paths.iter().enumerate() {
+            procs.push(Self::connect_one(i, p, patience, tx.clone())?);
+        }
+        Ok(CompareSet { procs, rx, stash: VecDeque::new(), next_id: 1 })
+    }
+
+    fn connect_one(
+        i: usize,
+        path: &Path,
+        patience: Duration,
+        tx: Sender<(usize, Option<Event>)>,
+    ) -> Result<Process, String> {
+        let deadline = Instant::now() + patience;
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!("cannot reach the compare process at {}: {e}", path.display()))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+        let mut hello = String::new();
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| e.to_string())?;
+        reader.read_line(&mut hello).map_err(|e| format!("{}: no hello: {e}", path.display()))?;
+        let nic = match Event::parse(hello.trim_end().as_bytes()) {
+            Ok(Event::Hello { nic, .. }) => nic,
+            other => return Err(format!("{}: expected hello, got {other:?}", path.display())),
+        };
+        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+        std::thread::Builder::new()
+            .name("colo-compare-rx".into())
+            .spawn(move || {
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match reader.read_line(&mut line) {
+                        Ok(0) | Err(_) => {
+                            let _ = tx.send((i, None));
+                            return;
+                        }
+                        Ok(_) => {
+                            if let Ok(ev) = Event::parse(line.trim_end().as_bytes()) {
+                                if tx.send((i, Some(ev))).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(Process { path: path.to_path_buf(), writer: stream, nic })
+    }
+
+    /// How many compare processes.
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
+    fn send_all(&mut self, make: impl Fn(u64) -> Command) -> Result<Vec<u64>, String> {
+        let mut ids = vec![];
+        for p in &mut self.procs {
+            let id = self.next_id;
+            self.next_id += 1;
+            let mut line = make(id).to_line();
+            if !line.ends_with('\n') {
+                line.push('\n');
+            }
+            p.writer.write_all(line.as_bytes()).map_err(|e| format!("compare process {}: {e}", p.path.display()))?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Waits for one reply per id (in any order), stashing other events.
+    fn wait_replies(&mut self, ids: &[u64]) -> Result<Vec<Event>, String> {
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        let mut replies: Vec<Option<Event>> = vec![None; ids.len()];
+        while replies.iter().any(Option::is_none) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((i, Some(ev))) => match ev.reply_to().and_then(|id| ids.iter().position(|&x| x == id)) {
+                    Some(k) => {
+                        if let Event::Error { message, .. } = &ev {
+                            return Err(format!("compare process {} refused: {message}", self.procs[i].path.display()));
+                        }
+                        replies[k] = Some(ev);
+                    }
+                    None => self.stash.push_back((i, ev)),
+                },
+                Ok((i, None)) => return Err(format!("compare process {} went away", self.procs[i].path.display())),
+                Err(RecvTimeoutError::Timeout) => return Err("a compare process did not answer in time".into()),
+                Err(RecvTimeoutError::Disconnected) => return Err("compare links closed".into()),
+            }
+        }
+        Ok(replies.into_iter().map(|r| r.expect("all answered")).collect())
+    }
+
+    /// Sets every compare process's mode.
+    pub fn set_mode(&mut self, mode: Mode) -> Result<(), String> {
+        let ids = self.send_all(|id| Command::Mode { id, mode })?;
+        self.wait_replies(&ids).map(|_| ())
+    }
+
+    /// Flushes every compare process (the checkpoint's output commit); returns frames
+    /// released and dropped in total.
+    pub fn checkpoint(&mut self) -> Result<(u64, u64), String> {
+        let ids = self.send_all(|id| Command::Checkpoint { id })?;
+        let mut sum = (0, 0);
+        for ev in self.wait_replies(&ids)? {
+            if let Event::Flushed { released, dropped, .. } = ev {
+                sum.0 += released;
+                sum.1 += dropped;
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Drops miscompares reported so far (they belong to the interval a checkpoint just ended).
+    pub fn forget_miscompares(&mut self) {
+        self.stash.clear();
+        while let Ok((_, Some(_))) = self.rx.try_recv() {}
+    }
+
+    /// The next miscompare, waiting at most `timeout`. `Err` if a compare process went away.
+    pub fn next_miscompare(&mut self, timeout: Duration) -> Result<Option<Reported>, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((i, ev)) = self.stash.pop_front() {
+                if let Some(r) = self.as_miscompare(i, ev) {
+                    return Ok(Some(r));
+                }
+                continue;
+            }
+            match self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((i, Some(ev))) => {
+                    if let Some(r) = self.as_miscompare(i, ev) {
+                        return Ok(Some(r));
+                    }
+                }
+                Ok((i, None)) => return Err(format!("compare process {} went away", self.procs[i].path.display())),
+                Err(RecvTimeoutError::Timeout) => return Ok(None),
+                Err(RecvTimeoutError::Disconnected) => return Err("compare links closed".into()),
+            }
+        }
+    }
+
+    fn as_miscompare(&self, i: usize, ev: Event) -> Option<Reported> {
+        match ev {
+            Event::Miscompare { reason, .. } => {
+                Some(Reported { nic: self.procs[i].nic.clone(), reason: reason.name().to_string() })
+            }
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! The checkpoint link between primary and secondary: the state stream in both directions,
+//! a reader thread that turns records into [`Incoming`] messages, and a heartbeat thread, so a
+//! silent or broken peer is noticed within `heartbeat-timeout` whatever the controller is doing.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::migration::protocol::{self, Control};
+use crate::migration::uri::Channel;
+use crate::persist::sections::Sections;
+use crate::persist::stream::{Kind, StreamError, StreamReader, StreamWriter};
+
+/// What arrives from the peer.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A control message (heartbeats are consumed by the link).
+    Control(Control),
+    /// A batch of pages.
+    Pages(Vec<u8>),
+    /// Device state.
+    State(Vec<u8>),
+    /// The link broke; why.
+    Closed(String),
+    /// The peer sent something that is not a valid record or message (checksum, framing,
+    /// unknown message): the link is unusable, but the peer may well be alive.
+    Corrupt(String),
+}
+
+/// Why waiting for the peer ended without a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Silence {
+    /// Nothing within the wait.
+    Timeout,
+    /// The link is gone.
+    Closed(String),
+    /// The peer sent garbage (see [`Incoming::Corrupt`]).
+    Corrupt(String),
+}
+
+/// One end of the checkpoint link.
+pub struct Link<W: Write + Send + 'static> {
+    writer: Arc<Mutex<StreamWriter<W>>>,
+    rx: Receiver<Incoming>,
+    /// Milliseconds since `origin` when the peer was last heard.
+    last_heard: Arc<AtomicU64>,
+    origin: Instant,
+    stop: Arc<AtomicBool>,
+    chan: Channel,
+    closed: Option<Silence>,
+}
+
+impl<W: Write + Send + 'static> Link<W> {
+    /// Starts the reader and heartbeat threads. `interval_ms` is read at each beat, so a
+    /// parameter change applies at once.
+    pub fn new<R: Read + Send + 'static>(
+        mut reader: StreamReader<R>,
+        writer: StreamWriter<W>,
+        chan: Channel,
+        interval_ms: Arc<AtomicU64>,
+    ) -> Link<W> {
+        let origin = Instant::now();
+        let last_heard = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = Arc::new(Mutex::new(writer));
+        let (tx, rx) = channel();
+        let heard = last_heard.clone();
+        std::thread::Builder::new()
+            .name("colo-link-rx".into())
+            .spawn(move || loop {
+                let msg = match reader.next_record() {
+                    Ok(Some(rec)) => {
+                        heard.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+                        match rec.kind {
+                            Kind::Control => match protocol::parse(&rec.payload) {
+                                Ok(Control::Heartbeat) => continue,
+                                Ok(c) => Incoming::Control(c),
+                                Err(e) => Incoming::Corrupt(e.to_string()),
+                            },
+                            Kind::Pages => Incoming::Pages(rec.payload),
+                            Kind::State => Incoming::State(rec.payload),
+                            Kind::End => Incoming::Closed("the peer ended the stream".into()),
+                        }
+                    }
+                    Ok(None) => Incoming::Closed("the peer ended the stream".into()),
+                    Err(e @ (StreamError::Io(_) | StreamError::Truncated(_))) => Incoming::Closed(e.to_string()),
+                    Err(e) => Incoming::Corrupt(e.to_string()),
+                };
+                let last = matches!(msg, Incoming::Closed(_) | Incoming::Corrupt(_));
+                if tx.send(msg).is_err() || last {
+                    return;
+                }
+            })
+            .expect("spawn the link reader");
+        let (w, s) = (writer.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("colo-heartbeat".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(interval_ms.load(Ordering::Relaxed).max(1)));
+                    let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+                    if protocol::send(&mut w, &Control::Heartbeat).is_err() {
+                        return;
+                    }
+                }
+            })
+            .expect("spawn the heartbeat");
+        Link { writer, rx, last_heard, origin, stop, chan, closed: None }
+    }
+
+    /// Sends a control message.
+    pub fn send(&self, c: &Control) -> Result<(), String> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        protocol::send(&mut w, c).map_err(|e| format!("checkpoint link: {e}"))
+    }
+
+    /// Runs `f` with the stream writer (heartbeats wait meanwhile), then flushes.
+    pub fn with_writer<T>(&self, f: impl FnOnce(&mut StreamWriter<W>) -> Result<T, String>) -> Result<T, String> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let v = f(&mut w)?;
+        w.flush().map_err(|e| format!("checkpoint link: {e}"))?;
+        Ok(v)
+    }
+
+    /// Sends device state.
+    pub fn send_state(&self, s: &Sections) -> Result<(), String> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.record(Kind::State, &s.encode()).map_err(|e| format!("checkpoint link: {e}"))?;
+        w.flush().map_err(|e| format!("checkpoint link: {e}"))
+    }
+
+    /// The next message, waiting at most `timeout`.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Incoming, Silence> {
+        if let Some(end) = &self.closed {
+            return Err(end.clone());
+        }
+        let end = match self.rx.recv_timeout(timeout) {
+            Ok(Incoming::Closed(why)) => Silence::Closed(why),
+            Ok(Incoming::Corrupt(why)) => Silence::Corrupt(why),
+            Ok(m) => return Ok(m),
+            Err(RecvTimeoutError::Timeout) => return Err(Silence::Timeout),
+            Err(RecvTimeoutError::Disconnected) => Silence::Closed("the link reader stopped".into()),
+        };
+        self.closed = Some(end.clone());
+        Err(end)
+    }
+
+    /// How long the peer has been silent (heartbeats count as speech).
+    pub fn silent_for(&self) -> Duration {
+        self.origin.elapsed().saturating_sub(Duration::from_millis(self.last_heard.load(Ordering::Relaxed)))
+    }
+
+    /// Stops the heartbeat and closes the connection.
+    pub fn close(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.chan.shutdown();
+    }
+}
+
+impl<W: Write + Send + 'static> Drop for Link<W> {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

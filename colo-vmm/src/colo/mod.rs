@@ -1,0 +1,12 @@
+//! COLO (spec/colo.md): the primary's checkpoint controller with hybrid mode, the secondary's
+//! RAM cache and checkpoint loading, the checkpoint link with its heartbeat, and failover.
+
+pub mod cache;
+pub mod compare;
+pub mod hybrid;
+pub mod link;
+pub mod params;
+pub mod primary;
+pub mod secondary;
+pub mod shared;
+pub mod status;

@@ -1,0 +1,489 @@
+//! The primary: `colo-start` migrates the running VM to the secondary and, instead of handing
+//! it over, keeps checkpointing it there (spec/colo.md). The checkpoint controller runs hybrid
+//! mode: it waits for a miscompare, `max-time`, a user request or the end of a passive interval;
+//! runs the transaction in the spec's order; and fails over to `primary-only` when the
+//! secondary is lost.
+
+use std::io::BufWriter;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use colo_proxy::compare::Mode;
+
+use super::compare::CompareSet;
+use super::hybrid::{CheckpointKind, Decision, Hybrid};
+use super::link::{Incoming, Link, Silence};
+use super::params::{ms, ColoParams};
+use super::shared::ColoShared;
+use super::status::{unix_ms, Role, State, Trigger};
+use crate::devices::DevicesState;
+use crate::migration::protocol::{Control, Purpose};
+use crate::migration::source::{self, Transfer};
+use crate::migration::status::{MigrationParams, MigrationState, StatusHandle};
+use crate::migration::uri::{Channel, MigrationUri};
+use crate::persist::stream::PAGE_SIZE;
+use crate::persist::vm_state;
+use crate::vmm::Vmm;
+use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
+
+/// How long the secondary may take to load the initial state and start.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the secondary may take for one step of a checkpoint, heartbeats notwithstanding.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often dirty pages are gathered between checkpoints for the background transfer.
+const BACKGROUND_EVERY: Duration = Duration::from_millis(100);
+/// Longest single wait of the controller, so commands and the link are checked often.
+const TICK: Duration = Duration::from_millis(10);
+/// Test hook: a pause (ms) inside each checkpoint transfer, after the pages and before the device
+/// state, so tests can kill the primary in the middle of a checkpoint.
+pub const TEST_DELAY_ENV: &str = "COLO_VMM_TEST_CHECKPOINT_DELAY_MS";
+
+/// A primary-to-be connects to its compare processes at once and sets them `primary-only`, so
+/// its traffic flows before COLO starts (spec/control.md, "Initial mode").
+pub fn prepare(colo: &ColoShared) -> Result<(), String> {
+    let mut c = CompareSet::connect(&colo.compare_sockets, Duration::from_secs(10))?;
+    c.set_mode(Mode::PrimaryOnly)?;
+    *colo.compare() = Some(c);
+    Ok(())
+}
+
+/// `colo-start uri=…`: checks that COLO can start and starts it on its own thread.
+pub fn start(vmm: &Arc<Vmm>, uri: MigrationUri) -> Result<(), String> {
+    let colo = vmm.colo();
+    let s = colo.status();
+    if s.role == Role::Secondary {
+        return Err("this VMM runs a secondary; start COLO on the primary".into());
+    }
+    if matches!(s.state, State::Starting | State::Running) {
+        return Err("COLO is already running".into());
+    }
+    if colo.compare_sockets.is_empty() {
+        return Err(
+            "COLO needs the VM's traffic to pass a compare process: start colo-vmm with --compare-socket".into()
+        );
+    }
+    if vmm.migration_status().status == MigrationState::Active {
+        return Err("a migration is running".into());
+    }
+    colo.update(|s| {
+        s.role = Role::Primary;
+        s.state = State::Starting;
+        s.error = None;
+    });
+    let vmm = vmm.clone();
+    std::thread::Builder::new()
+        .name("colo-primary".into())
+        .spawn(move || run(&vmm, &uri))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn run(vmm: &Vmm, uri: &MigrationUri) {
+    let colo = vmm.colo();
+    let ctl = match begin(vmm, uri) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(target: "colo", uri = %uri, error = %e, "COLO did not start; the VM runs unprotected");
+            colo.update(|s| {
+                s.state = State::Inactive;
+                s.error = Some(e);
+            });
+            return;
+        }
+    };
+    ctl.run();
+}
+
+/// The initial transfer: a migration up to the device state, then the secondary starts its
+/// copy instead of taking over.
+fn begin<'a>(vmm: &'a Vmm, uri: &MigrationUri) -> Result<Controller<'a>, String> {
+    let colo = vmm.colo();
+    let started = Instant::now();
+    let progress = StatusHandle::default();
+    let mut t = source::connect(vmm, uri, Purpose::Colo)?;
+    let abandon = |t: Transfer, e: String| {
+        t.chan.shutdown();
+        t.tracker.stop(vmm.vm(), vmm.ram());
+        e
+    };
+    let dirty = match source::precopy(vmm, &mut t, MigrationParams::default(), &progress, started) {
+        Ok(d) => d,
+        Err(e) => return Err(abandon(t, e)),
+    };
+    let paused = match source::pause_and_send_state(vmm, &mut t, dirty, &progress, false) {
+        Ok(p) => p,
+        Err(e) => return Err(abandon(t, e)),
+    };
+    // From here the PVM is paused: every way out restarts it.
+    let ready = source::answer(&t, READY_TIMEOUT).and_then(|(r, c)| match c {
+        Control::CheckpointReady => Ok(r),
+        Control::Error { message } => Err(format!("the secondary refused: {message}")),
+        other => Err(format!("unexpected answer from the secondary: {other:?}")),
+    });
+    let reader = match ready {
+        Ok(r) => r,
+        Err(e) => return Err(abandon(t, source::rollback(vmm, &paused, e))),
+    };
+    let _ = t.chan.set_read_timeout(None);
+    let compare = match take_compare(colo).and_then(|mut c| c.set_mode(Mode::Colo).map(|()| c)) {
+        Ok(mut c) => {
+            c.forget_miscompares();
+            c
+        }
+        Err(e) => {
+            let _ = crate::migration::protocol::send(&mut t.w, &Control::Error { message: e.clone() });
+            return Err(abandon(t, source::rollback(vmm, &paused, e)));
+        }
+    };
+    let Transfer { w, chan, tracker, .. } = t;
+    let link = Link::new(reader, w, chan, colo.heartbeat_ms.clone());
+    let pages = (vmm.ram().size() / PAGE_SIZE as u64) as usize;
+    let mut ctl = Controller {
+        vmm,
+        colo,
+        link,
+        compare: Some(compare),
+        tracker: Some(tracker),
+        hybrid: Hybrid::default(),
+        pending: DirtyBitmap::empty(pages),
+        seq: 0,
+        resumed_at: Instant::now(),
+        test_delay: std::env::var(TEST_DELAY_ENV).ok().and_then(|v| v.parse().ok()).map(ms),
+    };
+    if let Err(End::Error(e) | End::Lost(e)) = ctl.resume(&paused.devices) {
+        ctl.fail_over(End::Error(e.clone()));
+        return Err(e);
+    }
+    colo.update(|s| {
+        s.state = State::Running;
+        s.mode = Some(CheckpointKind::Colo);
+        s.hybrid = Some(Hybrid::default());
+        s.started_unix_ms = unix_ms();
+    });
+    tracing::info!(target: "colo", uri = %uri, ms = started.elapsed().as_millis() as u64, "COLO started");
+    Ok(ctl)
+}
+
+/// The primary's compare connection, made at start-up to set `primary-only`, or a new one.
+fn take_compare(colo: &ColoShared) -> Result<CompareSet, String> {
+    match colo.compare().take() {
+        Some(c) => Ok(c),
+        None => CompareSet::connect(&colo.compare_sockets, Duration::from_secs(5)),
+    }
+}
+
+/// Why COLO ended on the primary.
+enum End {
+    /// The secondary is gone, silent, or declared lost: carry on alone.
+    Lost(String),
+    /// Something went wrong that the secondary may not know about: tell it (so it does not take
+    /// over), then carry on alone.
+    Error(String),
+}
+
+/// The checkpoint controller.
+struct Controller<'a> {
+    vmm: &'a Vmm,
+    colo: &'a ColoShared,
+    link: Link<BufWriter<Channel>>,
+    compare: Option<CompareSet>,
+    tracker: Option<DirtyTracker>,
+    hybrid: Hybrid,
+    /// Pages dirtied since the last checkpoint and not yet streamed in the background.
+    pending: DirtyBitmap,
+    seq: u64,
+    /// When the PVM last resumed: intervals count running time only.
+    resumed_at: Instant,
+    test_delay: Option<Duration>,
+}
+
+impl Controller<'_> {
+    fn compare(&mut self) -> &mut CompareSet {
+        self.compare.as_mut().expect("present until failover")
+    }
+
+    fn tracker(&self) -> &DirtyTracker {
+        self.tracker.as_ref().expect("present until failover")
+    }
+
+    /// Restarts the devices and the vCPU after a pause.
+    fn resume(&mut self, devices: &DevicesState) -> Result<(), End> {
+        let d = devices.clone();
+        let r = self.vmm.vcpu().run_paused(move |_, devs| devs.resume(&d));
+        self.vmm.vcpu().resume();
+        self.resumed_at = Instant::now();
+        match r {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(End::Error(format!("restarting the devices: {e}"))),
+            None => Err(End::Error("the vCPU thread is gone".into())),
+        }
+    }
+
+    fn run(mut self) {
+        let end = loop {
+            let step = self.wait().and_then(|trigger| {
+                let p = self.colo.params();
+                self.checkpoint(trigger, &p)
+            });
+            if let Err(end) = step {
+                break end;
+            }
+        };
+        self.fail_over(end);
+    }
+
+    /// Hears the secondary between and during checkpoints: a heartbeat timeout, a broken link,
+    /// an error from it or `lost-heartbeat` end COLO.
+    fn check_peer(&mut self, wait: Duration) -> Result<Option<Control>, End> {
+        if self.colo.lost_heartbeat.swap(false, Ordering::Relaxed) {
+            return Err(End::Lost("lost-heartbeat command".into()));
+        }
+        let timeout = ms(self.colo.params().heartbeat_timeout);
+        if self.link.silent_for() > timeout {
+            return Err(End::Lost(format!("no heartbeat from the secondary for {} ms", timeout.as_millis())));
+        }
+        match self.link.recv(wait) {
+            Err(Silence::Timeout) => Ok(None),
+            Err(Silence::Closed(why)) => Err(End::Lost(format!("checkpoint link broken: {why}"))),
+            Err(Silence::Corrupt(why)) => {
+                Err(End::Error(format!("corrupt checkpoint stream from the secondary: {why}")))
+            }
+            Ok(Incoming::Control(Control::Error { message })) => {
+                Err(End::Lost(format!("the secondary gave up: {message}")))
+            }
+            Ok(Incoming::Control(c)) => Ok(Some(c)),
+            Ok(other) => Err(End::Error(format!("unexpected data from the secondary: {}", describe(&other)))),
+        }
+    }
+
+    /// Step 2 of the hybrid cycle: until the limit, a miscompare (COLO only, not before
+    /// `min-time`), or a user request. Streams dirty RAM in the background meanwhile.
+    fn wait(&mut self) -> Result<Trigger, End> {
+        let colo_mode = self.hybrid.mode() == CheckpointKind::Colo;
+        let mut early: Option<String> = None;
+        let mut last_background = Instant::now();
+        loop {
+            if let Some(c) = self.check_peer(Duration::ZERO)? {
+                return Err(End::Error(format!("unexpected message from the secondary between checkpoints: {c:?}")));
+            }
+            // Parameters apply at once, also within an interval.
+            let p = self.colo.params();
+            if self.colo.user_checkpoint.swap(false, Ordering::Relaxed) {
+                return Ok(Trigger::User);
+            }
+            let ran = self.resumed_at.elapsed();
+            if let Some(reason) = &early {
+                if ran >= ms(p.min_time) {
+                    return Ok(Trigger::Miscompare(reason.clone()));
+                }
+            }
+            let limit = self.hybrid.limit(&p);
+            if ran >= limit {
+                return Ok(if colo_mode { Trigger::Periodic } else { Trigger::Passive });
+            }
+            if p.ram_background_limit > 0 && last_background.elapsed() >= BACKGROUND_EVERY {
+                self.background(p.ram_background_limit)?;
+                last_background = Instant::now();
+            }
+            let slice = TICK.min(limit - ran);
+            if colo_mode && early.is_none() {
+                match self.compare().next_miscompare(slice) {
+                    Ok(Some(m)) => {
+                        tracing::debug!(target: "colo", nic = %m.nic, reason = %m.reason, "miscompare");
+                        early = Some(m.reason);
+                    }
+                    Ok(None) => {}
+                    Err(e) => return Err(End::Error(format!("compare process: {e}"))),
+                }
+            } else {
+                std::thread::sleep(slice);
+            }
+        }
+    }
+
+    /// Streams pending dirty pages to the secondary's RAM cache once enough have gathered.
+    fn background(&mut self, limit: u64) -> Result<(), End> {
+        let more = self.tracker().collect(self.vmm.vm(), self.vmm.ram()).map_err(|e| End::Error(e.to_string()))?;
+        self.pending.union(more.words());
+        if (self.pending.count() as u64) * (PAGE_SIZE as u64) < limit {
+            return Ok(());
+        }
+        let vmm = self.vmm;
+        let pending = &self.pending;
+        let n = self.link.with_writer(|w| source::send_pages(w, vmm, pending.iter(), false)).map_err(End::Lost)?;
+        self.pending = DirtyBitmap::empty(self.pending.words().len() * 64);
+        self.colo.update(|s| s.background_pages += n);
+        tracing::debug!(target: "colo", pages = n, "dirty pages streamed in the background");
+        Ok(())
+    }
+
+    /// Waits for the secondary's message `want` (named `what` in errors).
+    fn expect(&mut self, what: &str, want: &Control) -> Result<(), End> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            match self.check_peer(TICK)? {
+                Some(c) if &c == want => return Ok(()),
+                Some(c) => return Err(End::Error(format!("expected {what} from the secondary, got {c:?}"))),
+                None if Instant::now() >= deadline => {
+                    return Err(End::Lost(format!("the secondary sent no {what} within {} s", STEP_TIMEOUT.as_secs())))
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Steps 3–6 of the hybrid cycle: decide, run the transaction, record it.
+    fn checkpoint(&mut self, trigger: Trigger, p: &ColoParams) -> Result<(), End> {
+        let interval = self.resumed_at.elapsed();
+        let before = self.hybrid.clone();
+        let decision = self.hybrid.cycle(interval, p);
+        self.seq += 1;
+        let seq = self.seq;
+        let passive = decision.kind == CheckpointKind::Passive;
+        self.link
+            .send(&Control::CheckpointRequest { seq, passive, trigger: trigger.to_string() })
+            .map_err(End::Lost)?;
+        if matches!(trigger, Trigger::Miscompare(_)) && p.relax_time > 0 {
+            // Useful work while the secondary gets ready.
+            std::thread::sleep(ms(p.relax_time));
+        }
+        self.expect("checkpoint-reply", &Control::CheckpointReply { seq })?;
+        let paused_at = Instant::now();
+        if !self.vmm.vcpu().pause() {
+            return Err(End::Error("the guest stopped".into()));
+        }
+        let (state, devices) = match self.vmm.save_vcpu_and_devices() {
+            Ok(v) => v,
+            Err(e) => {
+                self.vmm.vcpu().resume();
+                return Err(End::Error(format!("saving the vCPU and devices: {e}")));
+            }
+        };
+        let sent = self.transaction(seq, state, decision);
+        // Whatever happened, the PVM runs on.
+        let resumed = self.resume(&devices);
+        let pause = paused_at.elapsed();
+        let (pages, bytes, released, dropped) = sent?;
+        resumed?;
+        let kind = decision.kind;
+        let hybrid = self.hybrid.clone();
+        self.colo.update(|s| {
+            s.checkpoint(kind, &trigger, pause, pages, bytes);
+            s.frames_released += released;
+            s.frames_dropped += dropped;
+            s.mode = Some(kind);
+            s.hybrid = Some(hybrid.clone());
+            if decision.switched {
+                s.checkpoints.mode_switches += 1;
+            }
+        });
+        tracing::info!(
+            target: "colo",
+            seq,
+            kind = ?kind,
+            trigger = %trigger,
+            interval_ms = interval.as_millis() as u64,
+            pause_ms = pause.as_secs_f64() * 1000.0,
+            pages,
+            released,
+            "checkpoint"
+        );
+        if decision.switched {
+            tracing::info!(
+                target: "colo",
+                from = ?before.mode(),
+                to = ?kind,
+                mean_ms = before.mean_ms * 0.7 + 0.3 * interval.as_secs_f64() * 1000.0,
+                cycles = before.count + 1,
+                "mode switch"
+            );
+        }
+        Ok(())
+    }
+
+    /// With the PVM paused: send the pages and state, commit the output once the secondary
+    /// holds them, switch the compare mode if the kind changed, wait until it loaded.
+    /// Returns pages, bytes, frames released and dropped.
+    fn transaction(
+        &mut self,
+        seq: u64,
+        mut state: crate::persist::sections::Sections,
+        decision: Decision,
+    ) -> Result<(u64, u64, u64, u64), End> {
+        let vmm = self.vmm;
+        let more = self.tracker().collect(vmm.vm(), vmm.ram()).map_err(|e| End::Error(e.to_string()))?;
+        self.pending.union(more.words());
+        self.link.send(&Control::VmstateSend { seq }).map_err(End::Lost)?;
+        let pending = &self.pending;
+        let pages = self.link.with_writer(|w| source::send_pages(w, vmm, pending.iter(), false)).map_err(End::Lost)?;
+        self.pending = DirtyBitmap::empty(self.pending.words().len() * 64);
+        if let Some(d) = self.test_delay {
+            tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
+            std::thread::sleep(d);
+        }
+        vm_state::save(vmm.vm().fd(), &mut state).map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
+        let encoded = state.encode().len() as u64;
+        self.link.send_state(&state).map_err(End::Lost)?;
+        self.link.send(&Control::VmstateSize { seq, pages }).map_err(End::Lost)?;
+        self.expect("vmstate-received", &Control::VmstateReceived { seq })?;
+        // Output commit: only now may the frames of the interval leave.
+        let (released, dropped) =
+            self.compare().checkpoint().map_err(|e| End::Error(format!("compare process: {e}")))?;
+        if decision.switched {
+            let mode = match decision.kind {
+                CheckpointKind::Colo => Mode::Colo,
+                CheckpointKind::Passive => Mode::Passive,
+            };
+            self.compare().set_mode(mode).map_err(|e| End::Error(format!("compare process: {e}")))?;
+        }
+        self.compare().forget_miscompares();
+        self.expect("vmstate-loaded", &Control::VmstateLoaded { seq })?;
+        Ok((pages, pages * PAGE_SIZE as u64 + encoded, released, dropped))
+    }
+
+    /// The secondary is lost: release what the compare processes hold and run alone.
+    fn fail_over(mut self, end: End) {
+        let (reason, error) = match end {
+            End::Lost(r) => (r, None),
+            End::Error(e) => {
+                // The secondary may be alive: tell it not to take over.
+                let _ = self.link.send(&Control::Error { message: format!("the primary continues alone: {e}") });
+                (e.clone(), Some(e))
+            }
+        };
+        tracing::warn!(target: "colo", reason = %reason, "failover: the primary continues unprotected");
+        self.link.close();
+        let mut compare = self.compare.take();
+        let set = match compare.as_mut() {
+            Some(c) => c.set_mode(Mode::PrimaryOnly),
+            None => Err("no compare connection".into()),
+        };
+        if let Err(e) = set {
+            // Reconnect: a compare process may have restarted.
+            tracing::warn!(target: "colo", error = %e, "setting primary-only; reconnecting to the compare processes");
+            compare = CompareSet::connect(&self.colo.compare_sockets, Duration::from_secs(5))
+                .and_then(|mut c| c.set_mode(Mode::PrimaryOnly).map(|()| c))
+                .map_err(|e| tracing::error!(target: "colo", error = %e, "could not set the compare processes to primary-only"))
+                .ok();
+        }
+        *self.colo.compare() = compare;
+        if let Some(t) = self.tracker.take() {
+            t.stop(self.vmm.vm(), self.vmm.ram());
+        }
+        self.colo.update(|s| {
+            s.failed_over(Role::Primary, &reason, "the PVM's current state");
+            s.error = error;
+        });
+        tracing::info!(target: "colo", "failover complete: the primary runs alone");
+    }
+}
+
+fn describe(m: &Incoming) -> String {
+    match m {
+        Incoming::Control(c) => format!("{c:?}"),
+        Incoming::Pages(p) => format!("{} bytes of pages", p.len()),
+        Incoming::State(s) => format!("{} bytes of device state", s.len()),
+        Incoming::Closed(w) | Incoming::Corrupt(w) => w.clone(),
+    }
+}

@@ -1,0 +1,285 @@
+//! The secondary: it receives the primary's VM by the initial transfer, runs it as the SVM with
+//! its own backend connection, and serves checkpoints (spec/colo.md):
+//! 1. `checkpoint-request` → pause the SVM, `checkpoint-reply`;
+//! 3. and 4. pages go to the RAM cache, then the device state; `vmstate-received`;
+//! 6. quiesce its own rings, copy into guest memory every page either side dirtied since the
+//!    last checkpoint (received ∪ the SVM's own, from KVM, the VMM and its backend's log), load
+//!    the vCPU, VM and device state (its rings restart where the primary's stood), resume unless
+//!    passive, `vmstate-loaded`.
+//!
+//! Failover (link broken, heartbeat silent, or `lost-heartbeat`): a checkpoint received
+//! completely is loaded first (its output may have been released); otherwise the SVM resumes
+//! as it is (COLO: its state agrees with everything released; passive: it holds the last
+//! checkpoint). Then every compare process is set to `secondary-only`.
+
+use std::io::BufReader;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use colo_proxy::compare::Mode;
+
+use super::cache::RamCache;
+use super::compare::CompareSet;
+use super::hybrid::CheckpointKind;
+use super::link::{Incoming, Link, Silence};
+use super::params::ms;
+use super::status::{Role, State, Trigger};
+use crate::migration::protocol::Control;
+use crate::migration::uri::Channel;
+use crate::persist::sections::Sections;
+use crate::persist::stream::{pages as stream_pages, StreamReader, StreamWriter};
+use crate::persist::{vcpu_state, vm_state};
+use crate::vmm::{BootError, Core, VmConfig, Vmm};
+use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
+
+/// What still has to run once the secondary's VMM exists.
+pub struct SecondaryRunner {
+    reader: StreamReader<BufReader<Channel>>,
+    writer: StreamWriter<Channel>,
+    chan: Channel,
+    cache: RamCache,
+    tracker: DirtyTracker,
+}
+
+/// Starts the SVM from the initial transfer: attaches this VMM's own backends, takes over the
+/// state, fills the RAM cache, starts dirty tracking and the vCPU, says `checkpoint-ready`.
+pub fn start(
+    config: &VmConfig,
+    core: Core,
+    state: Sections,
+    reader: StreamReader<BufReader<Channel>>,
+    mut writer: StreamWriter<Channel>,
+    chan: Channel,
+) -> Result<(Vmm, SecondaryRunner), BootError> {
+    let err = |what: &'static str| move |e: String| BootError::Other { what, error: e };
+    let mut machine = core.attach(config)?;
+    Vmm::apply_state(&mut machine, &state, &config.serial)?;
+    let cache = RamCache::copy_of(machine.ram().memory(), machine.ram().size()).map_err(err("RAM cache"))?;
+    let tracker = machine.dirty_tracker().map_err(err("dirty tracking"))?;
+    let vmm = machine.start()?;
+    crate::migration::protocol::send(&mut writer, &Control::CheckpointReady)?;
+    vmm.colo().update(|s| {
+        s.role = Role::Secondary;
+        s.state = State::Running;
+        s.mode = Some(CheckpointKind::Colo);
+    });
+    tracing::info!(target: "colo", "secondary running; COLO started");
+    Ok((vmm, SecondaryRunner { reader, writer, chan, cache, tracker }))
+}
+
+/// Where a checkpoint stands on this side.
+enum Phase {
+    /// Between checkpoints.
+    Idle,
+    /// Paused for checkpoint `seq`; receiving.
+    Receiving { seq: u64, passive: bool, trigger: Trigger, pages: u64, state: Option<Vec<u8>>, started: Instant },
+}
+
+/// Why COLO ended on the secondary.
+enum End {
+    /// The primary is gone (link broken, heartbeat silent) or declared lost: take over.
+    Lost(String),
+    /// COLO cannot go on, but the primary may be alive and serving: keep the SVM paused at the
+    /// last complete checkpoint and wait for a failover decision. `tell`: say so to the primary.
+    Error { why: String, tell: bool },
+}
+
+impl SecondaryRunner {
+    /// Runs the checkpoint loop on its own thread until failover.
+    pub fn spawn(self, vmm: Arc<Vmm>) {
+        std::thread::Builder::new()
+            .name("colo-secondary".into())
+            .spawn(move || self.run(&vmm))
+            .expect("spawn the secondary");
+    }
+
+    fn run(self, vmm: &Vmm) {
+        let colo = vmm.colo();
+        let SecondaryRunner { reader, writer, chan, cache, tracker } = self;
+        let mut svm = Svm { cache, tracker, received: DirtyBitmap::empty((vmm.ram().size() / 4096) as usize) };
+        let mut link = Link::new(reader, writer, chan, colo.heartbeat_ms.clone());
+        let mut phase = Phase::Idle;
+        let end = loop {
+            if let Err(end) = svm.step(vmm, &mut link, &mut phase) {
+                break end;
+            }
+        };
+        let mid_checkpoint = matches!(phase, Phase::Receiving { .. });
+        let reason = match end {
+            End::Lost(reason) => reason,
+            End::Error { why, tell } => {
+                if tell {
+                    let _ = link.send(&Control::Error { message: why.clone() });
+                }
+                link.close();
+                vmm.vcpu().pause();
+                tracing::error!(target: "colo", error = %why, "COLO ended; the SVM waits paused for a failover decision (lost-heartbeat)");
+                colo.update(|s| {
+                    s.state = State::Stopped;
+                    s.error = Some(why.clone());
+                });
+                while !colo.lost_heartbeat.swap(false, Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                format!("lost-heartbeat command after: {why}")
+            }
+        };
+        drop(link);
+        svm.failover(vmm, &reason, mid_checkpoint);
+    }
+}
+
+/// The SVM's side of checkpoints: the RAM cache and its own dirty tracking.
+struct Svm {
+    cache: RamCache,
+    tracker: DirtyTracker,
+    /// Pages received from the primary since the last checkpoint was loaded.
+    received: DirtyBitmap,
+}
+
+impl Svm {
+    /// Handles one message (or a quiet moment) from the primary.
+    fn step(&mut self, vmm: &Vmm, link: &mut Link<Channel>, phase: &mut Phase) -> Result<(), End> {
+        let colo = vmm.colo();
+        let error = |why: String| End::Error { why, tell: true };
+        if colo.lost_heartbeat.swap(false, Ordering::Relaxed) {
+            return Err(End::Lost("lost-heartbeat command".into()));
+        }
+        let timeout = ms(colo.params().heartbeat_timeout);
+        if link.silent_for() > timeout {
+            return Err(End::Lost(format!("no heartbeat from the primary for {} ms", timeout.as_millis())));
+        }
+        let msg = match link.recv(Duration::from_millis(20)) {
+            Ok(m) => m,
+            Err(Silence::Timeout) => return Ok(()),
+            Err(Silence::Closed(why)) => return Err(End::Lost(format!("checkpoint link broken: {why}"))),
+            Err(Silence::Corrupt(why)) => {
+                return Err(error(format!("corrupt checkpoint stream from the primary: {why}")))
+            }
+        };
+        match (msg, &mut *phase) {
+            (Incoming::Pages(p), ph) => {
+                let mut n = 0;
+                for (gpa, data) in stream_pages(&p) {
+                    if !self.cache.store(gpa, data) {
+                        return Err(error(format!("the primary sent page {gpa:#x}, outside guest memory")));
+                    }
+                    self.received.set((gpa / 4096) as usize);
+                    n += 1;
+                }
+                if let Phase::Receiving { pages, .. } = ph {
+                    *pages += n;
+                }
+            }
+            (Incoming::Control(Control::CheckpointRequest { seq, passive, trigger }), Phase::Idle) => {
+                vmm.vcpu().pause();
+                link.send(&Control::CheckpointReply { seq }).map_err(End::Lost)?;
+                let trigger = Trigger::parse(&trigger);
+                *phase = Phase::Receiving { seq, passive, trigger, pages: 0, state: None, started: Instant::now() };
+            }
+            (Incoming::Control(Control::VmstateSend { seq }), Phase::Receiving { seq: s, pages, .. }) if seq == *s => {
+                // Pages streamed in the background before this point are not part of the count.
+                *pages = 0
+            }
+            (Incoming::State(st), Phase::Receiving { state, .. }) => *state = Some(st),
+            (
+                Incoming::Control(Control::VmstateSize { seq, pages: n }),
+                Phase::Receiving { seq: s, pages, state, .. },
+            ) if seq == *s => {
+                if n != *pages || state.is_none() {
+                    return Err(error(format!(
+                        "checkpoint {seq}: the primary sent {n} pages and {} device state, {} pages arrived",
+                        if state.is_some() { "its" } else { "no" },
+                        pages
+                    )));
+                }
+                let Phase::Receiving { passive, trigger, state, started, .. } = std::mem::replace(phase, Phase::Idle)
+                else {
+                    unreachable!("matched above")
+                };
+                let state = state.expect("checked");
+                // The checkpoint is complete here: from the moment the primary hears this, it may
+                // release the interval's output, so the SVM loads it whatever happens next.
+                let told = link.send(&Control::VmstateReceived { seq });
+                self.load(vmm, state, passive, &trigger, started)
+                    .map_err(|e| error(format!("loading checkpoint {seq}: {e}")))?;
+                told.map_err(End::Lost)?;
+                link.send(&Control::VmstateLoaded { seq }).map_err(End::Lost)?;
+            }
+            (Incoming::Control(Control::Error { message }), _) => {
+                return Err(End::Error { why: format!("the primary ended COLO: {message}"), tell: false })
+            }
+            (Incoming::Control(other), _) => {
+                return Err(error(format!("unexpected message from the primary: {other:?}")))
+            }
+            (Incoming::State(_), Phase::Idle) => return Err(error("device state outside a checkpoint".into())),
+            (Incoming::Closed(why), _) => return Err(End::Lost(why)),
+            (Incoming::Corrupt(why), _) => return Err(error(why)),
+        }
+        Ok(())
+    }
+
+    /// Step 6: the SVM takes the checkpoint.
+    fn load(
+        &mut self,
+        vmm: &Vmm,
+        state: Vec<u8>,
+        passive: bool,
+        trigger: &Trigger,
+        started: Instant,
+    ) -> Result<(), String> {
+        let sections = Sections::decode(&state).map_err(|e| e.to_string())?;
+        let devices: crate::devices::DevicesState = sections.json("devices").map_err(|e| e.to_string())?;
+        // Stop our own rings so the backend no longer writes guest memory, then gather what the
+        // SVM changed since the last checkpoint.
+        vmm.vcpu().run_paused(|_, d| d.pause().map(|_| ())).unwrap_or(Err("vCPU gone".into()))?;
+        let own = self.tracker.collect(vmm.vm(), vmm.ram()).map_err(|e| e.to_string())?;
+        self.received.union(own.words());
+        let n = self.cache.apply(vmm.ram().memory(), self.received.iter())?;
+        vm_state::restore(vmm.vm().fd(), &sections).map_err(|e| e.to_string())?;
+        let s2 = sections.clone();
+        vmm.vcpu()
+            .run_paused(move |vcpu, d| -> Result<(), String> {
+                vcpu_state::restore(vcpu, 0, &s2).map_err(|e| e.to_string())?;
+                d.serial.load(&devices.serial);
+                d.restore(&devices)
+            })
+            .unwrap_or(Err("vCPU gone".into()))?;
+        // Our own copying is not the SVM's writing.
+        let _ = self.tracker.collect(vmm.vm(), vmm.ram());
+        self.received = DirtyBitmap::empty(self.received.words().len() * 64);
+        let kind = if passive { CheckpointKind::Passive } else { CheckpointKind::Colo };
+        if !passive {
+            vmm.vcpu().resume();
+        }
+        vmm.colo().update(|s| {
+            s.mode = Some(kind);
+            s.checkpoint(kind, trigger, started.elapsed(), n, n * 4096 + state.len() as u64);
+        });
+        tracing::info!(target: "colo", kind = ?kind, trigger = %trigger, pages = n, ms = started.elapsed().as_millis() as u64, "checkpoint loaded");
+        Ok(())
+    }
+
+    fn failover(self, vmm: &Vmm, reason: &str, mid_checkpoint: bool) {
+        let from = if mid_checkpoint {
+            "the SVM's own state (the checkpoint in flight was incomplete)"
+        } else {
+            "the SVM's current state"
+        };
+        tracing::warn!(target: "colo", reason, "failover: the secondary takes over");
+        self.tracker.stop(vmm.vm(), vmm.ram());
+        vmm.vcpu().resume();
+        let colo = vmm.colo();
+        match CompareSet::connect(&colo.compare_sockets, Duration::from_secs(5))
+            .and_then(|mut c| c.set_mode(Mode::SecondaryOnly))
+        {
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(target: "colo", error = %e, "could not set the compare processes to secondary-only")
+            }
+        }
+        colo.update(|s| s.failed_over(Role::Secondary, reason, from));
+        tracing::info!(target: "colo", "failover complete: the secondary runs alone");
+    }
+}

@@ -1,0 +1,76 @@
+//! COLO state shared between the control API and the controller threads of one VMM.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{Map, Value};
+
+use super::compare::CompareSet;
+use super::params::ColoParams;
+use super::status::ColoStatus;
+
+/// The shared state.
+pub struct ColoShared {
+    params: Mutex<ColoParams>,
+    /// The heartbeat interval, read by the link's heartbeat thread at each beat.
+    pub heartbeat_ms: Arc<AtomicU64>,
+    status: Mutex<ColoStatus>,
+    /// `lost-heartbeat`: fail over now.
+    pub lost_heartbeat: AtomicBool,
+    /// A user asked for a checkpoint.
+    pub user_checkpoint: AtomicBool,
+    /// The compare processes' control sockets (`--compare-socket`).
+    pub compare_sockets: Vec<PathBuf>,
+    /// The primary's connection to them (made at start, to set `primary-only`).
+    pub compare: Mutex<Option<CompareSet>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ColoShared {
+    /// Defaults, with these compare processes.
+    pub fn new(compare_sockets: Vec<PathBuf>) -> ColoShared {
+        let p = ColoParams::default();
+        ColoShared {
+            heartbeat_ms: Arc::new(AtomicU64::new(p.heartbeat_interval)),
+            params: Mutex::new(p),
+            status: Mutex::new(ColoStatus::default()),
+            lost_heartbeat: AtomicBool::new(false),
+            user_checkpoint: AtomicBool::new(false),
+            compare_sockets,
+            compare: Mutex::new(None),
+        }
+    }
+
+    /// The current parameters.
+    pub fn params(&self) -> ColoParams {
+        *lock(&self.params)
+    }
+
+    /// `set-parameters`: all or nothing.
+    pub fn set_params(&self, args: &Map<String, Value>) -> Result<ColoParams, String> {
+        let mut p = lock(&self.params);
+        let new = p.with(args)?;
+        *p = new;
+        self.heartbeat_ms.store(new.heartbeat_interval, Ordering::Relaxed);
+        Ok(new)
+    }
+
+    /// A copy of the status.
+    pub fn status(&self) -> ColoStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Changes the status.
+    pub fn update(&self, f: impl FnOnce(&mut ColoStatus)) {
+        f(&mut lock(&self.status));
+    }
+
+    /// The compare connection (primary).
+    pub fn compare(&self) -> MutexGuard<'_, Option<CompareSet>> {
+        lock(&self.compare)
+    }
+}

@@ -1,0 +1,241 @@
+//! What `query-colo-status` reports: role, mode, hybrid state, checkpoint counters by kind and
+//! trigger, pause times (last, p50, p99), pages and bytes per checkpoint, the last failover.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use super::hybrid::{CheckpointKind, Hybrid};
+
+/// This VMM's part in COLO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Not in COLO.
+    #[default]
+    None,
+    /// Runs the PVM and the checkpoint controller.
+    Primary,
+    /// Runs the SVM and the RAM cache.
+    Secondary,
+}
+
+/// Where COLO stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Not started.
+    #[default]
+    Inactive,
+    /// The initial migration is running.
+    Starting,
+    /// Checkpointing: see `mode`.
+    Running,
+    /// The peer is gone; this side runs alone.
+    FailedOver,
+    /// COLO ended with an error and this side (a secondary) waits with its VM paused at the last
+    /// complete checkpoint for a failover decision (`lost-heartbeat`).
+    Stopped,
+}
+
+/// Why a checkpoint happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trigger {
+    /// A compare process reported an inconsistency (its reason).
+    Miscompare(String),
+    /// `max-time` passed without one.
+    Periodic,
+    /// A passive-mode interval ended.
+    Passive,
+    /// A user asked for it.
+    User,
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Trigger::Miscompare(r) => write!(f, "miscompare:{r}"),
+            Trigger::Periodic => f.write_str("periodic"),
+            Trigger::Passive => f.write_str("passive"),
+            Trigger::User => f.write_str("user"),
+        }
+    }
+}
+
+impl Trigger {
+    /// Reads the form [`Display`](std::fmt::Display) writes; anything else counts as periodic.
+    pub fn parse(s: &str) -> Trigger {
+        match s {
+            "passive" => Trigger::Passive,
+            "user" => Trigger::User,
+            _ => match s.strip_prefix("miscompare:") {
+                Some(r) => Trigger::Miscompare(r.to_string()),
+                None => Trigger::Periodic,
+            },
+        }
+    }
+}
+
+/// Checkpoint counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Counters {
+    /// All checkpoints.
+    pub total: u64,
+    /// COLO checkpoints (the secondary resumed).
+    pub colo: u64,
+    /// Passive checkpoints (the secondary stayed paused).
+    pub passive: u64,
+    /// Triggered by miscompares, by reason.
+    pub miscompare: BTreeMap<String, u64>,
+    /// Triggered by `max-time`.
+    pub periodic: u64,
+    /// Triggered by the passive interval.
+    pub passive_interval: u64,
+    /// Requested by a user.
+    pub user: u64,
+    /// Switches between COLO and passive.
+    pub mode_switches: u64,
+}
+
+/// A failover.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Failover {
+    /// When (ms since the Unix epoch).
+    pub at_unix_ms: u64,
+    /// Which side survived.
+    pub survivor: Role,
+    /// What was detected.
+    pub reason: String,
+    /// What the survivor resumed from.
+    pub resumed_from: String,
+}
+
+/// The status.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ColoStatus {
+    /// Role.
+    pub role: Role,
+    /// State.
+    pub state: State,
+    /// When COLO started (ms since the Unix epoch).
+    pub started_unix_ms: u64,
+    /// COLO or passive (while running).
+    pub mode: Option<CheckpointKind>,
+    /// The hybrid controller's state (primary).
+    pub hybrid: Option<Hybrid>,
+    /// Checkpoints.
+    pub checkpoints: Counters,
+    /// Pause of the last checkpoint, ms (primary: PVM paused; secondary: SVM loading).
+    pub pause_last_ms: f64,
+    /// Median pause, ms.
+    pub pause_p50_ms: f64,
+    /// 99th percentile pause, ms.
+    pub pause_p99_ms: f64,
+    /// Pages in the last checkpoint.
+    pub pages_last: u64,
+    /// Mean pages per checkpoint.
+    pub pages_mean: f64,
+    /// Bytes of the last checkpoint (pages and device state).
+    pub bytes_last: u64,
+    /// Bytes over all checkpoints.
+    pub bytes_total: u64,
+    /// Pages streamed to the secondary between checkpoints (ram-background-limit).
+    pub background_pages: u64,
+    /// Frames the compare processes released at checkpoints (primary).
+    pub frames_released: u64,
+    /// Frames they dropped at checkpoints (secondary copies nobody matched).
+    pub frames_dropped: u64,
+    /// The last failover.
+    pub last_failover: Option<Failover>,
+    /// Why COLO ended, if it ended with an error.
+    pub error: Option<String>,
+    #[serde(skip)]
+    pauses: VecDeque<f64>,
+}
+
+/// Now, in ms since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Pauses kept for percentiles.
+const PAUSE_WINDOW: usize = 4096;
+
+impl ColoStatus {
+    /// Records a finished checkpoint.
+    pub fn checkpoint(&mut self, kind: CheckpointKind, trigger: &Trigger, pause: Duration, pages: u64, bytes: u64) {
+        let c = &mut self.checkpoints;
+        c.total += 1;
+        match kind {
+            CheckpointKind::Colo => c.colo += 1,
+            CheckpointKind::Passive => c.passive += 1,
+        }
+        match trigger {
+            Trigger::Miscompare(r) => *c.miscompare.entry(r.clone()).or_default() += 1,
+            Trigger::Periodic => c.periodic += 1,
+            Trigger::Passive => c.passive_interval += 1,
+            Trigger::User => c.user += 1,
+        }
+        let ms = pause.as_secs_f64() * 1000.0;
+        self.pause_last_ms = ms;
+        if self.pauses.len() == PAUSE_WINDOW {
+            self.pauses.pop_front();
+        }
+        self.pauses.push_back(ms);
+        let mut sorted: Vec<f64> = self.pauses.iter().copied().collect();
+        sorted.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+        let q = |f: f64| sorted[((sorted.len() - 1) as f64 * f).round() as usize];
+        self.pause_p50_ms = q(0.5);
+        self.pause_p99_ms = q(0.99);
+        self.pages_last = pages;
+        self.pages_mean += (pages as f64 - self.pages_mean) / c.total as f64;
+        self.bytes_last = bytes;
+        self.bytes_total += bytes;
+    }
+
+    /// Records a failover.
+    pub fn failed_over(&mut self, survivor: Role, reason: &str, resumed_from: &str) {
+        let at_unix_ms = unix_ms();
+        self.state = State::FailedOver;
+        self.mode = None;
+        self.last_failover =
+            Some(Failover { at_unix_ms, survivor, reason: reason.to_string(), resumed_from: resumed_from.to_string() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_percentiles() {
+        let mut s = ColoStatus::default();
+        for i in 1..=100u64 {
+            let t = if i % 2 == 0 { Trigger::Periodic } else { Trigger::Miscompare("payload".into()) };
+            s.checkpoint(CheckpointKind::Colo, &t, Duration::from_millis(i), 10 * i, 4096 * i);
+        }
+        s.checkpoint(CheckpointKind::Passive, &Trigger::Passive, Duration::from_millis(5), 0, 0);
+        assert_eq!(s.checkpoints.total, 101);
+        assert_eq!((s.checkpoints.colo, s.checkpoints.passive), (100, 1));
+        assert_eq!(s.checkpoints.miscompare["payload"], 50);
+        assert_eq!(s.checkpoints.periodic, 50);
+        assert_eq!(s.pause_last_ms, 5.0);
+        assert!((s.pause_p50_ms - 50.0).abs() <= 1.0, "{}", s.pause_p50_ms);
+        assert!(s.pause_p99_ms >= 98.0);
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["checkpoints"]["miscompare"]["payload"], 50);
+        assert!(v.get("pauses").is_none());
+    }
+
+    #[test]
+    fn triggers_cross_the_link_as_text() {
+        for t in [Trigger::Periodic, Trigger::Passive, Trigger::User, Trigger::Miscompare("ack".into())] {
+            assert_eq!(Trigger::parse(&t.to_string()), t);
+        }
+        assert_eq!(Trigger::parse(""), Trigger::Periodic);
+    }
+}

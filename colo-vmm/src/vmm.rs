@@ -506,6 +506,22 @@ impl VmmApi {
     }
 }
 
+impl VmmApi {
+    /// `stop` and `cont` belong to the checkpoint controller while COLO runs, and a VM that
+    /// COLO stopped waits for a failover decision instead.
+    fn not_in_colo(&self, command: &str) -> Result<(), ApiError> {
+        match self.vmm.colo.status().state {
+            ColoState::Starting | ColoState::Running => {
+                Err(ApiError::generic(format!("{command}: COLO runs this VM (end it with lost-heartbeat first)")))
+            }
+            ColoState::Stopped => Err(ApiError::generic(format!(
+                "{command}: COLO stopped this VM; on a secondary, lost-heartbeat makes it take over"
+            ))),
+            ColoState::Inactive | ColoState::FailedOver => Ok(()),
+        }
+    }
+}
+
 impl Handler for VmmApi {
     fn handle(&self, command: &str, args: &Map<String, Value>) -> Result<Value, ApiError> {
         let no_args = || {
@@ -521,6 +537,7 @@ impl Handler for VmmApi {
             }
             "stop" => {
                 no_args()?;
+                self.not_in_colo("stop")?;
                 if !self.vmm.vcpu.pause() {
                     return Err(ApiError::generic("the guest is no longer running"));
                 }
@@ -528,6 +545,7 @@ impl Handler for VmmApi {
             }
             "cont" => {
                 no_args()?;
+                self.not_in_colo("cont")?;
                 self.vmm.vcpu.resume();
                 Ok(json!({}))
             }

@@ -22,6 +22,7 @@ pub enum CheckpointKind {
 
 /// The controller's hybrid state.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub struct Hybrid {
     /// Passive checkpoints still to do (0 = COLO).
     pub passive_left: u32,

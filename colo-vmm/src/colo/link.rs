@@ -147,6 +147,19 @@ impl<W: Write + Send + 'static> Link<W> {
         Err(end)
     }
 
+    /// After a failed write: whether the peer explained itself before the link went down (an
+    /// `error` or `taken-over` it sent just before closing), waiting at most `wait`.
+    pub fn last_words(&mut self, wait: Duration) -> Option<Control> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.recv(deadline.saturating_duration_since(Instant::now())) {
+                Ok(Incoming::Control(c @ (Control::Error { .. } | Control::TakenOver { .. }))) => return Some(c),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// How long the peer has been silent (heartbeats count as speech).
     pub fn silent_for(&self) -> Duration {
         self.origin.elapsed().saturating_sub(Duration::from_millis(self.last_heard.load(Ordering::Relaxed)))

@@ -177,9 +177,11 @@ fn take_compare(colo: &ColoShared) -> Result<CompareSet, String> {
 enum End {
     /// The secondary is gone, silent, or declared lost: carry on alone.
     Lost(String),
-    /// Something went wrong that the secondary may not know about: tell it (so it does not take
-    /// over), then carry on alone.
+    /// Something went wrong on this side or in what the secondary sent: carry on alone and
+    /// report the error.
     Error(String),
+    /// The secondary took over (it believed this side dead): step down, the VM paused.
+    Replaced(String),
 }
 
 /// The checkpoint controller.
@@ -233,24 +235,38 @@ impl Controller<'_> {
         self.fail_over(end);
     }
 
+    /// A write to the secondary failed: if it said why before closing, that is the reason.
+    fn write_failed(&mut self, e: String) -> End {
+        match self.link.last_words(Duration::from_millis(200)) {
+            Some(Control::Error { message }) => End::Error(format!("the secondary gave up: {message}")),
+            Some(Control::TakenOver { reason }) => End::Replaced(reason),
+            _ => End::Lost(e),
+        }
+    }
+
     /// Hears the secondary between and during checkpoints: a heartbeat timeout, a broken link,
     /// an error from it or `lost-heartbeat` end COLO.
     fn check_peer(&mut self, wait: Duration) -> Result<Option<Control>, End> {
         if self.colo.lost_heartbeat.swap(false, Ordering::Relaxed) {
             return Err(End::Lost("lost-heartbeat command".into()));
         }
-        let timeout = ms(self.colo.params().heartbeat_timeout);
-        if self.link.silent_for() > timeout {
-            return Err(End::Lost(format!("no heartbeat from the secondary for {} ms", timeout.as_millis())));
-        }
+        // Read before judging silence: after this process was descheduled (or stopped), what
+        // the secondary sent meanwhile must count, and an error from it must be seen.
         match self.link.recv(wait) {
-            Err(Silence::Timeout) => Ok(None),
+            Err(Silence::Timeout) => {
+                let timeout = ms(self.colo.params().heartbeat_timeout);
+                if self.link.silent_for() > timeout {
+                    return Err(End::Lost(format!("no heartbeat from the secondary for {} ms", timeout.as_millis())));
+                }
+                Ok(None)
+            }
             Err(Silence::Closed(why)) => Err(End::Lost(format!("checkpoint link broken: {why}"))),
             Err(Silence::Corrupt(why)) => {
                 Err(End::Error(format!("corrupt checkpoint stream from the secondary: {why}")))
             }
+            Ok(Incoming::Control(Control::TakenOver { reason })) => Err(End::Replaced(reason)),
             Ok(Incoming::Control(Control::Error { message })) => {
-                Err(End::Lost(format!("the secondary gave up: {message}")))
+                Err(End::Error(format!("the secondary gave up: {message}")))
             }
             Ok(Incoming::Control(c)) => Ok(Some(c)),
             Ok(other) => Err(End::Error(format!("unexpected data from the secondary: {}", describe(&other)))),
@@ -311,7 +327,10 @@ impl Controller<'_> {
         }
         let vmm = self.vmm;
         let pending = &self.pending;
-        let n = self.link.with_writer(|w| source::send_pages(w, vmm, pending.iter(), false)).map_err(End::Lost)?;
+        let n = self
+            .link
+            .with_writer(|w| source::send_pages(w, vmm, pending.iter(), false))
+            .map_err(|e| self.write_failed(e))?;
         self.pending = DirtyBitmap::empty(self.pending.words().len() * 64);
         self.colo.update(|s| s.background_pages += n);
         tracing::debug!(target: "colo", pages = n, "dirty pages streamed in the background");
@@ -343,7 +362,7 @@ impl Controller<'_> {
         let passive = decision.kind == CheckpointKind::Passive;
         self.link
             .send(&Control::CheckpointRequest { seq, passive, trigger: trigger.to_string() })
-            .map_err(End::Lost)?;
+            .map_err(|e| self.write_failed(e))?;
         if matches!(trigger, Trigger::Miscompare(_)) && p.relax_time > 0 {
             // Useful work while the secondary gets ready.
             std::thread::sleep(ms(p.relax_time));
@@ -414,9 +433,12 @@ impl Controller<'_> {
         let vmm = self.vmm;
         let more = self.tracker().collect(vmm.vm(), vmm.ram()).map_err(|e| End::Error(e.to_string()))?;
         self.pending.union(more.words());
-        self.link.send(&Control::VmstateSend { seq }).map_err(End::Lost)?;
+        self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
         let pending = &self.pending;
-        let pages = self.link.with_writer(|w| source::send_pages(w, vmm, pending.iter(), false)).map_err(End::Lost)?;
+        let pages = self
+            .link
+            .with_writer(|w| source::send_pages(w, vmm, pending.iter(), false))
+            .map_err(|e| self.write_failed(e))?;
         self.pending = DirtyBitmap::empty(self.pending.words().len() * 64);
         if let Some(d) = self.test_delay {
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
@@ -424,8 +446,8 @@ impl Controller<'_> {
         }
         vm_state::save(vmm.vm().fd(), &mut state).map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
         let encoded = state.encode().len() as u64;
-        self.link.send_state(&state).map_err(End::Lost)?;
-        self.link.send(&Control::VmstateSize { seq, pages }).map_err(End::Lost)?;
+        self.link.send_state(&state).map_err(|e| self.write_failed(e))?;
+        self.link.send(&Control::VmstateSize { seq, pages }).map_err(|e| self.write_failed(e))?;
         self.expect("vmstate-received", &Control::VmstateReceived { seq })?;
         // Output commit: only now may the frames of the interval leave.
         let (released, dropped) =
@@ -446,12 +468,12 @@ impl Controller<'_> {
     fn fail_over(mut self, end: End) {
         let (reason, error) = match end {
             End::Lost(r) => (r, None),
-            End::Error(e) => {
-                // The secondary may be alive: tell it not to take over.
-                let _ = self.link.send(&Control::Error { message: format!("the primary continues alone: {e}") });
-                (e.clone(), Some(e))
-            }
+            End::Error(e) => (e.clone(), Some(e)),
+            End::Replaced(why) => return self.step_down(why),
         };
+        // The secondary may still be alive (slow, or declared lost by a cluster manager): tell
+        // it not to take over. On a broken link this fails, and it does not matter.
+        let _ = self.link.send(&Control::Error { message: format!("the primary continues alone: {reason}") });
         tracing::warn!(target: "colo", reason = %reason, "failover: the primary continues unprotected");
         self.link.close();
         let mut compare = self.compare.take();
@@ -476,6 +498,25 @@ impl Controller<'_> {
             s.error = error;
         });
         tracing::info!(target: "colo", "failover complete: the primary runs alone");
+    }
+}
+
+impl Controller<'_> {
+    /// The secondary serves now: this VM must not. It stays paused (for inspection, or `quit`);
+    /// the compare processes are left as the secondary set them.
+    fn step_down(mut self, why: String) {
+        self.link.close();
+        self.vmm.vcpu().pause();
+        if let Some(t) = self.tracker.take() {
+            t.stop(self.vmm.vm(), self.vmm.ram());
+        }
+        let error = format!("the secondary took over ({why}); this VM is paused and must not run again");
+        tracing::error!(target: "colo", "{error}");
+        self.colo.update(|s| {
+            s.state = State::Stopped;
+            s.mode = None;
+            s.error = Some(error);
+        });
     }
 }
 

@@ -107,7 +107,12 @@ impl SecondaryRunner {
         };
         let mid_checkpoint = matches!(phase, Phase::Receiving { .. });
         let reason = match end {
-            End::Lost(reason) => reason,
+            End::Lost(reason) => {
+                // If the primary is alive after all (stopped, or cut off only one way), it must
+                // step down rather than serve alongside.
+                let _ = link.send(&Control::TakenOver { reason: reason.clone() });
+                reason
+            }
             End::Error { why, tell } => {
                 if tell {
                     let _ = link.send(&Control::Error { message: why.clone() });
@@ -130,6 +135,17 @@ impl SecondaryRunner {
     }
 }
 
+/// A write to the primary failed: if it said why before closing (it continues alone), this
+/// side must not take over.
+fn write_failed<W: std::io::Write + Send + 'static>(link: &mut Link<W>, e: String) -> End {
+    match link.last_words(Duration::from_millis(200)) {
+        Some(Control::Error { message }) => {
+            End::Error { why: format!("the primary ended COLO: {message}"), tell: false }
+        }
+        _ => End::Lost(e),
+    }
+}
+
 /// The SVM's side of checkpoints: the RAM cache and its own dirty tracking.
 struct Svm {
     cache: RamCache,
@@ -146,13 +162,16 @@ impl Svm {
         if colo.lost_heartbeat.swap(false, Ordering::Relaxed) {
             return Err(End::Lost("lost-heartbeat command".into()));
         }
-        let timeout = ms(colo.params().heartbeat_timeout);
-        if link.silent_for() > timeout {
-            return Err(End::Lost(format!("no heartbeat from the primary for {} ms", timeout.as_millis())));
-        }
+        // Read before judging silence (see the primary's check_peer).
         let msg = match link.recv(Duration::from_millis(20)) {
             Ok(m) => m,
-            Err(Silence::Timeout) => return Ok(()),
+            Err(Silence::Timeout) => {
+                let timeout = ms(colo.params().heartbeat_timeout);
+                if link.silent_for() > timeout {
+                    return Err(End::Lost(format!("no heartbeat from the primary for {} ms", timeout.as_millis())));
+                }
+                return Ok(());
+            }
             Err(Silence::Closed(why)) => return Err(End::Lost(format!("checkpoint link broken: {why}"))),
             Err(Silence::Corrupt(why)) => {
                 return Err(error(format!("corrupt checkpoint stream from the primary: {why}")))
@@ -174,7 +193,7 @@ impl Svm {
             }
             (Incoming::Control(Control::CheckpointRequest { seq, passive, trigger }), Phase::Idle) => {
                 vmm.vcpu().pause();
-                link.send(&Control::CheckpointReply { seq }).map_err(End::Lost)?;
+                link.send(&Control::CheckpointReply { seq }).map_err(|e| write_failed(link, e))?;
                 let trigger = Trigger::parse(&trigger);
                 *phase = Phase::Receiving { seq, passive, trigger, pages: 0, state: None, started: Instant::now() };
             }
@@ -204,8 +223,8 @@ impl Svm {
                 let told = link.send(&Control::VmstateReceived { seq });
                 self.load(vmm, state, passive, &trigger, started)
                     .map_err(|e| error(format!("loading checkpoint {seq}: {e}")))?;
-                told.map_err(End::Lost)?;
-                link.send(&Control::VmstateLoaded { seq }).map_err(End::Lost)?;
+                told.map_err(|e| write_failed(link, e))?;
+                link.send(&Control::VmstateLoaded { seq }).map_err(|e| write_failed(link, e))?;
             }
             (Incoming::Control(Control::Error { message }), _) => {
                 return Err(End::Error { why: format!("the primary ended COLO: {message}"), tell: false })

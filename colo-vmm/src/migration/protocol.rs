@@ -89,6 +89,13 @@ pub enum Control {
         /// The checkpoint.
         seq: u64,
     },
+    /// Secondary → primary, at failover: the secondary took over (it lost the primary's
+    /// heartbeat, or was told `lost-heartbeat`). A primary still alive to read this must not
+    /// serve any more.
+    TakenOver {
+        /// Why the secondary failed over.
+        reason: String,
+    },
     /// Either way, on an idle link: alive.
     Heartbeat,
 }

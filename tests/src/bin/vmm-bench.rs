@@ -172,7 +172,8 @@ fn main() -> anyhow::Result<()> {
     for &mem in &args.mem {
         for &dirty in &args.dirty {
             eprintln!("migration {mem} MiB, dirty {dirty}/s…");
-            let runs: Vec<serde_json::Value> = (0..args.repeat).map(|_| migrate_once(mem, dirty, &[])).collect::<Result<_, _>>()?;
+            let runs: Vec<serde_json::Value> =
+                (0..args.repeat).map(|_| migrate_once(mem, dirty, &[])).collect::<Result<_, _>>()?;
             let get = |k: &str| median(runs.iter().map(|v| v[k].as_f64().unwrap_or(0.0)).collect());
             writeln!(
                 r,
@@ -193,8 +194,9 @@ fn main() -> anyhow::Result<()> {
     writeln!(r, "|---:|---:|---:|---:|---:|")?;
     for dirty in [1000u64, 10_000, 40_000, 100_000] {
         eprintln!("downtime, dirty {dirty}/s…");
-        let runs: Vec<serde_json::Value> =
-            (0..args.repeat).map(|_| migrate_once(256, dirty, &["max-rounds=0", "downtime-limit=0"])).collect::<Result<_, _>>()?;
+        let runs: Vec<serde_json::Value> = (0..args.repeat)
+            .map(|_| migrate_once(256, dirty, &["max-rounds=0", "downtime-limit=0"]))
+            .collect::<Result<_, _>>()?;
         let get = |k: &str| median(runs.iter().map(|v| v[k].as_f64().unwrap_or(0.0)).collect());
         let (pages, down) = (get("final-pages"), get("downtime-ms"));
         writeln!(

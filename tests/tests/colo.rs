@@ -1,0 +1,629 @@
+//! COLO end to end (spec/colo.md): a primary and a secondary colo-vmm running the reference
+//! guest behind a compare process (vhost-net-compare, or colo-proxy across passthrough taps),
+//! real clients in a namespace. Checkpoints, hybrid mode, failover in every mode and moment,
+//! heartbeat loss, `lost-heartbeat`, and a corrupt checkpoint stream.
+//!
+//! The tests run one at a time (each runs two VMs, some with a CPU burner, on what may be a
+//! two-core machine): timing-dependent behaviour such as heartbeat timeouts is then judged on a
+//! quiet machine.
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use colo_tests::colo_topology::{prerequisites, Backend, ColoNet, CounterClient, Side};
+use colo_tests::vm_topology::{cpu_time, LineClient};
+use colo_tests::{pcapread, skip};
+use serde_json::Value;
+
+/// One COLO test at a time.
+fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn check(test: &str, backend: Backend) -> bool {
+    match prerequisites(backend) {
+        Ok(()) => true,
+        Err(why) => {
+            skip(test, &why);
+            false
+        }
+    }
+}
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// Total miscompare-triggered checkpoints in a status.
+fn miscompares(s: &Value) -> u64 {
+    s["checkpoints"]["miscompare"].as_object().map(|m| m.values().map(n).sum()).unwrap_or(0)
+}
+
+/// Describes the miscompared frames the compare process captured.
+fn capture_summary(net: &ColoNet) -> String {
+    match std::fs::read(&net.capture) {
+        Ok(bytes) => {
+            format!("{} miscompared frames captured in {}", pcapread::frames(&bytes).len(), net.capture.display())
+        }
+        Err(_) => "no capture".into(),
+    }
+}
+
+/// Client traffic against the deterministic services for `secs`: counter increments (checked
+/// for continuity), TCP echo round trips and HTTP requests. Returns (incs, echoes, gets).
+fn deterministic_traffic(net: &ColoNet, secs: u64) -> (u64, u64, u64) {
+    let mut counter = CounterClient::connect(net);
+    let mut echo = net.connect(7);
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let (mut echoes, mut gets) = (0u64, 0u64);
+    let mut i = 0u64;
+    while Instant::now() < deadline {
+        counter.inc().unwrap_or_else(|e| panic!("{e}\n{}", net.logs()));
+        let msg = format!("echo {i} {}\n", "x".repeat((i % 200) as usize));
+        echo.write_all(msg.as_bytes()).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        echo.read_exact(&mut back).unwrap_or_else(|e| panic!("echo: {e}\n{}", net.logs()));
+        assert_eq!(back, msg.as_bytes());
+        echoes += 1;
+        if i.is_multiple_of(10) {
+            let mut h = net.connect(80);
+            h.write_all(b"GET / HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n").unwrap();
+            let mut body = String::new();
+            h.read_to_string(&mut body).unwrap_or_else(|e| panic!("http: {e}\n{}", net.logs()));
+            assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+            gets += 1;
+        }
+        i += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (counter.count, echoes, gets)
+}
+
+/// Traffic flows through COLO and, the services being deterministic, only periodic
+/// checkpoints happen. Returns the primary's status.
+fn traffic_with_periodic_checkpoints(net: &mut ColoNet) -> Value {
+    net.set_params(Side::Primary, &[("max-time", 1000)]);
+    net.start_colo();
+    let (incs, echoes, gets) = deterministic_traffic(net, 6);
+    let p = net.status(Side::Primary);
+    let s = net.status(Side::Secondary);
+    eprintln!("{incs} increments, {echoes} echoes, {gets} HTTP requests; primary: {p:#}");
+    assert!(incs > 50 && echoes > 50 && gets > 5, "the traffic flowed");
+    let total = n(&p["checkpoints"]["total"]);
+    assert!(total >= 4, "periodic checkpoints every second: {total}");
+    assert_eq!(
+        miscompares(&p),
+        0,
+        "deterministic services miscompared ({}); {}",
+        p["checkpoints"]["miscompare"],
+        capture_summary(net)
+    );
+    assert_eq!(n(&p["checkpoints"]["periodic"]), total, "every checkpoint periodic: {p:#}");
+    assert_eq!(p["mode"], "colo");
+    assert!(n(&p["pages-last"]) > 0 && p["pause-p99-ms"].as_f64().unwrap_or(0.0) > 0.0, "{p:#}");
+    // The secondary loaded every checkpoint (one may be in flight).
+    assert!(n(&s["checkpoints"]["total"]) + 1 >= total, "secondary: {s:#}");
+    assert_eq!(s["role"], "secondary");
+    p
+}
+
+#[test]
+fn colo_traffic_flows_with_only_periodic_checkpoints() {
+    let _g = serial();
+    if !check("colo_traffic_flows_with_only_periodic_checkpoints", Backend::VhostNetCompare) {
+        return;
+    }
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=echo,counter,http", &[]);
+    traffic_with_periodic_checkpoints(&mut net);
+    let stats = net.compare_stats();
+    assert!(n(&stats["released"]) > 100, "the compare process released the compared output: {stats}");
+}
+
+/// Reads the `top` stream on its own thread, counting lines, until told to stop.
+struct TopReader {
+    lines: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl TopReader {
+    fn start(net: &ColoNet) -> TopReader {
+        let s = net.connect(9100);
+        let lines = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, st) = (lines.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut r = LineClient::new(s);
+            while !st.load(Ordering::Relaxed) {
+                let line = r.read_line().map_err(|e| format!("top stream: {e}"))?;
+                if !line.starts_with("top seq=") {
+                    return Err(format!("bad top line '{line}'"));
+                }
+                l.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        TopReader { lines, stop, thread: Some(thread) }
+    }
+
+    fn lines(&self) -> u64 {
+        self.lines.load(Ordering::Relaxed)
+    }
+
+    fn finish(mut self) -> Result<(), String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().expect("once").join().expect("top reader")
+    }
+}
+
+/// CPU share of a process over `d`.
+fn cpu_share(pid: u32, d: Duration) -> f64 {
+    let before = cpu_time(pid);
+    std::thread::sleep(d);
+    (cpu_time(pid) - before).as_secs_f64() / d.as_secs_f64()
+}
+
+/// The seed's demo: a CPU burner and a `top` client make every interval miscompare; hybrid
+/// mode goes passive within seconds, the secondary's CPU drops, it tries COLO again after
+/// `passive-count` checkpoints and goes back to passive; without the client it stays in COLO.
+fn hybrid_under_top(net: &mut ColoNet) {
+    // A short passive stretch (12 × 250 ms) keeps the test short; the algorithm is the same.
+    net.set_params(Side::Primary, &[("passive-count", 12)]);
+    net.start_colo();
+    let colo_cpu = cpu_share(net.proc(Side::Secondary).pid(), Duration::from_secs(2));
+    let top = TopReader::start(net);
+    let t = Instant::now();
+    net.wait_status(Side::Primary, "passive", Duration::from_secs(10), |s| s["mode"] == "passive");
+    let to_passive = t.elapsed();
+    let passive_cpu = cpu_share(net.proc(Side::Secondary).pid(), Duration::from_millis(1500));
+    eprintln!(
+        "passive after {to_passive:?}; secondary CPU {:.0}% in COLO, {:.0}% in passive",
+        colo_cpu * 100.0,
+        passive_cpu * 100.0
+    );
+    assert!(colo_cpu > 0.3, "the secondary runs the burner in COLO: {colo_cpu}");
+    assert!(passive_cpu < colo_cpu / 4.0, "the secondary's CPU drops in passive mode: {passive_cpu} vs {colo_cpu}");
+    // Back to COLO after the passive count, and passive again (the client still reads).
+    let s = net.wait_status(Side::Primary, "passive, COLO, passive again", Duration::from_secs(20), |s| {
+        n(&s["checkpoints"]["mode-switches"]) >= 3 && s["mode"] == "passive"
+    });
+    assert!(n(&s["checkpoints"]["passive"]) >= 12, "{s:#}");
+    assert!(miscompares(&s) >= 8, "COLO intervals ended in miscompares: {s:#}");
+    let before = top.lines();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(top.lines() > before, "the top stream flows in passive mode");
+    top.finish().unwrap_or_else(|e| panic!("{e}\n{}", net.logs()));
+    // Without the client nothing diverges: once the passive stretch ends, COLO stays.
+    let s = net.wait_status(Side::Primary, "back in COLO", Duration::from_secs(10), |s| s["mode"] == "colo");
+    let switches = n(&s["checkpoints"]["mode-switches"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let s = net.status(Side::Primary);
+    assert_eq!(s["mode"], "colo", "{s:#}");
+    assert_eq!(n(&s["checkpoints"]["mode-switches"]), switches, "no switch without the top client: {s:#}");
+}
+
+#[test]
+fn hybrid_goes_passive_under_top_returns_to_colo_and_stays_there_without_it() {
+    let _g = serial();
+    if !check("hybrid_goes_passive_under_top_returns_to_colo_and_stays_there_without_it", Backend::VhostNetCompare) {
+        return;
+    }
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=burn,top,counter", &[]);
+    hybrid_under_top(&mut net);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Colo,
+    Passive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moment {
+    /// The client's session is open but quiet.
+    Idle,
+    /// The client increments all along.
+    Traffic,
+    /// Inside a checkpoint transaction (the test hook holds it open).
+    MidCheckpoint,
+}
+
+/// Increments the counter on its own thread until told to stop; every value checked.
+struct CounterLoad {
+    stop: Arc<AtomicBool>,
+    count: Arc<AtomicU64>,
+    thread: JoinHandle<Result<CounterClient, String>>,
+}
+
+impl CounterLoad {
+    fn start(mut c: CounterClient) -> CounterLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let (st, cn) = (stop.clone(), count.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                c.inc()?;
+                cn.store(c.count, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(c)
+        });
+        CounterLoad { stop, count, thread }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn finish(self) -> Result<CounterClient, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("counter thread")
+    }
+}
+
+/// Parameters that put the pair in passive mode at once and keep it there.
+const FORCE_PASSIVE: &[(&str, u64)] = &[("max-time", 100), ("passive-limit", 100_000), ("passive-count", 1_000_000)];
+
+/// Kills the primary with SIGKILL at `moment` in `mode`; the client's counter session goes on
+/// with the secondary: same connection, no value lost or repeated.
+fn failover(mode: Mode, moment: Moment) {
+    let env: &[(&str, &str)] =
+        if moment == Moment::MidCheckpoint { &[("COLO_VMM_TEST_CHECKPOINT_DELAY_MS", "1500")] } else { &[] };
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter,echo", env);
+    if mode == Mode::Passive {
+        net.set_params(Side::Primary, FORCE_PASSIVE);
+    }
+    net.start_colo();
+    let mut counter = CounterClient::connect(&net);
+    for _ in 0..20 {
+        counter.inc().unwrap_or_else(|e| panic!("{e}\n{}", net.logs()));
+    }
+    if mode == Mode::Passive {
+        net.wait_status(Side::Primary, "passive", Duration::from_secs(10), |s| s["mode"] == "passive");
+        net.wait_status(Side::Secondary, "passive", Duration::from_secs(10), |s| s["mode"] == "passive");
+    }
+    // The counter client moves to a loader thread unless the session stays idle.
+    let (load, mut counter) = match moment {
+        Moment::Idle => (None, Some(counter)),
+        _ => (Some(CounterLoad::start(counter)), None),
+    };
+    match moment {
+        Moment::Idle => std::thread::sleep(Duration::from_millis(500)),
+        Moment::Traffic => std::thread::sleep(Duration::from_secs(1)),
+        Moment::MidCheckpoint => {
+            if mode == Mode::Colo {
+                net.ctl(Side::Primary, "colo-checkpoint", &[]).expect("colo-checkpoint");
+            }
+            let t = Instant::now();
+            while !net.log(Side::Primary).contains("test hook") {
+                assert!(t.elapsed() < Duration::from_secs(10), "no checkpoint began\n{}", net.logs());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let before = load.as_ref().map(CounterLoad::count).unwrap_or(0);
+    let killed = Instant::now();
+    net.kill(Side::Primary);
+    let s = net.wait_status(Side::Secondary, "failed over", Duration::from_secs(5), |s| s["state"] == "failed-over");
+    eprintln!("{mode:?}/{moment:?}: failed over {:?} after the kill: {}", killed.elapsed(), s["last-failover"]);
+    assert_eq!(s["last-failover"]["survivor"], "secondary");
+    if moment == Moment::MidCheckpoint {
+        assert!(
+            s["last-failover"]["resumed-from"].as_str().unwrap_or("").contains("incomplete"),
+            "the checkpoint in flight was dropped: {s:#}"
+        );
+    }
+    let mut counter = match load {
+        Some(load) => {
+            std::thread::sleep(Duration::from_secs(2));
+            let after = load.count();
+            let c = load.finish().unwrap_or_else(|e| panic!("the counter session broke: {e}\n{}", net.logs()));
+            assert!(after > before + 10, "increments went on after the failover: {before} → {after}");
+            c
+        }
+        None => counter.take().expect("the idle session"),
+    };
+    for _ in 0..30 {
+        counter.inc().unwrap_or_else(|e| panic!("after failover: {e}\n{}", net.logs()));
+    }
+    eprintln!("{mode:?}/{moment:?}: {} increments, last value {}", counter.count, counter.last);
+    // A new session sees the same counter.
+    let fresh = CounterClient::connect(&net);
+    assert_eq!(fresh.last, counter.last, "the secondary's counter is the one the client saw");
+    let stats = net.compare_stats();
+    assert_eq!(stats["mode"], "secondary-only", "{stats}");
+}
+
+macro_rules! failover_test {
+    ($name:ident, $mode:expr, $moment:expr) => {
+        #[test]
+        fn $name() {
+            let _g = serial();
+            if check(stringify!($name), Backend::VhostNetCompare) {
+                failover($mode, $moment);
+            }
+        }
+    };
+}
+
+failover_test!(failover_in_colo_while_idle, Mode::Colo, Moment::Idle);
+failover_test!(failover_in_colo_during_counter_traffic, Mode::Colo, Moment::Traffic);
+failover_test!(failover_in_colo_in_the_middle_of_a_checkpoint, Mode::Colo, Moment::MidCheckpoint);
+failover_test!(failover_in_passive_while_idle, Mode::Passive, Moment::Idle);
+failover_test!(failover_in_passive_during_counter_traffic, Mode::Passive, Moment::Traffic);
+failover_test!(failover_in_passive_in_the_middle_of_a_checkpoint, Mode::Passive, Moment::MidCheckpoint);
+
+/// The primary survives: it runs on unprotected and its counter session is untouched.
+fn primary_goes_on(net: &ColoNet, counter: &mut CounterClient) {
+    for _ in 0..30 {
+        counter.inc().unwrap_or_else(|e| panic!("the primary stopped serving: {e}\n{}", net.logs()));
+    }
+    let stats = net.compare_stats();
+    assert_eq!(stats["mode"], "primary-only", "{stats}");
+}
+
+#[test]
+fn killed_secondary_leaves_the_primary_running_unprotected() {
+    let _g = serial();
+    if !check("killed_secondary_leaves_the_primary_running_unprotected", Backend::VhostNetCompare) {
+        return;
+    }
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter", &[]);
+    net.start_colo();
+    let mut counter = CounterClient::connect(&net);
+    counter.inc().unwrap();
+    let t = Instant::now();
+    net.kill(Side::Secondary);
+    let s = net.wait_status(Side::Primary, "failed over", Duration::from_secs(2), |s| s["state"] == "failed-over");
+    eprintln!("primary alone {:?} after the kill: {}", t.elapsed(), s["last-failover"]);
+    assert_eq!(s["last-failover"]["survivor"], "primary");
+    primary_goes_on(&net, &mut counter);
+}
+
+#[test]
+fn frozen_secondary_is_dropped_after_the_heartbeat_timeout_and_steps_down_when_it_wakes() {
+    let _g = serial();
+    if !check(
+        "frozen_secondary_is_dropped_after_the_heartbeat_timeout_and_steps_down_when_it_wakes",
+        Backend::VhostNetCompare,
+    ) {
+        return;
+    }
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter", &[]);
+    net.set_params(Side::Primary, &[("heartbeat-interval", 50), ("heartbeat-timeout", 500)]);
+    net.start_colo();
+    let mut counter = CounterClient::connect(&net);
+    counter.inc().unwrap();
+    let t = Instant::now();
+    net.signal(Side::Secondary, libc::SIGSTOP);
+    let s = net.wait_status(Side::Primary, "failed over", Duration::from_secs(3), |s| s["state"] == "failed-over");
+    let took = t.elapsed();
+    eprintln!("primary alone {took:?} after the secondary froze: {}", s["last-failover"]);
+    assert!(s["last-failover"]["reason"].as_str().unwrap_or("").contains("heartbeat"), "{s:#}");
+    assert!(took >= Duration::from_millis(450), "not before the timeout: {took:?}");
+    primary_goes_on(&net, &mut counter);
+    // The secondary wakes to the primary's message: it must not take over.
+    net.signal(Side::Secondary, libc::SIGCONT);
+    let s = net.wait_status(Side::Secondary, "stopped", Duration::from_secs(5), |s| s["state"] == "stopped");
+    assert!(s["error"].as_str().unwrap_or("").contains("primary"), "{s:#}");
+    std::thread::sleep(Duration::from_millis(300));
+    primary_goes_on(&net, &mut counter);
+}
+
+#[test]
+fn lost_heartbeat_on_the_primary_keeps_it_serving_and_stops_the_secondary() {
+    let _g = serial();
+    if !check("lost_heartbeat_on_the_primary_keeps_it_serving_and_stops_the_secondary", Backend::VhostNetCompare) {
+        return;
+    }
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter", &[]);
+    net.start_colo();
+    let mut counter = CounterClient::connect(&net);
+    counter.inc().unwrap();
+    net.ctl(Side::Primary, "lost-heartbeat", &[]).expect("lost-heartbeat");
+    let s = net.wait_status(Side::Primary, "failed over", Duration::from_secs(2), |s| s["state"] == "failed-over");
+    assert_eq!(s["last-failover"]["reason"], "lost-heartbeat command");
+    net.wait_status(Side::Secondary, "stopped", Duration::from_secs(2), |s| s["state"] == "stopped");
+    primary_goes_on(&net, &mut counter);
+}
+
+#[test]
+fn lost_heartbeat_on_the_secondary_takes_over_from_a_fenced_primary() {
+    let _g = serial();
+    if !check("lost_heartbeat_on_the_secondary_takes_over_from_a_fenced_primary", Backend::VhostNetCompare) {
+        return;
+    }
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter", &[]);
+    // Long heartbeat timeouts: only the command can trigger the failover here.
+    net.set_params(Side::Primary, &[("heartbeat-timeout", 60_000)]);
+    net.start_colo();
+    net.set_params(Side::Secondary, &[("heartbeat-timeout", 60_000)]);
+    let mut counter = CounterClient::connect(&net);
+    for _ in 0..10 {
+        counter.inc().unwrap();
+    }
+    // A cluster manager fences the primary, then tells the secondary.
+    net.signal(Side::Primary, libc::SIGSTOP);
+    let t = Instant::now();
+    net.ctl(Side::Secondary, "lost-heartbeat", &[]).expect("lost-heartbeat");
+    let s = net.wait_status(Side::Secondary, "failed over", Duration::from_secs(3), |s| s["state"] == "failed-over");
+    eprintln!("secondary took over {:?} after lost-heartbeat", t.elapsed());
+    assert_eq!(s["last-failover"]["reason"], "lost-heartbeat command");
+    for _ in 0..30 {
+        counter.inc().unwrap_or_else(|e| panic!("after takeover: {e}\n{}", net.logs()));
+    }
+    // The primary wakes to the secondary's message and steps down instead of serving.
+    net.signal(Side::Primary, libc::SIGCONT);
+    let s = net.wait_status(Side::Primary, "stopped", Duration::from_secs(5), |s| s["state"] == "stopped");
+    assert!(s["error"].as_str().unwrap_or("").contains("took over"), "{s:#}");
+    for _ in 0..10 {
+        counter.inc().unwrap_or_else(|e| panic!("after the primary woke: {e}\n{}", net.logs()));
+    }
+    assert_eq!(net.compare_stats()["mode"], "secondary-only");
+}
+
+/// Forwards the checkpoint link from `listen` to `target`; once `arm` is set, flips one bit in
+/// the next chunk from the primary that is big enough to hold pages (heartbeats are tiny).
+fn corrupting_relay(listen: &Path, target: &Path, arm: Arc<AtomicBool>) -> JoinHandle<()> {
+    let l = UnixListener::bind(listen).unwrap();
+    let target = target.to_path_buf();
+    std::thread::spawn(move || {
+        let (src, _) = l.accept().unwrap();
+        // The secondary may still be starting to listen.
+        let t = Instant::now();
+        let dst = loop {
+            match UnixStream::connect(&target) {
+                Ok(d) => break d,
+                Err(e) if t.elapsed() > Duration::from_secs(10) => panic!("the secondary never listened: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let (mut s_r, mut d_w) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        let (mut d_r, mut s_w) = (dst.try_clone().unwrap(), src.try_clone().unwrap());
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut d_r, &mut s_w);
+            let _ = s_w.shutdown(std::net::Shutdown::Both);
+        });
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            let n = match s_r.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if n > 8192 && arm.swap(false, Ordering::SeqCst) {
+                buf[n / 2] ^= 0x10;
+            }
+            if d_w.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = d_w.shutdown(std::net::Shutdown::Both);
+        let _ = back.join();
+    })
+}
+
+#[test]
+fn corrupt_checkpoint_stream_ends_colo_with_a_clear_error_and_the_primary_keeps_serving() {
+    let _g = serial();
+    if !check(
+        "corrupt_checkpoint_stream_ends_colo_with_a_clear_error_and_the_primary_keeps_serving",
+        Backend::VhostNetCompare,
+    ) {
+        return;
+    }
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter,dirty dirty=200", &[]);
+    let relay_path = net.dir.path("relay.sock");
+    let target = net.uri.strip_prefix("unix:").expect("unix uri").to_string();
+    let arm = Arc::new(AtomicBool::new(false));
+    let relay = corrupting_relay(&relay_path, Path::new(&target), arm.clone());
+    net.ctl(Side::Primary, "colo-start", &[&format!("uri=unix:{}", relay_path.display())]).expect("colo-start");
+    net.wait_colo_running();
+    let mut counter = CounterClient::connect(&net);
+    for _ in 0..10 {
+        counter.inc().unwrap();
+    }
+    let done = net
+        .wait_status(Side::Secondary, "a checkpoint", Duration::from_secs(15), |s| n(&s["checkpoints"]["total"]) >= 1);
+    let loaded = n(&done["checkpoints"]["total"]);
+    arm.store(true, Ordering::SeqCst);
+    net.ctl(Side::Primary, "colo-checkpoint", &[]).expect("colo-checkpoint");
+    let s = net.wait_status(Side::Secondary, "stopped", Duration::from_secs(10), |s| s["state"] == "stopped");
+    let err = s["error"].as_str().unwrap_or("").to_string();
+    eprintln!("secondary: {err}");
+    assert!(err.contains("corrupt") && err.contains("checksum"), "a clear error: {s:#}");
+    assert_eq!(n(&s["checkpoints"]["total"]), loaded, "the corrupt checkpoint was not loaded");
+    let st = net.ctl(Side::Secondary, "query-status", &[]).unwrap();
+    assert_eq!(st["status"], "paused", "the SVM waits at its last complete state: {st}");
+    let p = net.wait_status(Side::Primary, "failed over", Duration::from_secs(5), |s| s["state"] == "failed-over");
+    assert!(p["error"].as_str().unwrap_or("").contains("corrupt"), "{p:#}");
+    primary_goes_on(&net, &mut counter);
+    drop(net);
+    let _ = relay.join();
+}
+
+#[test]
+fn colo_commands_and_parameters_refuse_bad_input_and_change_nothing() {
+    let _g = serial();
+    if !check("colo_commands_and_parameters_refuse_bad_input_and_change_nothing", Backend::VhostNetCompare) {
+        return;
+    }
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter", &[]);
+    let before = net.ctl(Side::Primary, "query-parameters", &[]).unwrap();
+    assert_eq!(before["max-time"], 10000);
+    assert_eq!(before["heartbeat-timeout"], 1000);
+    for bad in [
+        vec!["max-time=0"],
+        vec!["bogus=1"],
+        vec!["passive-time=-5"],
+        vec!["min-time=20000"],
+        vec!["heartbeat-interval=2000"],
+        vec!["max-time=ten"],
+        vec!["passive-limit=100", "passive-count=0"],
+    ] {
+        let e = net.ctl(Side::Primary, "set-parameters", &bad).expect_err(&format!("{bad:?} refused"));
+        assert!(!e.is_empty());
+    }
+    assert_eq!(net.ctl(Side::Primary, "query-parameters", &[]).unwrap(), before, "nothing changed");
+    let set = net.ctl(Side::Primary, "set-parameters", &["passive-limit=600", "relax-time=5"]).unwrap();
+    assert_eq!((set["passive-limit"].as_u64(), set["relax-time"].as_u64()), (Some(600), Some(5)));
+    // Commands that need COLO running, or a primary.
+    for cmd in ["colo-checkpoint", "lost-heartbeat"] {
+        let e = net.ctl(Side::Primary, cmd, &[]).expect_err(cmd);
+        assert!(e.contains("running") || e.contains("COLO"), "{cmd}: {e}");
+    }
+    assert!(net.ctl(Side::Primary, "colo-start", &[]).unwrap_err().contains("uri"));
+    assert!(net.ctl(Side::Primary, "colo-start", &["uri=bogus:x"]).is_err());
+    // Nobody listens there: COLO does not start, says why, and the VM runs on.
+    let nowhere = format!("uri=unix:{}", net.dir.path("nobody.sock").display());
+    net.ctl(Side::Primary, "colo-start", &[&nowhere]).expect("accepted, fails in the background");
+    let s = net.wait_status(Side::Primary, "start failed", Duration::from_secs(5), |s| s["error"].is_string());
+    assert_eq!(s["state"], "inactive", "{s:#}");
+    let mut counter = CounterClient::connect(&net);
+    counter.inc().expect("the VM runs on");
+    // Then COLO starts for real, and while it runs a second start is refused.
+    net.start_colo();
+    let e = net.ctl(Side::Primary, "colo-start", &[&format!("uri={}", net.uri)]).unwrap_err();
+    assert!(e.contains("already"), "{e}");
+    assert!(net.ctl(Side::Secondary, "colo-checkpoint", &[]).is_err(), "only the primary checkpoints");
+    assert!(net.ctl(Side::Primary, "stop", &[]).unwrap_err().contains("COLO"));
+    assert!(net.ctl(Side::Primary, "migrate", &[&format!("uri={}", net.uri)]).unwrap_err().contains("COLO"));
+    counter.inc().expect("still serving");
+    assert_eq!(net.status(Side::Primary)["state"], "running");
+}
+
+#[test]
+fn colo_proxy_backend_runs_colo_hybrid_and_failover_with_the_same_controller() {
+    let _g = serial();
+    if !check("colo_proxy_backend_runs_colo_hybrid_and_failover_with_the_same_controller", Backend::ColoProxy) {
+        return;
+    }
+    let mut net = ColoNet::start(Backend::ColoProxy, "app=echo,counter,http,burn,top", &[]);
+    traffic_with_periodic_checkpoints(&mut net);
+    // Hybrid: the top stream drives it passive; back to COLO when the client leaves.
+    net.set_params(Side::Primary, &[("passive-count", 12)]);
+    let top = TopReader::start(&net);
+    net.wait_status(Side::Primary, "passive", Duration::from_secs(10), |s| s["mode"] == "passive");
+    let s = net.wait_status(Side::Primary, "passive, COLO, passive again", Duration::from_secs(20), |s| {
+        n(&s["checkpoints"]["mode-switches"]) >= 3 && s["mode"] == "passive"
+    });
+    eprintln!("colo-proxy hybrid: {}", s["checkpoints"]);
+    top.finish().unwrap_or_else(|e| panic!("{e}\n{}", net.logs()));
+    net.wait_status(Side::Primary, "back in COLO", Duration::from_secs(10), |s| s["mode"] == "colo");
+    // Failover under traffic.
+    let load = CounterLoad::start(CounterClient::connect(&net));
+    std::thread::sleep(Duration::from_secs(1));
+    net.kill(Side::Primary);
+    net.wait_status(Side::Secondary, "failed over", Duration::from_secs(5), |s| s["state"] == "failed-over");
+    let before = load.count();
+    std::thread::sleep(Duration::from_secs(2));
+    let c = load.finish().unwrap_or_else(|e| panic!("the counter session broke: {e}\n{}", net.logs()));
+    assert!(c.count > before, "increments went on after the failover");
+    assert_eq!(net.compare_stats()["mode"], "secondary-only");
+}

@@ -388,7 +388,7 @@ impl Controller<'_> {
         let kind = decision.kind;
         let hybrid = self.hybrid.clone();
         self.colo.update(|s| {
-            s.checkpoint(kind, &trigger, pause, pages, bytes);
+            s.checkpoint(kind, &trigger, interval, pause, pages, bytes);
             s.frames_released += released;
             s.frames_dropped += dropped;
             s.mode = Some(kind);

@@ -274,7 +274,7 @@ impl Svm {
         }
         vmm.colo().update(|s| {
             s.mode = Some(kind);
-            s.checkpoint(kind, trigger, started.elapsed(), n, n * 4096 + state.len() as u64);
+            s.checkpoint(kind, trigger, Duration::ZERO, started.elapsed(), n, n * 4096 + state.len() as u64);
         });
         tracing::info!(target: "colo", kind = ?kind, trigger = %trigger, pages = n, ms = started.elapsed().as_millis() as u64, "checkpoint loaded");
         Ok(())

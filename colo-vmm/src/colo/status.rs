@@ -113,6 +113,29 @@ pub struct Failover {
     pub resumed_from: String,
 }
 
+/// One checkpoint, as the recent history lists it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct CheckpointRecord {
+    /// Its number (primary) or position (secondary), from 1.
+    pub seq: u64,
+    /// When it ended (ms since the Unix epoch).
+    pub at_unix_ms: u64,
+    /// Its kind (the mode until the next one).
+    pub kind: CheckpointKind,
+    /// What triggered it (`periodic`, `passive`, `user`, `miscompare:REASON`).
+    pub trigger: String,
+    /// The running interval it ended (primary), ms.
+    pub interval_ms: f64,
+    /// The pause, ms.
+    pub pause_ms: f64,
+    /// Pages it carried.
+    pub pages: u64,
+}
+
+/// Checkpoints kept in the recent history.
+pub const HISTORY: usize = 256;
+
 /// The status.
 #[derive(Debug, Clone, Default, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -153,6 +176,9 @@ pub struct ColoStatus {
     pub last_failover: Option<Failover>,
     /// Why COLO ended, if it ended with an error.
     pub error: Option<String>,
+    /// The last checkpoints, oldest first (at most [`HISTORY`]); a tool polling the status
+    /// can follow every checkpoint by `seq`.
+    pub recent: VecDeque<CheckpointRecord>,
     #[serde(skip)]
     pauses: VecDeque<f64>,
 }
@@ -166,10 +192,30 @@ pub fn unix_ms() -> u64 {
 const PAUSE_WINDOW: usize = 4096;
 
 impl ColoStatus {
-    /// Records a finished checkpoint.
-    pub fn checkpoint(&mut self, kind: CheckpointKind, trigger: &Trigger, pause: Duration, pages: u64, bytes: u64) {
+    /// Records a finished checkpoint that ended a running interval of `interval`.
+    pub fn checkpoint(
+        &mut self,
+        kind: CheckpointKind,
+        trigger: &Trigger,
+        interval: Duration,
+        pause: Duration,
+        pages: u64,
+        bytes: u64,
+    ) {
         let c = &mut self.checkpoints;
         c.total += 1;
+        if self.recent.len() == HISTORY {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(CheckpointRecord {
+            seq: c.total,
+            at_unix_ms: unix_ms(),
+            kind,
+            trigger: trigger.to_string(),
+            interval_ms: interval.as_secs_f64() * 1000.0,
+            pause_ms: pause.as_secs_f64() * 1000.0,
+            pages,
+        });
         match kind {
             CheckpointKind::Colo => c.colo += 1,
             CheckpointKind::Passive => c.passive += 1,
@@ -216,9 +262,23 @@ mod tests {
         let mut s = ColoStatus::default();
         for i in 1..=100u64 {
             let t = if i % 2 == 0 { Trigger::Periodic } else { Trigger::Miscompare("payload".into()) };
-            s.checkpoint(CheckpointKind::Colo, &t, Duration::from_millis(i), 10 * i, 4096 * i);
+            s.checkpoint(
+                CheckpointKind::Colo,
+                &t,
+                Duration::from_millis(100),
+                Duration::from_millis(i),
+                10 * i,
+                4096 * i,
+            );
         }
-        s.checkpoint(CheckpointKind::Passive, &Trigger::Passive, Duration::from_millis(5), 0, 0);
+        s.checkpoint(
+            CheckpointKind::Passive,
+            &Trigger::Passive,
+            Duration::from_millis(250),
+            Duration::from_millis(5),
+            0,
+            0,
+        );
         assert_eq!(s.checkpoints.total, 101);
         assert_eq!((s.checkpoints.colo, s.checkpoints.passive), (100, 1));
         assert_eq!(s.checkpoints.miscompare["payload"], 50);
@@ -229,6 +289,13 @@ mod tests {
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["checkpoints"]["miscompare"]["payload"], 50);
         assert!(v.get("pauses").is_none());
+        assert_eq!(s.recent.len(), 101);
+        assert_eq!(v["recent"][100]["trigger"], "passive");
+        assert_eq!(v["recent"][100]["seq"], 101);
+        for _ in 0..HISTORY {
+            s.checkpoint(CheckpointKind::Colo, &Trigger::User, Duration::ZERO, Duration::ZERO, 0, 0);
+        }
+        assert_eq!(s.recent.len(), HISTORY, "the history is bounded");
     }
 
     #[test]

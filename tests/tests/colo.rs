@@ -627,3 +627,43 @@ fn colo_proxy_backend_runs_colo_hybrid_and_failover_with_the_same_controller() {
     assert!(c.count > before, "increments went on after the failover");
     assert_eq!(net.compare_stats()["mode"], "secondary-only");
 }
+
+#[test]
+fn checkpoints_leave_the_secondary_memory_identical_to_the_primary_with_background_transfer() {
+    let _g = serial();
+    if !check(
+        "checkpoints_leave_the_secondary_memory_identical_to_the_primary_with_background_transfer",
+        Backend::VhostNetCompare,
+    ) {
+        return;
+    }
+    // The primary sends every page's digest with each checkpoint; the secondary refuses one
+    // after which its memory differs from the paused primary's.
+    let env = [("COLO_VMM_TEST_VERIFY_CHECKPOINTS", "1")];
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter,echo,http,dirty dirty=3000 dirty_mib=16", &env);
+    net.set_params(Side::Primary, &[("max-time", 500), ("ram-background-limit", 65536)]);
+    net.start_colo();
+    let (incs, echoes, _) = deterministic_traffic(&net, 5);
+    // Passive checkpoints too (the SVM stays paused; its backend still writes its rings).
+    net.set_params(Side::Primary, FORCE_PASSIVE);
+    net.wait_status(Side::Primary, "passive", Duration::from_secs(10), |s| s["mode"] == "passive");
+    let (more, _, _) = deterministic_traffic(&net, 2);
+    let p = net.status(Side::Primary);
+    let s = net.status(Side::Secondary);
+    let verified = net.log(Side::Secondary).matches("verified: the SVM's memory equals").count();
+    eprintln!(
+        "{incs}+{more} increments, {echoes} echoes; {} checkpoints ({} passive), {} background pages, {verified} verified",
+        p["checkpoints"]["total"], p["checkpoints"]["passive"], p["background-pages"]
+    );
+    assert_eq!(s["state"], "running", "no checkpoint failed verification: {s:#}\n{}", net.logs());
+    assert!(n(&p["checkpoints"]["colo"]) >= 6 && n(&p["checkpoints"]["passive"]) >= 5, "{p:#}");
+    assert!(verified as u64 + 1 >= n(&p["checkpoints"]["total"]), "every loaded checkpoint verified: {verified}");
+    assert!(n(&p["background-pages"]) > 0, "dirty RAM streamed between checkpoints: {p:#}");
+    // And the secondary's copy is good to run: fail over onto it.
+    let mut counter = CounterClient::connect(&net);
+    net.kill(Side::Primary);
+    net.wait_status(Side::Secondary, "failed over", Duration::from_secs(5), |s| s["state"] == "failed-over");
+    for _ in 0..20 {
+        counter.inc().unwrap_or_else(|e| panic!("after failover: {e}\n{}", net.logs()));
+    }
+}

@@ -23,7 +23,7 @@ use crate::migration::source::{self, Transfer};
 use crate::migration::status::{MigrationParams, MigrationState, StatusHandle};
 use crate::migration::uri::{Channel, MigrationUri};
 use crate::persist::stream::PAGE_SIZE;
-use crate::persist::vm_state;
+use crate::persist::{snapshot, vm_state};
 use crate::vmm::Vmm;
 use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
 
@@ -38,6 +38,10 @@ const TICK: Duration = Duration::from_millis(10);
 /// Test hook: a pause (ms) inside each checkpoint transfer, after the pages and before the device
 /// state, so tests can kill the primary in the middle of a checkpoint.
 pub const TEST_DELAY_ENV: &str = "COLO_VMM_TEST_CHECKPOINT_DELAY_MS";
+/// Test hook: `1` makes every checkpoint carry the digest of every page of the paused PVM, and
+/// the secondary refuses a checkpoint after which its memory differs (proves that the RAM cache
+/// and the union of dirty pages miss nothing).
+pub const TEST_VERIFY_ENV: &str = "COLO_VMM_TEST_VERIFY_CHECKPOINTS";
 
 /// A primary-to-be connects to its compare processes at once and sets them `primary-only`, so
 /// its traffic flows before COLO starts (spec/control.md, "Initial mode").
@@ -150,6 +154,7 @@ fn begin<'a>(vmm: &'a Vmm, uri: &MigrationUri) -> Result<Controller<'a>, String>
         seq: 0,
         resumed_at: Instant::now(),
         test_delay: std::env::var(TEST_DELAY_ENV).ok().and_then(|v| v.parse().ok()).map(ms),
+        test_verify: std::env::var(TEST_VERIFY_ENV).is_ok_and(|v| v == "1"),
     };
     if let Err(End::Error(e) | End::Lost(e)) = ctl.resume(&paused.devices) {
         ctl.fail_over(End::Error(e.clone()));
@@ -198,6 +203,7 @@ struct Controller<'a> {
     /// When the PVM last resumed: intervals count running time only.
     resumed_at: Instant,
     test_delay: Option<Duration>,
+    test_verify: bool,
 }
 
 impl Controller<'_> {
@@ -445,6 +451,11 @@ impl Controller<'_> {
             std::thread::sleep(d);
         }
         vm_state::save(vmm.vm().fd(), &mut state).map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
+        if self.test_verify {
+            let d =
+                snapshot::page_digests(vmm.ram().memory(), vmm.ram().size()).map_err(|e| End::Error(e.to_string()))?;
+            state.put_bytes(source::VERIFY_SECTION, snapshot::encode_digests(&d));
+        }
         let encoded = state.encode().len() as u64;
         self.link.send_state(&state).map_err(|e| self.write_failed(e))?;
         self.link.send(&Control::VmstateSize { seq, pages }).map_err(|e| self.write_failed(e))?;

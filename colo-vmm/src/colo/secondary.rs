@@ -29,7 +29,7 @@ use crate::migration::protocol::Control;
 use crate::migration::uri::Channel;
 use crate::persist::sections::Sections;
 use crate::persist::stream::{pages as stream_pages, StreamReader, StreamWriter};
-use crate::persist::{vcpu_state, vm_state};
+use crate::persist::{snapshot, vcpu_state, vm_state};
 use crate::vmm::{BootError, Core, VmConfig, Vmm};
 use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
 
@@ -256,6 +256,20 @@ impl Svm {
         let own = self.tracker.collect(vmm.vm(), vmm.ram()).map_err(|e| e.to_string())?;
         self.received.union(own.words());
         let n = self.cache.apply(vmm.ram().memory(), self.received.iter())?;
+        if let Ok(digests) = sections.bytes(crate::migration::source::VERIFY_SECTION) {
+            // Test mode: memory must now equal the paused PVM's, page for page.
+            let diff =
+                snapshot::differing_pages(vmm.ram().memory(), vmm.ram().size(), digests).map_err(|e| e.to_string())?;
+            if !diff.is_empty() {
+                let first: Vec<String> = diff.iter().take(8).map(|a| format!("{a:#x}")).collect();
+                return Err(format!(
+                    "verify: {} pages differ from the primary's (first: {})",
+                    diff.len(),
+                    first.join(", ")
+                ));
+            }
+            tracing::info!(target: "colo", "verified: the SVM's memory equals the PVM's page for page");
+        }
         vm_state::restore(vmm.vm().fd(), &sections).map_err(|e| e.to_string())?;
         let s2 = sections.clone();
         vmm.vcpu()

@@ -177,7 +177,8 @@ impl VhostUserNet {
             to_backend |= VhostUserVirtioFeatures::LOG_ALL.bits();
         }
         let fail = |step: &'static str| move |e: vhost::Error| format!("{step}: {e}");
-        let frontend = shared.frontend.as_mut().ok_or("the vhost-user backend is disconnected")?;
+        let Shared { frontend, log, .. } = &mut *shared;
+        let frontend = frontend.as_mut().ok_or("the vhost-user backend is disconnected")?;
         frontend.set_features(to_backend).map_err(fail("SET_FEATURES"))?;
         let regions = self
             .memory
@@ -186,6 +187,12 @@ impl VhostUserNet {
             .collect::<Result<Vec<_>, _>>()
             .map_err(fail("describing guest memory"))?;
         frontend.set_mem_table(&regions).map_err(fail("SET_MEM_TABLE"))?;
+        if let Some(log) = log {
+            // A backend maps the new table with fresh bitmaps (rust-vmm's vhost-user-backend
+            // does), which would silently end dirty logging after a checkpoint restarts the
+            // rings: hand it the current log again.
+            frontend.set_log_base(0, Some(log.region())).map_err(fail("SET_LOG_BASE"))?;
+        }
         for (i, q) in queues.iter().enumerate().take(NUM_QUEUES) {
             if !q.ready || q.size == 0 {
                 continue;

@@ -178,6 +178,23 @@ fn take_compare(colo: &ColoShared) -> Result<CompareSet, String> {
     }
 }
 
+/// What a transaction sent and released, and when its steps ended (ms after the pause's state
+/// was saved): pages and state sent, `vmstate-received`, output committed, `vmstate-loaded`.
+struct Sent {
+    pages: u64,
+    bytes: u64,
+    released: u64,
+    dropped: u64,
+    sent_ms: f64,
+    received_ms: f64,
+    committed_ms: f64,
+    loaded_ms: f64,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
 /// Why COLO ended on the primary.
 enum End {
     /// The secondary is gone, silent, or declared lost: carry on alone.
@@ -389,7 +406,7 @@ impl Controller<'_> {
         // Whatever happened, the PVM runs on.
         let resumed = self.resume(&devices);
         let pause = paused_at.elapsed();
-        let (pages, bytes, released, dropped) = sent?;
+        let Sent { pages, bytes, released, dropped, sent_ms, received_ms, committed_ms, loaded_ms } = sent?;
         resumed?;
         let kind = decision.kind;
         let hybrid = self.hybrid.clone();
@@ -412,6 +429,10 @@ impl Controller<'_> {
             pause_ms = pause.as_secs_f64() * 1000.0,
             pages,
             released,
+            sent_ms,
+            received_ms,
+            committed_ms,
+            loaded_ms,
             "checkpoint"
         );
         if decision.switched {
@@ -435,8 +456,9 @@ impl Controller<'_> {
         seq: u64,
         mut state: crate::persist::sections::Sections,
         decision: Decision,
-    ) -> Result<(u64, u64, u64, u64), End> {
+    ) -> Result<Sent, End> {
         let vmm = self.vmm;
+        let t0 = Instant::now();
         let more = self.tracker().collect(vmm.vm(), vmm.ram()).map_err(|e| End::Error(e.to_string()))?;
         self.pending.union(more.words());
         self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
@@ -459,7 +481,9 @@ impl Controller<'_> {
         let encoded = state.encode().len() as u64;
         self.link.send_state(&state).map_err(|e| self.write_failed(e))?;
         self.link.send(&Control::VmstateSize { seq, pages }).map_err(|e| self.write_failed(e))?;
+        let sent_ms = ms_since(t0);
         self.expect("vmstate-received", &Control::VmstateReceived { seq })?;
+        let received_ms = ms_since(t0);
         // Output commit: only now may the frames of the interval leave.
         let (released, dropped) =
             self.compare().checkpoint().map_err(|e| End::Error(format!("compare process: {e}")))?;
@@ -471,8 +495,18 @@ impl Controller<'_> {
             self.compare().set_mode(mode).map_err(|e| End::Error(format!("compare process: {e}")))?;
         }
         self.compare().forget_miscompares();
+        let committed_ms = ms_since(t0);
         self.expect("vmstate-loaded", &Control::VmstateLoaded { seq })?;
-        Ok((pages, pages * PAGE_SIZE as u64 + encoded, released, dropped))
+        Ok(Sent {
+            pages,
+            bytes: pages * PAGE_SIZE as u64 + encoded,
+            released,
+            dropped,
+            sent_ms,
+            received_ms,
+            committed_ms,
+            loaded_ms: ms_since(t0),
+        })
     }
 
     /// The secondary is lost: release what the compare processes hold and run alone.

@@ -1,0 +1,323 @@
+//! Scripted end-to-end measurements of COLO with the reference guest behind vhost-net-compare,
+//! printed as a markdown report:
+//! - checkpoint pause against dirty pages per checkpoint, next to the local memory-copy budget
+//!   for the same pages (background RAM transfer off and on);
+//! - COLO-only vs passive-only (hybrid disabled by parameters) vs hybrid vs no protection, on a
+//!   deterministic service (TCP echo) and a divergent one (`top` next to a CPU burner): client
+//!   throughput, checkpoints per second, secondary CPU;
+//! - failover gap (the longest silence a counter client sees) for a killed primary and for a
+//!   frozen one (detected by the heartbeat), against the heartbeat timeout.
+//!
+//! Run as root: `cargo run --release -p colo-tests --bin colo-bench` (or scripts/bench-colo.sh).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use colo_tests::colo_topology::{prerequisites, Backend, ColoNet, CounterClient, Side};
+use colo_tests::vm_topology::cpu_time;
+use serde_json::Value;
+
+/// COLO end-to-end benchmarks.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Seconds each throughput measurement runs.
+    #[arg(long, default_value_t = 8.0)]
+    secs: f64,
+    /// Guest dirty rates for the pause table, pages per second (one checkpoint per second).
+    #[arg(long, value_delimiter = ',', default_value = "0,1000,5000,20000")]
+    dirty: Vec<u64>,
+    /// Heartbeat timeouts for the failover table, ms.
+    #[arg(long, value_delimiter = ',', default_value = "250,500,1000")]
+    heartbeat: Vec<u64>,
+    /// Repeat each failover this many times (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Write the report here as well as to stdout.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    v[v.len() / 2]
+}
+
+fn n(v: &Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+
+/// Seconds per 4 KiB page copied in memory here (the floor under any checkpoint's pause).
+fn copy_budget_per_page() -> f64 {
+    let pages = 16_384;
+    let src = vec![1u8; pages * 4096];
+    let mut dst = vec![0u8; pages * 4096];
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        for (d, s) in dst.chunks_mut(4096).zip(src.chunks(4096)) {
+            d.copy_from_slice(s);
+        }
+        std::hint::black_box(&dst);
+        best = best.min(t.elapsed().as_secs_f64() / pages as f64);
+    }
+    best
+}
+
+/// The checkpoints of the primary's recent history after `from` (by seq).
+fn checkpoints_since(net: &ColoNet, from: u64) -> Vec<Value> {
+    let s = net.status(Side::Primary);
+    s["recent"].as_array().cloned().unwrap_or_default().into_iter().filter(|c| n(&c["seq"]) as u64 > from).collect()
+}
+
+fn last_seq(net: &ColoNet) -> u64 {
+    n(&net.status(Side::Primary)["checkpoints"]["total"]) as u64
+}
+
+/// Pause and pages per checkpoint with the guest dirtying `rate` pages per second.
+fn pause_row(rate: u64, background: bool, secs: f64) -> (f64, f64, f64) {
+    let app =
+        if rate == 0 { "app=counter".to_string() } else { format!("app=counter,dirty dirty={rate} dirty_mib=128") };
+    let mut net = ColoNet::start(Backend::VhostNetCompare, &app, &[]);
+    let bg = if background { 1 << 20 } else { 0 };
+    net.set_params(Side::Primary, &[("max-time", 1000), ("ram-background-limit", bg)]);
+    net.start_colo();
+    // Let the first (larger) checkpoint pass.
+    std::thread::sleep(Duration::from_millis(1500));
+    let from = last_seq(&net);
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let cps = checkpoints_since(&net, from);
+    let pauses: Vec<f64> = cps.iter().map(|c| n(&c["pause-ms"])).collect();
+    let pages: Vec<f64> = cps.iter().map(|c| n(&c["pages"])).collect();
+    let bg_pages = n(&net.status(Side::Primary)["background-pages"]);
+    if pauses.is_empty() {
+        return (0.0, 0.0, bg_pages);
+    }
+    (median(pages), median(pauses), bg_pages)
+}
+
+/// How the pair is configured for a mode comparison.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setup {
+    /// Primary only (no COLO started): the baseline.
+    Unprotected,
+    /// Hybrid disabled towards COLO: never passive.
+    ColoOnly,
+    /// Hybrid disabled towards passive: passive at once and for good.
+    PassiveOnly,
+    /// The defaults.
+    Hybrid,
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::Unprotected => "no COLO (primary-only)",
+            Setup::ColoOnly => "COLO only",
+            Setup::PassiveOnly => "passive only",
+            Setup::Hybrid => "hybrid",
+        }
+    }
+}
+
+/// A pair ready for a workload in `setup` (settled: passive modes reached).
+fn pair(setup: Setup, app: &str) -> ColoNet {
+    let mut net = ColoNet::start(Backend::VhostNetCompare, app, &[]);
+    match setup {
+        Setup::Unprotected => return net,
+        Setup::ColoOnly => net.set_params(Side::Primary, &[("passive-limit", 0)]),
+        Setup::PassiveOnly => net.set_params(
+            Side::Primary,
+            &[("max-time", 100), ("passive-limit", 1_000_000), ("passive-count", 1_000_000)],
+        ),
+        Setup::Hybrid => {}
+    }
+    net.start_colo();
+    if setup == Setup::PassiveOnly {
+        net.wait_status(Side::Primary, "passive", Duration::from_secs(10), |s| s["mode"] == "passive");
+    }
+    net
+}
+
+struct Measured {
+    /// Client operations per second (echo round trips, top lines).
+    rate: f64,
+    checkpoints_per_s: f64,
+    secondary_cpu: f64,
+    passive_share: f64,
+}
+
+/// Runs `work` for `secs` against a pair, measuring checkpoints and the secondary's CPU.
+fn measure(net: &ColoNet, secs: f64, work: impl FnOnce(&ColoNet, f64) -> f64) -> Measured {
+    let colo = net.secondary.is_some() && net.status(Side::Primary)["state"] == "running";
+    let before = if colo { last_seq(net) } else { 0 };
+    let pid = net.secondary.as_ref().map(|p| p.pid());
+    let cpu0 = pid.map(cpu_time);
+    let t = Instant::now();
+    let rate = work(net, secs);
+    let wall = t.elapsed().as_secs_f64();
+    let secondary_cpu = match (pid, cpu0) {
+        (Some(p), Some(c)) => (cpu_time(p) - c).as_secs_f64() / wall,
+        _ => 0.0,
+    };
+    let (mut cps, mut passive) = (0.0, 0.0);
+    if colo {
+        let list = checkpoints_since(net, before);
+        cps = list.len() as f64 / wall;
+        passive = list.iter().filter(|c| c["kind"] == "passive").count() as f64 / list.len().max(1) as f64;
+    }
+    Measured { rate, checkpoints_per_s: cps, secondary_cpu, passive_share: passive }
+}
+
+/// TCP echo round trips per second (64 bytes, one connection).
+fn echo(net: &ColoNet, secs: f64) -> f64 {
+    let mut s = net.connect(7);
+    let msg = [7u8; 64];
+    let mut buf = [0u8; 64];
+    let t = Instant::now();
+    let mut k = 0u64;
+    while t.elapsed().as_secs_f64() < secs {
+        s.write_all(&msg).unwrap();
+        s.read_exact(&mut buf).unwrap();
+        k += 1;
+    }
+    k as f64 / t.elapsed().as_secs_f64()
+}
+
+/// `top` lines per second received (the guest sends one every 200 ms).
+fn top(net: &ColoNet, secs: f64) -> f64 {
+    let s = net.connect(9100);
+    let mut r = BufReader::new(s);
+    let t = Instant::now();
+    let mut k = 0u64;
+    let mut line = String::new();
+    while t.elapsed().as_secs_f64() < secs {
+        line.clear();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        k += 1;
+    }
+    k as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The longest silence a counter client (an `inc` every 5 ms) sees around a fault.
+fn failover_gap(heartbeat_ms: u64, freeze: bool) -> f64 {
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter", &[]);
+    let interval = (heartbeat_ms / 5).max(10);
+    let params = [("heartbeat-interval", interval), ("heartbeat-timeout", heartbeat_ms)];
+    net.set_params(Side::Primary, &params);
+    net.start_colo();
+    net.set_params(Side::Secondary, &params);
+    let mut c = CounterClient::connect(&net);
+    let mut last = Instant::now();
+    let mut gap = Duration::ZERO;
+    let t = Instant::now();
+    let mut faulted = false;
+    while t.elapsed() < Duration::from_secs(4) {
+        if !faulted && t.elapsed() > Duration::from_secs(1) {
+            faulted = true;
+            if freeze {
+                net.signal(Side::Primary, libc::SIGSTOP);
+            } else {
+                net.kill(Side::Primary);
+            }
+        }
+        c.inc().expect("the counter session survives");
+        gap = gap.max(last.elapsed());
+        last = Instant::now();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    gap.as_secs_f64() * 1000.0
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Err(why) = prerequisites(Backend::VhostNetCompare) {
+        anyhow::bail!("colo-bench {why}");
+    }
+    let mut r = String::new();
+    use std::fmt::Write as _;
+    let budget = copy_budget_per_page();
+    writeln!(r, "### Checkpoint pause against dirty pages\n")?;
+    writeln!(
+        r,
+        "One checkpoint per second (`max-time=1000`), the guest dirtying pages at the given rate; \
+         medians over {}s. Copy budget: copying the same pages once in memory here ({:.2} µs/page).\n",
+        args.secs,
+        budget * 1e6
+    )?;
+    writeln!(r, "| dirty pages/s | background transfer | pages/checkpoint | pause ms | copy budget ms | pause / budget | background pages |")?;
+    writeln!(r, "|---:|:---|---:|---:|---:|---:|---:|")?;
+    for &rate in &args.dirty {
+        for bg in [false, true] {
+            if bg && rate == 0 {
+                continue;
+            }
+            eprintln!("pause: {rate} pages/s, background {bg}…");
+            let (pages, pause, bgp) = pause_row(rate, bg, args.secs);
+            let b = pages * budget * 1000.0;
+            writeln!(
+                r,
+                "| {rate} | {} | {pages:.0} | {pause:.2} | {b:.3} | {:.0}× | {bgp:.0} |",
+                if bg { "1 MiB" } else { "off" },
+                if b > 0.0 { pause / b } else { 0.0 }
+            )?;
+        }
+    }
+    writeln!(r, "\n### Modes: COLO only, passive only, hybrid\n")?;
+    writeln!(
+        r,
+        "Echo: 64-byte TCP round trips on one connection (deterministic). Top: lines received from \
+         `top` (one per 200 ms, divergent) while the guest burns CPU. {}s each.\n",
+        args.secs
+    )?;
+    writeln!(r, "| workload | setup | client rate | vs unprotected | checkpoints/s | passive share | secondary CPU |")?;
+    writeln!(r, "|:---|:---|---:|---:|---:|---:|---:|")?;
+    let setups = [Setup::Unprotected, Setup::ColoOnly, Setup::PassiveOnly, Setup::Hybrid];
+    for (name, app, work, unit) in [
+        ("echo", "app=echo", echo as fn(&ColoNet, f64) -> f64, "round trips/s"),
+        ("top", "app=top,burn", top as fn(&ColoNet, f64) -> f64, "lines/s"),
+    ] {
+        let mut base = 0.0;
+        for setup in setups {
+            eprintln!("modes: {name}, {}…", setup.name());
+            let net = pair(setup, app);
+            let m = measure(&net, args.secs, work);
+            if setup == Setup::Unprotected {
+                base = m.rate;
+            }
+            writeln!(
+                r,
+                "| {name} | {} | {:.1} {unit} | {:.2} | {:.2} | {:.0}% | {:.0}% |",
+                setup.name(),
+                m.rate,
+                if base > 0.0 { m.rate / base } else { 0.0 },
+                m.checkpoints_per_s,
+                m.passive_share * 100.0,
+                m.secondary_cpu * 100.0
+            )?;
+        }
+    }
+    writeln!(r, "\n### Failover gap\n")?;
+    writeln!(
+        r,
+        "The longest silence seen by a counter client sending an `inc` every 5 ms when the primary \
+         is killed (SIGKILL: the link breaks at once) or frozen (SIGSTOP: only the heartbeat \
+         notices); median of {}.\n",
+        args.repeat
+    )?;
+    writeln!(r, "| heartbeat timeout ms | primary killed: gap ms | primary frozen: gap ms |")?;
+    writeln!(r, "|---:|---:|---:|")?;
+    for &hb in &args.heartbeat {
+        eprintln!("failover: heartbeat timeout {hb} ms…");
+        let killed = median((0..args.repeat).map(|_| failover_gap(hb, false)).collect());
+        let frozen = median((0..args.repeat).map(|_| failover_gap(hb, true)).collect());
+        writeln!(r, "| {hb} | {killed:.0} | {frozen:.0} |")?;
+    }
+    print!("{r}");
+    if let Some(p) = args.out {
+        std::fs::write(&p, &r)?;
+    }
+    Ok(())
+}

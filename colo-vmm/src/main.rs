@@ -71,10 +71,21 @@ struct RunArgs {
 }
 
 #[derive(Args, Debug)]
-#[command(
-    after_help = "Commands: query-status, stop, cont, snapshot path=FILE, quit. Arguments are key=value (numbers and \
-true/false are typed). Prints the JSON reply; exits 1 if it is an error."
-)]
+#[command(after_help = "Commands:
+  query-status, stop, cont, quit
+  snapshot path=FILE
+  migrate uri=URI [downtime-limit=MS max-rounds=N verify=true], query-migrate,
+  migrate-set-parameters ..., query-migrate-parameters
+COLO (spec/colo.md):
+  colo-start uri=URI        on the primary: migrate to the secondary's --incoming URI, then checkpoint
+  query-colo-status         role, mode, hybrid state, checkpoint counters, pauses, last failover
+  set-parameters NAME=N...  max-time min-time relax-time passive-limit passive-time passive-count
+                            ram-background-limit heartbeat-interval heartbeat-timeout (ms, bytes)
+  query-parameters
+  colo-checkpoint           on the primary: checkpoint now
+  lost-heartbeat            on the survivor: fail over now (the peer is declared dead)
+Arguments are key=value (numbers and true/false are typed). Prints the JSON reply; exits 1 if it is an \
+error. A secondary serves its API once COLO has started.")]
 struct CtlArgs {
     /// The VMM's control socket.
     #[arg(long, value_name = "PATH")]
@@ -208,8 +219,36 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
     if args.command == "migrate" && ok {
         return follow_migration(&mut client);
     }
+    if args.command == "colo-start" && ok {
+        return follow_colo_start(&mut client);
+    }
     println!("{}", serde_json::to_string_pretty(&reply)?);
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Waits until COLO runs (or failed to start); prints the COLO status.
+fn follow_colo_start(client: &mut ApiClient) -> anyhow::Result<ExitCode> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    loop {
+        let reply = client.execute("query-colo-status", Default::default())?;
+        let Reply::Return { value, .. } = reply else {
+            anyhow::bail!("query-colo-status failed: {}", serde_json::to_string(&reply)?);
+        };
+        match value["state"].as_str() {
+            Some("starting") if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
+            Some("running") => {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "return": value }))?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            _ => {
+                eprintln!("colo-start failed: {}", value["error"].as_str().unwrap_or("see the VMM's log"));
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "return": value }))?);
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
 }
 
 /// Shows a progress bar until the migration ends; prints the final status.

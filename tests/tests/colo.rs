@@ -582,7 +582,8 @@ fn colo_commands_and_parameters_refuse_bad_input_and_change_nothing() {
     assert!(net.ctl(Side::Primary, "colo-start", &["uri=bogus:x"]).is_err());
     // Nobody listens there: COLO does not start, says why, and the VM runs on.
     let nowhere = format!("uri=unix:{}", net.dir.path("nobody.sock").display());
-    net.ctl(Side::Primary, "colo-start", &[&nowhere]).expect("accepted, fails in the background");
+    let e = net.ctl(Side::Primary, "colo-start", &[&nowhere]).expect_err("no secondary there");
+    assert!(e.contains("nobody.sock"), "says where it could not connect: {e}");
     let s = net.wait_status(Side::Primary, "start failed", Duration::from_secs(5), |s| s["error"].is_string());
     assert_eq!(s["state"], "inactive", "{s:#}");
     let mut counter = CounterClient::connect(&net);

@@ -1,10 +1,50 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine (run as root): installs what is needed, builds, and runs the
-# demo. Until COLO runs end to end this is the compare proxy's packet-capture demo: a client and
-# two "VMs" in network namespaces, `colo-proxy run` between them, real traffic, a divergent
-# service, and the captures in ./demo-out.
+# The main job (run as root on a machine with /dev/kvm): builds the workspace and runs the COLO
+# demo, `colo-demo`: a primary and a secondary colo-vmm with the embedded reference guest behind
+# vhost-net-compare, a counter client all along, then the phases deterministic (COLO, periodic
+# checkpoints), top (divergent output: hybrid mode goes passive and back), top stopped (COLO
+# stays) and failover (SIGKILL of the primary; the client's session carries on with the
+# secondary). Summary on stdout; timeline, JSON summary and the processes' logs in ./demo-out.
+# Takes about 40 s; the exit status says whether every phase behaved.
+#
+#   scripts/demo.sh [colo-demo options]     the COLO demo (see: scripts/demo.sh --help)
+#   scripts/demo.sh proxy                   the earlier colo-proxy packet-capture demo
+#
+# Safe to run again: the build is incremental, every run cleans up its namespaces and processes,
+# and the files in ./demo-out are overwritten.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-cargo build --release --workspace
-exec target/release/proxy-demo --out demo-out "$@"
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "demo.sh: the demo needs root (network namespaces, taps, KVM): run 'sudo $0${*:+ $*}'" >&2
+    exit 2
+  fi
+}
+
+if [ "${1:-}" = "proxy" ]; then
+  shift
+  need_root proxy "$@"
+  scripts/setup.sh
+  cargo build --release --workspace
+  exec target/release/proxy-demo --out demo-out "$@"
+fi
+
+case "${1:-}" in
+  -h|--help) ;;
+  *)
+    need_root "$@"
+    if [ ! -e /dev/kvm ]; then
+      echo "demo.sh: /dev/kvm is missing: the COLO demo runs two KVM virtual machines" >&2
+      exit 2
+    fi
+    if ! command -v ip >/dev/null; then
+      echo "demo.sh: installing iproute2 (for network namespaces)"
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends iproute2
+    fi
+    ;;
+esac
+cargo build --workspace --bins
+mkdir -p demo-out
+exec target/debug/colo-demo --svg demo-out/colo-demo.svg --json demo-out/colo-demo.json \
+  --logs demo-out/colo-demo-logs.txt "$@"

@@ -187,8 +187,13 @@ fn hybrid_under_top(net: &mut ColoNet) {
         colo_cpu * 100.0,
         passive_cpu * 100.0
     );
-    assert!(colo_cpu > 0.3, "the secondary runs the burner in COLO: {colo_cpu}");
-    assert!(passive_cpu < colo_cpu / 4.0, "the secondary's CPU drops in passive mode: {passive_cpu} vs {colo_cpu}");
+    // In COLO the secondary runs the burner (as much CPU as the machine gives it); in passive
+    // mode it only loads checkpoints.
+    assert!(colo_cpu > 0.15, "the secondary runs the burner in COLO: {colo_cpu}");
+    assert!(
+        passive_cpu < colo_cpu / 3.0 && passive_cpu < 0.1,
+        "the secondary's CPU drops in passive mode: {passive_cpu} vs {colo_cpu}"
+    );
     // Back to COLO after the passive count, and passive again (the client still reads).
     let s = net.wait_status(Side::Primary, "passive, COLO, passive again", Duration::from_secs(20), |s| {
         n(&s["checkpoints"]["mode-switches"]) >= 3 && s["mode"] == "passive"

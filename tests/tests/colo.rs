@@ -673,3 +673,69 @@ fn checkpoints_leave_the_secondary_memory_identical_to_the_primary_with_backgrou
         counter.inc().unwrap_or_else(|e| panic!("after failover: {e}\n{}", net.logs()));
     }
 }
+
+#[test]
+fn inbound_frames_arriving_during_a_checkpoint_reach_both_vms() {
+    let _g = serial();
+    if !check("inbound_frames_arriving_during_a_checkpoint_reach_both_vms", Backend::VhostNetCompare) {
+        return;
+    }
+    // Checkpoints held open 300 ms: datagrams keep arriving while both VMs are paused. Each
+    // must reach both (the secondary's queue is resynchronised to the primary's when it loads
+    // the checkpoint), or the primary's echo would wait for a compare timeout.
+    let env = [("COLO_VMM_TEST_CHECKPOINT_DELAY_MS", "300")];
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=echo", &env);
+    // Frequent user checkpoints must not make hybrid mode go passive here.
+    net.set_params(Side::Primary, &[("passive-limit", 0)]);
+    net.start_colo();
+    let sock = net.client.enter(|| {
+        let s = std::net::UdpSocket::bind("10.0.0.1:0").unwrap();
+        s.connect("10.0.0.2:7").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        s
+    });
+    let count = 200u32;
+    let sender = {
+        let s = sock.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut sent = vec![];
+            for i in 0..count {
+                s.send(format!("datagram {i}").as_bytes()).unwrap();
+                sent.push(Instant::now());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            sent
+        })
+    };
+    let receiver = std::thread::spawn(move || {
+        let mut got: Vec<Option<Instant>> = vec![None; count as usize];
+        let deadline = Instant::now() + Duration::from_secs(12);
+        let mut buf = [0u8; 64];
+        while Instant::now() < deadline && got.iter().any(Option::is_none) {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                if let Some(i) = text.strip_prefix("datagram ").and_then(|v| v.parse::<usize>().ok()) {
+                    got[i].get_or_insert(Instant::now());
+                }
+            }
+        }
+        got
+    });
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(500));
+        net.ctl(Side::Primary, "colo-checkpoint", &[]).expect("colo-checkpoint");
+    }
+    let sent = sender.join().unwrap();
+    let got = receiver.join().unwrap();
+    let lost: Vec<usize> = got.iter().enumerate().filter(|(_, g)| g.is_none()).map(|(i, _)| i).collect();
+    let worst = sent.iter().zip(&got).filter_map(|(s, g)| g.map(|g| g - *s)).max().unwrap_or_default();
+    let p = net.status(Side::Primary);
+    eprintln!(
+        "{} user checkpoints; worst echo latency {worst:?}; unanswered {lost:?}; {}",
+        p["checkpoints"]["user"], p["checkpoints"]
+    );
+    assert!(n(&p["checkpoints"]["user"]) >= 5, "{p:#}");
+    assert!(lost.is_empty(), "datagrams never answered: {lost:?}");
+    assert_eq!(miscompares(&p), 0, "no reply waited for a compare timeout: {}", p["checkpoints"]);
+    assert!(worst < Duration::from_millis(1500), "an echo waited {worst:?} (a checkpoint holds them about 0.4 s)");
+}

@@ -13,6 +13,7 @@
 use std::io;
 use std::sync::Arc;
 
+use colo_proxy::Side;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
@@ -200,6 +201,18 @@ impl VhostUserBackendMut for NetBackend {
 
     fn update_memory(&mut self, mem: MemAtomic) -> io::Result<()> {
         self.mem = mem;
+        // A frontend sends the memory table when it sets the rings up (again).
+        self.port.set_rx_stopped(false);
+        Ok(())
+    }
+
+    fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
+        if queue_index as usize == RX_QUEUE {
+            self.port.set_rx_stopped(true);
+            if self.port.role() == Side::Secondary {
+                self.hub.secondary_rx_stopped(&self.port);
+            }
+        }
         Ok(())
     }
 

@@ -93,6 +93,9 @@ pub struct Hub {
     overflow_log: Mutex<RateLimit>,
     /// Inbound frames for a VM that is not connected.
     unrouted: AtomicU64,
+    /// Held while inbound frames are queued on the ports, and while the secondary's queue is
+    /// made a copy of the primary's, so a frame lands in both queues or in neither.
+    rx_sync: Mutex<()>,
 }
 
 impl Hub {
@@ -116,6 +119,7 @@ impl Hub {
             tap_error_log: Mutex::new(RateLimit::default()),
             overflow_log: Mutex::new(RateLimit::default()),
             unrouted: AtomicU64::new(0),
+            rx_sync: Mutex::new(()),
         }
     }
 
@@ -227,6 +231,7 @@ impl Hub {
                 }
             }
         }
+        let _sync = lock(&self.rx_sync);
         let ports = lock(&self.ports).clone();
         let mut lost = 0u64;
         for (side, batch) in [Side::Primary, Side::Secondary].into_iter().zip(copies) {
@@ -258,6 +263,31 @@ impl Hub {
         if let (Some(colo), true) = (&self.colo, lost > 0) {
             lock(colo).count_inbound_dropped(lost);
         }
+    }
+
+    /// The secondary's RX ring was stopped. When that happens while the primary's is stopped
+    /// too, the secondary is loading a checkpoint of the paused primary: whatever it received
+    /// since it paused is about to be overwritten, and after the checkpoint it must receive
+    /// exactly what the primary has not consumed yet. So its inbound queue becomes a copy of
+    /// the primary's (frames arriving later go to both, as always). Without this, a frame
+    /// that reached the secondary's ring during the checkpoint would be lost to it, and the
+    /// primary's reply to it held until the next checkpoint.
+    pub fn secondary_rx_stopped(&self, secondary: &Arc<Port>) {
+        if !matches!(self.mode(), Mode::Colo | Mode::Passive) {
+            return;
+        }
+        let _sync = lock(&self.rx_sync);
+        let Some(primary) = lock(&self.ports)[Side::Primary.index()].clone() else { return };
+        if !primary.rx_stopped() {
+            return;
+        }
+        let frames = primary.pending_copy();
+        let copied = frames.len();
+        let replaced = secondary.replace_pending(frames);
+        if copied > 0 {
+            secondary.notify_rx();
+        }
+        tracing::debug!(copied, replaced, "checkpoint: the secondary's inbound queue now mirrors the primary's");
     }
 
     /// Carries out a controller's command and hands the reply to `reply`. In COLO mode the reply

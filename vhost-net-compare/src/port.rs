@@ -46,6 +46,8 @@ pub struct Port {
     /// with TX work left.
     pub tx_retry: EventFd,
     tx_blocked: AtomicBool,
+    /// The RX ring was stopped (GET_VRING_BASE) and not set up again since.
+    rx_stopped: AtomicBool,
     /// Counters.
     pub stats: PortStats,
 }
@@ -59,6 +61,7 @@ impl Port {
             rx_event: EventFd::new(EFD_NONBLOCK)?,
             tx_retry: EventFd::new(EFD_NONBLOCK)?,
             tx_blocked: AtomicBool::new(false),
+            rx_stopped: AtomicBool::new(false),
             stats: PortStats::default(),
         })
     }
@@ -112,6 +115,30 @@ impl Port {
     pub fn rx_pending(&self) -> bool {
         let pending = lock(&self.pending);
         !pending.frames.is_empty() || pending.taken
+    }
+
+    /// Records whether the RX ring is stopped (a frontend paused it, e.g. for a checkpoint).
+    pub fn set_rx_stopped(&self, stopped: bool) {
+        self.rx_stopped.store(stopped, Ordering::SeqCst);
+    }
+
+    /// Whether the RX ring is stopped.
+    pub fn rx_stopped(&self) -> bool {
+        self.rx_stopped.load(Ordering::SeqCst)
+    }
+
+    /// A copy of the inbound frames waiting (oldest first).
+    pub fn pending_copy(&self) -> VecDeque<Frame> {
+        lock(&self.pending).frames.clone()
+    }
+
+    /// Replaces the inbound frames waiting with `frames`; returns how many were waiting. Only
+    /// while the RX ring is stopped (no frame taken).
+    pub fn replace_pending(&self, frames: VecDeque<Frame>) -> usize {
+        let mut pending = lock(&self.pending);
+        let old = std::mem::replace(&mut pending.frames, frames);
+        pending.taken = false;
+        old.len()
     }
 
     /// Marks TX as waiting for room in the compare queues. Must be called while holding the

@@ -223,6 +223,12 @@ impl VhostUserNet {
             }
             self.active.push(i);
         }
+        // A ring restarted after a pause may have work waiting (inbound frames the backend
+        // queued meanwhile, descriptors the guest posted): kick it rather than wait for the
+        // guest's next notification.
+        for &i in &self.active {
+            let _ = self.kicks[i].write(1);
+        }
         shared.features = to_backend;
         Ok(())
     }

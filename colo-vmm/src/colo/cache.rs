@@ -47,3 +47,32 @@ impl RamCache {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::memory::GuestRam;
+
+    #[test]
+    fn pages_are_stored_privately_and_applied_on_demand() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let mem = ram.memory();
+        mem.write_slice(&[1u8; PAGE_SIZE], GuestAddress(0x3000)).unwrap();
+        let mut cache = RamCache::copy_of(mem, ram.size()).unwrap();
+        assert_eq!(cache.page(3), &[1u8; PAGE_SIZE][..], "a copy of memory at the start");
+        assert!(cache.store(0x5000, &[9u8; PAGE_SIZE]));
+        assert!(!cache.store(0x5001, &[9u8; PAGE_SIZE]), "unaligned");
+        assert!(!cache.store(16 << 20, &[9u8; PAGE_SIZE]), "outside guest memory");
+        assert!(!cache.store(0x6000, &[9u8; 100]), "not a page");
+        let mut page = [0u8; PAGE_SIZE];
+        mem.read_slice(&mut page, GuestAddress(0x5000)).unwrap();
+        assert_eq!(page, [0u8; PAGE_SIZE], "storing does not touch guest memory");
+        // The guest wrote page 3 meanwhile; applying pages 3 and 5 puts the cache's back.
+        mem.write_slice(&[7u8; PAGE_SIZE], GuestAddress(0x3000)).unwrap();
+        assert_eq!(cache.apply(mem, [3, 5].into_iter()).unwrap(), 2);
+        mem.read_slice(&mut page, GuestAddress(0x5000)).unwrap();
+        assert_eq!(page, [9u8; PAGE_SIZE]);
+        mem.read_slice(&mut page, GuestAddress(0x3000)).unwrap();
+        assert_eq!(page, [1u8; PAGE_SIZE]);
+    }
+}

@@ -177,3 +177,91 @@ impl<W: Write + Send + 'static> Drop for Link<W> {
         self.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    /// Two ends of a link over a socket pair, with heartbeats every `beat_ms`.
+    fn pair(beat_ms: u64) -> (Link<Channel>, Link<Channel>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let end = |s: UnixStream| {
+            let chan = Channel::Unix(s);
+            let w = StreamWriter::new(chan.try_clone().unwrap()).unwrap();
+            let peer_reader = chan.try_clone().unwrap();
+            (chan, w, peer_reader)
+        };
+        let (ca, wa, ra) = end(a);
+        let (cb, wb, rb) = end(b);
+        // Each side's writer starts its stream (the header) at once, so the readers can start.
+        let la = Link::new(StreamReader::new(ra).unwrap(), wa, ca, Arc::new(AtomicU64::new(beat_ms)));
+        let lb = Link::new(StreamReader::new(rb).unwrap(), wb, cb, Arc::new(AtomicU64::new(beat_ms)));
+        (la, lb)
+    }
+
+    #[test]
+    fn messages_pass_and_heartbeats_keep_the_peer_heard() {
+        let (mut a, b) = pair(20);
+        b.send(&Control::CheckpointReply { seq: 7 }).unwrap();
+        match a.recv(Duration::from_secs(2)) {
+            Ok(Incoming::Control(Control::CheckpointReply { seq: 7 })) => {}
+            other => panic!("{other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        // Heartbeats are consumed by the link, never delivered, but they count as speech.
+        assert!(matches!(a.recv(Duration::from_millis(50)), Err(Silence::Timeout)));
+        assert!(a.silent_for() < Duration::from_millis(150), "heard recently: {:?}", a.silent_for());
+    }
+
+    #[test]
+    fn a_closed_peer_is_reported_as_closed_and_stays_so() {
+        let (mut a, b) = pair(1000);
+        b.close();
+        drop(b);
+        match a.recv(Duration::from_secs(2)) {
+            Err(Silence::Closed(_)) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(a.recv(Duration::ZERO), Err(Silence::Closed(_))), "sticky");
+    }
+
+    #[test]
+    fn garbage_is_reported_as_corrupt_not_as_a_closed_link() {
+        let (s, peer) = UnixStream::pair().unwrap();
+        let chan = Channel::Unix(s);
+        let w = StreamWriter::new(chan.try_clone().unwrap()).unwrap();
+        // The peer writes a valid stream header and a heartbeat, then a record with a flipped byte.
+        let mut pw = StreamWriter::new(Vec::new()).unwrap();
+        pw.record(Kind::Control, br#"{"type":"heartbeat"}"#).unwrap();
+        let mut bytes = pw.finish().unwrap();
+        let last = bytes.len() - 30;
+        bytes[last] ^= 0xff;
+        let reader_side = std::thread::spawn(move || {
+            use std::io::Write as _;
+            let mut p = peer;
+            p.write_all(&bytes).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        });
+        let mut link =
+            Link::new(StreamReader::new(chan.try_clone().unwrap()).unwrap(), w, chan, Arc::new(AtomicU64::new(1000)));
+        match link.recv(Duration::from_secs(2)) {
+            Err(Silence::Corrupt(why)) => assert!(why.contains("checksum") || why.contains("corrupt"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        reader_side.join().unwrap();
+    }
+
+    #[test]
+    fn last_words_find_an_error_sent_before_closing() {
+        let (mut a, b) = pair(1000);
+        b.send(&Control::Heartbeat).unwrap();
+        b.send(&Control::Error { message: "bye".into() }).unwrap();
+        b.close();
+        assert_eq!(a.last_words(Duration::from_secs(1)), Some(Control::Error { message: "bye".into() }));
+        let (mut c, d) = pair(1000);
+        d.close();
+        assert_eq!(c.last_words(Duration::from_millis(200)), None, "nothing said");
+    }
+}

@@ -341,20 +341,31 @@ impl Controller<'_> {
         }
     }
 
-    /// Streams pending dirty pages to the secondary's RAM cache once enough have gathered.
-    fn background(&mut self, limit: u64) -> Result<(), End> {
+    /// Adds the pages dirtied since the last look (by anyone) to the pending set.
+    fn gather(&mut self) -> Result<(), End> {
         let more = self.tracker().collect(self.vmm.vm(), self.vmm.ram()).map_err(|e| End::Error(e.to_string()))?;
         self.pending.union(more.words());
-        if (self.pending.count() as u64) * (PAGE_SIZE as u64) < limit {
-            return Ok(());
-        }
-        let vmm = self.vmm;
-        let pending = &self.pending;
+        Ok(())
+    }
+
+    /// Sends the pending pages as they are now and empties the set; returns how many.
+    fn send_pending(&mut self) -> Result<u64, End> {
+        let (vmm, pending) = (self.vmm, &self.pending);
         let n = self
             .link
             .with_writer(|w| source::send_pages(w, vmm, pending.iter(), false))
             .map_err(|e| self.write_failed(e))?;
         self.pending = DirtyBitmap::empty(self.pending.words().len() * 64);
+        Ok(n)
+    }
+
+    /// Streams pending dirty pages to the secondary's RAM cache once enough have gathered.
+    fn background(&mut self, limit: u64) -> Result<(), End> {
+        self.gather()?;
+        if (self.pending.count() as u64) * (PAGE_SIZE as u64) < limit {
+            return Ok(());
+        }
+        let n = self.send_pending()?;
         self.colo.update(|s| s.background_pages += n);
         tracing::debug!(target: "colo", pages = n, "dirty pages streamed in the background");
         Ok(())
@@ -459,15 +470,9 @@ impl Controller<'_> {
     ) -> Result<Sent, End> {
         let vmm = self.vmm;
         let t0 = Instant::now();
-        let more = self.tracker().collect(vmm.vm(), vmm.ram()).map_err(|e| End::Error(e.to_string()))?;
-        self.pending.union(more.words());
+        self.gather()?;
         self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
-        let pending = &self.pending;
-        let pages = self
-            .link
-            .with_writer(|w| source::send_pages(w, vmm, pending.iter(), false))
-            .map_err(|e| self.write_failed(e))?;
-        self.pending = DirtyBitmap::empty(self.pending.words().len() * 64);
+        let pages = self.send_pending()?;
         if let Some(d) = self.test_delay {
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
             std::thread::sleep(d);

@@ -40,6 +40,25 @@ pub struct SerialSnapshot {
     pub in_buffer: Vec<u8>,
 }
 
+impl SerialSnapshot {
+    /// The UART state these registers describe.
+    fn state(&self) -> SerialState {
+        let r = self.registers;
+        SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: self.in_buffer.clone(),
+        }
+    }
+}
+
 impl FromStr for SerialOutput {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
@@ -94,46 +113,23 @@ impl SerialConsole {
 
     /// A console with saved registers, appending to its output.
     pub fn restored(output: &SerialOutput, snap: &SerialSnapshot) -> io::Result<SerialConsole> {
-        let r = snap.registers;
-        let state = SerialState {
-            baud_divisor_low: r[0],
-            baud_divisor_high: r[1],
-            interrupt_enable: r[2],
-            interrupt_identification: r[3],
-            line_control: r[4],
-            line_status: r[5],
-            modem_control: r[6],
-            modem_status: r[7],
-            scratch: r[8],
-            in_buffer: snap.in_buffer.clone(),
-        };
-        let uart = Serial::from_state(&state, NoInterrupt, NoEvents, LineWriter(output.open(true)?))
+        let uart = Serial::from_state(&snap.state(), NoInterrupt, NoEvents, LineWriter(output.open(true)?))
             .map_err(|e| io::Error::other(format!("restoring the UART: {e:?}")))?;
         Ok(SerialConsole { uart })
     }
 
-    /// Takes over saved registers, keeping this console's output.
+    /// Takes over saved registers, keeping this console's output (a checkpoint loaded into a
+    /// running VM). Registers that do not load leave the console as it was.
     pub fn load(&mut self, snap: &SerialSnapshot) {
-        let placeholder = Serial::new(NoInterrupt, LineWriter(Box::new(io::sink())));
-        let old = std::mem::replace(&mut self.uart, placeholder);
-        let writer = old.into_writer();
-        let r = snap.registers;
-        let state = SerialState {
-            baud_divisor_low: r[0],
-            baud_divisor_high: r[1],
-            interrupt_enable: r[2],
-            interrupt_identification: r[3],
-            line_control: r[4],
-            line_status: r[5],
-            modem_control: r[6],
-            modem_status: r[7],
-            scratch: r[8],
-            in_buffer: snap.in_buffer.clone(),
-        };
-        match Serial::from_state(&state, NoInterrupt, NoEvents, writer) {
-            Ok(u) => self.uart = u,
-            Err(e) => tracing::warn!(error = ?e, "loading UART registers failed; keeping the console as it was"),
+        let state = snap.state();
+        let sink = || LineWriter(Box::new(io::sink()));
+        // Check first: from_state consumes the writer even when it fails.
+        if let Err(e) = Serial::from_state(&state, NoInterrupt, NoEvents, sink()) {
+            tracing::warn!(error = ?e, "loading UART registers failed; keeping the console as it was");
+            return;
         }
+        let writer = std::mem::replace(&mut self.uart, Serial::new(NoInterrupt, sink())).into_writer();
+        self.uart = Serial::from_state(&state, NoInterrupt, NoEvents, writer).expect("checked above");
     }
 
     /// The registers to save.

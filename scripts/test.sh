@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export COLO_REQUIRE_ALL="${COLO_REQUIRE_ALL:-1}"
+# The end-to-end tests start the workspace's binaries from target/debug. `cargo test` builds a
+# member's binaries only when that member has integration tests of its own (colo-vmm has none),
+# so build them all first.
+cargo build --workspace --bins
 cargo test --workspace
 cargo test --manifest-path colo-vmm/guest/Cargo.toml
 cargo clippy --manifest-path colo-vmm/guest/Cargo.toml --all-targets -- -D warnings

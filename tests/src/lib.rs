@@ -18,16 +18,17 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Path of a binary of this workspace: next to the running executable (a binary in
-/// `target/<profile>/`) or one directory up (a test in `target/<profile>/deps/`). `cargo test
-/// --workspace` builds every member's binaries before running tests.
+/// `target/<profile>/`) or one directory up (a test in `target/<profile>/deps/`). `cargo test`
+/// alone does not build the binaries of members without integration tests, so
+/// `scripts/test.sh` runs `cargo build --workspace --bins` first.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("executable path");
     let here = exe.parent().expect("executable directory");
     let candidates = [here.join(name), here.parent().map(|p| p.join(name)).unwrap_or_default()];
     candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
         panic!(
-            "{name} not found next to {}: build the workspace first (`cargo test --workspace` or \
-             `cargo build --workspace`)",
+            "{name} not found next to {}: build the workspace's binaries first \
+             (`cargo build --workspace --bins`, or run `scripts/test.sh`)",
             exe.display()
         )
     })

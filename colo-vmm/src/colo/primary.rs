@@ -155,6 +155,7 @@ fn begin<'a>(vmm: &'a Vmm, uri: &MigrationUri) -> Result<Controller<'a>, String>
         resumed_at: Instant::now(),
         test_delay: std::env::var(TEST_DELAY_ENV).ok().and_then(|v| v.parse().ok()).map(ms),
         test_verify: std::env::var(TEST_VERIFY_ENV).is_ok_and(|v| v == "1"),
+        heartbeat_sent: (0, 0),
     };
     if let Err(End::Error(e) | End::Lost(e)) = ctl.resume(&paused.devices) {
         ctl.fail_over(End::Error(e.clone()));
@@ -221,6 +222,8 @@ struct Controller<'a> {
     resumed_at: Instant,
     test_delay: Option<Duration>,
     test_verify: bool,
+    /// The heartbeat parameters last sent to the secondary (interval, timeout).
+    heartbeat_sent: (u64, u64),
 }
 
 impl Controller<'_> {
@@ -267,12 +270,26 @@ impl Controller<'_> {
         }
     }
 
+    /// Gives the secondary the heartbeat parameters when COLO starts and after each change, so
+    /// both sides beat and judge silence alike.
+    fn send_heartbeat_parameters(&mut self) -> Result<(), End> {
+        let p = self.colo.params();
+        let now = (p.heartbeat_interval, p.heartbeat_timeout);
+        if now != self.heartbeat_sent {
+            let msg = Control::HeartbeatParameters { interval_ms: now.0, timeout_ms: now.1 };
+            self.link.send(&msg).map_err(|e| self.write_failed(e))?;
+            self.heartbeat_sent = now;
+        }
+        Ok(())
+    }
+
     /// Hears the secondary between and during checkpoints: a heartbeat timeout, a broken link,
     /// an error from it or `lost-heartbeat` end COLO.
     fn check_peer(&mut self, wait: Duration) -> Result<Option<Control>, End> {
         if self.colo.lost_heartbeat.swap(false, Ordering::Relaxed) {
             return Err(End::Lost("lost-heartbeat command".into()));
         }
+        self.send_heartbeat_parameters()?;
         // Read before judging silence: after this process was descheduled (or stopped), what
         // the secondary sent meanwhile must count, and an error from it must be seen.
         match self.link.recv(wait) {

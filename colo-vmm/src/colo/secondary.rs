@@ -226,6 +226,11 @@ impl Svm {
                 told.map_err(|e| write_failed(link, e))?;
                 link.send(&Control::VmstateLoaded { seq }).map_err(|e| write_failed(link, e))?;
             }
+            (Incoming::Control(Control::HeartbeatParameters { interval_ms, timeout_ms }), _) => {
+                colo.set_heartbeat(interval_ms, timeout_ms)
+                    .map_err(|e| error(format!("bad heartbeat parameters from the primary: {e}")))?;
+                tracing::info!(target: "colo", interval_ms, timeout_ms, "heartbeat parameters from the primary");
+            }
             (Incoming::Control(Control::Error { message }), _) => {
                 return Err(End::Error { why: format!("the primary ended COLO: {message}"), tell: false })
             }

@@ -59,6 +59,15 @@ impl ColoShared {
         Ok(new)
     }
 
+    /// The primary's heartbeat parameters, on the secondary. Refused (nothing changes) when
+    /// the timeout is not above the interval.
+    pub fn set_heartbeat(&self, interval_ms: u64, timeout_ms: u64) -> Result<(), String> {
+        let mut args = Map::new();
+        args.insert("heartbeat-interval".into(), interval_ms.into());
+        args.insert("heartbeat-timeout".into(), timeout_ms.into());
+        self.set_params(&args).map(|_| ())
+    }
+
     /// A copy of the status.
     pub fn status(&self) -> ColoStatus {
         lock(&self.status).clone()

@@ -98,6 +98,15 @@ pub enum Control {
     },
     /// Either way, on an idle link: alive.
     Heartbeat,
+    /// Primary → secondary, when COLO starts and whenever they change: the heartbeat
+    /// parameters set on the primary, which both sides use (the user configures the pair on
+    /// the primary; a secondary beating slower than the primary's timeout would be dropped).
+    HeartbeatParameters {
+        /// `heartbeat-interval`, ms.
+        interval_ms: u64,
+        /// `heartbeat-timeout`, ms.
+        timeout_ms: u64,
+    },
 }
 
 /// Sends a control message.

@@ -171,11 +171,21 @@ impl ColoNet {
         }
         let _ = std::fs::remove_file(&api);
         let mut p = Proc::spawn(&format!("colo-vmm-{tag}"), c);
-        // A secondary serves its API once COLO has started (see start_colo).
-        if side == Side::Primary {
-            Self::wait_api(&mut p, &api);
+        // A secondary serves its API once COLO has started (see start_colo); before that, it
+        // must be listening for the primary, or colo-start would find nobody there.
+        match side {
+            Side::Primary => Self::wait_api(&mut p, &api),
+            Side::Secondary => Self::wait_log(&mut p, "waiting for an incoming migration"),
         }
         p
+    }
+
+    fn wait_log(p: &mut Proc, line: &str) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !p.stderr().contains(line) {
+            assert!(p.is_running() && Instant::now() < deadline, "the VMM did not log {line:?}:\n{}", p.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn wait_api(p: &mut Proc, api: &Path) {

@@ -13,6 +13,14 @@ use crate::migration::uri::Channel;
 use crate::persist::sections::Sections;
 use crate::persist::stream::{Kind, StreamError, StreamReader, StreamWriter};
 
+/// A wait that overran by more than this means this process itself was stopped or not
+/// scheduled (SIGSTOP, a stalled host).
+const STALL_SLACK: Duration = Duration::from_millis(50);
+
+/// After such a stall, silence is not judged for this long: what the peer sent meanwhile waits
+/// in the socket until the reader thread runs again, so the silence is this side's own.
+const WAKE_GRACE: Duration = Duration::from_millis(100);
+
 /// What arrives from the peer.
 #[derive(Debug)]
 pub enum Incoming {
@@ -46,6 +54,8 @@ pub struct Link<W: Write + Send + 'static> {
     rx: Receiver<Incoming>,
     /// Milliseconds since `origin` when the peer was last heard.
     last_heard: Arc<AtomicU64>,
+    /// Milliseconds since `origin` when this process last woke from a stall.
+    woke: Arc<AtomicU64>,
     origin: Instant,
     stop: Arc<AtomicBool>,
     chan: Channel,
@@ -63,6 +73,7 @@ impl<W: Write + Send + 'static> Link<W> {
     ) -> Link<W> {
         let origin = Instant::now();
         let last_heard = Arc::new(AtomicU64::new(0));
+        let woke = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let writer = Arc::new(Mutex::new(writer));
         let (tx, rx) = channel();
@@ -94,12 +105,17 @@ impl<W: Write + Send + 'static> Link<W> {
                 }
             })
             .expect("spawn the link reader");
-        let (w, s) = (writer.clone(), stop.clone());
+        let (w, s, wk) = (writer.clone(), stop.clone(), woke.clone());
         std::thread::Builder::new()
             .name("colo-heartbeat".into())
             .spawn(move || {
                 while !s.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(interval_ms.load(Ordering::Relaxed).max(1)));
+                    let interval = Duration::from_millis(interval_ms.load(Ordering::Relaxed).max(1));
+                    let slept = Instant::now();
+                    std::thread::sleep(interval);
+                    if slept.elapsed() > interval + STALL_SLACK {
+                        wk.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    }
                     let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
                     if protocol::send(&mut w, &Control::Heartbeat).is_err() {
                         return;
@@ -107,7 +123,7 @@ impl<W: Write + Send + 'static> Link<W> {
                 }
             })
             .expect("spawn the heartbeat");
-        Link { writer, rx, last_heard, origin, stop, chan, closed: None }
+        Link { writer, rx, last_heard, woke, origin, stop, chan, closed: None }
     }
 
     /// Sends a control message.
@@ -136,11 +152,17 @@ impl<W: Write + Send + 'static> Link<W> {
         if let Some(end) = &self.closed {
             return Err(end.clone());
         }
+        let asked = Instant::now();
         let end = match self.rx.recv_timeout(timeout) {
             Ok(Incoming::Closed(why)) => Silence::Closed(why),
             Ok(Incoming::Corrupt(why)) => Silence::Corrupt(why),
             Ok(m) => return Ok(m),
-            Err(RecvTimeoutError::Timeout) => return Err(Silence::Timeout),
+            Err(RecvTimeoutError::Timeout) => {
+                if asked.elapsed() > timeout + STALL_SLACK {
+                    self.woke.store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+                return Err(Silence::Timeout);
+            }
             Err(RecvTimeoutError::Disconnected) => Silence::Closed("the link reader stopped".into()),
         };
         self.closed = Some(end.clone());
@@ -158,6 +180,14 @@ impl<W: Write + Send + 'static> Link<W> {
                 Err(_) => return None,
             }
         }
+    }
+
+    /// Whether the peer has been silent for more than `timeout`: heartbeats count as speech,
+    /// and a silence right after this process itself stalled (stopped, not scheduled) is not
+    /// judged until the reader thread has had [`WAKE_GRACE`] to take in what arrived meanwhile.
+    pub fn peer_silent(&self, timeout: Duration) -> bool {
+        let woke = Duration::from_millis(self.woke.load(Ordering::Relaxed));
+        self.silent_for() > timeout && self.origin.elapsed().saturating_sub(woke) > WAKE_GRACE
     }
 
     /// How long the peer has been silent (heartbeats count as speech).
@@ -213,6 +243,22 @@ mod tests {
         // Heartbeats are consumed by the link, never delivered, but they count as speech.
         assert!(matches!(a.recv(Duration::from_millis(50)), Err(Silence::Timeout)));
         assert!(a.silent_for() < Duration::from_millis(150), "heard recently: {:?}", a.silent_for());
+    }
+
+    #[test]
+    fn silence_is_not_judged_right_after_this_side_stalled() {
+        // Heartbeats every 10 s: after the headers the peer says nothing.
+        let (mut a, _b) = pair(10_000);
+        let limit = Duration::from_millis(150);
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(a.peer_silent(limit), "silent for {:?}", a.silent_for());
+        // This side wakes from a stall (as the heartbeat thread or recv notice an overrun):
+        // the peer's messages may still wait in the socket, so no verdict yet...
+        a.woke.store(a.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        assert!(!a.peer_silent(limit));
+        // ...until the reader had its grace.
+        assert!(matches!(a.recv(WAKE_GRACE + Duration::from_millis(20)), Err(Silence::Timeout)));
+        assert!(a.peer_silent(limit));
     }
 
     #[test]

@@ -295,7 +295,7 @@ impl Controller<'_> {
         match self.link.recv(wait) {
             Err(Silence::Timeout) => {
                 let timeout = ms(self.colo.params().heartbeat_timeout);
-                if self.link.silent_for() > timeout {
+                if self.link.peer_silent(timeout) {
                     return Err(End::Lost(format!("no heartbeat from the secondary for {} ms", timeout.as_millis())));
                 }
                 Ok(None)

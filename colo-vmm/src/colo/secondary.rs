@@ -167,7 +167,7 @@ impl Svm {
             Ok(m) => m,
             Err(Silence::Timeout) => {
                 let timeout = ms(colo.params().heartbeat_timeout);
-                if link.silent_for() > timeout {
+                if link.peer_silent(timeout) {
                     return Err(End::Lost(format!("no heartbeat from the primary for {} ms", timeout.as_millis())));
                 }
                 return Ok(());

@@ -7,6 +7,7 @@ pub mod linux_guest;
 pub mod netns;
 pub mod pcapread;
 pub mod qemu;
+pub mod qemu_vhost;
 pub mod qframe;
 pub mod topology;
 pub mod vm_topology;

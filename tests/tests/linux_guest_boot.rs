@@ -5,77 +5,19 @@
 //! the per-boot token over UDP and TCP; tcpdump on the tap shows no frame larger than the MTU
 //! (the device offers no segmentation offloads). Prints the boot time to the READY marker.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use colo_tests::linux_guest::{
-    blob, feature, linux_guest_available, GuestOpts, LinuxGuest, ECHO_PORT, HTTP_PORT, INDEX_HTML, TOKEN_PORT,
+    blob, feature, linux_guest_available, GuestOpts, LinuxGuest, ECHO_PORT, INDEX_HTML, TOKEN_PORT,
 };
 use colo_tests::netns::{prerequisites, Netns};
+use colo_tests::qemu_vhost::{
+    http_get, tcp_connect, tcp_exchange, udp_request, CLIENT_IP as HOST_IP, GUEST_IP, GUEST_MAC,
+};
 use colo_tests::{pcapread, skip, TempDir};
 
-const GUEST_IP: &str = "10.0.0.2";
-const HOST_IP: &str = "10.0.0.1";
-const GUEST_MAC: &str = "52:54:00:12:34:56";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-fn addr(port: u16) -> SocketAddr {
-    format!("{GUEST_IP}:{port}").parse().expect("socket address")
-}
-
-/// Sends `msg` by UDP until an answer comes (the first datagram may wait for ARP); returns it.
-fn udp_request(port: u16, msg: &[u8]) -> Vec<u8> {
-    let s = UdpSocket::bind("0.0.0.0:0").expect("udp bind");
-    s.set_read_timeout(Some(Duration::from_secs(1))).expect("timeout");
-    let mut buf = [0u8; 2048];
-    for _ in 0..10 {
-        s.send_to(msg, addr(port)).expect("udp send");
-        if let Ok((n, from)) = s.recv_from(&mut buf) {
-            assert_eq!(from, addr(port), "answer from the guest's port");
-            return buf[..n].to_vec();
-        }
-    }
-    panic!("no UDP answer from {GUEST_IP}:{port}");
-}
-
-fn tcp_connect(port: u16) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr(port), IO_TIMEOUT)
-        .unwrap_or_else(|e| panic!("TCP connect {GUEST_IP}:{port}: {e}"));
-    s.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s.set_write_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    s
-}
-
-/// Writes `msg` (from another thread, so that a long echo cannot fill both directions' buffers
-/// and stall), reads until `want` bytes came back.
-fn tcp_exchange(s: &mut TcpStream, msg: &[u8], want: usize) -> Vec<u8> {
-    let mut w = s.try_clone().expect("clone stream");
-    let msg = msg.to_vec();
-    let writer = std::thread::spawn(move || w.write_all(&msg));
-    let mut got = vec![];
-    let mut buf = [0u8; 65536];
-    while got.len() < want {
-        let n = s.read(&mut buf).expect("tcp read");
-        assert!(n > 0, "connection closed after {} of {want} bytes", got.len());
-        got.extend_from_slice(&buf[..n]);
-    }
-    writer.join().expect("writer thread").expect("tcp write");
-    got
-}
-
-/// `GET path` over HTTP/1.0; returns (status line, body).
-fn http_get(path: &str) -> (String, Vec<u8>) {
-    let mut s = tcp_connect(HTTP_PORT);
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {GUEST_IP}\r\n\r\n").expect("http request");
-    let mut resp = vec![];
-    s.read_to_end(&mut resp).expect("http response");
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("end of HTTP headers");
-    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
-    let status = head.lines().next().unwrap_or_default().to_string();
-    (status, resp[split + 4..].to_vec())
-}
 
 #[test]
 fn linux_guest_on_a_tap_answers_ping_echo_http_and_token() {
@@ -136,12 +78,12 @@ fn linux_guest_on_a_tap_answers_ping_echo_http_and_token() {
     let stream_len = 100_000;
     ns.enter(move || {
         // UDP echo: a small datagram and one that fills a 1500-byte frame.
-        assert_eq!(udp_request(ECHO_PORT, b"hello udp"), b"hello udp");
+        assert_eq!(udp_request(ECHO_PORT, b"hello udp", 10).expect("a UDP answer"), b"hello udp");
         let big: Vec<u8> = (0..1472u32).map(|i| (i * 7) as u8).collect();
-        assert_eq!(udp_request(ECHO_PORT, &big), big);
+        assert_eq!(udp_request(ECHO_PORT, &big, 10).expect("a UDP answer"), big);
 
         // TCP echo, twice on one connection, then 100 KB in one go.
-        let mut s = tcp_connect(ECHO_PORT);
+        let mut s = tcp_connect(ECHO_PORT, IO_TIMEOUT);
         assert_eq!(tcp_exchange(&mut s, b"hello tcp\n", 10), b"hello tcp\n");
         assert_eq!(tcp_exchange(&mut s, b"again\n", 6), b"again\n");
         let stream = blob(stream_len);
@@ -149,18 +91,18 @@ fn linux_guest_on_a_tap_answers_ping_echo_http_and_token() {
         drop(s);
 
         // busybox httpd.
-        let (status, body) = http_get("/");
+        let (status, body) = http_get("/", IO_TIMEOUT);
         assert!(status.contains(" 200 "), "GET /: {status}");
         assert_eq!(String::from_utf8_lossy(&body), INDEX_HTML);
-        let (status, body) = http_get("/blob.bin");
+        let (status, body) = http_get("/blob.bin", IO_TIMEOUT);
         assert!(status.contains(" 200 "), "GET /blob.bin: {status}");
         assert_eq!(body.len(), blob_len, "length of /blob.bin");
         assert!(body == blob(blob_len), "content of /blob.bin differs");
 
         // The token, by UDP and by TCP (answered per read).
         let line = format!("{token}\n").into_bytes();
-        assert_eq!(udp_request(TOKEN_PORT, b"token?"), line);
-        let mut s = tcp_connect(TOKEN_PORT);
+        assert_eq!(udp_request(TOKEN_PORT, b"token?", 10).expect("a UDP answer"), line);
+        let mut s = tcp_connect(TOKEN_PORT, IO_TIMEOUT);
         assert_eq!(tcp_exchange(&mut s, b"token?\n", line.len()), line);
     });
     eprintln!("{test}: ping, echo, http and token took {:.2} s", t.elapsed().as_secs_f64());

@@ -19,7 +19,10 @@ use crate::device::MacAddr;
 accepts the next frontend when one disconnects (a migrated or restarted VM), with a fresh device. \
 Guest RAM must be shared memory (memfd or shm). The device offers VERSION_1, MAC, STATUS, \
 RING_EVENT_IDX and MRG_RXBUF, no checksum or segmentation offloads, and dirty logging \
-(LOG_SHMFD, LOG_ALL). Needs CAP_NET_ADMIN for the tap. Logging: RUST_LOG (default info)."
+(LOG_SHMFD, LOG_ALL). Beside each VM socket the backend keeps a directory .NAME.relay (mode 0700) \
+for the socket its vhost-user daemons listen on behind a relay that accepts QEMU 7.2's order of \
+requests; it is removed at exit, and replaced at the next start if a killed run left it behind. \
+Needs CAP_NET_ADMIN for the tap. Logging: RUST_LOG (default info)."
 )]
 pub struct Options {
     /// Unix socket the primary VM's vhost-user frontend connects to (created; an existing file

@@ -9,7 +9,10 @@
 //! - one uplink thread reading the tap ([`uplink`]) and handing frames to the VMs through
 //!   per-VM queues ([`port`]) and eventfds, so RX rings are written only by their worker;
 //! - one control thread ([`control`]) for the control socket and the engine's timers;
-//! - one accept thread per VM socket ([`server`]), which builds a fresh daemon per connection.
+//! - one accept thread per VM socket ([`server`]), which builds a fresh daemon per connection,
+//!   and per connection a relay thread ([`frontend_shim`]) between the frontend and the daemon's
+//!   private socket, which fixes QEMU 7.2's order of vhost-user requests (control messages
+//!   only: frames never pass through it).
 //!
 //! The state the VMs share — the compare engine, the capture file, the tap writer in COLO mode —
 //! sits behind one mutex in [`colo`]; [`hub`] routes frames between the tap and the VMs.
@@ -22,6 +25,7 @@ pub mod cli;
 pub mod colo;
 pub mod control;
 pub mod device;
+pub mod frontend_shim;
 pub mod hub;
 pub mod lock;
 pub mod port;

@@ -4,6 +4,8 @@
 //! Threads once started:
 //! - `primary-accept` (and `secondary-accept`): accept a frontend, then run its daemon — a
 //!   vhost-user request thread and a `vring_worker` for both rings — until it disconnects;
+//! - per connection, `primary-relay` (`secondary-relay`): the frontend's control messages to
+//!   the daemon's private socket and back ([`crate::frontend_shim`]);
 //! - `uplink`: tap → VMs' pending RX queues;
 //! - `control`: controllers' commands and the engine's timers; the control socket server runs
 //!   on its own thread too (colo-proxy's [`colo_proxy::control::ControlServer::spawn`]).
@@ -23,7 +25,7 @@ use crate::colo::ColoState;
 use crate::control;
 use crate::device::{MacAddr, NetConfig};
 use crate::hub::{Hub, SharedMode};
-use crate::server::VmServer;
+use crate::server::{PrivateSocket, PrivateSocketError, VmServer};
 use crate::tap::{Tap, TapError};
 use crate::uplink::Uplink;
 
@@ -47,6 +49,9 @@ pub enum StartError {
         /// The error.
         error: vhost::vhost_user::Error,
     },
+    /// The daemons' private socket could not be set up.
+    #[error(transparent)]
+    Private(#[from] PrivateSocketError),
     /// The control socket could not be bound.
     #[error("cannot listen on control socket {path}: {error}")]
     Control {
@@ -73,6 +78,8 @@ pub struct Service {
     hub: Arc<Hub>,
     uplink: Option<Uplink>,
     socket_paths: Vec<PathBuf>,
+    /// The directories of the daemons' private sockets; removed at shutdown.
+    private_dirs: Vec<PathBuf>,
 }
 
 impl Service {
@@ -84,13 +91,17 @@ impl Service {
         }
         let tap = Arc::new(Tap::open(&opts.tap)?);
         let mut socket_paths = Vec::new();
-        let primary = bind(&opts.primary_socket)?;
+        let mut private_dirs = Vec::new();
+        let primary = (bind(&opts.primary_socket)?, PrivateSocket::bind_for(&opts.primary_socket)?);
         socket_paths.push(opts.primary_socket.clone());
+        private_dirs.push(primary.1.dir().to_path_buf());
         let secondary = match &opts.secondary_socket {
             Some(path) => {
                 let l = bind(path)?;
                 socket_paths.push(path.clone());
-                Some(l)
+                let p = PrivateSocket::bind_for(path)?;
+                private_dirs.push(p.dir().to_path_buf());
+                Some((l, p))
             }
             None => None,
         };
@@ -121,9 +132,14 @@ impl Service {
         let hub = Arc::new(Hub::new(tap.clone(), nic, colo, handle, mode));
         control::spawn(hub.clone(), control, opts.engine_config().expired_scan_cycle).map_err(StartError::Thread)?;
         let config = NetConfig { mac: opts.mac.unwrap_or(MacAddr::DEFAULT) };
-        VmServer::new(Side::Primary, primary, hub.clone(), config).spawn().map_err(StartError::Thread)?;
-        if let Some(l) = secondary {
-            VmServer::new(Side::Secondary, l, hub.clone(), config).spawn().map_err(StartError::Thread)?;
+        let (public, private_socket) = primary;
+        VmServer::new(Side::Primary, public, private_socket, hub.clone(), config)
+            .spawn()
+            .map_err(StartError::Thread)?;
+        if let Some((public, private_socket)) = secondary {
+            VmServer::new(Side::Secondary, public, private_socket, hub.clone(), config)
+                .spawn()
+                .map_err(StartError::Thread)?;
         }
         let uplink = Uplink::spawn(tap.clone(), hub.clone()).map_err(StartError::Thread)?;
         tracing::info!(
@@ -137,7 +153,8 @@ impl Service {
             "vhost-net-compare: {}",
             if opts.colo() { "COLO compare proxy" } else { "passthrough" }
         );
-        Ok(Service { hub, uplink: Some(uplink), socket_paths })
+        tracing::debug!(dirs = ?private_dirs, "the daemons' private sockets");
+        Ok(Service { hub, uplink: Some(uplink), socket_paths, private_dirs })
     }
 
     /// The router (for inspection).
@@ -145,8 +162,9 @@ impl Service {
         &self.hub
     }
 
-    /// Stops reading the tap, writes out the capture, removes the socket files and logs the
-    /// totals. VM connections and their threads end with the process.
+    /// Stops reading the tap, writes out the capture, removes the socket files and the
+    /// daemons' private directories, and logs the totals. VM connections and their threads end
+    /// with the process.
     pub fn shutdown(mut self) {
         if let Some(u) = self.uplink.take() {
             u.stop();
@@ -156,6 +174,13 @@ impl Service {
             if let Err(e) = fs::remove_file(path) {
                 if e.kind() != io::ErrorKind::NotFound {
                     tracing::warn!(path = %path.display(), error = %e, "cannot remove socket");
+                }
+            }
+        }
+        for dir in &self.private_dirs {
+            if let Err(e) = fs::remove_dir_all(dir) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(path = %dir.display(), error = %e, "cannot remove the private socket directory");
                 }
             }
         }

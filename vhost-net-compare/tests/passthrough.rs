@@ -10,7 +10,8 @@ use colo_proxy::compare::Mode;
 use colo_proxy::control::{Event, PeerState};
 use colo_proxy::Side;
 use common::*;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::VhostUserFrontend;
 use vhost::VhostBackend;
 
 const T: Duration = Duration::from_secs(5);
@@ -224,6 +225,16 @@ fn the_dirty_log_holds_exactly_the_pages_the_backend_wrote() {
     let _ = old.raw_fd();
 }
 
+/// One frame each way between a started VM and the wire: tagged `tx` out, `rx` in.
+fn exchange_one(vm: &mut Vm, wire: &Wire, tx: u32, rx: u32) {
+    vm.post_rx(4);
+    vm.send(&test_frame(tx, 90));
+    let f = wire.recv_matching(T, |f| test_tag(f).is_some()).expect("a TX frame on the wire");
+    assert_eq!(test_tag(&f), Some(tx));
+    wire.send(&test_frame(rx, 90));
+    assert_eq!(test_tag(&vm.recv(T).expect("an RX frame in the VM").eth), Some(rx));
+}
+
 #[test]
 fn a_new_frontend_is_served_after_a_disconnect() {
     if !prerequisites("a_new_frontend_is_served_after_a_disconnect") {
@@ -251,12 +262,7 @@ fn a_new_frontend_is_served_after_a_disconnect() {
         let mut vm = Vm::connect(&backend.primary);
         vm.setup();
         expect_event(&mut ctl, T, "peer connected", peer(PeerState::Connected));
-        vm.post_rx(4);
-        vm.send(&test_frame(round, 90));
-        let f = wire.recv_matching(T, |f| test_tag(f).is_some()).expect("TX");
-        assert_eq!(test_tag(&f), Some(round));
-        wire.send(&test_frame(1000 + round, 90));
-        assert_eq!(test_tag(&vm.recv(T).expect("RX").eth), Some(1000 + round));
+        exchange_one(&mut vm, &wire, round, 1000 + round);
         drop(vm);
         expect_event(&mut ctl, T, "peer disconnected", peer(PeerState::Disconnected));
     }
@@ -269,6 +275,47 @@ fn a_new_frontend_is_served_after_a_disconnect() {
     wire.send(&test_frame(5001, 90));
     assert_eq!(test_tag(&vm.recv(T).unwrap().eth), Some(5001));
     assert!(backend.alive());
+}
+
+#[test]
+fn rings_enabled_before_set_features_like_qemu_7_2_work() {
+    if !prerequisites("rings_enabled_before_set_features_like_qemu_7_2_work") {
+        return;
+    }
+    let dir = TempDir::new();
+    let tap = TestTap::new();
+    let backend = passthrough(&dir, &tap, true);
+    let wire = Wire::open(&tap.name);
+    let mut ctl = backend.control();
+    for round in 0..2u32 {
+        // SET_OWNER and the early SET_VRING_ENABLEs raw, then the rest without any
+        // SET_VRING_ENABLE, as QEMU 7.2 does: the rings must run all the same.
+        let mut vm = Vm::connect_with(&backend.primary, qemu_7_2_prelude);
+        {
+            let f = &mut vm.frontend;
+            let offered = f.get_features().unwrap();
+            let wanted = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::LOG_SHMFD;
+            assert!(f.get_protocol_features().unwrap().contains(wanted));
+            f.set_protocol_features(wanted).unwrap();
+            f.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            vm.features = offered & !VhostUserVirtioFeatures::LOG_ALL.bits();
+            vm.frontend.set_features(vm.features).unwrap();
+        }
+        vm.set_mem_table();
+        vm.configure_ring(0, 0);
+        vm.configure_ring(1, 0);
+        expect_event(&mut ctl, T, "peer connected", |e| {
+            *e == Event::Peer { role: Side::Primary, state: PeerState::Connected }
+        });
+        exchange_one(&mut vm, &wire, round, 100 + round);
+        drop(vm);
+        expect_event(&mut ctl, T, "peer disconnected", |e| {
+            *e == Event::Peer { role: Side::Primary, state: PeerState::Disconnected }
+        });
+    }
+    assert!(backend.alive());
+    let (_, log) = backend.terminate();
+    assert!(log.contains("sent SET_VRING_ENABLE before SET_FEATURES"), "{log}");
 }
 
 #[test]
@@ -423,9 +470,17 @@ fn sigterm_exits_cleanly_and_removes_the_sockets() {
     let mut vm = Vm::connect(&backend.primary);
     vm.setup();
     let paths = [backend.primary.clone(), backend.secondary.clone().unwrap(), backend.control.clone().unwrap()];
+    // The daemons' private sockets live in `.NAME.relay` beside each VM socket.
+    let private: Vec<std::path::PathBuf> = paths[..2]
+        .iter()
+        .map(|p| p.with_file_name(format!(".{}.relay", p.file_name().unwrap().to_string_lossy())))
+        .collect();
+    for p in &private {
+        assert!(p.join("daemon.sock").exists(), "{} exists", p.display());
+    }
     let (status, log) = backend.terminate();
     assert!(status.success(), "exit status {status:?}\n{log}");
-    for p in &paths {
+    for p in paths.iter().chain(&private) {
         assert!(!p.exists(), "{} removed", p.display());
     }
     assert!(log.contains("shutting down"), "{log}");

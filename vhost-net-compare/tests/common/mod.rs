@@ -443,6 +443,12 @@ pub fn memfd(name: &str, size: u64) -> File {
 impl Vm {
     /// Connects to `path` (waiting up to 10 s for the backend to accept).
     pub fn connect(path: &Path) -> Vm {
+        Self::connect_with(path, |_| {})
+    }
+
+    /// Connects to `path`, lets `prelude` write raw requests on the socket, then hands it to
+    /// the vhost crate's frontend.
+    pub fn connect_with(path: &Path, prelude: impl FnOnce(&mut UnixStream)) -> Vm {
         let deadline = Instant::now() + Duration::from_secs(10);
         let stream = loop {
             match UnixStream::connect(path) {
@@ -454,6 +460,8 @@ impl Vm {
             }
         };
         stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut stream = stream;
+        prelude(&mut stream);
         let frontend = Frontend::from_stream(stream, 2);
         let file = memfd("guest-ram", MEM_SIZE as u64);
         let mem = GuestMemoryMmap::<()>::from_ranges_with_files([(
@@ -505,6 +513,14 @@ impl Vm {
 
     /// Configures and starts ring `q` with `base` as next avail index.
     pub fn start_ring(&mut self, q: usize, base: u16) {
+        self.configure_ring(q, base);
+        self.frontend.set_vring_enable(q, true).unwrap();
+    }
+
+    /// Configures ring `q` (size, addresses, `base` as next avail index, call and kick) without
+    /// enabling it: [`Vm::start_ring`] enables it next; QEMU 7.2 sent SET_VRING_ENABLE before
+    /// the features instead (see [`qemu_7_2_prelude`]).
+    pub fn configure_ring(&mut self, q: usize, base: u16) {
         let (desc, avail, used) = {
             let vq = if q == 0 { &self.rx } else { &self.tx };
             (vq.desc, vq.avail, vq.used)
@@ -525,7 +541,6 @@ impl Vm {
         f.set_vring_base(q, base).unwrap();
         f.set_vring_call(q, &vq.call).unwrap();
         f.set_vring_kick(q, &vq.kick).unwrap();
-        f.set_vring_enable(q, true).unwrap();
     }
 
     /// The whole setup of a VMM at DRIVER_OK.
@@ -744,4 +759,37 @@ pub fn read_all(path: &Path) -> String {
         let _ = f.read_to_string(&mut s);
     }
     s
+}
+
+/// A raw vhost-user request: header (request, flags = version 1 | `flags`, size) and payload.
+pub fn raw_request(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(12 + payload.len());
+    m.extend_from_slice(&request.to_ne_bytes());
+    m.extend_from_slice(&(1 | flags).to_ne_bytes());
+    m.extend_from_slice(&(payload.len() as u32).to_ne_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// What QEMU 7.2 sends before SET_FEATURES: SET_OWNER, then SET_VRING_ENABLE(1) for both rings,
+/// several times (here once with NEED_REPLY, whose reply is read). The vhost crate's backend
+/// alone would refuse the first SET_VRING_ENABLE and drop the connection.
+pub fn qemu_7_2_prelude(s: &mut UnixStream) {
+    use std::io::Write;
+    const SET_OWNER: u32 = 3;
+    const SET_VRING_ENABLE: u32 = 18;
+    const NEED_REPLY: u32 = 0x8;
+    let enable = |index: u32| [index.to_ne_bytes(), 1u32.to_ne_bytes()].concat();
+    s.write_all(&raw_request(SET_OWNER, 0, &[])).unwrap();
+    for _ in 0..2 {
+        s.write_all(&raw_request(SET_VRING_ENABLE, 0, &enable(0))).unwrap();
+        s.write_all(&raw_request(SET_VRING_ENABLE, 0, &enable(1))).unwrap();
+    }
+    s.write_all(&raw_request(SET_VRING_ENABLE, NEED_REPLY, &enable(0))).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).expect("a reply to SET_VRING_ENABLE with NEED_REPLY");
+    assert_eq!(reply[..4], SET_VRING_ENABLE.to_ne_bytes());
+    assert_eq!(reply[4..8], 0x5u32.to_ne_bytes(), "version 1 | REPLY");
+    assert_eq!(reply[8..12], 8u32.to_ne_bytes());
+    assert_eq!(reply[12..], 0u64.to_ne_bytes(), "success");
 }

@@ -265,8 +265,8 @@ fn timeouts_are_reported_and_a_hostile_secondary_does_not_disturb_the_primary() 
 }
 
 #[test]
-fn colo_and_passthrough_frames_per_second() {
-    if !prerequisites("colo_and_passthrough_frames_per_second") {
+fn a_burst_of_frames_crosses_passthrough_and_colo_without_loss_or_differences() {
+    if !prerequisites("a_burst_of_frames_crosses_passthrough_and_colo_without_loss_or_differences") {
         return;
     }
     let n = 20_000usize;

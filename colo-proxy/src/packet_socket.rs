@@ -83,9 +83,17 @@ impl PacketSocket {
 
     /// The next received frame, or `Ok(None)` when none is waiting.
     pub fn recv(&mut self) -> io::Result<Option<&[u8]>> {
+        let fd = self.fd;
         match self.rx.next() {
             Ok(f) => Ok(Some(f)),
             Err(e) if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) => Ok(None),
+            // pnet's poll saw POLLERR without POLLIN ("Unexpected poll event"): the socket holds
+            // a pending error, e.g. ENETDOWN after the interface went down or before it came
+            // up. Report that error (reading it clears it), not pnet's placeholder.
+            Err(e) if e.kind() == io::ErrorKind::Other => match take_error(fd) {
+                Some(pending) => Err(pending),
+                None => Err(e),
+            },
             Err(e) => Err(e),
         }
     }
@@ -97,6 +105,17 @@ impl PacketSocket {
             None => Err(io::Error::other("frame larger than the send buffer")),
         }
     }
+}
+
+/// A socket's pending error (`SO_ERROR`), cleared by reading it.
+fn take_error(fd: RawFd) -> Option<io::Error> {
+    let mut err: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is an open socket; `err` and `len` are valid for the call's writes.
+    let rc = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut libc::c_int).cast(), &mut len)
+    };
+    (rc == 0 && err != 0).then(|| io::Error::from_raw_os_error(err))
 }
 
 /// Looks up an interface by name, with a clear error listing what exists.

@@ -298,6 +298,10 @@ mod tests {
             let mut lines = testutil::RawLines::new(s.try_clone().unwrap());
             s.write_all(hello_line().as_bytes()).unwrap();
             let Event::Error { .. } = lines.next_event() else { unreachable!() };
+            // Answer only once the command is in: closing before the client wrote it would
+            // make its write fail (EPIPE) and the test flaky.
+            let command = lines.next_line();
+            assert!(command.contains("stats"), "{command}");
             let line = concat!(
                 r#"{"type":"from-the-future","id":1}"#,
                 "\n",

@@ -194,9 +194,14 @@ impl RawLines {
     }
 
     pub fn next_event(&mut self) -> Event {
+        Event::parse(self.next_line().as_bytes()).unwrap()
+    }
+
+    /// The next line, without its newline.
+    pub fn next_line(&mut self) -> String {
         let mut line = String::new();
         self.0.read_line(&mut line).unwrap();
         assert!(line.ends_with('\n'), "incomplete line {line:?}");
-        Event::parse(line.trim_end().as_bytes()).unwrap()
+        line.trim_end().to_string()
     }
 }

@@ -7,6 +7,8 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::process::Command;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use crate::{run, unique, Proc};
 
 /// A network namespace, deleted on drop.
@@ -15,10 +17,13 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Creates a namespace named `colo-<tag><unique>` with loopback up and IPv6 off (no
-    /// autoconfiguration traffic to disturb captures).
+    /// Creates a namespace named `colo-<tag>-<pid>-<n>` with loopback up and IPv6 off (no
+    /// autoconfiguration traffic to disturb captures). Namespaces of that form left by a
+    /// process that no longer runs (killed, so its drops never ran) are deleted first.
     pub fn new(tag: &str) -> Netns {
-        let name = unique(&format!("colo-{tag}"));
+        static N: AtomicU32 = AtomicU32::new(0);
+        sweep_orphans();
+        let name = format!("colo-{tag}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let (st, out) = run(Command::new("ip").args(["netns", "add", &name]));
         assert!(st.success(), "ip netns add {name}: {out}");
         let ns = Netns { name };
@@ -72,6 +77,19 @@ impl Netns {
         })
         .join()
         .expect("thread inside the namespace panicked")
+    }
+}
+
+/// Deletes the namespaces [`Netns::new`] named for processes that have ended.
+fn sweep_orphans() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else { return };
+    for name in entries.flatten().filter_map(|e| e.file_name().into_string().ok()) {
+        let mut parts = name.rsplitn(3, '-');
+        let (Some(_n), Some(pid), Some(prefix)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if prefix.starts_with("colo-") && !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = run(Command::new("ip").args(["netns", "del", &name]));
+        }
     }
 }
 

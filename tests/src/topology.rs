@@ -67,7 +67,8 @@ impl Drop for Responder {
 /// Processes of the topology, dropped (killed) before the namespaces.
 struct Processes {
     proxy: Proc,
-    tcpdump: Option<Proc>,
+    /// tcpdump on the uplink and on the primary's interface.
+    tcpdumps: Vec<Proc>,
     services: Vec<Proc>,
     responders: Vec<Responder>,
 }
@@ -87,13 +88,17 @@ pub struct ProxyTopology {
     pub control: PathBuf,
     /// The proxy's capture of miscompared frames.
     pub capture: PathBuf,
-    /// tcpdump's capture of the uplink (if started).
+    /// tcpdump's capture of the uplink.
     pub uplink_pcap: PathBuf,
+    /// tcpdump's capture of the primary's interface: what the primary sent, so a test can
+    /// tell the proxy's releases from the primary kernel's own retransmissions.
+    pub primary_pcap: PathBuf,
 }
 
 impl ProxyTopology {
-    /// Builds the namespaces, starts the VMs' services, tcpdump on the uplink (writing to
-    /// `dir/uplink.pcap`) and `colo-proxy run` with `extra` arguments.
+    /// Builds the namespaces, starts the VMs' services, tcpdump on the uplink and on the
+    /// primary's interface (writing to `dir/uplink.pcap` and `dir/primary.pcap`) and
+    /// `colo-proxy run` with `extra` arguments.
     pub fn start(dir: &Path, extra: &[&str]) -> ProxyTopology {
         let client = Netns::new("cl");
         let proxy_ns = Netns::new("px");
@@ -115,21 +120,8 @@ impl ProxyTopology {
         let control = dir.join("ctl.sock");
         let capture = dir.join("miscompares.pcapng");
         let uplink_pcap = dir.join("uplink.pcap");
-        let tcpdump = proxy_ns.spawn(
-            "tcpdump",
-            "tcpdump",
-            &[
-                "-i",
-                "uplink",
-                "-n",
-                "-U",
-                "--immediate-mode",
-                "-s",
-                "0",
-                "-w",
-                uplink_pcap.to_str().expect("utf-8 path"),
-            ],
-        );
+        let primary_pcap = dir.join("primary.pcap");
+        let tcpdumps = vec![tcpdump(&proxy_ns, "uplink", &uplink_pcap), tcpdump(&proxy_ns, "pri", &primary_pcap)];
         let proxy = {
             let mut c = proxy_ns.command(bin("colo-proxy").to_str().expect("utf-8 path"));
             c.args(["run", "--uplink", "uplink", "--primary", "pri", "--secondary", "sec"])
@@ -153,7 +145,7 @@ impl ProxyTopology {
         // tcpdump and socat need a moment before they listen.
         std::thread::sleep(Duration::from_millis(500));
         ProxyTopology {
-            procs: Some(Processes { proxy, tcpdump: Some(tcpdump), services, responders }),
+            procs: Some(Processes { proxy, tcpdumps, services, responders }),
             client,
             proxy_ns,
             primary,
@@ -161,6 +153,7 @@ impl ProxyTopology {
             control,
             capture,
             uplink_pcap,
+            primary_pcap,
         }
     }
 
@@ -169,10 +162,11 @@ impl ProxyTopology {
         &mut self.procs.as_mut().expect("running").proxy
     }
 
-    /// Stops tcpdump so its capture file is complete.
+    /// Stops the tcpdumps so their capture files are complete.
     pub fn stop_tcpdump(&mut self) {
-        if let Some(mut t) = self.procs.as_mut().and_then(|p| p.tcpdump.take()) {
-            t.signal(libc::SIGINT);
+        let mut tcpdumps = self.procs.as_mut().map(|p| std::mem::take(&mut p.tcpdumps)).unwrap_or_default();
+        tcpdumps.iter_mut().for_each(|t| t.signal(libc::SIGINT));
+        for t in &mut tcpdumps {
             t.wait_timeout(Duration::from_secs(5));
         }
     }
@@ -186,12 +180,18 @@ impl ProxyTopology {
     }
 }
 
+/// tcpdump on `interface` of `ns`, every frame in full, written at once to `pcap`.
+fn tcpdump(ns: &Netns, interface: &str, pcap: &Path) -> Proc {
+    let pcap = pcap.to_str().expect("utf-8 path");
+    ns.spawn("tcpdump", "tcpdump", &["-i", interface, "-n", "-U", "--immediate-mode", "-s", "0", "-w", pcap])
+}
+
 impl Drop for ProxyTopology {
     fn drop(&mut self) {
         if let Some(p) = self.procs.take() {
             drop(p.responders);
             drop(p.services);
-            drop(p.tcpdump);
+            drop(p.tcpdumps);
             drop(p.proxy);
         }
     }

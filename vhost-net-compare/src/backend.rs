@@ -202,6 +202,9 @@ impl VhostUserBackendMut for NetBackend {
     fn update_memory(&mut self, mem: MemAtomic) -> io::Result<()> {
         self.mem = mem;
         // A frontend sends the memory table when it sets the rings up (again).
+        if self.port.role() == Side::Secondary {
+            self.hub.secondary_rx_restarting(&self.port);
+        }
         self.port.set_rx_stopped(false);
         Ok(())
     }
@@ -209,9 +212,6 @@ impl VhostUserBackendMut for NetBackend {
     fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
         if queue_index as usize == RX_QUEUE {
             self.port.set_rx_stopped(true);
-            if self.port.role() == Side::Secondary {
-                self.hub.secondary_rx_stopped(&self.port);
-            }
         }
         Ok(())
     }

@@ -265,14 +265,15 @@ impl Hub {
         }
     }
 
-    /// The secondary's RX ring was stopped. When that happens while the primary's is stopped
-    /// too, the secondary is loading a checkpoint of the paused primary: whatever it received
-    /// since it paused is about to be overwritten, and after the checkpoint it must receive
-    /// exactly what the primary has not consumed yet. So its inbound queue becomes a copy of
-    /// the primary's (frames arriving later go to both, as always). Without this, a frame
-    /// that reached the secondary's ring during the checkpoint would be lost to it, and the
-    /// primary's reply to it held until the next checkpoint.
-    pub fn secondary_rx_stopped(&self, secondary: &Arc<Port>) {
+    /// The secondary's RX ring is about to restart. When that happens while the primary's is
+    /// stopped, the secondary has just loaded a checkpoint of the paused primary: whatever it
+    /// received before is overwritten, and from now on it must receive exactly what the
+    /// primary has not consumed yet. So its inbound queue becomes a copy of the primary's
+    /// (frames arriving later go to both, as always). Without this, a frame that reached the
+    /// secondary's ring during the checkpoint would be lost to it (the primary's reply held
+    /// until the next checkpoint), and one that reached the primary's ring before its pause
+    /// but waited in the secondary's queue would reach the secondary twice.
+    pub fn secondary_rx_restarting(&self, secondary: &Arc<Port>) {
         if !matches!(self.mode(), Mode::Colo | Mode::Passive) {
             return;
         }

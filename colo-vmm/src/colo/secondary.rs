@@ -1,16 +1,25 @@
 //! The secondary: it receives the primary's VM by the initial transfer, runs it as the SVM with
 //! its own backend connection, and serves checkpoints (spec/colo.md):
-//! 1. `checkpoint-request` → pause the SVM, `checkpoint-reply`;
+//! 1. `checkpoint-request` → pause the SVM and quiesce its rings, `checkpoint-reply`;
 //! 3. and 4. pages go to the RAM cache, then the device state; `vmstate-received`;
-//! 6. quiesce its own rings, copy into guest memory every page either side dirtied since the
-//!    last checkpoint (received ∪ the SVM's own, from KVM, the VMM and its backend's log), load
-//!    the vCPU, VM and device state (its rings restart where the primary's stood), resume unless
-//!    passive, `vmstate-loaded`.
+//! 6. copy into guest memory every page either side dirtied since the last checkpoint
+//!    (received ∪ the SVM's own, from KVM, the VMM and its backend's log), load the vCPU, VM and
+//!    device state (its rings restart where the primary's stood), resume unless passive,
+//!    `vmstate-loaded`.
+//!
+//! The rings stop at step 1, before the primary stops its own (it pauses only after our reply):
+//! an inbound frame then either reaches the PVM before its pause (and the SVM with the
+//! checkpoint) or waits in the SVM's backend until the rings restart. Stopped only at step 6, a
+//! frame arriving in between would be written into the SVM's ring and overwritten by the
+//! checkpoint, lost to the SVM — a backend that cannot see the primary's rings (colo-proxy on
+//! taps) could not repair that. The price: a frame that arrives between the two pauses reaches
+//! the SVM twice (in the checkpoint and after it), which TCP ignores.
 //!
 //! Failover (link broken, heartbeat silent, or `lost-heartbeat`): a checkpoint received
 //! completely is loaded first (its output may have been released); otherwise the SVM resumes
 //! as it is (COLO: its state agrees with everything released; passive: it holds the last
-//! checkpoint). Then every compare process is set to `secondary-only`.
+//! checkpoint), its rings where they stopped. Every compare process is set to `secondary-only`
+//! first, so none takes the SVM for a VM loading a checkpoint of the primary.
 
 use std::io::BufReader;
 use std::sync::atomic::Ordering;
@@ -97,7 +106,8 @@ impl SecondaryRunner {
     fn run(self, vmm: &Vmm) {
         let colo = vmm.colo();
         let SecondaryRunner { reader, writer, chan, cache, tracker } = self;
-        let mut svm = Svm { cache, tracker, received: DirtyBitmap::empty((vmm.ram().size() / 4096) as usize) };
+        let received = DirtyBitmap::empty((vmm.ram().size() / 4096) as usize);
+        let mut svm = Svm { cache, tracker, received, stopped_devices: None };
         let mut link = Link::new(reader, writer, chan, colo.heartbeat_ms.clone());
         let mut phase = Phase::Idle;
         let end = loop {
@@ -152,6 +162,9 @@ struct Svm {
     tracker: DirtyTracker,
     /// Pages received from the primary since the last checkpoint was loaded.
     received: DirtyBitmap,
+    /// The SVM's own device state while its rings are stopped for a checkpoint (from step 1
+    /// until the checkpoint's device state is loaded): what a failover resumes them from.
+    stopped_devices: Option<crate::devices::DevicesState>,
 }
 
 impl Svm {
@@ -193,6 +206,13 @@ impl Svm {
             }
             (Incoming::Control(Control::CheckpointRequest { seq, passive, trigger }), Phase::Idle) => {
                 vmm.vcpu().pause();
+                // Stop the rings before replying: see the module's comment.
+                let own = vmm
+                    .vcpu()
+                    .run_paused(|_, d| d.pause())
+                    .unwrap_or(Err("vCPU gone".into()))
+                    .map_err(|e| error(format!("checkpoint {seq}: stopping the SVM's rings: {e}")))?;
+                self.stopped_devices = Some(own);
                 link.send(&Control::CheckpointReply { seq }).map_err(|e| write_failed(link, e))?;
                 let trigger = Trigger::parse(&trigger);
                 *phase = Phase::Receiving { seq, passive, trigger, pages: 0, state: None, started: Instant::now() };
@@ -255,9 +275,8 @@ impl Svm {
     ) -> Result<(), String> {
         let sections = Sections::decode(&state).map_err(|e| e.to_string())?;
         let devices: crate::devices::DevicesState = sections.json("devices").map_err(|e| e.to_string())?;
-        // Stop our own rings so the backend no longer writes guest memory, then gather what the
-        // SVM changed since the last checkpoint.
-        vmm.vcpu().run_paused(|_, d| d.pause().map(|_| ())).unwrap_or(Err("vCPU gone".into()))?;
+        // The rings stopped at step 1, so the backend no longer writes guest memory: gather
+        // what the SVM changed since the last checkpoint.
         let own = self.tracker.collect(vmm.vm(), vmm.ram()).map_err(|e| e.to_string())?;
         self.received.union(own.words());
         let n = self.cache.apply(vmm.ram().memory(), self.received.iter())?;
@@ -284,6 +303,7 @@ impl Svm {
                 d.restore(&devices)
             })
             .unwrap_or(Err("vCPU gone".into()))?;
+        self.stopped_devices = None;
         // Our own copying is not the SVM's writing.
         let _ = self.tracker.collect(vmm.vm(), vmm.ram());
         self.received = DirtyBitmap::empty(self.received.words().len() * 64);
@@ -307,8 +327,9 @@ impl Svm {
         };
         tracing::warn!(target: "colo", reason, "failover: the secondary takes over");
         self.tracker.stop(vmm.vm(), vmm.ram());
-        vmm.vcpu().resume();
         let colo = vmm.colo();
+        // Before the rings restart: a compare process in COLO mode would take a secondary
+        // restarting its rings for one that loaded a checkpoint of the primary.
         match CompareSet::connect(&colo.compare_sockets, Duration::from_secs(5))
             .and_then(|mut c| c.set_mode(Mode::SecondaryOnly))
         {
@@ -317,6 +338,13 @@ impl Svm {
                 tracing::error!(target: "colo", error = %e, "could not set the compare processes to secondary-only")
             }
         }
+        if let Some(own) = self.stopped_devices {
+            let resumed = vmm.vcpu().run_paused(move |_, d| d.resume(&own)).unwrap_or(Err("vCPU gone".into()));
+            if let Err(e) = resumed {
+                tracing::error!(target: "colo", error = %e, "restarting the SVM's rings failed: it has no network");
+            }
+        }
+        vmm.vcpu().resume();
         colo.update(|s| s.failed_over(Role::Secondary, reason, from));
         tracing::info!(target: "colo", "failover complete: the secondary runs alone");
     }

@@ -772,10 +772,13 @@ fn inbound_frames_during_checkpoints(backend: Backend, test: &str) {
     assert!(lost.is_empty(), "datagrams never answered: {lost:?}");
     let stats = net.compare_stats();
     eprintln!("compare: {stats}");
-    // A datagram the SVM lost would leave it one echo short.
+    // A datagram the SVM lost would leave it one echo short. It may also be one short per
+    // checkpoint without losing anything: an echo still in its TX ring when it pauses is
+    // superseded by the checkpoint (the PVM's copy is released by the flush).
+    let checkpoints = n(&p["checkpoints"]["total"]);
     assert!(
-        n(&stats["frames_secondary"]) >= n(&stats["frames_primary"]),
-        "every datagram reached the secondary: {stats}"
+        n(&stats["frames_secondary"]) + checkpoints >= n(&stats["frames_primary"]),
+        "every datagram reached the secondary ({checkpoints} checkpoints): {stats}"
     );
     if backend == Backend::VhostNetCompare {
         assert_eq!(miscompares(&p), 0, "no reply waited for a compare timeout: {}", p["checkpoints"]);

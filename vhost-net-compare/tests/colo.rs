@@ -10,6 +10,7 @@ use colo_proxy::compare::{Mode, Reason};
 use colo_proxy::control::{ControlClient, Event, PeerState};
 use colo_proxy::Side;
 use common::*;
+use vhost::VhostBackend;
 
 const T: Duration = Duration::from_secs(5);
 /// Long enough that no held frame times out during a test unless the test wants it to.
@@ -122,6 +123,45 @@ fn identical_output_is_released_once_and_a_difference_waits_for_a_checkpoint() {
     drop(c.s);
     expect_event(&mut c.ctl, T, "secondary disconnected", peer(Side::Secondary, PeerState::Disconnected));
     assert!(c.backend.alive());
+}
+
+#[test]
+fn a_secondary_restarting_its_rings_during_a_checkpoint_gets_what_the_primary_has_not_consumed() {
+    if !prerequisites("a_secondary_restarting_its_rings_during_a_checkpoint_gets_what_the_primary_has_not_consumed") {
+        return;
+    }
+    // The checkpoint as colo-vmm runs it: the secondary stops its rings (step 1), then the
+    // primary (step 2); the secondary restarts its rings after loading the checkpoint (step 6),
+    // the primary after that (step 7).
+    let mut c = colo(&[]);
+    c.p.post_rx(16);
+    c.s.post_rx(16);
+    let s_bases = (c.s.frontend.get_vring_base(0).unwrap(), c.s.frontend.get_vring_base(1).unwrap());
+    // Between the two pauses: the primary takes it into its ring, so the secondary gets it
+    // with the checkpoint — not a second time from its queue.
+    c.wire.send(&udp4_to(CLIENT_IP, VM_IP, 2, 1, b"before the primary's pause"));
+    assert!(c.p.recv_matching(T, has_payload(b"before the primary's pause")).is_some());
+    let p_bases = (c.p.frontend.get_vring_base(0).unwrap(), c.p.frontend.get_vring_base(1).unwrap());
+    // While both are paused: it waits for both.
+    c.wire.send(&udp4_to(CLIENT_IP, VM_IP, 2, 1, b"during the checkpoint"));
+    std::thread::sleep(Duration::from_millis(200));
+
+    c.s.set_mem_table();
+    c.s.start_ring(0, s_bases.0 as u16);
+    c.s.start_ring(1, s_bases.1 as u16);
+    // Exactly that one, and not the frame the primary consumed before its pause.
+    let first = c.s.recv(T).expect("the frame that arrived during the checkpoint");
+    assert_eq!(udp_payload(&first.eth), Some(&b"during the checkpoint"[..]));
+    let more = c.s.recv(Duration::from_millis(300)).map(|f| String::from_utf8_lossy(&f.eth[42..]).into_owned());
+    assert_eq!(more, None, "the secondary got a frame the primary consumed before its pause");
+    c.p.set_mem_table();
+    c.p.start_ring(0, p_bases.0 as u16);
+    c.p.start_ring(1, p_bases.1 as u16);
+    assert!(c.p.recv_matching(T, has_payload(b"during the checkpoint")).is_some());
+    // And on as usual.
+    c.wire.send(&udp4_to(CLIENT_IP, VM_IP, 2, 1, b"after"));
+    assert!(c.p.recv_matching(T, has_payload(b"after")).is_some());
+    assert!(c.s.recv_matching(T, has_payload(b"after")).is_some());
 }
 
 #[test]

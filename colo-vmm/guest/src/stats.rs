@@ -76,6 +76,29 @@ impl fmt::Display for Stats {
 pub const MAX_FORMATTED: usize = 14 * 41;
 
 #[cfg(test)]
+impl Stats {
+    /// Every counter at its largest: the longest text the page can be.
+    pub(crate) fn worst_case() -> Stats {
+        Stats {
+            uptime_ms: u64::MAX,
+            rx_frames: u64::MAX,
+            tx_frames: u64::MAX,
+            rx_errors: u64::MAX,
+            tcp_accepted: u64::MAX,
+            echo_tcp_bytes: u64::MAX,
+            echo_udp_datagrams: u64::MAX,
+            http_requests: u64::MAX,
+            counter: u64::MAX,
+            top_lines: u64::MAX,
+            burn_iterations: u64::MAX,
+            dirty_pages: u64::MAX,
+            heap_used: u64::MAX,
+            heap_free: u64::MAX,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use std::string::ToString;
@@ -90,24 +113,7 @@ mod tests {
 
     #[test]
     fn worst_case_fits_the_bound() {
-        let max = u64::MAX;
-        let s = Stats {
-            uptime_ms: max,
-            rx_frames: max,
-            tx_frames: max,
-            rx_errors: max,
-            tcp_accepted: max,
-            echo_tcp_bytes: max,
-            echo_udp_datagrams: max,
-            http_requests: max,
-            counter: max,
-            top_lines: max,
-            burn_iterations: max,
-            dirty_pages: max,
-            heap_used: max,
-            heap_free: max,
-        }
-        .to_string();
+        let s = Stats::worst_case().to_string();
         assert!(s.len() <= MAX_FORMATTED, "{}", s.len());
     }
 }

@@ -447,23 +447,7 @@ mod tests {
 
     #[test]
     fn worst_case_stats_fit() {
-        let max = u64::MAX;
-        let stats = Stats {
-            uptime_ms: max,
-            rx_frames: max,
-            tx_frames: max,
-            rx_errors: max,
-            tcp_accepted: max,
-            echo_tcp_bytes: max,
-            echo_udp_datagrams: max,
-            http_requests: max,
-            counter: max,
-            top_lines: max,
-            burn_iterations: max,
-            dirty_pages: max,
-            heap_used: max,
-            heap_free: max,
-        };
+        let stats = Stats::worst_case();
         let (text, _) = respond_to("GET /stats HTTP/1.1\r\n\r\n", &stats);
         assert_eq!(content_length(&text), text.split_once("\r\n\r\n").unwrap().1.len());
     }

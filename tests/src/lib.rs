@@ -182,6 +182,18 @@ pub fn skip(test: &str, why: &str) {
     eprintln!("SKIPPED {test}: {why}");
 }
 
+/// Whether `test` can run here: its prerequisites are met, or it is skipped with the reason
+/// (see [`skip`]).
+pub fn can_run(test: &str, prerequisites: Result<(), String>) -> bool {
+    match prerequisites {
+        Ok(()) => true,
+        Err(why) => {
+            skip(test, &why);
+            false
+        }
+    }
+}
+
 /// Reads exactly `n` bytes or fails after the stream's timeout.
 pub fn read_exact(r: &mut impl Read, n: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0; n];

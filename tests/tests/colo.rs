@@ -16,8 +16,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use colo_tests::colo_topology::{prerequisites, Backend, ColoNet, CounterClient, Side};
+use colo_tests::pcapread;
 use colo_tests::vm_topology::{cpu_time, LineClient};
-use colo_tests::{pcapread, skip};
 use serde_json::Value;
 
 /// One COLO test at a time.
@@ -27,13 +27,7 @@ fn serial() -> MutexGuard<'static, ()> {
 }
 
 fn check(test: &str, backend: Backend) -> bool {
-    match prerequisites(backend) {
-        Ok(()) => true,
-        Err(why) => {
-            skip(test, &why);
-            false
-        }
-    }
+    colo_tests::can_run(test, prerequisites(backend))
 }
 
 fn n(v: &Value) -> u64 {

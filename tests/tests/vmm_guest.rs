@@ -10,13 +10,7 @@ use colo_tests::skip;
 use colo_tests::vm_topology::{cpu_time, prerequisites, LineClient, VmNet, GUEST_IP};
 
 fn check(test: &str) -> bool {
-    match prerequisites() {
-        Ok(()) => true,
-        Err(why) => {
-            skip(test, &why);
-            false
-        }
-    }
+    colo_tests::can_run(test, prerequisites())
 }
 
 #[test]

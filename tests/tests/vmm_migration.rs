@@ -14,16 +14,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use colo_tests::vm_topology::{prerequisites, LineClient, VmNet, GUEST_IP, GUEST_MAC};
-use colo_tests::{bin, skip, wait_for_path, Proc};
+use colo_tests::{bin, wait_for_path, Proc};
 
 fn check(test: &str) -> bool {
-    match prerequisites() {
-        Ok(()) => true,
-        Err(why) => {
-            skip(test, &why);
-            false
-        }
-    }
+    colo_tests::can_run(test, prerequisites())
 }
 
 /// Starts a destination VMM waiting on `uri` with the same backend as `vm`.

@@ -7,6 +7,7 @@
 //! - [`proxy`]: engine and rewriter together, as transports use them.
 //! - [`framing`] and [`notify_dev`]: QEMU's chardev socket framing and its text protocol.
 //! - [`control`]: the JSON-lines control socket of spec/control.md, server and client.
+//! - [`link`]: links between hosts (authenticated, encrypted) and the frame link's protocol.
 //! - [`pcap`]: a pcapng writer for captures.
 
 pub mod builder;
@@ -19,6 +20,7 @@ pub mod endpoint;
 pub mod flow;
 pub mod frame;
 pub mod framing;
+pub mod link;
 pub mod notify_dev;
 pub mod packet_socket;
 pub mod pcap;

@@ -4,12 +4,14 @@
 //! - [`classify`] and [`flow`]: what the engine reads from each frame, and flow keys.
 //! - [`compare`]: the engine of spec/compare.md (rules, modes, timeouts, limits, flushes).
 //! - [`rewrite`]: the secondary's TCP sequence rewriter.
+//! - [`replica`]: the backend of one VM on one host, by role (two-host COLO), and [`announce`].
 //! - [`proxy`]: engine and rewriter together, as transports use them.
 //! - [`framing`] and [`notify_dev`]: QEMU's chardev socket framing and its text protocol.
 //! - [`control`]: the JSON-lines control socket of spec/control.md, server and client.
 //! - [`link`]: links between hosts (authenticated, encrypted) and the frame link's protocol.
 //! - [`pcap`]: a pcapng writer for captures.
 
+pub mod announce;
 pub mod builder;
 pub mod capture;
 pub mod classify;
@@ -25,6 +27,7 @@ pub mod notify_dev;
 pub mod packet_socket;
 pub mod pcap;
 pub mod proxy;
+pub mod replica;
 pub mod rewrite;
 pub mod wire;
 

@@ -199,6 +199,12 @@ impl Rewriter {
         self.rewritten += 1;
     }
 
+    /// Whether some connection's numbers are translated (a non-zero offset): the VM whose
+    /// traffic passes this rewriter took over from a primary with other sequence numbers.
+    pub fn translating(&self) -> bool {
+        self.conns.values().any(|c| c.offset.is_some_and(|o| o != 0))
+    }
+
     /// After a checkpoint the secondary's TCP state is the primary's: every offset is 0.
     pub fn checkpoint(&mut self) {
         for conn in self.conns.values_mut() {

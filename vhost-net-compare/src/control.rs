@@ -29,6 +29,7 @@ pub fn listen(path: &Path, nic: String, mode: Arc<SharedMode>) -> io::Result<(Co
         version: env!("CARGO_PKG_VERSION").to_string(),
         nic: nic.clone(),
         mode: mode.get(),
+        replica: None,
     })
 }
 

@@ -315,6 +315,7 @@ impl Hub {
                 Event::ModeSet { id, mode }
             }
             Command::QueryStats { id } => Event::Stats { id, stats: state.stats() },
+            other => other.refused_by_pair(),
         };
         reply(event);
     }
@@ -343,6 +344,7 @@ impl Hub {
                 };
                 Event::Stats { id, stats }
             }
+            other => other.refused_by_pair(),
         }
     }
 

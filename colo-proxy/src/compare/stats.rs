@@ -87,6 +87,10 @@ pub struct Stats {
     pub hold_p50_us: u64,
     /// 99th percentile hold time of released primary frames, in microseconds.
     pub hold_p99_us: u64,
+    /// The routing of a one-VM backend (two-host COLO), nested as `replica`; absent for
+    /// backends that serve both VMs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<crate::replica::ReplicaCounters>,
 }
 
 /// Running counters; [`Counters::snapshot`] turns them into [`Stats`].

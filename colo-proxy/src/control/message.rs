@@ -6,6 +6,7 @@ use serde_json::Value;
 
 use crate::compare::{Miscompare, Mode, Reason, Stats};
 use crate::frame::Side;
+use crate::replica::Role;
 
 /// Longest line either side accepts, in bytes, not counting the terminating `\n`.
 pub const MAX_LINE: usize = 65536;
@@ -32,16 +33,49 @@ pub enum Command {
         /// Echoed in the reply.
         id: u64,
     },
+    /// One-VM backends: take the VM's role, reply [`Event::RoleSet`] (as `primary`, once the
+    /// frame link to `peer` is up).
+    Role {
+        /// Echoed in the reply.
+        id: u64,
+        /// The role.
+        role: Role,
+        /// As `primary`: the secondary backend's frame-link address (`HOST:PORT`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        peer: Option<String>,
+        /// As `primary`: release output only while a ping sent less than this long ago was
+        /// answered by the peer (ms; default 500).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lease_ms: Option<u64>,
+    },
+    /// One-VM backends, as primary with the VM's RX ring stopped: reply [`Event::RxMark`].
+    QueryRxMark {
+        /// Echoed in the reply.
+        id: u64,
+    },
+    /// One-VM backends, as secondary: the VM loaded a checkpoint; its offsets are 0 again and
+    /// its inbound frames restart at `mark`. Reply [`Event::Resynced`].
+    Resync {
+        /// Echoed in the reply.
+        id: u64,
+        /// The primary's mark at the checkpoint's pause.
+        mark: u64,
+    },
 }
 
 /// The `type` names of [`Command`], for error messages.
-const COMMAND_TYPES: &str = "checkpoint, mode or query-stats";
+const COMMAND_TYPES: &str = "checkpoint, mode, query-stats, role, query-rx-mark or resync";
 
 impl Command {
     /// The command's `id`.
     pub fn id(&self) -> u64 {
         match *self {
-            Command::Checkpoint { id } | Command::Mode { id, .. } | Command::QueryStats { id } => id,
+            Command::Checkpoint { id }
+            | Command::Mode { id, .. }
+            | Command::QueryStats { id }
+            | Command::Role { id, .. }
+            | Command::QueryRxMark { id }
+            | Command::Resync { id, .. } => id,
         }
     }
 
@@ -62,7 +96,7 @@ impl Command {
             Some(_) => return Err(fail("field `type` must be a string".to_string())),
             None => return Err(fail("missing field `type`".to_string())),
         };
-        if !matches!(kind.as_str(), "checkpoint" | "mode" | "query-stats") {
+        if !matches!(kind.as_str(), "checkpoint" | "mode" | "query-stats" | "role" | "query-rx-mark" | "resync") {
             return Err(fail(format!("unknown command type '{kind}' (expected {COMMAND_TYPES})")));
         }
         Command::deserialize(value).map_err(|e| fail(format!("bad '{kind}' command: {e}")))
@@ -71,6 +105,17 @@ impl Command {
     /// The command as one line of JSON, without the `\n`.
     pub fn to_line(&self) -> String {
         to_json(self)
+    }
+
+    /// The `error` reply of a compare process that serves both VMs to a command for one-VM
+    /// backends (`role`, `query-rx-mark`, `resync`).
+    pub fn refused_by_pair(&self) -> Event {
+        Event::Error {
+            id: Some(self.id()),
+            message: "this compare process serves both VMs (one host); roles, marks and resync are for one-VM \
+                      backends (vhost-net-compare --vm-socket, colo-proxy run --vm)"
+                .to_string(),
+        }
     }
 }
 
@@ -89,6 +134,16 @@ impl CommandError {
     pub fn to_event(&self) -> Event {
         Event::Error { id: self.id, message: self.message.clone() }
     }
+}
+
+/// What a one-VM backend adds to its `hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReplica {
+    /// The VM's role.
+    pub role: Role,
+    /// Where its frame link listens (`HOST:PORT`), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_listen: Option<String>,
 }
 
 /// Whether a VM connection came or went.
@@ -116,6 +171,9 @@ pub enum Event {
         nic: String,
         /// The current compare mode.
         mode: Mode,
+        /// One-VM backends: the VM's role and where the frame link listens.
+        #[serde(flatten, default, skip_serializing_if = "Option::is_none")]
+        replica: Option<HelloReplica>,
     },
     /// The first inconsistency after a flush: a checkpoint request.
     Miscompare {
@@ -156,6 +214,28 @@ pub enum Event {
         #[serde(flatten)]
         stats: Stats,
     },
+    /// Reply to [`Command::Role`].
+    RoleSet {
+        /// The command's id.
+        id: u64,
+        /// The role now in force.
+        role: Role,
+    },
+    /// Reply to [`Command::QueryRxMark`].
+    RxMark {
+        /// The command's id.
+        id: u64,
+        /// The number of the first inbound frame the VM has not taken (the next number if it
+        /// has taken all).
+        mark: u64,
+    },
+    /// Reply to [`Command::Resync`].
+    Resynced {
+        /// The command's id.
+        id: u64,
+        /// Inbound frames now waiting for the VM.
+        frames: u64,
+    },
     /// A VM connection came or went (vhost-net-compare).
     Peer {
         /// Which VM.
@@ -190,7 +270,12 @@ impl Event {
     /// errors about lines without a readable id.
     pub fn reply_to(&self) -> Option<u64> {
         match *self {
-            Event::Flushed { id, .. } | Event::ModeSet { id, .. } | Event::Stats { id, .. } => Some(id),
+            Event::Flushed { id, .. }
+            | Event::ModeSet { id, .. }
+            | Event::Stats { id, .. }
+            | Event::RoleSet { id, .. }
+            | Event::RxMark { id, .. }
+            | Event::Resynced { id, .. } => Some(id),
             Event::Error { id, .. } => id,
             Event::Hello { .. } | Event::Miscompare { .. } | Event::Peer { .. } => None,
         }
@@ -246,6 +331,43 @@ mod tests {
     }
 
     #[test]
+    fn one_vm_backend_messages_have_their_shapes() {
+        let role =
+            Command::Role { id: 4, role: Role::Primary, peer: Some("10.99.0.2:4445".into()), lease_ms: Some(500) };
+        assert_eq!(role.to_line(), r#"{"type":"role","id":4,"role":"primary","peer":"10.99.0.2:4445","lease_ms":500}"#);
+        assert_eq!(Command::parse(role.to_line().as_bytes()), Ok(role));
+        assert_eq!(
+            Command::parse(br#"{"type":"role","id":5,"role":"secondary"}"#),
+            Ok(Command::Role { id: 5, role: Role::Secondary, peer: None, lease_ms: None })
+        );
+        assert!(Command::parse(br#"{"type":"role","id":5,"role":"boss"}"#).is_err());
+        assert_eq!(Command::parse(br#"{"type":"query-rx-mark","id":6}"#), Ok(Command::QueryRxMark { id: 6 }));
+        assert_eq!(Command::parse(br#"{"type":"resync","id":7,"mark":99}"#), Ok(Command::Resync { id: 7, mark: 99 }));
+        let hello = Event::Hello {
+            component: "vhost-net-compare".into(),
+            version: "0.1.0".into(),
+            nic: "net0".into(),
+            mode: Mode::PrimaryOnly,
+            replica: Some(HelloReplica { role: Role::Secondary, peer_listen: Some("10.99.0.2:4445".into()) }),
+        };
+        let line = hello.to_line();
+        assert_eq!(
+            line,
+            r#"{"type":"hello","component":"vhost-net-compare","version":"0.1.0","nic":"net0","mode":"primary-only","role":"secondary","peer_listen":"10.99.0.2:4445"}"#
+        );
+        assert_eq!(Event::parse(line.as_bytes()).unwrap(), hello);
+        for e in [
+            Event::RoleSet { id: 1, role: Role::Alone },
+            Event::RxMark { id: 2, mark: 3 },
+            Event::Resynced { id: 4, frames: 5 },
+        ] {
+            assert_eq!(Event::parse(e.to_line().as_bytes()).unwrap(), e);
+            assert!(e.reply_to().is_some());
+        }
+        assert!(matches!(Command::QueryRxMark { id: 8 }.refused_by_pair(), Event::Error { id: Some(8), .. }));
+    }
+
+    #[test]
     fn commands_parse_with_any_field_order_and_extra_fields() {
         let c = Command::parse(br#" {"id": 18446744073709551615, "type": "query-stats", "by": "test"} "#);
         assert_eq!(c, Ok(Command::QueryStats { id: u64::MAX }));
@@ -260,6 +382,7 @@ mod tests {
             version: "0.1.0".into(),
             nic: "eth0".into(),
             mode: Mode::Colo,
+            replica: None,
         };
         assert_eq!(
             hello.to_line(),
@@ -370,7 +493,13 @@ mod tests {
     #[test]
     fn events_round_trip() {
         let events = [
-            Event::Hello { component: "c".into(), version: "v".into(), nic: "n".into(), mode: Mode::Passive },
+            Event::Hello {
+                component: "c".into(),
+                version: "v".into(),
+                nic: "n".into(),
+                mode: Mode::Passive,
+                replica: None,
+            },
             Event::Flushed { id: 1, released: 2, dropped: 3 },
             Event::ModeSet { id: 1, mode: Mode::Colo },
             Event::Peer { role: Side::Primary, state: PeerState::Connected },
@@ -427,7 +556,10 @@ mod tests {
     fn unknown_type_salvages_the_id() {
         let e = Command::parse(br#"{"type":"reboot","id":7}"#).unwrap_err();
         assert_eq!(e.id, Some(7));
-        assert_eq!(e.message, "unknown command type 'reboot' (expected checkpoint, mode or query-stats)");
+        assert_eq!(
+            e.message,
+            "unknown command type 'reboot' (expected checkpoint, mode, query-stats, role, query-rx-mark or resync)"
+        );
         assert_eq!(e.to_event(), Event::Error { id: Some(7), message: e.message.clone() });
         // An event type is not a command either.
         let e = Command::parse(br#"{"type":"hello","id":8}"#).unwrap_err();

@@ -43,7 +43,7 @@ impl Drop for TempPath {
 
 /// The hello the harness sends.
 pub fn hello() -> Event {
-    Event::Hello { component: "test".into(), version: "0".into(), nic: "eth0".into(), mode: Mode::Colo }
+    Event::Hello { component: "test".into(), version: "0".into(), nic: "eth0".into(), mode: Mode::Colo, replica: None }
 }
 
 /// A checkpoint with this id is answered with [`FLOOD_BYTES`] of replies.
@@ -122,6 +122,14 @@ impl Harness {
                         Command::QueryStats { id } => {
                             let stats = Stats { flows: 7, ..Stats::default() };
                             server.reply(registry, r.conn, &Event::Stats { id, stats });
+                        }
+                        other => {
+                            let id = Some(other.id());
+                            server.reply(
+                                registry,
+                                r.conn,
+                                &Event::Error { id, message: "not a one-VM backend".into() },
+                            );
                         }
                     }
                 }

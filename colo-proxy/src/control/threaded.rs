@@ -166,7 +166,13 @@ mod tests {
         let counter = hellos.clone();
         let (handle, requests) = ControlServer::spawn(&path, move || {
             let n = counter.fetch_add(1, Ordering::SeqCst);
-            Event::Hello { component: "t".into(), version: n.to_string(), nic: "n".into(), mode: Mode::Passive }
+            Event::Hello {
+                component: "t".into(),
+                version: n.to_string(),
+                nic: "n".into(),
+                mode: Mode::Passive,
+                replica: None,
+            }
         })
         .unwrap();
         // Answers `mode`; stops (dropping its handle) at the first `query-stats`.
@@ -177,7 +183,7 @@ mod tests {
                     match r.command {
                         Command::Mode { id, mode } => handle.reply(r.conn, Event::ModeSet { id, mode }),
                         Command::QueryStats { .. } => break,
-                        Command::Checkpoint { .. } => {}
+                        _ => {}
                     }
                 }
             })
@@ -212,6 +218,7 @@ mod tests {
             version: "0".into(),
             nic: "n".into(),
             mode: Mode::Colo,
+            replica: None,
         })
         .unwrap();
         let mut c = ControlClient::connect(&path).unwrap();

@@ -38,7 +38,7 @@ fn main() -> anyhow::Result<()> {
     step("Building: client ns — uplink [colo-proxy run] pri/sec — two VM namespaces, both 10.0.0.2");
     let mut topo = ProxyTopology::start(&out, &[]);
     let mut control = ControlClient::connect(&topo.control).context("connecting to the proxy")?;
-    if let Event::Hello { component, version, nic, mode } = control.hello() {
+    if let Event::Hello { component, version, nic, mode, .. } = control.hello() {
         println!("control socket: {component} {version}, nic {nic}, mode {}", mode.name());
     }
 

@@ -444,6 +444,7 @@ impl Proxy {
                     let stats = self.engine.stats();
                     self.reply(conn, &Event::Stats { id, stats });
                 }
+                other => self.reply(conn, &other.refused_by_pair()),
             }
         }
     }
@@ -454,6 +455,7 @@ impl Proxy {
             version: env!("CARGO_PKG_VERSION").to_string(),
             nic: self.nic.clone(),
             mode: self.engine.mode(),
+            replica: None,
         }
     }
 

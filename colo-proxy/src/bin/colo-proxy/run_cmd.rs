@@ -218,6 +218,7 @@ impl Run {
             version: env!("CARGO_PKG_VERSION").to_string(),
             nic: self.nic.clone(),
             mode: self.proxy.mode(),
+            replica: None,
         };
         let mut requests = vec![];
         if let Some(c) = self.control.as_mut() {
@@ -235,6 +236,7 @@ impl Run {
                     Event::ModeSet { id, mode }
                 }
                 Command::QueryStats { id } => Event::Stats { id, stats: self.proxy.stats() },
+                other => other.refused_by_pair(),
             };
             self.report_events();
             if let Some(c) = self.control.as_mut() {

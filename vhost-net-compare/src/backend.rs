@@ -13,7 +13,6 @@
 use std::io;
 use std::sync::Arc;
 
-use colo_proxy::Side;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
@@ -24,9 +23,9 @@ use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventF
 
 use crate::chain::BadChain;
 use crate::device::{self, NetConfig, MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
-use crate::hub::Hub;
 use crate::port::{self, Port, RX_PENDING_EVENT, TX_RETRY_EVENT};
 use crate::ratelimit::RateLimit;
+use crate::router::Router;
 use crate::stats::add;
 use crate::{rx, tx};
 
@@ -40,7 +39,7 @@ pub type Vring = VringRwLock<MemAtomic>;
 
 /// One VM connection's device.
 pub struct NetBackend {
-    hub: Arc<Hub>,
+    hub: Arc<dyn Router>,
     port: Arc<Port>,
     mem: MemAtomic,
     config: NetConfig,
@@ -52,7 +51,7 @@ pub struct NetBackend {
 impl NetBackend {
     /// A device for `port`, routing through `hub`, initially seeing `mem` (the daemon's memory
     /// handle, so both always agree).
-    pub fn new(hub: Arc<Hub>, port: Arc<Port>, mem: MemAtomic, config: NetConfig) -> NetBackend {
+    pub fn new(hub: Arc<dyn Router>, port: Arc<Port>, mem: MemAtomic, config: NetConfig) -> NetBackend {
         NetBackend {
             hub,
             port,
@@ -78,7 +77,7 @@ impl NetBackend {
         let (hub, port, log) = (&self.hub, &self.port, &mut self.refused_log);
         let result = rx::process(state.get_queue_mut(), &mem, hdr_len, mrg, port, |why| {
             port.stats.rx_refused(why);
-            refused(hub, port, log, "rx", why);
+            refused(hub.as_ref(), port, log, "rx", why);
         });
         match result {
             Ok(out) => {
@@ -113,7 +112,7 @@ impl NetBackend {
             |frame| hub.transmit(port, frame),
             |why| {
                 port.stats.tx_refused(why);
-                refused(hub, port, log, "tx", why);
+                refused(hub.as_ref(), port, log, "tx", why);
             },
         );
         match result {
@@ -141,7 +140,7 @@ impl NetBackend {
 }
 
 /// Counts and (rate-limited) logs a refused chain.
-fn refused(hub: &Hub, port: &Port, log: &mut RateLimit, queue: &str, why: &BadChain) {
+fn refused(hub: &dyn Router, port: &Port, log: &mut RateLimit, queue: &str, why: &BadChain) {
     hub.count_rejected();
     if let Some(suppressed) = log.check() {
         tracing::warn!(vm = port.role().name(), queue, reason = %why, suppressed, "refused a descriptor chain");
@@ -202,9 +201,7 @@ impl VhostUserBackendMut for NetBackend {
     fn update_memory(&mut self, mem: MemAtomic) -> io::Result<()> {
         self.mem = mem;
         // A frontend sends the memory table when it sets the rings up (again).
-        if self.port.role() == Side::Secondary {
-            self.hub.secondary_rx_restarting(&self.port);
-        }
+        self.hub.rx_restarting(&self.port);
         self.port.set_rx_stopped(false);
         Ok(())
     }

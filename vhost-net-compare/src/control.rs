@@ -13,23 +13,30 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use colo_proxy::control::{ControlHandle, ControlServer, Event, Request};
+use colo_proxy::control::{ControlHandle, ControlServer, Event, HelloReplica, Request};
 
-use crate::hub::{Hub, SharedMode};
+use crate::hub::SharedMode;
+use crate::replica::SharedRole;
+use crate::router::Router;
 
 /// The name in every `hello`.
 pub const COMPONENT: &str = "vhost-net-compare";
 
 /// Binds the control socket at `path` (mode 0600) and serves it on its own thread. `hello`
-/// reads the mode from `mode`, never from the hub, so the server thread holds nothing that
-/// keeps it alive.
-pub fn listen(path: &Path, nic: String, mode: Arc<SharedMode>) -> io::Result<(ControlHandle, Receiver<Request>)> {
+/// reads the mode from `mode` (and a one-VM backend's role from `replica`), never from the
+/// router, so the server thread holds nothing that keeps it alive.
+pub fn listen(
+    path: &Path,
+    nic: String,
+    mode: Arc<SharedMode>,
+    replica: Option<(Arc<SharedRole>, Option<String>)>,
+) -> io::Result<(ControlHandle, Receiver<Request>)> {
     ControlServer::spawn(path, move || Event::Hello {
         component: COMPONENT.to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         nic: nic.clone(),
         mode: mode.get(),
-        replica: None,
+        replica: replica.as_ref().map(|(role, listen)| HelloReplica { role: role.get(), peer_listen: listen.clone() }),
     })
 }
 
@@ -37,24 +44,24 @@ pub fn listen(path: &Path, nic: String, mode: Arc<SharedMode>) -> io::Result<(Co
 /// timers (if there is an engine) every `scan` at least. Returns `None` when there is nothing
 /// to do (passthrough without control socket). The thread ends when the control server stops.
 pub fn spawn(
-    hub: Arc<Hub>,
+    hub: Arc<dyn Router>,
     control: Option<(ControlHandle, Receiver<Request>)>,
     scan: Duration,
 ) -> io::Result<Option<JoinHandle<()>>> {
-    if control.is_none() && !hub.is_colo() {
+    if control.is_none() && !hub.has_timers() {
         return Ok(None);
     }
-    let thread = std::thread::Builder::new().name("control".into()).spawn(move || run(&hub, control, scan))?;
+    let thread = std::thread::Builder::new().name("control".into()).spawn(move || run(hub.as_ref(), control, scan))?;
     Ok(Some(thread))
 }
 
-fn run(hub: &Hub, control: Option<(ControlHandle, Receiver<Request>)>, scan: Duration) {
+fn run(hub: &dyn Router, control: Option<(ControlHandle, Receiver<Request>)>, scan: Duration) {
     let mut next_timers = Instant::now() + scan;
     loop {
         let wait = next_timers.saturating_duration_since(Instant::now()).min(scan);
         match &control {
             Some((handle, requests)) => match requests.recv_timeout(wait) {
-                Ok(Request { conn, command }) => hub.execute(command, |reply| handle.reply(conn, reply)),
+                Ok(Request { conn, command }) => hub.execute(command, &mut |reply| handle.reply(conn, reply)),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     tracing::warn!("the control socket thread stopped; no more commands");

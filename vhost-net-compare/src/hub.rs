@@ -24,6 +24,7 @@ use crate::device::VNET_HDR_LEN;
 use crate::lock::lock;
 use crate::port::Port;
 use crate::ratelimit::RateLimit;
+use crate::router::{Router, Transmit};
 use crate::stats::add;
 use crate::tap::Tap;
 
@@ -60,16 +61,6 @@ impl SharedMode {
     fn set(&self, mode: Mode) {
         self.0.store(Self::code(mode), Ordering::SeqCst);
     }
-}
-
-/// What became of a TX frame.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Transmit {
-    /// Handed on (to the tap or the engine).
-    Sent,
-    /// The compare queue is full: leave the descriptor on the ring; the port was marked
-    /// blocked and will be signalled when room appears.
-    Full,
 }
 
 /// Counters of passthrough mode (COLO mode has the engine's).
@@ -295,7 +286,7 @@ impl Hub {
     /// is sent while the engine is still locked, so no event caused by later traffic can reach
     /// a controller ahead of it (a `miscompare` raised after a flush must follow its
     /// `flushed`).
-    pub fn execute(&self, command: Command, reply: impl FnOnce(Event)) {
+    pub fn execute(&self, command: Command, reply: &mut dyn FnMut(Event)) {
         let Some(colo) = &self.colo else {
             reply(self.execute_passthrough(command));
             return;
@@ -371,23 +362,56 @@ impl Hub {
             lock(colo).flush_capture();
         }
     }
+}
 
-    /// Engine counters (COLO) or passthrough counters, for the shutdown log.
-    pub fn summary(&self) -> Stats {
-        let mut stats = Stats::default();
-        self.execute(Command::QueryStats { id: 0 }, |event| {
-            if let Event::Stats { stats: s, .. } = event {
-                stats = s;
-            }
-        });
-        stats
+impl Router for Hub {
+    fn attach(&self, port: Arc<Port>) {
+        Hub::attach(self, port)
+    }
+    fn detach(&self, port: &Arc<Port>) {
+        Hub::detach(self, port)
+    }
+    fn transmit(&self, port: &Port, frame: Frame) -> Transmit {
+        Hub::transmit(self, port, frame)
+    }
+    fn count_rejected(&self) {
+        Hub::count_rejected(self)
+    }
+    fn rx_restarting(&self, port: &Arc<Port>) {
+        if port.role() == Side::Secondary {
+            self.secondary_rx_restarting(port);
+        }
+    }
+    fn inbound(&self, frames: Vec<Vec<u8>>) {
+        Hub::inbound(self, frames)
+    }
+    fn execute(&self, command: Command, reply: &mut dyn FnMut(Event)) {
+        Hub::execute(self, command, reply)
+    }
+    fn has_timers(&self) -> bool {
+        self.is_colo()
+    }
+    fn poll_timers(&self) -> Option<Instant> {
+        Hub::poll_timers(self)
+    }
+    fn mode(&self) -> Mode {
+        Hub::mode(self)
+    }
+    fn flush_capture(&self) {
+        Hub::flush_capture(self)
+    }
+    fn unrouted(&self) -> u64 {
+        Hub::unrouted(self)
+    }
+    fn tap_errors(&self) -> u64 {
+        Hub::tap_errors(self)
     }
 }
 
 /// An inbound frame as the VMs get it: the kernel's vnet header replaced by zeros. With no
 /// offloads on the tap it can only say "checksum already valid", which guests that did not
 /// negotiate GUEST_CSUM must not be told — and both VMs must get identical bytes.
-fn inbound_frame(mut data: Vec<u8>) -> Frame {
+pub(crate) fn inbound_frame(mut data: Vec<u8>) -> Frame {
     let hdr = VNET_HDR_LEN.min(data.len());
     data[..hdr].fill(0);
     Frame::with_vnet_hdr(data, VNET_HDR_LEN)

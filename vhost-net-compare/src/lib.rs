@@ -30,6 +30,8 @@ pub mod hub;
 pub mod lock;
 pub mod port;
 pub mod ratelimit;
+pub mod replica;
+pub mod router;
 pub mod rx;
 pub mod server;
 pub mod service;

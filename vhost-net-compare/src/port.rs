@@ -26,13 +26,15 @@ pub const RX_PENDING_EVENT: u64 = 3;
 /// Data id of [`Port::tx_retry`] in the worker's epoll.
 pub const TX_RETRY_EVENT: u64 = 4;
 
-/// Inbound frames waiting for the RX ring.
+/// Inbound frames waiting for the RX ring, each with its number on the frame link when it was
+/// mirrored to a secondary (two hosts), so the primary can say which one its VM takes next.
 #[derive(Debug, Default)]
 struct Pending {
-    frames: VecDeque<Frame>,
-    /// A frame the worker took and is delivering: it still counts against the bound, so the
-    /// queue never admits a newer frame in its place (which would break "oldest kept").
-    taken: bool,
+    frames: VecDeque<(Frame, Option<u64>)>,
+    /// The number of a frame the worker took and is delivering (`Some` while one is out): it
+    /// still counts against the bound, so the queue never admits a newer frame in its place
+    /// (which would break "oldest kept").
+    taken: Option<Option<u64>>,
 }
 
 /// A VM connection's shared state.
@@ -75,13 +77,18 @@ impl Port {
     /// ring. Returns false if the queue was full and the frame was dropped (counted). Call
     /// [`Port::notify_rx`] after a batch.
     pub fn queue_rx(&self, frame: Frame) -> bool {
+        self.queue_rx_numbered(frame, None)
+    }
+
+    /// [`Port::queue_rx`] for a frame numbered `seq` on the frame link.
+    pub fn queue_rx_numbered(&self, frame: Frame, seq: Option<u64>) -> bool {
         let mut pending = lock(&self.pending);
-        if pending.frames.len() + usize::from(pending.taken) >= RX_PENDING_MAX {
+        if pending.frames.len() + usize::from(pending.taken.is_some()) >= RX_PENDING_MAX {
             drop(pending);
             add(&self.stats.rx_overflow, 1);
             return false;
         }
-        pending.frames.push_back(frame);
+        pending.frames.push_back((frame, seq));
         true
     }
 
@@ -94,27 +101,48 @@ impl Port {
     /// delivered yet) or [`Port::finish_rx`] (delivered or dropped).
     pub fn next_rx(&self) -> Option<Frame> {
         let mut pending = lock(&self.pending);
-        let frame = pending.frames.pop_front();
-        pending.taken = frame.is_some();
-        frame
+        let (frame, seq) = pending.frames.pop_front()?;
+        pending.taken = Some(seq);
+        Some(frame)
     }
 
     /// Puts back the frame [`Port::next_rx`] returned: it could not be delivered yet.
     pub fn unget_rx(&self, frame: Frame) {
         let mut pending = lock(&self.pending);
-        pending.frames.push_front(frame);
-        pending.taken = false;
+        let seq = pending.taken.take().flatten();
+        pending.frames.push_front((frame, seq));
     }
 
     /// The frame [`Port::next_rx`] returned has left (delivered or dropped).
     pub fn finish_rx(&self) {
-        lock(&self.pending).taken = false;
+        lock(&self.pending).taken = None;
     }
 
     /// Whether inbound frames are waiting.
     pub fn rx_pending(&self) -> bool {
         let pending = lock(&self.pending);
-        !pending.frames.is_empty() || pending.taken
+        !pending.frames.is_empty() || pending.taken.is_some()
+    }
+
+    /// The number of the oldest numbered frame not yet taken by the VM (the one being
+    /// delivered counts as not taken).
+    pub fn first_pending_seq(&self) -> Option<u64> {
+        let pending = lock(&self.pending);
+        pending.taken.flatten().or_else(|| pending.frames.iter().find_map(|(_, seq)| *seq))
+    }
+
+    /// Numbers the frames that wait without a number (queued before the frame link came up),
+    /// in order, with numbers from `next`, and hands each to `mirror`.
+    pub fn number_pending(&self, mut next: impl FnMut() -> u64, mut mirror: impl FnMut(u64, &Frame)) -> usize {
+        let mut pending = lock(&self.pending);
+        let mut n = 0;
+        for (frame, seq) in pending.frames.iter_mut().filter(|(_, seq)| seq.is_none()) {
+            let s = next();
+            mirror(s, frame);
+            *seq = Some(s);
+            n += 1;
+        }
+        n
     }
 
     /// Records whether the RX ring is stopped (a frontend paused it, e.g. for a checkpoint).
@@ -129,15 +157,20 @@ impl Port {
 
     /// A copy of the inbound frames waiting (oldest first).
     pub fn pending_copy(&self) -> VecDeque<Frame> {
-        lock(&self.pending).frames.clone()
+        lock(&self.pending).frames.iter().map(|(f, _)| f.clone()).collect()
     }
 
     /// Replaces the inbound frames waiting with `frames`; returns how many were waiting. Only
     /// while the RX ring is stopped (no frame taken).
     pub fn replace_pending(&self, frames: VecDeque<Frame>) -> usize {
+        self.replace_pending_numbered(frames.into_iter().map(|f| (f, None)))
+    }
+
+    /// [`Port::replace_pending`] with numbered frames.
+    pub fn replace_pending_numbered(&self, frames: impl IntoIterator<Item = (Frame, Option<u64>)>) -> usize {
         let mut pending = lock(&self.pending);
-        let old = std::mem::replace(&mut pending.frames, frames);
-        pending.taken = false;
+        let old = std::mem::replace(&mut pending.frames, frames.into_iter().take(RX_PENDING_MAX).collect());
+        pending.taken = None;
         old.len()
     }
 
@@ -202,6 +235,35 @@ mod tests {
         p.finish_rx();
         assert!(p.queue_rx(Frame::new(vec![2])), "room once it has left");
         assert_eq!(p.stats.snapshot().rx_overflow, 2);
+    }
+
+    #[test]
+    fn numbers_follow_the_frames_through_taking_and_putting_back() {
+        let p = Port::new(Side::Primary).unwrap();
+        p.queue_rx(Frame::new(vec![1]));
+        p.queue_rx(Frame::new(vec![2]));
+        assert_eq!(p.first_pending_seq(), None);
+        let mut next = 10;
+        let mut mirrored = vec![];
+        let n = p.number_pending(
+            || {
+                next += 1;
+                next - 1
+            },
+            |seq, f| mirrored.push((seq, f.data[0])),
+        );
+        assert_eq!((n, mirrored), (2, vec![(10, 1), (11, 2)]));
+        p.queue_rx_numbered(Frame::new(vec![3]), Some(12));
+        assert_eq!(p.first_pending_seq(), Some(10));
+        let f = p.next_rx().unwrap();
+        assert_eq!(p.first_pending_seq(), Some(10), "being delivered: not taken yet");
+        p.unget_rx(f);
+        assert_eq!(p.first_pending_seq(), Some(10));
+        p.next_rx().unwrap();
+        p.finish_rx();
+        assert_eq!(p.first_pending_seq(), Some(11));
+        assert_eq!(p.replace_pending_numbered([(Frame::new(vec![9]), Some(40))]), 2);
+        assert_eq!(p.first_pending_seq(), Some(40));
     }
 
     #[test]

@@ -30,8 +30,8 @@ use vmm_sys_util::epoll::EventSet;
 use crate::backend::NetBackend;
 use crate::device::NetConfig;
 use crate::frontend_shim::Shim;
-use crate::hub::Hub;
 use crate::port::{Port, RX_PENDING_EVENT, TX_RETRY_EVENT};
+use crate::router::Router;
 
 /// Pause before retrying after a failure to set up a connection (e.g. out of file
 /// descriptors), so a persistent failure does not spin.
@@ -221,14 +221,20 @@ pub struct VmServer {
     role: Side,
     listener: Listener,
     private: PrivateSocket,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Router>,
     config: NetConfig,
 }
 
 impl VmServer {
     /// A server for the VM in `role` on an already bound public `listener`, whose daemons
     /// listen on `private`.
-    pub fn new(role: Side, listener: Listener, private: PrivateSocket, hub: Arc<Hub>, config: NetConfig) -> VmServer {
+    pub fn new(
+        role: Side,
+        listener: Listener,
+        private: PrivateSocket,
+        hub: Arc<dyn Router>,
+        config: NetConfig,
+    ) -> VmServer {
         VmServer { role, listener, private, hub, config }
     }
 

@@ -12,11 +12,13 @@
 
 use std::fs;
 use std::io;
+use std::net::TcpListener;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use colo_proxy::capture::Capture;
+use colo_proxy::link::{AuthPolicy, KeyError, LinkKey, LinkListener};
 use colo_proxy::Side;
 use vhost::vhost_user::Listener;
 
@@ -25,6 +27,8 @@ use crate::colo::ColoState;
 use crate::control;
 use crate::device::{MacAddr, NetConfig};
 use crate::hub::{Hub, SharedMode};
+use crate::replica::{ReplicaRouter, ReplicaSetup, SharedRole};
+use crate::router::Router;
 use crate::server::{PrivateSocket, PrivateSocketError, VmServer};
 use crate::tap::{Tap, TapError};
 use crate::uplink::Uplink;
@@ -71,12 +75,25 @@ pub enum StartError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(io::Error),
+    /// The link key cannot be used.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The frame-link address could not be bound.
+    #[error("cannot listen for the frame link on {addr}: {error}")]
+    PeerListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        error: io::Error,
+    },
 }
 
 /// The running backend.
 pub struct Service {
-    hub: Arc<Hub>,
+    hub: Arc<dyn Router>,
     uplink: Option<Uplink>,
+    /// The frame-link listener (`--peer-listen`).
+    listener: Option<LinkListener>,
     socket_paths: Vec<PathBuf>,
     /// The directories of the daemons' private sockets; removed at shutdown.
     private_dirs: Vec<PathBuf>,
@@ -86,53 +103,94 @@ impl Service {
     /// Opens the tap, binds every socket, creates the capture, and starts all threads.
     pub fn start(opts: &Options) -> Result<Service, StartError> {
         opts.validate()?;
-        if !opts.colo() {
+        if !opts.colo() && !opts.replica() {
             warn_unused_compare_options(opts);
         }
+        // Everything that can be refused is checked before anything listens.
+        let key = match &opts.link_key {
+            Some(path) => Some(LinkKey::load(path)?),
+            None => None,
+        };
         let tap = Arc::new(Tap::open(&opts.tap)?);
         let mut socket_paths = Vec::new();
         let mut private_dirs = Vec::new();
-        let primary = (bind(&opts.primary_socket)?, PrivateSocket::bind_for(&opts.primary_socket)?);
-        socket_paths.push(opts.primary_socket.clone());
-        private_dirs.push(primary.1.dir().to_path_buf());
-        let secondary = match &opts.secondary_socket {
-            Some(path) => {
-                let l = bind(path)?;
-                socket_paths.push(path.clone());
-                let p = PrivateSocket::bind_for(path)?;
-                private_dirs.push(p.dir().to_path_buf());
-                Some((l, p))
-            }
+        let mut vm_socket = |path: &PathBuf| -> Result<(Listener, PrivateSocket), StartError> {
+            let l = bind(path)?;
+            socket_paths.push(path.clone());
+            let p = PrivateSocket::bind_for(path)?;
+            private_dirs.push(p.dir().to_path_buf());
+            Ok((l, p))
+        };
+        let first_path = opts.vm_socket.as_ref().or(opts.primary_socket.as_ref()).expect("clap requires one");
+        let first = vm_socket(first_path)?;
+        let secondary = opts.secondary_socket.as_ref().map(&mut vm_socket).transpose()?;
+        let peer_listener = match opts.peer_listen {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(|error| StartError::PeerListen { addr, error })?),
             None => None,
         };
         let nic = opts.nic();
         let mode = Arc::new(SharedMode::new(opts.initial_mode()));
+        let role = opts.replica().then(|| Arc::new(SharedRole::default()));
         let control = match &opts.control_socket {
             Some(path) => {
                 refuse_non_socket(path)?;
-                let c = control::listen(path, nic.clone(), mode.clone())
+                let hello_role = role.clone().map(|r| (r, opts.peer_listen.map(|a| a.to_string())));
+                let c = control::listen(path, nic.clone(), mode.clone(), hello_role)
                     .map_err(|error| StartError::Control { path: path.clone(), error })?;
                 socket_paths.push(path.clone());
                 Some(c)
             }
             None => None,
         };
-        let colo = if opts.colo() {
-            let capture = match &opts.capture {
-                Some(path) => {
-                    Some(Capture::create(path).map_err(|error| StartError::Capture { path: path.clone(), error })?)
-                }
-                None => None,
-            };
-            Some(ColoState::new(opts.engine_config(), opts.initial_mode(), tap.clone(), capture))
-        } else {
-            None
+        let capture = match &opts.capture {
+            Some(path) if opts.colo() || opts.replica() => {
+                Some(Capture::create(path).map_err(|error| StartError::Capture { path: path.clone(), error })?)
+            }
+            _ => None,
         };
         let handle = control.as_ref().map(|(h, _)| h.clone());
-        let hub = Arc::new(Hub::new(tap.clone(), nic, colo, handle, mode));
+        let mac = opts.mac.unwrap_or(MacAddr::DEFAULT);
+        let mut listener = None;
+        let hub: Arc<dyn Router> = match role {
+            Some(role) => {
+                if key.is_none() {
+                    tracing::warn!(
+                        "no --link-key: frame links to the peer host are neither authenticated nor encrypted"
+                    );
+                }
+                let router = ReplicaRouter::new(ReplicaSetup {
+                    tap: tap.clone(),
+                    nic: nic.clone(),
+                    mac: mac.0,
+                    config: opts.engine_config(),
+                    key: key.clone(),
+                    capture,
+                    control: handle,
+                    role,
+                });
+                if let Some(l) = peer_listener {
+                    let r = Arc::downgrade(&router);
+                    let policy = AuthPolicy::new(key, "frames");
+                    let on_link = move |conn| {
+                        if let Some(router) = r.upgrade() {
+                            router.accept_link(conn);
+                        }
+                    };
+                    listener =
+                        Some(LinkListener::spawn(l, policy, "peer-listen", on_link).map_err(StartError::Thread)?);
+                }
+                router
+            }
+            None => {
+                let colo = opts
+                    .colo()
+                    .then(|| ColoState::new(opts.engine_config(), opts.initial_mode(), tap.clone(), capture));
+                Arc::new(Hub::new(tap.clone(), nic, colo, handle, mode))
+            }
+        };
         control::spawn(hub.clone(), control, opts.engine_config().expired_scan_cycle).map_err(StartError::Thread)?;
-        let config = NetConfig { mac: opts.mac.unwrap_or(MacAddr::DEFAULT) };
-        let (public, private_socket) = primary;
+        let config = NetConfig { mac };
+        let (public, private_socket) = first;
         VmServer::new(Side::Primary, public, private_socket, hub.clone(), config)
             .spawn()
             .map_err(StartError::Thread)?;
@@ -146,19 +204,26 @@ impl Service {
             tap = tap.name(),
             tap_created = tap.created(),
             mac = %config.mac,
-            primary = %opts.primary_socket.display(),
+            vm = %first_path.display(),
             secondary = ?opts.secondary_socket,
             control = ?opts.control_socket,
+            peer_listen = ?opts.peer_listen,
             mode = hub.mode().name(),
             "vhost-net-compare: {}",
-            if opts.colo() { "COLO compare proxy" } else { "passthrough" }
+            if opts.replica() {
+                "one VM, its role set by its colo-vmm (none yet: nothing passes)"
+            } else if opts.colo() {
+                "COLO compare proxy"
+            } else {
+                "passthrough"
+            }
         );
         tracing::debug!(dirs = ?private_dirs, "the daemons' private sockets");
-        Ok(Service { hub, uplink: Some(uplink), socket_paths, private_dirs })
+        Ok(Service { hub, uplink: Some(uplink), listener, socket_paths, private_dirs })
     }
 
     /// The router (for inspection).
-    pub fn hub(&self) -> &Arc<Hub> {
+    pub fn hub(&self) -> &Arc<dyn Router> {
         &self.hub
     }
 
@@ -168,6 +233,9 @@ impl Service {
     pub fn shutdown(mut self) {
         if let Some(u) = self.uplink.take() {
             u.stop();
+        }
+        if let Some(l) = self.listener.take() {
+            l.stop();
         }
         self.hub.flush_capture();
         for path in &self.socket_paths {

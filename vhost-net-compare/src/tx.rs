@@ -14,8 +14,8 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT};
 
 use crate::chain::{self, BadChain};
 use crate::device::{ETH_HLEN, MAX_ETH_FRAME, VNET_HDR_LEN};
-use crate::hub::Transmit;
 use crate::port::Port;
+use crate::router::Transmit;
 use crate::stats::add;
 
 /// Chains taken per call before the worker gives its other work (RX) a turn.

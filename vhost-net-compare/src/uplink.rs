@@ -1,4 +1,4 @@
-//! The uplink thread: reads frames from the tap and hands them to the [`Hub`].
+//! The uplink thread: reads frames from the tap and hands them to the [`Router`].
 //!
 //! A dedicated thread rather than the tap fd on a VM worker's epoll: the tap is shared by both
 //! VMs and outlives every VM connection, so no VM's daemon (which is rebuilt on each
@@ -15,8 +15,8 @@ use std::time::Duration;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::device::{ETH_HLEN, MAX_ETH_FRAME, VNET_HDR_LEN};
-use crate::hub::Hub;
 use crate::ratelimit::RateLimit;
+use crate::router::Router;
 use crate::tap::Tap;
 
 /// Frames read per wake-up before they are handed on together (one lock, one wake per VM).
@@ -30,10 +30,11 @@ pub struct Uplink {
 
 impl Uplink {
     /// Starts reading `tap` into `hub`.
-    pub fn spawn(tap: Arc<Tap>, hub: Arc<Hub>) -> io::Result<Uplink> {
+    pub fn spawn(tap: Arc<Tap>, hub: Arc<dyn Router>) -> io::Result<Uplink> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stop_rx = stop.try_clone()?;
-        let thread = std::thread::Builder::new().name("uplink".into()).spawn(move || run(&tap, &hub, &stop_rx))?;
+        let thread =
+            std::thread::Builder::new().name("uplink".into()).spawn(move || run(&tap, hub.as_ref(), &stop_rx))?;
         Ok(Uplink { stop, thread: Some(thread) })
     }
 
@@ -46,7 +47,7 @@ impl Uplink {
     }
 }
 
-fn run(tap: &Tap, hub: &Hub, stop: &EventFd) {
+fn run(tap: &Tap, hub: &dyn Router, stop: &EventFd) {
     let mut buf = vec![0u8; VNET_HDR_LEN + MAX_ETH_FRAME];
     let mut errors = RateLimit::default();
     let mut runts = 0u64;

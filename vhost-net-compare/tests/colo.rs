@@ -44,7 +44,10 @@ fn colo(extra: &[&str]) -> Colo {
     let tap = TestTap::new();
     let mut args: Vec<String> = vec!["--compare-timeout".into(), NO_TIMEOUT.into()];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let backend = Backend::spawn(&dir, BackendOpts { tap: &tap.name, secondary: true, control: true, extra: args });
+    let backend = Backend::spawn(
+        &dir,
+        BackendOpts { one_vm: false, tap: &tap.name, secondary: true, control: true, extra: args },
+    );
     let wire = Wire::open(&tap.name);
     let mut ctl = backend.control();
     match ctl.hello() {
@@ -261,6 +264,7 @@ fn timeouts_are_reported_and_a_hostile_secondary_does_not_disturb_the_primary() 
     let backend = Backend::spawn(
         &dir,
         BackendOpts {
+            one_vm: false,
             tap: &tap.name,
             secondary: true,
             control: true,
@@ -315,7 +319,10 @@ fn a_burst_of_frames_crosses_passthrough_and_colo_without_loss_or_differences() 
     // Passthrough, one VM.
     let dir = TempDir::new();
     let tap = TestTap::new();
-    let pass = Backend::spawn(&dir, BackendOpts { tap: &tap.name, secondary: false, control: false, extra: vec![] });
+    let pass = Backend::spawn(
+        &dir,
+        BackendOpts { one_vm: false, tap: &tap.name, secondary: false, control: false, extra: vec![] },
+    );
     let mut vm = Vm::connect(&pass.primary);
     vm.setup();
     let start = Instant::now();

@@ -20,7 +20,10 @@ fn malformed_chains_are_completed_empty_counted_and_survived() {
     }
     let dir = TempDir::new();
     let tap = TestTap::new();
-    let backend = Backend::spawn(&dir, BackendOpts { tap: &tap.name, secondary: false, control: true, extra: vec![] });
+    let backend = Backend::spawn(
+        &dir,
+        BackendOpts { one_vm: false, tap: &tap.name, secondary: false, control: true, extra: vec![] },
+    );
     let wire = Wire::open(&tap.name);
     let mut ctl = backend.control();
     let mut vm = Vm::connect(&backend.primary);
@@ -135,7 +138,10 @@ fn a_frontend_with_no_memory_table_or_bogus_rings_does_not_hurt_the_backend() {
     }
     let dir = TempDir::new();
     let tap = TestTap::new();
-    let backend = Backend::spawn(&dir, BackendOpts { tap: &tap.name, secondary: false, control: false, extra: vec![] });
+    let backend = Backend::spawn(
+        &dir,
+        BackendOpts { one_vm: false, tap: &tap.name, secondary: false, control: false, extra: vec![] },
+    );
     let wire = Wire::open(&tap.name);
     {
         // Rings started before any memory table: the backend refuses SET_VRING_ADDR, which

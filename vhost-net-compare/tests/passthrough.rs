@@ -17,7 +17,7 @@ use vhost::VhostBackend;
 const T: Duration = Duration::from_secs(5);
 
 fn passthrough(dir: &TempDir, tap: &TestTap, control: bool) -> Backend {
-    Backend::spawn(dir, BackendOpts { tap: &tap.name, secondary: false, control, extra: vec![] })
+    Backend::spawn(dir, BackendOpts { one_vm: false, tap: &tap.name, secondary: false, control, extra: vec![] })
 }
 
 #[test]
@@ -30,6 +30,7 @@ fn negotiation_config_and_frames_both_ways() {
     let backend = Backend::spawn(
         &dir,
         BackendOpts {
+            one_vm: false,
             tap: &tap.name,
             secondary: false,
             control: false,
@@ -466,7 +467,10 @@ fn sigterm_exits_cleanly_and_removes_the_sockets() {
     }
     let dir = TempDir::new();
     let tap = TestTap::new();
-    let backend = Backend::spawn(&dir, BackendOpts { tap: &tap.name, secondary: true, control: true, extra: vec![] });
+    let backend = Backend::spawn(
+        &dir,
+        BackendOpts { one_vm: false, tap: &tap.name, secondary: true, control: true, extra: vec![] },
+    );
     let mut vm = Vm::connect(&backend.primary);
     vm.setup();
     let paths = [backend.primary.clone(), backend.secondary.clone().unwrap(), backend.control.clone().unwrap()];

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::lines::{Line, LineBuffer};
-use super::message::{Command, Event, MAX_LINE};
+use super::message::{Command, Event, EVENT_TYPES, MAX_LINE};
 use crate::compare::{FlushSummary, Mode, Stats};
+use crate::replica::Role;
 
 /// How long [`ControlClient::connect`] waits for the `hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -110,6 +111,33 @@ impl ControlClient {
         match self.call(|id| Command::Mode { id, mode })? {
             Event::ModeSet { mode, .. } => Ok(mode),
             other => Err(unexpected("mode-set", &other)),
+        }
+    }
+
+    /// Sets a one-VM backend's role (`peer` and `lease_ms` as primary); returns the role in
+    /// force.
+    pub fn set_role(&mut self, role: Role, peer: Option<&str>, lease_ms: Option<u64>) -> Result<Role, ClientError> {
+        let peer = peer.map(str::to_string);
+        match self.call(|id| Command::Role { id, role, peer: peer.clone(), lease_ms })? {
+            Event::RoleSet { role, .. } => Ok(role),
+            other => Err(unexpected("role-set", &other)),
+        }
+    }
+
+    /// A primary one-VM backend's mark: the first inbound frame its VM has not taken.
+    pub fn rx_mark(&mut self) -> Result<u64, ClientError> {
+        match self.call(|id| Command::QueryRxMark { id })? {
+            Event::RxMark { mark, .. } => Ok(mark),
+            other => Err(unexpected("rx-mark", &other)),
+        }
+    }
+
+    /// Tells a secondary one-VM backend its VM loaded a checkpoint taken at `mark`; returns the
+    /// inbound frames now waiting for the VM.
+    pub fn resync(&mut self, mark: u64) -> Result<u64, ClientError> {
+        match self.call(|id| Command::Resync { id, mark })? {
+            Event::Resynced { frames, .. } => Ok(frames),
+            other => Err(unexpected("resynced", &other)),
         }
     }
 
@@ -230,9 +258,8 @@ fn parse_event(line: &[u8]) -> Result<Option<Event>, ClientError> {
         ClientError::Protocol(format!("{e} in {:?}", String::from_utf8_lossy(&line[..line.len().min(200)])))
     };
     let value: Value = serde_json::from_slice(line).map_err(|e| bad(&e))?;
-    let known = ["hello", "miscompare", "flushed", "mode-set", "stats", "peer", "error"];
     match value.get("type").and_then(Value::as_str) {
-        Some(kind) if !known.contains(&kind) => {
+        Some(kind) if !EVENT_TYPES.contains(&kind) => {
             tracing::debug!(kind, "skipping unknown control event");
             Ok(None)
         }

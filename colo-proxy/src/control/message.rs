@@ -253,6 +253,11 @@ pub enum Event {
     },
 }
 
+/// The `type` names of [`Event`] (a client skips events of other types: they come from a newer
+/// compare process).
+pub const EVENT_TYPES: &[&str] =
+    &["hello", "miscompare", "flushed", "mode-set", "stats", "role-set", "rx-mark", "resynced", "peer", "error"];
+
 impl Event {
     /// The `miscompare` event for an engine report on `nic`.
     pub fn miscompare(nic: &str, m: &Miscompare) -> Event {
@@ -362,6 +367,7 @@ mod tests {
             Event::Resynced { id: 4, frames: 5 },
         ] {
             assert_eq!(Event::parse(e.to_line().as_bytes()).unwrap(), e);
+            assert!(EVENT_TYPES.contains(&value(&e.to_line())["type"].as_str().unwrap()), "{e:?}");
             assert!(e.reply_to().is_some());
         }
         assert!(matches!(Command::QueryRxMark { id: 8 }.refused_by_pair(), Event::Error { id: Some(8), .. }));

@@ -28,7 +28,7 @@ const INFO: &[u8] = b"noise psk";
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// It cannot be read.
-    #[error("cannot read the link key {path}: {source}")]
+    #[error("cannot read the link key {path}")]
     Read {
         /// The file.
         path: PathBuf,

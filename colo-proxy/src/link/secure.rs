@@ -59,6 +59,11 @@ pub enum LinkError {
     /// The peer's handshake does not verify.
     #[error("the peer's handshake does not verify: it holds another link key (or is no colo link)")]
     WrongKey,
+    /// The accepting side hung up during the handshake (it refused this side's key).
+    #[error(
+        "the peer closed the connection during the handshake: it holds another link key, or has none (see its log)"
+    )]
+    Refused,
     /// A plain hello reached a side with a key.
     #[error("the peer has no --link-key (it sent a plain hello) but this side has one")]
     PeerHasNoKey,
@@ -122,19 +127,23 @@ pub fn connect<S: LinkSocket>(
     let control = sock.try_clone_socket()?;
     let mut rd = BufReader::new(sock);
     let Some(key) = key else {
-        let mut hello = PLAIN_MAGIC.to_vec();
-        hello.extend_from_slice(purpose.as_bytes());
-        hello.push(b'\n');
         wr.set_write_deadline(Some(timeout))?;
-        wr.write_all(&hello)?;
+        wr.write_all(&plain_hello(purpose))?;
         wr.set_write_deadline(None)?;
+        // The accepting side answers with the same hello, or hangs up (it wants a key).
+        let mut first = [0u8; 2];
+        read_exact_by(&mut rd, &mut first, deadline, timeout).map_err(refused_on_eof)?;
+        if first != PLAIN_MAGIC[..2] {
+            return Err(LinkError::Garbage(describe(&first)));
+        }
+        check_purpose(purpose, &read_plain_hello(&mut rd, deadline, timeout)?)?;
         return Ok(finish(rd, wr, control, peer, None));
     };
     let mut hs = builder(key).build_initiator().expect("valid Noise parameters");
     let mut buf = vec![0u8; MAX_MESSAGE];
     let n = hs.write_message(&[], &mut buf).expect("a handshake message fits");
     send_message(&mut wr, &buf[..n], deadline, timeout)?;
-    let reply = read_message(&mut rd, deadline, timeout)?;
+    let reply = read_message(&mut rd, deadline, timeout).map_err(refused_on_eof)?;
     let mut payload = vec![0u8; MAX_MESSAGE];
     hs.read_message(&reply, &mut payload).map_err(|_| LinkError::WrongKey)?;
     let state = Arc::new(hs.into_stateless_transport_mode().expect("the handshake is complete"));
@@ -160,9 +169,9 @@ pub fn accept<S: LinkSocket>(
     let mut rd = BufReader::new(sock);
     let mut first = [0u8; 2];
     read_exact_by(&mut rd, &mut first, deadline, timeout)?;
-    let plain_hello = first == PLAIN_MAGIC[..2];
+    let said_plain = first == PLAIN_MAGIC[..2];
     let Some(key) = key else {
-        if !plain_hello {
+        if !said_plain {
             return Err(if u16::from_be_bytes(first) as usize == FIRST_MESSAGE_LEN {
                 LinkError::PeerHasKey
             } else {
@@ -171,9 +180,10 @@ pub fn accept<S: LinkSocket>(
         }
         let got = read_plain_hello(&mut rd, deadline, timeout)?;
         check_purpose(purpose, &got)?;
+        send_bytes(&mut wr, &plain_hello(purpose), deadline, timeout)?;
         return Ok(finish(rd, wr, control, peer, None));
     };
-    if plain_hello {
+    if said_plain {
         // Read on only to tell a plain colo link from garbage.
         return Err(match read_plain_hello(&mut rd, deadline, timeout) {
             Ok(_) => LinkError::PeerHasNoKey,
@@ -200,6 +210,23 @@ pub fn accept<S: LinkSocket>(
         .ok_or_else(|| LinkError::Garbage("a confirmation of another protocol".into()))?;
     check_purpose(purpose, &String::from_utf8_lossy(got))?;
     Ok(finish(rd, wr, control, peer, Some((state, 1))))
+}
+
+fn plain_hello(purpose: &str) -> Vec<u8> {
+    let mut hello = PLAIN_MAGIC.to_vec();
+    hello.extend_from_slice(purpose.as_bytes());
+    hello.push(b'\n');
+    hello
+}
+
+/// The peer hanging up in the middle of the handshake means it refused this side.
+fn refused_on_eof(e: LinkError) -> LinkError {
+    match e {
+        LinkError::Io(e) if matches!(e.kind(), io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset) => {
+            LinkError::Refused
+        }
+        e => e,
+    }
 }
 
 fn builder(key: &LinkKey) -> Builder<'_> {
@@ -289,14 +316,18 @@ fn read_message<S: LinkSocket>(
 }
 
 fn send_message<S: LinkSocket>(wr: &mut S, msg: &[u8], deadline: Instant, timeout: Duration) -> Result<(), LinkError> {
+    let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(msg);
+    send_bytes(wr, &framed, deadline, timeout)
+}
+
+fn send_bytes<S: LinkSocket>(wr: &mut S, bytes: &[u8], deadline: Instant, timeout: Duration) -> Result<(), LinkError> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
         return Err(LinkError::Timeout(timeout));
     }
     wr.set_write_deadline(Some(left))?;
-    let mut framed = (msg.len() as u16).to_be_bytes().to_vec();
-    framed.extend_from_slice(msg);
-    wr.write_all(&framed).map_err(|e| match e.kind() {
+    wr.write_all(bytes).map_err(|e| match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => LinkError::Timeout(timeout),
         _ => LinkError::Io(e),
     })?;
@@ -541,10 +572,12 @@ mod tests {
 
     #[test]
     fn a_wrong_key_a_missing_key_or_another_purpose_is_refused_with_a_reason() {
-        let (_, a) = pair(Some(key(1)), Some(key(2)), "frames", "frames");
+        let (c, a) = pair(Some(key(1)), Some(key(2)), "frames", "frames");
         assert!(matches!(a, Err(LinkError::WrongKey)), "{a:?}");
-        let (_, a) = pair(None, Some(key(2)), "frames", "frames");
+        assert!(matches!(c, Err(LinkError::Refused)), "{c:?}");
+        let (c, a) = pair(None, Some(key(2)), "frames", "frames");
         assert!(matches!(a, Err(LinkError::PeerHasNoKey)), "{a:?}");
+        assert!(matches!(c, Err(LinkError::Refused)), "the keyless side learns it too: {c:?}");
         let (_, a) = pair(Some(key(2)), None, "frames", "frames");
         assert!(matches!(a, Err(LinkError::PeerHasKey)), "{a:?}");
         let (_, a) = pair(Some(key(2)), Some(key(2)), "frames", "checkpoint");

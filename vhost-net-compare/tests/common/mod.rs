@@ -256,6 +256,8 @@ pub struct Backend {
 }
 
 pub struct BackendOpts<'a> {
+    /// `--vm-socket` (one VM, its role set at run time) instead of `--primary-socket`.
+    pub one_vm: bool,
     pub tap: &'a str,
     pub secondary: bool,
     pub control: bool,
@@ -270,7 +272,7 @@ impl Backend {
         let control = o.control.then(|| dir.path(&format!("{name}-c.sock")));
         let log = dir.path(&format!("{name}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-net-compare"));
-        cmd.arg("--primary-socket").arg(&primary).arg("--tap").arg(o.tap);
+        cmd.arg(if o.one_vm { "--vm-socket" } else { "--primary-socket" }).arg(&primary).arg("--tap").arg(o.tap);
         if let Some(s) = &secondary {
             cmd.arg("--secondary-socket").arg(s);
         }

@@ -21,7 +21,6 @@
 //! Lock order: a vring lock (a worker), then `inner`, then the port table, then a port's
 //! pending queue. The link's reader thread and the listener take `inner` only.
 
-use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -108,8 +107,6 @@ struct Inner {
     /// Bumped whenever the link is replaced, so events of an old link are ignored.
     link_gen: u64,
     lease: Duration,
-    /// Frames of the secondary VM the engine had no room for yet (at most one credit window).
-    backlog: VecDeque<Frame>,
     capture: Option<Capture>,
     captured: u64,
     tap_errors: u64,
@@ -181,6 +178,12 @@ impl ReplicaOutput for Out<'_> {
         }
     }
 
+    fn grant(&mut self, bytes: usize) {
+        if let Some(l) = self.link {
+            l.grant(bytes);
+        }
+    }
+
     fn lease_fresh(&self) -> bool {
         self.link.is_some_and(|l| l.lease_fresh(self.lease))
     }
@@ -219,7 +222,6 @@ impl ReplicaRouter {
                 link: None,
                 link_gen: 0,
                 lease: Duration::from_millis(DEFAULT_LEASE_MS),
-                backlog: VecDeque::new(),
                 capture,
                 captured: 0,
                 tap_errors: 0,
@@ -259,60 +261,14 @@ impl ReplicaRouter {
                 port.notify_rx();
             }
         }
+        // Room in the primary's queue: TX waiting for it may go on.
         let after = inner.core.engine().held();
-        if after[0] < before[0] || after[1] < before[1] {
-            self.made_room(inner, port.as_ref());
+        if after[0] < before[0] {
+            if let Some(p) = &port {
+                p.unblock_tx();
+            }
         }
         self.flush_capture_locked(inner);
-        result
-    }
-
-    /// Room appeared in the compare queues: the secondary's backlog first, then the VM's TX.
-    fn made_room(&self, inner: &mut Inner, port: Option<&Arc<Port>>) {
-        while let Some(frame) = inner.backlog.pop_front() {
-            let len = frame.ethernet().len();
-            match self.run_simple(inner, |core, out| core.from_peer_outbound(frame, out)) {
-                Push::Accepted => {
-                    if let Some(l) = &inner.link {
-                        l.grant(len);
-                    }
-                }
-                Push::Full(frame) => {
-                    inner.backlog.push_front(frame);
-                    break;
-                }
-            }
-        }
-        if let Some(p) = port {
-            p.unblock_tx();
-        }
-    }
-
-    /// [`ReplicaRouter::run`] without the room check (used from inside it).
-    fn run_simple<R>(&self, inner: &mut Inner, op: impl FnOnce(&mut Replica<MonotonicClock>, &mut Out<'_>) -> R) -> R {
-        let port = lock(&self.port).clone();
-        let Inner { core, link, lease, capture, tap_errors, tap_error_log, .. } = inner;
-        let mut out = Out {
-            tap: &self.tap,
-            link: link.as_ref(),
-            lease: *lease,
-            port: port.as_ref(),
-            capture: capture.as_mut(),
-            tap_errors,
-            tap_error_log,
-            unrouted: &self.unrouted,
-            miscompares: Vec::new(),
-            queued_rx: false,
-        };
-        let result = op(core, &mut out);
-        for m in std::mem::take(&mut out.miscompares) {
-            self.broadcast(Event::miscompare(&self.nic, &m));
-        }
-        if out.queued_rx {
-            if let Some(p) = &port {
-                p.notify_rx();
-            }
-        }
         result
     }
 
@@ -339,7 +295,6 @@ impl ReplicaRouter {
         config: FrameLinkConfig,
     ) -> Result<(), String> {
         inner.link_gen += 1;
-        inner.backlog.clear();
         if let Some(old) = inner.link.take() {
             old.close();
         }
@@ -366,21 +321,7 @@ impl ReplicaRouter {
                 self.run(&mut inner, |core, out| core.from_peer_inbound(seq, from_wire(frame), out));
             }
             PeerEvent::Outbound(frame) => {
-                let frame = from_wire(frame);
-                let len = frame.ethernet().len();
-                if !inner.backlog.is_empty() {
-                    // Keep the order: behind what waits already.
-                    inner.backlog.push_back(frame);
-                    return;
-                }
-                match self.run(&mut inner, |core, out| core.from_peer_outbound(frame, out)) {
-                    Push::Accepted => {
-                        if let Some(l) = &inner.link {
-                            l.grant(len);
-                        }
-                    }
-                    Push::Full(frame) => inner.backlog.push_back(frame),
-                }
+                self.run(&mut inner, |core, out| core.from_peer_outbound(from_wire(frame), out));
             }
             PeerEvent::Room => {
                 if let Some(p) = lock(&self.port).as_ref() {
@@ -396,7 +337,6 @@ impl ReplicaRouter {
             PeerEvent::Closed(why) => {
                 let role = inner.core.role();
                 inner.link = None;
-                inner.backlog.clear();
                 tracing::warn!(nic = %self.nic, role = role.name(), reason = %why, "frame link closed");
             }
         }
@@ -553,16 +493,16 @@ impl ReplicaRouter {
             Command::Checkpoint { id } => {
                 let mut inner = lock(&self.inner);
                 let s = self.run(&mut inner, |core, out| core.checkpoint(out));
-                let port = lock(&self.port).clone();
-                self.made_room(&mut inner, port.as_ref());
                 Event::Flushed { id, released: s.released, dropped: s.dropped }
             }
             Command::Mode { id, mode } => {
                 let mut inner = lock(&self.inner);
                 match self.run(&mut inner, |core, out| core.set_mode(mode, out)) {
                     Ok(()) => {
-                        let port = lock(&self.port).clone();
-                        self.made_room(&mut inner, port.as_ref());
+                        // A blocked VM may now pass without queueing at all.
+                        if let Some(p) = lock(&self.port).as_ref() {
+                            p.unblock_tx();
+                        }
                         Event::ModeSet { id, mode }
                     }
                     Err(e) => error(id, e),

@@ -36,6 +36,7 @@ mod window;
 #[cfg(test)]
 mod tests;
 
+use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
@@ -69,6 +70,8 @@ pub trait ReplicaOutput {
     fn peer_has_room(&self, len: usize) -> bool;
     /// The secondary VM's frame (rewritten) to the peer, after `peer_has_room` said yes.
     fn to_peer(&mut self, frame: Frame);
+    /// As primary: the engine took `bytes` of the secondary's frames; return that much credit.
+    fn grant(&mut self, bytes: usize);
     /// Whether the frame link's lease is fresh (a primary may release).
     fn lease_fresh(&self) -> bool;
     /// The fate of every frame the engine decided on (for the capture).
@@ -124,6 +127,9 @@ pub struct Replica<C: Clock> {
     translating: bool,
     gate: Gate,
     window: InboundWindow,
+    /// As primary: the secondary's frames the engine had no room for yet, in arrival order (at
+    /// most one credit window of them).
+    backlog: VecDeque<Frame>,
     next_seq: u64,
     addresses: Vec<Ipv4Addr>,
     counters: ReplicaCounters,
@@ -189,6 +195,7 @@ impl<C: Clock> Replica<C> {
             translating: false,
             gate: Gate::new(GATE_BYTES),
             window: InboundWindow::new(WINDOW_BYTES),
+            backlog: VecDeque::new(),
             next_seq: 0,
             addresses: Vec::new(),
             counters: ReplicaCounters::default(),
@@ -288,7 +295,11 @@ impl<C: Clock> Replica<C> {
                 out.to_lan(frame);
                 Push::Accepted
             }
-            Role::Primary => self.with_outlet(out, |engine, outlet| engine.push(Side::Primary, frame, outlet)),
+            Role::Primary => {
+                let pushed = self.with_outlet(out, |engine, outlet| engine.push(Side::Primary, frame, outlet));
+                self.settle(out);
+                pushed
+            }
             Role::Secondary => {
                 if !out.peer_has_room(frame.ethernet().len()) {
                     return Push::Full(frame);
@@ -340,13 +351,34 @@ impl<C: Clock> Replica<C> {
         out.to_local(frame, Some(seq));
     }
 
-    /// A frame of the secondary VM from the peer (as primary). `Push::Full` gives it back:
-    /// keep it and offer it again when room appears; return its credit only once taken.
-    pub fn from_peer_outbound<O: ReplicaOutput>(&mut self, frame: Frame, out: &mut O) -> Push {
+    /// A frame of the secondary VM from the peer (as primary). Taken by the engine, or kept in
+    /// the backlog until room appears; its credit is returned ([`ReplicaOutput::grant`]) once
+    /// taken.
+    pub fn from_peer_outbound<O: ReplicaOutput>(&mut self, frame: Frame, out: &mut O) {
         if self.role != Role::Primary {
-            return Push::Accepted;
+            return;
         }
-        self.with_outlet(out, |engine, outlet| engine.push(Side::Secondary, frame, outlet))
+        self.backlog.push_back(frame);
+        self.settle(out);
+    }
+
+    /// Frames of the secondary waiting for room in the engine.
+    pub fn backlog(&self) -> usize {
+        self.backlog.len()
+    }
+
+    /// Offers the backlog to the engine, oldest first, as far as it has room.
+    fn settle<O: ReplicaOutput>(&mut self, out: &mut O) {
+        while let Some(frame) = self.backlog.pop_front() {
+            let len = frame.ethernet().len();
+            match self.with_outlet(out, |engine, outlet| engine.push(Side::Secondary, frame, outlet)) {
+                Push::Accepted => out.grant(len),
+                Push::Full(frame) => {
+                    self.backlog.push_front(frame);
+                    return;
+                }
+            }
+        }
     }
 
     /// The checkpoint's flush (as primary; a no-op otherwise).
@@ -354,7 +386,9 @@ impl<C: Clock> Replica<C> {
         if self.role != Role::Primary {
             return FlushSummary::default();
         }
-        self.with_outlet(out, |engine, outlet| engine.flush(outlet))
+        let summary = self.with_outlet(out, |engine, outlet| engine.flush(outlet));
+        self.settle(out);
+        summary
     }
 
     /// Switches the engine's mode. As primary any mode; alone accepts `primary-only` (what it
@@ -363,6 +397,7 @@ impl<C: Clock> Replica<C> {
         match (self.role, mode) {
             (Role::Primary, _) => {
                 self.with_outlet(out, |engine, outlet| engine.set_mode(mode, outlet));
+                self.settle(out);
                 Ok(())
             }
             (Role::Alone, Mode::PrimaryOnly) => Ok(()),
@@ -383,6 +418,8 @@ impl<C: Clock> Replica<C> {
             return change;
         }
         self.role = role;
+        // Whatever the secondary sent ahead is of no use to any other role (nor to a new pair).
+        self.backlog.clear();
         match role {
             Role::Unset => {}
             Role::Alone => {
@@ -454,6 +491,7 @@ impl<C: Clock> Replica<C> {
     /// Runs the engine's and the rewriter's timers.
     pub fn poll_timers<O: ReplicaOutput>(&mut self, out: &mut O) {
         self.with_outlet(out, |engine, outlet| engine.poll_timeouts(outlet));
+        self.settle(out);
         let now = self.now();
         self.rewriter.expire(now);
     }

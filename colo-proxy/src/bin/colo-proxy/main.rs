@@ -9,6 +9,7 @@
 mod compare_cmd;
 mod options;
 mod output;
+mod replica_cmd;
 mod run_cmd;
 mod signals;
 
@@ -31,7 +32,8 @@ struct Cli {
 enum Command {
     /// Compare frames arriving on QEMU-style sockets (a drop-in for QEMU's colo-compare).
     Compare(CompareArgs),
-    /// Run the whole proxy on network interfaces (AF_PACKET): uplink, primary and secondary.
+    /// Run the whole proxy on network interfaces (AF_PACKET): uplink, primary and secondary;
+    /// or, with --vm, one VM's side of a pair on two hosts.
     Run(RunArgs),
 }
 

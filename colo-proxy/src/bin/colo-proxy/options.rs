@@ -80,12 +80,27 @@ pub struct RunArgs {
     /// primary frames leave here.
     #[arg(long, value_name = "IF")]
     pub uplink: String,
-    /// Interface towards the primary VM.
+    /// Interface towards the primary VM (one host: both VMs behind this proxy).
+    #[arg(long, value_name = "IF", required_unless_present = "vm", requires = "secondary", conflicts_with = "vm")]
+    pub primary: Option<String>,
+    /// Interface towards the secondary VM (one host).
+    #[arg(long, value_name = "IF", requires = "primary", conflicts_with = "vm")]
+    pub secondary: Option<String>,
+    /// Two hosts: the interface towards this host's one VM, whose role (alone, primary,
+    /// secondary) its colo-vmm sets on the control socket; until then nothing passes.
     #[arg(long, value_name = "IF")]
-    pub primary: String,
-    /// Interface towards the secondary VM.
-    #[arg(long, value_name = "IF")]
-    pub secondary: String,
+    pub vm: Option<String>,
+    /// With --vm: where the frame link from the primary's proxy is accepted (HOST:PORT).
+    #[arg(long, value_name = "HOST:PORT", requires = "vm")]
+    pub peer_listen: Option<std::net::SocketAddr>,
+    /// With --vm: the key shared by the hosts of this VM (at least 32 random bytes, mode 0600
+    /// or 0400); frame links are then mutually authenticated and encrypted.
+    #[arg(long, value_name = "FILE", requires = "vm")]
+    pub link_key: Option<std::path::PathBuf>,
+    /// With --vm: the VM's MAC, announced on the uplink when the VM takes over (RARP and
+    /// gratuitous ARP). Default: learned from the VM's first frame.
+    #[arg(long, value_name = "MAC", requires = "vm")]
+    pub mac: Option<String>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }

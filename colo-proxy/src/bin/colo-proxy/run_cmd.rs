@@ -56,7 +56,7 @@ impl Sink for Outlet<'_> {
     }
 }
 
-fn send(sock: &mut PacketSocket, frame: &Frame, errors: &mut u64) {
+pub(crate) fn send(sock: &mut PacketSocket, frame: &Frame, errors: &mut u64) {
     if let Err(e) = sock.send(frame.ethernet()) {
         *errors += 1;
         if errors.is_power_of_two() {
@@ -90,12 +90,15 @@ macro_rules! outlet {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let names = [&args.uplink, &args.primary, &args.secondary];
+    let (Some(primary), Some(secondary)) = (&args.primary, &args.secondary) else {
+        return crate::replica_cmd::run(args);
+    };
+    let names = [&args.uplink, primary, secondary];
     if names[0] == names[1] || names[0] == names[2] || names[1] == names[2] {
         anyhow::bail!("--uplink, --primary and --secondary must be three different interfaces");
     }
     let open = |role: &str, name: &str| PacketSocket::open(name).with_context(|| format!("--{role} {name}"));
-    let ifaces = [open("uplink", &args.uplink)?, open("primary", &args.primary)?, open("secondary", &args.secondary)?];
+    let ifaces = [open("uplink", &args.uplink)?, open("primary", primary)?, open("secondary", secondary)?];
     let poll = Poll::new().context("creating the event loop")?;
     let mut signals = Signals::register(poll.registry(), SIGNALS)?;
     for (iface, token) in ifaces.iter().zip([UPLINK, PRIMARY, SECONDARY]) {
@@ -126,7 +129,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     run.proxy.set_mode(args.engine.mode, outlet!(run));
     tracing::info!(
-        uplink = %args.uplink, primary = %args.primary, secondary = %args.secondary,
+        uplink = %args.uplink, primary = %primary, secondary = %secondary,
         mode = args.engine.mode.name(), "colo-proxy run: proxying"
     );
     let mut events = Events::with_capacity(64);

@@ -3,6 +3,7 @@
 //! that say why.
 
 pub mod colo_topology;
+pub mod hosts;
 pub mod linux_guest;
 pub mod netns;
 pub mod pcapread;

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod compare;
 pub mod hybrid;
 pub mod link;
+pub mod message;
 pub mod params;
 pub mod primary;
 pub mod secondary;

@@ -14,11 +14,12 @@ use colo_proxy::compare::Mode;
 use super::compare::CompareSet;
 use super::hybrid::{CheckpointKind, Decision, Hybrid};
 use super::link::{Incoming, Link, Silence};
+use super::message::Control;
 use super::params::{ms, ColoParams};
 use super::shared::ColoShared;
 use super::status::{unix_ms, Role, State, Trigger};
 use crate::devices::DevicesState;
-use crate::migration::protocol::{Control, Purpose};
+use crate::migration::protocol::Purpose;
 use crate::migration::source::{self, Transfer};
 use crate::migration::status::{MigrationParams, MigrationState, StatusHandle};
 use crate::migration::uri::{Channel, MigrationUri};
@@ -136,7 +137,7 @@ fn begin<'a>(vmm: &'a Vmm, uri: &MigrationUri) -> Result<Controller<'a>, String>
             c
         }
         Err(e) => {
-            let _ = crate::migration::protocol::send(&mut t.w, &Control::Error { message: e.clone() });
+            let _ = crate::persist::message::send(&mut t.w, &Control::Error { message: e.clone() });
             return Err(abandon(t, source::rollback(vmm, &paused, e)));
         }
     };

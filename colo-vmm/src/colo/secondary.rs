@@ -32,9 +32,9 @@ use super::cache::RamCache;
 use super::compare::CompareSet;
 use super::hybrid::CheckpointKind;
 use super::link::{Incoming, Link, Silence};
+use super::message::Control;
 use super::params::ms;
 use super::status::{Role, State, Trigger};
-use crate::migration::protocol::Control;
 use crate::migration::uri::Channel;
 use crate::persist::sections::Sections;
 use crate::persist::stream::{pages as stream_pages, StreamReader, StreamWriter};
@@ -67,7 +67,7 @@ pub fn start(
     let cache = RamCache::copy_of(machine.ram().memory(), machine.ram().size()).map_err(err("RAM cache"))?;
     let tracker = machine.dirty_tracker().map_err(err("dirty tracking"))?;
     let vmm = machine.start()?;
-    crate::migration::protocol::send(&mut writer, &Control::CheckpointReady)?;
+    crate::persist::message::send(&mut writer, &Control::CheckpointReady)?;
     vmm.colo().update(|s| {
         s.role = Role::Secondary;
         s.state = State::Running;

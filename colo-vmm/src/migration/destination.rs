@@ -3,8 +3,9 @@
 use std::io::BufReader;
 use std::time::Instant;
 
-use super::protocol::{self, Control, Purpose};
+use super::protocol::{Control, Purpose};
 use super::uri::{Channel, MigrationUri};
+use crate::persist::message as protocol;
 use crate::persist::sections::Sections;
 use crate::persist::snapshot::{self, load_pages, Meta};
 use crate::persist::stream::{pages, Kind, StreamError, StreamReader, StreamWriter};

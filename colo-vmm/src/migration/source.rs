@@ -5,9 +5,10 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::protocol::{self, Control, Purpose};
+use super::protocol::{Control, Purpose};
 use super::status::{update, MigrationParams, MigrationState, MigrationStatus, StatusHandle};
 use super::uri::{Channel, MigrationUri};
+use crate::persist::message as protocol;
 use crate::persist::sections::Sections;
 use crate::persist::snapshot::{self, is_zero};
 use crate::persist::stream::{Kind, StreamReader, StreamWriter, PAGES_PER_RECORD, PAGE_SIZE};
@@ -250,8 +251,12 @@ pub fn pause_and_send_state(
     Ok(paused)
 }
 
-/// Waits for the destination's first answer (after `state-complete`).
-pub fn answer(t: &Transfer, timeout: Duration) -> Result<(StreamReader<Channel>, Control), String> {
+/// Waits for the destination's first answer (after `state-complete`): a migration message, or
+/// for a COLO start the checkpoint link's first.
+pub fn answer<M: serde::de::DeserializeOwned>(
+    t: &Transfer,
+    timeout: Duration,
+) -> Result<(StreamReader<Channel>, M), String> {
     let reader_chan = t.chan.try_clone().map_err(|e| e.to_string())?;
     let _ = reader_chan.set_read_timeout(Some(timeout));
     let mut r = StreamReader::new(reader_chan).map_err(|e| format!("the destination did not answer: {e}"))?;

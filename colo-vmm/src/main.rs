@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use colo_vmm::api::client::{parse_arguments, ApiClient};
+use colo_vmm::api::dispatch::{Lifecycle, VmmApi};
 use colo_vmm::api::protocol::Reply;
 use colo_vmm::api::server::ApiServer;
 use colo_vmm::devices::serial::SerialOutput;
@@ -16,7 +17,7 @@ use colo_vmm::loader::Image;
 use colo_vmm::migration::destination::incoming;
 use colo_vmm::migration::status::{MigrationState, MigrationStatus};
 use colo_vmm::migration::uri::MigrationUri;
-use colo_vmm::vmm::{Lifecycle, NetConfig, VmConfig, Vmm, VmmApi};
+use colo_vmm::vmm::{NetConfig, VmConfig, Vmm};
 use colo_vmm::vstate::vcpu::VcpuEnd;
 
 /// A minimal KVM VMM for COLO fault tolerance.

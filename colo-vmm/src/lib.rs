@@ -13,6 +13,7 @@ pub mod arch;
 pub mod colo;
 pub mod devices;
 pub mod loader;
+pub mod migratable;
 pub mod migration;
 pub mod persist;
 pub mod vmm;

@@ -12,6 +12,7 @@ use colo_vmm::api::client::{parse_arguments, ApiClient};
 use colo_vmm::api::dispatch::{Lifecycle, VmmApi};
 use colo_vmm::api::protocol::Reply;
 use colo_vmm::api::server::ApiServer;
+use colo_vmm::colo::shared::ColoShared;
 use colo_vmm::devices::serial::SerialOutput;
 use colo_vmm::loader::Image;
 use colo_vmm::migration::destination::incoming;
@@ -140,13 +141,13 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         mem_mib: args.mem,
         net: args.net,
         serial: args.serial,
-        compare_sockets: args.compare_socket,
     };
+    let colo = Arc::new(ColoShared::new(args.compare_socket));
     let mut secondary = None;
     let vmm = Arc::new(match (&args.restore, &args.incoming) {
         (Some(path), _) => Vmm::restore(&config, path)?,
         (None, Some(uri)) => {
-            let arrived = incoming(&config, uri)?;
+            let arrived = incoming(&config, uri, &colo)?;
             secondary = arrived.secondary;
             arrived.vmm
         }
@@ -155,8 +156,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     match secondary {
         Some(runner) => runner.spawn(vmm.clone()),
         // A primary-to-be keeps its compare processes passing its traffic until COLO starts.
-        None if !config.compare_sockets.is_empty() => {
-            colo_vmm::colo::primary::prepare(vmm.colo()).map_err(anyhow::Error::msg).context("compare processes")?
+        None if !colo.compare_sockets.is_empty() => {
+            colo_vmm::colo::primary::prepare(&colo).map_err(anyhow::Error::msg).context("compare processes")?
         }
         None => {}
     }
@@ -177,7 +178,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
     let api = match &args.api {
         Some(path) => {
-            let handler = Arc::new(VmmApi { vmm: vmm.clone(), lifecycle: Arc::new(QuitByChannel(tx.clone())) });
+            let handler = Arc::new(VmmApi::new(vmm.clone(), colo.clone(), Arc::new(QuitByChannel(tx.clone()))));
             Some(ApiServer::start(path, handler).with_context(|| format!("control API socket {}", path.display()))?)
         }
         None => None,

@@ -2,12 +2,14 @@
 //! rpc_interface sits above its Vmm). The VM itself knows nothing of the API.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{json, Map, Value};
 
 use super::protocol::{ApiError, Handler};
+use crate::colo::shared::ColoShared;
 use crate::colo::status::{Role as ColoRole, State as ColoState};
+use crate::migration::status::{MigrationParams, MigrationState, MigrationStatus, StatusHandle};
 use crate::migration::uri::MigrationUri;
 use crate::vmm::Vmm;
 
@@ -19,19 +21,50 @@ pub trait Lifecycle: Send + Sync {
     fn migrated(&self);
 }
 
-/// The control API's view of a VMM.
+/// The control API's view of a VMM: the VM, and the state of what drives it (migration, COLO).
 pub struct VmmApi {
-    /// The VM.
-    pub vmm: Arc<Vmm>,
-    /// Who ends the process.
-    pub lifecycle: Arc<dyn Lifecycle>,
+    vmm: Arc<Vmm>,
+    colo: Arc<ColoShared>,
+    migration: StatusHandle,
+    migration_params: Mutex<MigrationParams>,
+    lifecycle: Arc<dyn Lifecycle>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl VmmApi {
+    /// The API of `vmm`, whose COLO state is `colo`; `lifecycle` ends the process.
+    pub fn new(vmm: Arc<Vmm>, colo: Arc<ColoShared>, lifecycle: Arc<dyn Lifecycle>) -> VmmApi {
+        VmmApi {
+            vmm,
+            colo,
+            migration: Arc::new(Mutex::new(MigrationStatus::default())),
+            migration_params: Mutex::new(MigrationParams::default()),
+            lifecycle,
+        }
+    }
+
+    fn migration_status(&self) -> MigrationStatus {
+        lock(&self.migration).clone()
+    }
+
+    fn status(&self) -> Value {
+        let paused = self.vmm.is_paused();
+        let migrated = self.migration_status().status == MigrationState::Completed;
+        json!({
+            "status": if migrated { "postmigrate" } else if paused { "paused" } else { "running" },
+            "running": !paused,
+            "uptime-ms": self.vmm.uptime().as_millis() as u64,
+            "memory-mib": self.vmm.ram().size() >> 20,
+        })
+    }
+
     /// Applies `downtime-limit` and `max-rounds` from `args` (other keys than `allowed` are
     /// refused); nothing changes if any value is invalid.
     fn set_migration_params(&self, args: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
-        let mut p = *self.vmm.migration_params().lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = *lock(&self.migration_params);
         for (k, v) in args {
             let n = || v.as_u64().ok_or_else(|| ApiError::invalid(format!("{k} must be a non-negative integer")));
             match k.as_str() {
@@ -44,7 +77,7 @@ impl VmmApi {
                 other => return Err(ApiError::invalid(format!("unknown parameter '{other}'"))),
             }
         }
-        *self.vmm.migration_params().lock().unwrap_or_else(|p| p.into_inner()) = p;
+        *lock(&self.migration_params) = p;
         Ok(())
     }
 }
@@ -53,7 +86,7 @@ impl VmmApi {
     /// `stop` and `cont` belong to the checkpoint controller while COLO runs, and a VM that
     /// COLO stopped waits for a failover decision instead.
     fn not_in_colo(&self, command: &str) -> Result<(), ApiError> {
-        match self.vmm.colo().status().state {
+        match self.colo.status().state {
             ColoState::Starting | ColoState::Running => {
                 Err(ApiError::generic(format!("{command}: COLO runs this VM (end it with lost-heartbeat first)")))
             }
@@ -76,20 +109,18 @@ impl Handler for VmmApi {
         match command {
             "query-status" => {
                 no_args()?;
-                Ok(self.vmm.status())
+                Ok(self.status())
             }
             "stop" => {
                 no_args()?;
                 self.not_in_colo("stop")?;
-                if !self.vmm.vcpu().pause() {
-                    return Err(ApiError::generic("the guest is no longer running"));
-                }
+                self.vmm.stop().map_err(|e| ApiError::generic(e.to_string()))?;
                 Ok(json!({}))
             }
             "cont" => {
                 no_args()?;
                 self.not_in_colo("cont")?;
-                self.vmm.vcpu().resume();
+                self.vmm.cont();
                 Ok(json!({}))
             }
             "snapshot" => {
@@ -97,7 +128,8 @@ impl Handler for VmmApi {
                     .get("path")
                     .and_then(Value::as_str)
                     .ok_or_else(|| ApiError::invalid("snapshot needs path=FILE"))?;
-                let stats = self.vmm.snapshot(Path::new(path)).map_err(|e| ApiError::generic(e.to_string()))?;
+                let stats = crate::persist::snapshot::save(&*self.vmm, Path::new(path))
+                    .map_err(|e| ApiError::generic(e.to_string()))?;
                 Ok(json!({ "pages": stats.pages, "bytes": stats.bytes }))
             }
             "migrate" => {
@@ -108,19 +140,23 @@ impl Handler for VmmApi {
                     .parse()
                     .map_err(ApiError::invalid)?;
                 self.set_migration_params(args, &["uri"])?;
+                if matches!(self.colo.status().state, ColoState::Starting | ColoState::Running) {
+                    return Err(ApiError::generic("COLO is running: end it (lost-heartbeat) before migrating"));
+                }
                 let lifecycle = self.lifecycle.clone();
-                self.vmm
-                    .start_migration(uri, move |ok| {
-                        if ok {
-                            lifecycle.migrated();
-                        }
-                    })
+                let params = *lock(&self.migration_params);
+                let done = move |ok| {
+                    if ok {
+                        lifecycle.migrated();
+                    }
+                };
+                crate::migration::source::start(self.vmm.clone(), uri, params, self.migration.clone(), done)
                     .map_err(ApiError::generic)?;
                 Ok(json!({}))
             }
             "query-migrate" => {
                 no_args()?;
-                serde_json::to_value(self.vmm.migration_status()).map_err(|e| ApiError::generic(e.to_string()))
+                serde_json::to_value(self.migration_status()).map_err(|e| ApiError::generic(e.to_string()))
             }
             "migrate-set-parameters" => {
                 self.set_migration_params(args, &[])?;
@@ -128,7 +164,7 @@ impl Handler for VmmApi {
             }
             "query-migrate-parameters" => {
                 no_args()?;
-                let p = *self.vmm.migration_params().lock().unwrap_or_else(|p| p.into_inner());
+                let p = *lock(&self.migration_params);
                 serde_json::to_value(p).map_err(|e| ApiError::generic(e.to_string()))
             }
             "quit" => {
@@ -150,38 +186,41 @@ impl Handler for VmmApi {
                 if let Some(k) = args.keys().find(|k| *k != "uri") {
                     return Err(ApiError::invalid(format!("colo-start takes no argument '{k}'")));
                 }
-                crate::colo::primary::start(&self.vmm, uri).map_err(ApiError::generic)?;
+                if self.migration_status().status == MigrationState::Active {
+                    return Err(ApiError::generic("a migration is running"));
+                }
+                crate::colo::primary::start(&self.vmm, &self.colo, uri).map_err(ApiError::generic)?;
                 Ok(json!({}))
             }
             "set-parameters" => {
-                let p = self.vmm.colo().set_params(args).map_err(ApiError::invalid)?;
+                let p = self.colo.set_params(args).map_err(ApiError::invalid)?;
                 tracing::info!(target: "colo", params = ?p, "COLO parameters changed");
                 serde_json::to_value(p).map_err(|e| ApiError::generic(e.to_string()))
             }
             "query-parameters" => {
                 no_args()?;
-                serde_json::to_value(self.vmm.colo().params()).map_err(|e| ApiError::generic(e.to_string()))
+                serde_json::to_value(self.colo.params()).map_err(|e| ApiError::generic(e.to_string()))
             }
             "query-colo-status" => {
                 no_args()?;
-                serde_json::to_value(self.vmm.colo().status()).map_err(|e| ApiError::generic(e.to_string()))
+                serde_json::to_value(self.colo.status()).map_err(|e| ApiError::generic(e.to_string()))
             }
             "lost-heartbeat" => {
                 no_args()?;
-                let s = self.vmm.colo().status();
+                let s = self.colo.status();
                 if !matches!(s.state, ColoState::Running | ColoState::Stopped) {
                     return Err(ApiError::generic(format!("COLO is not running (state {:?})", s.state)));
                 }
-                self.vmm.colo().lost_heartbeat.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.colo.lost_heartbeat.store(true, std::sync::atomic::Ordering::Relaxed);
                 Ok(json!({}))
             }
             "colo-checkpoint" => {
                 no_args()?;
-                let s = self.vmm.colo().status();
+                let s = self.colo.status();
                 if s.role != ColoRole::Primary || s.state != ColoState::Running {
                     return Err(ApiError::generic("checkpoints are taken by a running COLO primary"));
                 }
-                self.vmm.colo().user_checkpoint.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.colo.user_checkpoint.store(true, std::sync::atomic::Ordering::Relaxed);
                 Ok(json!({}))
             }
             other => Err(ApiError::not_found(other)),

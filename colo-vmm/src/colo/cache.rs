@@ -36,12 +36,15 @@ impl RamCache {
         &self.data[page * PAGE_SIZE..(page + 1) * PAGE_SIZE]
     }
 
-    /// Copies pages (by number) from the cache into guest memory.
-    pub fn apply(&self, mem: &GuestMemoryMmap, pages: impl Iterator<Item = usize>) -> Result<u64, String> {
+    /// Copies pages (by number) from the cache into guest memory (`write` stores one page).
+    pub fn apply<E: std::fmt::Display>(
+        &self,
+        pages: impl Iterator<Item = usize>,
+        mut write: impl FnMut(usize, &[u8]) -> Result<(), E>,
+    ) -> Result<u64, String> {
         let mut n = 0;
         for p in pages {
-            mem.write_slice(self.page(p), GuestAddress((p * PAGE_SIZE) as u64))
-                .map_err(|e| format!("loading page {p} from the RAM cache: {e}"))?;
+            write(p, self.page(p)).map_err(|e| format!("loading page {p} from the RAM cache: {e}"))?;
             n += 1;
         }
         Ok(n)
@@ -69,7 +72,8 @@ mod tests {
         assert_eq!(page, [0u8; PAGE_SIZE], "storing does not touch guest memory");
         // The guest wrote page 3 meanwhile; applying pages 3 and 5 puts the cache's back.
         mem.write_slice(&[7u8; PAGE_SIZE], GuestAddress(0x3000)).unwrap();
-        assert_eq!(cache.apply(mem, [3, 5].into_iter()).unwrap(), 2);
+        let write = |p: usize, data: &[u8]| mem.write_slice(data, GuestAddress((p * PAGE_SIZE) as u64));
+        assert_eq!(cache.apply([3, 5].into_iter(), write).unwrap(), 2);
         mem.read_slice(&mut page, GuestAddress(0x5000)).unwrap();
         assert_eq!(page, [9u8; PAGE_SIZE]);
         mem.read_slice(&mut page, GuestAddress(0x3000)).unwrap();

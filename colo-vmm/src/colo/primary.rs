@@ -18,15 +18,14 @@ use super::message::Control;
 use super::params::{ms, ColoParams};
 use super::shared::ColoShared;
 use super::status::{unix_ms, Role, State, Trigger};
-use crate::devices::DevicesState;
+use crate::migratable::{page_digests, Migratable};
 use crate::migration::protocol::Purpose;
 use crate::migration::source::{self, Transfer};
-use crate::migration::status::{MigrationParams, MigrationState, StatusHandle};
+use crate::migration::status::{MigrationParams, StatusHandle};
 use crate::migration::uri::{Channel, MigrationUri};
+use crate::persist::snapshot;
 use crate::persist::stream::PAGE_SIZE;
-use crate::persist::{snapshot, vm_state};
-use crate::vmm::Vmm;
-use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
+use crate::vstate::dirty::DirtyBitmap;
 
 /// How long the secondary may take to load the initial state and start.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -54,8 +53,7 @@ pub fn prepare(colo: &ColoShared) -> Result<(), String> {
 }
 
 /// `colo-start uri=…`: checks that COLO can start and starts it on its own thread.
-pub fn start(vmm: &Arc<Vmm>, uri: MigrationUri) -> Result<(), String> {
-    let colo = vmm.colo();
+pub fn start<V: Migratable + 'static>(vm: &Arc<V>, colo: &Arc<ColoShared>, uri: MigrationUri) -> Result<(), String> {
     let s = colo.status();
     if s.role == Role::Secondary {
         return Err("this VMM runs a secondary; start COLO on the primary".into());
@@ -68,25 +66,21 @@ pub fn start(vmm: &Arc<Vmm>, uri: MigrationUri) -> Result<(), String> {
             "COLO needs the VM's traffic to pass a compare process: start colo-vmm with --compare-socket".into()
         );
     }
-    if vmm.migration_status().status == MigrationState::Active {
-        return Err("a migration is running".into());
-    }
     colo.update(|s| {
         s.role = Role::Primary;
         s.state = State::Starting;
         s.error = None;
     });
-    let vmm = vmm.clone();
+    let (vm, colo) = (vm.clone(), colo.clone());
     std::thread::Builder::new()
         .name("colo-primary".into())
-        .spawn(move || run(&vmm, &uri))
+        .spawn(move || run(&*vm, &colo, &uri))
         .map_err(|e| e.to_string())?;
     Ok(())
 }
 
-fn run(vmm: &Vmm, uri: &MigrationUri) {
-    let colo = vmm.colo();
-    let ctl = match begin(vmm, uri) {
+fn run<V: Migratable>(vm: &V, colo: &ColoShared, uri: &MigrationUri) {
+    let ctl = match begin(vm, colo, uri) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(target: "colo", uri = %uri, error = %e, "COLO did not start; the VM runs unprotected");
@@ -102,24 +96,22 @@ fn run(vmm: &Vmm, uri: &MigrationUri) {
 
 /// The initial transfer: a migration up to the device state, then the secondary starts its
 /// copy instead of taking over.
-fn begin<'a>(vmm: &'a Vmm, uri: &MigrationUri) -> Result<Controller<'a>, String> {
-    let colo = vmm.colo();
+fn begin<'a, V: Migratable>(vm: &'a V, colo: &'a ColoShared, uri: &MigrationUri) -> Result<Controller<'a, V>, String> {
     let started = Instant::now();
     let progress = StatusHandle::default();
-    let mut t = source::connect(vmm, uri, Purpose::Colo)?;
+    let mut t = source::connect(vm, uri, Purpose::Colo)?;
     let abandon = |t: Transfer, e: String| {
         t.chan.shutdown();
-        t.tracker.stop(vmm.vm(), vmm.ram());
+        vm.stop_dirty_log();
         e
     };
-    let dirty = match source::precopy(vmm, &mut t, MigrationParams::default(), &progress, started) {
+    let dirty = match source::precopy(vm, &mut t, MigrationParams::default(), &progress, started) {
         Ok(d) => d,
         Err(e) => return Err(abandon(t, e)),
     };
-    let paused = match source::pause_and_send_state(vmm, &mut t, dirty, &progress, false) {
-        Ok(p) => p,
-        Err(e) => return Err(abandon(t, e)),
-    };
+    if let Err(e) = source::pause_and_send_state(vm, &mut t, dirty, &progress, false) {
+        return Err(abandon(t, e));
+    }
     // From here the PVM is paused: every way out restarts it.
     let ready = source::answer(&t, READY_TIMEOUT).and_then(|(r, c)| match c {
         Control::CheckpointReady => Ok(r),
@@ -128,7 +120,7 @@ fn begin<'a>(vmm: &'a Vmm, uri: &MigrationUri) -> Result<Controller<'a>, String>
     });
     let reader = match ready {
         Ok(r) => r,
-        Err(e) => return Err(abandon(t, source::rollback(vmm, &paused, e))),
+        Err(e) => return Err(abandon(t, source::rollback(vm, e))),
     };
     let _ = t.chan.set_read_timeout(None);
     let compare = match take_compare(colo).and_then(|mut c| c.set_mode(Mode::Colo).map(|()| c)) {
@@ -138,27 +130,26 @@ fn begin<'a>(vmm: &'a Vmm, uri: &MigrationUri) -> Result<Controller<'a>, String>
         }
         Err(e) => {
             let _ = crate::persist::message::send(&mut t.w, &Control::Error { message: e.clone() });
-            return Err(abandon(t, source::rollback(vmm, &paused, e)));
+            return Err(abandon(t, source::rollback(vm, e)));
         }
     };
-    let Transfer { w, chan, tracker, .. } = t;
+    let Transfer { w, chan, .. } = t;
     let link = Link::new(reader, w, chan, colo.heartbeat_ms.clone());
-    let pages = (vmm.ram().size() / PAGE_SIZE as u64) as usize;
     let mut ctl = Controller {
-        vmm,
+        vm,
         colo,
         link,
         compare: Some(compare),
-        tracker: Some(tracker),
+        tracking: true,
         hybrid: Hybrid::default(),
-        pending: DirtyBitmap::empty(pages),
+        pending: DirtyBitmap::empty(vm.page_count()),
         seq: 0,
         resumed_at: Instant::now(),
         test_delay: std::env::var(TEST_DELAY_ENV).ok().and_then(|v| v.parse().ok()).map(ms),
         test_verify: std::env::var(TEST_VERIFY_ENV).is_ok_and(|v| v == "1"),
         heartbeat_sent: (0, 0),
     };
-    if let Err(End::Error(e) | End::Lost(e)) = ctl.resume(&paused.devices) {
+    if let Err(End::Error(e) | End::Lost(e)) = ctl.resume() {
         ctl.fail_over(End::Error(e.clone()));
         return Err(e);
     }
@@ -209,12 +200,13 @@ enum End {
 }
 
 /// The checkpoint controller.
-struct Controller<'a> {
-    vmm: &'a Vmm,
+struct Controller<'a, V: Migratable> {
+    vm: &'a V,
     colo: &'a ColoShared,
     link: Link<BufWriter<Channel>>,
     compare: Option<CompareSet>,
-    tracker: Option<DirtyTracker>,
+    /// The VM's dirty tracking is on (until failover).
+    tracking: bool,
     hybrid: Hybrid,
     /// Pages dirtied since the last checkpoint and not yet streamed in the background.
     pending: DirtyBitmap,
@@ -227,26 +219,16 @@ struct Controller<'a> {
     heartbeat_sent: (u64, u64),
 }
 
-impl Controller<'_> {
+impl<V: Migratable> Controller<'_, V> {
     fn compare(&mut self) -> &mut CompareSet {
         self.compare.as_mut().expect("present until failover")
     }
 
-    fn tracker(&self) -> &DirtyTracker {
-        self.tracker.as_ref().expect("present until failover")
-    }
-
     /// Restarts the devices and the vCPU after a pause.
-    fn resume(&mut self, devices: &DevicesState) -> Result<(), End> {
-        let d = devices.clone();
-        let r = self.vmm.vcpu().run_paused(move |_, devs| devs.resume(&d));
-        self.vmm.vcpu().resume();
+    fn resume(&mut self) -> Result<(), End> {
+        let r = self.vm.resume();
         self.resumed_at = Instant::now();
-        match r {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(End::Error(format!("restarting the devices: {e}"))),
-            None => Err(End::Error("the vCPU thread is gone".into())),
-        }
+        r.map_err(|e| End::Error(format!("restarting the VM: {e}")))
     }
 
     fn run(mut self) {
@@ -361,17 +343,17 @@ impl Controller<'_> {
 
     /// Adds the pages dirtied since the last look (by anyone) to the pending set.
     fn gather(&mut self) -> Result<(), End> {
-        let more = self.tracker().collect(self.vmm.vm(), self.vmm.ram()).map_err(|e| End::Error(e.to_string()))?;
+        let more = self.vm.dirty_pages().map_err(|e| End::Error(e.to_string()))?;
         self.pending.union(more.words());
         Ok(())
     }
 
     /// Sends the pending pages as they are now and empties the set; returns how many.
     fn send_pending(&mut self) -> Result<u64, End> {
-        let (vmm, pending) = (self.vmm, &self.pending);
+        let (vm, pending) = (self.vm, &self.pending);
         let n = self
             .link
-            .with_writer(|w| source::send_pages(w, vmm, pending.iter(), false))
+            .with_writer(|w| source::send_pages(w, vm, pending.iter(), false))
             .map_err(|e| self.write_failed(e))?;
         self.pending = DirtyBitmap::empty(self.pending.words().len() * 64);
         Ok(n)
@@ -421,19 +403,10 @@ impl Controller<'_> {
         }
         self.expect("checkpoint-reply", &Control::CheckpointReply { seq })?;
         let paused_at = Instant::now();
-        if !self.vmm.vcpu().pause() {
-            return Err(End::Error("the guest stopped".into()));
-        }
-        let (state, devices) = match self.vmm.save_vcpu_and_devices() {
-            Ok(v) => v,
-            Err(e) => {
-                self.vmm.vcpu().resume();
-                return Err(End::Error(format!("saving the vCPU and devices: {e}")));
-            }
-        };
-        let sent = self.transaction(seq, state, decision);
+        self.vm.pause().map_err(|e| End::Error(format!("pausing the VM: {e}")))?;
+        let sent = self.transaction(seq, decision);
         // Whatever happened, the PVM runs on.
-        let resumed = self.resume(&devices);
+        let resumed = self.resume();
         let pause = paused_at.elapsed();
         let Sent { pages, bytes, released, dropped, sent_ms, received_ms, committed_ms, loaded_ms } = sent?;
         resumed?;
@@ -480,13 +453,8 @@ impl Controller<'_> {
     /// With the PVM paused: send the pages and state, commit the output once the secondary
     /// holds them, switch the compare mode if the kind changed, wait until it loaded.
     /// Returns pages, bytes, frames released and dropped.
-    fn transaction(
-        &mut self,
-        seq: u64,
-        mut state: crate::persist::sections::Sections,
-        decision: Decision,
-    ) -> Result<Sent, End> {
-        let vmm = self.vmm;
+    fn transaction(&mut self, seq: u64, decision: Decision) -> Result<Sent, End> {
+        let vm = self.vm;
         let t0 = Instant::now();
         self.gather()?;
         self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
@@ -495,10 +463,9 @@ impl Controller<'_> {
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
             std::thread::sleep(d);
         }
-        vm_state::save(vmm.vm().fd(), &mut state).map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
+        let mut state = vm.save_state().map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
         if self.test_verify {
-            let d =
-                snapshot::page_digests(vmm.ram().memory(), vmm.ram().size()).map_err(|e| End::Error(e.to_string()))?;
+            let d = page_digests(vm).map_err(|e| End::Error(e.to_string()))?;
             state.put_bytes(source::VERIFY_SECTION, snapshot::encode_digests(&d));
         }
         let encoded = state.encode().len() as u64;
@@ -558,9 +525,7 @@ impl Controller<'_> {
                 .ok();
         }
         *self.colo.compare() = compare;
-        if let Some(t) = self.tracker.take() {
-            t.stop(self.vmm.vm(), self.vmm.ram());
-        }
+        self.stop_tracking();
         self.colo.update(|s| {
             s.failed_over(Role::Primary, &reason, "the PVM's current state");
             s.error = error;
@@ -569,15 +534,21 @@ impl Controller<'_> {
     }
 }
 
-impl Controller<'_> {
+impl<V: Migratable> Controller<'_, V> {
+    fn stop_tracking(&mut self) {
+        if std::mem::take(&mut self.tracking) {
+            self.vm.stop_dirty_log();
+        }
+    }
+
     /// The secondary serves now: this VM must not. It stays paused (for inspection, or `quit`);
     /// the compare processes are left as the secondary set them.
     fn step_down(mut self, why: String) {
         self.link.close();
-        self.vmm.vcpu().pause();
-        if let Some(t) = self.tracker.take() {
-            t.stop(self.vmm.vm(), self.vmm.ram());
+        if let Err(e) = self.vm.pause() {
+            tracing::error!(target: "colo", error = %e, "pausing the replaced VM");
         }
+        self.stop_tracking();
         let error = format!("the secondary took over ({why}); this VM is paused and must not run again");
         tracing::error!(target: "colo", "{error}");
         self.colo.update(|s| {

@@ -80,6 +80,8 @@ struct RunArgs {
   migrate-set-parameters ..., query-migrate-parameters
 COLO (spec/colo.md):
   colo-start uri=URI        on the primary: migrate to the secondary's --incoming URI, then checkpoint
+             [verify=true test-checkpoint-delay=MS]   test only: verify every checkpoint page
+                            for page; hold every checkpoint open MS ms after its pages
   query-colo-status         role, mode, hybrid state, checkpoint counters, pauses, last failover
   set-parameters NAME=N...  max-time min-time relax-time passive-limit passive-time passive-count
                             ram-background-limit heartbeat-interval heartbeat-timeout (ms, bytes)

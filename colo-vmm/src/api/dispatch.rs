@@ -13,6 +13,9 @@ use crate::migration::status::{MigrationParams, MigrationState, MigrationStatus,
 use crate::migration::uri::MigrationUri;
 use crate::vmm::Vmm;
 
+/// Longest test-only hold of a checkpoint (`colo-start test-checkpoint-delay=MS`).
+const MAX_TEST_DELAY_MS: u64 = 60_000;
+
 /// What the API can ask of the VMM besides the VM itself: ending the process.
 pub trait Lifecycle: Send + Sync {
     /// The `quit` command: end the VMM cleanly.
@@ -183,13 +186,27 @@ impl Handler for VmmApi {
                     })?
                     .parse()
                     .map_err(ApiError::invalid)?;
-                if let Some(k) = args.keys().find(|k| *k != "uri") {
-                    return Err(ApiError::invalid(format!("colo-start takes no argument '{k}'")));
+                let mut test = crate::colo::primary::TestOptions::default();
+                for (k, v) in args {
+                    match k.as_str() {
+                        "uri" => {}
+                        "verify" => {
+                            test.verify =
+                                v.as_bool().ok_or_else(|| ApiError::invalid("verify must be true or false"))?
+                        }
+                        "test-checkpoint-delay" => {
+                            let ms = v.as_u64().filter(|&ms| ms <= MAX_TEST_DELAY_MS).ok_or_else(|| {
+                                ApiError::invalid(format!("test-checkpoint-delay must be 0 to {MAX_TEST_DELAY_MS} ms"))
+                            })?;
+                            test.checkpoint_delay = Some(std::time::Duration::from_millis(ms));
+                        }
+                        other => return Err(ApiError::invalid(format!("colo-start takes no argument '{other}'"))),
+                    }
                 }
                 if self.migration_status().status == MigrationState::Active {
                     return Err(ApiError::generic("a migration is running"));
                 }
-                crate::colo::primary::start(&self.vmm, &self.colo, uri).map_err(ApiError::generic)?;
+                crate::colo::primary::start(&self.vmm, &self.colo, uri, test).map_err(ApiError::generic)?;
                 Ok(json!({}))
             }
             "set-parameters" => {

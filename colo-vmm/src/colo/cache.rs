@@ -21,6 +21,15 @@ impl RamCache {
         Ok(RamCache { data })
     }
 
+    /// A cache holding a copy of `vm`'s memory.
+    pub fn copy_of_vm<V: crate::migratable::Migratable + ?Sized>(vm: &V) -> Result<RamCache, String> {
+        let mut data = vec![0u8; vm.page_count() * PAGE_SIZE];
+        for (p, page) in data.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            vm.read_page(p, page).map_err(|e| format!("filling the RAM cache: {e}"))?;
+        }
+        Ok(RamCache { data })
+    }
+
     /// Stores one page; `false` if it lies outside the guest's memory.
     pub fn store(&mut self, gpa: u64, page: &[u8]) -> bool {
         let at = gpa as usize;

@@ -11,3 +11,5 @@ pub mod primary;
 pub mod secondary;
 pub mod shared;
 pub mod status;
+#[cfg(test)]
+pub(crate) mod testing;

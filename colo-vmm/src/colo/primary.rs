@@ -35,13 +35,18 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKGROUND_EVERY: Duration = Duration::from_millis(100);
 /// Longest single wait of the controller, so commands and the link are checked often.
 const TICK: Duration = Duration::from_millis(10);
-/// Test hook: a pause (ms) inside each checkpoint transfer, after the pages and before the device
-/// state, so tests can kill the primary in the middle of a checkpoint.
-pub const TEST_DELAY_ENV: &str = "COLO_VMM_TEST_CHECKPOINT_DELAY_MS";
-/// Test hook: `1` makes every checkpoint carry the digest of every page of the paused PVM, and
-/// the secondary refuses a checkpoint after which its memory differs (proves that the RAM cache
-/// and the union of dirty pages miss nothing).
-pub const TEST_VERIFY_ENV: &str = "COLO_VMM_TEST_VERIFY_CHECKPOINTS";
+
+/// Test-only options of `colo-start`, for the end-to-end tests; production leaves them off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TestOptions {
+    /// `verify=true`: every checkpoint carries the digest of every page of the paused PVM, and
+    /// the secondary refuses a checkpoint after which its memory differs (proves that the RAM
+    /// cache and the union of dirty pages miss nothing).
+    pub verify: bool,
+    /// `test-checkpoint-delay=MS`: each checkpoint waits this long after its pages and before
+    /// the device state, so tests can kill the primary in the middle of a checkpoint.
+    pub checkpoint_delay: Option<Duration>,
+}
 
 /// A primary-to-be connects to its compare processes at once and sets them `primary-only`, so
 /// its traffic flows before COLO starts (spec/control.md, "Initial mode").
@@ -53,7 +58,12 @@ pub fn prepare(colo: &ColoShared) -> Result<(), String> {
 }
 
 /// `colo-start uri=…`: checks that COLO can start and starts it on its own thread.
-pub fn start<V: Migratable + 'static>(vm: &Arc<V>, colo: &Arc<ColoShared>, uri: MigrationUri) -> Result<(), String> {
+pub fn start<V: Migratable + 'static>(
+    vm: &Arc<V>,
+    colo: &Arc<ColoShared>,
+    uri: MigrationUri,
+    test: TestOptions,
+) -> Result<(), String> {
     let s = colo.status();
     if s.role == Role::Secondary {
         return Err("this VMM runs a secondary; start COLO on the primary".into());
@@ -74,13 +84,13 @@ pub fn start<V: Migratable + 'static>(vm: &Arc<V>, colo: &Arc<ColoShared>, uri: 
     let (vm, colo) = (vm.clone(), colo.clone());
     std::thread::Builder::new()
         .name("colo-primary".into())
-        .spawn(move || run(&*vm, &colo, &uri))
+        .spawn(move || run(&*vm, &colo, &uri, test))
         .map_err(|e| e.to_string())?;
     Ok(())
 }
 
-fn run<V: Migratable>(vm: &V, colo: &ColoShared, uri: &MigrationUri) {
-    let ctl = match begin(vm, colo, uri) {
+fn run<V: Migratable>(vm: &V, colo: &ColoShared, uri: &MigrationUri, test: TestOptions) {
+    let ctl = match begin(vm, colo, uri, test) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(target: "colo", uri = %uri, error = %e, "COLO did not start; the VM runs unprotected");
@@ -96,7 +106,12 @@ fn run<V: Migratable>(vm: &V, colo: &ColoShared, uri: &MigrationUri) {
 
 /// The initial transfer: a migration up to the device state, then the secondary starts its
 /// copy instead of taking over.
-fn begin<'a, V: Migratable>(vm: &'a V, colo: &'a ColoShared, uri: &MigrationUri) -> Result<Controller<'a, V>, String> {
+fn begin<'a, V: Migratable>(
+    vm: &'a V,
+    colo: &'a ColoShared,
+    uri: &MigrationUri,
+    test: TestOptions,
+) -> Result<Controller<'a, V>, String> {
     let started = Instant::now();
     let progress = StatusHandle::default();
     let mut t = source::connect(vm, uri, Purpose::Colo)?;
@@ -135,20 +150,7 @@ fn begin<'a, V: Migratable>(vm: &'a V, colo: &'a ColoShared, uri: &MigrationUri)
     };
     let Transfer { w, chan, .. } = t;
     let link = Link::new(reader, w, chan, colo.heartbeat_ms.clone());
-    let mut ctl = Controller {
-        vm,
-        colo,
-        link,
-        compare: Some(compare),
-        tracking: true,
-        hybrid: Hybrid::default(),
-        pending: DirtyBitmap::empty(vm.page_count()),
-        seq: 0,
-        resumed_at: Instant::now(),
-        test_delay: std::env::var(TEST_DELAY_ENV).ok().and_then(|v| v.parse().ok()).map(ms),
-        test_verify: std::env::var(TEST_VERIFY_ENV).is_ok_and(|v| v == "1"),
-        heartbeat_sent: (0, 0),
-    };
+    let mut ctl = Controller::new(vm, colo, link, compare, test);
     if let Err(End::Error(e) | End::Lost(e)) = ctl.resume() {
         ctl.fail_over(End::Error(e.clone()));
         return Err(e);
@@ -213,13 +215,36 @@ struct Controller<'a, V: Migratable> {
     seq: u64,
     /// When the PVM last resumed: intervals count running time only.
     resumed_at: Instant,
-    test_delay: Option<Duration>,
-    test_verify: bool,
+    test: TestOptions,
     /// The heartbeat parameters last sent to the secondary (interval, timeout).
     heartbeat_sent: (u64, u64),
 }
 
-impl<V: Migratable> Controller<'_, V> {
+impl<'a, V: Migratable> Controller<'a, V> {
+    /// The controller of a PVM whose initial transfer is done (dirty tracking on, the PVM
+    /// paused at the transfer's end).
+    fn new(
+        vm: &'a V,
+        colo: &'a ColoShared,
+        link: Link<BufWriter<Channel>>,
+        compare: CompareSet,
+        test: TestOptions,
+    ) -> Controller<'a, V> {
+        Controller {
+            vm,
+            colo,
+            link,
+            compare: Some(compare),
+            tracking: true,
+            hybrid: Hybrid::default(),
+            pending: DirtyBitmap::empty(vm.page_count()),
+            seq: 0,
+            resumed_at: Instant::now(),
+            test,
+            heartbeat_sent: (0, 0),
+        }
+    }
+
     fn compare(&mut self) -> &mut CompareSet {
         self.compare.as_mut().expect("present until failover")
     }
@@ -459,12 +484,12 @@ impl<V: Migratable> Controller<'_, V> {
         self.gather()?;
         self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
         let pages = self.send_pending()?;
-        if let Some(d) = self.test_delay {
+        if let Some(d) = self.test.checkpoint_delay {
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
             std::thread::sleep(d);
         }
         let mut state = vm.save_state().map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
-        if self.test_verify {
+        if self.test.verify {
             let d = page_digests(vm).map_err(|e| End::Error(e.to_string()))?;
             state.put_bytes(source::VERIFY_SECTION, snapshot::encode_digests(&d));
         }
@@ -567,3 +592,7 @@ fn describe(m: &Incoming) -> String {
         Incoming::Closed(w) | Incoming::Corrupt(w) => w.clone(),
     }
 }
+
+#[cfg(test)]
+#[path = "primary_tests.rs"]
+mod tests;

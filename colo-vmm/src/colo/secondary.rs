@@ -336,3 +336,7 @@ impl Svm {
         tracing::info!(target: "colo", "failover complete: the secondary runs alone");
     }
 }
+
+#[cfg(test)]
+#[path = "secondary_tests.rs"]
+mod tests;

@@ -15,6 +15,7 @@ pub mod devices;
 pub mod loader;
 pub mod migratable;
 pub mod migration;
+pub mod panic_guard;
 pub mod persist;
 pub mod vmm;
 pub mod vstate;

@@ -30,13 +30,18 @@ impl RamCache {
         Ok(RamCache { data })
     }
 
-    /// Stores one page; `false` if it lies outside the guest's memory.
+    /// Stores one page; `false` if it lies outside the guest's memory (the address comes from
+    /// the checkpoint stream: any value, the highest included, must be refused, not wrap).
     pub fn store(&mut self, gpa: u64, page: &[u8]) -> bool {
-        let at = gpa as usize;
-        if !gpa.is_multiple_of(PAGE_SIZE as u64) || page.len() != PAGE_SIZE || at + PAGE_SIZE > self.data.len() {
+        let fits = usize::try_from(gpa)
+            .ok()
+            .and_then(|at| Some((at, at.checked_add(PAGE_SIZE)?)))
+            .filter(|&(_, end)| end <= self.data.len());
+        let Some((at, end)) = fits else { return false };
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) || page.len() != PAGE_SIZE {
             return false;
         }
-        self.data[at..at + PAGE_SIZE].copy_from_slice(page);
+        self.data[at..end].copy_from_slice(page);
         true
     }
 
@@ -76,6 +81,8 @@ mod tests {
         assert!(!cache.store(0x5001, &[9u8; PAGE_SIZE]), "unaligned");
         assert!(!cache.store(16 << 20, &[9u8; PAGE_SIZE]), "outside guest memory");
         assert!(!cache.store(0x6000, &[9u8; 100]), "not a page");
+        // The highest page address: adding the page size wraps to 0, which must not pass.
+        assert!(!cache.store(0xFFFF_FFFF_FFFF_F000, &[9u8; PAGE_SIZE]), "the last page of the address space");
         let mut page = [0u8; PAGE_SIZE];
         mem.read_slice(&mut page, GuestAddress(0x5000)).unwrap();
         assert_eq!(page, [0u8; PAGE_SIZE], "storing does not touch guest memory");

@@ -258,12 +258,16 @@ impl<'a, V: Migratable> Controller<'a, V> {
 
     fn run(mut self) {
         let end = loop {
-            let step = self.wait().and_then(|trigger| {
-                let p = self.colo.params();
-                self.checkpoint(trigger, &p)
+            let step = crate::panic_guard::catch(|| {
+                self.wait().and_then(|trigger| {
+                    let p = self.colo.params();
+                    self.checkpoint(trigger, &p)
+                })
             });
-            if let Err(end) = step {
-                break end;
+            match step {
+                Ok(Ok(())) => {}
+                Ok(Err(end)) => break end,
+                Err(e) => break End::Error(format!("the checkpoint controller failed: {e}")),
             }
         };
         self.fail_over(end);
@@ -551,6 +555,10 @@ impl<'a, V: Migratable> Controller<'a, V> {
         }
         *self.colo.compare() = compare;
         self.stop_tracking();
+        // The PVM runs whatever happened (a failure in the middle of a checkpoint included).
+        if let Err(e) = self.vm.resume() {
+            tracing::error!(target: "colo", error = %e, "restarting the PVM");
+        }
         self.colo.update(|s| {
             s.failed_over(Role::Primary, &reason, "the PVM's current state");
             s.error = error;

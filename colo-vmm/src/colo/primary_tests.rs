@@ -19,8 +19,15 @@ fn with_controller(log: &Log, vm: &FakeVm, f: impl FnOnce(&ColoShared, &mut Peer
         let link = Link::new(p.reader, p.writer, p.chan, colo.heartbeat_ms.clone());
         let ctl = Controller::new(vm, &colo, link, set, TestOptions::default());
         let running = scope.spawn(move || ctl.run());
-        f(&colo, &mut secondary);
+        // A failing check must not leave the role waiting for ever: it is told to fail over.
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&colo, &mut secondary)));
+        if checked.is_err() {
+            colo.lost_heartbeat.store(true, Ordering::Relaxed);
+        }
         running.join().unwrap();
+        if let Err(p) = checked {
+            std::panic::resume_unwind(p);
+        }
     });
     colo
 }
@@ -158,4 +165,23 @@ fn a_secondary_taking_over_mid_checkpoint_makes_the_primary_step_down_without_co
     assert_eq!(colo.status().state, State::Stopped);
     assert!(!log.contains("compare: checkpoint"), "nothing of the interval was released: {:#?}", log.entries());
     assert!(vm.is_paused());
+}
+
+#[test]
+fn a_panic_in_the_controller_leaves_the_primary_running_alone_with_the_error() {
+    let log = Log::default();
+    let vm = FakeVm::new(&log, 16);
+    let colo = with_controller(&log, &vm, |colo, secondary| {
+        vm.dirty_pages_panic.store(true, Ordering::Relaxed);
+        colo.user_checkpoint.store(true, Ordering::Relaxed);
+        secondary.expect("checkpoint-request");
+        secondary.send(&Control::CheckpointReply { seq: 1 });
+        let Control::Error { message } = secondary.expect("error") else { unreachable!() };
+        assert!(message.contains("internal error"), "{message}");
+    });
+    let s = colo.status();
+    assert_eq!(s.state, State::FailedOver);
+    assert!(s.error.as_deref().unwrap_or_default().contains("the checkpoint controller failed"), "{:?}", s.error);
+    assert!(!vm.is_paused(), "the PVM paused for the checkpoint runs again");
+    assert!(log.contains("compare: mode PrimaryOnly"));
 }

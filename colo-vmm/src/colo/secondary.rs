@@ -113,8 +113,11 @@ impl SecondaryRunner {
         let mut link = Link::new(reader, writer, chan, colo.heartbeat_ms.clone());
         let mut phase = Phase::Idle;
         let end = loop {
-            if let Err(end) = svm.step(vm, colo, &mut link, &mut phase) {
-                break end;
+            match crate::panic_guard::catch(|| svm.step(vm, colo, &mut link, &mut phase)) {
+                Ok(Ok(())) => {}
+                Ok(Err(end)) => break end,
+                // COLO cannot go on, but a failover decision must stay possible.
+                Err(e) => break End::Error { why: format!("the secondary failed: {e}"), tell: true },
             }
         };
         let mid_checkpoint = matches!(phase, Phase::Receiving { .. });

@@ -28,8 +28,15 @@ fn with_secondary(
     let runner = SecondaryRunner { reader: s.reader, writer: s.writer, chan: s.chan, cache, colo: colo.clone() };
     std::thread::scope(|scope| {
         let running = scope.spawn(move || runner.run(vm));
-        f(&colo, &mut primary);
+        // A failing check must not leave the role waiting for ever: it is told to fail over.
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&colo, &mut primary)));
+        if checked.is_err() {
+            colo.lost_heartbeat.store(true, Ordering::Relaxed);
+        }
         running.join().unwrap();
+        if let Err(p) = checked {
+            std::panic::resume_unwind(p);
+        }
     });
     colo
 }
@@ -170,4 +177,61 @@ fn a_primary_that_continues_alone_makes_the_secondary_wait_without_answering() {
     });
     assert_eq!(colo.status().state, State::FailedOver);
     assert!(!log.entries().iter().any(|e| e == "primary: got error"), "it told the primary nothing");
+}
+
+/// Waits until the secondary's COLO state is `Stopped` (it gave up and waits for a decision).
+fn wait_stopped(colo: &ColoShared) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while colo.status().state != State::Stopped {
+        assert!(std::time::Instant::now() < deadline, "{:?}", colo.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_page_at_the_top_of_the_address_space_ends_colo_with_an_error_and_failover_stays_possible() {
+    // Issue 12, item 1: the RAM cache's bound check wrapped, the COLO thread panicked and the
+    // secondary went on reporting `running`, deaf to lost-heartbeat.
+    let log = Log::default();
+    let vm = FakeVm::new(&log, 16);
+    let colo = with_secondary(&log, &vm, |colo, primary| {
+        primary.send(&Control::CheckpointRequest { seq: 1, passive: false, trigger: "periodic".into() });
+        primary.expect("checkpoint-reply");
+        primary.send(&Control::VmstateSend { seq: 1 });
+        let page = vec![0xdd; PAGE_SIZE];
+        let top = 0xFFFF_FFFF_FFFF_F000u64;
+        primary.link.with_writer(|w| w.pages([(top, &page[..])]).map_err(|e| e.to_string())).unwrap();
+        let Control::Error { message } = primary.expect("error") else { unreachable!() };
+        assert!(message.contains("0xfffffffffffff000") && message.contains("outside guest memory"), "{message}");
+        wait_stopped(colo);
+        assert!(colo.status().error.unwrap().contains("outside guest memory"));
+        assert!(vm.is_paused(), "the SVM waits paused at its last complete checkpoint");
+        colo.lost_heartbeat.store(true, Ordering::Relaxed);
+    });
+    let s = colo.status();
+    assert_eq!(s.state, State::FailedOver, "lost-heartbeat still fails over");
+    assert!(!vm.is_paused());
+}
+
+#[test]
+fn a_panic_in_the_secondary_ends_colo_with_an_error_and_failover_stays_possible() {
+    let log = Log::default();
+    let vm = FakeVm::new(&log, 16);
+    let colo = with_secondary(&log, &vm, |colo, primary| {
+        vm.dirty_pages_panic.store(true, Ordering::Relaxed);
+        primary.send(&Control::CheckpointRequest { seq: 1, passive: false, trigger: "periodic".into() });
+        primary.expect("checkpoint-reply");
+        primary.send(&Control::VmstateSend { seq: 1 });
+        primary.link.send_state(&FakeVm::state()).unwrap();
+        primary.send(&Control::VmstateSize { seq: 1, pages: 0 });
+        primary.expect("vmstate-received");
+        let Control::Error { message } = primary.expect("error") else { unreachable!() };
+        assert!(message.contains("internal error") && message.contains("dirty log broke"), "{message}");
+        wait_stopped(colo);
+        assert!(colo.status().error.unwrap().contains("the secondary failed"), "{:?}", colo.status().error);
+        vm.dirty_pages_panic.store(false, Ordering::Relaxed);
+        colo.lost_heartbeat.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(colo.status().state, State::FailedOver);
+    assert!(!vm.is_paused());
 }

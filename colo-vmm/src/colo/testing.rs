@@ -75,6 +75,8 @@ pub struct FakeVm {
     paused: AtomicBool,
     /// How long restoring a state takes (so tests can see what happens meanwhile).
     pub restore_time: Duration,
+    /// Reading the dirty pages panics (a bug somewhere below the orchestrator).
+    pub dirty_pages_panic: AtomicBool,
 }
 
 impl FakeVm {
@@ -87,6 +89,7 @@ impl FakeVm {
             tracking: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             restore_time: Duration::ZERO,
+            dirty_pages_panic: AtomicBool::new(false),
         }
     }
 
@@ -162,6 +165,7 @@ impl Migratable for FakeVm {
         if !self.tracking.load(Ordering::Relaxed) {
             return Err(MigratableError::NotTracking);
         }
+        assert!(!self.dirty_pages_panic.load(Ordering::Relaxed), "the fake's dirty log broke");
         let mut d = self.dirty.lock().unwrap();
         let pages = self.page_count();
         Ok(std::mem::replace(&mut *d, DirtyBitmap::empty(pages)))

@@ -114,7 +114,20 @@ pub fn start<V: Migratable + 'static>(
     std::thread::Builder::new()
         .name("migration".into())
         .spawn(move || {
-            let ok = migrate(&*vm, &uri, params, &status).is_ok();
+            let ok = match crate::panic_guard::catch(|| migrate(&*vm, &uri, params, &status)) {
+                Ok(result) => result.is_ok(),
+                Err(e) => {
+                    // Whatever it was doing, the VM runs here again.
+                    tracing::error!(uri = %uri, error = %e, "migration failed; the VM keeps running here");
+                    vm.stop_dirty_log();
+                    let _ = vm.resume();
+                    update(&status, |s| {
+                        s.status = MigrationState::Failed;
+                        s.error = Some(format!("the migration thread failed: {e}"));
+                    });
+                    false
+                }
+            };
             done(ok);
         })
         .map_err(|e| e.to_string())?;

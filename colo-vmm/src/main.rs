@@ -9,14 +9,16 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use colo_vmm::api::client::{parse_arguments, ApiClient};
+use colo_vmm::api::dispatch::{Lifecycle, VmmApi};
 use colo_vmm::api::protocol::Reply;
 use colo_vmm::api::server::ApiServer;
+use colo_vmm::colo::shared::ColoShared;
 use colo_vmm::devices::serial::SerialOutput;
 use colo_vmm::loader::Image;
 use colo_vmm::migration::destination::incoming;
 use colo_vmm::migration::status::{MigrationState, MigrationStatus};
 use colo_vmm::migration::uri::MigrationUri;
-use colo_vmm::vmm::{Lifecycle, NetConfig, VmConfig, Vmm, VmmApi};
+use colo_vmm::vmm::{NetConfig, VmConfig, Vmm};
 use colo_vmm::vstate::vcpu::VcpuEnd;
 
 /// A minimal KVM VMM for COLO fault tolerance.
@@ -78,6 +80,8 @@ struct RunArgs {
   migrate-set-parameters ..., query-migrate-parameters
 COLO (spec/colo.md):
   colo-start uri=URI        on the primary: migrate to the secondary's --incoming URI, then checkpoint
+             [verify=true test-checkpoint-delay=MS]   test only: verify every checkpoint page
+                            for page; hold every checkpoint open MS ms after its pages
   query-colo-status         role, mode, hybrid state, checkpoint counters, pauses, last failover
   set-parameters NAME=N...  max-time min-time relax-time passive-limit passive-time passive-count
                             ram-background-limit heartbeat-interval heartbeat-timeout (ms, bytes)
@@ -139,13 +143,13 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         mem_mib: args.mem,
         net: args.net,
         serial: args.serial,
-        compare_sockets: args.compare_socket,
     };
+    let colo = Arc::new(ColoShared::new(args.compare_socket));
     let mut secondary = None;
     let vmm = Arc::new(match (&args.restore, &args.incoming) {
         (Some(path), _) => Vmm::restore(&config, path)?,
         (None, Some(uri)) => {
-            let arrived = incoming(&config, uri)?;
+            let arrived = incoming(&config, uri, &colo)?;
             secondary = arrived.secondary;
             arrived.vmm
         }
@@ -154,8 +158,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     match secondary {
         Some(runner) => runner.spawn(vmm.clone()),
         // A primary-to-be keeps its compare processes passing its traffic until COLO starts.
-        None if !config.compare_sockets.is_empty() => {
-            colo_vmm::colo::primary::prepare(vmm.colo()).map_err(anyhow::Error::msg).context("compare processes")?
+        None if !colo.compare_sockets.is_empty() => {
+            colo_vmm::colo::primary::prepare(&colo).map_err(anyhow::Error::msg).context("compare processes")?
         }
         None => {}
     }
@@ -176,7 +180,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     });
     let api = match &args.api {
         Some(path) => {
-            let handler = Arc::new(VmmApi { vmm: vmm.clone(), lifecycle: Arc::new(QuitByChannel(tx.clone())) });
+            let handler = Arc::new(VmmApi::new(vmm.clone(), colo.clone(), Arc::new(QuitByChannel(tx.clone()))));
             Some(ApiServer::start(path, handler).with_context(|| format!("control API socket {}", path.display()))?)
         }
         None => None,

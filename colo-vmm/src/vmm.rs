@@ -3,38 +3,31 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use colo_vmm_abi::{VirtioMmioDevice, MAX_MEM, MIN_MEM, MMIO_BASE, MMIO_DEVICE_SIZE};
-use kvm_ioctls::IoEventAddress;
-use serde_json::{json, Map, Value};
+use kvm_ioctls::{IoEventAddress, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
 
-use crate::api::protocol::{ApiError, Handler};
 use crate::arch::{cpuid, regs};
-use crate::colo::shared::ColoShared;
-use crate::colo::status::{Role as ColoRole, State as ColoState};
 use crate::devices::pvhalt::Waiter;
 use crate::devices::serial::{SerialConsole, SerialOutput};
-use crate::devices::vhost_user_net::DirtyLog;
-use crate::devices::vhost_user_net::VhostUserNet;
+use crate::devices::vhost_user_net::{DirtyLog, VhostUserNet};
 use crate::devices::virtio_mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-use crate::devices::Devices;
-use crate::devices::DevicesState;
+use crate::devices::{Devices, DevicesState};
 use crate::loader::{self, Image};
-use crate::migration::source;
-use crate::migration::status::{MigrationParams, MigrationState, MigrationStatus, StatusHandle};
-use crate::migration::uri::MigrationUri;
+use crate::migratable::{Migratable, MigratableError, Pausable, Snapshottable};
 use crate::persist::sections::Sections;
-use crate::persist::snapshot::{self, Meta, SnapshotStats};
-use crate::persist::stream::{StreamError, StreamReader};
+use crate::persist::snapshot::{self, Meta};
+use crate::persist::stream::{StreamError, StreamReader, PAGE_SIZE};
 use crate::persist::{vcpu_state, vm_state};
-use crate::vstate::dirty::DirtyTracker;
+use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
 use crate::vstate::memory::GuestRam;
 use crate::vstate::vcpu::{self, VcpuEnd, VcpuHandle};
 use crate::vstate::vm::Vm;
-use kvm_ioctls::VcpuFd;
 
 /// `--net vhost-user=PATH[,mac=MAC]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,8 +86,6 @@ pub struct VmConfig {
     pub net: Vec<NetConfig>,
     /// Console output.
     pub serial: SerialOutput,
-    /// Control sockets of the compare processes this VM's traffic goes through (COLO).
-    pub compare_sockets: Vec<PathBuf>,
 }
 
 /// Errors booting a VM.
@@ -195,7 +186,7 @@ impl Core {
         }
         let serial = SerialConsole::new(&SerialOutput::None).map_err(other("serial"))?;
         let devices = Devices { serial, mmio, waiter, unknown_io: 0 };
-        Ok(Machine { core: self, devices, described, logs, compare_sockets: config.compare_sockets.clone() })
+        Ok(Machine { core: self, devices, described, logs, tracker: None })
     }
 }
 
@@ -205,7 +196,7 @@ pub struct Machine {
     devices: Devices,
     described: Vec<VirtioMmioDevice>,
     logs: Vec<DirtyLog>,
-    compare_sockets: Vec<PathBuf>,
+    tracker: Option<DirtyTracker>,
 }
 
 impl Machine {
@@ -214,9 +205,11 @@ impl Machine {
         &self.core.ram
     }
 
-    /// Starts dirty tracking (before the vCPU runs, so nothing it writes is missed).
-    pub fn dirty_tracker(&self) -> Result<DirtyTracker, String> {
-        DirtyTracker::start(&self.core.vm, &self.core.ram, self.logs.clone()).map_err(|e| e.to_string())
+    /// Starts dirty tracking (before the vCPU runs, so nothing it writes is missed); the running
+    /// VM goes on with it.
+    pub fn start_dirty_log(&mut self) -> Result<(), MigratableError> {
+        self.tracker = Some(DirtyTracker::start(&self.core.vm, &self.core.ram, self.logs.clone())?);
+        Ok(())
     }
 
     /// Starts the vCPU thread.
@@ -235,9 +228,10 @@ impl Machine {
             msr_list: Arc::new(msr_list),
             tsc_khz,
             logs: self.logs,
-            migration: Arc::new(Mutex::new(MigrationStatus::default())),
-            migration_params: Mutex::new(MigrationParams::default()),
-            colo: Arc::new(ColoShared::new(self.compare_sockets)),
+            quiesced: Mutex::new(None),
+            tracker: Mutex::new(self.tracker),
+            stopped: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
         })
     }
 }
@@ -255,34 +249,19 @@ pub struct Vmm {
     msr_list: Arc<Vec<u32>>,
     tsc_khz: u64,
     logs: Vec<DirtyLog>,
-    migration: StatusHandle,
-    migration_params: Mutex<MigrationParams>,
-    colo: Arc<ColoShared>,
+    /// The devices' state while they are stopped by [`Pausable::pause`]: where
+    /// [`Pausable::resume`] restarts them.
+    quiesced: Mutex<Option<DevicesState>>,
+    /// Dirty tracking, while a migration or COLO wants it.
+    tracker: Mutex<Option<DirtyTracker>>,
+    /// The user stopped the vCPU (`stop`): a pause and resume around a snapshot leaves it so.
+    stopped: AtomicBool,
+    /// The backends went to a migration destination: this vCPU must not run (until `cont`).
+    handed_over: AtomicBool,
 }
 
-/// Errors saving a snapshot.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    /// The guest is not running any more.
-    #[error("the guest is no longer running")]
-    NotRunning,
-    /// Saving vCPU or VM state failed.
-    #[error(transparent)]
-    State(#[from] crate::persist::vcpu_state::VcpuStateError),
-    /// A device could not be paused or resumed.
-    #[error("device: {0}")]
-    Device(String),
-    /// Writing the file failed.
-    #[error("writing the snapshot: {0}")]
-    Write(#[from] StreamError),
-    /// Creating the file failed.
-    #[error("cannot create {path}: {error}")]
-    Create {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        error: std::io::Error,
-    },
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Vmm {
@@ -348,106 +327,87 @@ impl Vmm {
         self.thread.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
-    /// Saves the VM to `path`. The VM is paused while saving and resumed after, unless it was
-    /// already stopped.
-    pub fn snapshot(&self, path: &Path) -> Result<SnapshotStats, SnapshotError> {
-        let was_paused = self.vcpu.is_paused();
-        if !was_paused && !self.vcpu.pause() {
-            return Err(SnapshotError::NotRunning);
+    /// `stop`: pauses the vCPU until `cont` (the devices keep running).
+    pub fn stop(&self) -> Result<(), MigratableError> {
+        self.stopped.store(true, Ordering::Relaxed);
+        if !self.vcpu.pause() {
+            return Err(MigratableError::NotRunning);
         }
-        let result = self.snapshot_paused(path);
-        if !was_paused {
-            self.vcpu.resume();
-        }
-        result
-    }
-
-    fn snapshot_paused(&self, path: &Path) -> Result<SnapshotStats, SnapshotError> {
-        let t = Instant::now();
-        let (mut state, devices) = self.save_vcpu_and_devices()?;
-        let mut write = || -> Result<SnapshotStats, SnapshotError> {
-            vm_state::save(self.vm.fd(), &mut state)?;
-            let file =
-                std::fs::File::create(path).map_err(|error| SnapshotError::Create { path: path.into(), error })?;
-            let meta = self.meta();
-            Ok(snapshot::write(std::io::BufWriter::with_capacity(1 << 20, file), &meta, self.ram.memory(), &state)?)
-        };
-        let result = write();
-        // Whatever happened, the devices run again.
-        let resumed = self
-            .vcpu
-            .run_paused(move |_, d| d.resume(&devices))
-            .unwrap_or_else(|| Err("the vCPU thread is gone".into()));
-        let stats = result?;
-        resumed.map_err(SnapshotError::Device)?;
-        tracing::info!(path = %path.display(), pages = stats.pages, bytes = stats.bytes, ms = t.elapsed().as_millis() as u64, "snapshot saved");
-        Ok(stats)
-    }
-
-    /// COLO state.
-    pub fn colo(&self) -> &Arc<ColoShared> {
-        &self.colo
-    }
-
-    /// The VM.
-    pub fn vm(&self) -> &Vm {
-        &self.vm
-    }
-
-    /// Handles on the backends' dirty logs.
-    pub fn dirty_logs(&self) -> Vec<DirtyLog> {
-        self.logs.clone()
-    }
-
-    /// Migration progress.
-    pub fn migration_status(&self) -> MigrationStatus {
-        self.migration.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Starts migrating to `uri` on a background thread; `done` runs when it ends (with
-    /// whether it completed).
-    pub fn start_migration(
-        self: &Arc<Self>,
-        uri: MigrationUri,
-        done: impl FnOnce(bool) + Send + 'static,
-    ) -> Result<(), String> {
-        if matches!(self.colo.status().state, ColoState::Starting | ColoState::Running) {
-            return Err("COLO is running: end it (lost-heartbeat) before migrating".into());
-        }
-        {
-            let mut st = self.migration.lock().unwrap_or_else(|p| p.into_inner());
-            if st.status == MigrationState::Active {
-                return Err("a migration is already running".into());
-            }
-            *st = MigrationStatus { status: MigrationState::Active, ..Default::default() };
-        }
-        let params = *self.migration_params.lock().unwrap_or_else(|p| p.into_inner());
-        let vmm = self.clone();
-        std::thread::Builder::new()
-            .name("migration".into())
-            .spawn(move || {
-                let ok = source::migrate(&vmm, &uri, params, &vmm.migration).is_ok();
-                done(ok);
-            })
-            .map_err(|e| e.to_string())?;
         Ok(())
     }
 
-    /// Saves the vCPU and pauses the devices, on the (paused) vCPU thread.
-    pub(crate) fn save_vcpu_and_devices(&self) -> Result<(Sections, DevicesState), SnapshotError> {
-        let msrs = self.msr_list.clone();
-        let r = self.vcpu.run_paused(move |vcpu, devices| -> Result<(Sections, DevicesState), SnapshotError> {
-            let mut s = Sections::new();
-            vcpu_state::save(vcpu, 0, &msrs, &mut s)?;
-            let d = devices.pause().map_err(SnapshotError::Device)?;
-            s.put_json("devices", &d);
-            Ok((s, d))
-        });
-        r.unwrap_or(Err(SnapshotError::NotRunning))
+    /// `cont`: lets the vCPU run again.
+    pub fn cont(&self) {
+        self.stopped.store(false, Ordering::Relaxed);
+        self.handed_over.store(false, Ordering::Relaxed);
+        self.vcpu.resume();
     }
 
-    /// What kind of machine this is.
-    pub fn meta(&self) -> Meta {
+    /// Whether the vCPU is paused now.
+    pub fn is_paused(&self) -> bool {
+        self.vcpu.is_paused()
+    }
+
+    /// How long the VM has existed.
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Runs `task` on the paused vCPU thread (the devices live there).
+    fn on_vcpu<R: Send + 'static>(
+        &self,
+        task: impl FnOnce(&mut kvm_ioctls::VcpuFd, &mut Devices) -> R + Send + 'static,
+    ) -> Result<R, MigratableError> {
+        self.vcpu.run_paused(task).ok_or(MigratableError::NotRunning)
+    }
+}
+
+impl Pausable for Vmm {
+    fn pause(&self) -> Result<(), MigratableError> {
+        let was_paused = self.vcpu.is_paused();
+        if !self.vcpu.pause() {
+            return Err(MigratableError::NotRunning);
+        }
+        let mut quiesced = lock(&self.quiesced);
+        if quiesced.is_none() {
+            // Finish an exit the VMM already served first, so it cannot write guest memory
+            // after the devices stopped (vcpu_state::complete_pending_io).
+            let stopped = self.on_vcpu(|vcpu, devices| {
+                vcpu_state::complete_pending_io(vcpu);
+                devices.pause()
+            });
+            match stopped {
+                Ok(Ok(state)) => *quiesced = Some(state),
+                Ok(Err(e)) => {
+                    drop(quiesced);
+                    if !was_paused {
+                        self.vcpu.resume();
+                    }
+                    return Err(MigratableError::Device(e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn resume(&self) -> Result<(), MigratableError> {
+        let devices = lock(&self.quiesced).take();
+        let restarted = match devices {
+            Some(d) => {
+                self.on_vcpu(move |_, devices| devices.resume(&d)).and_then(|r| r.map_err(MigratableError::Device))
+            }
+            None => Ok(()),
+        };
+        if !self.stopped.load(Ordering::Relaxed) && !self.handed_over.load(Ordering::Relaxed) {
+            self.vcpu.resume();
+        }
+        restarted
+    }
+}
+
+impl Snapshottable for Vmm {
+    fn describe(&self) -> Meta {
         Meta {
             mem_size: self.mem_size,
             vcpus: 1,
@@ -456,193 +416,83 @@ impl Vmm {
         }
     }
 
-    fn status(&self) -> Value {
-        let paused = self.vcpu.is_paused();
-        let migrated = self.migration_status().status == MigrationState::Completed;
-        json!({
-            "status": if migrated { "postmigrate" } else if paused { "paused" } else { "running" },
-            "running": !paused,
-            "uptime-ms": self.started.elapsed().as_millis() as u64,
-            "memory-mib": self.mem_size >> 20,
-        })
+    fn save_state(&self) -> Result<Sections, MigratableError> {
+        let devices = lock(&self.quiesced).clone().ok_or(MigratableError::NotPaused)?;
+        let msrs = self.msr_list.clone();
+        let mut state = self.on_vcpu(move |vcpu, _| {
+            let mut s = Sections::new();
+            vcpu_state::save(vcpu, 0, &msrs, &mut s).map(|()| s)
+        })??;
+        state.put_json("devices", &devices);
+        vm_state::save(self.vm.fd(), &mut state)?;
+        Ok(state)
     }
-}
 
-/// What the API can ask of the VMM besides the VM itself: ending the process.
-pub trait Lifecycle: Send + Sync {
-    /// The `quit` command: end the VMM cleanly.
-    fn quit(&self);
-    /// A migration handed the VM to its destination: this process has nothing left to run.
-    fn migrated(&self);
-}
-
-/// The control API's view of a VMM.
-pub struct VmmApi {
-    /// The VM.
-    pub vmm: Arc<Vmm>,
-    /// Who ends the process.
-    pub lifecycle: Arc<dyn Lifecycle>,
-}
-
-impl VmmApi {
-    /// Applies `downtime-limit` and `max-rounds` from `args` (other keys than `allowed` are
-    /// refused); nothing changes if any value is invalid.
-    fn set_migration_params(&self, args: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
-        let mut p = *self.vmm.migration_params.lock().unwrap_or_else(|p| p.into_inner());
-        for (k, v) in args {
-            let n = || v.as_u64().ok_or_else(|| ApiError::invalid(format!("{k} must be a non-negative integer")));
-            match k.as_str() {
-                "downtime-limit" => p.downtime_limit = n()?,
-                "max-rounds" => {
-                    p.max_rounds = u32::try_from(n()?).map_err(|_| ApiError::invalid("max-rounds is too large"))?
-                }
-                "verify" => p.verify = v.as_bool().ok_or_else(|| ApiError::invalid("verify must be true or false"))?,
-                other if allowed.contains(&other) => {}
-                other => return Err(ApiError::invalid(format!("unknown parameter '{other}'"))),
-            }
+    fn restore_state(&self, state: &Sections) -> Result<(), MigratableError> {
+        if !self.vcpu.is_paused() {
+            return Err(MigratableError::NotPaused);
         }
-        *self.vmm.migration_params.lock().unwrap_or_else(|p| p.into_inner()) = p;
+        let devices: DevicesState = state.json("devices")?;
+        vm_state::restore(self.vm.fd(), state)?;
+        let s = state.clone();
+        self.on_vcpu(move |vcpu, d| -> Result<(), MigratableError> {
+            vcpu_state::restore(vcpu, 0, &s)?;
+            d.serial.load(&devices.serial);
+            d.restore(&devices).map_err(MigratableError::Device)
+        })??;
+        // The devices run from the restored state now.
+        *lock(&self.quiesced) = None;
         Ok(())
     }
 }
 
-impl VmmApi {
-    /// `stop` and `cont` belong to the checkpoint controller while COLO runs, and a VM that
-    /// COLO stopped waits for a failover decision instead.
-    fn not_in_colo(&self, command: &str) -> Result<(), ApiError> {
-        match self.vmm.colo.status().state {
-            ColoState::Starting | ColoState::Running => {
-                Err(ApiError::generic(format!("{command}: COLO runs this VM (end it with lost-heartbeat first)")))
-            }
-            ColoState::Stopped => Err(ApiError::generic(format!(
-                "{command}: COLO stopped this VM; on a secondary, lost-heartbeat makes it take over"
-            ))),
-            ColoState::Inactive | ColoState::FailedOver => Ok(()),
+impl Migratable for Vmm {
+    fn start_dirty_log(&self) -> Result<(), MigratableError> {
+        let mut t = lock(&self.tracker);
+        if t.is_none() {
+            *t = Some(DirtyTracker::start(&self.vm, &self.ram, self.logs.clone())?);
+        }
+        Ok(())
+    }
+
+    fn dirty_pages(&self) -> Result<DirtyBitmap, MigratableError> {
+        let t = lock(&self.tracker);
+        Ok(t.as_ref().ok_or(MigratableError::NotTracking)?.collect(&self.vm, &self.ram)?)
+    }
+
+    fn stop_dirty_log(&self) {
+        if let Some(t) = lock(&self.tracker).take() {
+            t.stop(&self.vm, &self.ram);
         }
     }
-}
 
-impl Handler for VmmApi {
-    fn handle(&self, command: &str, args: &Map<String, Value>) -> Result<Value, ApiError> {
-        let no_args = || {
-            if let Some(k) = args.keys().next() {
-                return Err(ApiError::invalid(format!("{command} takes no argument '{k}'")));
-            }
-            Ok(())
-        };
-        match command {
-            "query-status" => {
-                no_args()?;
-                Ok(self.vmm.status())
-            }
-            "stop" => {
-                no_args()?;
-                self.not_in_colo("stop")?;
-                if !self.vmm.vcpu.pause() {
-                    return Err(ApiError::generic("the guest is no longer running"));
-                }
-                Ok(json!({}))
-            }
-            "cont" => {
-                no_args()?;
-                self.not_in_colo("cont")?;
-                self.vmm.vcpu.resume();
-                Ok(json!({}))
-            }
-            "snapshot" => {
-                let path = args
-                    .get("path")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| ApiError::invalid("snapshot needs path=FILE"))?;
-                let stats = self.vmm.snapshot(Path::new(path)).map_err(|e| ApiError::generic(e.to_string()))?;
-                Ok(json!({ "pages": stats.pages, "bytes": stats.bytes }))
-            }
-            "migrate" => {
-                let uri: MigrationUri = args
-                    .get("uri")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| ApiError::invalid("migrate needs uri=tcp:HOST:PORT or uri=unix:PATH"))?
-                    .parse()
-                    .map_err(ApiError::invalid)?;
-                self.set_migration_params(args, &["uri"])?;
-                let lifecycle = self.lifecycle.clone();
-                self.vmm
-                    .start_migration(uri, move |ok| {
-                        if ok {
-                            lifecycle.migrated();
-                        }
-                    })
-                    .map_err(ApiError::generic)?;
-                Ok(json!({}))
-            }
-            "query-migrate" => {
-                no_args()?;
-                serde_json::to_value(self.vmm.migration_status()).map_err(|e| ApiError::generic(e.to_string()))
-            }
-            "migrate-set-parameters" => {
-                self.set_migration_params(args, &[])?;
-                Ok(json!({}))
-            }
-            "query-migrate-parameters" => {
-                no_args()?;
-                let p = *self.vmm.migration_params.lock().unwrap_or_else(|p| p.into_inner());
-                serde_json::to_value(p).map_err(|e| ApiError::generic(e.to_string()))
-            }
-            "quit" => {
-                no_args()?;
-                self.lifecycle.quit();
-                Ok(json!({}))
-            }
-            "colo-start" => {
-                let uri: MigrationUri = args
-                    .get("uri")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            "colo-start needs uri=tcp:HOST:PORT or uri=unix:PATH (the secondary's --incoming)",
-                        )
-                    })?
-                    .parse()
-                    .map_err(ApiError::invalid)?;
-                if let Some(k) = args.keys().find(|k| *k != "uri") {
-                    return Err(ApiError::invalid(format!("colo-start takes no argument '{k}'")));
-                }
-                crate::colo::primary::start(&self.vmm, uri).map_err(ApiError::generic)?;
-                Ok(json!({}))
-            }
-            "set-parameters" => {
-                let p = self.vmm.colo.set_params(args).map_err(ApiError::invalid)?;
-                tracing::info!(target: "colo", params = ?p, "COLO parameters changed");
-                serde_json::to_value(p).map_err(|e| ApiError::generic(e.to_string()))
-            }
-            "query-parameters" => {
-                no_args()?;
-                serde_json::to_value(self.vmm.colo.params()).map_err(|e| ApiError::generic(e.to_string()))
-            }
-            "query-colo-status" => {
-                no_args()?;
-                serde_json::to_value(self.vmm.colo.status()).map_err(|e| ApiError::generic(e.to_string()))
-            }
-            "lost-heartbeat" => {
-                no_args()?;
-                let s = self.vmm.colo.status();
-                if !matches!(s.state, ColoState::Running | ColoState::Stopped) {
-                    return Err(ApiError::generic(format!("COLO is not running (state {:?})", s.state)));
-                }
-                self.vmm.colo.lost_heartbeat.store(true, std::sync::atomic::Ordering::Relaxed);
-                Ok(json!({}))
-            }
-            "colo-checkpoint" => {
-                no_args()?;
-                let s = self.vmm.colo.status();
-                if s.role != ColoRole::Primary || s.state != ColoState::Running {
-                    return Err(ApiError::generic("checkpoints are taken by a running COLO primary"));
-                }
-                self.vmm.colo.user_checkpoint.store(true, std::sync::atomic::Ordering::Relaxed);
-                Ok(json!({}))
-            }
-            other => Err(ApiError::not_found(other)),
-        }
+    fn page_count(&self) -> usize {
+        (self.mem_size / PAGE_SIZE as u64) as usize
+    }
+
+    fn read_page(&self, page: usize, buf: &mut [u8]) -> Result<(), MigratableError> {
+        self.ram
+            .memory()
+            .read_slice(buf, GuestAddress((page * PAGE_SIZE) as u64))
+            .map_err(|source| MigratableError::Page { page, source })
+    }
+
+    fn write_page(&self, page: usize, data: &[u8]) -> Result<(), MigratableError> {
+        self.ram
+            .memory()
+            .write_slice(data, GuestAddress((page * PAGE_SIZE) as u64))
+            .map_err(|source| MigratableError::Page { page, source })
+    }
+
+    fn release_backends(&self) {
+        self.handed_over.store(true, Ordering::Relaxed);
+        let _ = self.on_vcpu(|_, d| d.disconnect());
+    }
+
+    fn reattach_backends(&self) -> Result<(), MigratableError> {
+        self.handed_over.store(false, Ordering::Relaxed);
+        let devices = lock(&self.quiesced).take().ok_or(MigratableError::NotPaused)?;
+        self.on_vcpu(move |_, d| d.reconnect(&devices))?.map_err(MigratableError::Device)
     }
 }
 

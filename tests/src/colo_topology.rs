@@ -272,8 +272,16 @@ impl ColoNet {
 
     /// `colo-start` and waits until both sides run COLO.
     pub fn start_colo(&mut self) {
+        self.start_colo_with(&[]);
+    }
+
+    /// `colo-start` with more arguments (such as the test-only `verify=true` and
+    /// `test-checkpoint-delay=MS`) and waits until both sides run COLO.
+    pub fn start_colo_with(&mut self, more: &[&str]) {
         let uri = format!("uri={}", self.uri);
-        self.ctl(Side::Primary, "colo-start", &[&uri]).unwrap_or_else(|e| panic!("colo-start: {e}\n{}", self.logs()));
+        let mut args = vec![uri.as_str()];
+        args.extend_from_slice(more);
+        self.ctl(Side::Primary, "colo-start", &args).unwrap_or_else(|e| panic!("colo-start: {e}\n{}", self.logs()));
         self.wait_colo_running();
     }
 

@@ -273,13 +273,13 @@ const FORCE_PASSIVE: &[(&str, u64)] = &[("max-time", 100), ("passive-limit", 100
 /// Kills the primary with SIGKILL at `moment` in `mode`; the client's counter session goes on
 /// with the secondary: same connection, no value lost or repeated.
 fn failover(backend: Backend, mode: Mode, moment: Moment) {
-    let env: &[(&str, &str)] =
-        if moment == Moment::MidCheckpoint { &[("COLO_VMM_TEST_CHECKPOINT_DELAY_MS", "1500")] } else { &[] };
-    let mut net = ColoNet::start(backend, "app=counter,echo", env);
+    // Mid-checkpoint: every checkpoint is held open 1.5 s after its pages (a test-only argument).
+    let hold: &[&str] = if moment == Moment::MidCheckpoint { &["test-checkpoint-delay=1500"] } else { &[] };
+    let mut net = ColoNet::start(backend, "app=counter,echo", &[]);
     if mode == Mode::Passive {
         net.set_params(Side::Primary, FORCE_PASSIVE);
     }
-    net.start_colo();
+    net.start_colo_with(hold);
     let mut counter = CounterClient::connect(&net);
     for _ in 0..20 {
         counter.inc().unwrap_or_else(|e| panic!("{e}\n{}", net.logs()));
@@ -672,10 +672,9 @@ fn checkpoints_leave_the_secondary_memory_identical_to_the_primary_with_backgrou
     }
     // The primary sends every page's digest with each checkpoint; the secondary refuses one
     // after which its memory differs from the paused primary's.
-    let env = [("COLO_VMM_TEST_VERIFY_CHECKPOINTS", "1")];
-    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter,echo,http,dirty dirty=3000 dirty_mib=16", &env);
+    let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter,echo,http,dirty dirty=3000 dirty_mib=16", &[]);
     net.set_params(Side::Primary, &[("max-time", 500), ("ram-background-limit", 65536)]);
-    net.start_colo();
+    net.start_colo_with(&["verify=true"]);
     let (incs, echoes, _) = deterministic_traffic(&net, 5);
     // Passive checkpoints too (the SVM stays paused; its backend still writes its rings).
     net.set_params(Side::Primary, FORCE_PASSIVE);
@@ -729,11 +728,11 @@ fn inbound_frames_during_checkpoints(backend: Backend, test: &str) {
     if !check(test, backend) {
         return;
     }
-    let env = [("COLO_VMM_TEST_CHECKPOINT_DELAY_MS", "300")];
-    let mut net = ColoNet::start(backend, "app=echo", &env);
+    // Every checkpoint held open 300 ms after its pages (a test-only argument of colo-start).
+    let mut net = ColoNet::start(backend, "app=echo", &[]);
     // Frequent user checkpoints must not make hybrid mode go passive here.
     net.set_params(Side::Primary, &[("passive-limit", 0)]);
-    net.start_colo();
+    net.start_colo_with(&["test-checkpoint-delay=300"]);
     let sock = net.client.enter(|| {
         let s = std::net::UdpSocket::bind("10.0.0.1:0").unwrap();
         s.connect("10.0.0.2:7").unwrap();

@@ -3,5 +3,6 @@
 //! `{"error": {"class": "GenericError", "desc": "..."}}` — and the `colo-vmm ctl` client.
 
 pub mod client;
+pub mod dispatch;
 pub mod protocol;
 pub mod server;

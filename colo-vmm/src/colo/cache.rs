@@ -21,13 +21,27 @@ impl RamCache {
         Ok(RamCache { data })
     }
 
-    /// Stores one page; `false` if it lies outside the guest's memory.
+    /// A cache holding a copy of `vm`'s memory.
+    pub fn copy_of_vm<V: crate::migratable::Migratable + ?Sized>(vm: &V) -> Result<RamCache, String> {
+        let mut data = vec![0u8; vm.page_count() * PAGE_SIZE];
+        for (p, page) in data.chunks_exact_mut(PAGE_SIZE).enumerate() {
+            vm.read_page(p, page).map_err(|e| format!("filling the RAM cache: {e}"))?;
+        }
+        Ok(RamCache { data })
+    }
+
+    /// Stores one page; `false` if it lies outside the guest's memory (the address comes from
+    /// the checkpoint stream: any value, the highest included, must be refused, not wrap).
     pub fn store(&mut self, gpa: u64, page: &[u8]) -> bool {
-        let at = gpa as usize;
-        if !gpa.is_multiple_of(PAGE_SIZE as u64) || page.len() != PAGE_SIZE || at + PAGE_SIZE > self.data.len() {
+        let fits = usize::try_from(gpa)
+            .ok()
+            .and_then(|at| Some((at, at.checked_add(PAGE_SIZE)?)))
+            .filter(|&(_, end)| end <= self.data.len());
+        let Some((at, end)) = fits else { return false };
+        if !gpa.is_multiple_of(PAGE_SIZE as u64) || page.len() != PAGE_SIZE {
             return false;
         }
-        self.data[at..at + PAGE_SIZE].copy_from_slice(page);
+        self.data[at..end].copy_from_slice(page);
         true
     }
 
@@ -36,12 +50,15 @@ impl RamCache {
         &self.data[page * PAGE_SIZE..(page + 1) * PAGE_SIZE]
     }
 
-    /// Copies pages (by number) from the cache into guest memory.
-    pub fn apply(&self, mem: &GuestMemoryMmap, pages: impl Iterator<Item = usize>) -> Result<u64, String> {
+    /// Copies pages (by number) from the cache into guest memory (`write` stores one page).
+    pub fn apply<E: std::fmt::Display>(
+        &self,
+        pages: impl Iterator<Item = usize>,
+        mut write: impl FnMut(usize, &[u8]) -> Result<(), E>,
+    ) -> Result<u64, String> {
         let mut n = 0;
         for p in pages {
-            mem.write_slice(self.page(p), GuestAddress((p * PAGE_SIZE) as u64))
-                .map_err(|e| format!("loading page {p} from the RAM cache: {e}"))?;
+            write(p, self.page(p)).map_err(|e| format!("loading page {p} from the RAM cache: {e}"))?;
             n += 1;
         }
         Ok(n)
@@ -64,12 +81,15 @@ mod tests {
         assert!(!cache.store(0x5001, &[9u8; PAGE_SIZE]), "unaligned");
         assert!(!cache.store(16 << 20, &[9u8; PAGE_SIZE]), "outside guest memory");
         assert!(!cache.store(0x6000, &[9u8; 100]), "not a page");
+        // The highest page address: adding the page size wraps to 0, which must not pass.
+        assert!(!cache.store(0xFFFF_FFFF_FFFF_F000, &[9u8; PAGE_SIZE]), "the last page of the address space");
         let mut page = [0u8; PAGE_SIZE];
         mem.read_slice(&mut page, GuestAddress(0x5000)).unwrap();
         assert_eq!(page, [0u8; PAGE_SIZE], "storing does not touch guest memory");
         // The guest wrote page 3 meanwhile; applying pages 3 and 5 puts the cache's back.
         mem.write_slice(&[7u8; PAGE_SIZE], GuestAddress(0x3000)).unwrap();
-        assert_eq!(cache.apply(mem, [3, 5].into_iter()).unwrap(), 2);
+        let write = |p: usize, data: &[u8]| mem.write_slice(data, GuestAddress((p * PAGE_SIZE) as u64));
+        assert_eq!(cache.apply([3, 5].into_iter(), write).unwrap(), 2);
         mem.read_slice(&mut page, GuestAddress(0x5000)).unwrap();
         assert_eq!(page, [9u8; PAGE_SIZE]);
         mem.read_slice(&mut page, GuestAddress(0x3000)).unwrap();

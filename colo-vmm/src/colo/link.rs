@@ -8,8 +8,9 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::migration::protocol::{self, Control};
+use super::message::Control;
 use crate::migration::uri::Channel;
+use crate::persist::message;
 use crate::persist::sections::Sections;
 use crate::persist::stream::{Kind, StreamError, StreamReader, StreamWriter};
 
@@ -85,7 +86,7 @@ impl<W: Write + Send + 'static> Link<W> {
                     Ok(Some(rec)) => {
                         heard.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
                         match rec.kind {
-                            Kind::Control => match protocol::parse(&rec.payload) {
+                            Kind::Control => match message::parse(&rec.payload) {
                                 Ok(Control::Heartbeat) => continue,
                                 Ok(c) => Incoming::Control(c),
                                 Err(e) => Incoming::Corrupt(e.to_string()),
@@ -117,7 +118,7 @@ impl<W: Write + Send + 'static> Link<W> {
                         wk.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
                     }
                     let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
-                    if protocol::send(&mut w, &Control::Heartbeat).is_err() {
+                    if message::send(&mut w, &Control::Heartbeat).is_err() {
                         return;
                     }
                 }
@@ -129,7 +130,7 @@ impl<W: Write + Send + 'static> Link<W> {
     /// Sends a control message.
     pub fn send(&self, c: &Control) -> Result<(), String> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        protocol::send(&mut w, c).map_err(|e| format!("checkpoint link: {e}"))
+        message::send(&mut w, c).map_err(|e| format!("checkpoint link: {e}"))
     }
 
     /// Runs `f` with the stream writer (heartbeats wait meanwhile), then flushes.

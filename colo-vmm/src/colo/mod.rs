@@ -5,8 +5,11 @@ pub mod cache;
 pub mod compare;
 pub mod hybrid;
 pub mod link;
+pub mod message;
 pub mod params;
 pub mod primary;
 pub mod secondary;
 pub mod shared;
 pub mod status;
+#[cfg(test)]
+pub(crate) mod testing;

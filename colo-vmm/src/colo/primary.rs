@@ -14,18 +14,18 @@ use colo_proxy::compare::Mode;
 use super::compare::CompareSet;
 use super::hybrid::{CheckpointKind, Decision, Hybrid};
 use super::link::{Incoming, Link, Silence};
+use super::message::Control;
 use super::params::{ms, ColoParams};
 use super::shared::ColoShared;
 use super::status::{unix_ms, Role, State, Trigger};
-use crate::devices::DevicesState;
-use crate::migration::protocol::{Control, Purpose};
+use crate::migratable::{page_digests, Migratable};
+use crate::migration::protocol::Purpose;
 use crate::migration::source::{self, Transfer};
-use crate::migration::status::{MigrationParams, MigrationState, StatusHandle};
+use crate::migration::status::{MigrationParams, StatusHandle};
 use crate::migration::uri::{Channel, MigrationUri};
+use crate::persist::snapshot;
 use crate::persist::stream::PAGE_SIZE;
-use crate::persist::{snapshot, vm_state};
-use crate::vmm::Vmm;
-use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
+use crate::vstate::dirty::DirtyBitmap;
 
 /// How long the secondary may take to load the initial state and start.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,13 +35,18 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 const BACKGROUND_EVERY: Duration = Duration::from_millis(100);
 /// Longest single wait of the controller, so commands and the link are checked often.
 const TICK: Duration = Duration::from_millis(10);
-/// Test hook: a pause (ms) inside each checkpoint transfer, after the pages and before the device
-/// state, so tests can kill the primary in the middle of a checkpoint.
-pub const TEST_DELAY_ENV: &str = "COLO_VMM_TEST_CHECKPOINT_DELAY_MS";
-/// Test hook: `1` makes every checkpoint carry the digest of every page of the paused PVM, and
-/// the secondary refuses a checkpoint after which its memory differs (proves that the RAM cache
-/// and the union of dirty pages miss nothing).
-pub const TEST_VERIFY_ENV: &str = "COLO_VMM_TEST_VERIFY_CHECKPOINTS";
+
+/// Test-only options of `colo-start`, for the end-to-end tests; production leaves them off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TestOptions {
+    /// `verify=true`: every checkpoint carries the digest of every page of the paused PVM, and
+    /// the secondary refuses a checkpoint after which its memory differs (proves that the RAM
+    /// cache and the union of dirty pages miss nothing).
+    pub verify: bool,
+    /// `test-checkpoint-delay=MS`: each checkpoint waits this long after its pages and before
+    /// the device state, so tests can kill the primary in the middle of a checkpoint.
+    pub checkpoint_delay: Option<Duration>,
+}
 
 /// A primary-to-be connects to its compare processes at once and sets them `primary-only`, so
 /// its traffic flows before COLO starts (spec/control.md, "Initial mode").
@@ -53,8 +58,12 @@ pub fn prepare(colo: &ColoShared) -> Result<(), String> {
 }
 
 /// `colo-start uri=…`: checks that COLO can start and starts it on its own thread.
-pub fn start(vmm: &Arc<Vmm>, uri: MigrationUri) -> Result<(), String> {
-    let colo = vmm.colo();
+pub fn start<V: Migratable + 'static>(
+    vm: &Arc<V>,
+    colo: &Arc<ColoShared>,
+    uri: MigrationUri,
+    test: TestOptions,
+) -> Result<(), String> {
     let s = colo.status();
     if s.role == Role::Secondary {
         return Err("this VMM runs a secondary; start COLO on the primary".into());
@@ -67,25 +76,21 @@ pub fn start(vmm: &Arc<Vmm>, uri: MigrationUri) -> Result<(), String> {
             "COLO needs the VM's traffic to pass a compare process: start colo-vmm with --compare-socket".into()
         );
     }
-    if vmm.migration_status().status == MigrationState::Active {
-        return Err("a migration is running".into());
-    }
     colo.update(|s| {
         s.role = Role::Primary;
         s.state = State::Starting;
         s.error = None;
     });
-    let vmm = vmm.clone();
+    let (vm, colo) = (vm.clone(), colo.clone());
     std::thread::Builder::new()
         .name("colo-primary".into())
-        .spawn(move || run(&vmm, &uri))
+        .spawn(move || run(&*vm, &colo, &uri, test))
         .map_err(|e| e.to_string())?;
     Ok(())
 }
 
-fn run(vmm: &Vmm, uri: &MigrationUri) {
-    let colo = vmm.colo();
-    let ctl = match begin(vmm, uri) {
+fn run<V: Migratable>(vm: &V, colo: &ColoShared, uri: &MigrationUri, test: TestOptions) {
+    let ctl = match begin(vm, colo, uri, test) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(target: "colo", uri = %uri, error = %e, "COLO did not start; the VM runs unprotected");
@@ -101,24 +106,27 @@ fn run(vmm: &Vmm, uri: &MigrationUri) {
 
 /// The initial transfer: a migration up to the device state, then the secondary starts its
 /// copy instead of taking over.
-fn begin<'a>(vmm: &'a Vmm, uri: &MigrationUri) -> Result<Controller<'a>, String> {
-    let colo = vmm.colo();
+fn begin<'a, V: Migratable>(
+    vm: &'a V,
+    colo: &'a ColoShared,
+    uri: &MigrationUri,
+    test: TestOptions,
+) -> Result<Controller<'a, V>, String> {
     let started = Instant::now();
     let progress = StatusHandle::default();
-    let mut t = source::connect(vmm, uri, Purpose::Colo)?;
+    let mut t = source::connect(vm, uri, Purpose::Colo)?;
     let abandon = |t: Transfer, e: String| {
         t.chan.shutdown();
-        t.tracker.stop(vmm.vm(), vmm.ram());
+        vm.stop_dirty_log();
         e
     };
-    let dirty = match source::precopy(vmm, &mut t, MigrationParams::default(), &progress, started) {
+    let dirty = match source::precopy(vm, &mut t, MigrationParams::default(), &progress, started) {
         Ok(d) => d,
         Err(e) => return Err(abandon(t, e)),
     };
-    let paused = match source::pause_and_send_state(vmm, &mut t, dirty, &progress, false) {
-        Ok(p) => p,
-        Err(e) => return Err(abandon(t, e)),
-    };
+    if let Err(e) = source::pause_and_send_state(vm, &mut t, dirty, &progress, false) {
+        return Err(abandon(t, e));
+    }
     // From here the PVM is paused: every way out restarts it.
     let ready = source::answer(&t, READY_TIMEOUT).and_then(|(r, c)| match c {
         Control::CheckpointReady => Ok(r),
@@ -127,7 +135,7 @@ fn begin<'a>(vmm: &'a Vmm, uri: &MigrationUri) -> Result<Controller<'a>, String>
     });
     let reader = match ready {
         Ok(r) => r,
-        Err(e) => return Err(abandon(t, source::rollback(vmm, &paused, e))),
+        Err(e) => return Err(abandon(t, source::rollback(vm, e))),
     };
     let _ = t.chan.set_read_timeout(None);
     let compare = match take_compare(colo).and_then(|mut c| c.set_mode(Mode::Colo).map(|()| c)) {
@@ -136,28 +144,14 @@ fn begin<'a>(vmm: &'a Vmm, uri: &MigrationUri) -> Result<Controller<'a>, String>
             c
         }
         Err(e) => {
-            let _ = crate::migration::protocol::send(&mut t.w, &Control::Error { message: e.clone() });
-            return Err(abandon(t, source::rollback(vmm, &paused, e)));
+            let _ = crate::persist::message::send(&mut t.w, &Control::Error { message: e.clone() });
+            return Err(abandon(t, source::rollback(vm, e)));
         }
     };
-    let Transfer { w, chan, tracker, .. } = t;
+    let Transfer { w, chan, .. } = t;
     let link = Link::new(reader, w, chan, colo.heartbeat_ms.clone());
-    let pages = (vmm.ram().size() / PAGE_SIZE as u64) as usize;
-    let mut ctl = Controller {
-        vmm,
-        colo,
-        link,
-        compare: Some(compare),
-        tracker: Some(tracker),
-        hybrid: Hybrid::default(),
-        pending: DirtyBitmap::empty(pages),
-        seq: 0,
-        resumed_at: Instant::now(),
-        test_delay: std::env::var(TEST_DELAY_ENV).ok().and_then(|v| v.parse().ok()).map(ms),
-        test_verify: std::env::var(TEST_VERIFY_ENV).is_ok_and(|v| v == "1"),
-        heartbeat_sent: (0, 0),
-    };
-    if let Err(End::Error(e) | End::Lost(e)) = ctl.resume(&paused.devices) {
+    let mut ctl = Controller::new(vm, colo, link, compare, test);
+    if let Err(End::Error(e) | End::Lost(e)) = ctl.resume() {
         ctl.fail_over(End::Error(e.clone()));
         return Err(e);
     }
@@ -208,54 +202,72 @@ enum End {
 }
 
 /// The checkpoint controller.
-struct Controller<'a> {
-    vmm: &'a Vmm,
+struct Controller<'a, V: Migratable> {
+    vm: &'a V,
     colo: &'a ColoShared,
     link: Link<BufWriter<Channel>>,
     compare: Option<CompareSet>,
-    tracker: Option<DirtyTracker>,
+    /// The VM's dirty tracking is on (until failover).
+    tracking: bool,
     hybrid: Hybrid,
     /// Pages dirtied since the last checkpoint and not yet streamed in the background.
     pending: DirtyBitmap,
     seq: u64,
     /// When the PVM last resumed: intervals count running time only.
     resumed_at: Instant,
-    test_delay: Option<Duration>,
-    test_verify: bool,
+    test: TestOptions,
     /// The heartbeat parameters last sent to the secondary (interval, timeout).
     heartbeat_sent: (u64, u64),
 }
 
-impl Controller<'_> {
+impl<'a, V: Migratable> Controller<'a, V> {
+    /// The controller of a PVM whose initial transfer is done (dirty tracking on, the PVM
+    /// paused at the transfer's end).
+    fn new(
+        vm: &'a V,
+        colo: &'a ColoShared,
+        link: Link<BufWriter<Channel>>,
+        compare: CompareSet,
+        test: TestOptions,
+    ) -> Controller<'a, V> {
+        Controller {
+            vm,
+            colo,
+            link,
+            compare: Some(compare),
+            tracking: true,
+            hybrid: Hybrid::default(),
+            pending: DirtyBitmap::empty(vm.page_count()),
+            seq: 0,
+            resumed_at: Instant::now(),
+            test,
+            heartbeat_sent: (0, 0),
+        }
+    }
+
     fn compare(&mut self) -> &mut CompareSet {
         self.compare.as_mut().expect("present until failover")
     }
 
-    fn tracker(&self) -> &DirtyTracker {
-        self.tracker.as_ref().expect("present until failover")
-    }
-
     /// Restarts the devices and the vCPU after a pause.
-    fn resume(&mut self, devices: &DevicesState) -> Result<(), End> {
-        let d = devices.clone();
-        let r = self.vmm.vcpu().run_paused(move |_, devs| devs.resume(&d));
-        self.vmm.vcpu().resume();
+    fn resume(&mut self) -> Result<(), End> {
+        let r = self.vm.resume();
         self.resumed_at = Instant::now();
-        match r {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(End::Error(format!("restarting the devices: {e}"))),
-            None => Err(End::Error("the vCPU thread is gone".into())),
-        }
+        r.map_err(|e| End::Error(format!("restarting the VM: {e}")))
     }
 
     fn run(mut self) {
         let end = loop {
-            let step = self.wait().and_then(|trigger| {
-                let p = self.colo.params();
-                self.checkpoint(trigger, &p)
+            let step = crate::panic_guard::catch(|| {
+                self.wait().and_then(|trigger| {
+                    let p = self.colo.params();
+                    self.checkpoint(trigger, &p)
+                })
             });
-            if let Err(end) = step {
-                break end;
+            match step {
+                Ok(Ok(())) => {}
+                Ok(Err(end)) => break end,
+                Err(e) => break End::Error(format!("the checkpoint controller failed: {e}")),
             }
         };
         self.fail_over(end);
@@ -360,17 +372,17 @@ impl Controller<'_> {
 
     /// Adds the pages dirtied since the last look (by anyone) to the pending set.
     fn gather(&mut self) -> Result<(), End> {
-        let more = self.tracker().collect(self.vmm.vm(), self.vmm.ram()).map_err(|e| End::Error(e.to_string()))?;
+        let more = self.vm.dirty_pages().map_err(|e| End::Error(e.to_string()))?;
         self.pending.union(more.words());
         Ok(())
     }
 
     /// Sends the pending pages as they are now and empties the set; returns how many.
     fn send_pending(&mut self) -> Result<u64, End> {
-        let (vmm, pending) = (self.vmm, &self.pending);
+        let (vm, pending) = (self.vm, &self.pending);
         let n = self
             .link
-            .with_writer(|w| source::send_pages(w, vmm, pending.iter(), false))
+            .with_writer(|w| source::send_pages(w, vm, pending.iter(), false))
             .map_err(|e| self.write_failed(e))?;
         self.pending = DirtyBitmap::empty(self.pending.words().len() * 64);
         Ok(n)
@@ -420,19 +432,10 @@ impl Controller<'_> {
         }
         self.expect("checkpoint-reply", &Control::CheckpointReply { seq })?;
         let paused_at = Instant::now();
-        if !self.vmm.vcpu().pause() {
-            return Err(End::Error("the guest stopped".into()));
-        }
-        let (state, devices) = match self.vmm.save_vcpu_and_devices() {
-            Ok(v) => v,
-            Err(e) => {
-                self.vmm.vcpu().resume();
-                return Err(End::Error(format!("saving the vCPU and devices: {e}")));
-            }
-        };
-        let sent = self.transaction(seq, state, decision);
+        self.vm.pause().map_err(|e| End::Error(format!("pausing the VM: {e}")))?;
+        let sent = self.transaction(seq, decision);
         // Whatever happened, the PVM runs on.
-        let resumed = self.resume(&devices);
+        let resumed = self.resume();
         let pause = paused_at.elapsed();
         let Sent { pages, bytes, released, dropped, sent_ms, received_ms, committed_ms, loaded_ms } = sent?;
         resumed?;
@@ -479,25 +482,19 @@ impl Controller<'_> {
     /// With the PVM paused: send the pages and state, commit the output once the secondary
     /// holds them, switch the compare mode if the kind changed, wait until it loaded.
     /// Returns pages, bytes, frames released and dropped.
-    fn transaction(
-        &mut self,
-        seq: u64,
-        mut state: crate::persist::sections::Sections,
-        decision: Decision,
-    ) -> Result<Sent, End> {
-        let vmm = self.vmm;
+    fn transaction(&mut self, seq: u64, decision: Decision) -> Result<Sent, End> {
+        let vm = self.vm;
         let t0 = Instant::now();
         self.gather()?;
         self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
         let pages = self.send_pending()?;
-        if let Some(d) = self.test_delay {
+        if let Some(d) = self.test.checkpoint_delay {
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
             std::thread::sleep(d);
         }
-        vm_state::save(vmm.vm().fd(), &mut state).map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
-        if self.test_verify {
-            let d =
-                snapshot::page_digests(vmm.ram().memory(), vmm.ram().size()).map_err(|e| End::Error(e.to_string()))?;
+        let mut state = vm.save_state().map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
+        if self.test.verify {
+            let d = page_digests(vm).map_err(|e| End::Error(e.to_string()))?;
             state.put_bytes(source::VERIFY_SECTION, snapshot::encode_digests(&d));
         }
         let encoded = state.encode().len() as u64;
@@ -557,8 +554,10 @@ impl Controller<'_> {
                 .ok();
         }
         *self.colo.compare() = compare;
-        if let Some(t) = self.tracker.take() {
-            t.stop(self.vmm.vm(), self.vmm.ram());
+        self.stop_tracking();
+        // The PVM runs whatever happened (a failure in the middle of a checkpoint included).
+        if let Err(e) = self.vm.resume() {
+            tracing::error!(target: "colo", error = %e, "restarting the PVM");
         }
         self.colo.update(|s| {
             s.failed_over(Role::Primary, &reason, "the PVM's current state");
@@ -568,15 +567,21 @@ impl Controller<'_> {
     }
 }
 
-impl Controller<'_> {
+impl<V: Migratable> Controller<'_, V> {
+    fn stop_tracking(&mut self) {
+        if std::mem::take(&mut self.tracking) {
+            self.vm.stop_dirty_log();
+        }
+    }
+
     /// The secondary serves now: this VM must not. It stays paused (for inspection, or `quit`);
     /// the compare processes are left as the secondary set them.
     fn step_down(mut self, why: String) {
         self.link.close();
-        self.vmm.vcpu().pause();
-        if let Some(t) = self.tracker.take() {
-            t.stop(self.vmm.vm(), self.vmm.ram());
+        if let Err(e) = self.vm.pause() {
+            tracing::error!(target: "colo", error = %e, "pausing the replaced VM");
         }
+        self.stop_tracking();
         let error = format!("the secondary took over ({why}); this VM is paused and must not run again");
         tracing::error!(target: "colo", "{error}");
         self.colo.update(|s| {
@@ -595,3 +600,7 @@ fn describe(m: &Incoming) -> String {
         Incoming::Closed(w) | Incoming::Corrupt(w) => w.clone(),
     }
 }
+
+#[cfg(test)]
+#[path = "primary_tests.rs"]
+mod tests;

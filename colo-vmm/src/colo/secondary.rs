@@ -32,15 +32,16 @@ use super::cache::RamCache;
 use super::compare::CompareSet;
 use super::hybrid::CheckpointKind;
 use super::link::{Incoming, Link, Silence};
+use super::message::Control;
 use super::params::ms;
+use super::shared::ColoShared;
 use super::status::{Role, State, Trigger};
-use crate::migration::protocol::Control;
+use crate::migratable::{differing_pages, Migratable};
 use crate::migration::uri::Channel;
 use crate::persist::sections::Sections;
 use crate::persist::stream::{pages as stream_pages, StreamReader, StreamWriter};
-use crate::persist::{snapshot, vcpu_state, vm_state};
 use crate::vmm::{BootError, Core, VmConfig, Vmm};
-use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
+use crate::vstate::dirty::DirtyBitmap;
 
 /// What still has to run once the secondary's VMM exists.
 pub struct SecondaryRunner {
@@ -48,7 +49,7 @@ pub struct SecondaryRunner {
     writer: StreamWriter<Channel>,
     chan: Channel,
     cache: RamCache,
-    tracker: DirtyTracker,
+    colo: Arc<ColoShared>,
 }
 
 /// Starts the SVM from the initial transfer: attaches this VMM's own backends, takes over the
@@ -60,21 +61,22 @@ pub fn start(
     reader: StreamReader<BufReader<Channel>>,
     mut writer: StreamWriter<Channel>,
     chan: Channel,
+    colo: &Arc<ColoShared>,
 ) -> Result<(Vmm, SecondaryRunner), BootError> {
     let err = |what: &'static str| move |e: String| BootError::Other { what, error: e };
     let mut machine = core.attach(config)?;
     Vmm::apply_state(&mut machine, &state, &config.serial)?;
     let cache = RamCache::copy_of(machine.ram().memory(), machine.ram().size()).map_err(err("RAM cache"))?;
-    let tracker = machine.dirty_tracker().map_err(err("dirty tracking"))?;
+    machine.start_dirty_log().map_err(|e| err("dirty tracking")(e.to_string()))?;
     let vmm = machine.start()?;
-    crate::migration::protocol::send(&mut writer, &Control::CheckpointReady)?;
-    vmm.colo().update(|s| {
+    crate::persist::message::send(&mut writer, &Control::CheckpointReady)?;
+    colo.update(|s| {
         s.role = Role::Secondary;
         s.state = State::Running;
         s.mode = Some(CheckpointKind::Colo);
     });
     tracing::info!(target: "colo", "secondary running; COLO started");
-    Ok((vmm, SecondaryRunner { reader, writer, chan, cache, tracker }))
+    Ok((vmm, SecondaryRunner { reader, writer, chan, cache, colo: colo.clone() }))
 }
 
 /// Where a checkpoint stands on this side.
@@ -96,23 +98,26 @@ enum End {
 
 impl SecondaryRunner {
     /// Runs the checkpoint loop on its own thread until failover.
-    pub fn spawn(self, vmm: Arc<Vmm>) {
+    pub fn spawn<V: Migratable + 'static>(self, vm: Arc<V>) {
         std::thread::Builder::new()
             .name("colo-secondary".into())
-            .spawn(move || self.run(&vmm))
+            .spawn(move || self.run(&*vm))
             .expect("spawn the secondary");
     }
 
-    fn run(self, vmm: &Vmm) {
-        let colo = vmm.colo();
-        let SecondaryRunner { reader, writer, chan, cache, tracker } = self;
-        let received = DirtyBitmap::empty((vmm.ram().size() / 4096) as usize);
-        let mut svm = Svm { cache, tracker, received, stopped_devices: None };
+    fn run<V: Migratable>(self, vm: &V) {
+        let SecondaryRunner { reader, writer, chan, cache, colo } = self;
+        let colo = &*colo;
+        let received = DirtyBitmap::empty(vm.page_count());
+        let mut svm = Svm { cache, received };
         let mut link = Link::new(reader, writer, chan, colo.heartbeat_ms.clone());
         let mut phase = Phase::Idle;
         let end = loop {
-            if let Err(end) = svm.step(vmm, &mut link, &mut phase) {
-                break end;
+            match crate::panic_guard::catch(|| svm.step(vm, colo, &mut link, &mut phase)) {
+                Ok(Ok(())) => {}
+                Ok(Err(end)) => break end,
+                // COLO cannot go on, but a failover decision must stay possible.
+                Err(e) => break End::Error { why: format!("the secondary failed: {e}"), tell: true },
             }
         };
         let mid_checkpoint = matches!(phase, Phase::Receiving { .. });
@@ -128,7 +133,9 @@ impl SecondaryRunner {
                     let _ = link.send(&Control::Error { message: why.clone() });
                 }
                 link.close();
-                vmm.vcpu().pause();
+                if let Err(e) = vm.pause() {
+                    tracing::error!(target: "colo", error = %e, "pausing the SVM");
+                }
                 tracing::error!(target: "colo", error = %why, "COLO ended; the SVM waits paused for a failover decision (lost-heartbeat)");
                 colo.update(|s| {
                     s.state = State::Stopped;
@@ -141,7 +148,7 @@ impl SecondaryRunner {
             }
         };
         drop(link);
-        svm.failover(vmm, &reason, mid_checkpoint);
+        svm.failover(vm, colo, &reason, mid_checkpoint);
     }
 }
 
@@ -156,21 +163,24 @@ fn write_failed<W: std::io::Write + Send + 'static>(link: &mut Link<W>, e: Strin
     }
 }
 
-/// The SVM's side of checkpoints: the RAM cache and its own dirty tracking.
+/// The SVM's side of checkpoints: the RAM cache (the SVM's own writes are tracked by the VM's
+/// dirty log, on since the start). Between the pause at step 1 and the checkpoint's load, the
+/// VM keeps the SVM's own device state: what a failover resumes its rings from.
 struct Svm {
     cache: RamCache,
-    tracker: DirtyTracker,
     /// Pages received from the primary since the last checkpoint was loaded.
     received: DirtyBitmap,
-    /// The SVM's own device state while its rings are stopped for a checkpoint (from step 1
-    /// until the checkpoint's device state is loaded): what a failover resumes them from.
-    stopped_devices: Option<crate::devices::DevicesState>,
 }
 
 impl Svm {
     /// Handles one message (or a quiet moment) from the primary.
-    fn step(&mut self, vmm: &Vmm, link: &mut Link<Channel>, phase: &mut Phase) -> Result<(), End> {
-        let colo = vmm.colo();
+    fn step<V: Migratable>(
+        &mut self,
+        vm: &V,
+        colo: &ColoShared,
+        link: &mut Link<Channel>,
+        phase: &mut Phase,
+    ) -> Result<(), End> {
         let error = |why: String| End::Error { why, tell: true };
         if colo.lost_heartbeat.swap(false, Ordering::Relaxed) {
             return Err(End::Lost("lost-heartbeat command".into()));
@@ -205,14 +215,8 @@ impl Svm {
                 }
             }
             (Incoming::Control(Control::CheckpointRequest { seq, passive, trigger }), Phase::Idle) => {
-                vmm.vcpu().pause();
                 // Stop the rings before replying: see the module's comment.
-                let own = vmm
-                    .vcpu()
-                    .run_paused(|_, d| d.pause())
-                    .unwrap_or(Err("vCPU gone".into()))
-                    .map_err(|e| error(format!("checkpoint {seq}: stopping the SVM's rings: {e}")))?;
-                self.stopped_devices = Some(own);
+                vm.pause().map_err(|e| error(format!("checkpoint {seq}: stopping the SVM and its rings: {e}")))?;
                 link.send(&Control::CheckpointReply { seq }).map_err(|e| write_failed(link, e))?;
                 let trigger = Trigger::parse(&trigger);
                 *phase = Phase::Receiving { seq, passive, trigger, pages: 0, state: None, started: Instant::now() };
@@ -241,7 +245,7 @@ impl Svm {
                 // The checkpoint is complete here: from the moment the primary hears this, it may
                 // release the interval's output, so the SVM loads it whatever happens next.
                 let told = link.send(&Control::VmstateReceived { seq });
-                self.load(vmm, state, passive, &trigger, started)
+                self.load(vm, colo, state, passive, &trigger, started)
                     .map_err(|e| error(format!("loading checkpoint {seq}: {e}")))?;
                 told.map_err(|e| write_failed(link, e))?;
                 link.send(&Control::VmstateLoaded { seq }).map_err(|e| write_failed(link, e))?;
@@ -265,25 +269,24 @@ impl Svm {
     }
 
     /// Step 6: the SVM takes the checkpoint.
-    fn load(
+    fn load<V: Migratable>(
         &mut self,
-        vmm: &Vmm,
+        vm: &V,
+        colo: &ColoShared,
         state: Vec<u8>,
         passive: bool,
         trigger: &Trigger,
         started: Instant,
     ) -> Result<(), String> {
         let sections = Sections::decode(&state).map_err(|e| e.to_string())?;
-        let devices: crate::devices::DevicesState = sections.json("devices").map_err(|e| e.to_string())?;
         // The rings stopped at step 1, so the backend no longer writes guest memory: gather
         // what the SVM changed since the last checkpoint.
-        let own = self.tracker.collect(vmm.vm(), vmm.ram()).map_err(|e| e.to_string())?;
+        let own = vm.dirty_pages().map_err(|e| e.to_string())?;
         self.received.union(own.words());
-        let n = self.cache.apply(vmm.ram().memory(), self.received.iter())?;
+        let n = self.cache.apply(self.received.iter(), |p, data| vm.write_page(p, data))?;
         if let Ok(digests) = sections.bytes(crate::migration::source::VERIFY_SECTION) {
             // Test mode: memory must now equal the paused PVM's, page for page.
-            let diff =
-                snapshot::differing_pages(vmm.ram().memory(), vmm.ram().size(), digests).map_err(|e| e.to_string())?;
+            let diff = differing_pages(vm, digests).map_err(|e| e.to_string())?;
             if !diff.is_empty() {
                 let first: Vec<String> = diff.iter().take(8).map(|a| format!("{a:#x}")).collect();
                 return Err(format!(
@@ -294,24 +297,15 @@ impl Svm {
             }
             tracing::info!(target: "colo", "verified: the SVM's memory equals the PVM's page for page");
         }
-        vm_state::restore(vmm.vm().fd(), &sections).map_err(|e| e.to_string())?;
-        let s2 = sections.clone();
-        vmm.vcpu()
-            .run_paused(move |vcpu, d| -> Result<(), String> {
-                vcpu_state::restore(vcpu, 0, &s2).map_err(|e| e.to_string())?;
-                d.serial.load(&devices.serial);
-                d.restore(&devices)
-            })
-            .unwrap_or(Err("vCPU gone".into()))?;
-        self.stopped_devices = None;
+        vm.restore_state(&sections).map_err(|e| e.to_string())?;
         // Our own copying is not the SVM's writing.
-        let _ = self.tracker.collect(vmm.vm(), vmm.ram());
+        let _ = vm.dirty_pages();
         self.received = DirtyBitmap::empty(self.received.words().len() * 64);
         let kind = if passive { CheckpointKind::Passive } else { CheckpointKind::Colo };
         if !passive {
-            vmm.vcpu().resume();
+            vm.resume().map_err(|e| e.to_string())?;
         }
-        vmm.colo().update(|s| {
+        colo.update(|s| {
             s.mode = Some(kind);
             s.checkpoint(kind, trigger, Duration::ZERO, started.elapsed(), n, n * 4096 + state.len() as u64);
         });
@@ -319,15 +313,14 @@ impl Svm {
         Ok(())
     }
 
-    fn failover(self, vmm: &Vmm, reason: &str, mid_checkpoint: bool) {
+    fn failover<V: Migratable>(self, vm: &V, colo: &ColoShared, reason: &str, mid_checkpoint: bool) {
         let from = if mid_checkpoint {
             "the SVM's own state (the checkpoint in flight was incomplete)"
         } else {
             "the SVM's current state"
         };
         tracing::warn!(target: "colo", reason, "failover: the secondary takes over");
-        self.tracker.stop(vmm.vm(), vmm.ram());
-        let colo = vmm.colo();
+        vm.stop_dirty_log();
         // Before the rings restart: a compare process in COLO mode would take a secondary
         // restarting its rings for one that loaded a checkpoint of the primary.
         match CompareSet::connect(&colo.compare_sockets, Duration::from_secs(5))
@@ -338,14 +331,15 @@ impl Svm {
                 tracing::error!(target: "colo", error = %e, "could not set the compare processes to secondary-only")
             }
         }
-        if let Some(own) = self.stopped_devices {
-            let resumed = vmm.vcpu().run_paused(move |_, d| d.resume(&own)).unwrap_or(Err("vCPU gone".into()));
-            if let Err(e) = resumed {
-                tracing::error!(target: "colo", error = %e, "restarting the SVM's rings failed: it has no network");
-            }
+        // The SVM's rings restart where they stopped (if a checkpoint had stopped them).
+        if let Err(e) = vm.resume() {
+            tracing::error!(target: "colo", error = %e, "restarting the SVM failed: it may have no network");
         }
-        vmm.vcpu().resume();
         colo.update(|s| s.failed_over(Role::Secondary, reason, from));
         tracing::info!(target: "colo", "failover complete: the secondary runs alone");
     }
 }
+
+#[cfg(test)]
+#[path = "secondary_tests.rs"]
+mod tests;

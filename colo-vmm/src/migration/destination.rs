@@ -1,10 +1,13 @@
 //! The destination side: `colo-vmm run --incoming URI`.
 
 use std::io::BufReader;
+use std::sync::Arc;
 use std::time::Instant;
 
-use super::protocol::{self, Control, Purpose};
+use super::protocol::{Control, Purpose};
 use super::uri::{Channel, MigrationUri};
+use crate::colo::shared::ColoShared;
+use crate::persist::message as protocol;
 use crate::persist::sections::Sections;
 use crate::persist::snapshot::{self, load_pages, Meta};
 use crate::persist::stream::{pages, Kind, StreamError, StreamReader, StreamWriter};
@@ -24,7 +27,8 @@ pub struct Arrived {
 /// Waits for one incoming migration (or COLO start) on `uri` and returns the running VM.
 /// Nothing runs unless the whole state arrived and verified; any failure ends with an error
 /// (and tells the source).
-pub fn incoming(config: &VmConfig, uri: &MigrationUri) -> Result<Arrived, BootError> {
+/// A COLO start makes this VMM a secondary with the COLO state `colo`.
+pub fn incoming(config: &VmConfig, uri: &MigrationUri, colo: &Arc<ColoShared>) -> Result<Arrived, BootError> {
     let err = |what: &'static str| move |e: std::io::Error| BootError::Other { what, error: e.to_string() };
     let listener = uri.listen().map_err(err("listening for the migration"))?;
     tracing::info!(uri = %uri, "waiting for an incoming migration");
@@ -34,7 +38,7 @@ pub fn incoming(config: &VmConfig, uri: &MigrationUri) -> Result<Arrived, BootEr
     let mut w = Some(
         StreamWriter::new(chan.try_clone().map_err(err("migration channel"))?).map_err(err("answering the source"))?,
     );
-    let result = receive(config, chan, &mut w);
+    let result = receive(config, chan, &mut w, colo);
     match &result {
         Ok(_) => tracing::info!(uri = %uri, ms = started.elapsed().as_millis() as u64, "state received; running"),
         Err(e) => {
@@ -46,7 +50,12 @@ pub fn incoming(config: &VmConfig, uri: &MigrationUri) -> Result<Arrived, BootEr
     result
 }
 
-fn receive(config: &VmConfig, chan: Channel, w: &mut Option<StreamWriter<Channel>>) -> Result<Arrived, BootError> {
+fn receive(
+    config: &VmConfig,
+    chan: Channel,
+    w: &mut Option<StreamWriter<Channel>>,
+    colo: &Arc<ColoShared>,
+) -> Result<Arrived, BootError> {
     let reader_chan =
         chan.try_clone().map_err(|e| BootError::Other { what: "migration channel", error: e.to_string() })?;
     let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, reader_chan))?;
@@ -64,7 +73,7 @@ fn receive(config: &VmConfig, chan: Channel, w: &mut Option<StreamWriter<Channel
         }
         Purpose::Colo => {
             let writer = w.take().expect("writer present");
-            let (vmm, runner) = crate::colo::secondary::start(config, core, state, r, writer, chan)?;
+            let (vmm, runner) = crate::colo::secondary::start(config, core, state, r, writer, chan, colo)?;
             Ok(Arrived { vmm, secondary: Some(runner) })
         }
     }

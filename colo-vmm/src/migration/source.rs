@@ -3,17 +3,17 @@
 use std::io::BufWriter;
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
+use std::sync::Arc;
 
-use super::protocol::{self, Control, Purpose};
+use super::protocol::{Control, Purpose};
 use super::status::{update, MigrationParams, MigrationState, MigrationStatus, StatusHandle};
 use super::uri::{Channel, MigrationUri};
+use crate::migratable::{page_digests, Migratable};
+use crate::persist::message as protocol;
 use crate::persist::sections::Sections;
 use crate::persist::snapshot::{self, is_zero};
 use crate::persist::stream::{Kind, StreamReader, StreamWriter, PAGES_PER_RECORD, PAGE_SIZE};
-use crate::persist::vm_state;
-use crate::vmm::Vmm;
-use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
+use crate::vstate::dirty::DirtyBitmap;
 
 /// How long the destination may take to confirm it loaded everything.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -30,15 +30,19 @@ const MEASURABLE: u64 = 256;
 pub type Writer = StreamWriter<BufWriter<Channel>>;
 
 /// Sends the pages of `set` (all pages, skipping zero ones, when `skip_zero`).
-pub fn send_pages(w: &mut Writer, vmm: &Vmm, set: impl Iterator<Item = usize>, skip_zero: bool) -> Result<u64, String> {
-    let mem = vmm.ram().memory();
+pub fn send_pages<V: Migratable + ?Sized>(
+    w: &mut Writer,
+    vm: &V,
+    set: impl Iterator<Item = usize>,
+    skip_zero: bool,
+) -> Result<u64, String> {
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(PAGES_PER_RECORD);
     let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut sent = 0;
     for page in set {
         let gpa = page as u64 * PAGE_SIZE as u64;
         let mut buf = spare.pop().unwrap_or_else(|| vec![0u8; PAGE_SIZE]);
-        mem.read_slice(&mut buf, GuestAddress(gpa)).map_err(|e| format!("reading guest page {gpa:#x}: {e}"))?;
+        vm.read_page(page, &mut buf).map_err(|e| e.to_string())?;
         if skip_zero && is_zero(&buf) {
             spare.push(buf);
             continue;
@@ -53,58 +57,95 @@ pub fn send_pages(w: &mut Writer, vmm: &Vmm, set: impl Iterator<Item = usize>, s
     Ok(sent)
 }
 
-/// A transfer in progress: the channel, the writer, and the dirty tracker.
+/// A transfer in progress (the VM's dirty tracking is on meanwhile): the channel and the writer.
 pub struct Transfer {
     /// The stream towards the destination.
     pub w: Writer,
     /// The connection (for reading answers).
     pub chan: Channel,
-    /// Dirty tracking, on since the transfer started.
-    pub tracker: DirtyTracker,
     /// Pages sent so far.
     pub total: u64,
 }
 
 /// Connects, announces the purpose and the machine, and starts dirty tracking.
-pub fn connect(vmm: &Vmm, uri: &MigrationUri, purpose: Purpose) -> Result<Transfer, String> {
+pub fn connect<V: Migratable + ?Sized>(vm: &V, uri: &MigrationUri, purpose: Purpose) -> Result<Transfer, String> {
     let chan = uri.connect().map_err(|e| format!("connecting to {uri}: {e}"))?;
     let mut w: Writer =
         StreamWriter::new(BufWriter::with_capacity(1 << 20, chan.try_clone().map_err(|e| e.to_string())?))
             .map_err(|e| format!("starting the stream: {e}"))?;
     protocol::send(&mut w, &Control::Hello { purpose }).map_err(|e| format!("sending: {e}"))?;
     let mut meta = Sections::new();
-    meta.put_json("meta", &vmm.meta());
+    meta.put_json("meta", &vm.describe());
     w.record(Kind::State, &meta.encode()).map_err(|e| format!("sending: {e}"))?;
-    let tracker = DirtyTracker::start(vmm.vm(), vmm.ram(), vmm.dirty_logs()).map_err(|e| e.to_string())?;
-    Ok(Transfer { w, chan, tracker, total: 0 })
+    vm.start_dirty_log().map_err(|e| e.to_string())?;
+    Ok(Transfer { w, chan, total: 0 })
 }
 
-/// What the pause left: the devices' saved state (to restart them) and when it began.
+/// When the final pause began.
 pub struct Paused {
-    /// The devices' state (vring positions included).
-    pub devices: crate::devices::DevicesState,
     /// When the vCPU stopped.
     pub at: Instant,
 }
 
 /// Restarts the devices and the vCPU after a pause that led nowhere.
-pub fn rollback(vmm: &Vmm, paused: &Paused, why: String) -> String {
-    let d = paused.devices.clone();
-    let resumed = vmm.vcpu().run_paused(move |_, devs| devs.resume(&d));
-    vmm.vcpu().resume();
-    match resumed {
-        Some(Ok(())) => why,
-        other => format!("{why}; restarting the devices also failed: {other:?}"),
+pub fn rollback<V: Migratable + ?Sized>(vm: &V, why: String) -> String {
+    match vm.resume() {
+        Ok(()) => why,
+        Err(e) => format!("{why}; restarting the VM also failed: {e}"),
     }
 }
 
-/// Migrates `vmm` to `uri`. On success the VM runs at the destination and this one is stopped
+/// Starts migrating `vm` to `uri` on a background thread, reporting progress in `status`;
+/// `done` runs when it ends (with whether it completed).
+pub fn start<V: Migratable + 'static>(
+    vm: Arc<V>,
+    uri: MigrationUri,
+    params: MigrationParams,
+    status: StatusHandle,
+    done: impl FnOnce(bool) + Send + 'static,
+) -> Result<(), String> {
+    {
+        let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
+        if st.status == MigrationState::Active {
+            return Err("a migration is already running".into());
+        }
+        *st = MigrationStatus { status: MigrationState::Active, ..Default::default() };
+    }
+    std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || {
+            let ok = match crate::panic_guard::catch(|| migrate(&*vm, &uri, params, &status)) {
+                Ok(result) => result.is_ok(),
+                Err(e) => {
+                    // Whatever it was doing, the VM runs here again.
+                    tracing::error!(uri = %uri, error = %e, "migration failed; the VM keeps running here");
+                    vm.stop_dirty_log();
+                    let _ = vm.resume();
+                    update(&status, |s| {
+                        s.status = MigrationState::Failed;
+                        s.error = Some(format!("the migration thread failed: {e}"));
+                    });
+                    false
+                }
+            };
+            done(ok);
+        })
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Migrates `vm` to `uri`. On success the VM runs at the destination and this one is stopped
 /// (its backends released); on failure it runs here as before.
-pub fn migrate(vmm: &Vmm, uri: &MigrationUri, params: MigrationParams, status: &StatusHandle) -> Result<(), String> {
+pub fn migrate<V: Migratable + ?Sized>(
+    vm: &V,
+    uri: &MigrationUri,
+    params: MigrationParams,
+    status: &StatusHandle,
+) -> Result<(), String> {
     let started = Instant::now();
-    let total_pages = vmm.ram().size() / PAGE_SIZE as u64;
+    let total_pages = vm.page_count() as u64;
     update(status, |s| *s = MigrationStatus { status: MigrationState::Active, total_pages, ..Default::default() });
-    let result = run(vmm, uri, params, status, started);
+    let result = run(vm, uri, params, status, started);
     update(status, |s| {
         s.total_time_ms = started.elapsed().as_millis() as u64;
         match &result {
@@ -122,38 +163,37 @@ pub fn migrate(vmm: &Vmm, uri: &MigrationUri, params: MigrationParams, status: &
     result
 }
 
-fn run(
-    vmm: &Vmm,
+fn run<V: Migratable + ?Sized>(
+    vm: &V,
     uri: &MigrationUri,
     params: MigrationParams,
     status: &StatusHandle,
     started: Instant,
 ) -> Result<(), String> {
-    let mut t = connect(vmm, uri, Purpose::Migrate)?;
-    let result = precopy(vmm, &mut t, params, status, started)
-        .and_then(|dirty| pause_and_send_state(vmm, &mut t, dirty, status, params.verify))
-        .and_then(|paused| handover(vmm, &mut t, &paused, status));
-    let Transfer { tracker, chan, .. } = t;
-    tracker.stop(vmm.vm(), vmm.ram());
+    let mut t = connect(vm, uri, Purpose::Migrate)?;
+    let result = precopy(vm, &mut t, params, status, started)
+        .and_then(|dirty| pause_and_send_state(vm, &mut t, dirty, status, params.verify))
+        .and_then(|paused| handover(vm, &mut t, &paused, status));
+    vm.stop_dirty_log();
     if result.is_err() {
-        chan.shutdown();
+        t.chan.shutdown();
     }
     result
 }
 
 /// Pre-copy: all non-zero pages, then rounds of dirty pages until the rest fits the downtime
 /// limit (or the rounds run out). Returns the pages still dirty.
-pub fn precopy(
-    vmm: &Vmm,
+pub fn precopy<V: Migratable + ?Sized>(
+    vm: &V,
     t: &mut Transfer,
     params: MigrationParams,
     status: &StatusHandle,
     started: Instant,
 ) -> Result<DirtyBitmap, String> {
-    let pages = (vmm.ram().size() / PAGE_SIZE as u64) as usize;
+    let pages = vm.page_count();
     // Round 0: everything that is not zero (the destination starts from zeroed memory).
     let clock = Instant::now();
-    t.total = send_pages(&mut t.w, vmm, 0..pages, true)?;
+    t.total = send_pages(&mut t.w, vm, 0..pages, true)?;
     protocol::send(&mut t.w, &Control::Round { round: 0, pages: t.total }).map_err(|e| e.to_string())?;
     // Seconds per page sent, learned from rounds that sent enough pages to measure (round 0
     // mostly skips zero pages, so its time says little); start from twice the local copy
@@ -170,7 +210,7 @@ pub fn precopy(
     let mut last_collect = Instant::now();
     let mut round = 0;
     loop {
-        let dirty = t.tracker.collect(vmm.vm(), vmm.ram()).map_err(|e| e.to_string())?;
+        let dirty = vm.dirty_pages().map_err(|e| e.to_string())?;
         let since = last_collect.elapsed().as_secs_f64().max(1e-3);
         last_collect = Instant::now();
         let expected_ms = (dirty.count() as f64 * per_page * 1000.0) as u64;
@@ -186,7 +226,7 @@ pub fn precopy(
         }
         round += 1;
         let clock = Instant::now();
-        let n = send_pages(&mut t.w, vmm, dirty.iter(), false)?;
+        let n = send_pages(&mut t.w, vm, dirty.iter(), false)?;
         protocol::send(&mut t.w, &Control::Round { round, pages: n }).map_err(|e| e.to_string())?;
         if n >= MEASURABLE {
             per_page = (clock.elapsed().as_secs_f64() / n as f64).max(0.8e-6);
@@ -202,36 +242,27 @@ pub fn precopy(
 
 /// The pause: stop the vCPU and the backends, send the last dirty pages and the device state,
 /// and `state-complete`. On failure the VM is running again.
-pub fn pause_and_send_state(
-    vmm: &Vmm,
+pub fn pause_and_send_state<V: Migratable + ?Sized>(
+    vm: &V,
     t: &mut Transfer,
     mut dirty: DirtyBitmap,
     status: &StatusHandle,
     verify: bool,
 ) -> Result<Paused, String> {
     let at = Instant::now();
-    if !vmm.vcpu().pause() {
-        return Err("the guest stopped during the migration".into());
-    }
-    // vCPU saved and backends quiesced: from here nothing writes guest memory.
-    let (mut state, devices) = match vmm.save_vcpu_and_devices() {
-        Ok(v) => v,
-        Err(e) => {
-            vmm.vcpu().resume();
-            return Err(e.to_string());
-        }
-    };
-    let paused = Paused { devices, at };
+    // vCPU and backends stopped: from here nothing writes guest memory.
+    vm.pause().map_err(|e| format!("pausing the VM: {e}"))?;
+    let paused = Paused { at };
     let last = (|| -> Result<(), String> {
-        let more = t.tracker.collect(vmm.vm(), vmm.ram()).map_err(|e| e.to_string())?;
+        let more = vm.dirty_pages().map_err(|e| e.to_string())?;
         dirty.union(more.words());
-        let last = send_pages(&mut t.w, vmm, dirty.iter(), false)?;
+        let last = send_pages(&mut t.w, vm, dirty.iter(), false)?;
         update(status, |s| s.final_pages = last);
         t.total += last;
-        vm_state::save(vmm.vm().fd(), &mut state).map_err(|e| e.to_string())?;
+        let mut state = vm.save_state().map_err(|e| e.to_string())?;
         if verify {
             // Everything is still: this is the memory the destination must end up with.
-            let d = snapshot::page_digests(vmm.ram().memory(), vmm.ram().size()).map_err(|e| e.to_string())?;
+            let d = page_digests(vm).map_err(|e| e.to_string())?;
             state.put_bytes(VERIFY_SECTION, snapshot::encode_digests(&d));
         }
         t.w.record(Kind::State, &state.encode()).map_err(|e| format!("sending the device state: {e}"))?;
@@ -239,7 +270,7 @@ pub fn pause_and_send_state(
         Ok(())
     })();
     if let Err(e) = last {
-        return Err(rollback(vmm, &paused, e));
+        return Err(rollback(vm, e));
     }
     let total = t.total;
     update(status, |s| {
@@ -250,8 +281,12 @@ pub fn pause_and_send_state(
     Ok(paused)
 }
 
-/// Waits for the destination's first answer (after `state-complete`).
-pub fn answer(t: &Transfer, timeout: Duration) -> Result<(StreamReader<Channel>, Control), String> {
+/// Waits for the destination's first answer (after `state-complete`): a migration message, or
+/// for a COLO start the checkpoint link's first.
+pub fn answer<M: serde::de::DeserializeOwned>(
+    t: &Transfer,
+    timeout: Duration,
+) -> Result<(StreamReader<Channel>, M), String> {
     let reader_chan = t.chan.try_clone().map_err(|e| e.to_string())?;
     let _ = reader_chan.set_read_timeout(Some(timeout));
     let mut r = StreamReader::new(reader_chan).map_err(|e| format!("the destination did not answer: {e}"))?;
@@ -260,19 +295,20 @@ pub fn answer(t: &Transfer, timeout: Duration) -> Result<(StreamReader<Channel>,
 }
 
 /// Migration's ending: `ready`, release the backends, `go`, `running`.
-fn handover(vmm: &Vmm, t: &mut Transfer, paused: &Paused, status: &StatusHandle) -> Result<(), String> {
+fn handover<V: Migratable + ?Sized>(
+    vm: &V,
+    t: &mut Transfer,
+    paused: &Paused,
+    status: &StatusHandle,
+) -> Result<(), String> {
     let mut r = match answer(t, READY_TIMEOUT) {
         Ok((r, Control::Ready)) => r,
-        Ok((_, Control::Error { message })) => {
-            return Err(rollback(vmm, paused, format!("the destination refused: {message}")))
-        }
-        Ok((_, other)) => {
-            return Err(rollback(vmm, paused, format!("unexpected answer from the destination: {other:?}")))
-        }
-        Err(e) => return Err(rollback(vmm, paused, e)),
+        Ok((_, Control::Error { message })) => return Err(rollback(vm, format!("the destination refused: {message}"))),
+        Ok((_, other)) => return Err(rollback(vm, format!("unexpected answer from the destination: {other:?}"))),
+        Err(e) => return Err(rollback(vm, e)),
     };
     // Hand the backends over.
-    vmm.vcpu().run_paused(|_, d| d.disconnect());
+    vm.release_backends();
     let chan = &t.chan;
     let handed = protocol::send(&mut t.w, &Control::Go).map_err(|e| e.to_string()).and_then(|()| {
         let _ = chan.set_read_timeout(Some(RUNNING_TIMEOUT));
@@ -284,12 +320,11 @@ fn handover(vmm: &Vmm, t: &mut Transfer, paused: &Paused, status: &StatusHandle)
     });
     if let Err(e) = handed {
         // Take the backends back and carry on here.
-        let d = paused.devices.clone();
-        let back = vmm.vcpu().run_paused(move |_, devs| devs.reconnect(&d));
-        vmm.vcpu().resume();
-        return Err(match back {
-            Some(Ok(())) => e,
-            other => format!("{e}; re-attaching the backends failed too: {other:?}"),
+        let back = vm.reattach_backends();
+        let resumed = vm.resume();
+        return Err(match back.and(resumed) {
+            Ok(()) => e,
+            Err(again) => format!("{e}; re-attaching the backends failed too: {again}"),
         });
     }
     update(status, |s| s.downtime_ms = paused.at.elapsed().as_millis() as u64);

@@ -1,6 +1,7 @@
 //! Saving and restoring VM state: the stream format, named sections, the state of vCPUs, the
 //! VM and devices, and snapshots.
 
+pub mod message;
 pub mod sections;
 pub mod snapshot;
 pub mod stream;

@@ -8,12 +8,14 @@
 //! has verified the whole stream.
 
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::sections::Sections;
 use super::stream::{pages, Kind, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
+use crate::migratable::{while_paused, Migratable, MigratableError};
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// What kind of machine the state belongs to.
@@ -45,11 +47,45 @@ pub fn is_zero(page: &[u8]) -> bool {
     head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
-/// Writes a full snapshot of `mem` and `state` to `w`.
-pub fn write<W: Write>(
+/// Errors saving a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Pausing, saving or resuming the VM failed.
+    #[error(transparent)]
+    Vm(#[from] MigratableError),
+    /// Writing the file failed.
+    #[error("writing the snapshot: {0}")]
+    Write(#[from] StreamError),
+    /// Creating the file failed.
+    #[error("cannot create {path}: {source}")]
+    Create {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Saves `vm` to the file `path`: paused while saving, resumed after (a VM the user stopped
+/// stays stopped).
+pub fn save<V: Migratable + ?Sized>(vm: &V, path: &Path) -> Result<SnapshotStats, SnapshotError> {
+    let t = std::time::Instant::now();
+    let stats = while_paused(vm, || -> Result<SnapshotStats, SnapshotError> {
+        let state = vm.save_state()?;
+        let file = std::fs::File::create(path).map_err(|source| SnapshotError::Create { path: path.into(), source })?;
+        let w = std::io::BufWriter::with_capacity(1 << 20, file);
+        Ok(write(w, &vm.describe(), |p, buf| vm.read_page(p, buf), &state)?)
+    })?;
+    tracing::info!(path = %path.display(), pages = stats.pages, bytes = stats.bytes, ms = t.elapsed().as_millis() as u64, "snapshot saved");
+    Ok(stats)
+}
+
+/// Writes a full snapshot to `w`: `meta`, every non-zero page (`read` fills page N), `state`.
+pub fn write<W: Write, E: std::fmt::Display>(
     w: W,
     meta: &Meta,
-    mem: &GuestMemoryMmap,
+    mut read: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
     state: &Sections,
 ) -> Result<SnapshotStats, StreamError> {
     let mut counting = CountingWriter { w, n: 0 };
@@ -60,12 +96,12 @@ pub fn write<W: Write>(
     let mut page = vec![0u8; PAGE_SIZE];
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(super::stream::PAGES_PER_RECORD);
     let mut written = 0;
-    for gpa in (0..meta.mem_size).step_by(PAGE_SIZE) {
-        mem.read_slice(&mut page, GuestAddress(gpa)).map_err(|e| StreamError::Io(std::io::Error::other(e)))?;
+    for p in 0..(meta.mem_size / PAGE_SIZE as u64) as usize {
+        read(p, &mut page).map_err(|e| StreamError::Io(std::io::Error::other(e.to_string())))?;
         if is_zero(&page) {
             continue;
         }
-        batch.push((gpa, page.clone()));
+        batch.push(((p * PAGE_SIZE) as u64, page.clone()));
         if batch.len() == super::stream::PAGES_PER_RECORD {
             written += s.pages(batch.iter().map(|(a, d)| (*a, &d[..])))?;
             batch.clear();
@@ -135,11 +171,18 @@ pub fn load_pages(payload: &[u8], mem: &GuestMemoryMmap, mem_size: u64) -> Resul
 
 /// A 64-bit hash of every page of guest memory, in address order (for the migration test mode).
 pub fn page_digests(mem: &GuestMemoryMmap, mem_size: u64) -> Result<Vec<u64>, StreamError> {
+    digests((mem_size / PAGE_SIZE as u64) as usize, |p, page| {
+        mem.read_slice(page, GuestAddress((p * PAGE_SIZE) as u64))
+            .map_err(|e| StreamError::Io(std::io::Error::other(e)))
+    })
+}
+
+/// The digest of each of `pages` pages, read one by one with `read`.
+pub fn digests<E>(pages: usize, mut read: impl FnMut(usize, &mut [u8]) -> Result<(), E>) -> Result<Vec<u64>, E> {
     let mut page = vec![0u8; PAGE_SIZE];
-    (0..mem_size)
-        .step_by(PAGE_SIZE)
-        .map(|gpa| {
-            mem.read_slice(&mut page, GuestAddress(gpa)).map_err(|e| StreamError::Io(std::io::Error::other(e)))?;
+    (0..pages)
+        .map(|p| {
+            read(p, &mut page)?;
             Ok(xxhash_rust::xxh3::xxh3_64(&page))
         })
         .collect()
@@ -152,7 +195,11 @@ pub fn encode_digests(d: &[u64]) -> Vec<u8> {
 
 /// Compares `mem` with digests from [`page_digests`]; returns the addresses of differing pages.
 pub fn differing_pages(mem: &GuestMemoryMmap, mem_size: u64, encoded: &[u8]) -> Result<Vec<u64>, StreamError> {
-    let ours = page_digests(mem, mem_size)?;
+    compare_digests(&page_digests(mem, mem_size)?, encoded)
+}
+
+/// The addresses of the pages whose digests in `ours` differ from those `encoded`.
+pub fn compare_digests(ours: &[u64], encoded: &[u8]) -> Result<Vec<u64>, StreamError> {
     if encoded.len() != ours.len() * 8 {
         return Err(StreamError::Corrupt(format!("{} page digests for {} pages", encoded.len() / 8, ours.len())));
     }
@@ -180,7 +227,8 @@ mod tests {
         let mut state = Sections::new();
         state.put_bytes("x", vec![42]);
         let mut file = Vec::new();
-        let stats = write(&mut file, &meta, mem, &state).unwrap();
+        let read = |p: usize, buf: &mut [u8]| mem.read_slice(buf, GuestAddress((p * PAGE_SIZE) as u64));
+        let stats = write(&mut file, &meta, read, &state).unwrap();
         assert_eq!(stats.pages, 2);
         assert_eq!(stats.bytes, file.len() as u64);
 

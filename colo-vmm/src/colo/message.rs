@@ -1,0 +1,93 @@
+//! The messages of the checkpoint link (spec/colo.md), JSON in `Kind::Control` records (see
+//! [`crate::persist::message`]): the checkpoint transaction, heartbeats, and what each side says
+//! when COLO ends. They follow the initial transfer's migration messages on the same stream.
+
+use serde::{Deserialize, Serialize};
+
+/// A control message of the checkpoint link.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case")]
+pub enum Control {
+    /// Secondary → primary: COLO started, the secondary runs.
+    CheckpointReady,
+    /// Primary → secondary: a checkpoint begins (spec/colo.md step 1).
+    CheckpointRequest {
+        /// Its number.
+        seq: u64,
+        /// A passive checkpoint: the secondary stays paused after loading it.
+        passive: bool,
+        /// What triggered it (for the secondary's counters): `periodic`, `passive`, `user` or
+        /// `miscompare:REASON`.
+        #[serde(default)]
+        trigger: String,
+    },
+    /// Secondary → primary: the SVM is paused.
+    CheckpointReply {
+        /// The checkpoint.
+        seq: u64,
+    },
+    /// Primary → secondary: the checkpoint's pages follow (step 3).
+    VmstateSend {
+        /// The checkpoint.
+        seq: u64,
+    },
+    /// Primary → secondary: pages and device state are complete (step 3, end).
+    VmstateSize {
+        /// The checkpoint.
+        seq: u64,
+        /// Pages sent since `vmstate-send` (background pages not included).
+        pages: u64,
+    },
+    /// Secondary → primary: everything is in the RAM cache (step 4).
+    VmstateReceived {
+        /// The checkpoint.
+        seq: u64,
+    },
+    /// Secondary → primary: the SVM holds the checkpoint (step 6).
+    VmstateLoaded {
+        /// The checkpoint.
+        seq: u64,
+    },
+    /// Secondary → primary, at failover: the secondary took over (it lost the primary's
+    /// heartbeat, or was told `lost-heartbeat`). A primary still alive to read this must not
+    /// serve any more.
+    TakenOver {
+        /// Why the secondary failed over.
+        reason: String,
+    },
+    /// Either way, on an idle link: alive.
+    Heartbeat,
+    /// Primary → secondary, when COLO starts and whenever they change: the heartbeat
+    /// parameters set on the primary, which both sides use (the user configures the pair on
+    /// the primary; a secondary beating slower than the primary's timeout would be dropped).
+    HeartbeatParameters {
+        /// `heartbeat-interval`, ms.
+        interval_ms: u64,
+        /// `heartbeat-timeout`, ms.
+        timeout_ms: u64,
+    },
+    /// Either way: giving up, and why (the same message as the migration's `error`).
+    Error {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shapes() {
+        assert_eq!(serde_json::to_string(&Control::Heartbeat).unwrap(), r#"{"type":"heartbeat"}"#);
+        assert_eq!(
+            serde_json::to_string(&Control::VmstateSize { seq: 3, pages: 9 }).unwrap(),
+            r#"{"type":"vmstate-size","seq":3,"pages":9}"#
+        );
+        // Both protocols say `error` alike: a destination refusing a COLO start uses the
+        // migration's.
+        let e = crate::migration::protocol::Control::Error { message: "no".into() };
+        let back: Control = serde_json::from_str(&serde_json::to_string(&e).unwrap()).unwrap();
+        assert_eq!(back, Control::Error { message: "no".into() });
+    }
+}

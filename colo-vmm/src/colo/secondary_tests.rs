@@ -1,0 +1,237 @@
+//! The secondary's side of the checkpoint transaction and its failover rules, against a fake
+//! VM, a real compare control server and a scripted primary (no KVM).
+
+use std::io::BufWriter;
+use std::time::Duration;
+
+use super::*;
+use crate::colo::testing::{link_ends, FakeCompare, FakeVm, Log, Peer};
+use crate::persist::stream::PAGE_SIZE;
+
+/// Runs the secondary's loop on `vm` (16 pages, tracking on) until it fails over; `f` is the
+/// primary meanwhile. Returns the COLO state.
+fn with_secondary(
+    log: &Log,
+    vm: &FakeVm,
+    f: impl FnOnce(&ColoShared, &mut Peer<BufWriter<Channel>>),
+) -> Arc<ColoShared> {
+    let compare = FakeCompare::start(log);
+    let colo = Arc::new(ColoShared::new(vec![compare.path().to_path_buf()]));
+    colo.update(|s| {
+        s.role = Role::Secondary;
+        s.state = State::Running;
+    });
+    let (p, s) = link_ends();
+    let mut primary = Peer::new("primary", p, log);
+    vm.start_dirty_log().unwrap();
+    let cache = RamCache::copy_of_vm(vm).unwrap();
+    let runner = SecondaryRunner { reader: s.reader, writer: s.writer, chan: s.chan, cache, colo: colo.clone() };
+    std::thread::scope(|scope| {
+        let running = scope.spawn(move || runner.run(vm));
+        // A failing check must not leave the role waiting for ever: it is told to fail over.
+        let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&colo, &mut primary)));
+        if checked.is_err() {
+            colo.lost_heartbeat.store(true, Ordering::Relaxed);
+        }
+        running.join().unwrap();
+        if let Err(p) = checked {
+            std::panic::resume_unwind(p);
+        }
+    });
+    colo
+}
+
+/// The primary's side of checkpoint `seq`, carrying page 5 filled with `byte`.
+fn send_checkpoint(primary: &mut Peer<BufWriter<Channel>>, vm: &FakeVm, seq: u64, passive: bool, byte: u8) {
+    primary.send(&Control::CheckpointRequest { seq, passive, trigger: "user".into() });
+    primary.expect("checkpoint-reply");
+    primary.send(&Control::VmstateSend { seq });
+    let page = vec![byte; PAGE_SIZE];
+    primary.link.with_writer(|w| w.pages([(5 * PAGE_SIZE as u64, &page[..])]).map_err(|e| e.to_string())).unwrap();
+    primary.link.send_state(&FakeVm::state()).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_ne!(vm.first_byte(5), byte, "pages wait in the RAM cache until the checkpoint is complete");
+    primary.send(&Control::VmstateSize { seq, pages: 1 });
+    primary.expect("vmstate-received");
+    primary.expect("vmstate-loaded");
+}
+
+#[test]
+fn a_checkpoint_is_loaded_in_the_spec_order() {
+    let log = Log::default();
+    let mut vm = FakeVm::new(&log, 16);
+    // Loading takes a while, so that a reply sent only after it would be seen late.
+    vm.restore_time = Duration::from_millis(200);
+    let colo = with_secondary(&log, &vm, |colo, primary| {
+        // The SVM's own write since the last checkpoint: undone by the checkpoint.
+        vm.guest_writes(9, 0x55);
+        send_checkpoint(primary, &vm, 1, false, 0xaa);
+        colo.lost_heartbeat.store(true, Ordering::Relaxed);
+        primary.expect("taken-over");
+    });
+    log.assert_order(&[
+        ("primary: sent checkpoint-request", "vm: pause"),
+        // The SVM and its rings stop before the primary may pause.
+        ("vm: pause", "primary: got checkpoint-reply"),
+        ("primary: sent vmstate-size", "primary: got vmstate-received"),
+        // The checkpoint is acknowledged as received before it is loaded...
+        ("primary: got vmstate-received", "vm: restore-state"),
+        // ...and as loaded only once the SVM runs it.
+        ("vm: restore-state", "vm: resume"),
+        ("vm: resume", "primary: got vmstate-loaded"),
+    ]);
+    assert_eq!(vm.first_byte(5), 0xaa, "the primary's page");
+    assert_eq!(vm.first_byte(9), 0, "the SVM's own write is replaced by the cache's copy");
+    let s = colo.status();
+    assert_eq!((s.checkpoints.total, s.checkpoints.colo, s.checkpoints.user), (1, 1, 1));
+    assert_eq!(s.state, State::FailedOver);
+}
+
+#[test]
+fn a_passive_checkpoint_leaves_the_svm_paused() {
+    let log = Log::default();
+    let vm = FakeVm::new(&log, 16);
+    with_secondary(&log, &vm, |colo, primary| {
+        send_checkpoint(primary, &vm, 1, true, 0xbb);
+        assert!(vm.is_paused(), "passive: the SVM stays paused after loading");
+        assert!(!log.contains("vm: resume"));
+        colo.lost_heartbeat.store(true, Ordering::Relaxed);
+        primary.expect("taken-over");
+    });
+    assert!(!vm.is_paused(), "failover resumes it");
+}
+
+#[test]
+fn a_lost_primary_makes_the_secondary_take_over_in_secondary_only() {
+    let log = Log::default();
+    let vm = FakeVm::new(&log, 16);
+    let colo = with_secondary(&log, &vm, |_, primary| primary.link.close());
+    let s = colo.status();
+    assert_eq!(s.state, State::FailedOver);
+    assert_eq!(s.last_failover.as_ref().unwrap().survivor, Role::Secondary);
+    log.assert_order(&[("compare: mode SecondaryOnly", "vm: resume")]);
+    assert!(log.contains("vm: stop-dirty-log"));
+    assert!(!vm.is_paused());
+}
+
+#[test]
+fn a_primary_lost_mid_checkpoint_leaves_the_svm_on_its_own_state() {
+    let log = Log::default();
+    let vm = FakeVm::new(&log, 16);
+    let colo = with_secondary(&log, &vm, |_, primary| {
+        primary.send(&Control::CheckpointRequest { seq: 1, passive: false, trigger: "periodic".into() });
+        primary.expect("checkpoint-reply");
+        primary.send(&Control::VmstateSend { seq: 1 });
+        let page = vec![0xcc; PAGE_SIZE];
+        primary.link.with_writer(|w| w.pages([(5 * PAGE_SIZE as u64, &page[..])]).map_err(|e| e.to_string())).unwrap();
+        primary.link.close();
+    });
+    let s = colo.status();
+    assert_eq!(s.state, State::FailedOver);
+    assert!(s.last_failover.unwrap().resumed_from.contains("incomplete"));
+    assert!(!log.contains("vm: restore-state"), "half a checkpoint is never loaded");
+    assert_eq!(vm.first_byte(5), 0);
+    assert!(!vm.is_paused(), "its rings and vCPU run again");
+}
+
+#[test]
+fn an_error_makes_the_secondary_wait_paused_until_lost_heartbeat() {
+    let log = Log::default();
+    let vm = FakeVm::new(&log, 16);
+    let colo = with_secondary(&log, &vm, |colo, primary| {
+        // Out of order: the secondary cannot go on, but the primary may be alive and serving.
+        primary.send(&Control::VmstateLoaded { seq: 7 });
+        let Control::Error { message } = primary.expect("error") else { unreachable!() };
+        assert!(message.contains("unexpected"), "{message}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while colo.status().state != State::Stopped {
+            assert!(std::time::Instant::now() < deadline, "{:?}", colo.status());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(vm.is_paused(), "waits paused");
+        assert!(!log.contains("compare: mode SecondaryOnly"), "and does not take over by itself");
+        colo.lost_heartbeat.store(true, Ordering::Relaxed);
+    });
+    let s = colo.status();
+    assert_eq!(s.state, State::FailedOver);
+    assert!(s.last_failover.unwrap().reason.contains("lost-heartbeat"));
+    assert!(log.contains("compare: mode SecondaryOnly"));
+    assert!(!vm.is_paused());
+}
+
+#[test]
+fn a_primary_that_continues_alone_makes_the_secondary_wait_without_answering() {
+    let log = Log::default();
+    let vm = FakeVm::new(&log, 16);
+    let colo = with_secondary(&log, &vm, |colo, primary| {
+        primary.send(&Control::Error { message: "the primary continues alone: test".into() });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while colo.status().state != State::Stopped {
+            assert!(std::time::Instant::now() < deadline, "{:?}", colo.status());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(colo.status().error.unwrap().contains("continues alone"));
+        assert!(vm.is_paused());
+        colo.lost_heartbeat.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(colo.status().state, State::FailedOver);
+    assert!(!log.entries().iter().any(|e| e == "primary: got error"), "it told the primary nothing");
+}
+
+/// Waits until the secondary's COLO state is `Stopped` (it gave up and waits for a decision).
+fn wait_stopped(colo: &ColoShared) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while colo.status().state != State::Stopped {
+        assert!(std::time::Instant::now() < deadline, "{:?}", colo.status());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_page_at_the_top_of_the_address_space_ends_colo_with_an_error_and_failover_stays_possible() {
+    // Issue 12, item 1: the RAM cache's bound check wrapped, the COLO thread panicked and the
+    // secondary went on reporting `running`, deaf to lost-heartbeat.
+    let log = Log::default();
+    let vm = FakeVm::new(&log, 16);
+    let colo = with_secondary(&log, &vm, |colo, primary| {
+        primary.send(&Control::CheckpointRequest { seq: 1, passive: false, trigger: "periodic".into() });
+        primary.expect("checkpoint-reply");
+        primary.send(&Control::VmstateSend { seq: 1 });
+        let page = vec![0xdd; PAGE_SIZE];
+        let top = 0xFFFF_FFFF_FFFF_F000u64;
+        primary.link.with_writer(|w| w.pages([(top, &page[..])]).map_err(|e| e.to_string())).unwrap();
+        let Control::Error { message } = primary.expect("error") else { unreachable!() };
+        assert!(message.contains("0xfffffffffffff000") && message.contains("outside guest memory"), "{message}");
+        wait_stopped(colo);
+        assert!(colo.status().error.unwrap().contains("outside guest memory"));
+        assert!(vm.is_paused(), "the SVM waits paused at its last complete checkpoint");
+        colo.lost_heartbeat.store(true, Ordering::Relaxed);
+    });
+    let s = colo.status();
+    assert_eq!(s.state, State::FailedOver, "lost-heartbeat still fails over");
+    assert!(!vm.is_paused());
+}
+
+#[test]
+fn a_panic_in_the_secondary_ends_colo_with_an_error_and_failover_stays_possible() {
+    let log = Log::default();
+    let vm = FakeVm::new(&log, 16);
+    let colo = with_secondary(&log, &vm, |colo, primary| {
+        vm.dirty_pages_panic.store(true, Ordering::Relaxed);
+        primary.send(&Control::CheckpointRequest { seq: 1, passive: false, trigger: "periodic".into() });
+        primary.expect("checkpoint-reply");
+        primary.send(&Control::VmstateSend { seq: 1 });
+        primary.link.send_state(&FakeVm::state()).unwrap();
+        primary.send(&Control::VmstateSize { seq: 1, pages: 0 });
+        primary.expect("vmstate-received");
+        let Control::Error { message } = primary.expect("error") else { unreachable!() };
+        assert!(message.contains("internal error") && message.contains("dirty log broke"), "{message}");
+        wait_stopped(colo);
+        assert!(colo.status().error.unwrap().contains("the secondary failed"), "{:?}", colo.status().error);
+        vm.dirty_pages_panic.store(false, Ordering::Relaxed);
+        colo.lost_heartbeat.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(colo.status().state, State::FailedOver);
+    assert!(!vm.is_paused());
+}

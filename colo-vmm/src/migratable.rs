@@ -1,0 +1,132 @@
+//! The VM as its orchestrators see it: snapshot, migration and the COLO roles drive a VM only
+//! through these traits (cloud-hypervisor's Pausable / Snapshottable / Migratable are the
+//! model), never the other way round. The VMM implements them on its running VM; unit tests
+//! implement them on a fake to check the orchestrators' order of operations without KVM.
+
+use crate::persist::sections::Sections;
+use crate::persist::snapshot::Meta;
+use crate::persist::stream::PAGE_SIZE;
+use crate::vstate::dirty::DirtyBitmap;
+
+/// Why an operation on the VM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigratableError {
+    /// The vCPU thread has ended (the guest exited, crashed or was told to quit).
+    #[error("the guest is no longer running")]
+    NotRunning,
+    /// The operation needs a paused VM.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// A device could not be stopped, restarted or restored.
+    #[error("device: {0}")]
+    Device(String),
+    /// Saving or restoring vCPU or VM state failed.
+    #[error(transparent)]
+    State(#[from] crate::persist::vcpu_state::VcpuStateError),
+    /// The saved state is unusable.
+    #[error(transparent)]
+    Stream(#[from] crate::persist::stream::StreamError),
+    /// Dirty tracking failed.
+    #[error(transparent)]
+    Dirty(#[from] crate::vstate::dirty::DirtyError),
+    /// Dirty tracking was asked for while it was off.
+    #[error("dirty tracking is not on")]
+    NotTracking,
+    /// A guest page could not be read or written.
+    #[error("guest page {page}: {source}")]
+    Page {
+        /// The page number.
+        page: usize,
+        /// What vm-memory said.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// Stopping and restarting the guest.
+pub trait Pausable {
+    /// Stops the vCPU and every device's data path: until [`Pausable::resume`], nothing writes
+    /// guest memory (the vhost-user backends included). Pausing a paused VM does nothing. If it
+    /// fails, the VM runs as before.
+    fn pause(&self) -> Result<(), MigratableError>;
+
+    /// Restarts the devices where the pause stopped them, then the vCPU (unless the user
+    /// stopped it, or the VM was handed to a migration destination). Whatever fails, as much as
+    /// possible runs again.
+    fn resume(&self) -> Result<(), MigratableError>;
+}
+
+/// Saving and taking over the machine's state (vCPU, VM, devices).
+pub trait Snapshottable: Pausable {
+    /// What kind of machine this is.
+    fn describe(&self) -> Meta;
+
+    /// The state of the paused machine.
+    fn save_state(&self) -> Result<Sections, MigratableError>;
+
+    /// Takes over `state` on the paused machine: the devices restart where the state left them;
+    /// the vCPU stays paused until [`Pausable::resume`].
+    fn restore_state(&self, state: &Sections) -> Result<(), MigratableError>;
+}
+
+/// Everything a migration or a checkpoint needs besides the state: dirty pages, page access
+/// and the handover of the backends.
+pub trait Migratable: Snapshottable + Send + Sync {
+    /// Starts tracking which pages anyone (vCPU, VMM, backends) writes.
+    fn start_dirty_log(&self) -> Result<(), MigratableError>;
+
+    /// The pages written since the last call (or since tracking started).
+    fn dirty_pages(&self) -> Result<DirtyBitmap, MigratableError>;
+
+    /// Stops tracking (nothing happens if it was off).
+    fn stop_dirty_log(&self);
+
+    /// Guest RAM in pages of [`PAGE_SIZE`] bytes, from address 0.
+    fn page_count(&self) -> usize;
+
+    /// Reads page `page` into `buf` ([`PAGE_SIZE`] bytes).
+    fn read_page(&self, page: usize, buf: &mut [u8]) -> Result<(), MigratableError>;
+
+    /// Writes `data` ([`PAGE_SIZE`] bytes) into page `page`.
+    fn write_page(&self, page: usize, data: &[u8]) -> Result<(), MigratableError>;
+
+    /// Lets go of the backends (a paused VM hands them to its migration destination); the vCPU
+    /// stays paused from now on.
+    fn release_backends(&self);
+
+    /// Takes the backends back after [`Migratable::release_backends`] (a failed handover): the
+    /// devices run again where the pause stopped them; [`Pausable::resume`] restarts the vCPU.
+    fn reattach_backends(&self) -> Result<(), MigratableError>;
+
+    /// Bytes of guest RAM.
+    fn mem_size(&self) -> u64 {
+        (self.page_count() * PAGE_SIZE) as u64
+    }
+}
+
+/// Pauses `vm`, runs `f`, and resumes it whatever `f` returned: the one place that spells out
+/// "pause, save, resume". An error of `f` comes first; then one of resuming.
+pub fn while_paused<V, T, E>(vm: &V, f: impl FnOnce() -> Result<T, E>) -> Result<T, E>
+where
+    V: Pausable + ?Sized,
+    E: From<MigratableError>,
+{
+    vm.pause()?;
+    let result = f();
+    let resumed = vm.resume();
+    let value = result?;
+    resumed?;
+    Ok(value)
+}
+
+/// A 64-bit hash of every page, in address order (the verify mode of migrations and
+/// checkpoints).
+pub fn page_digests<V: Migratable + ?Sized>(vm: &V) -> Result<Vec<u64>, MigratableError> {
+    crate::persist::snapshot::digests(vm.page_count(), |p, buf| vm.read_page(p, buf))
+}
+
+/// The addresses of the pages of `vm` whose digests differ from `encoded` (as
+/// `persist::snapshot::encode_digests` writes them).
+pub fn differing_pages<V: Migratable + ?Sized>(vm: &V, encoded: &[u8]) -> Result<Vec<u64>, MigratableError> {
+    Ok(crate::persist::snapshot::compare_digests(&page_digests(vm)?, encoded)?)
+}

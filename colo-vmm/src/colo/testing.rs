@@ -219,6 +219,7 @@ impl FakeCompare {
             version: "0".into(),
             nic: "net0".into(),
             mode: colo_proxy::compare::Mode::PrimaryOnly,
+            replica: None,
         };
         let (handle, requests) = ControlServer::spawn(&path, hello).expect("control server");
         let stop = Arc::new(AtomicBool::new(false));
@@ -236,6 +237,7 @@ impl FakeCompare {
                         Event::ModeSet { id, mode }
                     }
                     Command::QueryStats { id } => Event::Error { id: Some(id), message: "not here".into() },
+                    other => other.refused_by_pair(),
                 };
                 h.reply(req.conn, reply);
             }

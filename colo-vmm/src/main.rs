@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use colo_proxy::link::LinkKey;
 
 use colo_vmm::api::client::{parse_arguments, ApiClient};
 use colo_vmm::api::dispatch::{Lifecycle, VmmApi};
@@ -70,6 +71,12 @@ struct RunArgs {
     /// once; a secondary sets them to secondary-only on failover.
     #[arg(long, value_name = "PATH")]
     compare_socket: Vec<PathBuf>,
+    /// The key shared by the hosts of this VM (a file of at least 32 random bytes, mode 0600 or
+    /// 0400, e.g. `head -c 32 /dev/urandom`). Every link this VMM makes or accepts (migration,
+    /// COLO's checkpoint link) is then mutually authenticated and encrypted; a peer without
+    /// the key is refused. Without it links are plain (a warning at start).
+    #[arg(long, value_name = "FILE")]
+    link_key: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -137,6 +144,12 @@ impl Lifecycle for QuitByChannel {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    match &args.link_key {
+        Some(path) => colo_vmm::migration::uri::set_link_key(LinkKey::load(path)?),
+        None => tracing::warn!(
+            "no --link-key: migration and checkpoint links to other hosts are neither authenticated nor encrypted"
+        ),
+    }
     let config = VmConfig {
         image: args.kernel.map_or(Image::Reference, Image::File),
         cmdline: args.cmdline,

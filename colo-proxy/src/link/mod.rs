@@ -22,5 +22,5 @@ pub use frame_link::{FrameLink, FrameLinkConfig, PeerEvent};
 pub use key::{KeyError, LinkKey};
 pub use listener::{accept_one, AuthPolicy, LinkAcceptor, LinkListener, AUTH_TIMEOUT};
 pub use message::PeerMessage;
-pub use secure::{accept, connect, is_tampered, LinkConn, LinkError, LinkReader, LinkWriter};
+pub use secure::{accept, connect, is_tampered, paired, LinkConn, LinkError, LinkReader, LinkWriter};
 pub use socket::LinkSocket;

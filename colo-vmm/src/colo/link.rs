@@ -219,7 +219,7 @@ mod tests {
     fn pair(beat_ms: u64) -> (Link<Channel>, Link<Channel>) {
         let (a, b) = UnixStream::pair().unwrap();
         let end = |s: UnixStream| {
-            let chan = Channel::Unix(s);
+            let chan = Channel::paired(s).unwrap();
             let w = StreamWriter::new(chan.try_clone().unwrap()).unwrap();
             let peer_reader = chan.try_clone().unwrap();
             (chan, w, peer_reader)
@@ -277,7 +277,7 @@ mod tests {
     #[test]
     fn garbage_is_reported_as_corrupt_not_as_a_closed_link() {
         let (s, peer) = UnixStream::pair().unwrap();
-        let chan = Channel::Unix(s);
+        let chan = Channel::paired(s).unwrap();
         let w = StreamWriter::new(chan.try_clone().unwrap()).unwrap();
         // The peer writes a valid stream header and a heartbeat, then a record with a flipped byte.
         let mut pw = StreamWriter::new(Vec::new()).unwrap();

@@ -271,7 +271,7 @@ pub struct LinkEnd<W: std::io::Write> {
 /// secondary's).
 pub fn link_ends() -> (LinkEnd<BufWriter<Channel>>, LinkEnd<Channel>) {
     let (a, b) = UnixStream::pair().unwrap();
-    let (a, b) = (Channel::Unix(a), Channel::Unix(b));
+    let (a, b) = (Channel::paired(a).unwrap(), Channel::paired(b).unwrap());
     let mut wa = StreamWriter::new(BufWriter::new(a.try_clone().unwrap())).unwrap();
     wa.flush().unwrap();
     let wb = StreamWriter::new(b.try_clone().unwrap()).unwrap();

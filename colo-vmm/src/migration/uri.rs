@@ -5,7 +5,11 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use colo_proxy::link::{self, AuthPolicy, LinkConn, LinkError, LinkKey, LinkReader, LinkSocket, LinkWriter};
 
 /// A migration address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,46 +45,111 @@ impl std::fmt::Display for MigrationUri {
     }
 }
 
-/// A connected migration channel of either kind.
-#[derive(Debug)]
+/// This process's link key (`--link-key`), set once at start: every link it makes or accepts
+/// (migration and COLO) is authenticated and encrypted with it.
+static LINK_KEY: OnceLock<LinkKey> = OnceLock::new();
+
+/// Sets the process's link key (once, at start). Without it links are plain.
+pub fn set_link_key(key: LinkKey) {
+    if LINK_KEY.set(key).is_err() {
+        tracing::warn!("the link key was already set; keeping the first");
+    }
+}
+
+/// The process's link key, if any.
+pub fn link_key() -> Option<&'static LinkKey> {
+    LINK_KEY.get()
+}
+
+/// The purpose every state-stream link names in its handshake (migration and COLO alike).
+pub const LINK_PURPOSE: &str = "checkpoint";
+/// How long connecting (and the handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One end of a link of socket type `S`: the link layer's reader and writer (authenticated
+/// and encrypted with a link key, plain without), each behind a lock so that clones of a
+/// [`Channel`] can read on one thread and write on another.
+pub struct Ends<S: LinkSocket> {
+    reader: Mutex<LinkReader<S>>,
+    writer: Mutex<LinkWriter<S>>,
+    control: S,
+    peer: String,
+    secure: bool,
+}
+
+impl<S: LinkSocket> Ends<S> {
+    fn new(conn: LinkConn<S>) -> Arc<Ends<S>> {
+        let LinkConn { reader, writer, control, peer, secure } = conn;
+        Arc::new(Ends { reader: Mutex::new(reader), writer: Mutex::new(writer), control, peer, secure })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A connected migration channel of either kind. Clones share the connection: one reads, one
+/// writes. Writes are buffered: `flush` sends them (as the state stream does after each
+/// message and batch).
+#[derive(Clone)]
 pub enum Channel {
     /// TCP.
-    Tcp(TcpStream),
+    Tcp(Arc<Ends<TcpStream>>),
     /// Unix.
-    Unix(UnixStream),
+    Unix(Arc<Ends<UnixStream>>),
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (kind, peer, secure) = match self {
+            Channel::Tcp(e) => ("tcp", &e.peer, e.secure),
+            Channel::Unix(e) => ("unix", &e.peer, e.secure),
+        };
+        f.debug_struct("Channel").field("kind", &kind).field("peer", peer).field("secure", &secure).finish()
+    }
 }
 
 impl Channel {
+    /// A plain channel over one end of a socket pair made in this process (tests).
+    pub fn paired(s: UnixStream) -> io::Result<Channel> {
+        Ok(Channel::Unix(Ends::new(link::paired(s)?)))
+    }
+
     /// Another handle on the same connection (one reads, one writes).
     pub fn try_clone(&self) -> io::Result<Channel> {
-        Ok(match self {
-            Channel::Tcp(s) => Channel::Tcp(s.try_clone()?),
-            Channel::Unix(s) => Channel::Unix(s.try_clone()?),
-        })
+        Ok(self.clone())
     }
 
     /// Limits how long a read may wait.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {
-            Channel::Tcp(s) => s.set_read_timeout(t),
-            Channel::Unix(s) => s.set_read_timeout(t),
+            Channel::Tcp(e) => e.control.set_read_deadline(t),
+            Channel::Unix(e) => e.control.set_read_deadline(t),
         }
     }
 
-    /// Closes both directions (unblocks a peer waiting on us).
+    /// Closes both directions (unblocks a peer waiting on us, and a reader here).
     pub fn shutdown(&self) {
-        let _ = match self {
-            Channel::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Channel::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-        };
+        match self {
+            Channel::Tcp(e) => e.control.shutdown_both(),
+            Channel::Unix(e) => e.control.shutdown_both(),
+        }
+    }
+
+    /// Whether the link is authenticated and encrypted.
+    pub fn secure(&self) -> bool {
+        match self {
+            Channel::Tcp(e) => e.secure,
+            Channel::Unix(e) => e.secure,
+        }
     }
 }
 
 impl io::Read for Channel {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
-            Channel::Tcp(s) => s.read(buf),
-            Channel::Unix(s) => s.read(buf),
+            Channel::Tcp(e) => lock(&e.reader).read(buf),
+            Channel::Unix(e) => lock(&e.reader).read(buf),
         }
     }
 }
@@ -88,29 +157,48 @@ impl io::Read for Channel {
 impl io::Write for Channel {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Channel::Tcp(s) => s.write(buf),
-            Channel::Unix(s) => s.write(buf),
+            Channel::Tcp(e) => lock(&e.writer).write(buf),
+            Channel::Unix(e) => lock(&e.writer).write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Channel::Tcp(e) => lock(&e.writer).flush(),
+            Channel::Unix(e) => lock(&e.writer).flush(),
+        }
+    }
+}
+
+/// Why a link to the peer could not be made.
+fn link_error(e: LinkError) -> io::Error {
+    match e {
+        LinkError::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::PermissionDenied, other.to_string()),
     }
 }
 
 impl MigrationUri {
-    /// Connects (the source side).
+    /// Connects and authenticates (the source side) with the process's link key.
     pub fn connect(&self) -> io::Result<Channel> {
+        self.connect_with(link_key())
+    }
+
+    /// Connects and authenticates with `key` (`None`: plain).
+    pub fn connect_with(&self, key: Option<&LinkKey>) -> io::Result<Channel> {
         match self {
             MigrationUri::Tcp(a) => {
                 let addr = a
                     .to_socket_addrs()?
                     .next()
                     .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{a} resolves to nothing")))?;
-                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                let s = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
                 s.set_nodelay(true)?;
-                Ok(Channel::Tcp(s))
+                Ok(Channel::Tcp(Ends::new(link::connect(s, key, LINK_PURPOSE, CONNECT_TIMEOUT).map_err(link_error)?)))
             }
-            MigrationUri::Unix(p) => Ok(Channel::Unix(UnixStream::connect(p)?)),
+            MigrationUri::Unix(p) => {
+                let s = UnixStream::connect(p)?;
+                Ok(Channel::Unix(Ends::new(link::connect(s, key, LINK_PURPOSE, CONNECT_TIMEOUT).map_err(link_error)?)))
+            }
         }
     }
 
@@ -135,16 +223,20 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Waits for the source.
+    /// Waits for the source: the first connection that authenticates with the process's link
+    /// key (or, without one, says a plain hello) within a second of connecting. Silent, garbage and
+    /// unauthenticated connections are dropped with a log line, and the wait goes on.
     pub fn accept(&self) -> io::Result<Channel> {
-        match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept()?;
-                s.set_nodelay(true)?;
-                Ok(Channel::Tcp(s))
-            }
-            Listener::Unix(l, _) => Ok(Channel::Unix(l.accept()?.0)),
-        }
+        self.accept_with(link_key())
+    }
+
+    /// [`Listener::accept`] with `key` (`None`: plain).
+    pub fn accept_with(&self, key: Option<&LinkKey>) -> io::Result<Channel> {
+        let policy = AuthPolicy::new(key.cloned(), LINK_PURPOSE);
+        Ok(match self {
+            Listener::Tcp(l) => Channel::Tcp(Ends::new(link::accept_one(l.try_clone()?, policy, None, None)?)),
+            Listener::Unix(l, _) => Channel::Unix(Ends::new(link::accept_one(l.try_clone()?, policy, None, None)?)),
+        })
     }
 }
 

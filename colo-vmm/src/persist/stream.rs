@@ -90,11 +90,13 @@ pub struct StreamWriter<W: Write> {
 }
 
 impl<W: Write> StreamWriter<W> {
-    /// Starts a stream (writes the header).
+    /// Starts a stream: writes the header and flushes it, so a reader on the other end of a
+    /// link can start at once.
     pub fn new(mut w: W) -> io::Result<StreamWriter<W>> {
         w.write_all(&MAGIC)?;
         w.write_all(&VERSION.to_le_bytes())?;
         w.write_all(&0u32.to_le_bytes())?;
+        w.flush()?;
         Ok(StreamWriter { w, pages: 0, records: 0, scratch: Vec::new() })
     }
 
@@ -265,6 +267,8 @@ impl<R: Read> StreamReader<R> {
 fn read_exact<R: Read>(r: &mut R, buf: &mut [u8], where_: &'static str) -> Result<(), StreamError> {
     r.read_exact(buf).map_err(|e| match e.kind() {
         io::ErrorKind::UnexpectedEof => StreamError::Truncated(where_),
+        // A link record that failed authentication is damage, not a closed connection.
+        _ if colo_proxy::link::is_tampered(&e) => StreamError::Corrupt(e.to_string()),
         _ => StreamError::Io(e),
     })
 }

@@ -382,7 +382,12 @@ pub struct CounterClient {
 impl CounterClient {
     /// Connects and reads the current value.
     pub fn connect(net: &ColoNet) -> CounterClient {
-        let mut line = crate::vm_topology::LineClient::new(net.connect(9000));
+        Self::over(net.connect(9000))
+    }
+
+    /// A client on a connection to the counter service (port 9000); reads the current value.
+    pub fn over(stream: TcpStream) -> CounterClient {
+        let mut line = crate::vm_topology::LineClient::new(stream);
         let last = line.ask("get").expect("counter get").parse().expect("a number");
         CounterClient { line, last, count: 0 }
     }

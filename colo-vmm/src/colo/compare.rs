@@ -10,7 +10,8 @@ use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use colo_proxy::compare::Mode;
-use colo_proxy::control::{Command, Event};
+use colo_proxy::control::{Command, Event, HelloReplica};
+use colo_proxy::replica::Role;
 
 /// How long a compare process may take to answer a command.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -20,6 +21,21 @@ struct Process {
     path: PathBuf,
     writer: UnixStream,
     nic: String,
+    /// A backend of this VM only (two hosts): its role and frame-link address. `None`: one
+    /// that serves both VMs (one host), driven by modes alone.
+    replica: Option<HelloReplica>,
+}
+
+/// What one compare process is told when the VM's role changes: a backend of both VMs takes a
+/// mode, a backend of this VM only takes a role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Duty {
+    /// Serve without a replica: `primary-only`, or role `alone`.
+    Alone,
+    /// The secondary serves now (this VM stepped down as primary, or is the secondary).
+    Secondary,
+    /// This secondary took over: `secondary-only`, or role `alone` (which announces it).
+    TakeOver,
 }
 
 /// A miscompare reported by one of the compare processes.
@@ -70,8 +86,8 @@ impl CompareSet {
         let mut hello = String::new();
         stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| e.to_string())?;
         reader.read_line(&mut hello).map_err(|e| format!("{}: no hello: {e}", path.display()))?;
-        let nic = match Event::parse(hello.trim_end().as_bytes()) {
-            Ok(Event::Hello { nic, .. }) => nic,
+        let (nic, replica) = match Event::parse(hello.trim_end().as_bytes()) {
+            Ok(Event::Hello { nic, replica, .. }) => (nic, replica),
             other => return Err(format!("{}: expected hello, got {other:?}", path.display())),
         };
         stream.set_read_timeout(None).map_err(|e| e.to_string())?;
@@ -97,7 +113,7 @@ impl CompareSet {
                 }
             })
             .map_err(|e| e.to_string())?;
-        Ok(Process { path: path.to_path_buf(), writer: stream, nic })
+        Ok(Process { path: path.to_path_buf(), writer: stream, nic, replica })
     }
 
     /// How many compare processes.
@@ -153,6 +169,117 @@ impl CompareSet {
     pub fn set_mode(&mut self, mode: Mode) -> Result<(), String> {
         let ids = self.send_all(|id| Command::Mode { id, mode })?;
         self.wait_replies(&ids).map(|_| ())
+    }
+
+    /// Whether the VM's traffic goes through backends of this VM only (two hosts).
+    pub fn one_vm(&self) -> bool {
+        self.procs.iter().any(|p| p.replica.is_some())
+    }
+
+    /// Where each process's frame link listens (two hosts; `None` for a backend of both VMs),
+    /// in `--compare-socket` order: what a secondary tells its primary.
+    pub fn frame_links(&self) -> Vec<Option<String>> {
+        self.procs.iter().map(|p| p.replica.as_ref().and_then(|r| r.peer_listen.clone())).collect()
+    }
+
+    /// Sends one command to each process (`make` decides per process; `None`: nothing for
+    /// it) and waits for every reply.
+    fn each(&mut self, make: impl Fn(usize, &Process, u64) -> Option<Command>) -> Result<Vec<Option<Event>>, String> {
+        let mut sent = vec![];
+        for (i, p) in self.procs.iter_mut().enumerate() {
+            let id = self.next_id;
+            let Some(cmd) = make(i, p, id) else {
+                sent.push(None);
+                continue;
+            };
+            self.next_id += 1;
+            let mut line = cmd.to_line();
+            line.push('\n');
+            p.writer.write_all(line.as_bytes()).map_err(|e| format!("compare process {}: {e}", p.path.display()))?;
+            sent.push(Some(id));
+        }
+        let ids: Vec<u64> = sent.iter().flatten().copied().collect();
+        let mut replies = self.wait_replies(&ids)?.into_iter();
+        Ok(sent.into_iter().map(|s| s.and_then(|_| replies.next())).collect())
+    }
+
+    fn duty(&mut self, duty: Duty) -> Result<(), String> {
+        self.each(|_, p, id| match (duty, p.replica.is_some()) {
+            (Duty::Alone, false) => Some(Command::Mode { id, mode: Mode::PrimaryOnly }),
+            (Duty::TakeOver, false) => Some(Command::Mode { id, mode: Mode::SecondaryOnly }),
+            // A backend of both VMs follows the secondary: it set it already.
+            (Duty::Secondary, false) => None,
+            (Duty::Alone | Duty::TakeOver, true) => {
+                Some(Command::Role { id, role: Role::Alone, peer: None, lease_ms: None })
+            }
+            (Duty::Secondary, true) => Some(Command::Role { id, role: Role::Secondary, peer: None, lease_ms: None }),
+        })
+        .map(|_| ())
+    }
+
+    /// The VM serves alone (a primary before COLO, or after losing its secondary): released
+    /// at once, and held output goes out.
+    pub fn serve_alone(&mut self) -> Result<(), String> {
+        self.duty(Duty::Alone)
+    }
+
+    /// This VM is (or becomes) a secondary: nothing of it reaches its LAN, and a primary that
+    /// stepped down drops what it held.
+    pub fn serve_as_secondary(&mut self) -> Result<(), String> {
+        self.duty(Duty::Secondary)
+    }
+
+    /// This secondary took over: its output goes out (through the rewriter), and a one-VM
+    /// backend announces it on the LAN.
+    pub fn take_over(&mut self) -> Result<(), String> {
+        self.duty(Duty::TakeOver)
+    }
+
+    /// COLO starts on the primary: one-VM backends connect their frame links to the
+    /// secondary's (`links`, in `--compare-socket` order, from the secondary) and release
+    /// only under a lease of `lease_ms`; then every process compares (`colo`).
+    pub fn start_colo(&mut self, links: &[Option<String>], lease_ms: u64) -> Result<(), String> {
+        for (i, p) in self.procs.iter().enumerate() {
+            if p.replica.is_some() && links.get(i).cloned().flatten().is_none() {
+                return Err(format!(
+                    "compare process {} serves this VM only, but the secondary named no frame link for NIC #{i} \
+                     (give its backend --peer-listen)",
+                    p.path.display()
+                ));
+            }
+        }
+        self.each(|i, p, id| {
+            p.replica.as_ref().map(|_| Command::Role {
+                id,
+                role: Role::Primary,
+                peer: links[i].clone(),
+                lease_ms: Some(lease_ms),
+            })
+        })?;
+        self.set_mode(Mode::Colo)
+    }
+
+    /// As primary with the VM paused: each one-VM backend's mark (the first inbound frame the
+    /// VM has not taken), in order; `None` for backends of both VMs.
+    pub fn rx_marks(&mut self) -> Result<Vec<Option<u64>>, String> {
+        let replies = self.each(|_, p, id| p.replica.as_ref().map(|_| Command::QueryRxMark { id }))?;
+        Ok(replies
+            .into_iter()
+            .map(|r| match r {
+                Some(Event::RxMark { mark, .. }) => Some(mark),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// As secondary, once the VM loaded a checkpoint: each one-VM backend restarts the VM's
+    /// inbound frames at the primary's mark.
+    pub fn resync(&mut self, marks: &[Option<u64>]) -> Result<(), String> {
+        self.each(|i, p, id| {
+            let mark = marks.get(i).copied().flatten()?;
+            p.replica.as_ref().map(|_| Command::Resync { id, mark })
+        })
+        .map(|_| ())
     }
 
     /// Flushes every compare process (the checkpoint's output commit); returns frames

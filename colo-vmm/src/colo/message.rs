@@ -9,7 +9,12 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Control {
     /// Secondary → primary: COLO started, the secondary runs.
-    CheckpointReady,
+    CheckpointReady {
+        /// Two hosts: where the frame link of each of the secondary's backends listens, in
+        /// `--compare-socket` order (`None` for a backend of both VMs).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        frame_links: Vec<Option<String>>,
+    },
     /// Primary → secondary: a checkpoint begins (spec/colo.md step 1).
     CheckpointRequest {
         /// Its number.
@@ -37,6 +42,11 @@ pub enum Control {
         seq: u64,
         /// Pages sent since `vmstate-send` (background pages not included).
         pages: u64,
+        /// Two hosts: each one-VM backend's mark at the pause (the first inbound frame the PVM
+        /// had not taken), in `--compare-socket` order; the secondary's backends restart its
+        /// VM's inbound frames there.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        rx_marks: Vec<Option<u64>>,
     },
     /// Secondary → primary: everything is in the RAM cache (step 4).
     VmstateReceived {
@@ -81,7 +91,7 @@ mod tests {
     fn json_shapes() {
         assert_eq!(serde_json::to_string(&Control::Heartbeat).unwrap(), r#"{"type":"heartbeat"}"#);
         assert_eq!(
-            serde_json::to_string(&Control::VmstateSize { seq: 3, pages: 9 }).unwrap(),
+            serde_json::to_string(&Control::VmstateSize { seq: 3, pages: 9, rx_marks: vec![] }).unwrap(),
             r#"{"type":"vmstate-size","seq":3,"pages":9}"#
         );
         // Both protocols say `error` alike: a destination refusing a COLO start uses the

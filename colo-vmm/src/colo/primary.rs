@@ -52,7 +52,7 @@ pub struct TestOptions {
 /// its traffic flows before COLO starts (spec/control.md, "Initial mode").
 pub fn prepare(colo: &ColoShared) -> Result<(), String> {
     let mut c = CompareSet::connect(&colo.compare_sockets, Duration::from_secs(10))?;
-    c.set_mode(Mode::PrimaryOnly)?;
+    c.serve_alone()?;
     *colo.compare() = Some(c);
     Ok(())
 }
@@ -129,16 +129,19 @@ fn begin<'a, V: Migratable>(
     }
     // From here the PVM is paused: every way out restarts it.
     let ready = source::answer(&t, READY_TIMEOUT).and_then(|(r, c)| match c {
-        Control::CheckpointReady => Ok(r),
+        Control::CheckpointReady { frame_links } => Ok((r, frame_links)),
         Control::Error { message } => Err(format!("the secondary refused: {message}")),
         other => Err(format!("unexpected answer from the secondary: {other:?}")),
     });
-    let reader = match ready {
+    let (reader, frame_links) = match ready {
         Ok(r) => r,
         Err(e) => return Err(abandon(t, source::rollback(vm, e))),
     };
     let _ = t.chan.set_read_timeout(None);
-    let compare = match take_compare(colo).and_then(|mut c| c.set_mode(Mode::Colo).map(|()| c)) {
+    // Two hosts: this host's backends connect their frame links to the secondary's now, while
+    // the PVM is still paused, so the SVM gets every inbound frame the PVM has not taken.
+    let lease_ms = lease_ms(&colo.params());
+    let compare = match take_compare(colo).and_then(|mut c| c.start_colo(&frame_links, lease_ms).map(|()| c)) {
         Ok(mut c) => {
             c.forget_miscompares();
             c
@@ -163,6 +166,13 @@ fn begin<'a, V: Migratable>(
     });
     tracing::info!(target: "colo", uri = %uri, ms = started.elapsed().as_millis() as u64, "COLO started");
     Ok(ctl)
+}
+
+/// The lease under which a primary's one-VM backends release output: half the heartbeat
+/// timeout, so a primary cut off from its secondary stops releasing well before the secondary
+/// can take over.
+fn lease_ms(p: &ColoParams) -> u64 {
+    (p.heartbeat_timeout / 2).clamp(20, 60_000)
 }
 
 /// The primary's compare connection, made at start-up to set `primary-only`, or a new one.
@@ -492,6 +502,12 @@ impl<'a, V: Migratable> Controller<'a, V> {
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
             std::thread::sleep(d);
         }
+        // Two hosts: where the secondary's backends restart its VM's inbound frames.
+        let rx_marks = if self.compare().one_vm() {
+            self.compare().rx_marks().map_err(|e| End::Error(format!("compare process: {e}")))?
+        } else {
+            vec![]
+        };
         let mut state = vm.save_state().map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
         if self.test.verify {
             let d = page_digests(vm).map_err(|e| End::Error(e.to_string()))?;
@@ -499,7 +515,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
         }
         let encoded = state.encode().len() as u64;
         self.link.send_state(&state).map_err(|e| self.write_failed(e))?;
-        self.link.send(&Control::VmstateSize { seq, pages }).map_err(|e| self.write_failed(e))?;
+        self.link.send(&Control::VmstateSize { seq, pages, rx_marks }).map_err(|e| self.write_failed(e))?;
         let sent_ms = ms_since(t0);
         self.expect("vmstate-received", &Control::VmstateReceived { seq })?;
         let received_ms = ms_since(t0);
@@ -542,15 +558,15 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.link.close();
         let mut compare = self.compare.take();
         let set = match compare.as_mut() {
-            Some(c) => c.set_mode(Mode::PrimaryOnly),
+            Some(c) => c.serve_alone(),
             None => Err("no compare connection".into()),
         };
         if let Err(e) = set {
             // Reconnect: a compare process may have restarted.
-            tracing::warn!(target: "colo", error = %e, "setting primary-only; reconnecting to the compare processes");
+            tracing::warn!(target: "colo", error = %e, "serving alone; reconnecting to the compare processes");
             compare = CompareSet::connect(&self.colo.compare_sockets, Duration::from_secs(5))
-                .and_then(|mut c| c.set_mode(Mode::PrimaryOnly).map(|()| c))
-                .map_err(|e| tracing::error!(target: "colo", error = %e, "could not set the compare processes to primary-only"))
+                .and_then(|mut c| c.serve_alone().map(|()| c))
+                .map_err(|e| tracing::error!(target: "colo", error = %e, "could not make the compare processes serve this VM alone"))
                 .ok();
         }
         *self.colo.compare() = compare;
@@ -574,9 +590,16 @@ impl<V: Migratable> Controller<'_, V> {
         }
     }
 
-    /// The secondary serves now: this VM must not. It stays paused (for inspection, or `quit`);
-    /// the compare processes are left as the secondary set them.
+    /// The secondary serves now: this VM must not. It stays paused (for inspection, or `quit`),
+    /// and its compare processes release nothing more.
     fn step_down(mut self, why: String) {
+        // First of all, nothing more of this VM may reach the LAN: a one-VM backend drops what
+        // it holds (a backend of both VMs follows the secondary, which set it already).
+        if let Some(c) = self.compare.as_mut() {
+            if let Err(e) = c.serve_as_secondary() {
+                tracing::error!(target: "colo", error = %e, "could not fence the compare processes");
+            }
+        }
         self.link.close();
         if let Err(e) = self.vm.pause() {
             tracing::error!(target: "colo", error = %e, "pausing the replaced VM");

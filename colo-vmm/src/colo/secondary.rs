@@ -26,8 +26,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use colo_proxy::compare::Mode;
-
 use super::cache::RamCache;
 use super::compare::CompareSet;
 use super::hybrid::CheckpointKind;
@@ -50,6 +48,9 @@ pub struct SecondaryRunner {
     chan: Channel,
     cache: RamCache,
     colo: Arc<ColoShared>,
+    /// The compare processes, when they serve this VM only (two hosts): told the role now,
+    /// the marks at each checkpoint, the takeover at failover.
+    compare: Option<CompareSet>,
 }
 
 /// Starts the SVM from the initial transfer: attaches this VMM's own backends, takes over the
@@ -64,19 +65,37 @@ pub fn start(
     colo: &Arc<ColoShared>,
 ) -> Result<(Vmm, SecondaryRunner), BootError> {
     let err = |what: &'static str| move |e: String| BootError::Other { what, error: e };
+    // Two hosts: this host's backends must know the VM is a secondary before it runs (until
+    // then they pass nothing), and the primary must know where their frame links listen.
+    let compare = secondary_backends(colo).map_err(err("compare processes"))?;
+    let frame_links = compare.as_ref().map(CompareSet::frame_links).unwrap_or_default();
     let mut machine = core.attach(config)?;
     Vmm::apply_state(&mut machine, &state, &config.serial)?;
     let cache = RamCache::copy_of(machine.ram().memory(), machine.ram().size()).map_err(err("RAM cache"))?;
     machine.start_dirty_log().map_err(|e| err("dirty tracking")(e.to_string()))?;
     let vmm = machine.start()?;
-    crate::persist::message::send(&mut writer, &Control::CheckpointReady)?;
+    crate::persist::message::send(&mut writer, &Control::CheckpointReady { frame_links })?;
     colo.update(|s| {
         s.role = Role::Secondary;
         s.state = State::Running;
         s.mode = Some(CheckpointKind::Colo);
     });
     tracing::info!(target: "colo", "secondary running; COLO started");
-    Ok((vmm, SecondaryRunner { reader, writer, chan, cache, colo: colo.clone() }))
+    Ok((vmm, SecondaryRunner { reader, writer, chan, cache, colo: colo.clone(), compare }))
+}
+
+/// Connects to the compare processes when they serve this VM only and sets them secondary;
+/// `None` when they serve both VMs (one host: the primary drives them until a failover).
+fn secondary_backends(colo: &ColoShared) -> Result<Option<CompareSet>, String> {
+    if colo.compare_sockets.is_empty() {
+        return Ok(None);
+    }
+    let mut c = CompareSet::connect(&colo.compare_sockets, Duration::from_secs(10))?;
+    if !c.one_vm() {
+        return Ok(None);
+    }
+    c.serve_as_secondary()?;
+    Ok(Some(c))
 }
 
 /// Where a checkpoint stands on this side.
@@ -106,10 +125,10 @@ impl SecondaryRunner {
     }
 
     fn run<V: Migratable>(self, vm: &V) {
-        let SecondaryRunner { reader, writer, chan, cache, colo } = self;
+        let SecondaryRunner { reader, writer, chan, cache, colo, compare } = self;
         let colo = &*colo;
         let received = DirtyBitmap::empty(vm.page_count());
-        let mut svm = Svm { cache, received };
+        let mut svm = Svm { cache, received, compare };
         let mut link = Link::new(reader, writer, chan, colo.heartbeat_ms.clone());
         let mut phase = Phase::Idle;
         let end = loop {
@@ -170,6 +189,8 @@ struct Svm {
     cache: RamCache,
     /// Pages received from the primary since the last checkpoint was loaded.
     received: DirtyBitmap,
+    /// The compare processes when they serve this VM only (two hosts).
+    compare: Option<CompareSet>,
 }
 
 impl Svm {
@@ -227,7 +248,7 @@ impl Svm {
             }
             (Incoming::State(st), Phase::Receiving { state, .. }) => *state = Some(st),
             (
-                Incoming::Control(Control::VmstateSize { seq, pages: n }),
+                Incoming::Control(Control::VmstateSize { seq, pages: n, rx_marks }),
                 Phase::Receiving { seq: s, pages, state, .. },
             ) if seq == *s => {
                 if n != *pages || state.is_none() {
@@ -245,6 +266,12 @@ impl Svm {
                 // The checkpoint is complete here: from the moment the primary hears this, it may
                 // release the interval's output, so the SVM loads it whatever happens next.
                 let told = link.send(&Control::VmstateReceived { seq });
+                if let Some(c) = self.compare.as_mut() {
+                    // The SVM's rings are stopped: its inbound queue restarts at the mark, so it
+                    // gets exactly the frames the PVM had not taken at its pause.
+                    c.resync(&rx_marks).map_err(|e| error(format!("checkpoint {seq}: compare process: {e}")))?;
+                    c.forget_miscompares();
+                }
                 self.load(vm, colo, state, passive, &trigger, started)
                     .map_err(|e| error(format!("loading checkpoint {seq}: {e}")))?;
                 told.map_err(|e| write_failed(link, e))?;
@@ -313,7 +340,7 @@ impl Svm {
         Ok(())
     }
 
-    fn failover<V: Migratable>(self, vm: &V, colo: &ColoShared, reason: &str, mid_checkpoint: bool) {
+    fn failover<V: Migratable>(mut self, vm: &V, colo: &ColoShared, reason: &str, mid_checkpoint: bool) {
         let from = if mid_checkpoint {
             "the SVM's own state (the checkpoint in flight was incomplete)"
         } else {
@@ -323,13 +350,13 @@ impl Svm {
         vm.stop_dirty_log();
         // Before the rings restart: a compare process in COLO mode would take a secondary
         // restarting its rings for one that loaded a checkpoint of the primary.
-        match CompareSet::connect(&colo.compare_sockets, Duration::from_secs(5))
-            .and_then(|mut c| c.set_mode(Mode::SecondaryOnly))
-        {
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(target: "colo", error = %e, "could not set the compare processes to secondary-only")
-            }
+        // A connection made at the start may be gone (a backend restarted): then a new one.
+        let took = match self.compare.as_mut().map(CompareSet::take_over) {
+            Some(Ok(())) => Ok(()),
+            _ => CompareSet::connect(&colo.compare_sockets, Duration::from_secs(5)).and_then(|mut c| c.take_over()),
+        };
+        if let Err(e) = took {
+            tracing::error!(target: "colo", error = %e, "could not make the compare processes serve the survivor")
         }
         // The SVM's rings restart where they stopped (if a checkpoint had stopped them).
         if let Err(e) = vm.resume() {

@@ -25,7 +25,8 @@ fn with_secondary(
     let mut primary = Peer::new("primary", p, log);
     vm.start_dirty_log().unwrap();
     let cache = RamCache::copy_of_vm(vm).unwrap();
-    let runner = SecondaryRunner { reader: s.reader, writer: s.writer, chan: s.chan, cache, colo: colo.clone() };
+    let runner =
+        SecondaryRunner { reader: s.reader, writer: s.writer, chan: s.chan, cache, colo: colo.clone(), compare: None };
     std::thread::scope(|scope| {
         let running = scope.spawn(move || runner.run(vm));
         // A failing check must not leave the role waiting for ever: it is told to fail over.
@@ -51,7 +52,7 @@ fn send_checkpoint(primary: &mut Peer<BufWriter<Channel>>, vm: &FakeVm, seq: u64
     primary.link.send_state(&FakeVm::state()).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert_ne!(vm.first_byte(5), byte, "pages wait in the RAM cache until the checkpoint is complete");
-    primary.send(&Control::VmstateSize { seq, pages: 1 });
+    primary.send(&Control::VmstateSize { seq, pages: 1, rx_marks: vec![] });
     primary.expect("vmstate-received");
     primary.expect("vmstate-loaded");
 }
@@ -223,7 +224,7 @@ fn a_panic_in_the_secondary_ends_colo_with_an_error_and_failover_stays_possible(
         primary.expect("checkpoint-reply");
         primary.send(&Control::VmstateSend { seq: 1 });
         primary.link.send_state(&FakeVm::state()).unwrap();
-        primary.send(&Control::VmstateSize { seq: 1, pages: 0 });
+        primary.send(&Control::VmstateSize { seq: 1, pages: 0, rx_marks: vec![] });
         primary.expect("vmstate-received");
         let Control::Error { message } = primary.expect("error") else { unreachable!() };
         assert!(message.contains("internal error") && message.contains("dirty log broke"), "{message}");

@@ -32,6 +32,18 @@ pub fn prerequisites() -> Result<(), String> {
     Ok(())
 }
 
+/// The frames of a capture tcpdump wrote (classic pcap), with their times since the epoch.
+pub fn read_capture(path: &Path) -> Vec<(Duration, Vec<u8>)> {
+    let Ok(file) = std::fs::File::open(path) else { return vec![] };
+    let Ok(mut reader) = pcap_file::pcap::PcapReader::new(file) else { return vec![] };
+    let mut frames = vec![];
+    // A capture cut short by its process's end ends with a partial packet: keep what is whole.
+    while let Some(Ok(p)) = reader.next_packet() {
+        frames.push((p.timestamp, p.data.into_owned()));
+    }
+    frames
+}
+
 /// One host.
 pub struct Host {
     /// Its namespace.

@@ -234,3 +234,224 @@ fn when_host_b_dies_host_a_goes_on_alone() {
     assert!(after >= 20, "the primary went on alone: {after} increments");
     assert_eq!(p["last-failover"]["survivor"], "primary", "{p:#}");
 }
+
+/// Reads the guest's `top` stream (port 9100) on its own thread, counting lines.
+struct TopReader {
+    lines: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<(), String>>,
+}
+
+impl TopReader {
+    fn start(net: &ColoHosts) -> TopReader {
+        let mut r = colo_tests::vm_topology::LineClient::new(net.connect(9100));
+        let lines = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (l, st) = (lines.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                let line = r.read_line().map_err(|e| format!("top stream: {e}"))?;
+                if !line.starts_with("top seq=") {
+                    return Err(format!("bad top line '{line}'"));
+                }
+                l.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        });
+        TopReader { lines, stop, thread }
+    }
+
+    fn lines(&self) -> u64 {
+        self.lines.load(Ordering::Relaxed)
+    }
+
+    fn finish(self) -> Result<(), String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().expect("top reader")
+    }
+}
+
+#[test]
+fn across_two_hosts_hybrid_mode_goes_passive_under_top_and_back_and_the_miscompares_are_captured() {
+    let _g = serial();
+    if !check("across_two_hosts_hybrid_mode_goes_passive_under_top_and_back_and_the_miscompares_are_captured") {
+        return;
+    }
+    let net = ColoHosts::start(HostBackend::VhostNetCompare, 2, "app=top,counter", true);
+    net.set_params(0, &[("passive-count", 12)]);
+    net.start_colo(0, 1);
+    let top = TopReader::start(&net);
+    let t = Instant::now();
+    net.wait_status(0, "passive", Duration::from_secs(15), |s| s["mode"] == "passive");
+    eprintln!("passive after {:?}", t.elapsed());
+    let s = net.wait_status(0, "passive, COLO, passive again", Duration::from_secs(30), |s| {
+        n(&s["checkpoints"]["mode-switches"]) >= 3 && s["mode"] == "passive"
+    });
+    assert!(miscompares(&s) >= 5, "COLO intervals ended in miscompares: {s:#}");
+    let before = top.lines();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(top.lines() > before, "the top stream flows in passive mode");
+    top.finish().unwrap_or_else(|e| panic!("{e}\n{}", net.logs()));
+    // Host a's backend captured both VMs' differing frames, with their verdicts.
+    let captured = read_capture(&net.on[0].capture);
+    assert!(captured.len() >= 2, "miscompared frames captured on host a: {}", captured.len());
+    assert!(read_capture(&net.on[1].capture).is_empty(), "host b compares nothing");
+    // Without the client nothing diverges: COLO again, and it stays.
+    let s = net.wait_status(0, "back in COLO", Duration::from_secs(15), |s| s["mode"] == "colo");
+    let switches = n(&s["checkpoints"]["mode-switches"]);
+    std::thread::sleep(Duration::from_secs(3));
+    let s = net.status(0);
+    assert_eq!(s["mode"], "colo", "{s:#}");
+    assert_eq!(n(&s["checkpoints"]["mode-switches"]), switches, "no switch without the top client: {s:#}");
+    // And the counter session is intact.
+    let mut c = CounterClient::over(net.connect(9000));
+    for _ in 0..10 {
+        c.inc().unwrap_or_else(|e| panic!("{e}\n{}", net.logs()));
+    }
+}
+
+/// Hostile connections from host a's namespace to `addr` (a colo link port on host b): a
+/// silent one (kept open and returned), garbage, a plain hello, and a handshake with another
+/// key.
+fn hostile_connections(net: &ColoHosts, addr: String, purpose: &'static str) -> std::net::TcpStream {
+    use colo_proxy::link::{self, LinkKey};
+    net.lan.host(0).ns.enter(move || {
+        let addr: std::net::SocketAddr = addr.parse().unwrap();
+        let silent = std::net::TcpStream::connect(addr).expect("connect");
+        let mut garbage = std::net::TcpStream::connect(addr).expect("connect");
+        let _ = garbage.write_all(&[0x17, 0x03, 0x03, 0xff, 0xff, 1, 2, 3, 4, 5, 6, 7, 8]);
+        let t = Duration::from_secs(3);
+        let plain = link::connect(std::net::TcpStream::connect(addr).unwrap(), None, purpose, t);
+        assert!(plain.is_err(), "a plain hello was taken by a keyed listener");
+        let wrong = LinkKey::derive(&[0x11; 32]);
+        let other = link::connect(std::net::TcpStream::connect(addr).unwrap(), Some(&wrong), purpose, t);
+        assert!(other.is_err(), "another key was taken");
+        silent
+    })
+}
+
+#[test]
+fn hostile_connections_to_incoming_and_peer_listen_are_refused_and_colo_then_starts_normally() {
+    let _g = serial();
+    if !check("hostile_connections_to_incoming_and_peer_listen_are_refused_and_colo_then_starts_normally") {
+        return;
+    }
+    let net = ColoHosts::start(HostBackend::VhostNetCompare, 2, "app=counter,echo", true);
+    let b = net.lan.host(1).repl_ip.clone();
+    let _silent_incoming = hostile_connections(&net, format!("{b}:4444"), "checkpoint");
+    let _silent_frames = hostile_connections(&net, format!("{b}:4445"), "frames");
+    // The real primary, while the silent connections still wait for their timeout.
+    let started = Instant::now();
+    net.start_colo(0, 1);
+    eprintln!("COLO started {:?} after the hostile connections", started.elapsed());
+    let mut c = CounterClient::over(net.connect(9000));
+    for _ in 0..20 {
+        c.inc().unwrap_or_else(|e| panic!("{e}\n{}", net.logs()));
+    }
+    let vmm_b = net.on[1].vmm.as_ref().unwrap().stderr();
+    let backend_b = net.on[1].backends[0].stderr();
+    for (log, what) in [(&vmm_b, "--incoming"), (&backend_b, "--peer-listen")] {
+        let refused = log.matches("refused a link connection").count();
+        assert!(refused >= 3, "{what}: {refused} refusals logged:\n{log}");
+        assert!(log.contains("does not verify"), "{what}: the wrong key named:\n{log}");
+        assert!(log.contains("has no --link-key"), "{what}: the missing key named:\n{log}");
+        assert!(log.contains("no colo link hello"), "{what}: the garbage named:\n{log}");
+    }
+    let timeouts = vmm_b.matches("did not complete the link handshake").count();
+    assert!(timeouts >= 1, "the silent connection to --incoming was dropped after its timeout:\n{vmm_b}");
+}
+
+/// A relay in host a's namespace between the primary and host b's `--incoming`, which flips
+/// one byte of the primary's stream once armed.
+struct TamperingRelay {
+    addr: String,
+    armed: Arc<AtomicBool>,
+}
+
+impl TamperingRelay {
+    fn start(net: &ColoHosts, to: String) -> TamperingRelay {
+        let ns = net.lan.host(0).ns.name().to_string();
+        let listener = net.lan.host(0).ns.enter(|| std::net::TcpListener::bind("127.0.0.1:0").unwrap());
+        let addr = listener.local_addr().unwrap().to_string();
+        let armed = Arc::new(AtomicBool::new(false));
+        let a = armed.clone();
+        std::thread::spawn(move || {
+            let Ok((mut from, _)) = listener.accept() else { return };
+            let ns_file = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+            let to = to.clone();
+            let mut out = std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                // SAFETY: setns on a valid namespace fd affects only this thread.
+                unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) };
+                std::net::TcpStream::connect(to).unwrap()
+            })
+            .join()
+            .unwrap();
+            let (mut back_from, mut back_to) = (out.try_clone().unwrap(), from.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut back_from, &mut back_to);
+            });
+            let mut buf = [0u8; 65536];
+            loop {
+                let n = match from.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                if a.swap(false, Ordering::SeqCst) {
+                    buf[n / 2] ^= 0x40;
+                }
+                if out.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        });
+        TamperingRelay { addr, armed }
+    }
+}
+
+#[test]
+fn one_flipped_byte_in_an_encrypted_checkpoint_record_ends_colo_with_a_clear_error_on_both_sides() {
+    let _g = serial();
+    if !check("one_flipped_byte_in_an_encrypted_checkpoint_record_ends_colo_with_a_clear_error_on_both_sides") {
+        return;
+    }
+    let net = ColoHosts::start(HostBackend::VhostNetCompare, 2, "app=counter,echo", true);
+    let relay = TamperingRelay::start(&net, format!("{}:4444", net.lan.host(1).repl_ip));
+    let uri = format!("uri=tcp:{}", relay.addr);
+    net.ctl(0, "colo-start", &[&uri]).unwrap_or_else(|e| panic!("colo-start: {e}\n{}", net.logs()));
+    net.wait_status(0, "running", Duration::from_secs(30), |s| s["state"] == "running");
+    std::thread::sleep(Duration::from_millis(500));
+    relay.armed.store(true, Ordering::SeqCst);
+    let p = net.wait_status(0, "COLO ended with an error", Duration::from_secs(10), |s| !s["error"].is_null());
+    let s = net.wait_status(1, "COLO ended with an error", Duration::from_secs(10), |s| !s["error"].is_null());
+    eprintln!("primary: {}\nsecondary: {}", p["error"], s["error"]);
+    for (st, side) in [(&s, "secondary"), (&p, "primary")] {
+        let e = st["error"].as_str().unwrap_or("");
+        assert!(e.contains("failed authentication") || e.contains("corrupt"), "{side}: {e}");
+    }
+    // The primary serves alone; the secondary waits for a decision, its VM paused.
+    assert_eq!(p["state"], "failed-over", "{p:#}");
+    assert_eq!(s["state"], "stopped", "{s:#}");
+    let mut c = CounterClient::over(net.connect(9000));
+    c.inc().unwrap_or_else(|e| panic!("the primary serves alone: {e}\n{}", net.logs()));
+}
+
+#[test]
+fn colo_proxy_as_the_backend_on_both_hosts_carries_colo_across_them_and_a_host_death() {
+    let _g = serial();
+    if !check("colo_proxy_as_the_backend_on_both_hosts_carries_colo_across_them_and_a_host_death") {
+        return;
+    }
+    // Plain links here (no key), so that path is exercised end to end too.
+    let mut net = colo_with_periodic_checkpoints(HostBackend::ColoProxy, false);
+    let load = CounterLoad::start(&net);
+    std::thread::sleep(Duration::from_secs(1));
+    let killed = Instant::now();
+    net.kill_host(0);
+    net.wait_status(1, "failed over", Duration::from_secs(10), |s| s["state"] == "failed-over");
+    std::thread::sleep(Duration::from_secs(2));
+    let (times, _) = load.finish(&net);
+    let (gap, after) = gap_around(&times, killed);
+    eprintln!("colo-proxy backends: host a killed, {after} increments on host b after it, longest gap {gap:?}");
+    assert!(after >= 20, "the session went on on host b: {after}");
+}

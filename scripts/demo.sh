@@ -8,6 +8,8 @@
 # Takes about 40 s; the exit status says whether every phase behaved.
 #
 #   scripts/demo.sh [colo-demo options]     the COLO demo (see: scripts/demo.sh --help)
+#   scripts/demo.sh --hosts 2               the same on two hosts (network namespaces), ending
+#                                           with host a's death
 #   scripts/demo.sh proxy                   the earlier colo-proxy packet-capture demo
 #
 # Safe to run again: the build is incremental, every run cleans up its namespaces and processes,

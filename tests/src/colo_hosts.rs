@@ -307,6 +307,16 @@ impl ColoHosts {
         }
     }
 
+    /// The `hello` of host `i`'s backend (its role and mode).
+    pub fn backend_hello(&self, i: usize) -> Value {
+        use std::io::{BufRead, BufReader};
+        let s = std::os::unix::net::UnixStream::connect(&self.on[i].control).expect("backend control socket");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).expect("hello");
+        serde_json::from_str(&line).expect("JSON")
+    }
+
     /// A TCP connection from the client to the guest.
     pub fn connect(&self, port: u16) -> TcpStream {
         self.lan.client.enter(move || {

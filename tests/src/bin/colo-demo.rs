@@ -7,8 +7,12 @@
 //!    every COLO interval ends in a miscompare, hybrid mode goes passive (the secondary stops
 //!    burning CPU), tries COLO again after `passive-count` checkpoints and goes passive again;
 //! 3. **top stopped** — back to COLO, and it stays there;
-//! 4. **failover** — the primary `colo-vmm` is SIGKILLed; the counter session goes on with the
-//!    secondary on the same TCP connection, no value lost or repeated.
+//! 4. **failover** — the primary `colo-vmm` is SIGKILLed (with `--hosts 2`: host a dies, every
+//!    process killed and its links down); the counter session goes on with the secondary on the
+//!    same TCP connection, no value lost or repeated.
+//!
+//! `--hosts 2` runs each VM on its own host: network namespaces on a LAN switch, a replication
+//! network, vhost-net-compare `--vm-socket` and colo-vmm on each host, every link keyed.
 //!
 //! A counter client increments all along and checks every value. A status line shows the
 //! pair live; at the end a summary goes to stdout and a timeline of every checkpoint to an SVG.
@@ -27,6 +31,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::Parser;
+use colo_tests::colo_hosts::{ColoHosts, HostBackend};
 use colo_tests::colo_topology::{ctl, prerequisites, Backend, ColoNet, CounterClient, Side};
 use colo_tests::vm_topology::{cpu_time, LineClient};
 use serde_json::{json, Value};
@@ -76,6 +81,103 @@ struct Args {
     /// Write every process's log (both VMMs, the compare process) here at the end.
     #[arg(long, value_name = "PATH")]
     logs: Option<PathBuf>,
+    /// 1: both VMs on one host behind one vhost-net-compare, the failover a SIGKILL of the
+    /// primary colo-vmm. 2: each VM on its own host (network namespaces on a LAN switch, a
+    /// replication network between them, every link keyed), the failover host a's death
+    /// (every process killed, its links down).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    hosts: u8,
+}
+
+/// The pair the demo runs: on one host, or across two.
+enum Pair {
+    One(ColoNet),
+    Two(ColoHosts),
+}
+
+impl Pair {
+    fn start(hosts: u8, cmdline: &str) -> Pair {
+        match hosts {
+            1 => Pair::One(ColoNet::start(Backend::VhostNetCompare, cmdline, &[])),
+            _ => Pair::Two(ColoHosts::start(HostBackend::VhostNetCompare, 2, cmdline, true)),
+        }
+    }
+
+    fn set_params(&self, params: &[(&str, u64)]) {
+        match self {
+            Pair::One(n) => n.set_params(Side::Primary, params),
+            Pair::Two(n) => n.set_params(0, params),
+        }
+    }
+
+    fn start_colo(&mut self) {
+        match self {
+            Pair::One(n) => n.start_colo(),
+            Pair::Two(n) => n.start_colo(0, 1),
+        }
+    }
+
+    fn api(&self, side: Side) -> PathBuf {
+        match self {
+            Pair::One(n) => n.api(side),
+            Pair::Two(n) => n.on[Self::host(side)].api.clone(),
+        }
+    }
+
+    fn host(side: Side) -> usize {
+        match side {
+            Side::Primary => 0,
+            Side::Secondary => 1,
+        }
+    }
+
+    fn secondary_pid(&self) -> u32 {
+        match self {
+            Pair::One(n) => n.proc(Side::Secondary).pid(),
+            Pair::Two(n) => n.on[1].vmm.as_ref().expect("running").pid(),
+        }
+    }
+
+    fn connect(&self, port: u16) -> std::net::TcpStream {
+        match self {
+            Pair::One(n) => n.connect(port),
+            Pair::Two(n) => n.connect(port),
+        }
+    }
+
+    fn ctl(&self, side: Side, command: &str, args: &[&str]) -> Result<Value, String> {
+        ctl(&self.api(side), command, args)
+    }
+
+    /// The failure: the primary's VMM killed, or its whole host.
+    fn kill_primary(&mut self) {
+        match self {
+            Pair::One(n) => n.kill(Side::Primary),
+            Pair::Two(n) => n.kill_host(0),
+        }
+    }
+
+    /// What the survivor's compare process does now.
+    fn survivor_backend(&self) -> String {
+        match self {
+            Pair::One(n) => n.compare_stats()["mode"].as_str().unwrap_or("?").to_string(),
+            Pair::Two(n) => format!("{} on host b", n.backend_hello(1)["role"].as_str().unwrap_or("?")),
+        }
+    }
+
+    fn what_dies(&self) -> &'static str {
+        match self {
+            Pair::One(_) => "SIGKILL to the primary colo-vmm",
+            Pair::Two(_) => "host a dies: every process killed, its links down",
+        }
+    }
+
+    fn logs(&self) -> String {
+        match self {
+            Pair::One(n) => n.logs(),
+            Pair::Two(n) => n.logs(),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -410,22 +512,29 @@ struct Outcome {
 
 fn run(args: &Args, sh: &Arc<Shared>) -> anyhow::Result<Outcome> {
     let cmdline = format!("app=echo,counter,http,top,burn top_ms={}", args.top_ms);
-    sh.say(&format!("starting vhost-net-compare and the primary colo-vmm (guest: {cmdline})"));
-    let mut net = ColoNet::start(Backend::VhostNetCompare, &cmdline, &[]);
+    if args.hosts == 1 {
+        sh.say(&format!("starting vhost-net-compare and the primary colo-vmm (guest: {cmdline})"));
+    } else {
+        sh.say(&format!(
+            "starting hosts a and b (namespaces on a LAN switch and a replication network), each with \
+             vhost-net-compare --vm-socket and colo-vmm, links keyed; host a boots the guest ({cmdline})"
+        ));
+    }
+    let mut net = Pair::start(args.hosts, &cmdline);
     let mut phases: Vec<Phase> = vec![];
     sh.say(&format!(
         "primary booted, secondary waiting; set-parameters max-time={} passive-count={}; colo-start",
         args.max_time, args.passive_count
     ));
-    net.set_params(Side::Primary, &[("max-time", args.max_time), ("passive-count", args.passive_count)]);
+    net.set_params(&[("max-time", args.max_time), ("passive-count", args.passive_count)]);
     let colo_start_t = sh.now();
     phases.push(Phase { name: "colo-start", start: colo_start_t, end: f64::NAN });
     sh.set_phase("colo-start");
     net.start_colo();
     sh.say("COLO running: the secondary is a live replica");
-    let poll = poller(sh.clone(), net.api(Side::Primary), net.api(Side::Secondary), net.proc(Side::Secondary).pid());
+    let poll = poller(sh.clone(), net.api(Side::Primary), net.api(Side::Secondary), net.secondary_pid());
 
-    let counter = CounterClient::connect(&net);
+    let counter = CounterClient::over(net.connect(9000));
     let counter_first = counter.last;
     let counter = counter_thread(sh.clone(), counter, Duration::from_millis(args.counter_ms));
 
@@ -468,15 +577,15 @@ fn run(args: &Args, sh: &Arc<Shared>) -> anyhow::Result<Outcome> {
             pause(Duration::from_millis(200))?;
         }
 
-        phase(sh, "failover", "SIGKILL to the primary colo-vmm");
+        phase(sh, "failover", net.what_dies());
         // The poller turns to the secondary; the primary's last word on its checkpoints first.
         sh.primary_alive.store(false, Ordering::SeqCst);
         if let Ok(v) = net.ctl(Side::Primary, "query-colo-status", &[]) {
             sh.primary_status(v);
         }
         let kill_t = sh.now();
-        net.kill(Side::Primary);
-        sh.say("primary killed; waiting for the secondary to take over");
+        net.kill_primary();
+        sh.say("primary gone; waiting for the secondary to take over");
         let mut detected_t = None;
         let mut secondary = Value::Null;
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -527,12 +636,13 @@ fn run(args: &Args, sh: &Arc<Shared>) -> anyhow::Result<Outcome> {
     let (mut failover, top_error, top_lines) = result?;
 
     // A new session sees the counter the client saw; the compare process serves the secondary.
-    failover.fresh_get = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| CounterClient::connect(&net).last))
-        .map_err(|_| "could not open a new counter session".to_string());
+    failover.fresh_get =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| CounterClient::over(net.connect(9000)).last))
+            .map_err(|_| "could not open a new counter session".to_string());
     if let Ok(s) = net.ctl(Side::Secondary, "query-colo-status", &[]) {
         failover.secondary = s;
     }
-    failover.compare_mode = net.compare_stats()["mode"].as_str().unwrap_or("?").to_string();
+    failover.compare_mode = net.survivor_backend();
 
     let cpu = std::mem::take(&mut *sh.cpu.lock().unwrap());
     Ok(Outcome {
@@ -738,7 +848,12 @@ fn summary(o: &Outcome, v: &Verdict, args: &Args) -> (String, Value) {
     let mut s = String::new();
     let p = &o.primary;
     let fo = &o.failover;
-    let _ = writeln!(s, "\nCOLO demo summary (reference guest, vhost-net-compare, primary + secondary colo-vmm)\n");
+    let layout = if args.hosts == 1 {
+        "one host: vhost-net-compare, primary + secondary colo-vmm"
+    } else {
+        "two hosts: vhost-net-compare --vm-socket and colo-vmm on each, frame and checkpoint links keyed"
+    };
+    let _ = writeln!(s, "\nCOLO demo summary (reference guest; {layout})\n");
     let _ = writeln!(
         s,
         "{:<13} {:>5} {:>6} {:>5} {:>7} {:>8} {:>10} {:>11} {:>8} {:>8}",
@@ -829,8 +944,9 @@ fn summary(o: &Outcome, v: &Verdict, args: &Args) -> (String, Value) {
     let lf = &fo.secondary["last-failover"];
     let _ = writeln!(
         s,
-        "failover: primary SIGKILLed at {:.1} s; the secondary took over after {}; longest client-visible gap {} \
+        "failover: {} at {:.1} s; the secondary took over after {}; longest client-visible gap {} \
          (median {} between replies before)",
+        if args.hosts == 1 { "primary SIGKILLed" } else { "host a died" },
         fo.kill_t,
         fo.detected_t.map(|t| format!("{:.0} ms", (t - fo.kill_t) * 1000.0)).unwrap_or("-".into()),
         gap.as_ref().map(|g| format!("{:.0} ms", g.secs * 1000.0)).unwrap_or("-".into()),
@@ -1084,9 +1200,10 @@ fn svg(o: &Outcome, args: &Args) -> String {
     let (lx_k, anchor) = if xk > W - 330.0 { (xk - 5.0, "end") } else { (xk + 5.0, "start") };
     let _ = writeln!(
         s,
-        r##"<line x1="{xk:.1}" x2="{xk:.1}" y1="{A_TOP}" y2="{:.1}" stroke="#d62728" stroke-width="2"/><text x="{lx_k:.1}" y="{:.1}" fill="#d62728" text-anchor="{anchor}" font-weight="bold">primary SIGKILL</text>"##,
+        r##"<line x1="{xk:.1}" x2="{xk:.1}" y1="{A_TOP}" y2="{:.1}" stroke="#d62728" stroke-width="2"/><text x="{lx_k:.1}" y="{:.1}" fill="#d62728" text-anchor="{anchor}" font-weight="bold">{}</text>"##,
         C_TOP + C_H,
-        A_TOP + 16.0
+        A_TOP + 16.0,
+        if args.hosts == 1 { "primary SIGKILL" } else { "host a dies" }
     );
     if let Some(ph) = o.phases.iter().find(|p| p.name == "top stopped") {
         if let Some(g) = failover_gap(&o.replies, fo, ph) {

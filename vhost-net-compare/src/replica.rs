@@ -452,9 +452,9 @@ impl ReplicaRouter {
         }
     }
 
-    fn execute_command(&self, command: Command) -> Event {
+    fn execute_command(&self, command: Command, reply: &mut dyn FnMut(Event)) {
         let error = |id: u64, message: String| Event::Error { id: Some(id), message };
-        match command {
+        let event = match command {
             Command::Role { id, role, peer, lease_ms } => match self.set_role(role, peer, lease_ms) {
                 Ok(()) => Event::RoleSet { id, role },
                 Err(e) => error(id, e),
@@ -462,22 +462,19 @@ impl ReplicaRouter {
             Command::QueryRxMark { id } => {
                 let inner = lock(&self.inner);
                 if inner.core.role() != Role::Primary {
-                    return error(
-                        id,
-                        format!("query-rx-mark needs the role primary (this VM is {})", inner.core.role().name()),
-                    );
+                    error(id, format!("query-rx-mark needs the role primary (this VM is {})", inner.core.role().name()))
+                } else {
+                    let mark =
+                        lock(&self.port).as_ref().and_then(|p| p.first_pending_seq()).unwrap_or(inner.core.next_seq());
+                    Event::RxMark { id, mark }
                 }
-                let mark =
-                    lock(&self.port).as_ref().and_then(|p| p.first_pending_seq()).unwrap_or(inner.core.next_seq());
-                Event::RxMark { id, mark }
             }
             Command::Resync { id, mark } => {
                 let mut inner = lock(&self.inner);
                 if inner.core.role() != Role::Secondary {
-                    return error(
-                        id,
-                        format!("resync needs the role secondary (this VM is {})", inner.core.role().name()),
-                    );
+                    let message = format!("resync needs the role secondary (this VM is {})", inner.core.role().name());
+                    drop(inner);
+                    return reply(error(id, message));
                 }
                 let frames = inner.core.resync(mark);
                 let n = frames.len() as u64;
@@ -493,11 +490,13 @@ impl ReplicaRouter {
             Command::Checkpoint { id } => {
                 let mut inner = lock(&self.inner);
                 let s = self.run(&mut inner, |core, out| core.checkpoint(out));
-                Event::Flushed { id, released: s.released, dropped: s.dropped }
+                // Replied under the lock: a miscompare from later traffic follows the `flushed`.
+                reply(Event::Flushed { id, released: s.released, dropped: s.dropped });
+                return;
             }
             Command::Mode { id, mode } => {
                 let mut inner = lock(&self.inner);
-                match self.run(&mut inner, |core, out| core.set_mode(mode, out)) {
+                let event = match self.run(&mut inner, |core, out| core.set_mode(mode, out)) {
                     Ok(()) => {
                         // A blocked VM may now pass without queueing at all.
                         if let Some(p) = lock(&self.port).as_ref() {
@@ -506,7 +505,9 @@ impl ReplicaRouter {
                         Event::ModeSet { id, mode }
                     }
                     Err(e) => error(id, e),
-                }
+                };
+                reply(event);
+                return;
             }
             Command::QueryStats { id } => {
                 let inner = lock(&self.inner);
@@ -515,7 +516,8 @@ impl ReplicaRouter {
                 stats.inbound_dropped += self.unrouted.load(Ordering::Relaxed);
                 Event::Stats { id, stats }
             }
-        }
+        };
+        reply(event);
     }
 }
 
@@ -566,7 +568,7 @@ impl Router for ReplicaRouter {
     }
 
     fn execute(&self, command: Command, reply: &mut dyn FnMut(Event)) {
-        reply(self.execute_command(command));
+        self.execute_command(command, reply);
     }
 
     fn has_timers(&self) -> bool {

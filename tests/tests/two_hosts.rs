@@ -455,3 +455,66 @@ fn colo_proxy_as_the_backend_on_both_hosts_carries_colo_across_them_and_a_host_d
     eprintln!("colo-proxy backends: host a killed, {after} increments on host b after it, longest gap {gap:?}");
     assert!(after >= 20, "the session went on on host b: {after}");
 }
+
+/// Checkpoints held open 300 ms while datagrams keep arriving on host a's LAN: each must reach
+/// both VMs exactly once — the secondary's backend restarts its VM's inbound frames at the
+/// primary's mark, so no echo waits for a compare timeout and the secondary misses none.
+#[test]
+fn across_two_hosts_inbound_frames_arriving_during_a_checkpoint_reach_both_vms() {
+    let _g = serial();
+    if !check("across_two_hosts_inbound_frames_arriving_during_a_checkpoint_reach_both_vms") {
+        return;
+    }
+    let net = ColoHosts::start(HostBackend::VhostNetCompare, 2, "app=echo", true);
+    net.set_params(0, &[("passive-limit", 0)]);
+    let uri = format!("uri={}", net.uri(1));
+    net.ctl(0, "colo-start", &[&uri, "test-checkpoint-delay=300"]).unwrap_or_else(|e| panic!("{e}\n{}", net.logs()));
+    net.wait_status(0, "running", Duration::from_secs(30), |s| s["state"] == "running");
+    let sock = net.lan.client.enter(|| {
+        let s = std::net::UdpSocket::bind("10.0.0.1:0").unwrap();
+        s.connect("10.0.0.2:7").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        s
+    });
+    let count = 200u32;
+    let sender = {
+        let s = sock.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut sent = vec![];
+            for i in 0..count {
+                s.send(format!("datagram {i}").as_bytes()).unwrap();
+                sent.push(Instant::now());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            sent
+        })
+    };
+    let receiver = std::thread::spawn(move || {
+        let mut got: Vec<Option<Instant>> = vec![None; count as usize];
+        let deadline = Instant::now() + Duration::from_secs(12);
+        let mut buf = [0u8; 64];
+        while Instant::now() < deadline && got.iter().any(Option::is_none) {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                if let Some(i) = text.strip_prefix("datagram ").and_then(|v| v.parse::<usize>().ok()) {
+                    got[i].get_or_insert(Instant::now());
+                }
+            }
+        }
+        got
+    });
+    for _ in 0..5 {
+        std::thread::sleep(Duration::from_millis(500));
+        net.ctl(0, "colo-checkpoint", &[]).expect("colo-checkpoint");
+    }
+    let sent = sender.join().unwrap();
+    let got = receiver.join().unwrap();
+    let lost: Vec<usize> = got.iter().enumerate().filter(|(_, g)| g.is_none()).map(|(i, _)| i).collect();
+    let worst = sent.iter().zip(&got).filter_map(|(s, g)| g.map(|g| g - *s)).max().unwrap_or_default();
+    let p = net.status(0);
+    eprintln!("{} user checkpoints; worst echo {worst:?}; unanswered {lost:?}; {}", p["checkpoints"]["user"], p["checkpoints"]);
+    assert!(n(&p["checkpoints"]["user"]) >= 5, "{p:#}");
+    assert!(lost.is_empty(), "datagrams never answered: {lost:?}\n{}", net.logs());
+    assert_eq!(miscompares(&p), 0, "no reply waited for a compare timeout (the SVM missed nothing): {}", p["checkpoints"]);
+    assert!(worst < Duration::from_millis(1500), "an echo waited {worst:?} (a checkpoint holds them about 0.4 s)");
+}

@@ -418,11 +418,12 @@ mod tests {
         let h = Harness::start();
         let mut c = ControlClient::connect(h.path()).unwrap();
         let t = Some(Duration::from_secs(5));
-        let cases: [(&str, Option<u64>, &str); 4] = [
+        let cases: [(&str, Option<u64>, &str); 5] = [
             (r#"{"type":"checkpoint","id":"#, None, "malformed JSON"),
             (r#"{"type":"reboot","id":77}"#, Some(77), "unknown command type 'reboot'"),
             (r#"{"type":"mode","id":78}"#, Some(78), "missing field `mode`"),
             (r#"{"id":79,"type":"mode","mode":"fast"}"#, Some(79), "unknown variant `fast`"),
+            (r#"{"type":"mode","id":80,"mode":"colo","type":"checkpoint"}"#, Some(80), "duplicate key `type`"),
         ];
         for (line, id, message) in cases {
             c.send_raw_line(line).unwrap();

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use colo_proxy::compare::{Config, Mode};
+use colo_proxy::compare::{Config, Mode, MAX_TIMER_MS};
 
 use crate::device::MacAddr;
 
@@ -46,11 +46,11 @@ pub struct Options {
     /// checkpoint, mode and query-stats commands; hello, miscompare and peer events.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
-    /// COLO: a frame held longer than this (ms) causes a checkpoint request.
-    #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// COLO: a frame held longer than this (ms, at most a day) causes a checkpoint request.
+    #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMER_MS))]
     pub compare_timeout: u64,
-    /// COLO: how often (ms) held frames are checked against --compare-timeout.
-    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// COLO: how often (ms, at most a day) held frames are checked against --compare-timeout.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMER_MS))]
     pub expired_scan_cycle: u64,
     /// COLO: most frames held per flow and VM. A full queue requests a checkpoint and leaves the
     /// guest's TX descriptors on its ring (backpressure) until room appears.
@@ -170,5 +170,26 @@ mod tests {
         assert!(parse(&["--primary-socket", "/tmp/p", "--tap", "t0", "--mode", "bogus"]).is_err());
         assert!(parse(&["--primary-socket", "/tmp/p", "--tap", "t0", "--compare-timeout", "0"]).is_err());
         assert!(parse(&["--tap", "t0"]).is_err(), "--primary-socket is required");
+    }
+
+    #[test]
+    fn timer_options_are_bounded() {
+        let base = ["--primary-socket", "/tmp/p", "--secondary-socket", "/tmp/s", "--tap", "t0"];
+        let day = MAX_TIMER_MS.to_string();
+        let args: Vec<&str> =
+            base.iter().copied().chain(["--compare-timeout", &day, "--expired-scan-cycle", &day]).collect();
+        let config = parse(&args).unwrap().engine_config();
+        assert_eq!(
+            (config.compare_timeout, config.expired_scan_cycle),
+            (Duration::from_secs(86_400), Duration::from_secs(86_400))
+        );
+        // Beyond 2^64 ns this once became a 0.45 ms scan.
+        for opt in ["--compare-timeout", "--expired-scan-cycle"] {
+            for bad in ["0", "86400001", "18446744073710"] {
+                let args: Vec<&str> = base.iter().copied().chain([opt, bad]).collect();
+                let e = parse(&args).unwrap_err().to_string();
+                assert!(e.contains(opt) && e.contains(bad), "{opt} {bad}: {e}");
+            }
+        }
     }
 }

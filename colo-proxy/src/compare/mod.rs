@@ -30,6 +30,10 @@ use stats::Counters;
 pub use stats::{MiscompareCounts, Stats};
 use table::{Flow, FlowTable};
 
+/// Largest `compare_timeout` and `expired_scan_cycle` the command lines accept, in ms (a day):
+/// far beyond any useful setting, and far below where nanosecond timestamps overflow.
+pub const MAX_TIMER_MS: u64 = 24 * 60 * 60 * 1000;
+
 /// Engine limits and timeouts (the names and defaults of QEMU's colo-compare).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Config {

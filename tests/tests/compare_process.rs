@@ -4,6 +4,9 @@
 //! capture file, bad input and bad options.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -26,6 +29,11 @@ struct Setup {
 }
 
 fn start(vnet: bool, extra: &[&str]) -> Setup {
+    start_with(vnet, extra, |_| {})
+}
+
+/// [`start`], with `adjust` applied to the command first.
+fn start_with(vnet: bool, extra: &[&str], adjust: impl FnOnce(&mut Command)) -> Setup {
     let dir = TempDir::new("cmp");
     let ep = |n: &str| format!("unix:{},server", dir.path(n).display());
     let control = dir.path("ctl.sock");
@@ -42,6 +50,7 @@ fn start(vnet: bool, extra: &[&str]) -> Setup {
     if vnet {
         cmd.arg("--vnet-hdr");
     }
+    adjust(&mut cmd);
     let proc = Proc::spawn("colo-proxy", cmd);
     assert!(wait_for_path(&control, Duration::from_secs(10)), "control socket did not appear");
     Setup {
@@ -240,6 +249,44 @@ fn full_queue_pushes_back_on_the_input_instead_of_dropping() {
     let expect: Vec<Vec<u8>> = (0..20u8).map(|i| udp4(1, 2, &[i])).collect();
     assert_eq!(got, expect, "every frame, in order");
     assert_eq!(ctl.stats().unwrap().dropped_overflow, 0);
+}
+
+#[test]
+fn every_socket_is_private_even_under_umask_000() {
+    let s = start_with(false, &[], |cmd| {
+        // SAFETY: umask is async-signal-safe and touches nothing but the child's own mask.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            })
+        };
+    });
+    let sockets: Vec<PathBuf> = ["pri.sock", "sec.sock", "out.sock", "notify.sock"]
+        .iter()
+        .map(|n| s._dir.path(n))
+        .chain([s.control.clone()])
+        .collect();
+    for path in &sockets {
+        // Under umask 000 a plain bind makes 0777: anyone could inject frames or checkpoints.
+        let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+    }
+    // Another user is refused by the socket's mode (socat is one of scripts/setup.sh's tools).
+    if colo_tests::is_root() && colo_tests::have("socat") {
+        let dir = sockets[0].parent().unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for path in &sockets {
+            let (st, text) = run(Command::new("socat")
+                .args(["-u", "OPEN:/dev/null"])
+                .arg(format!("UNIX-CONNECT:{}", path.display()))
+                .uid(65534)
+                .gid(65534));
+            assert!(!st.success() && text.contains("Permission denied"), "{}: {text}", path.display());
+        }
+    } else {
+        eprintln!("not root or no socat: connecting as another user not tried");
+    }
 }
 
 #[test]

@@ -40,4 +40,5 @@ mod testutil;
 pub use client::{ClientError, ControlClient, DEFAULT_TIMEOUT, HELLO_TIMEOUT};
 pub use message::{Command, CommandError, Event, PeerState, MAX_LINE};
 pub use server::{ConnId, ControlServer, Request, MAX_CONNECTIONS, MAX_PENDING, TOKEN_SPAN};
+pub use socket::SocketFile;
 pub use threaded::ControlHandle;

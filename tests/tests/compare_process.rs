@@ -12,10 +12,11 @@ use std::time::Duration;
 
 use colo_proxy::builder::*;
 use colo_proxy::control::{ControlClient, Event};
+use colo_proxy::notify_dev::PROXY_INIT;
 use colo_proxy::wire::tcp::Flags;
 use colo_proxy::Mode;
 use colo_tests::qframe::QPeer;
-use colo_tests::{bin, run, wait_for_path, Proc, TempDir};
+use colo_tests::{bin, memory_kib, run, wait_for_path, Proc, TempDir};
 
 struct Setup {
     _dir: TempDir,
@@ -249,6 +250,46 @@ fn full_queue_pushes_back_on_the_input_instead_of_dropping() {
     let expect: Vec<Vec<u8>> = (0..20u8).map(|i| udp4(1, 2, &[i])).collect();
     assert_eq!(got, expect, "every frame, in order");
     assert_eq!(ctl.stats().unwrap().dropped_overflow, 0);
+}
+
+#[test]
+fn a_notify_dev_peer_that_floods_without_reading_is_dropped_and_memory_stays_bounded() {
+    let mut s = start(false, &[]);
+    let pid = s.proc.pid();
+    let peak_before = memory_kib(pid, "VmHWM");
+    // COLO_USERSPACE_PROXY_INIT over and over, never reading the replies.
+    const LIMIT: usize = 32 << 20;
+    let mut chunk = vec![];
+    while chunk.len() < 64 << 10 {
+        chunk.extend_from_slice(&(PROXY_INIT.len() as u32).to_be_bytes());
+        chunk.extend_from_slice(PROXY_INIT);
+    }
+    let mut flood = s.notify.stream().try_clone().unwrap();
+    let (sent, cut) = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < LIMIT {
+            if flood.write_all(&chunk).is_err() {
+                return (sent, true);
+            }
+            sent += chunk.len();
+        }
+        (sent, false)
+    })
+    .join()
+    .unwrap();
+    // Dropped once about 64 KiB of replies wait; the kernel's buffers hold some more input.
+    assert!(cut && sent < 8 << 20, "the flooding peer was not disconnected: {sent} bytes taken");
+    let grown = memory_kib(pid, "VmHWM").saturating_sub(peak_before);
+    assert!(grown < 16 << 10, "colo-proxy's peak memory grew by {grown} KiB");
+    s.proc.assert_running();
+    // The next peer is served, and so are frames.
+    let mut notify = QPeer::connect(&s._dir.path("notify.sock"), false);
+    notify.send(PROXY_INIT, 0).unwrap();
+    assert_eq!(notify.recv_plain().unwrap(), b"COLO_COMPARE_GET_XEN_INIT");
+    let p = udp4(1, 2, b"after the flood");
+    s.pri.send(&p, 0).unwrap();
+    s.sec.send(&p, 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().0, p);
 }
 
 #[test]

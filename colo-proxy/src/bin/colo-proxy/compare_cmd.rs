@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 use std::time::Instant;
 
 use anyhow::Context;
-use mio::{Events, Poll, Token};
+use mio::{Events, Interest, Poll, Token};
 
 use colo_proxy::capture::Capture;
 use colo_proxy::compare::{Disposal, Engine, Miscompare, Push, Sink, Verdict};
@@ -33,6 +33,15 @@ const CONTROL: Token = Token(100);
 
 /// Stop reading inputs while this much released output waits for `outdev`.
 const OUTPUT_HIGH_WATER: usize = 16 << 20;
+
+/// Most bytes read from notify_dev per wake-up: a peer that writes without pause cannot hold
+/// the loop (frames, controllers and timers wait for it otherwise).
+const NOTIFY_READ_BUDGET: usize = 64 << 10;
+
+/// Most bytes of replies queued for notify_dev (about 2000 of them). A COLO frame sends one
+/// `COLO_USERSPACE_PROXY_INIT` and reads the answer; a peer past this sends without reading,
+/// and is disconnected so that memory stays bounded.
+const NOTIFY_MAX_PENDING: usize = 64 << 10;
 
 /// What a non-blocking read says about the peer.
 enum ReadStep {
@@ -350,6 +359,8 @@ impl Proxy {
         }
         let mut messages = vec![];
         let mut gone = false;
+        let mut budget = NOTIFY_READ_BUDGET;
+        let token = n.port.stream_token();
         if let Some(s) = n.port.stream() {
             loop {
                 while let Some(m) = n.codec.next_message() {
@@ -362,7 +373,21 @@ impl Proxy {
                 if gone {
                     break;
                 }
-                match ReadStep::of(n.codec.read_from(s)) {
+                if budget == 0 {
+                    // More may be waiting: re-arming the (edge-triggered) registration reports
+                    // the stream readable again at the next poll if it still is, after the
+                    // other sources have had their turn.
+                    if let Err(e) = registry.reregister(s, token, Interest::READABLE | Interest::WRITABLE) {
+                        tracing::warn!(error = %e, "notify_dev: cannot re-arm");
+                        gone = true;
+                    }
+                    break;
+                }
+                let r = n.codec.read_from(s);
+                if let Ok(k) = r {
+                    budget = budget.saturating_sub(k);
+                }
+                match ReadStep::of(r) {
                     ReadStep::Data => {}
                     ReadStep::Drained => break,
                     ReadStep::Gone => {
@@ -380,7 +405,9 @@ impl Proxy {
                 }
                 Inbound::ProxyInit => {
                     if let Some(n) = self.notify.as_mut() {
-                        Outbound::ProxyInitReply.encode(&mut n.out);
+                        if n.out.len() <= NOTIFY_MAX_PENDING {
+                            Outbound::ProxyInitReply.encode(&mut n.out);
+                        }
                     }
                 }
                 Inbound::Unknown(_) => {}
@@ -393,6 +420,18 @@ impl Proxy {
             n.port.disconnect(self.poll.registry());
         }
         self.write_notify();
+        // What the socket did not take now waits for the peer to read; one that sends without
+        // reading is dropped before its replies pile up.
+        let n = self.notify.as_mut().expect("checked above");
+        if n.out.len() > NOTIFY_MAX_PENDING {
+            tracing::warn!(
+                pending = n.out.len(),
+                "notify_dev peer sends without reading its replies; disconnecting it"
+            );
+            n.codec.reset();
+            n.out.clear();
+            n.port.disconnect(self.poll.registry());
+        }
     }
 
     fn write_notify(&mut self) {

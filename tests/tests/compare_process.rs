@@ -8,6 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use colo_proxy::builder::*;
@@ -250,6 +252,62 @@ fn full_queue_pushes_back_on_the_input_instead_of_dropping() {
     let expect: Vec<Vec<u8>> = (0..20u8).map(|i| udp4(1, 2, &[i])).collect();
     assert_eq!(got, expect, "every frame, in order");
     assert_eq!(ctl.stats().unwrap().dropped_overflow, 0);
+}
+
+/// Controllers that write bad lines (a valid command every 1000, so that only their unread
+/// replies get them dropped) and never read; each one dropped is replaced at once (counted in
+/// `connections`), until `stop` or `limit` bytes. Returns the bytes written.
+fn control_flood(
+    path: PathBuf,
+    limit: usize,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let cycle = [b"x\n".repeat(1000), b"{\"type\":\"query-stats\",\"id\":1}\n".to_vec()].concat();
+        let chunk = cycle.repeat(32);
+        let mut sent = 0;
+        while sent < limit && !stop.load(Ordering::SeqCst) {
+            let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) else { break };
+            connections.fetch_add(1, Ordering::SeqCst);
+            while sent < limit && !stop.load(Ordering::SeqCst) && s.write_all(&chunk).is_ok() {
+                sent += chunk.len();
+            }
+        }
+        sent
+    })
+}
+
+#[test]
+fn a_control_flood_delays_no_frame_and_memory_stays_bounded() {
+    let mut s = start(false, &[]);
+    let pid = s.proc.pid();
+    let mut ctl = ControlClient::connect(&s.control).unwrap();
+    let peak_before = memory_kib(pid, "VmHWM");
+    let (stop, connections) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let flood = control_flood(s.control.clone(), 32 << 20, stop.clone(), connections.clone());
+    // Frame pairs and checkpoints until a few flooders have come and gone; QPeer's and
+    // ControlClient's timeouts (5 s, 10 s) are the generous bounds on their delay.
+    let mut pairs = 0u32;
+    while connections.load(Ordering::SeqCst) < 4 && !flood.is_finished() {
+        let p = udp4(1, 2, &pairs.to_be_bytes());
+        s.pri.send(&p, 0).unwrap();
+        s.sec.send(&p, 0).unwrap();
+        assert_eq!(s.out.recv().unwrap().0, p, "frame pair {pairs}");
+        if pairs.is_multiple_of(10) {
+            ctl.checkpoint().unwrap();
+        }
+        pairs += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = flood.join().unwrap();
+    let connections = connections.load(Ordering::SeqCst);
+    assert!(connections >= 4, "flooders are dropped ({connections} connections, {sent} bytes)");
+    // Each flooder is dropped at 4 MiB of unread replies; one floods at a time.
+    let grown = memory_kib(pid, "VmHWM").saturating_sub(peak_before);
+    eprintln!("{pairs} frame pairs during {connections} flooding controllers, {sent} bytes; peak memory +{grown} KiB");
+    assert!(grown < 48 << 10, "colo-proxy's peak memory grew by {grown} KiB");
+    s.proc.assert_running();
 }
 
 #[test]

@@ -39,6 +39,9 @@ mod testutil;
 
 pub use client::{ClientError, ControlClient, DEFAULT_TIMEOUT, HELLO_TIMEOUT};
 pub use message::{Command, CommandError, Event, PeerState, MAX_LINE};
-pub use server::{ConnId, ControlServer, Request, MAX_CONNECTIONS, MAX_PENDING, TOKEN_SPAN};
+pub use server::{
+    ConnId, ControlServer, Request, MAX_BAD_LINES, MAX_CONNECTIONS, MAX_PENDING, MAX_UNANSWERED, READ_BUDGET,
+    TOKEN_SPAN,
+};
 pub use socket::SocketFile;
 pub use threaded::ControlHandle;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use colo_proxy::compare::{Config, Mode, MAX_TIMER_MS};
+use colo_proxy::compare::{Config, Mode, DEFAULT_MAX_QUEUE_BYTES, MAX_TIMER_MS};
 
 use crate::device::MacAddr;
 
@@ -56,6 +56,10 @@ pub struct Options {
     /// guest's TX descriptors on its ring (backpressure) until room appears.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_queue_size: u64,
+    /// COLO: most bytes of frames held for each VM, all flows together. Past it, as with a full
+    /// queue: a checkpoint request, and the guest's TX descriptors stay on its ring.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_QUEUE_BYTES as u64, value_parser = clap::value_parser!(u64).range(1 << 16..=1 << 40))]
+    pub max_queue_bytes: u64,
     /// COLO: write every miscompared frame of both VMs, with its verdict, to this pcapng file.
     #[arg(long, value_name = "FILE.pcap")]
     pub capture: Option<PathBuf>,
@@ -122,6 +126,7 @@ impl Options {
             compare_timeout: Duration::from_millis(self.compare_timeout),
             expired_scan_cycle: Duration::from_millis(self.expired_scan_cycle),
             max_queue_size: self.max_queue_size as usize,
+            max_queue_bytes: usize::try_from(self.max_queue_bytes).unwrap_or(usize::MAX),
             ..Config::default()
         }
     }
@@ -170,6 +175,18 @@ mod tests {
         assert!(parse(&["--primary-socket", "/tmp/p", "--tap", "t0", "--mode", "bogus"]).is_err());
         assert!(parse(&["--primary-socket", "/tmp/p", "--tap", "t0", "--compare-timeout", "0"]).is_err());
         assert!(parse(&["--tap", "t0"]).is_err(), "--primary-socket is required");
+    }
+
+    #[test]
+    fn the_byte_budget_has_a_default_and_bounds() {
+        let base = ["--primary-socket", "/tmp/p", "--secondary-socket", "/tmp/s", "--tap", "t0"];
+        assert_eq!(parse(&base).unwrap().engine_config().max_queue_bytes, 64 << 20);
+        let args: Vec<&str> = base.iter().copied().chain(["--max-queue-bytes", "1048576"]).collect();
+        assert_eq!(parse(&args).unwrap().engine_config().max_queue_bytes, 1 << 20);
+        for bad in ["0", "65535", "1099511627777", "1M"] {
+            let args: Vec<&str> = base.iter().copied().chain(["--max-queue-bytes", bad]).collect();
+            assert!(parse(&args).is_err(), "{bad}");
+        }
     }
 
     #[test]

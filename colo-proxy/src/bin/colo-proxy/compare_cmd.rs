@@ -15,7 +15,7 @@ use colo_proxy::capture::Capture;
 use colo_proxy::compare::{Disposal, Engine, Miscompare, Push, Sink, Verdict};
 use colo_proxy::control::Command;
 use colo_proxy::control::{ConnId, ControlServer, Event, Request};
-use colo_proxy::endpoint::Port;
+use colo_proxy::endpoint::{Port, Stream};
 use colo_proxy::framing::Decoder;
 use colo_proxy::notify_dev::{Inbound, NotifyCodec, Outbound};
 use colo_proxy::{Frame, Side};
@@ -33,6 +33,9 @@ const CONTROL: Token = Token(100);
 
 /// Stop reading inputs while this much released output waits for `outdev`.
 const OUTPUT_HIGH_WATER: usize = 16 << 20;
+
+/// Released output written to `outdev` during an engine call once this much is queued.
+const STREAM_BATCH: usize = 256 << 10;
 
 /// Most bytes read from notify_dev per wake-up: a peer that writes without pause cannot hold
 /// the loop (frames, controllers and timers wait for it otherwise).
@@ -88,6 +91,8 @@ struct Notify {
 /// Where the engine's decisions go during one call.
 struct Outlet<'a> {
     queue: &'a mut OutQueue,
+    /// Where released frames are written as they come, while it takes them.
+    outdev: Option<&'a mut Stream>,
     capture: Option<&'a mut Capture>,
     events: &'a mut Vec<Miscompare>,
 }
@@ -98,7 +103,17 @@ impl Sink for Outlet<'_> {
             c.record(&frame, &d);
         }
         if d.verdict == Verdict::Released {
-            self.queue.push(&frame);
+            self.queue.push(frame);
+            // A checkpoint may release every held frame at once: hand them to outdev as they
+            // come rather than after the flush, a batch at a time.
+            if self.queue.pending_bytes() >= STREAM_BATCH {
+                if let Some(s) = self.outdev.as_deref_mut() {
+                    if self.queue.write_to(s).is_err() {
+                        // Left to the next write_output, which disconnects the peer.
+                        self.outdev = None;
+                    }
+                }
+            }
         }
     }
     fn miscompare(&mut self, event: &Miscompare) {
@@ -132,7 +147,12 @@ struct Proxy {
 
 macro_rules! outlet {
     ($s:expr) => {
-        &mut Outlet { queue: &mut $s.queue, capture: $s.capture.as_mut(), events: &mut $s.events }
+        &mut Outlet {
+            queue: &mut $s.queue,
+            outdev: $s.outdev.stream(),
+            capture: $s.capture.as_mut(),
+            events: &mut $s.events,
+        }
     };
 }
 

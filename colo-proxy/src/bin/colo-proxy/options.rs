@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use colo_proxy::compare::{Config, Mode, MAX_TIMER_MS};
+use colo_proxy::compare::{Config, Mode, DEFAULT_MAX_QUEUE_BYTES, MAX_TIMER_MS};
 use colo_proxy::endpoint::Endpoint;
 
 /// Options of the compare engine and its control, shared by `compare` and `run`.
@@ -20,6 +20,11 @@ pub struct EngineArgs {
     /// input wait (sockets) or drops the frame (interfaces).
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_queue_size: u64,
+    /// Most bytes of frames held for each VM, all flows together. Past it, as with a full
+    /// queue: a checkpoint request, and the input waits (sockets) or the frame is dropped
+    /// (interfaces).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_QUEUE_BYTES as u64, value_parser = clap::value_parser!(u64).range(1 << 16..=1 << 40))]
+    pub max_queue_bytes: u64,
     /// Listen for controllers on this Unix socket (JSON lines, spec/control.md; mode 0600).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
@@ -41,6 +46,7 @@ impl EngineArgs {
             compare_timeout: Duration::from_millis(self.compare_timeout),
             expired_scan_cycle: Duration::from_millis(self.expired_scan_cycle),
             max_queue_size: self.max_queue_size as usize,
+            max_queue_bytes: usize::try_from(self.max_queue_bytes).unwrap_or(usize::MAX),
             ..Config::default()
         }
     }
@@ -104,6 +110,15 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<EngineArgs, clap::Error> {
         Engine::try_parse_from(std::iter::once("test").chain(args.iter().copied())).map(|e| e.args)
+    }
+
+    #[test]
+    fn the_byte_budget_has_a_default_and_bounds() {
+        assert_eq!(parse(&[]).unwrap().config().max_queue_bytes, 64 << 20);
+        assert_eq!(parse(&["--max-queue-bytes", "1048576"]).unwrap().config().max_queue_bytes, 1 << 20);
+        for bad in ["0", "65535", "1099511627777", "1M"] {
+            assert!(parse(&["--max-queue-bytes", bad]).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -17,7 +17,9 @@ impl Timestamp {
 
     /// `self + d`.
     pub fn plus(self, d: Duration) -> Timestamp {
-        Timestamp(self.0.saturating_add(d.as_nanos() as u64))
+        // Saturating: a duration beyond u64 nanoseconds (584 years) is "never", not its low
+        // 64 bits.
+        Timestamp(self.0.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
     }
 }
 
@@ -94,6 +96,13 @@ mod tests {
         assert_eq!(c.now(), Timestamp(5_000_000));
         assert_eq!(c.now().since(Timestamp(1_000_000)), Duration::from_millis(4));
         assert_eq!(Timestamp(1).since(Timestamp(2)), Duration::ZERO);
+    }
+
+    #[test]
+    fn plus_saturates_instead_of_wrapping() {
+        // 18446744073710 ms is just over 2^64 ns; its low 64 bits are 0.45 ms.
+        assert_eq!(Timestamp(1).plus(Duration::from_millis(18_446_744_073_710)), Timestamp(u64::MAX));
+        assert_eq!(Timestamp(1).plus(Duration::from_millis(3)), Timestamp(3_000_001));
     }
 
     #[test]

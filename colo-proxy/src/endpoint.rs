@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
+use crate::control::SocketFile;
+
 /// How long a client endpoint waits between reconnection attempts.
 pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -116,6 +118,12 @@ impl Write for Stream {
             Stream::Tcp(s) => s.write(buf),
         }
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write_vectored(bufs),
+            Stream::Tcp(s) => s.write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
@@ -144,7 +152,11 @@ impl Source for Stream {
 
 #[derive(Debug)]
 enum Listener {
-    Unix(mio::net::UnixListener, PathBuf),
+    /// The socket, then its file (mode 0600; removed once the socket is closed, by drop).
+    Unix {
+        socket: mio::net::UnixListener,
+        _file: SocketFile,
+    },
     Tcp(mio::net::TcpListener),
 }
 
@@ -152,8 +164,10 @@ impl Listener {
     fn bind(endpoint: &Endpoint) -> io::Result<Listener> {
         match endpoint {
             Endpoint::Unix { path, .. } => {
-                remove_stale_socket(path)?;
-                Ok(Listener::Unix(mio::net::UnixListener::bind(path)?, path.clone()))
+                // Frames and notify_dev messages are for the COLO frame only: mode 0600 before
+                // anyone can connect, whatever the umask.
+                let (file, listener) = SocketFile::bind(path)?;
+                Ok(Listener::Unix { socket: mio::net::UnixListener::from_std(listener), _file: file })
             }
             Endpoint::Tcp { addr, .. } => Ok(Listener::Tcp(mio::net::TcpListener::bind(Endpoint::tcp_addr(addr)?)?)),
         }
@@ -161,7 +175,7 @@ impl Listener {
 
     fn accept(&mut self) -> io::Result<Stream> {
         match self {
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Unix { socket, .. } => socket.accept().map(|(s, _)| Stream::Unix(s)),
             Listener::Tcp(l) => l.accept().map(|(s, _)| {
                 let _ = s.set_nodelay(true);
                 Stream::Tcp(s)
@@ -171,16 +185,8 @@ impl Listener {
 
     fn source(&mut self) -> &mut dyn Source {
         match self {
-            Listener::Unix(l, _) => l,
+            Listener::Unix { socket, .. } => socket,
             Listener::Tcp(l) => l,
-        }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Listener::Unix(_, path) = self {
-            let _ = std::fs::remove_file(path);
         }
     }
 }
@@ -468,7 +474,7 @@ mod tests {
 
     #[test]
     fn stale_sockets_are_replaced_but_live_ones_and_files_are_not() {
-        let path = temp_path("stale");
+        let path = temp_path("stale-fn");
         let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
         assert_eq!(remove_stale_socket(&path).unwrap_err().kind(), io::ErrorKind::AddrInUse);
         drop(l); // the path stays, nobody listens
@@ -476,6 +482,27 @@ mod tests {
         assert!(!path.exists());
         std::fs::write(&path, b"not a socket").unwrap();
         assert_eq!(remove_stale_socket(&path).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_server_socket_is_private_and_replaces_a_stale_socket_but_not_a_live_one_or_a_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = temp_path("stale");
+        let poll = mio::Poll::new().unwrap();
+        let ep = Endpoint::Unix { path: path.clone(), server: true };
+        let open = || Port::open("test", ep.clone(), poll.registry(), Token(10));
+        let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert_eq!(open().unwrap_err().kind(), io::ErrorKind::AddrInUse);
+        drop(live); // the path stays, nobody listens
+        let port = open().unwrap();
+        // Only the owner may connect, whatever the umask (it was 0755 under the usual 022).
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(port);
+        assert!(!path.exists(), "removed with the port");
+        std::fs::write(&path, b"not a socket").unwrap();
+        assert_eq!(open().unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&path).unwrap(), b"not a socket");
         std::fs::remove_file(&path).unwrap();
     }
 }

@@ -78,6 +78,7 @@ proptest! {
         push_interleaved(&mut e, &mut out, p, s, &order);
         prop_assert!(out.events.is_empty(), "miscompare on identical streams: {:?}", out.events);
         prop_assert_eq!(e.held(), [0, 0]);
+        prop_assert_eq!(e.held_bytes(), [0, 0]);
         let released: Vec<u8> = out.released().iter().flat_map(|f| tcp_payload(f).to_vec()).collect();
         prop_assert_eq!(out.released().len(), n_p);
         prop_assert_eq!(released, stream);
@@ -169,14 +170,19 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
     #[test]
-    fn every_frame_leaves_exactly_once(ops in prop::collection::vec(op(), 1..300), queue in 1usize..8) {
+    fn every_frame_leaves_exactly_once(
+        ops in prop::collection::vec(op(), 1..300),
+        queue in 1usize..8,
+        budget in 50usize..1000,
+    ) {
         let clock = ManualClock::new();
-        let config = Config { max_queue_size: queue, max_flows: 3, ..Config::default() };
+        let config = Config { max_queue_size: queue, max_queue_bytes: budget, max_flows: 3, ..Config::default() };
         let mut e = Engine::new(config, clock.clone());
         let mut out = Collect::default();
         let mut ident: u16 = 0;
         let mut sent: HashMap<u16, Side> = HashMap::new();
         let mut overflow = 0u64;
+        let mut largest = 0usize;
         let mut tcp_next = [ISN, ISN];
         for op in ops {
             match op {
@@ -187,10 +193,13 @@ proptest! {
                     let l4 = udp_segment(u16::from(flow), 7, &vec![fill; usize::from(len)]);
                     let f = Frame::new(ipv4_frame(VM_IP, CLIENT_IP, protocol::UDP, ident, l4, Some(6)));
                     sent.insert(ident, side);
+                    largest = largest.max(f.data.len());
                     if let Push::Full(f) = e.push(side, f, &mut out) {
                         e.discard_overflow(side, f, &mut out);
                         overflow += 1;
                     }
+                    // The byte budget holds, but for a frame larger than it taken alone.
+                    prop_assert!(e.held_bytes()[side.index()] <= budget.max(largest));
                 }
                 Op::Tcp { primary, diverge, len } => {
                     ident += 1;
@@ -200,10 +209,12 @@ proptest! {
                     let f = tcp_frame(ident, tcp_next[i], &vec![fill; usize::from(len)]);
                     tcp_next[i] = tcp_next[i].wrapping_add(u32::from(len));
                     sent.insert(ident, side);
+                    largest = largest.max(f.data.len());
                     if let Push::Full(f) = e.push(side, f, &mut out) {
                         e.discard_overflow(side, f, &mut out);
                         overflow += 1;
                     }
+                    prop_assert!(e.held_bytes()[side.index()] <= budget.max(largest));
                 }
                 Op::Flush => { e.flush(&mut out); }
                 Op::Mode(m) => e.set_mode(m, &mut out),

@@ -196,6 +196,17 @@ pub fn can_run(test: &str, prerequisites: Result<(), String>) -> bool {
     }
 }
 
+/// A memory figure of process `pid` from /proc/PID/status, in KiB: `VmRSS` (resident now) or
+/// `VmHWM` (the most ever resident). Tests bound memory with it, never time.
+pub fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// Reads exactly `n` bytes or fails after the stream's timeout.
 pub fn read_exact(r: &mut impl Read, n: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0; n];

@@ -39,14 +39,36 @@ fn miscompares(s: &Value) -> u64 {
     s["checkpoints"]["miscompare"].as_object().map(|m| m.values().map(n).sum()).unwrap_or(0)
 }
 
-/// Describes the miscompared frames the compare process captured.
-fn capture_summary(net: &ColoNet) -> String {
-    match std::fs::read(&net.capture) {
-        Ok(bytes) => {
-            format!("{} miscompared frames captured in {}", pcapread::frames(&bytes).len(), net.capture.display())
-        }
-        Err(_) => "no capture".into(),
+/// Describes the miscompared frames the compare process captured (a pcapng file). Never panics:
+/// it only adds detail to a failing test's own message.
+fn capture_summary(capture: &Path) -> String {
+    match std::fs::read(capture) {
+        Ok(bytes) => match pcapread::try_frames(&bytes) {
+            Ok(frames) => format!("{} miscompared frames captured in {}", frames.len(), capture.display()),
+            Err(e) => format!("capture {} unreadable: {e}", capture.display()),
+        },
+        Err(e) => format!("no capture ({}: {e})", capture.display()),
     }
+}
+
+#[test]
+fn the_capture_summary_reads_the_compare_processes_pcapng() {
+    let dir = colo_tests::TempDir::new("capsum");
+    let path = dir.path("miscompares.pcapng");
+    let mut capture = colo_proxy::capture::Capture::create(&path).unwrap();
+    let frame = colo_proxy::Frame::new(vec![0x55; 60]);
+    let primary = colo_proxy::compare::Disposal {
+        side: colo_proxy::Side::Primary,
+        verdict: colo_proxy::compare::Verdict::Released,
+        miscompare: Some(colo_proxy::Reason::Payload),
+    };
+    capture.record(&frame, &primary);
+    capture.record(&frame, &colo_proxy::compare::Disposal { side: colo_proxy::Side::Secondary, ..primary });
+    capture.flush();
+    assert_eq!(capture_summary(&path), format!("2 miscompared frames captured in {}", path.display()));
+    std::fs::write(&path, b"garbage").unwrap();
+    assert!(capture_summary(&path).contains("unreadable"), "{}", capture_summary(&path));
+    assert!(capture_summary(&dir.path("missing")).starts_with("no capture"));
 }
 
 /// Client traffic against the deterministic services for `secs`: counter increments (checked
@@ -96,7 +118,7 @@ fn traffic_with_periodic_checkpoints(net: &mut ColoNet) -> Value {
         0,
         "deterministic services miscompared ({}); {}",
         p["checkpoints"]["miscompare"],
-        capture_summary(net)
+        capture_summary(&net.capture)
     );
     assert_eq!(n(&p["checkpoints"]["periodic"]), total, "every checkpoint periodic: {p:#}");
     assert_eq!(p["mode"], "colo");

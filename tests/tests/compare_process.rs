@@ -4,15 +4,21 @@
 //! capture file, bad input and bad options.
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use colo_proxy::builder::*;
 use colo_proxy::control::{ControlClient, Event};
+use colo_proxy::notify_dev::PROXY_INIT;
 use colo_proxy::wire::tcp::Flags;
 use colo_proxy::Mode;
 use colo_tests::qframe::QPeer;
-use colo_tests::{bin, run, wait_for_path, Proc, TempDir};
+use colo_tests::{bin, memory_kib, run, wait_for_path, Proc, TempDir};
 
 struct Setup {
     _dir: TempDir,
@@ -26,6 +32,11 @@ struct Setup {
 }
 
 fn start(vnet: bool, extra: &[&str]) -> Setup {
+    start_with(vnet, extra, |_| {})
+}
+
+/// [`start`], with `adjust` applied to the command first.
+fn start_with(vnet: bool, extra: &[&str], adjust: impl FnOnce(&mut Command)) -> Setup {
     let dir = TempDir::new("cmp");
     let ep = |n: &str| format!("unix:{},server", dir.path(n).display());
     let control = dir.path("ctl.sock");
@@ -42,6 +53,7 @@ fn start(vnet: bool, extra: &[&str]) -> Setup {
     if vnet {
         cmd.arg("--vnet-hdr");
     }
+    adjust(&mut cmd);
     let proc = Proc::spawn("colo-proxy", cmd);
     assert!(wait_for_path(&control, Duration::from_secs(10)), "control socket did not appear");
     Setup {
@@ -240,6 +252,212 @@ fn full_queue_pushes_back_on_the_input_instead_of_dropping() {
     let expect: Vec<Vec<u8>> = (0..20u8).map(|i| udp4(1, 2, &[i])).collect();
     assert_eq!(got, expect, "every frame, in order");
     assert_eq!(ctl.stats().unwrap().dropped_overflow, 0);
+}
+
+/// Controllers that write bad lines (a valid command every 1000, so that only their unread
+/// replies get them dropped) and never read; each one dropped is replaced at once (counted in
+/// `connections`), until `stop` or `limit` bytes. Returns the bytes written.
+fn control_flood(
+    path: PathBuf,
+    limit: usize,
+    stop: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let cycle = [b"x\n".repeat(1000), b"{\"type\":\"query-stats\",\"id\":1}\n".to_vec()].concat();
+        let chunk = cycle.repeat(32);
+        let mut sent = 0;
+        while sent < limit && !stop.load(Ordering::SeqCst) {
+            let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) else { break };
+            connections.fetch_add(1, Ordering::SeqCst);
+            while sent < limit && !stop.load(Ordering::SeqCst) && s.write_all(&chunk).is_ok() {
+                sent += chunk.len();
+            }
+        }
+        sent
+    })
+}
+
+#[test]
+fn a_control_flood_delays_no_frame_and_memory_stays_bounded() {
+    let mut s = start(false, &[]);
+    let pid = s.proc.pid();
+    let mut ctl = ControlClient::connect(&s.control).unwrap();
+    let peak_before = memory_kib(pid, "VmHWM");
+    let (stop, connections) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let flood = control_flood(s.control.clone(), 32 << 20, stop.clone(), connections.clone());
+    // Frame pairs and checkpoints until a few flooders have come and gone; QPeer's and
+    // ControlClient's timeouts (5 s, 10 s) are the generous bounds on their delay.
+    let mut pairs = 0u32;
+    while connections.load(Ordering::SeqCst) < 4 && !flood.is_finished() {
+        let p = udp4(1, 2, &pairs.to_be_bytes());
+        s.pri.send(&p, 0).unwrap();
+        s.sec.send(&p, 0).unwrap();
+        assert_eq!(s.out.recv().unwrap().0, p, "frame pair {pairs}");
+        if pairs.is_multiple_of(10) {
+            ctl.checkpoint().unwrap();
+        }
+        pairs += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = flood.join().unwrap();
+    let connections = connections.load(Ordering::SeqCst);
+    assert!(connections >= 4, "flooders are dropped ({connections} connections, {sent} bytes)");
+    // Each flooder is dropped at 4 MiB of unread replies; one floods at a time.
+    let grown = memory_kib(pid, "VmHWM").saturating_sub(peak_before);
+    eprintln!("{pairs} frame pairs during {connections} flooding controllers, {sent} bytes; peak memory +{grown} KiB");
+    assert!(grown < 48 << 10, "colo-proxy's peak memory grew by {grown} KiB");
+    s.proc.assert_running();
+}
+
+#[test]
+fn a_notify_dev_peer_that_floods_without_reading_is_dropped_and_memory_stays_bounded() {
+    let mut s = start(false, &[]);
+    let pid = s.proc.pid();
+    let peak_before = memory_kib(pid, "VmHWM");
+    // COLO_USERSPACE_PROXY_INIT over and over, never reading the replies.
+    const LIMIT: usize = 32 << 20;
+    let mut chunk = vec![];
+    while chunk.len() < 64 << 10 {
+        chunk.extend_from_slice(&(PROXY_INIT.len() as u32).to_be_bytes());
+        chunk.extend_from_slice(PROXY_INIT);
+    }
+    let mut flood = s.notify.stream().try_clone().unwrap();
+    let (sent, cut) = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < LIMIT {
+            if flood.write_all(&chunk).is_err() {
+                return (sent, true);
+            }
+            sent += chunk.len();
+        }
+        (sent, false)
+    })
+    .join()
+    .unwrap();
+    // Dropped once about 64 KiB of replies wait; the kernel's buffers hold some more input.
+    assert!(cut && sent < 8 << 20, "the flooding peer was not disconnected: {sent} bytes taken");
+    let grown = memory_kib(pid, "VmHWM").saturating_sub(peak_before);
+    assert!(grown < 16 << 10, "colo-proxy's peak memory grew by {grown} KiB");
+    s.proc.assert_running();
+    // The next peer is served, and so are frames.
+    let mut notify = QPeer::connect(&s._dir.path("notify.sock"), false);
+    notify.send(PROXY_INIT, 0).unwrap();
+    assert_eq!(notify.recv_plain().unwrap(), b"COLO_COMPARE_GET_XEN_INIT");
+    let p = udp4(1, 2, b"after the flood");
+    s.pri.send(&p, 0).unwrap();
+    s.sec.send(&p, 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().0, p);
+}
+
+#[test]
+fn every_socket_is_private_even_under_umask_000() {
+    let s = start_with(false, &[], |cmd| {
+        // SAFETY: umask is async-signal-safe and touches nothing but the child's own mask.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::umask(0);
+                Ok(())
+            })
+        };
+    });
+    let sockets: Vec<PathBuf> = ["pri.sock", "sec.sock", "out.sock", "notify.sock"]
+        .iter()
+        .map(|n| s._dir.path(n))
+        .chain([s.control.clone()])
+        .collect();
+    for path in &sockets {
+        // Under umask 000 a plain bind makes 0777: anyone could inject frames or checkpoints.
+        let mode = std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", path.display());
+    }
+    // Another user is refused by the socket's mode (socat is one of scripts/setup.sh's tools).
+    if colo_tests::is_root() && colo_tests::have("socat") {
+        let dir = sockets[0].parent().unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for path in &sockets {
+            let (st, text) = run(Command::new("socat")
+                .args(["-u", "OPEN:/dev/null"])
+                .arg(format!("UNIX-CONNECT:{}", path.display()))
+                .uid(65534)
+                .gid(65534));
+            assert!(!st.success() && text.contains("Permission denied"), "{}: {text}", path.display());
+        }
+    } else {
+        eprintln!("not root or no socat: connecting as another user not tried");
+    }
+}
+
+#[test]
+fn a_byte_budget_pushes_back_on_the_input_and_asks_for_a_checkpoint() {
+    let mut s = start(false, &["--max-queue-bytes", "1048576"]);
+    let mut ctl = ControlClient::connect(&s.control).unwrap();
+    // 40 primary frames of 60 KB over four flows, no secondary: the budget (1 MiB, 17 of them)
+    // fills long before any queue's 1024 frames; the rest wait in the socket.
+    let frames: Vec<Vec<u8>> = (0..40u16).map(|i| udp4(i % 4, 2, &[i as u8; 60_000])).collect();
+    let writer = {
+        let mut pri = s.pri.stream().try_clone().unwrap();
+        let frames = frames.clone();
+        std::thread::spawn(move || {
+            for f in frames {
+                let mut b = (f.len() as u32).to_be_bytes().to_vec();
+                b.extend_from_slice(&f);
+                pri.write_all(&b).unwrap();
+            }
+        })
+    };
+    match ctl.next_event(Some(Duration::from_secs(5))).unwrap() {
+        Some(Event::Miscompare { reason, .. }) => assert_eq!(reason, colo_proxy::Reason::QueueFull),
+        other => panic!("expected queue-full, got {other:?}"),
+    }
+    // Each checkpoint releases what is held and lets more in; nothing is lost. outdev is read
+    // on its own thread: a flush's megabyte does not fit in the socket.
+    let mut out = QPeer::from_stream(s.out.stream().try_clone().unwrap(), false);
+    let n = frames.len();
+    let reader = std::thread::spawn(move || (0..n).map(|_| out.recv().unwrap().0).collect::<Vec<_>>());
+    for _ in 0..20 {
+        let held = ctl.stats().unwrap().held_primary;
+        assert!(held <= 17, "{held} frames of 60 KB held under a 1 MiB budget");
+        ctl.checkpoint().unwrap();
+        if reader.is_finished() {
+            break;
+        }
+    }
+    writer.join().unwrap();
+    let got = reader.join().unwrap();
+    // Released in arrival order across flows (the flush interleaves flows by arrival).
+    assert!(got == frames, "every frame, in order");
+    assert_eq!(ctl.stats().unwrap().dropped_overflow, 0);
+}
+
+#[test]
+fn a_checkpoint_releasing_many_held_frames_needs_no_second_copy() {
+    let mut s = start(false, &["--mode", "passive"]);
+    let mut ctl = ControlClient::connect(&s.control).unwrap();
+    // 800 frames of 60 KB (48 MB) over eight flows, held until the checkpoint (passive).
+    const N: usize = 800;
+    let frame = |i: usize| udp4((i % 8) as u16, 2, &[i as u8; 60_000]);
+    for i in 0..N {
+        s.pri.send(&frame(i), 0).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while ctl.stats().unwrap().held_primary < N as u64 {
+        assert!(std::time::Instant::now() < deadline, "frames not all held: {:?}", ctl.stats().unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = s.proc.pid();
+    let peak_before = memory_kib(pid, "VmHWM");
+    // outdev reads while the checkpoint releases everything at once.
+    let mut out = QPeer::from_stream(s.out.stream().try_clone().unwrap(), false);
+    let reader = std::thread::spawn(move || (0..N).map(|_| out.recv().unwrap().0.len()).sum::<usize>());
+    assert_eq!(ctl.checkpoint().unwrap().released, N as u64);
+    let bytes = reader.join().unwrap();
+    assert_eq!(bytes, N * frame(0).len());
+    // The released frames go out from the buffers they were held in: the peak does not grow by
+    // a second copy of them (it did by the whole 48 MB when the flush queued copies).
+    let grown = memory_kib(pid, "VmHWM").saturating_sub(peak_before);
+    eprintln!("{bytes} bytes released by one checkpoint; colo-proxy's peak memory +{grown} KiB");
+    assert!(grown < (bytes / 4 / 1024) as u64, "peak memory grew by {grown} KiB");
 }
 
 #[test]

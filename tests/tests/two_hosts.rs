@@ -512,9 +512,17 @@ fn across_two_hosts_inbound_frames_arriving_during_a_checkpoint_reach_both_vms()
     let lost: Vec<usize> = got.iter().enumerate().filter(|(_, g)| g.is_none()).map(|(i, _)| i).collect();
     let worst = sent.iter().zip(&got).filter_map(|(s, g)| g.map(|g| g - *s)).max().unwrap_or_default();
     let p = net.status(0);
-    eprintln!("{} user checkpoints; worst echo {worst:?}; unanswered {lost:?}; {}", p["checkpoints"]["user"], p["checkpoints"]);
+    eprintln!(
+        "{} user checkpoints; worst echo {worst:?}; unanswered {lost:?}; {}",
+        p["checkpoints"]["user"], p["checkpoints"]
+    );
     assert!(n(&p["checkpoints"]["user"]) >= 5, "{p:#}");
     assert!(lost.is_empty(), "datagrams never answered: {lost:?}\n{}", net.logs());
-    assert_eq!(miscompares(&p), 0, "no reply waited for a compare timeout (the SVM missed nothing): {}", p["checkpoints"]);
+    assert_eq!(
+        miscompares(&p),
+        0,
+        "no reply waited for a compare timeout (the SVM missed nothing): {}",
+        p["checkpoints"]
+    );
     assert!(worst < Duration::from_millis(1500), "an echo waited {worst:?} (a checkpoint holds them about 0.4 s)");
 }

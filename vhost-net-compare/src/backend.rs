@@ -19,10 +19,11 @@ use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::chain::BadChain;
 use crate::device::{self, NetConfig, MAX_QUEUE_SIZE, NUM_QUEUES, RX_QUEUE, TX_QUEUE};
+use crate::exit_event::ExitEvents;
 use crate::port::{self, Port, RX_PENDING_EVENT, TX_RETRY_EVENT};
 use crate::ratelimit::RateLimit;
 use crate::router::Router;
@@ -46,6 +47,8 @@ pub struct NetBackend {
     acked: u64,
     refused_log: RateLimit,
     ring_error_log: RateLimit,
+    /// The workers' exit events; closed when the daemon has dropped this backend.
+    exit_events: ExitEvents,
 }
 
 impl NetBackend {
@@ -60,6 +63,7 @@ impl NetBackend {
             acked: 0,
             refused_log: RateLimit::default(),
             ring_error_log: RateLimit::default(),
+            exit_events: ExitEvents::new(),
         }
     }
 
@@ -221,8 +225,9 @@ impl VhostUserBackendMut for NetBackend {
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
         // Without an exit event the daemon could never stop its worker when the connection is
-        // dropped, and dropping the daemon would wait forever.
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+        // dropped, and dropping the daemon would wait forever. The library leaks the consumer;
+        // `exit_events` closes it with this backend.
+        match self.exit_events.lend() {
             Ok(pair) => Some(pair),
             Err(e) => {
                 tracing::error!(error = %e, "cannot create the worker's exit event");

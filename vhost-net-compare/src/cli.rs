@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use colo_proxy::compare::{Config, Mode};
+use colo_proxy::compare::{Config, Mode, DEFAULT_MAX_QUEUE_BYTES, MAX_TIMER_MS};
 
 use crate::device::MacAddr;
 
@@ -62,16 +62,20 @@ pub struct Options {
     /// checkpoint, mode and query-stats commands; hello, miscompare and peer events.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
-    /// COLO: a frame held longer than this (ms) causes a checkpoint request.
-    #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// COLO: a frame held longer than this (ms, at most a day) causes a checkpoint request.
+    #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMER_MS))]
     pub compare_timeout: u64,
-    /// COLO: how often (ms) held frames are checked against --compare-timeout.
-    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// COLO: how often (ms, at most a day) held frames are checked against --compare-timeout.
+    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMER_MS))]
     pub expired_scan_cycle: u64,
     /// COLO: most frames held per flow and VM. A full queue requests a checkpoint and leaves the
     /// guest's TX descriptors on its ring (backpressure) until room appears.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_queue_size: u64,
+    /// COLO: most bytes of frames held for each VM, all flows together. Past it, as with a full
+    /// queue: a checkpoint request, and the guest's TX descriptors stay on its ring.
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_QUEUE_BYTES as u64, value_parser = clap::value_parser!(u64).range(1 << 16..=1 << 40))]
+    pub max_queue_bytes: u64,
     /// COLO: write every miscompared frame of both VMs, with its verdict, to this pcapng file.
     #[arg(long, value_name = "FILE.pcap")]
     pub capture: Option<PathBuf>,
@@ -161,6 +165,7 @@ impl Options {
             compare_timeout: Duration::from_millis(self.compare_timeout),
             expired_scan_cycle: Duration::from_millis(self.expired_scan_cycle),
             max_queue_size: self.max_queue_size as usize,
+            max_queue_bytes: usize::try_from(self.max_queue_bytes).unwrap_or(usize::MAX),
             ..Config::default()
         }
     }
@@ -226,5 +231,38 @@ mod tests {
         assert_eq!(o.validate(), Err(OptionsError::ModeWithVmSocket));
         let o = parse(&["--vm-socket", "/tmp/v", "--control-socket", "/tmp/v", "--tap", "t0"]).unwrap();
         assert_eq!(o.validate(), Err(OptionsError::SamePath("--vm-socket", "--control-socket")));
+    }
+
+    #[test]
+    fn the_byte_budget_has_a_default_and_bounds() {
+        let base = ["--primary-socket", "/tmp/p", "--secondary-socket", "/tmp/s", "--tap", "t0"];
+        assert_eq!(parse(&base).unwrap().engine_config().max_queue_bytes, 64 << 20);
+        let args: Vec<&str> = base.iter().copied().chain(["--max-queue-bytes", "1048576"]).collect();
+        assert_eq!(parse(&args).unwrap().engine_config().max_queue_bytes, 1 << 20);
+        for bad in ["0", "65535", "1099511627777", "1M"] {
+            let args: Vec<&str> = base.iter().copied().chain(["--max-queue-bytes", bad]).collect();
+            assert!(parse(&args).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn timer_options_are_bounded() {
+        let base = ["--primary-socket", "/tmp/p", "--secondary-socket", "/tmp/s", "--tap", "t0"];
+        let day = MAX_TIMER_MS.to_string();
+        let args: Vec<&str> =
+            base.iter().copied().chain(["--compare-timeout", &day, "--expired-scan-cycle", &day]).collect();
+        let config = parse(&args).unwrap().engine_config();
+        assert_eq!(
+            (config.compare_timeout, config.expired_scan_cycle),
+            (Duration::from_secs(86_400), Duration::from_secs(86_400))
+        );
+        // Beyond 2^64 ns this once became a 0.45 ms scan.
+        for opt in ["--compare-timeout", "--expired-scan-cycle"] {
+            for bad in ["0", "86400001", "18446744073710"] {
+                let args: Vec<&str> = base.iter().copied().chain([opt, bad]).collect();
+                let e = parse(&args).unwrap_err().to_string();
+                assert!(e.contains(opt) && e.contains(bad), "{opt} {bad}: {e}");
+            }
+        }
     }
 }

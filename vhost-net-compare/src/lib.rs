@@ -25,6 +25,7 @@ pub mod cli;
 pub mod colo;
 pub mod control;
 pub mod device;
+pub mod exit_event;
 pub mod frontend_shim;
 pub mod hub;
 pub mod lock;

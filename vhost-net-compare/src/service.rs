@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use colo_proxy::capture::Capture;
+use colo_proxy::control::SocketFile;
 use colo_proxy::link::{AuthPolicy, KeyError, LinkKey, LinkListener};
 use colo_proxy::Side;
 use vhost::vhost_user::Listener;
@@ -95,6 +96,8 @@ pub struct Service {
     /// The frame-link listener (`--peer-listen`).
     listener: Option<LinkListener>,
     socket_paths: Vec<PathBuf>,
+    /// The VM sockets' files (the control socket's is its server's).
+    _socket_files: Vec<SocketFile>,
     /// The directories of the daemons' private sockets; removed at shutdown.
     private_dirs: Vec<PathBuf>,
 }
@@ -113,9 +116,11 @@ impl Service {
         };
         let tap = Arc::new(Tap::open(&opts.tap)?);
         let mut socket_paths = Vec::new();
+        let mut socket_files = Vec::new();
         let mut private_dirs = Vec::new();
         let mut vm_socket = |path: &PathBuf| -> Result<(Listener, PrivateSocket), StartError> {
-            let l = bind(path)?;
+            let (l, file) = bind(path)?;
+            socket_files.push(file);
             socket_paths.push(path.clone());
             let p = PrivateSocket::bind_for(path)?;
             private_dirs.push(p.dir().to_path_buf());
@@ -219,7 +224,7 @@ impl Service {
             }
         );
         tracing::debug!(dirs = ?private_dirs, "the daemons' private sockets");
-        Ok(Service { hub, uplink: Some(uplink), listener, socket_paths, private_dirs })
+        Ok(Service { hub, uplink: Some(uplink), listener, socket_paths, _socket_files: socket_files, private_dirs })
     }
 
     /// The router (for inspection).
@@ -276,13 +281,47 @@ fn refuse_non_socket(path: &Path) -> Result<(), StartError> {
     }
 }
 
-fn bind(path: &Path) -> Result<Listener, StartError> {
+/// Binds a VM socket with mode 0600 before any frontend can connect, whatever the umask: a
+/// frontend gets the guest's network and its memory is mapped here. A stale socket is
+/// replaced; one another process listens on is not.
+fn bind(path: &Path) -> Result<(Listener, SocketFile), StartError> {
     refuse_non_socket(path)?;
-    Listener::new(path, true).map_err(|error| StartError::Socket { path: path.to_path_buf(), error })
+    let socket_error =
+        |error| StartError::Socket { path: path.to_path_buf(), error: vhost::vhost_user::Error::SocketError(error) };
+    let (file, listener) = SocketFile::bind(path).map_err(socket_error)?;
+    // The accept thread blocks in accept.
+    listener.set_nonblocking(false).map_err(socket_error)?;
+    Ok((Listener::from(listener), file))
 }
 
 fn warn_unused_compare_options(opts: &Options) {
     if opts.capture.is_some() {
         tracing::warn!("--capture has no effect without --secondary-socket (nothing is compared)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::server::PrivateDir;
+
+    #[test]
+    fn a_vm_socket_is_private_and_a_live_one_is_not_taken_over() {
+        let dir = PrivateDir::create_in(&std::env::temp_dir()).unwrap();
+        let path = dir.path().join("vm.sock");
+        let (listener, file) = bind(&path).unwrap();
+        // Only the owner may connect, whatever the umask (it was 0755 under the usual 022).
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // Blocking, as the accept thread expects.
+        let _client = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        assert!(listener.accept().unwrap().is_some());
+        assert!(matches!(bind(&path), Err(StartError::Socket { .. })), "another process's live socket stays");
+        drop((listener, file));
+        assert!(!path.exists());
+        // A stale socket (nobody listening) is replaced.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let _ = bind(&path).unwrap();
     }
 }

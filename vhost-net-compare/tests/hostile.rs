@@ -1,10 +1,14 @@
 //! A hostile guest: descriptor chains written by hand into the shared memory that loop, leave
 //! guest memory, are too short or absurdly long, have the wrong direction, or carry a garbage
 //! virtio-net header. Each is completed with used length 0 and counted (`rejected_input`),
-//! and the backend keeps serving.
+//! and the backend keeps serving. And a hostile controller, flooding the control socket.
 
 mod common;
 
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -167,4 +171,61 @@ fn a_frontend_with_no_memory_table_or_bogus_rings_does_not_hurt_the_backend() {
     vm.setup();
     vm.send(&test_frame(7, 64));
     assert!(wire.recv_matching(T, |f| test_tag(f) == Some(7)).is_some());
+}
+
+/// The primary's colo-vmm waits for `flushed` at every checkpoint: controllers that flood the
+/// control socket with bad lines and never read (a valid command every 1000, so that only their
+/// unread replies get them dropped; each replaced at once) must not delay it, nor grow memory.
+#[test]
+fn a_control_flood_delays_no_flushed_reply_and_memory_stays_bounded() {
+    if !prerequisites("a_control_flood_delays_no_flushed_reply_and_memory_stays_bounded") {
+        return;
+    }
+    let dir = TempDir::new();
+    let tap = TestTap::new();
+    let backend = Backend::spawn(
+        &dir,
+        BackendOpts { one_vm: false, tap: &tap.name, secondary: true, control: true, extra: vec![] },
+    );
+    let mut ctl = backend.control();
+    let peak = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_string();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let peak_before = peak(backend.pid());
+    let stop = Arc::new(AtomicBool::new(false));
+    let connections = Arc::new(AtomicUsize::new(0));
+    let flood = {
+        let (path, stop, connections) = (backend.control.clone().unwrap(), stop.clone(), connections.clone());
+        std::thread::spawn(move || {
+            let cycle = [b"x\n".repeat(1000), b"{\"type\":\"query-stats\",\"id\":1}\n".to_vec()].concat();
+            let chunk = cycle.repeat(32);
+            let mut sent = 0usize;
+            // At most 32 MiB, whatever happens.
+            while sent < 32 << 20 && !stop.load(Ordering::SeqCst) {
+                let Ok(mut s) = UnixStream::connect(&path) else { break };
+                connections.fetch_add(1, Ordering::SeqCst);
+                while sent < 32 << 20 && !stop.load(Ordering::SeqCst) && s.write_all(&chunk).is_ok() {
+                    sent += chunk.len();
+                }
+            }
+            sent
+        })
+    };
+    // Checkpoints until a few flooders have come and gone; ControlClient's timeout (10 s) is
+    // the generous bound on each reply's delay.
+    let mut checkpoints = 0;
+    while connections.load(Ordering::SeqCst) < 4 && !flood.is_finished() {
+        ctl.checkpoint().unwrap();
+        checkpoints += 1;
+    }
+    stop.store(true, Ordering::SeqCst);
+    let sent = flood.join().unwrap();
+    let connections = connections.load(Ordering::SeqCst);
+    let grown = peak(backend.pid()).saturating_sub(peak_before);
+    eprintln!("{checkpoints} checkpoints during {connections} flooding controllers, {sent} bytes; the backend's peak memory +{grown} KiB");
+    assert!(connections >= 4, "flooders are dropped ({connections} connections, {sent} bytes)");
+    assert!(grown < 48 << 10, "the backend's peak memory grew by {grown} KiB");
+    assert!(backend.alive());
 }

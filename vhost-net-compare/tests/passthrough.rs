@@ -278,6 +278,32 @@ fn a_new_frontend_is_served_after_a_disconnect() {
     assert!(backend.alive());
 }
 
+/// Every connection's descriptors (exit event, memory, sockets) go with it: the backend can
+/// serve any number of migrations, COLO starts and failovers.
+#[test]
+fn connections_leave_no_descriptors_behind() {
+    if !prerequisites("connections_leave_no_descriptors_behind") {
+        return;
+    }
+    let dir = TempDir::new();
+    let tap = TestTap::new();
+    let backend = passthrough(&dir, &tap, false);
+    let fds = || std::fs::read_dir(format!("/proc/{}/fd", backend.pid())).unwrap().count();
+    const ROUNDS: usize = 30;
+    let mut counts = vec![];
+    for _ in 0..ROUNDS {
+        // Connections are served one after the other: once this one is set up, the previous
+        // one's daemon is gone.
+        let mut vm = Vm::connect(&backend.primary);
+        vm.setup();
+        counts.push(fds());
+    }
+    // The first connections may still allocate lazily (thread stacks, logs); after that, flat.
+    let (warm, last) = (counts[4], counts[ROUNDS - 1]);
+    assert!(last <= warm + 2, "descriptors per connection leak: {counts:?}");
+    assert!(backend.alive());
+}
+
 #[test]
 fn rings_enabled_before_set_features_like_qemu_7_2_work() {
     if !prerequisites("rings_enabled_before_set_features_like_qemu_7_2_work") {

@@ -67,6 +67,32 @@ impl Held {
     }
 }
 
+/// Frames held and their bytes (header and frame), per side ([`crate::Side::index`]).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct HeldTotals {
+    pub frames: [usize; 2],
+    pub bytes: [usize; 2],
+}
+
+impl HeldTotals {
+    /// `h` joined a queue of side `s`.
+    pub fn add(&mut self, s: usize, h: &Held) {
+        self.frames[s] += 1;
+        self.bytes[s] += h.frame.data.len();
+    }
+
+    /// `h` left a queue of side `s`.
+    pub fn remove(&mut self, s: usize, h: &Held) {
+        self.frames[s] -= 1;
+        self.bytes[s] -= h.frame.data.len();
+    }
+
+    /// Frames held on both sides.
+    pub fn all_frames(&self) -> usize {
+        self.frames[0] + self.frames[1]
+    }
+}
+
 /// Inserts a TCP frame keeping the queue sorted by sequence number (wrap-aware), after any frame
 /// with the same sequence number. Frames almost always arrive in order, so search from the back.
 pub(crate) fn insert_by_seq(q: &mut VecDeque<Held>, h: Held) {

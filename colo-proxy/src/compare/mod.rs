@@ -24,11 +24,18 @@ use crate::clock::{Clock, MonotonicClock, Timestamp};
 use crate::flow::{FlowKey, FlowKind};
 use crate::frame::{Frame, Side};
 
-use held::{insert_by_seq, Held};
+use held::{insert_by_seq, Held, HeldTotals};
 use notify::Notifier;
 use stats::Counters;
 pub use stats::{MiscompareCounts, Stats};
 use table::{Flow, FlowTable};
+
+/// Largest `compare_timeout` and `expired_scan_cycle` the command lines accept, in ms (a day):
+/// far beyond any useful setting, and far below where nanosecond timestamps overflow.
+pub const MAX_TIMER_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Default of [`Config::max_queue_bytes`]: 64 MiB per VM.
+pub const DEFAULT_MAX_QUEUE_BYTES: usize = 64 << 20;
 
 /// Engine limits and timeouts (the names and defaults of QEMU's colo-compare).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +47,12 @@ pub struct Config {
     pub expired_scan_cycle: Duration,
     /// Most frames per queue (`max_queue_size`, 1024).
     pub max_queue_size: usize,
+    /// Most bytes of frames held for each VM, all flows together (ours: QEMU has no such
+    /// bound, and 1024 frames of 64 KiB in each of 16 flows hold 1 GiB). Past it a frame is
+    /// refused as by a full queue: a checkpoint request, and backpressure (or a counted drop)
+    /// as the transport allows. A frame is always taken when nothing of its VM is held.
+    /// Default [`DEFAULT_MAX_QUEUE_BYTES`].
+    pub max_queue_bytes: usize,
     /// Most flows in the table (QEMU's 16384).
     pub max_flows: usize,
 }
@@ -50,6 +63,7 @@ impl Default for Config {
             compare_timeout: Duration::from_millis(3000),
             expired_scan_cycle: Duration::from_millis(1000),
             max_queue_size: 1024,
+            max_queue_bytes: DEFAULT_MAX_QUEUE_BYTES,
             max_flows: 16384,
         }
     }
@@ -239,7 +253,10 @@ pub struct Engine<C: Clock = MonotonicClock> {
     table: FlowTable,
     counters: Counters,
     notifier: Notifier,
-    held: [usize; 2],
+    held: HeldTotals,
+    /// A `queue-full` for the byte budget was reported since a frame of that side was last
+    /// taken.
+    bytes_full_reported: [bool; 2],
     next_order: u64,
     next_scan: Timestamp,
 }
@@ -249,13 +266,13 @@ pub(crate) struct Ctx<'a, S: Sink> {
     now: Timestamp,
     counters: &'a mut Counters,
     notifier: &'a mut Notifier,
-    held: &'a mut [usize; 2],
+    held: &'a mut HeldTotals,
     sink: &'a mut S,
 }
 
 impl<S: Sink> Ctx<'_, S> {
     fn release(&mut self, side: Side, h: Held) {
-        self.held[side.index()] -= 1;
+        self.held.remove(side.index(), &h);
         if side == Side::Primary {
             self.counters.record_hold(self.now.since(h.arrived));
         }
@@ -264,7 +281,7 @@ impl<S: Sink> Ctx<'_, S> {
     }
 
     fn discard(&mut self, side: Side, h: Held, cause: DropCause) {
-        self.held[side.index()] -= 1;
+        self.held.remove(side.index(), &h);
         count_drop(&mut self.counters.stats, side, cause);
         self.sink.frame(h.frame, Disposal { side, verdict: Verdict::Dropped(cause), miscompare: h.miscompare });
     }
@@ -273,7 +290,7 @@ impl<S: Sink> Ctx<'_, S> {
         self.counters.stats.miscompares.count(reason);
         if let Some(suppressed) = self.notifier.inconsistency(self.now) {
             self.counters.stats.notifies += 1;
-            let event = Miscompare { reason, key: *key, held: self.held[0] + self.held[1], suppressed };
+            let event = Miscompare { reason, key: *key, held: self.held.all_frames(), suppressed };
             tracing::debug!(reason = reason.name(), flow = %key, held = event.held, suppressed, "miscompare");
             self.sink.miscompare(&event);
         }
@@ -319,7 +336,8 @@ impl<C: Clock> Engine<C> {
             table: FlowTable::new(config.max_flows),
             counters: Counters::new(),
             notifier: Notifier::new(config.compare_timeout),
-            held: [0, 0],
+            held: HeldTotals::default(),
+            bytes_full_reported: [false; 2],
             next_order: 0,
             next_scan: now.plus(config.expired_scan_cycle),
         }
@@ -348,12 +366,17 @@ impl<C: Clock> Engine<C> {
 
     /// Frames held now: `[primary, secondary]`.
     pub fn held(&self) -> [usize; 2] {
-        self.held
+        self.held.frames
+    }
+
+    /// Bytes of the frames held now (header and frame): `[primary, secondary]`.
+    pub fn held_bytes(&self) -> [usize; 2] {
+        self.held.bytes
     }
 
     /// The counters.
     pub fn stats(&self) -> Stats {
-        self.counters.snapshot(self.table.len(), self.held)
+        self.counters.snapshot(self.table.len(), self.held.frames)
     }
 
     /// Takes a frame from `side`, classifying it first.
@@ -422,8 +445,18 @@ impl<C: Clock> Engine<C> {
 
     fn enqueue<S: Sink>(&mut self, side: Side, frame: Frame, c: &Compared, now: Timestamp, sink: &mut S) -> Push {
         let colo = self.mode == Mode::Colo;
+        let s = side.index();
         let mut cx =
             Ctx { now, counters: &mut self.counters, notifier: &mut self.notifier, held: &mut self.held, sink };
+        if cx.held.frames[s] > 0 && cx.held.bytes[s] + frame.data.len() > self.config.max_queue_bytes {
+            // The byte budget is full: as a full queue, reported once until a frame of this
+            // side is taken again.
+            if colo && !self.bytes_full_reported[s] {
+                self.bytes_full_reported[s] = true;
+                cx.inconsistency(Reason::QueueFull, &c.key);
+            }
+            return Push::Full(frame);
+        }
         let idx = match self.table.get_or_insert(&c.key, now, &mut cx.counters.stats.flows_evicted) {
             Ok(i) => i,
             Err(table::TableFull) => {
@@ -434,7 +467,6 @@ impl<C: Clock> Engine<C> {
             }
         };
         let flow = &mut self.table.flows[idx];
-        let s = side.index();
         if flow.queues[s].len() >= self.config.max_queue_size {
             if colo && !flow.full_reported[s] {
                 flow.full_reported[s] = true;
@@ -443,10 +475,11 @@ impl<C: Clock> Engine<C> {
             return Push::Full(frame);
         }
         flow.full_reported[s] = false;
+        self.bytes_full_reported[s] = false;
         flow.last_active = now;
         let held = Held::new(frame, c, now, self.next_order);
         self.next_order += 1;
-        cx.held[s] += 1;
+        cx.held.add(s, &held);
         if let Some(t) = &c.tcp {
             if let Some(ack) = t.ack {
                 flow.track_ack(side, ack);
@@ -564,7 +597,7 @@ impl<C: Clock> Engine<C> {
 
     /// When [`Engine::poll_timeouts`] next has work: `None` while nothing can time out.
     pub fn next_deadline(&self) -> Option<Timestamp> {
-        (self.mode == Mode::Colo && self.held[0] + self.held[1] > 0).then_some(self.next_scan)
+        (self.mode == Mode::Colo && self.held.all_frames() > 0).then_some(self.next_scan)
     }
 
     /// Checks held frames against `compare_timeout` once every `expired_scan_cycle`; a flow
@@ -575,7 +608,7 @@ impl<C: Clock> Engine<C> {
             return;
         }
         self.next_scan = now.plus(self.config.expired_scan_cycle);
-        if self.mode != Mode::Colo || self.held[0] + self.held[1] == 0 {
+        if self.mode != Mode::Colo || self.held.all_frames() == 0 {
             return;
         }
         let timeout = self.config.compare_timeout;

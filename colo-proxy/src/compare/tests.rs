@@ -470,6 +470,70 @@ fn overflow_discard_is_counted() {
 }
 
 #[test]
+fn byte_budget_spans_all_flows_hands_the_frame_back_and_notifies_once() {
+    let len = udp4(1, 2, b"a").len();
+    let mut t = T::with(Config { max_queue_bytes: 3 * len, ..Config::default() });
+    // Three flows, one frame each: the budget is for all flows together.
+    for port in 1..=3 {
+        assert_eq!(t.p(udp4(port, 2, b"a")), Push::Accepted);
+    }
+    assert_eq!(t.e.held_bytes(), [3 * len, 0]);
+    let fourth = udp4(4, 2, b"a");
+    assert_eq!(t.p(fourth.clone()), Push::Full(Frame::new(fourth.clone())));
+    assert_eq!(t.p(fourth.clone()), Push::Full(Frame::new(fourth.clone())));
+    assert_eq!(t.reasons(), vec![Reason::QueueFull]);
+    assert_eq!(
+        t.e.stats().miscompares.queue_full,
+        1,
+        "a retry against the same full budget is not a new inconsistency"
+    );
+    assert_eq!(t.e.stats().frames_primary, 3, "refused offers are not counted as frames");
+    assert_eq!(t.e.stats().flows, 3, "a refused frame makes no flow");
+    assert_eq!(t.flush(), FlushSummary { released: 3, dropped: 0 });
+    assert_eq!(t.e.held_bytes(), [0, 0]);
+    assert_eq!(t.p(fourth), Push::Accepted, "room after the flush");
+}
+
+#[test]
+fn byte_budget_is_per_side_so_the_secondary_can_still_match_and_make_room() {
+    let len = udp4(1, 2, b"a").len();
+    let mut t = T::with(Config { max_queue_bytes: 2 * len, ..Config::default() });
+    t.p(udp4(1, 2, b"a"));
+    t.p(udp4(1, 2, b"b"));
+    assert!(matches!(t.p(udp4(1, 2, b"c")), Push::Full(_)));
+    // The secondary's budget is its own: its frames match the held ones and release them.
+    assert_eq!(t.s(udp4(1, 2, b"a")), Push::Accepted);
+    assert_eq!(t.s(udp4(1, 2, b"b")), Push::Accepted);
+    assert_eq!(t.released(), vec![udp4(1, 2, b"a"), udp4(1, 2, b"b")]);
+    assert_eq!(t.e.held_bytes(), [0, 0], "released and matched frames leave the budget");
+    assert_eq!(t.p(udp4(1, 2, b"c")), Push::Accepted);
+}
+
+#[test]
+fn a_frame_larger_than_the_byte_budget_is_taken_when_nothing_is_held() {
+    let mut t = T::with(Config { max_queue_bytes: 10, ..Config::default() });
+    assert_eq!(t.p(udp4(1, 2, b"big")), Push::Accepted, "else it could never pass");
+    assert!(matches!(t.p(udp4(1, 2, b"next")), Push::Full(_)));
+    assert_eq!(t.s(udp4(1, 2, b"big")), Push::Accepted);
+    assert_eq!(t.released(), vec![udp4(1, 2, b"big")]);
+    assert_eq!(t.p(udp4(1, 2, b"next")), Push::Accepted);
+}
+
+#[test]
+fn byte_budget_in_passive_mode_pushes_back_without_a_checkpoint_request() {
+    let len = udp4(1, 2, b"a").len();
+    let mut t = T::with(Config { max_queue_bytes: 2 * len, ..Config::default() });
+    t.e.set_mode(Mode::Passive, &mut t.out);
+    t.p(udp4(1, 2, b"a"));
+    t.p(udp4(3, 4, b"b"));
+    assert!(matches!(t.p(udp4(5, 6, b"c")), Push::Full(_)));
+    assert!(t.out.events.is_empty(), "passive checkpoints come on the controller's schedule");
+    t.flush();
+    assert_eq!(t.released(), vec![udp4(1, 2, b"a"), udp4(3, 4, b"b")]);
+    assert_eq!(t.p(udp4(5, 6, b"c")), Push::Accepted);
+}
+
+#[test]
 fn flow_table_evicts_idle_flows_but_never_held_ones() {
     let mut t = T::with(Config { max_flows: 4, ..Config::default() });
     for port in 0..4 {

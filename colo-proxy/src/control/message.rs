@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::duplicate_keys::first_duplicate;
 use crate::compare::{Miscompare, Mode, Reason, Stats};
 use crate::frame::Side;
 use crate::replica::Role;
@@ -91,6 +92,11 @@ impl Command {
         let Some(object) = value.as_object() else {
             return Err(fail("expected a JSON object".to_string()));
         };
+        if let Some(key) = first_duplicate(line) {
+            // Which of two ids the controller waits for is unknown: answer without one.
+            let id = if key == "id" { None } else { id };
+            return Err(CommandError { id, message: format!("duplicate key `{key}`") });
+        }
         let kind = match object.get("type") {
             Some(Value::String(kind)) => kind.clone(),
             Some(_) => return Err(fail("field `type` must be a string".to_string())),

@@ -10,7 +10,8 @@
 //! - from it, [`Event`]s: `hello` on every new connection, `miscompare` (the first inconsistency
 //!   after each flush, to every controller), `peer` (a VM connection came or went), the replies
 //!   above with the command's `id` (to the controller that sent it only), and `error` for a bad
-//!   command or line (with its `id` when one could be read; the connection stays open).
+//!   command or line (with its `id` when one could be read; the connection stays open). A line
+//!   that gives a key twice is refused, not read as its last occurrence.
 //!
 //! Ordering guarantees, which the compare process keeps by the order in which it calls
 //! [`ControlServer::reply`] and [`ControlServer::broadcast`] (each connection's output is one
@@ -26,6 +27,7 @@
 //! [`ControlClient`] is a small blocking client for controllers, tools and tests.
 
 mod client;
+mod duplicate_keys;
 mod lines;
 mod message;
 mod server;
@@ -37,5 +39,9 @@ mod testutil;
 
 pub use client::{ClientError, ControlClient, DEFAULT_TIMEOUT, HELLO_TIMEOUT};
 pub use message::{Command, CommandError, Event, HelloReplica, PeerState, MAX_LINE};
-pub use server::{ConnId, ControlServer, Request, MAX_CONNECTIONS, MAX_PENDING, TOKEN_SPAN};
+pub use server::{
+    ConnId, ControlServer, Request, MAX_BAD_LINES, MAX_CONNECTIONS, MAX_PENDING, MAX_UNANSWERED, READ_BUDGET,
+    TOKEN_SPAN,
+};
+pub use socket::SocketFile;
 pub use threaded::ControlHandle;

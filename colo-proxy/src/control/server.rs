@@ -4,6 +4,15 @@
 //! I/O on it. Output to a controller is queued per connection and written as the socket takes
 //! it; a controller that stops reading is disconnected once its queue passes [`MAX_PENDING`],
 //! so a stuck controller can delay nothing but itself.
+//!
+//! Work per wake-up is bounded too, so a controller that writes without pause (a stream of bad
+//! lines, each answered with an `error`) cannot hold the loop that also carries frames: at most
+//! [`READ_BUDGET`] bytes are read from one connection per event, after which its (edge-
+//! triggered) registration is re-armed and the rest is read at the next poll, after the other
+//! sources. A controller with [`MAX_UNANSWERED`] commands not yet answered is not read until
+//! answers go out, and no reply is queued past [`MAX_PENDING`]: memory per controller stays
+//! below [`MAX_PENDING`] plus one line. A controller that sends more than [`MAX_BAD_LINES`] bad
+//! lines in a row is disconnected.
 
 use std::fmt;
 use std::io::{self, Read};
@@ -28,7 +37,20 @@ pub const TOKEN_SPAN: usize = 1 + MAX_CONNECTIONS;
 pub const MAX_PENDING: usize = 4 << 20;
 
 /// Bytes read from a connection per `read` call.
-const READ_CHUNK: usize = 16 << 10;
+const READ_CHUNK: usize = 4 << 10;
+
+/// Most bytes read from one connection per readiness event (the rest waits for the next poll).
+pub const READ_BUDGET: usize = 4 << 10;
+
+/// Most bad lines in a row (no valid command between them) a controller may send; past this it
+/// is disconnected. Each is answered with an `error`: a controller that sends them by the
+/// thousand is not a controller. A valid command resets the count, so an occasional unknown
+/// command (an older compare process) costs nothing.
+pub const MAX_BAD_LINES: usize = 1024;
+
+/// Most commands of one controller passed to the caller and not yet answered; past this its
+/// input waits in the socket until replies go out.
+pub const MAX_UNANSWERED: usize = 64;
 
 /// Identifies one connection for its whole life; never reused, so a late reply to a controller
 /// that has gone cannot reach a newer one in the same slot.
@@ -68,6 +90,25 @@ struct Conn {
     read_closed: bool,
     /// Commands passed to the caller and not yet replied to.
     unanswered: usize,
+    /// Reading stopped at [`MAX_UNANSWERED`]; resumes when replies bring it below.
+    paused: bool,
+    /// Bad lines since the last valid command.
+    bad_in_a_row: usize,
+    /// Most output ever queued.
+    peak: usize,
+}
+
+/// Why [`Conn::read_some`] stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadEnd {
+    /// The socket has nothing more (or the controller finished sending).
+    Drained,
+    /// [`READ_BUDGET`] is used up; more may be waiting.
+    Budget,
+    /// Too many commands unanswered, or too much output queued.
+    Paused,
+    /// More than [`MAX_BAD_LINES`] bad lines in a row.
+    Abusive,
 }
 
 impl Conn {
@@ -75,45 +116,89 @@ impl Conn {
         self.out.len() - self.written
     }
 
+    fn push_line(&mut self, line: &str) {
+        push_line(&mut self.out, line);
+        self.peak = self.peak.max(self.pending());
+    }
+
     /// Feeds received bytes to the line splitter: commands go to `requests`, bad lines get an
     /// `error` reply queued.
     fn receive(&mut self, data: &[u8], requests: &mut Vec<Request>) {
-        let Conn { id, lines, out, unanswered, .. } = self;
-        lines.push(data, |line| match line {
-            // Blank lines are harmless (a person typing into socat); no reply.
-            Line::Complete(l) if l.trim_ascii().is_empty() => {}
-            Line::Complete(l) => match Command::parse(l) {
-                Ok(command) => {
-                    *unanswered += 1;
-                    requests.push(Request { conn: *id, command });
+        let Conn { id, lines, out, written, unanswered, bad_in_a_row, .. } = self;
+        lines.push(data, |line| {
+            if *bad_in_a_row > MAX_BAD_LINES {
+                // The controller is being disconnected; the rest of this read is not parsed.
+                return;
+            }
+            let error = match line {
+                // Blank lines are harmless (a person typing into socat); no reply.
+                Line::Complete(l) if l.trim_ascii().is_empty() => return,
+                Line::Complete(l) => match Command::parse(l) {
+                    Ok(command) => {
+                        *bad_in_a_row = 0;
+                        *unanswered += 1;
+                        requests.push(Request { conn: *id, command });
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(conn = %id, error = %e, "bad control line");
+                        e.to_event()
+                    }
+                },
+                Line::TooLong => {
+                    tracing::debug!(conn = %id, "over-long control line");
+                    let message = format!("line longer than {MAX_LINE} bytes; skipped to its end");
+                    Event::Error { id: None, message }
                 }
-                Err(e) => {
-                    tracing::debug!(conn = %id, error = %e, "bad control line");
-                    push_line(out, &e.to_event().to_line());
-                }
-            },
-            Line::TooLong => {
-                tracing::debug!(conn = %id, "over-long control line");
-                let message = format!("line longer than {MAX_LINE} bytes; skipped to its end");
-                push_line(out, &Event::Error { id: None, message }.to_line());
+            };
+            *bad_in_a_row += 1;
+            // Not queued past the bound: a controller that is not reading is disconnected for it
+            // before anything else is queued.
+            if out.len() - *written <= MAX_PENDING && *bad_in_a_row <= MAX_BAD_LINES {
+                push_line(out, &error.to_line());
             }
         });
+        self.peak = self.peak.max(self.pending());
     }
 
-    /// Reads until the socket has nothing more.
-    fn read_all(&mut self, requests: &mut Vec<Request>) -> io::Result<()> {
+    /// Reads until the socket has nothing more, [`READ_BUDGET`] bytes have been read, or the
+    /// controller must wait for answers. Returns why it stopped and the bytes read.
+    fn read_some(&mut self, requests: &mut Vec<Request>) -> io::Result<(ReadEnd, usize)> {
         let mut chunk = [0u8; READ_CHUNK];
+        let mut read = 0;
         loop {
+            if self.bad_in_a_row > MAX_BAD_LINES {
+                return Ok((ReadEnd::Abusive, read));
+            }
+            if self.unanswered >= MAX_UNANSWERED || self.pending() > MAX_PENDING {
+                self.paused = self.unanswered >= MAX_UNANSWERED;
+                return Ok((ReadEnd::Paused, read));
+            }
+            if read >= READ_BUDGET {
+                return Ok((ReadEnd::Budget, read));
+            }
             match (&self.stream).read(&mut chunk) {
                 Ok(0) => {
                     self.read_closed = true;
-                    return Ok(());
+                    return Ok((ReadEnd::Drained, read));
                 }
-                Ok(n) => self.receive(&chunk[..n], requests),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Ok(n) => {
+                    read += n;
+                    self.receive(&chunk[..n], requests);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((ReadEnd::Drained, read)),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// The interest this connection is registered with.
+    fn interest(&self) -> Interest {
+        if self.writable {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
         }
     }
 
@@ -172,6 +257,10 @@ pub struct ControlServer {
     first: Option<Token>,
     conns: Vec<Option<Conn>>,
     next_serial: u64,
+    /// Most output queued for a controller that has gone.
+    peak_closed: usize,
+    /// Most bytes read from one controller in one event.
+    max_read: usize,
     // Declared after the listener: the file is removed once the socket is closed.
     file: SocketFile,
 }
@@ -197,6 +286,8 @@ impl ControlServer {
             first: None,
             conns: (0..MAX_CONNECTIONS).map(|_| None).collect(),
             next_serial: 1,
+            peak_closed: 0,
+            max_read: 0,
             file,
         })
     }
@@ -227,8 +318,20 @@ impl ControlServer {
         self.conns.iter().filter(|c| c.is_some()).count()
     }
 
-    /// Handles a readiness event for one of the server's tokens: accepts new controllers
-    /// (sending each `hello` at once), reads commands into `requests` (bad lines are answered
+    /// The most output ever queued for one controller, in bytes: at most [`MAX_PENDING`] plus
+    /// one line.
+    pub fn peak_pending(&self) -> usize {
+        self.conns.iter().flatten().map(|c| c.peak).fold(self.peak_closed, usize::max)
+    }
+
+    /// The most bytes read from one controller in one event: at most [`READ_BUDGET`] plus one
+    /// read.
+    pub fn max_read(&self) -> usize {
+        self.max_read
+    }
+
+    /// Handles a readiness event for one of the server's tokens: accepts a new controller
+    /// (sending it `hello` at once), reads commands into `requests` (bad lines are answered
     /// with `error` here), and writes queued output.
     pub fn handle_event(
         &mut self,
@@ -247,10 +350,29 @@ impl ControlServer {
         }
         let slot = event.token().0 - first.0 - 1;
         let Some(conn) = self.conns[slot].as_mut() else { return };
-        if event.is_readable() || event.is_read_closed() {
-            if let Err(e) = conn.read_all(requests) {
-                self.close(registry, slot, &format!("read failed: {e}"));
-                return;
+        let mut more = false;
+        if (event.is_readable() || event.is_read_closed()) && !conn.paused {
+            match conn.read_some(requests) {
+                Ok((ReadEnd::Abusive, read)) => {
+                    self.max_read = self.max_read.max(read);
+                    tracing::warn!(conn = %conn.id, max = MAX_BAD_LINES, "controller sends nothing but bad lines; disconnecting it");
+                    let message = format!("more than {MAX_BAD_LINES} bad lines in a row; disconnecting");
+                    conn.push_line(&Event::Error { id: None, message }.to_line());
+                    // Best effort: it may not be reading.
+                    let _ = conn.write_pending();
+                    self.close(registry, slot, "too many bad lines");
+                    return;
+                }
+                Ok((end, read)) => {
+                    self.max_read = self.max_read.max(read);
+                    // Input left unread gets no new edge: read it at the next poll (a
+                    // connection paused for answers is re-armed when they go out instead).
+                    more = end == ReadEnd::Budget || (end == ReadEnd::Paused && !conn.paused);
+                }
+                Err(e) => {
+                    self.close(registry, slot, &format!("read failed: {e}"));
+                    return;
+                }
             }
         }
         if event.is_write_closed() || event.is_error() {
@@ -259,6 +381,9 @@ impl ControlServer {
             return;
         }
         self.flush(registry, slot);
+        if more {
+            self.rearm(registry, slot);
+        }
     }
 
     /// Queues `event` for the connection `conn` (typically the reply to its request). Does
@@ -267,8 +392,14 @@ impl ControlServer {
         match self.conns.get_mut(conn.slot) {
             Some(Some(c)) if c.id == conn => {
                 c.unanswered = c.unanswered.saturating_sub(1);
-                push_line(&mut c.out, &event.to_line());
+                c.push_line(&event.to_line());
+                let resume = c.paused && c.unanswered < MAX_UNANSWERED;
+                c.paused &= !resume;
                 self.flush(registry, conn.slot);
+                if resume {
+                    // Commands it sent meanwhile wait in the socket; no new edge will come.
+                    self.rearm(registry, conn.slot);
+                }
             }
             _ => tracing::debug!(conn = %conn, "reply to a controller that has gone"),
         }
@@ -279,7 +410,7 @@ impl ControlServer {
         let line = event.to_line();
         for slot in 0..self.conns.len() {
             if let Some(c) = self.conns[slot].as_mut() {
-                push_line(&mut c.out, &line);
+                c.push_line(&line);
                 self.flush(registry, slot);
             }
         }
@@ -325,10 +456,19 @@ impl ControlServer {
                 writable: false,
                 read_closed: false,
                 unanswered: 0,
+                paused: false,
+                bad_in_a_row: 0,
+                peak: 0,
             };
-            push_line(&mut conn.out, &hello);
+            conn.push_line(&hello);
             self.conns[slot] = Some(conn);
             self.flush(registry, slot);
+            // One controller per event, so that each gets a hello made for it (the mode may
+            // change in between); the listener is re-armed for the next.
+            if let Err(e) = registry.reregister(&mut self.listener, first, Interest::READABLE) {
+                tracing::warn!(error = %e, "cannot re-arm the control listener");
+            }
+            return;
         }
     }
 
@@ -363,8 +503,21 @@ impl ControlServer {
         }
     }
 
+    /// Re-registers the connection with the interest it has: epoll reports an edge-triggered
+    /// source that is still readable again at the next poll, so input left unread (budget,
+    /// pause) is read then.
+    fn rearm(&mut self, registry: &Registry, slot: usize) {
+        let Some(first) = self.first else { return };
+        let Some(conn) = self.conns[slot].as_mut() else { return };
+        let interest = conn.interest();
+        if let Err(e) = registry.reregister(&mut conn.stream, Token(first.0 + 1 + slot), interest) {
+            self.close(registry, slot, &format!("cannot reregister: {e}"));
+        }
+    }
+
     fn close(&mut self, registry: &Registry, slot: usize, why: &str) {
         if let Some(mut conn) = self.conns[slot].take() {
+            self.peak_closed = self.peak_closed.max(conn.peak);
             let _ = registry.deregister(&mut conn.stream);
             tracing::info!(conn = %conn.id, why, "controller disconnected");
         }
@@ -376,6 +529,8 @@ mod tests {
     use std::io::Write;
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::net::UnixStream as StdStream;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use super::*;
@@ -418,11 +573,12 @@ mod tests {
         let h = Harness::start();
         let mut c = ControlClient::connect(h.path()).unwrap();
         let t = Some(Duration::from_secs(5));
-        let cases: [(&str, Option<u64>, &str); 4] = [
+        let cases: [(&str, Option<u64>, &str); 5] = [
             (r#"{"type":"checkpoint","id":"#, None, "malformed JSON"),
             (r#"{"type":"reboot","id":77}"#, Some(77), "unknown command type 'reboot'"),
             (r#"{"type":"mode","id":78}"#, Some(78), "missing field `mode`"),
             (r#"{"id":79,"type":"mode","mode":"fast"}"#, Some(79), "unknown variant `fast`"),
+            (r#"{"type":"mode","id":80,"mode":"colo","type":"checkpoint"}"#, Some(80), "duplicate key `type`"),
         ];
         for (line, id, message) in cases {
             c.send_raw_line(line).unwrap();
@@ -491,6 +647,159 @@ mod tests {
             good.next_event(Some(Duration::from_secs(5))).unwrap(),
             Some(Event::Error { id: None, message: "still here".into() })
         );
+    }
+
+    /// 64 KiB of `x\n` lines (each answered with an `error` about 35 times its size), with a
+    /// valid command after every 1000 so that the controller is not dropped for bad lines
+    /// alone.
+    fn flood_chunk() -> Vec<u8> {
+        let cycle = [b"x\n".repeat(1000), b"{\"type\":\"query-stats\",\"id\":1}\n".to_vec()].concat();
+        cycle.repeat((64 << 10) / cycle.len() + 1)
+    }
+
+    /// Writes [`flood_chunk`]s until `stop`, `limit` bytes or a write error; returns (bytes
+    /// written, whether a write failed).
+    fn flood(mut s: StdStream, limit: usize, stop: &AtomicBool) -> (usize, bool) {
+        let chunk = flood_chunk();
+        let mut sent = 0;
+        while sent < limit && !stop.load(Ordering::SeqCst) {
+            if s.write_all(&chunk).is_err() {
+                return (sent, true);
+            }
+            sent += chunk.len();
+        }
+        (sent, false)
+    }
+
+    /// Stops a flood when the test ends, failing or not (the server thread is joined then).
+    struct StopOnDrop(Arc<AtomicBool>);
+
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_controller_flooding_without_reading_is_dropped_with_little_queued() {
+        let h = Harness::start();
+        let mut good = ControlClient::connect(h.path()).unwrap();
+        let flooder = StdStream::connect(h.path()).unwrap();
+        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+        let writer = {
+            let stop = stop.0.clone();
+            std::thread::spawn(move || flood(flooder, 4 << 20, &stop))
+        };
+        // The other controller is served all along.
+        for _ in 0..20 {
+            assert_eq!(good.stats().unwrap().flows, 7);
+        }
+        let (sent, cut) = writer.join().unwrap();
+        assert!(cut, "a controller that never reads is disconnected ({sent} bytes sent)");
+        wait_for("the flooder to be dropped", || h.connections() == 1);
+        // Replies stop at the bound: nothing near the ~35x of what it sent.
+        let peak = h.peak_pending();
+        assert!(peak <= MAX_PENDING + MAX_LINE + 256, "{peak} bytes queued for one controller");
+        let most = h.max_read();
+        assert!(most <= READ_BUDGET + READ_CHUNK, "{most} bytes read in one event");
+        assert_eq!(good.stats().unwrap().flows, 7);
+    }
+
+    #[test]
+    fn a_controller_sending_nothing_but_bad_lines_is_disconnected() {
+        let h = Harness::start();
+        let mut raw = StdStream::connect(h.path()).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut lines = testutil::RawLines::new(raw.try_clone().unwrap());
+        assert_eq!(lines.next_event(), testutil::hello());
+        // A valid command resets the count: an occasional bad line costs nothing.
+        let bad = |n: usize| "x\n".repeat(n);
+        raw.write_all((bad(MAX_BAD_LINES) + "{\"type\":\"query-stats\",\"id\":1}\n").as_bytes()).unwrap();
+        for _ in 0..MAX_BAD_LINES {
+            assert!(matches!(lines.next_event(), Event::Error { .. }));
+        }
+        assert!(matches!(lines.next_event(), Event::Stats { id: 1, .. }));
+        // Then one too many in a row.
+        raw.write_all(bad(MAX_BAD_LINES + 10).as_bytes()).unwrap();
+        for _ in 0..MAX_BAD_LINES {
+            assert!(matches!(lines.next_event(), Event::Error { .. }));
+        }
+        match lines.next_event() {
+            Event::Error { id: None, message } => assert!(message.contains("bad lines in a row"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        let mut rest = String::new();
+        match raw.read_to_string(&mut rest) {
+            Ok(_) => assert_eq!(rest, "", "disconnected after the reason"),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("{e}"),
+        }
+        wait_for("the connection to close", || h.connections() == 0);
+    }
+
+    #[test]
+    fn a_controller_that_floods_holds_up_no_one() {
+        let h = Harness::start();
+        let mut good = ControlClient::connect(h.path()).unwrap();
+        // A flooder that reads every reply; when it is dropped anyway (the replies outgrow what
+        // it reads), it comes back: the flood lasts until the other controller is done.
+        let stop = StopOnDrop(Arc::new(AtomicBool::new(false)));
+        let flooder = {
+            let (path, stop) = (h.path().to_path_buf(), stop.0.clone());
+            std::thread::spawn(move || {
+                let (mut bytes, mut connections) = (0, 0);
+                while !stop.load(Ordering::SeqCst) {
+                    let s = StdStream::connect(&path).unwrap();
+                    connections += 1;
+                    let mut replies = s.try_clone().unwrap();
+                    let reader = std::thread::spawn(move || io::copy(&mut replies, &mut io::sink()));
+                    bytes += flood(s.try_clone().unwrap(), usize::MAX, &stop).0;
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                    let _ = reader.join();
+                }
+                (bytes, connections)
+            })
+        };
+        wait_for("the flood to be read", || h.max_read() > 0);
+        for _ in 0..20 {
+            // ControlClient's own timeout (10 s) is the generous bound on the delay.
+            assert_eq!(good.stats().unwrap().flows, 7);
+            assert_eq!(good.set_mode(Mode::Passive).unwrap(), Mode::Passive);
+        }
+        drop(stop);
+        let (bytes, connections) = flooder.join().unwrap();
+        assert!(bytes > 0, "{bytes} bytes in {connections} connections");
+        let most = h.max_read();
+        assert!(most <= READ_BUDGET + READ_CHUNK, "{most} bytes read in one event");
+        assert!(h.peak_pending() <= MAX_PENDING + MAX_LINE + 256, "{}", h.peak_pending());
+    }
+
+    #[test]
+    fn a_controller_with_many_commands_unanswered_is_read_again_once_they_are_answered() {
+        let h = Harness::start();
+        let mut raw = StdStream::connect(h.path()).unwrap();
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut lines = testutil::RawLines::new(raw.try_clone().unwrap());
+        assert_eq!(lines.next_event(), testutil::hello());
+        // Commands the harness holds, up to the bound (one read may carry a few more).
+        let held = |n: usize| format!("{{\"type\":\"checkpoint\",\"id\":{}}}\n", testutil::HOLD_ID).repeat(n);
+        raw.write_all(held(MAX_UNANSWERED).as_bytes()).unwrap();
+        wait_for("the first commands", || h.held() == MAX_UNANSWERED);
+        // More wait in the socket until answers go out.
+        raw.write_all((held(10) + "{\"type\":\"query-stats\",\"id\":5}\n").as_bytes()).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(h.held(), MAX_UNANSWERED, "commands read while {MAX_UNANSWERED} were unanswered");
+        h.release_held();
+        for _ in 0..MAX_UNANSWERED {
+            assert!(matches!(lines.next_event(), Event::Flushed { .. }));
+        }
+        // Reading resumed without any new input.
+        assert!(matches!(lines.next_event(), Event::Stats { id: 5, .. }));
+        wait_for("the rest", || h.held() == 10);
+        h.release_held();
+        for _ in 0..10 {
+            assert!(matches!(lines.next_event(), Event::Flushed { .. }));
+        }
     }
 
     #[test]

@@ -1,5 +1,9 @@
-//! The listening socket file: created with mode 0600, replacing a stale socket but never a live
-//! one, and removed again when the server goes away.
+//! A listening Unix socket's file: created with mode 0600 before anyone can connect, replacing a
+//! stale socket but never a live one, and removed again when its owner goes away.
+//!
+//! Used for every socket a compare process listens on: the control socket, colo-proxy's
+//! `unix:PATH,server` endpoints, vhost-net-compare's VM sockets. Whatever the umask (0755
+//! under the usual 022, 0777 under 000), only the owner may connect.
 
 use std::fs;
 use std::io;
@@ -18,7 +22,7 @@ const BACKLOG: libc::c_int = 16;
 /// The socket file of a listening socket. Removes the file on drop, unless another process has
 /// replaced it meanwhile.
 #[derive(Debug)]
-pub(crate) struct SocketFile {
+pub struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
@@ -46,10 +50,10 @@ impl Drop for SocketFile {
         match fs::symlink_metadata(&self.path) {
             Ok(m) if m.dev() == self.dev && m.ino() == self.ino => {
                 if let Err(e) = fs::remove_file(&self.path) {
-                    tracing::warn!(path = %self.path.display(), error = %e, "cannot remove control socket");
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot remove socket");
                 }
             }
-            Ok(_) => tracing::debug!(path = %self.path.display(), "control socket replaced; not removing it"),
+            Ok(_) => tracing::debug!(path = %self.path.display(), "socket replaced; not removing it"),
             Err(_) => {}
         }
     }
@@ -70,10 +74,10 @@ fn remove_if_stale(path: &Path) -> io::Result<()> {
     match UnixStream::connect(path) {
         Ok(_) => Err(io::Error::new(
             io::ErrorKind::AddrInUse,
-            format!("{}: another process is listening on this control socket", path.display()),
+            format!("{}: another process is listening on this socket", path.display()),
         )),
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            tracing::info!(path = %path.display(), "removing stale control socket");
+            tracing::info!(path = %path.display(), "removing stale socket");
             fs::remove_file(path).map_err(|e| context(path, e))
         }
         Err(e) => Err(context(path, e)),
@@ -82,6 +86,7 @@ fn remove_if_stale(path: &Path) -> io::Result<()> {
 
 /// bind, chmod, listen: the mode is set before the socket accepts connections, so no other user
 /// can connect during a window in which the umask's mode applies (std's `bind` listens at once).
+/// Until `listen`, a connect to the bound path is refused (`ECONNREFUSED`) whatever its mode.
 fn listen_private(path: &Path) -> io::Result<UnixListener> {
     // SAFETY: `sockaddr_un` is plain old data; all-zero is a valid value.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };

@@ -70,6 +70,9 @@ pub struct Harness {
     waker: Arc<Waker>,
     connections: Arc<AtomicUsize>,
     held: Arc<AtomicUsize>,
+    /// [`ControlServer::peak_pending`] and [`ControlServer::max_read`].
+    peak_pending: Arc<AtomicUsize>,
+    max_read: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -84,6 +87,8 @@ impl Harness {
         let connections = Arc::new(AtomicUsize::new(0));
         let held_count = Arc::new(AtomicUsize::new(0));
         let (conns, held_n) = (connections.clone(), held_count.clone());
+        let (peak_pending, max_read) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (peak, most_read) = (peak_pending.clone(), max_read.clone());
         let thread = std::thread::spawn(move || {
             let mut events = Events::with_capacity(64);
             let mut requests = Vec::new();
@@ -147,9 +152,11 @@ impl Harness {
                 }
                 held_n.store(held.len(), Ordering::SeqCst);
                 conns.store(server.connections(), Ordering::SeqCst);
+                peak.store(server.peak_pending(), Ordering::SeqCst);
+                most_read.store(server.max_read(), Ordering::SeqCst);
             }
         });
-        Harness { path, tx, waker, connections, held: held_count, thread: Some(thread) }
+        Harness { path, tx, waker, connections, held: held_count, peak_pending, max_read, thread: Some(thread) }
     }
 
     pub fn path(&self) -> &Path {
@@ -164,6 +171,16 @@ impl Harness {
     /// Requests held back (see [`HOLD_ID`]).
     pub fn held(&self) -> usize {
         self.held.load(Ordering::SeqCst)
+    }
+
+    /// [`ControlServer::peak_pending`] as of the server loop's last iteration.
+    pub fn peak_pending(&self) -> usize {
+        self.peak_pending.load(Ordering::SeqCst)
+    }
+
+    /// [`ControlServer::max_read`] as of the server loop's last iteration.
+    pub fn max_read(&self) -> usize {
+        self.max_read.load(Ordering::SeqCst)
     }
 
     pub fn broadcast(&self, event: Event) {

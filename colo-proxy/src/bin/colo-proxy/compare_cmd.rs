@@ -9,13 +9,13 @@ use std::io::{self, Read, Write};
 use std::time::Instant;
 
 use anyhow::Context;
-use mio::{Events, Poll, Token};
+use mio::{Events, Interest, Poll, Token};
 
 use colo_proxy::capture::Capture;
 use colo_proxy::compare::{Disposal, Engine, Miscompare, Push, Sink, Verdict};
 use colo_proxy::control::Command;
 use colo_proxy::control::{ConnId, ControlServer, Event, Request};
-use colo_proxy::endpoint::Port;
+use colo_proxy::endpoint::{Port, Stream};
 use colo_proxy::framing::Decoder;
 use colo_proxy::notify_dev::{Inbound, NotifyCodec, Outbound};
 use colo_proxy::{Frame, Side};
@@ -33,6 +33,18 @@ const CONTROL: Token = Token(100);
 
 /// Stop reading inputs while this much released output waits for `outdev`.
 const OUTPUT_HIGH_WATER: usize = 16 << 20;
+
+/// Released output written to `outdev` during an engine call once this much is queued.
+const STREAM_BATCH: usize = 256 << 10;
+
+/// Most bytes read from notify_dev per wake-up: a peer that writes without pause cannot hold
+/// the loop (frames, controllers and timers wait for it otherwise).
+const NOTIFY_READ_BUDGET: usize = 64 << 10;
+
+/// Most bytes of replies queued for notify_dev (about 2000 of them). A COLO frame sends one
+/// `COLO_USERSPACE_PROXY_INIT` and reads the answer; a peer past this sends without reading,
+/// and is disconnected so that memory stays bounded.
+const NOTIFY_MAX_PENDING: usize = 64 << 10;
 
 /// What a non-blocking read says about the peer.
 enum ReadStep {
@@ -79,6 +91,8 @@ struct Notify {
 /// Where the engine's decisions go during one call.
 struct Outlet<'a> {
     queue: &'a mut OutQueue,
+    /// Where released frames are written as they come, while it takes them.
+    outdev: Option<&'a mut Stream>,
     capture: Option<&'a mut Capture>,
     events: &'a mut Vec<Miscompare>,
 }
@@ -89,7 +103,17 @@ impl Sink for Outlet<'_> {
             c.record(&frame, &d);
         }
         if d.verdict == Verdict::Released {
-            self.queue.push(&frame);
+            self.queue.push(frame);
+            // A checkpoint may release every held frame at once: hand them to outdev as they
+            // come rather than after the flush, a batch at a time.
+            if self.queue.pending_bytes() >= STREAM_BATCH {
+                if let Some(s) = self.outdev.as_deref_mut() {
+                    if self.queue.write_to(s).is_err() {
+                        // Left to the next write_output, which disconnects the peer.
+                        self.outdev = None;
+                    }
+                }
+            }
         }
     }
     fn miscompare(&mut self, event: &Miscompare) {
@@ -123,7 +147,12 @@ struct Proxy {
 
 macro_rules! outlet {
     ($s:expr) => {
-        &mut Outlet { queue: &mut $s.queue, capture: $s.capture.as_mut(), events: &mut $s.events }
+        &mut Outlet {
+            queue: &mut $s.queue,
+            outdev: $s.outdev.stream(),
+            capture: $s.capture.as_mut(),
+            events: &mut $s.events,
+        }
     };
 }
 
@@ -350,6 +379,8 @@ impl Proxy {
         }
         let mut messages = vec![];
         let mut gone = false;
+        let mut budget = NOTIFY_READ_BUDGET;
+        let token = n.port.stream_token();
         if let Some(s) = n.port.stream() {
             loop {
                 while let Some(m) = n.codec.next_message() {
@@ -362,7 +393,21 @@ impl Proxy {
                 if gone {
                     break;
                 }
-                match ReadStep::of(n.codec.read_from(s)) {
+                if budget == 0 {
+                    // More may be waiting: re-arming the (edge-triggered) registration reports
+                    // the stream readable again at the next poll if it still is, after the
+                    // other sources have had their turn.
+                    if let Err(e) = registry.reregister(s, token, Interest::READABLE | Interest::WRITABLE) {
+                        tracing::warn!(error = %e, "notify_dev: cannot re-arm");
+                        gone = true;
+                    }
+                    break;
+                }
+                let r = n.codec.read_from(s);
+                if let Ok(k) = r {
+                    budget = budget.saturating_sub(k);
+                }
+                match ReadStep::of(r) {
                     ReadStep::Data => {}
                     ReadStep::Drained => break,
                     ReadStep::Gone => {
@@ -380,7 +425,9 @@ impl Proxy {
                 }
                 Inbound::ProxyInit => {
                     if let Some(n) = self.notify.as_mut() {
-                        Outbound::ProxyInitReply.encode(&mut n.out);
+                        if n.out.len() <= NOTIFY_MAX_PENDING {
+                            Outbound::ProxyInitReply.encode(&mut n.out);
+                        }
                     }
                 }
                 Inbound::Unknown(_) => {}
@@ -393,6 +440,18 @@ impl Proxy {
             n.port.disconnect(self.poll.registry());
         }
         self.write_notify();
+        // What the socket did not take now waits for the peer to read; one that sends without
+        // reading is dropped before its replies pile up.
+        let n = self.notify.as_mut().expect("checked above");
+        if n.out.len() > NOTIFY_MAX_PENDING {
+            tracing::warn!(
+                pending = n.out.len(),
+                "notify_dev peer sends without reading its replies; disconnecting it"
+            );
+            n.codec.reset();
+            n.out.clear();
+            n.port.disconnect(self.poll.registry());
+        }
     }
 
     fn write_notify(&mut self) {

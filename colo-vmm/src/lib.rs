@@ -9,6 +9,7 @@
 //! vCPU), [`devices`], [`loader`], [`api`], and [`vmm`] which ties them together.
 
 pub mod api;
+pub mod arbiter;
 pub mod arch;
 pub mod colo;
 pub mod devices;

@@ -1,0 +1,375 @@
+//! This replica's claim on its VM's key in etcd (`/colo/<vm>/holder` = the serving replica's
+//! name), backed by a lease of `arbiter-ttl` that a thread renews every quarter of it.
+//!
+//! The claim counts as held only while the last renewal that succeeded was *sent* less than
+//! `ttl − margin` ago: etcd may expire the lease `ttl` after it last heard a renewal, and a
+//! replica must stop serving before that can happen. The same lease carries this replica's
+//! standby registration (`/colo/<vm>/standby/<name>`), if any, so a standby that dies
+//! disappears with its lease.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::etcd::{Etcd, EtcdError};
+
+/// How long before a lease could expire a replica stops counting on it: a quarter of the TTL,
+/// at least 250 ms (the renewals' own round trips, and this side's scheduling).
+fn margin(ttl: Duration) -> Duration {
+    (ttl / 4).max(Duration::from_millis(250))
+}
+
+/// Whether etcd said the lease it was given does not exist (it expired).
+fn lease_gone(e: &EtcdError) -> bool {
+    matches!(e, EtcdError::Refused(why) if why.contains("lease not found"))
+}
+
+/// What `query-colo-status` shows of the arbiter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ArbiterStatus {
+    /// etcd's endpoints.
+    pub endpoints: Vec<String>,
+    /// This replica's name.
+    pub me: String,
+    /// Who held the VM's key when last looked at.
+    pub holder: Option<String>,
+    /// Whether this replica holds it now (and may serve).
+    pub held: bool,
+    /// Milliseconds this replica's lease has left for certain (sent time of the last renewal
+    /// plus the TTL, minus now).
+    pub lease_left_ms: Option<u64>,
+    /// Milliseconds since the last renewal was sent.
+    pub last_renewal_ms_ago: Option<u64>,
+    /// Whether etcd answered the last request.
+    pub reachable: bool,
+    /// The last error.
+    pub error: Option<String>,
+    /// The lease's TTL.
+    pub ttl_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    lease: Option<i64>,
+    held: bool,
+    standby: Option<String>,
+    renewed: Option<Instant>,
+    holder: Option<String>,
+    reachable: bool,
+    error: Option<String>,
+}
+
+/// The claim.
+pub struct Claim {
+    etcd: Etcd,
+    vm: String,
+    me: String,
+    ttl: Duration,
+    state: Mutex<State>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Claim {
+    /// A claim of `me` on `vm`'s key, with leases of `ttl` (whole seconds at etcd: rounded up).
+    pub fn new(etcd: Etcd, vm: &str, me: &str, ttl: Duration) -> Claim {
+        Claim { etcd, vm: vm.to_string(), me: me.to_string(), ttl, state: Mutex::new(State::default()) }
+    }
+
+    /// The VM's key.
+    pub fn key(&self) -> String {
+        format!("/colo/{}/holder", self.vm)
+    }
+
+    fn standby_key(&self) -> String {
+        format!("/colo/{}/standby/{}", self.vm, self.me)
+    }
+
+    /// This replica's name.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The lease's TTL.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn ttl_secs(&self) -> i64 {
+        self.ttl.as_millis().div_ceil(1000) as i64
+    }
+
+    /// Notes the outcome of a request to etcd.
+    fn noted<T>(&self, r: Result<T, EtcdError>) -> Result<T, EtcdError> {
+        let mut s = lock(&self.state);
+        s.reachable = !matches!(r, Err(EtcdError::Unreachable(_)));
+        s.error = r.as_ref().err().map(ToString::to_string);
+        r
+    }
+
+    /// This replica's lease, granted on first use (or again after it expired).
+    fn lease(&self) -> Result<i64, EtcdError> {
+        if let Some(l) = lock(&self.state).lease {
+            return Ok(l);
+        }
+        let sent = Instant::now();
+        let l = self.noted(self.etcd.grant(self.ttl_secs()))?;
+        let mut s = lock(&self.state);
+        s.lease = Some(l);
+        s.renewed = Some(sent);
+        Ok(l)
+    }
+
+    /// Takes the VM's key if nobody holds it; whether this replica holds it now.
+    pub fn acquire(&self) -> Result<bool, EtcdError> {
+        if self.holds() {
+            return Ok(true);
+        }
+        let sent = Instant::now();
+        let key = self.key();
+        let mut lease = self.lease()?;
+        let created = match self.etcd.create(&key, &self.me, lease) {
+            // The lease expired meanwhile: a new one, and once more.
+            Err(e) if lease_gone(&e) => {
+                lock(&self.state).lease = None;
+                lease = self.lease()?;
+                self.etcd.create(&key, &self.me, lease)
+            }
+            other => other,
+        };
+        let mut took = self.noted(created)?;
+        if !took {
+            // Ours already (a renewal raced, or a restart with the same name on our lease)?
+            if let Some(kv) = self.noted(self.etcd.get(&key))? {
+                took = kv.value == self.me && kv.lease == lease;
+                lock(&self.state).holder = Some(kv.value);
+            }
+        }
+        self.took(took, sent);
+        Ok(took)
+    }
+
+    /// Takes the VM's key from `dead`, a holder whose process is known to be gone (its
+    /// checkpoint link ended with a reset or EOF): at once, not after its lease expires.
+    /// Whether this replica holds it now.
+    pub fn take_from(&self, dead: &str) -> Result<bool, EtcdError> {
+        let lease = self.lease()?;
+        let sent = Instant::now();
+        let took = self.noted(self.etcd.replace(&self.key(), dead, &self.me, lease))?;
+        if !took {
+            return self.acquire();
+        }
+        self.took(true, sent);
+        Ok(true)
+    }
+
+    fn took(&self, took: bool, sent: Instant) {
+        let mut s = lock(&self.state);
+        if took {
+            s.held = true;
+            s.renewed = Some(sent);
+            s.holder = Some(self.me.clone());
+        }
+    }
+
+    /// Renews the lease (the thread of [`Claim::keep`] calls it). A lease etcd no longer knows
+    /// is dropped: the key went with it, and only a new acquisition holds it again.
+    pub fn renew(&self) -> Result<(), EtcdError> {
+        let Some(lease) = lock(&self.state).lease else { return Ok(()) };
+        let sent = Instant::now();
+        let left = match self.etcd.keepalive(lease) {
+            Err(e) if lease_gone(&e) => Ok(0),
+            other => other,
+        };
+        let left = self.noted(left)?;
+        let mut s = lock(&self.state);
+        if left > 0 {
+            s.renewed = Some(sent);
+        } else {
+            s.lease = None;
+            s.held = false;
+            s.standby = None;
+        }
+        Ok(())
+    }
+
+    /// Whether this replica holds the key and its lease cannot have expired yet.
+    pub fn holds(&self) -> bool {
+        let s = lock(&self.state);
+        s.held && s.renewed.is_some_and(|t| t.elapsed() + margin(self.ttl) < self.ttl)
+    }
+
+    /// Gives the key up (this replica stops serving: a step-down, a clean stop).
+    pub fn release(&self) {
+        let was = std::mem::take(&mut lock(&self.state).held);
+        if was {
+            let _ = self.noted(self.etcd.delete_if(&self.key(), &self.me));
+        }
+    }
+
+    /// Who holds the VM's key now (asks etcd).
+    pub fn holder(&self) -> Result<Option<String>, EtcdError> {
+        let h = self.noted(self.etcd.get(&self.key()))?.map(|kv| kv.value);
+        lock(&self.state).holder = h.clone();
+        Ok(h)
+    }
+
+    /// Registers this replica as a standby for the VM, reachable at `uri`.
+    pub fn register_standby(&self, uri: &str) -> Result<(), EtcdError> {
+        let lease = self.lease()?;
+        self.noted(self.etcd.put(&self.standby_key(), uri, lease))?;
+        lock(&self.state).standby = Some(uri.to_string());
+        Ok(())
+    }
+
+    /// Withdraws the standby registration.
+    pub fn unregister_standby(&self) {
+        if lock(&self.state).standby.take().is_some() {
+            let _ = self.noted(self.etcd.delete(&self.standby_key()));
+        }
+    }
+
+    /// The registered standbys other than this replica: (name, URI).
+    pub fn standbys(&self) -> Result<Vec<(String, String)>, EtcdError> {
+        let prefix = format!("/colo/{}/standby/", self.vm);
+        let kvs = self.noted(self.etcd.list(&prefix))?;
+        Ok(kvs
+            .into_iter()
+            .filter_map(|kv| Some((kv.key.strip_prefix(&prefix)?.to_string(), kv.value)))
+            .filter(|(name, _)| name != &self.me)
+            .collect())
+    }
+
+    /// The status for `query-colo-status`.
+    pub fn status(&self) -> ArbiterStatus {
+        let held = self.holds();
+        let s = lock(&self.state);
+        ArbiterStatus {
+            endpoints: self.etcd.endpoints().to_vec(),
+            me: self.me.clone(),
+            holder: s.holder.clone(),
+            held,
+            lease_left_ms: s.lease.and(s.renewed).map(|t| self.ttl.saturating_sub(t.elapsed()).as_millis() as u64),
+            last_renewal_ms_ago: s.renewed.map(|t| t.elapsed().as_millis() as u64),
+            reachable: s.reachable,
+            error: s.error.clone(),
+            ttl_ms: self.ttl.as_millis() as u64,
+        }
+    }
+
+    /// Renews the lease every quarter of the TTL on a thread of its own, until stopped.
+    pub fn keep(self: &Arc<Self>) -> std::io::Result<Keeper> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (claim, s) = (self.clone(), stop.clone());
+        let thread = std::thread::Builder::new().name("arbiter-lease".into()).spawn(move || {
+            let every = claim.ttl / 4;
+            while !s.load(Ordering::Relaxed) {
+                if let Err(e) = claim.renew() {
+                    tracing::warn!(target: "colo", error = %e, "cannot renew the arbiter lease");
+                }
+                std::thread::sleep(every);
+            }
+        })?;
+        Ok(Keeper { stop, thread: Some(thread) })
+    }
+}
+
+/// The renewing thread; stops on drop.
+pub struct Keeper {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arbiter::testing::EtcdServer;
+
+    fn claim(server: &EtcdServer, me: &str, ttl_ms: u64) -> Arc<Claim> {
+        Arc::new(Claim::new(server.client(), "vm1", me, Duration::from_millis(ttl_ms)))
+    }
+
+    #[test]
+    fn one_replica_holds_the_key_the_other_waits_until_its_lease_expires() {
+        let Some(server) = EtcdServer::start("claim_expiry") else { return };
+        let (a, b) = (claim(&server, "a", 1000), claim(&server, "b", 1000));
+        assert!(a.acquire().unwrap());
+        assert!(a.holds());
+        assert!(!b.acquire().unwrap(), "held by a");
+        assert_eq!(b.holder().unwrap().as_deref(), Some("a"));
+        // a stops renewing (as a frozen or cut-off replica would): it stops counting on the
+        // key before etcd can expire it...
+        std::thread::sleep(Duration::from_millis(800));
+        assert!(!a.holds(), "a must stop serving before its lease can expire: {:?}", a.status());
+        // ...and b gets it once etcd has expired it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !b.acquire().unwrap() {
+            assert!(Instant::now() < deadline, "the lease never expired");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(b.holder().unwrap().as_deref(), Some("b"));
+        a.renew().unwrap();
+        assert!(!a.holds() && !a.acquire().unwrap(), "a never holds it again without acquiring it");
+    }
+
+    #[test]
+    fn a_renewed_claim_holds_and_a_dead_holder_can_be_replaced_at_once() {
+        let Some(server) = EtcdServer::start("claim_renew") else { return };
+        let (a, b) = (claim(&server, "a", 1000), claim(&server, "b", 1000));
+        assert!(a.acquire().unwrap());
+        let _keeper = a.keep().unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(a.holds(), "renewed: {:?}", a.status());
+        assert!(!b.take_from("c").unwrap(), "only from the holder named");
+        assert!(b.take_from("a").unwrap(), "a's process is gone: b takes the key at once");
+        assert_eq!(b.holder().unwrap().as_deref(), Some("b"));
+        let st = b.status();
+        assert!(st.held && st.reachable && st.lease_left_ms.unwrap() > 0, "{st:?}");
+    }
+
+    #[test]
+    fn standbys_register_on_their_lease_and_vanish_with_it() {
+        let Some(server) = EtcdServer::start("claim_standby") else { return };
+        let (p, s1, s2) = (claim(&server, "p", 1000), claim(&server, "s1", 1000), claim(&server, "s2", 1000));
+        s1.register_standby("tcp:10.99.0.3:4444").unwrap();
+        s2.register_standby("tcp:10.99.0.4:4444").unwrap();
+        let _keep = s2.keep().unwrap();
+        let mut list = p.standbys().unwrap();
+        list.sort();
+        assert_eq!(list, vec![("s1".into(), "tcp:10.99.0.3:4444".into()), ("s2".into(), "tcp:10.99.0.4:4444".into())]);
+        assert_eq!(s1.standbys().unwrap().len(), 1, "not itself");
+        // s1 stops renewing: its registration goes with its lease.
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(p.standbys().unwrap(), vec![("s2".into(), "tcp:10.99.0.4:4444".into())]);
+        s2.unregister_standby();
+        assert!(p.standbys().unwrap().is_empty());
+    }
+
+    #[test]
+    fn an_unreachable_arbiter_is_reported_and_holds_nothing() {
+        let c = Claim::new(
+            Etcd::new(vec!["http://127.0.0.1:9".into()], Duration::from_millis(200)),
+            "vm",
+            "a",
+            Duration::from_secs(1),
+        );
+        assert!(matches!(c.acquire(), Err(EtcdError::Unreachable(_))));
+        let st = c.status();
+        assert!(!st.held && !st.reachable && st.error.is_some(), "{st:?}");
+    }
+}

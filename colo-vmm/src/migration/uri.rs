@@ -7,8 +7,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// A migration address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A migration address (as text in API requests).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum MigrationUri {
     /// TCP `HOST:PORT`.
     Tcp(String),
@@ -29,6 +30,19 @@ impl FromStr for MigrationUri {
         } else {
             Err(format!("'{s}': expected tcp:HOST:PORT or unix:PATH"))
         }
+    }
+}
+
+impl TryFrom<String> for MigrationUri {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<MigrationUri> for String {
+    fn from(u: MigrationUri) -> String {
+        u.to_string()
     }
 }
 

@@ -17,5 +17,6 @@ pub mod migratable;
 pub mod migration;
 pub mod panic_guard;
 pub mod persist;
+pub mod unix_socket;
 pub mod vmm;
 pub mod vstate;

@@ -132,10 +132,8 @@ impl MigrationUri {
     pub fn listen(&self) -> io::Result<Listener> {
         match self {
             MigrationUri::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a.as_str())?)),
-            MigrationUri::Unix(p) => {
-                colo_proxy::endpoint::remove_stale_socket(p)?;
-                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
-            }
+            // Only this user may hand us a VM: 0600 before it can be reached.
+            MigrationUri::Unix(p) => Ok(Listener::Unix(crate::unix_socket::bind_private(p)?, p.clone())),
         }
     }
 }
@@ -182,5 +180,19 @@ mod tests {
             assert!(bad.parse::<MigrationUri>().is_err(), "{bad}");
         }
         assert_eq!("tcp:[::1]:9".parse::<MigrationUri>().unwrap().to_string(), "tcp:[::1]:9");
+    }
+
+    #[test]
+    fn an_incoming_unix_socket_is_0600_whatever_the_umask() {
+        // Issue 12, item 6: it took its mode from the umask (0777 under umask 000).
+        use crate::unix_socket::tests::{scratch, with_open_umask};
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("incoming");
+        let path = dir.join("in.sock");
+        let l = with_open_umask(|| MigrationUri::Unix(path.clone()).listen()).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(l);
+        assert!(!path.exists(), "removed with the listener");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -19,7 +19,7 @@ pub enum MigratableError {
     NotPaused,
     /// A device could not be stopped, restarted or restored.
     #[error("device: {0}")]
-    Device(String),
+    Device(#[from] crate::devices::DeviceError),
     /// Saving or restoring vCPU or VM state failed.
     #[error(transparent)]
     State(#[from] crate::persist::vcpu_state::VcpuStateError),

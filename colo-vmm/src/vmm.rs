@@ -43,8 +43,30 @@ pub fn default_mac(index: usize) -> [u8; 6] {
     [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index as u8)]
 }
 
+/// Why a `--net` option is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetOptionError {
+    /// A part that is neither `vhost-user=PATH` nor `mac=MAC`.
+    #[error("'{part}' in '{option}': expected vhost-user=PATH[,mac=MAC]")]
+    Part {
+        /// The part.
+        part: String,
+        /// The whole option.
+        option: String,
+    },
+    /// No socket.
+    #[error("'{0}': missing vhost-user=PATH")]
+    NoSocket(String),
+    /// Not six hexadecimal bytes.
+    #[error("'{0}' is not a MAC address (six bytes, as 52:54:00:12:34:56)")]
+    Mac(String),
+    /// A group address.
+    #[error("'{0}' is a multicast address")]
+    Multicast(String),
+}
+
 impl FromStr for NetConfig {
-    type Err = String;
+    type Err = NetOptionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut socket = None;
         let mut mac = None;
@@ -52,23 +74,23 @@ impl FromStr for NetConfig {
             match part.split_once('=') {
                 Some(("vhost-user", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
                 Some(("mac", m)) => mac = Some(parse_mac(m)?),
-                _ => return Err(format!("'{part}' in '{s}': expected vhost-user=PATH[,mac=MAC]")),
+                _ => return Err(NetOptionError::Part { part: part.into(), option: s.into() }),
             }
         }
-        let socket = socket.ok_or_else(|| format!("'{s}': missing vhost-user=PATH"))?;
+        let socket = socket.ok_or_else(|| NetOptionError::NoSocket(s.into()))?;
         Ok(NetConfig { socket, mac: mac.unwrap_or_else(|| default_mac(0)) })
     }
 }
 
 /// Parses `52:54:00:12:34:56`.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+pub fn parse_mac(s: &str) -> Result<[u8; 6], NetOptionError> {
     let bytes: Vec<u8> = s
         .split(':')
-        .map(|b| u8::from_str_radix(b, 16).map_err(|_| format!("'{s}' is not a MAC address")))
+        .map(|b| u8::from_str_radix(b, 16).map_err(|_| NetOptionError::Mac(s.into())))
         .collect::<Result<_, _>>()?;
-    let mac: [u8; 6] = bytes.try_into().map_err(|_| format!("'{s}' is not a MAC address (six bytes)"))?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| NetOptionError::Mac(s.into()))?;
     if mac[0] & 1 != 0 {
-        return Err(format!("'{s}' is a multicast address"));
+        return Err(NetOptionError::Multicast(s.into()));
     }
     Ok(mac)
 }
@@ -112,6 +134,9 @@ pub enum BootError {
     /// A network backend.
     #[error(transparent)]
     Net(#[from] crate::devices::vhost_user_net::NetError),
+    /// Saved device state that does not fit these devices.
+    #[error("restoring the devices: {0}")]
+    Devices(#[source] crate::devices::DeviceError),
     /// Anything else, with context.
     #[error("{what}: {error}")]
     Other {
@@ -308,7 +333,7 @@ impl Vmm {
         vcpu_state::restore(&m.core.vcpu, 0, state).map_err(other("restoring the vCPU"))?;
         let devices: DevicesState = state.json("devices")?;
         m.devices.serial = SerialConsole::restored(serial, &devices.serial).map_err(other("restoring the console"))?;
-        m.devices.restore(&devices).map_err(|e| BootError::Other { what: "restoring the devices", error: e })?;
+        m.devices.restore(&devices).map_err(BootError::Devices)?;
         Ok(())
     }
 

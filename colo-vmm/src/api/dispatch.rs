@@ -124,7 +124,7 @@ impl Handler for VmmApi {
                     }
                 };
                 crate::migration::source::start(self.vmm.clone(), uri, params, self.migration.clone(), done)
-                    .map_err(ApiError::generic)?;
+                    .map_err(|e| ApiError::generic(e.to_string()))?;
                 Ok(json!({}))
             }
             Command::QueryMigrate {} => value(self.migration_status()),
@@ -150,7 +150,8 @@ impl Handler for VmmApi {
                     return Err(ApiError::generic("a migration is running"));
                 }
                 let test = TestOptions { verify, checkpoint_delay };
-                crate::colo::primary::start(&self.vmm, &self.colo, uri, test).map_err(ApiError::generic)?;
+                crate::colo::primary::start(&self.vmm, &self.colo, uri, test)
+                    .map_err(|e| ApiError::generic(e.to_string()))?;
                 Ok(json!({}))
             }
             Command::SetParameters(update) => {

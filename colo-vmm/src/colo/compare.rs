@@ -15,6 +15,54 @@ use colo_proxy::control::{Command, Event};
 /// How long a compare process may take to answer a command.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why talking to the compare processes failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    /// Nothing answers at a control socket.
+    #[error("cannot reach the compare process at {path}: {source}")]
+    Connect {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A compare process did not greet as spec/control.md says.
+    #[error("{path}: expected hello, got {got}")]
+    Hello {
+        /// The socket.
+        path: PathBuf,
+        /// What came instead.
+        got: String,
+    },
+    /// Reading or writing a control socket failed.
+    #[error("compare process {path}: {source}")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A compare process refused a command.
+    #[error("compare process {path} refused: {message}")]
+    Refused {
+        /// The socket.
+        path: PathBuf,
+        /// Its error.
+        message: String,
+    },
+    /// A compare process closed its connection.
+    #[error("compare process {0} went away")]
+    Gone(PathBuf),
+    /// A reply did not come in time.
+    #[error("a compare process did not answer in time")]
+    Timeout,
+    /// Every connection's reader stopped.
+    #[error("compare links closed")]
+    Closed,
+}
+
 /// One connected compare process.
 struct Process {
     path: PathBuf,
@@ -41,7 +89,7 @@ pub struct CompareSet {
 
 impl CompareSet {
     /// Connects to every control socket (retrying each for up to `patience`).
-    pub fn connect(paths: &[PathBuf], patience: Duration) -> Result<CompareSet, String> {
+    pub fn connect(paths: &[PathBuf], patience: Duration) -> Result<CompareSet, CompareError> {
         let (tx, rx) = channel();
         let mut procs = vec![];
         for (i, p) in paths.iter().enumerate() {
@@ -55,26 +103,27 @@ impl CompareSet {
         path: &Path,
         patience: Duration,
         tx: Sender<(usize, Option<Event>)>,
-    ) -> Result<Process, String> {
+    ) -> Result<Process, CompareError> {
         let deadline = Instant::now() + patience;
         let stream = loop {
             match UnixStream::connect(path) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => {
-                    return Err(format!("cannot reach the compare process at {}: {e}", path.display()))
+                Err(source) if Instant::now() >= deadline => {
+                    return Err(CompareError::Connect { path: path.into(), source })
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         };
-        let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+        let io = |source| CompareError::Io { path: path.into(), source };
+        let mut reader = BufReader::new(stream.try_clone().map_err(io)?);
         let mut hello = String::new();
-        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(|e| e.to_string())?;
-        reader.read_line(&mut hello).map_err(|e| format!("{}: no hello: {e}", path.display()))?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
+        reader.read_line(&mut hello).map_err(io)?;
         let nic = match Event::parse(hello.trim_end().as_bytes()) {
             Ok(Event::Hello { nic, .. }) => nic,
-            other => return Err(format!("{}: expected hello, got {other:?}", path.display())),
+            other => return Err(CompareError::Hello { path: path.into(), got: format!("{other:?}") }),
         };
-        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(None).map_err(io)?;
         std::thread::Builder::new()
             .name("colo-compare-rx".into())
             .spawn(move || {
@@ -96,7 +145,7 @@ impl CompareSet {
                     }
                 }
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(io)?;
         Ok(Process { path: path.to_path_buf(), writer: stream, nic })
     }
 
@@ -110,7 +159,7 @@ impl CompareSet {
         self.procs.is_empty()
     }
 
-    fn send_all(&mut self, make: impl Fn(u64) -> Command) -> Result<Vec<u64>, String> {
+    fn send_all(&mut self, make: impl Fn(u64) -> Command) -> Result<Vec<u64>, CompareError> {
         let mut ids = vec![];
         for p in &mut self.procs {
             let id = self.next_id;
@@ -119,14 +168,14 @@ impl CompareSet {
             if !line.ends_with('\n') {
                 line.push('\n');
             }
-            p.writer.write_all(line.as_bytes()).map_err(|e| format!("compare process {}: {e}", p.path.display()))?;
+            p.writer.write_all(line.as_bytes()).map_err(|source| CompareError::Io { path: p.path.clone(), source })?;
             ids.push(id);
         }
         Ok(ids)
     }
 
     /// Waits for one reply per id (in any order), stashing other events.
-    fn wait_replies(&mut self, ids: &[u64]) -> Result<Vec<Event>, String> {
+    fn wait_replies(&mut self, ids: &[u64]) -> Result<Vec<Event>, CompareError> {
         let deadline = Instant::now() + REPLY_TIMEOUT;
         let mut replies: Vec<Option<Event>> = vec![None; ids.len()];
         while replies.iter().any(Option::is_none) {
@@ -134,30 +183,30 @@ impl CompareSet {
             match self.rx.recv_timeout(left) {
                 Ok((i, Some(ev))) => match ev.reply_to().and_then(|id| ids.iter().position(|&x| x == id)) {
                     Some(k) => {
-                        if let Event::Error { message, .. } = &ev {
-                            return Err(format!("compare process {} refused: {message}", self.procs[i].path.display()));
+                        if let Event::Error { message, .. } = ev {
+                            return Err(CompareError::Refused { path: self.procs[i].path.clone(), message });
                         }
                         replies[k] = Some(ev);
                     }
                     None => self.stash.push_back((i, ev)),
                 },
-                Ok((i, None)) => return Err(format!("compare process {} went away", self.procs[i].path.display())),
-                Err(RecvTimeoutError::Timeout) => return Err("a compare process did not answer in time".into()),
-                Err(RecvTimeoutError::Disconnected) => return Err("compare links closed".into()),
+                Ok((i, None)) => return Err(CompareError::Gone(self.procs[i].path.clone())),
+                Err(RecvTimeoutError::Timeout) => return Err(CompareError::Timeout),
+                Err(RecvTimeoutError::Disconnected) => return Err(CompareError::Closed),
             }
         }
         Ok(replies.into_iter().map(|r| r.expect("all answered")).collect())
     }
 
     /// Sets every compare process's mode.
-    pub fn set_mode(&mut self, mode: Mode) -> Result<(), String> {
+    pub fn set_mode(&mut self, mode: Mode) -> Result<(), CompareError> {
         let ids = self.send_all(|id| Command::Mode { id, mode })?;
         self.wait_replies(&ids).map(|_| ())
     }
 
     /// Flushes every compare process (the checkpoint's output commit); returns frames
     /// released and dropped in total.
-    pub fn checkpoint(&mut self) -> Result<(u64, u64), String> {
+    pub fn checkpoint(&mut self) -> Result<(u64, u64), CompareError> {
         let ids = self.send_all(|id| Command::Checkpoint { id })?;
         let mut sum = (0, 0);
         for ev in self.wait_replies(&ids)? {
@@ -176,7 +225,7 @@ impl CompareSet {
     }
 
     /// The next miscompare, waiting at most `timeout`. `Err` if a compare process went away.
-    pub fn next_miscompare(&mut self, timeout: Duration) -> Result<Option<Reported>, String> {
+    pub fn next_miscompare(&mut self, timeout: Duration) -> Result<Option<Reported>, CompareError> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some((i, ev)) = self.stash.pop_front() {
@@ -191,9 +240,9 @@ impl CompareSet {
                         return Ok(Some(r));
                     }
                 }
-                Ok((i, None)) => return Err(format!("compare process {} went away", self.procs[i].path.display())),
+                Ok((i, None)) => return Err(CompareError::Gone(self.procs[i].path.clone())),
                 Err(RecvTimeoutError::Timeout) => return Ok(None),
-                Err(RecvTimeoutError::Disconnected) => return Err("compare links closed".into()),
+                Err(RecvTimeoutError::Disconnected) => return Err(CompareError::Closed),
             }
         }
     }

@@ -22,6 +22,17 @@ const STALL_SLACK: Duration = Duration::from_millis(50);
 /// in the socket until the reader thread runs again, so the silence is this side's own.
 const WAKE_GRACE: Duration = Duration::from_millis(100);
 
+/// Writing to the peer failed.
+#[derive(Debug, thiserror::Error)]
+#[error("checkpoint link: {0}")]
+pub struct LinkError(#[from] StreamError);
+
+impl From<std::io::Error> for LinkError {
+    fn from(e: std::io::Error) -> LinkError {
+        LinkError(e.into())
+    }
+}
+
 /// What arrives from the peer.
 #[derive(Debug)]
 pub enum Incoming {
@@ -128,24 +139,27 @@ impl<W: Write + Send + 'static> Link<W> {
     }
 
     /// Sends a control message.
-    pub fn send(&self, c: &Control) -> Result<(), String> {
+    pub fn send(&self, c: &Control) -> Result<(), LinkError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        message::send(&mut w, c).map_err(|e| format!("checkpoint link: {e}"))
+        Ok(message::send(&mut w, c)?)
     }
 
     /// Runs `f` with the stream writer (heartbeats wait meanwhile), then flushes.
-    pub fn with_writer<T>(&self, f: impl FnOnce(&mut StreamWriter<W>) -> Result<T, String>) -> Result<T, String> {
+    pub fn with_writer<T, E: From<std::io::Error>>(
+        &self,
+        f: impl FnOnce(&mut StreamWriter<W>) -> Result<T, E>,
+    ) -> Result<T, E> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let v = f(&mut w)?;
-        w.flush().map_err(|e| format!("checkpoint link: {e}"))?;
+        w.flush()?;
         Ok(v)
     }
 
     /// Sends device state.
-    pub fn send_state(&self, s: &Sections) -> Result<(), String> {
+    pub fn send_state(&self, s: &Sections) -> Result<(), LinkError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        w.record(Kind::State, &s.encode()).map_err(|e| format!("checkpoint link: {e}"))?;
-        w.flush().map_err(|e| format!("checkpoint link: {e}"))
+        w.record(Kind::State, &s.encode())?;
+        Ok(w.flush()?)
     }
 
     /// The next message, waiting at most `timeout`.

@@ -59,15 +59,20 @@ impl SerialSnapshot {
     }
 }
 
+/// A `--serial` value that is none of the three forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}': expected stdio, file:PATH or none")]
+pub struct SerialOptionError(String);
+
 impl FromStr for SerialOutput {
-    type Err = String;
+    type Err = SerialOptionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "stdio" => Ok(SerialOutput::Stdio),
             "none" => Ok(SerialOutput::None),
             _ => match s.strip_prefix("file:") {
                 Some(p) if !p.is_empty() => Ok(SerialOutput::File(PathBuf::from(p))),
-                _ => Err(format!("'{s}': expected stdio, file:PATH or none")),
+                _ => Err(SerialOptionError(s.into())),
             },
         }
     }

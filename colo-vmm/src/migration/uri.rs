@@ -17,24 +17,29 @@ pub enum MigrationUri {
     Unix(PathBuf),
 }
 
+/// A migration address that is neither `tcp:HOST:PORT` nor `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}': expected tcp:HOST:PORT or unix:PATH")]
+pub struct UriError(String);
+
 impl FromStr for MigrationUri {
-    type Err = String;
+    type Err = UriError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(a) = s.strip_prefix("tcp:") {
             match a.rsplit_once(':') {
                 Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(MigrationUri::Tcp(a.to_string())),
-                _ => Err(format!("'{s}': expected tcp:HOST:PORT")),
+                _ => Err(UriError(s.into())),
             }
         } else if let Some(p) = s.strip_prefix("unix:").filter(|p| !p.is_empty()) {
             Ok(MigrationUri::Unix(PathBuf::from(p)))
         } else {
-            Err(format!("'{s}': expected tcp:HOST:PORT or unix:PATH"))
+            Err(UriError(s.into()))
         }
     }
 }
 
 impl TryFrom<String> for MigrationUri {
-    type Error = String;
+    type Error = UriError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
         s.parse()
     }

@@ -20,8 +20,8 @@ use crate::devices::virtio_mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::{Devices, DevicesState};
 use crate::loader::{self, Image};
 use crate::migratable::{Migratable, MigratableError, Pausable, Snapshottable};
-use crate::persist::sections::Sections;
 use crate::persist::snapshot::{self, Meta};
+use crate::persist::state::{MachineState, VcpuState};
 use crate::persist::stream::{StreamError, StreamReader, PAGE_SIZE};
 use crate::persist::{vcpu_state, vm_state};
 use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
@@ -322,18 +322,18 @@ impl Vmm {
         }
         let mut m = Core::build(meta.mem_size)?.attach(config)?;
         let state = snapshot::read_rest(&mut reader, m.core.ram.memory(), meta.mem_size)?;
-        Self::apply_state(&mut m, &state, &config.serial)?;
+        Self::apply_state(&mut m, state, &config.serial)?;
         tracing::info!(snapshot = %path.display(), mem_mib = meta.mem_size >> 20, "guest restored");
         m.start()
     }
 
-    /// Applies saved vCPU, VM and device state to a freshly built machine.
-    pub fn apply_state(m: &mut Machine, state: &Sections, serial: &SerialOutput) -> Result<(), BootError> {
-        vm_state::restore(m.core.vm.fd(), state).map_err(other("restoring the VM state"))?;
-        vcpu_state::restore(&m.core.vcpu, 0, state).map_err(other("restoring the vCPU"))?;
-        let devices: DevicesState = state.json("devices")?;
-        m.devices.serial = SerialConsole::restored(serial, &devices.serial).map_err(other("restoring the console"))?;
-        m.devices.restore(&devices).map_err(BootError::Devices)?;
+    /// Applies saved vCPU, VM and device state to a freshly built machine (its console
+    /// appending to `serial`).
+    pub fn apply_state(m: &mut Machine, state: MachineState, serial: &SerialOutput) -> Result<(), BootError> {
+        m.devices.serial = SerialConsole::appending(serial).map_err(other("opening the serial output"))?;
+        let MachineState { vcpus, vm, devices } = state;
+        vm_state::restore(m.core.vm.fd(), &vm).map_err(other("restoring the VM state"))?;
+        restore_vcpus_and_devices(&m.core.vcpu, &mut m.devices, vcpus, &devices).map_err(other("restoring"))?;
         Ok(())
     }
 
@@ -441,34 +441,41 @@ impl Snapshottable for Vmm {
         }
     }
 
-    fn save_state(&self) -> Result<Sections, MigratableError> {
+    fn save_state(&self) -> Result<MachineState, MigratableError> {
         let devices = lock(&self.quiesced).clone().ok_or(MigratableError::NotPaused)?;
         let msrs = self.msr_list.clone();
-        let mut state = self.on_vcpu(move |vcpu, _| {
-            let mut s = Sections::new();
-            vcpu_state::save(vcpu, 0, &msrs, &mut s).map(|()| s)
-        })??;
-        state.put_json("devices", &devices);
-        vm_state::save(self.vm.fd(), &mut state)?;
-        Ok(state)
+        let vcpu = self.on_vcpu(move |vcpu, _| vcpu_state::save(vcpu, &msrs))??;
+        let vm = vm_state::save(self.vm.fd())?;
+        Ok(MachineState { vcpus: vec![vcpu], vm, devices })
     }
 
-    fn restore_state(&self, state: &Sections) -> Result<(), MigratableError> {
+    fn restore_state(&self, state: MachineState) -> Result<(), MigratableError> {
         if !self.vcpu.is_paused() {
             return Err(MigratableError::NotPaused);
         }
-        let devices: DevicesState = state.json("devices")?;
-        vm_state::restore(self.vm.fd(), state)?;
-        let s = state.clone();
-        self.on_vcpu(move |vcpu, d| -> Result<(), MigratableError> {
-            vcpu_state::restore(vcpu, 0, &s)?;
-            d.serial.load(&devices.serial);
-            d.restore(&devices).map_err(MigratableError::Device)
-        })??;
+        let MachineState { vcpus, vm, devices } = state;
+        vm_state::restore(self.vm.fd(), &vm)?;
+        self.on_vcpu(move |vcpu, d| restore_vcpus_and_devices(vcpu, d, vcpus, &devices))??;
         // The devices run from the restored state now.
         *lock(&self.quiesced) = None;
         Ok(())
     }
+}
+
+/// The one restore of the vCPU and device parts of a machine state, for a fresh machine and for
+/// a running one (after the VM part): the vCPU's registers, the console's registers (its output
+/// stays where it goes), and the devices, whose rings restart where the state left them.
+fn restore_vcpus_and_devices(
+    vcpu: &VcpuFd,
+    devices: &mut Devices,
+    vcpus: Vec<VcpuState>,
+    saved: &DevicesState,
+) -> Result<(), MigratableError> {
+    let [one]: [VcpuState; 1] = vcpus.try_into().map_err(|v: Vec<VcpuState>| MigratableError::VcpuCount(v.len()))?;
+    vcpu_state::restore(vcpu, &one)?;
+    devices.serial.load(&saved.serial);
+    devices.restore(saved)?;
+    Ok(())
 }
 
 impl Migratable for Vmm {

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use super::message::Control;
 use crate::migration::uri::Channel;
 use crate::persist::message;
-use crate::persist::sections::Sections;
 use crate::persist::stream::{Kind, StreamError, StreamReader, StreamWriter};
 
 /// A wait that overran by more than this means this process itself was stopped or not
@@ -155,10 +154,10 @@ impl<W: Write + Send + 'static> Link<W> {
         Ok(v)
     }
 
-    /// Sends device state.
-    pub fn send_state(&self, s: &Sections) -> Result<(), LinkError> {
+    /// Sends a state record (an encoded `persist::state::StateRecord`).
+    pub fn send_state(&self, payload: &[u8]) -> Result<(), LinkError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        w.record(Kind::State, &s.encode())?;
+        w.record(Kind::State, payload)?;
         Ok(w.flush()?)
     }
 

@@ -23,7 +23,7 @@ use crate::migration::protocol::Purpose;
 use crate::migration::source::{self, MigrationError, Transfer};
 use crate::migration::status::{MigrationParams, StatusHandle};
 use crate::migration::uri::{Channel, MigrationUri};
-use crate::persist::snapshot;
+use crate::persist::state::StateRecord;
 use crate::persist::stream::PAGE_SIZE;
 use crate::vstate::dirty::DirtyBitmap;
 
@@ -530,13 +530,14 @@ impl<'a, V: Migratable> Controller<'a, V> {
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
             std::thread::sleep(d);
         }
-        let mut state = vm.save_state().map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
-        if self.test.verify {
-            let d = page_digests(vm).map_err(|e| End::Error(e.to_string()))?;
-            state.put_bytes(source::VERIFY_SECTION, snapshot::encode_digests(&d));
-        }
-        let encoded = state.encode().len() as u64;
-        self.link.send_state(&state).map_err(|e| self.write_failed(e))?;
+        let state = Box::new(vm.save_state().map_err(|e| End::Error(format!("saving the VM state: {e}")))?);
+        let page_digests = match self.test.verify {
+            true => Some(page_digests(vm).map_err(|e| End::Error(e.to_string()))?),
+            false => None,
+        };
+        let record = StateRecord::Paused { state, page_digests }.encode();
+        let encoded = record.len() as u64;
+        self.link.send_state(&record).map_err(|e| self.write_failed(e))?;
         self.link.send(&Control::VmstateSize { seq, pages }).map_err(|e| self.write_failed(e))?;
         let sent_ms = ms_since(t0);
         self.expect("vmstate-received", &Control::VmstateReceived { seq })?;

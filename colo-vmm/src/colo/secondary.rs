@@ -38,7 +38,7 @@ use super::shared::ColoShared;
 use super::status::{Role, State, Trigger};
 use crate::migratable::{differing_pages, Migratable};
 use crate::migration::uri::Channel;
-use crate::persist::sections::Sections;
+use crate::persist::state::{MachineState, StateRecord};
 use crate::persist::stream::{pages as stream_pages, StreamReader, StreamWriter};
 use crate::vmm::{BootError, Core, VmConfig, Vmm};
 use crate::vstate::dirty::DirtyBitmap;
@@ -57,7 +57,7 @@ pub struct SecondaryRunner {
 pub fn start(
     config: &VmConfig,
     core: Core,
-    state: Sections,
+    state: MachineState,
     reader: StreamReader<BufReader<Channel>>,
     mut writer: StreamWriter<Channel>,
     chan: Channel,
@@ -65,7 +65,7 @@ pub fn start(
 ) -> Result<(Vmm, SecondaryRunner), BootError> {
     let err = |what: &'static str| move |e: &dyn std::fmt::Display| BootError::Other { what, error: e.to_string() };
     let mut machine = core.attach(config)?;
-    Vmm::apply_state(&mut machine, &state, &config.serial)?;
+    Vmm::apply_state(&mut machine, state, &config.serial)?;
     let cache = RamCache::copy_of(machine.ram().memory(), machine.ram().size()).map_err(|e| err("RAM cache")(&e))?;
     machine.start_dirty_log().map_err(|e| err("dirty tracking")(&e))?;
     let vmm = machine.start()?;
@@ -297,22 +297,23 @@ impl Svm {
         trigger: &Trigger,
         started: Instant,
     ) -> Result<(), LoadError> {
-        let sections = Sections::decode(&state)?;
+        let len = state.len() as u64;
+        let (machine, digests) = StateRecord::decode(&state)?.into_paused()?;
         // The rings stopped at step 1, so the backend no longer writes guest memory: gather
         // what the SVM changed since the last checkpoint.
         let own = vm.dirty_pages()?;
         self.received.union(own.words());
         let n = self.cache.apply(self.received.iter(), |p, data| vm.write_page(p, data))?;
-        if let Ok(digests) = sections.bytes(crate::migration::source::VERIFY_SECTION) {
+        if let Some(digests) = digests {
             // Test mode: memory must now equal the paused PVM's, page for page.
-            let diff = differing_pages(vm, digests)?;
+            let diff = differing_pages(vm, &digests)?;
             if !diff.is_empty() {
                 let first: Vec<String> = diff.iter().take(8).map(|a| format!("{a:#x}")).collect();
                 return Err(LoadError::Verify { count: diff.len(), first: first.join(", ") });
             }
             tracing::info!(target: "colo", "verified: the SVM's memory equals the PVM's page for page");
         }
-        vm.restore_state(&sections)?;
+        vm.restore_state(machine)?;
         // Our own copying is not the SVM's writing.
         let _ = vm.dirty_pages();
         self.received = DirtyBitmap::empty(self.received.words().len() * 64);
@@ -322,7 +323,7 @@ impl Svm {
         }
         colo.update(|s| {
             s.mode = Some(kind);
-            s.checkpoint(kind, trigger, Duration::ZERO, started.elapsed(), n, n * 4096 + state.len() as u64);
+            s.checkpoint(kind, trigger, Duration::ZERO, started.elapsed(), n, n * 4096 + len);
         });
         tracing::info!(target: "colo", kind = ?kind, trigger = %trigger, pages = n, ms = started.elapsed().as_millis() as u64, "checkpoint loaded");
         Ok(())

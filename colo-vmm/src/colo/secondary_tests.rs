@@ -48,7 +48,7 @@ fn send_checkpoint(primary: &mut Peer<BufWriter<Channel>>, vm: &FakeVm, seq: u64
     primary.send(&Control::VmstateSend { seq });
     let page = vec![byte; PAGE_SIZE];
     primary.link.with_writer(|w| w.pages([(5 * PAGE_SIZE as u64, &page[..])])).unwrap();
-    primary.link.send_state(&FakeVm::state()).unwrap();
+    primary.link.send_state(&FakeVm::state_record()).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert_ne!(vm.first_byte(5), byte, "pages wait in the RAM cache until the checkpoint is complete");
     primary.send(&Control::VmstateSize { seq, pages: 1 });
@@ -222,7 +222,7 @@ fn a_panic_in_the_secondary_ends_colo_with_an_error_and_failover_stays_possible(
         primary.send(&Control::CheckpointRequest { seq: 1, passive: false, trigger: "periodic".into() });
         primary.expect("checkpoint-reply");
         primary.send(&Control::VmstateSend { seq: 1 });
-        primary.link.send_state(&FakeVm::state()).unwrap();
+        primary.link.send_state(&FakeVm::state_record()).unwrap();
         primary.send(&Control::VmstateSize { seq: 1, pages: 0 });
         primary.expect("vmstate-received");
         let Control::Error { message } = primary.expect("error") else { unreachable!() };

@@ -116,11 +116,9 @@ impl SerialConsole {
         Ok(SerialConsole { uart: Serial::new(NoInterrupt, LineWriter(output.open(false)?)) })
     }
 
-    /// A console with saved registers, appending to its output.
-    pub fn restored(output: &SerialOutput, snap: &SerialSnapshot) -> io::Result<SerialConsole> {
-        let uart = Serial::from_state(&snap.state(), NoInterrupt, NoEvents, LineWriter(output.open(true)?))
-            .map_err(|e| io::Error::other(format!("restoring the UART: {e:?}")))?;
-        Ok(SerialConsole { uart })
+    /// Opens the output, appending to a file (a restored VM's log goes on).
+    pub fn appending(output: &SerialOutput) -> io::Result<SerialConsole> {
+        Ok(SerialConsole { uart: Serial::new(NoInterrupt, LineWriter(output.open(true)?)) })
     }
 
     /// Takes over saved registers, keeping this console's output (a checkpoint loaded into a

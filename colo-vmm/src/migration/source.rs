@@ -10,8 +10,8 @@ use super::status::{update, MigrationParams, MigrationState, MigrationStatus, St
 use super::uri::{Channel, MigrationUri};
 use crate::migratable::{page_digests, Migratable, MigratableError};
 use crate::persist::message as protocol;
-use crate::persist::sections::Sections;
-use crate::persist::snapshot::{self, is_zero};
+use crate::persist::snapshot::is_zero;
+use crate::persist::state::StateRecord;
 use crate::persist::stream::{Kind, StreamError, StreamReader, StreamWriter, PAGES_PER_RECORD, PAGE_SIZE};
 use crate::vstate::dirty::DirtyBitmap;
 
@@ -19,9 +19,6 @@ use crate::vstate::dirty::DirtyBitmap;
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long it may take to attach the backends and start.
 const RUNNING_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// State section carrying the source's page digests in verify mode.
-pub const VERIFY_SECTION: &str = "verify.page-digests";
 
 /// Fewest pages a round must send for its duration to say something about the per-page cost.
 const MEASURABLE: u64 = 256;
@@ -126,9 +123,7 @@ pub fn connect<V: Migratable + ?Sized>(
     let chan = uri.connect().map_err(|source| MigrationError::Connect { uri: uri.clone(), source })?;
     let mut w: Writer = StreamWriter::new(BufWriter::with_capacity(1 << 20, chan.try_clone()?))?;
     protocol::send(&mut w, &Control::Hello { purpose })?;
-    let mut meta = Sections::new();
-    meta.put_json("meta", &vm.describe());
-    w.record(Kind::State, &meta.encode())?;
+    w.record(Kind::State, &StateRecord::Machine(vm.describe()).encode())?;
     vm.start_dirty_log()?;
     Ok(Transfer { w, chan, total: 0 })
 }
@@ -311,13 +306,10 @@ pub fn pause_and_send_state<V: Migratable + ?Sized>(
         let last = send_pages(&mut t.w, vm, dirty.iter(), false)?;
         update(status, |s| s.final_pages = last);
         t.total += last;
-        let mut state = vm.save_state()?;
-        if verify {
-            // Everything is still: this is the memory the destination must end up with.
-            let d = page_digests(vm)?;
-            state.put_bytes(VERIFY_SECTION, snapshot::encode_digests(&d));
-        }
-        t.w.record(Kind::State, &state.encode())?;
+        let state = Box::new(vm.save_state()?);
+        // Verify mode: everything is still, this is the memory the destination must end up with.
+        let page_digests = if verify { Some(page_digests(vm)?) } else { None };
+        t.w.record(Kind::State, &StateRecord::Paused { state, page_digests }.encode())?;
         protocol::send(&mut t.w, &Control::StateComplete { pages: t.total })?;
         Ok(())
     })();

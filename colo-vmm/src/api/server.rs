@@ -17,9 +17,14 @@ const MAX_LINE: usize = 1 << 20;
 /// Most connections served at once; more are answered with an error and closed.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// A running API server; the socket file is removed on drop.
+/// How long dropping the server waits for replies still being written.
+const REPLY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A running API server; the socket file is removed on drop, after the replies in flight
+/// (`quit`'s own, typically) have been written.
 pub struct ApiServer {
     path: PathBuf,
+    busy: Arc<AtomicUsize>,
 }
 
 /// Counts a connection for as long as it is served.
@@ -36,6 +41,8 @@ impl ApiServer {
     pub fn start(path: &Path, handler: Arc<dyn Handler>) -> std::io::Result<ApiServer> {
         let listener = crate::unix_socket::bind_private(path)?;
         let open = Arc::new(AtomicUsize::new(0));
+        let busy = Arc::new(AtomicUsize::new(0));
+        let in_flight = busy.clone();
         std::thread::Builder::new().name("api".into()).spawn(move || {
             let mut refused = 0u64;
             for conn in listener.incoming() {
@@ -55,23 +62,27 @@ impl ApiServer {
                     refuse(stream);
                     continue;
                 }
-                let (slot, h) = (Slot(open.clone()), handler.clone());
+                let (slot, h, busy) = (Slot(open.clone()), handler.clone(), in_flight.clone());
                 let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
                     let _slot = slot;
-                    serve(stream, h)
+                    serve(stream, h, &busy)
                 });
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "cannot start an API connection thread");
                 }
             }
         })?;
-        Ok(ApiServer { path: path.to_path_buf() })
+        Ok(ApiServer { path: path.to_path_buf(), busy })
     }
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        let deadline = std::time::Instant::now() + REPLY_GRACE;
+        while self.busy.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 }
 
@@ -84,7 +95,7 @@ fn refuse(mut stream: UnixStream) {
     let _ = stream.write_all(text.as_bytes());
 }
 
-fn serve(stream: UnixStream, handler: Arc<dyn Handler>) {
+fn serve(stream: UnixStream, handler: Arc<dyn Handler>, busy: &AtomicUsize) {
     let Ok(mut out) = stream.try_clone() else { return };
     let mut reader = BufReader::new(stream);
     let mut line = String::new();
@@ -97,10 +108,13 @@ fn serve(stream: UnixStream, handler: Arc<dyn Handler>) {
         if line.trim().is_empty() {
             continue;
         }
+        busy.fetch_add(1, Ordering::AcqRel);
         let reply = serve_line(handler.as_ref(), line.trim_end());
         let mut text = serde_json::to_string(&reply).unwrap_or_else(|_| "{}".into());
         text.push('\n');
-        if out.write_all(text.as_bytes()).is_err() {
+        let written = out.write_all(text.as_bytes());
+        busy.fetch_sub(1, Ordering::AcqRel);
+        if written.is_err() {
             return;
         }
     }

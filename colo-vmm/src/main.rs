@@ -172,7 +172,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Some(runner) => runner.spawn(vmm.clone()),
         // A primary-to-be keeps its compare processes passing its traffic until COLO starts.
         None if !colo.compare_sockets.is_empty() => {
-            colo_vmm::colo::primary::prepare(&colo).map_err(anyhow::Error::msg).context("compare processes")?
+            colo_vmm::colo::primary::prepare(&colo).context("compare processes")?
         }
         None => {}
     }

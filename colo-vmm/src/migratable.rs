@@ -3,8 +3,8 @@
 //! model), never the other way round. The VMM implements them on its running VM; unit tests
 //! implement them on a fake to check the orchestrators' order of operations without KVM.
 
-use crate::persist::sections::Sections;
 use crate::persist::snapshot::Meta;
+use crate::persist::state::MachineState;
 use crate::persist::stream::PAGE_SIZE;
 use crate::vstate::dirty::DirtyBitmap;
 
@@ -14,12 +14,15 @@ pub enum MigratableError {
     /// The vCPU thread has ended (the guest exited, crashed or was told to quit).
     #[error("the guest is no longer running")]
     NotRunning,
+    /// A state for another number of vCPUs.
+    #[error("the state has {0} vCPUs; this VM has one")]
+    VcpuCount(usize),
     /// The operation needs a paused VM.
     #[error("the VM is not paused")]
     NotPaused,
     /// A device could not be stopped, restarted or restored.
     #[error("device: {0}")]
-    Device(String),
+    Device(#[from] crate::devices::DeviceError),
     /// Saving or restoring vCPU or VM state failed.
     #[error(transparent)]
     State(#[from] crate::persist::vcpu_state::VcpuStateError),
@@ -62,11 +65,11 @@ pub trait Snapshottable: Pausable {
     fn describe(&self) -> Meta;
 
     /// The state of the paused machine.
-    fn save_state(&self) -> Result<Sections, MigratableError>;
+    fn save_state(&self) -> Result<MachineState, MigratableError>;
 
     /// Takes over `state` on the paused machine: the devices restart where the state left them;
     /// the vCPU stays paused until [`Pausable::resume`].
-    fn restore_state(&self, state: &Sections) -> Result<(), MigratableError>;
+    fn restore_state(&self, state: MachineState) -> Result<(), MigratableError>;
 }
 
 /// Everything a migration or a checkpoint needs besides the state: dirty pages, page access
@@ -125,8 +128,8 @@ pub fn page_digests<V: Migratable + ?Sized>(vm: &V) -> Result<Vec<u64>, Migratab
     crate::persist::snapshot::digests(vm.page_count(), |p, buf| vm.read_page(p, buf))
 }
 
-/// The addresses of the pages of `vm` whose digests differ from `encoded` (as
-/// `persist::snapshot::encode_digests` writes them).
-pub fn differing_pages<V: Migratable + ?Sized>(vm: &V, encoded: &[u8]) -> Result<Vec<u64>, MigratableError> {
-    Ok(crate::persist::snapshot::compare_digests(&page_digests(vm)?, encoded)?)
+/// The addresses of the pages of `vm` whose digests differ from `theirs` (from
+/// [`page_digests`] on the other side).
+pub fn differing_pages<V: Migratable + ?Sized>(vm: &V, theirs: &[u64]) -> Result<Vec<u64>, MigratableError> {
+    Ok(crate::persist::snapshot::compare_digests(&page_digests(vm)?, theirs)?)
 }

@@ -20,8 +20,8 @@ use crate::devices::virtio_mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::{Devices, DevicesState};
 use crate::loader::{self, Image};
 use crate::migratable::{Migratable, MigratableError, Pausable, Snapshottable};
-use crate::persist::sections::Sections;
 use crate::persist::snapshot::{self, Meta};
+use crate::persist::state::{MachineState, VcpuState};
 use crate::persist::stream::{StreamError, StreamReader, PAGE_SIZE};
 use crate::persist::{vcpu_state, vm_state};
 use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
@@ -43,8 +43,30 @@ pub fn default_mac(index: usize) -> [u8; 6] {
     [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index as u8)]
 }
 
+/// Why a `--net` option is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetOptionError {
+    /// A part that is neither `vhost-user=PATH` nor `mac=MAC`.
+    #[error("'{part}' in '{option}': expected vhost-user=PATH[,mac=MAC]")]
+    Part {
+        /// The part.
+        part: String,
+        /// The whole option.
+        option: String,
+    },
+    /// No socket.
+    #[error("'{0}': missing vhost-user=PATH")]
+    NoSocket(String),
+    /// Not six hexadecimal bytes.
+    #[error("'{0}' is not a MAC address (six bytes, as 52:54:00:12:34:56)")]
+    Mac(String),
+    /// A group address.
+    #[error("'{0}' is a multicast address")]
+    Multicast(String),
+}
+
 impl FromStr for NetConfig {
-    type Err = String;
+    type Err = NetOptionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut socket = None;
         let mut mac = None;
@@ -52,23 +74,23 @@ impl FromStr for NetConfig {
             match part.split_once('=') {
                 Some(("vhost-user", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
                 Some(("mac", m)) => mac = Some(parse_mac(m)?),
-                _ => return Err(format!("'{part}' in '{s}': expected vhost-user=PATH[,mac=MAC]")),
+                _ => return Err(NetOptionError::Part { part: part.into(), option: s.into() }),
             }
         }
-        let socket = socket.ok_or_else(|| format!("'{s}': missing vhost-user=PATH"))?;
+        let socket = socket.ok_or_else(|| NetOptionError::NoSocket(s.into()))?;
         Ok(NetConfig { socket, mac: mac.unwrap_or_else(|| default_mac(0)) })
     }
 }
 
 /// Parses `52:54:00:12:34:56`.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+pub fn parse_mac(s: &str) -> Result<[u8; 6], NetOptionError> {
     let bytes: Vec<u8> = s
         .split(':')
-        .map(|b| u8::from_str_radix(b, 16).map_err(|_| format!("'{s}' is not a MAC address")))
+        .map(|b| u8::from_str_radix(b, 16).map_err(|_| NetOptionError::Mac(s.into())))
         .collect::<Result<_, _>>()?;
-    let mac: [u8; 6] = bytes.try_into().map_err(|_| format!("'{s}' is not a MAC address (six bytes)"))?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| NetOptionError::Mac(s.into()))?;
     if mac[0] & 1 != 0 {
-        return Err(format!("'{s}' is a multicast address"));
+        return Err(NetOptionError::Multicast(s.into()));
     }
     Ok(mac)
 }
@@ -112,6 +134,9 @@ pub enum BootError {
     /// A network backend.
     #[error(transparent)]
     Net(#[from] crate::devices::vhost_user_net::NetError),
+    /// Saved device state that does not fit these devices.
+    #[error("restoring the devices: {0}")]
+    Devices(#[source] crate::devices::DeviceError),
     /// Anything else, with context.
     #[error("{what}: {error}")]
     Other {
@@ -297,18 +322,18 @@ impl Vmm {
         }
         let mut m = Core::build(meta.mem_size)?.attach(config)?;
         let state = snapshot::read_rest(&mut reader, m.core.ram.memory(), meta.mem_size)?;
-        Self::apply_state(&mut m, &state, &config.serial)?;
+        Self::apply_state(&mut m, state, &config.serial)?;
         tracing::info!(snapshot = %path.display(), mem_mib = meta.mem_size >> 20, "guest restored");
         m.start()
     }
 
-    /// Applies saved vCPU, VM and device state to a freshly built machine.
-    pub fn apply_state(m: &mut Machine, state: &Sections, serial: &SerialOutput) -> Result<(), BootError> {
-        vm_state::restore(m.core.vm.fd(), state).map_err(other("restoring the VM state"))?;
-        vcpu_state::restore(&m.core.vcpu, 0, state).map_err(other("restoring the vCPU"))?;
-        let devices: DevicesState = state.json("devices")?;
-        m.devices.serial = SerialConsole::restored(serial, &devices.serial).map_err(other("restoring the console"))?;
-        m.devices.restore(&devices).map_err(|e| BootError::Other { what: "restoring the devices", error: e })?;
+    /// Applies saved vCPU, VM and device state to a freshly built machine (its console
+    /// appending to `serial`).
+    pub fn apply_state(m: &mut Machine, state: MachineState, serial: &SerialOutput) -> Result<(), BootError> {
+        m.devices.serial = SerialConsole::appending(serial).map_err(other("opening the serial output"))?;
+        let MachineState { vcpus, vm, devices } = state;
+        vm_state::restore(m.core.vm.fd(), &vm).map_err(other("restoring the VM state"))?;
+        restore_vcpus_and_devices(&m.core.vcpu, &mut m.devices, vcpus, &devices).map_err(other("restoring"))?;
         Ok(())
     }
 
@@ -416,34 +441,41 @@ impl Snapshottable for Vmm {
         }
     }
 
-    fn save_state(&self) -> Result<Sections, MigratableError> {
+    fn save_state(&self) -> Result<MachineState, MigratableError> {
         let devices = lock(&self.quiesced).clone().ok_or(MigratableError::NotPaused)?;
         let msrs = self.msr_list.clone();
-        let mut state = self.on_vcpu(move |vcpu, _| {
-            let mut s = Sections::new();
-            vcpu_state::save(vcpu, 0, &msrs, &mut s).map(|()| s)
-        })??;
-        state.put_json("devices", &devices);
-        vm_state::save(self.vm.fd(), &mut state)?;
-        Ok(state)
+        let vcpu = self.on_vcpu(move |vcpu, _| vcpu_state::save(vcpu, &msrs))??;
+        let vm = vm_state::save(self.vm.fd())?;
+        Ok(MachineState { vcpus: vec![vcpu], vm, devices })
     }
 
-    fn restore_state(&self, state: &Sections) -> Result<(), MigratableError> {
+    fn restore_state(&self, state: MachineState) -> Result<(), MigratableError> {
         if !self.vcpu.is_paused() {
             return Err(MigratableError::NotPaused);
         }
-        let devices: DevicesState = state.json("devices")?;
-        vm_state::restore(self.vm.fd(), state)?;
-        let s = state.clone();
-        self.on_vcpu(move |vcpu, d| -> Result<(), MigratableError> {
-            vcpu_state::restore(vcpu, 0, &s)?;
-            d.serial.load(&devices.serial);
-            d.restore(&devices).map_err(MigratableError::Device)
-        })??;
+        let MachineState { vcpus, vm, devices } = state;
+        vm_state::restore(self.vm.fd(), &vm)?;
+        self.on_vcpu(move |vcpu, d| restore_vcpus_and_devices(vcpu, d, vcpus, &devices))??;
         // The devices run from the restored state now.
         *lock(&self.quiesced) = None;
         Ok(())
     }
+}
+
+/// The one restore of the vCPU and device parts of a machine state, for a fresh machine and for
+/// a running one (after the VM part): the vCPU's registers, the console's registers (its output
+/// stays where it goes), and the devices, whose rings restart where the state left them.
+fn restore_vcpus_and_devices(
+    vcpu: &VcpuFd,
+    devices: &mut Devices,
+    vcpus: Vec<VcpuState>,
+    saved: &DevicesState,
+) -> Result<(), MigratableError> {
+    let [one]: [VcpuState; 1] = vcpus.try_into().map_err(|v: Vec<VcpuState>| MigratableError::VcpuCount(v.len()))?;
+    vcpu_state::restore(vcpu, &one)?;
+    devices.serial.load(&saved.serial);
+    devices.restore(saved)?;
+    Ok(())
 }
 
 impl Migratable for Vmm {

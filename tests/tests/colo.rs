@@ -697,11 +697,22 @@ fn checkpoints_leave_the_secondary_memory_identical_to_the_primary_with_backgrou
     let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter,echo,http,dirty dirty=3000 dirty_mib=16", &[]);
     net.set_params(Side::Primary, &[("max-time", 500), ("ram-background-limit", 65536)]);
     net.start_colo_with(&["verify=true"]);
-    let (incs, echoes, _) = deterministic_traffic(&net, 5);
+    // Traffic until enough checkpoints of each kind were verified (how long that takes depends
+    // on the machine: every page is hashed on both sides at each pause).
+    let checkpoints = |kind: &str| n(&net.status(Side::Primary)["checkpoints"][kind]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut incs, mut echoes) = (0, 0);
+    while checkpoints("colo") < 6 && Instant::now() < deadline {
+        let (i, e, _) = deterministic_traffic(&net, 1);
+        (incs, echoes) = (incs + i, echoes + e);
+    }
     // Passive checkpoints too (the SVM stays paused; its backend still writes its rings).
     net.set_params(Side::Primary, FORCE_PASSIVE);
     net.wait_status(Side::Primary, "passive", Duration::from_secs(10), |s| s["mode"] == "passive");
-    let (more, _, _) = deterministic_traffic(&net, 2);
+    let mut more = 0;
+    while checkpoints("passive") < 5 && Instant::now() < deadline {
+        more += deterministic_traffic(&net, 1).0;
+    }
     let p = net.status(Side::Primary);
     let s = net.status(Side::Secondary);
     let verified = net.log(Side::Secondary).matches("verified: the SVM's memory equals").count();

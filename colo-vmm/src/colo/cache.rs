@@ -15,17 +15,19 @@ pub struct RamCache {
 
 impl RamCache {
     /// A cache holding a copy of `mem`'s `size` bytes.
-    pub fn copy_of(mem: &GuestMemoryMmap, size: u64) -> Result<RamCache, String> {
+    pub fn copy_of(mem: &GuestMemoryMmap, size: u64) -> Result<RamCache, vm_memory::GuestMemoryError> {
         let mut data = vec![0u8; size as usize];
-        mem.read_slice(&mut data, GuestAddress(0)).map_err(|e| format!("filling the RAM cache: {e}"))?;
+        mem.read_slice(&mut data, GuestAddress(0))?;
         Ok(RamCache { data })
     }
 
     /// A cache holding a copy of `vm`'s memory.
-    pub fn copy_of_vm<V: crate::migratable::Migratable + ?Sized>(vm: &V) -> Result<RamCache, String> {
+    pub fn copy_of_vm<V: crate::migratable::Migratable + ?Sized>(
+        vm: &V,
+    ) -> Result<RamCache, crate::migratable::MigratableError> {
         let mut data = vec![0u8; vm.page_count() * PAGE_SIZE];
         for (p, page) in data.chunks_exact_mut(PAGE_SIZE).enumerate() {
-            vm.read_page(p, page).map_err(|e| format!("filling the RAM cache: {e}"))?;
+            vm.read_page(p, page)?;
         }
         Ok(RamCache { data })
     }
@@ -51,14 +53,14 @@ impl RamCache {
     }
 
     /// Copies pages (by number) from the cache into guest memory (`write` stores one page).
-    pub fn apply<E: std::fmt::Display>(
+    pub fn apply<E>(
         &self,
         pages: impl Iterator<Item = usize>,
         mut write: impl FnMut(usize, &[u8]) -> Result<(), E>,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, E> {
         let mut n = 0;
         for p in pages {
-            write(p, self.page(p)).map_err(|e| format!("loading page {p} from the RAM cache: {e}"))?;
+            write(p, self.page(p))?;
             n += 1;
         }
         Ok(n)

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use colo_proxy::compare::Mode;
 
-use super::compare::CompareSet;
+use super::compare::{CompareError, CompareSet};
 use super::hybrid::{CheckpointKind, Decision, Hybrid};
 use super::link::{Incoming, Link, Silence};
 use super::message::Control;
@@ -20,10 +20,10 @@ use super::shared::ColoShared;
 use super::status::{unix_ms, Role, State, Trigger};
 use crate::migratable::{page_digests, Migratable};
 use crate::migration::protocol::Purpose;
-use crate::migration::source::{self, Transfer};
+use crate::migration::source::{self, MigrationError, Transfer};
 use crate::migration::status::{MigrationParams, StatusHandle};
 use crate::migration::uri::{Channel, MigrationUri};
-use crate::persist::snapshot;
+use crate::persist::state::StateRecord;
 use crate::persist::stream::PAGE_SIZE;
 use crate::vstate::dirty::DirtyBitmap;
 
@@ -48,9 +48,41 @@ pub struct TestOptions {
     pub checkpoint_delay: Option<Duration>,
 }
 
+/// Why COLO did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// This VMM is a secondary.
+    #[error("this VMM runs a secondary; start COLO on the primary")]
+    Secondary,
+    /// COLO runs already.
+    #[error("COLO is already running")]
+    Running,
+    /// No `--compare-socket`.
+    #[error("COLO needs the VM's traffic to pass a compare process: start colo-vmm with --compare-socket")]
+    NoCompare,
+    /// The initial transfer failed.
+    #[error(transparent)]
+    Transfer(#[from] MigrationError),
+    /// The compare processes could not be set to COLO.
+    #[error(transparent)]
+    Compare(#[from] CompareError),
+    /// The secondary refused the VM.
+    #[error("the secondary refused: {0}")]
+    Refused(String),
+    /// The secondary answered out of turn.
+    #[error("unexpected answer from the secondary: {0}")]
+    Unexpected(String),
+    /// The PVM did not restart after the transfer.
+    #[error("{0}")]
+    Restart(String),
+    /// The COLO thread could not start.
+    #[error("starting the COLO thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
 /// A primary-to-be connects to its compare processes at once and sets them `primary-only`, so
 /// its traffic flows before COLO starts (spec/control.md, "Initial mode").
-pub fn prepare(colo: &ColoShared) -> Result<(), String> {
+pub fn prepare(colo: &ColoShared) -> Result<(), CompareError> {
     let mut c = CompareSet::connect(&colo.compare_sockets, Duration::from_secs(10))?;
     c.serve_alone()?;
     *colo.compare() = Some(c);
@@ -63,18 +95,16 @@ pub fn start<V: Migratable + 'static>(
     colo: &Arc<ColoShared>,
     uri: MigrationUri,
     test: TestOptions,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     let s = colo.status();
     if s.role == Role::Secondary {
-        return Err("this VMM runs a secondary; start COLO on the primary".into());
+        return Err(StartError::Secondary);
     }
     if matches!(s.state, State::Starting | State::Running) {
-        return Err("COLO is already running".into());
+        return Err(StartError::Running);
     }
     if colo.compare_sockets.is_empty() {
-        return Err(
-            "COLO needs the VM's traffic to pass a compare process: start colo-vmm with --compare-socket".into()
-        );
+        return Err(StartError::NoCompare);
     }
     colo.update(|s| {
         s.role = Role::Primary;
@@ -85,7 +115,7 @@ pub fn start<V: Migratable + 'static>(
     std::thread::Builder::new()
         .name("colo-primary".into())
         .spawn(move || run(&*vm, &colo, &uri, test))
-        .map_err(|e| e.to_string())?;
+        .map_err(StartError::Spawn)?;
     Ok(())
 }
 
@@ -96,7 +126,7 @@ fn run<V: Migratable>(vm: &V, colo: &ColoShared, uri: &MigrationUri, test: TestO
             tracing::error!(target: "colo", uri = %uri, error = %e, "COLO did not start; the VM runs unprotected");
             colo.update(|s| {
                 s.state = State::Inactive;
-                s.error = Some(e);
+                s.error = Some(e.to_string());
             });
             return;
         }
@@ -111,31 +141,31 @@ fn begin<'a, V: Migratable>(
     colo: &'a ColoShared,
     uri: &MigrationUri,
     test: TestOptions,
-) -> Result<Controller<'a, V>, String> {
+) -> Result<Controller<'a, V>, StartError> {
     let started = Instant::now();
     let progress = StatusHandle::default();
     let mut t = source::connect(vm, uri, Purpose::Colo)?;
-    let abandon = |t: Transfer, e: String| {
+    let abandon = |t: Transfer, e: StartError| {
         t.chan.shutdown();
         vm.stop_dirty_log();
         e
     };
     let dirty = match source::precopy(vm, &mut t, MigrationParams::default(), &progress, started) {
         Ok(d) => d,
-        Err(e) => return Err(abandon(t, e)),
+        Err(e) => return Err(abandon(t, e.into())),
     };
     if let Err(e) = source::pause_and_send_state(vm, &mut t, dirty, &progress, false) {
-        return Err(abandon(t, e));
+        return Err(abandon(t, e.into()));
     }
     // From here the PVM is paused: every way out restarts it.
-    let ready = source::answer(&t, READY_TIMEOUT).and_then(|(r, c)| match c {
+    let ready = source::answer(&t, READY_TIMEOUT).map_err(StartError::from).and_then(|(r, c)| match c {
         Control::CheckpointReady { frame_links } => Ok((r, frame_links)),
-        Control::Error { message } => Err(format!("the secondary refused: {message}")),
-        other => Err(format!("unexpected answer from the secondary: {other:?}")),
+        Control::Error { message } => Err(StartError::Refused(message)),
+        other => Err(StartError::Unexpected(format!("{other:?}"))),
     });
     let (reader, frame_links) = match ready {
         Ok(r) => r,
-        Err(e) => return Err(abandon(t, source::rollback(vm, e))),
+        Err(e) => return Err(abandon(t, restart(vm, e))),
     };
     let _ = t.chan.set_read_timeout(None);
     // Two hosts: this host's backends connect their frame links to the secondary's now, while
@@ -147,8 +177,8 @@ fn begin<'a, V: Migratable>(
             c
         }
         Err(e) => {
-            let _ = crate::persist::message::send(&mut t.w, &Control::Error { message: e.clone() });
-            return Err(abandon(t, source::rollback(vm, e)));
+            let _ = crate::persist::message::send(&mut t.w, &Control::Error { message: e.to_string() });
+            return Err(abandon(t, restart(vm, e.into())));
         }
     };
     let Transfer { w, chan, .. } = t;
@@ -156,7 +186,7 @@ fn begin<'a, V: Migratable>(
     let mut ctl = Controller::new(vm, colo, link, compare, test);
     if let Err(End::Error(e) | End::Lost(e)) = ctl.resume() {
         ctl.fail_over(End::Error(e.clone()));
-        return Err(e);
+        return Err(StartError::Restart(e));
     }
     colo.update(|s| {
         s.state = State::Running;
@@ -175,8 +205,16 @@ fn lease_ms(p: &ColoParams) -> u64 {
     (p.heartbeat_timeout / 2).clamp(20, 60_000)
 }
 
+/// Restarts the PVM after a start that led nowhere; a failure to is reported with `why`.
+fn restart<V: Migratable>(vm: &V, why: StartError) -> StartError {
+    match vm.resume() {
+        Ok(()) => why,
+        Err(e) => StartError::Restart(format!("{why}; restarting the VM also failed: {e}")),
+    }
+}
+
 /// The primary's compare connection, made at start-up to set `primary-only`, or a new one.
-fn take_compare(colo: &ColoShared) -> Result<CompareSet, String> {
+fn take_compare(colo: &ColoShared) -> Result<CompareSet, CompareError> {
     match colo.compare().take() {
         Some(c) => Ok(c),
         None => CompareSet::connect(&colo.compare_sockets, Duration::from_secs(5)),
@@ -284,11 +322,11 @@ impl<'a, V: Migratable> Controller<'a, V> {
     }
 
     /// A write to the secondary failed: if it said why before closing, that is the reason.
-    fn write_failed(&mut self, e: String) -> End {
+    fn write_failed(&mut self, e: impl std::fmt::Display) -> End {
         match self.link.last_words(Duration::from_millis(200)) {
             Some(Control::Error { message }) => End::Error(format!("the secondary gave up: {message}")),
             Some(Control::TakenOver { reason }) => End::Replaced(reason),
-            _ => End::Lost(e),
+            _ => End::Lost(e.to_string()),
         }
     }
 
@@ -508,13 +546,14 @@ impl<'a, V: Migratable> Controller<'a, V> {
         } else {
             vec![]
         };
-        let mut state = vm.save_state().map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
-        if self.test.verify {
-            let d = page_digests(vm).map_err(|e| End::Error(e.to_string()))?;
-            state.put_bytes(source::VERIFY_SECTION, snapshot::encode_digests(&d));
-        }
-        let encoded = state.encode().len() as u64;
-        self.link.send_state(&state).map_err(|e| self.write_failed(e))?;
+        let state = Box::new(vm.save_state().map_err(|e| End::Error(format!("saving the VM state: {e}")))?);
+        let page_digests = match self.test.verify {
+            true => Some(page_digests(vm).map_err(|e| End::Error(e.to_string()))?),
+            false => None,
+        };
+        let record = StateRecord::Paused { state, page_digests }.encode();
+        let encoded = record.len() as u64;
+        self.link.send_state(&record).map_err(|e| self.write_failed(e))?;
         self.link.send(&Control::VmstateSize { seq, pages, rx_marks }).map_err(|e| self.write_failed(e))?;
         let sent_ms = ms_since(t0);
         self.expect("vmstate-received", &Control::VmstateReceived { seq })?;
@@ -559,7 +598,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
         let mut compare = self.compare.take();
         let set = match compare.as_mut() {
             Some(c) => c.serve_alone(),
-            None => Err("no compare connection".into()),
+            None => Err(CompareError::Closed),
         };
         if let Err(e) = set {
             // Reconnect: a compare process may have restarted.

@@ -36,7 +36,7 @@ use super::shared::ColoShared;
 use super::status::{Role, State, Trigger};
 use crate::migratable::{differing_pages, Migratable};
 use crate::migration::uri::Channel;
-use crate::persist::sections::Sections;
+use crate::persist::state::{MachineState, StateRecord};
 use crate::persist::stream::{pages as stream_pages, StreamReader, StreamWriter};
 use crate::vmm::{BootError, Core, VmConfig, Vmm};
 use crate::vstate::dirty::DirtyBitmap;
@@ -58,21 +58,21 @@ pub struct SecondaryRunner {
 pub fn start(
     config: &VmConfig,
     core: Core,
-    state: Sections,
+    state: MachineState,
     reader: StreamReader<BufReader<Channel>>,
     mut writer: StreamWriter<Channel>,
     chan: Channel,
     colo: &Arc<ColoShared>,
 ) -> Result<(Vmm, SecondaryRunner), BootError> {
-    let err = |what: &'static str| move |e: String| BootError::Other { what, error: e };
+    let err = |what: &'static str| move |e: &dyn std::fmt::Display| BootError::Other { what, error: e.to_string() };
     // Two hosts: this host's backends must know the VM is a secondary before it runs (until
     // then they pass nothing), and the primary must know where their frame links listen.
-    let compare = secondary_backends(colo).map_err(err("compare processes"))?;
+    let compare = secondary_backends(colo).map_err(|e| err("compare processes")(&e))?;
     let frame_links = compare.as_ref().map(CompareSet::frame_links).unwrap_or_default();
     let mut machine = core.attach(config)?;
-    Vmm::apply_state(&mut machine, &state, &config.serial)?;
-    let cache = RamCache::copy_of(machine.ram().memory(), machine.ram().size()).map_err(err("RAM cache"))?;
-    machine.start_dirty_log().map_err(|e| err("dirty tracking")(e.to_string()))?;
+    Vmm::apply_state(&mut machine, state, &config.serial)?;
+    let cache = RamCache::copy_of(machine.ram().memory(), machine.ram().size()).map_err(|e| err("RAM cache")(&e))?;
+    machine.start_dirty_log().map_err(|e| err("dirty tracking")(&e))?;
     let vmm = machine.start()?;
     crate::persist::message::send(&mut writer, &Control::CheckpointReady { frame_links })?;
     colo.update(|s| {
@@ -86,7 +86,7 @@ pub fn start(
 
 /// Connects to the compare processes when they serve this VM only and sets them secondary;
 /// `None` when they serve both VMs (one host: the primary drives them until a failover).
-fn secondary_backends(colo: &ColoShared) -> Result<Option<CompareSet>, String> {
+fn secondary_backends(colo: &ColoShared) -> Result<Option<CompareSet>, super::compare::CompareError> {
     if colo.compare_sockets.is_empty() {
         return Ok(None);
     }
@@ -96,6 +96,25 @@ fn secondary_backends(colo: &ColoShared) -> Result<Option<CompareSet>, String> {
     }
     c.serve_as_secondary()?;
     Ok(Some(c))
+}
+
+/// Why a complete checkpoint could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Its state does not decode.
+    #[error(transparent)]
+    State(#[from] crate::persist::stream::StreamError),
+    /// The SVM refused it (dirty log, memory, vCPU, devices).
+    #[error(transparent)]
+    Vm(#[from] crate::migratable::MigratableError),
+    /// Verify mode: memory differs from the paused PVM's.
+    #[error("verify: {count} pages differ from the primary's (first: {first})")]
+    Verify {
+        /// How many.
+        count: usize,
+        /// The first few addresses.
+        first: String,
+    },
 }
 
 /// Where a checkpoint stands on this side.
@@ -173,12 +192,12 @@ impl SecondaryRunner {
 
 /// A write to the primary failed: if it said why before closing (it continues alone), this
 /// side must not take over.
-fn write_failed<W: std::io::Write + Send + 'static>(link: &mut Link<W>, e: String) -> End {
+fn write_failed<W: std::io::Write + Send + 'static>(link: &mut Link<W>, e: impl std::fmt::Display) -> End {
     match link.last_words(Duration::from_millis(200)) {
         Some(Control::Error { message }) => {
             End::Error { why: format!("the primary ended COLO: {message}"), tell: false }
         }
-        _ => End::Lost(e),
+        _ => End::Lost(e.to_string()),
     }
 }
 
@@ -304,37 +323,34 @@ impl Svm {
         passive: bool,
         trigger: &Trigger,
         started: Instant,
-    ) -> Result<(), String> {
-        let sections = Sections::decode(&state).map_err(|e| e.to_string())?;
+    ) -> Result<(), LoadError> {
+        let len = state.len() as u64;
+        let (machine, digests) = StateRecord::decode(&state)?.into_paused()?;
         // The rings stopped at step 1, so the backend no longer writes guest memory: gather
         // what the SVM changed since the last checkpoint.
-        let own = vm.dirty_pages().map_err(|e| e.to_string())?;
+        let own = vm.dirty_pages()?;
         self.received.union(own.words());
         let n = self.cache.apply(self.received.iter(), |p, data| vm.write_page(p, data))?;
-        if let Ok(digests) = sections.bytes(crate::migration::source::VERIFY_SECTION) {
+        if let Some(digests) = digests {
             // Test mode: memory must now equal the paused PVM's, page for page.
-            let diff = differing_pages(vm, digests).map_err(|e| e.to_string())?;
+            let diff = differing_pages(vm, &digests)?;
             if !diff.is_empty() {
                 let first: Vec<String> = diff.iter().take(8).map(|a| format!("{a:#x}")).collect();
-                return Err(format!(
-                    "verify: {} pages differ from the primary's (first: {})",
-                    diff.len(),
-                    first.join(", ")
-                ));
+                return Err(LoadError::Verify { count: diff.len(), first: first.join(", ") });
             }
             tracing::info!(target: "colo", "verified: the SVM's memory equals the PVM's page for page");
         }
-        vm.restore_state(&sections).map_err(|e| e.to_string())?;
+        vm.restore_state(machine)?;
         // Our own copying is not the SVM's writing.
         let _ = vm.dirty_pages();
         self.received = DirtyBitmap::empty(self.received.words().len() * 64);
         let kind = if passive { CheckpointKind::Passive } else { CheckpointKind::Colo };
         if !passive {
-            vm.resume().map_err(|e| e.to_string())?;
+            vm.resume()?;
         }
         colo.update(|s| {
             s.mode = Some(kind);
-            s.checkpoint(kind, trigger, Duration::ZERO, started.elapsed(), n, n * 4096 + state.len() as u64);
+            s.checkpoint(kind, trigger, Duration::ZERO, started.elapsed(), n, n * 4096 + len);
         });
         tracing::info!(target: "colo", kind = ?kind, trigger = %trigger, pages = n, ms = started.elapsed().as_millis() as u64, "checkpoint loaded");
         Ok(())

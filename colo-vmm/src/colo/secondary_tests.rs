@@ -48,8 +48,8 @@ fn send_checkpoint(primary: &mut Peer<BufWriter<Channel>>, vm: &FakeVm, seq: u64
     primary.expect("checkpoint-reply");
     primary.send(&Control::VmstateSend { seq });
     let page = vec![byte; PAGE_SIZE];
-    primary.link.with_writer(|w| w.pages([(5 * PAGE_SIZE as u64, &page[..])]).map_err(|e| e.to_string())).unwrap();
-    primary.link.send_state(&FakeVm::state()).unwrap();
+    primary.link.with_writer(|w| w.pages([(5 * PAGE_SIZE as u64, &page[..])])).unwrap();
+    primary.link.send_state(&FakeVm::state_record()).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert_ne!(vm.first_byte(5), byte, "pages wait in the RAM cache until the checkpoint is complete");
     primary.send(&Control::VmstateSize { seq, pages: 1, rx_marks: vec![] });
@@ -124,7 +124,7 @@ fn a_primary_lost_mid_checkpoint_leaves_the_svm_on_its_own_state() {
         primary.expect("checkpoint-reply");
         primary.send(&Control::VmstateSend { seq: 1 });
         let page = vec![0xcc; PAGE_SIZE];
-        primary.link.with_writer(|w| w.pages([(5 * PAGE_SIZE as u64, &page[..])]).map_err(|e| e.to_string())).unwrap();
+        primary.link.with_writer(|w| w.pages([(5 * PAGE_SIZE as u64, &page[..])])).unwrap();
         primary.link.close();
     });
     let s = colo.status();
@@ -201,7 +201,7 @@ fn a_page_at_the_top_of_the_address_space_ends_colo_with_an_error_and_failover_s
         primary.send(&Control::VmstateSend { seq: 1 });
         let page = vec![0xdd; PAGE_SIZE];
         let top = 0xFFFF_FFFF_FFFF_F000u64;
-        primary.link.with_writer(|w| w.pages([(top, &page[..])]).map_err(|e| e.to_string())).unwrap();
+        primary.link.with_writer(|w| w.pages([(top, &page[..])])).unwrap();
         let Control::Error { message } = primary.expect("error") else { unreachable!() };
         assert!(message.contains("0xfffffffffffff000") && message.contains("outside guest memory"), "{message}");
         wait_stopped(colo);
@@ -223,7 +223,7 @@ fn a_panic_in_the_secondary_ends_colo_with_an_error_and_failover_stays_possible(
         primary.send(&Control::CheckpointRequest { seq: 1, passive: false, trigger: "periodic".into() });
         primary.expect("checkpoint-reply");
         primary.send(&Control::VmstateSend { seq: 1 });
-        primary.link.send_state(&FakeVm::state()).unwrap();
+        primary.link.send_state(&FakeVm::state_record()).unwrap();
         primary.send(&Control::VmstateSize { seq: 1, pages: 0, rx_marks: vec![] });
         primary.expect("vmstate-received");
         let Control::Error { message } = primary.expect("error") else { unreachable!() };

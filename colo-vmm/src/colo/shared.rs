@@ -4,10 +4,8 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use serde_json::{Map, Value};
-
 use super::compare::CompareSet;
-use super::params::ColoParams;
+use super::params::{ColoParams, ColoParamsUpdate, ParamsError};
 use super::status::ColoStatus;
 
 /// The shared state.
@@ -51,21 +49,23 @@ impl ColoShared {
     }
 
     /// `set-parameters`: all or nothing.
-    pub fn set_params(&self, args: &Map<String, Value>) -> Result<ColoParams, String> {
+    pub fn set_params(&self, update: &ColoParamsUpdate) -> Result<ColoParams, ParamsError> {
         let mut p = lock(&self.params);
-        let new = p.with(args)?;
+        let new = p.apply(update)?;
         *p = new;
         self.heartbeat_ms.store(new.heartbeat_interval, Ordering::Relaxed);
         Ok(new)
     }
 
     /// The primary's heartbeat parameters, on the secondary. Refused (nothing changes) when
-    /// the timeout is not above the interval.
-    pub fn set_heartbeat(&self, interval_ms: u64, timeout_ms: u64) -> Result<(), String> {
-        let mut args = Map::new();
-        args.insert("heartbeat-interval".into(), interval_ms.into());
-        args.insert("heartbeat-timeout".into(), timeout_ms.into());
-        self.set_params(&args).map(|_| ())
+    /// they are out of bounds or the timeout is not above the interval.
+    pub fn set_heartbeat(&self, interval_ms: u64, timeout_ms: u64) -> Result<(), ParamsError> {
+        let update = ColoParamsUpdate {
+            heartbeat_interval: Some(interval_ms),
+            heartbeat_timeout: Some(timeout_ms),
+            ..Default::default()
+        };
+        self.set_params(&update).map(|_| ())
     }
 
     /// A copy of the status.

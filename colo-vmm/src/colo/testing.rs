@@ -16,10 +16,13 @@ use super::link::{Incoming, Link};
 use super::message::Control;
 use crate::migratable::{Migratable, MigratableError, Pausable, Snapshottable};
 use crate::migration::uri::Channel;
-use crate::persist::sections::Sections;
 use crate::persist::snapshot::Meta;
+use crate::persist::state::{MachineState, StateRecord, VcpuState};
 use crate::persist::stream::{StreamReader, StreamWriter, PAGE_SIZE};
 use crate::vstate::dirty::DirtyBitmap;
+
+/// The RIP of the fake's state.
+const MARK: u64 = 0xc0105;
 
 /// What happened, in order, as seen by everyone who logs into it.
 #[derive(Clone, Default)]
@@ -109,11 +112,16 @@ impl FakeVm {
         self.paused.load(Ordering::Relaxed)
     }
 
-    /// The state this fake saves.
-    pub fn state() -> Sections {
-        let mut s = Sections::new();
-        s.put_bytes("fake", b"machine".to_vec());
-        s
+    /// The state this fake saves (its vCPU's RIP marks it).
+    pub fn state() -> MachineState {
+        let mut vcpu = VcpuState::default();
+        vcpu.regs.rip = MARK;
+        MachineState { vcpus: vec![vcpu], ..Default::default() }
+    }
+
+    /// [`FakeVm::state`] as a state record.
+    pub fn state_record() -> Vec<u8> {
+        StateRecord::Paused { state: Box::new(Self::state()), page_digests: None }.encode()
     }
 }
 
@@ -136,7 +144,7 @@ impl Snapshottable for FakeVm {
         Meta { mem_size: self.mem_size(), vcpus: 1, tsc_khz: 1, writer: "fake".into() }
     }
 
-    fn save_state(&self) -> Result<Sections, MigratableError> {
+    fn save_state(&self) -> Result<MachineState, MigratableError> {
         if !self.is_paused() {
             return Err(MigratableError::NotPaused);
         }
@@ -144,11 +152,11 @@ impl Snapshottable for FakeVm {
         Ok(Self::state())
     }
 
-    fn restore_state(&self, state: &Sections) -> Result<(), MigratableError> {
+    fn restore_state(&self, state: MachineState) -> Result<(), MigratableError> {
         if !self.is_paused() {
             return Err(MigratableError::NotPaused);
         }
-        assert_eq!(state, &Self::state(), "the state the primary saved");
+        assert_eq!(state.vcpus[0].regs.rip, MARK, "the state the primary saved");
         std::thread::sleep(self.restore_time);
         self.log.push("vm: restore-state");
         Ok(())

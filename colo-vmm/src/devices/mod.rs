@@ -12,6 +12,91 @@ use pvhalt::Waiter;
 use serial::{SerialConsole, SerialSnapshot};
 use virtio_mmio::{MmioTransport, TransportState};
 
+/// Why a device could not be started, stopped, handed over or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A vhost-user request failed.
+    #[error("{step}: {source}")]
+    Vhost {
+        /// The request.
+        step: &'static str,
+        /// What the backend (or the socket) said.
+        #[source]
+        source: vhost::Error,
+    },
+    /// Stopping a ring failed.
+    #[error("GET_VRING_BASE on queue {queue}: {source}")]
+    VringBase {
+        /// The queue.
+        queue: usize,
+        /// What the backend said.
+        #[source]
+        source: vhost::Error,
+    },
+    /// The backend was released (a migration handed it over).
+    #[error("the vhost-user backend is disconnected")]
+    Disconnected,
+    /// A queue the driver set up lies outside guest memory.
+    #[error("queue {queue} {what} at {gpa:#x} is outside guest memory")]
+    QueueOutsideMemory {
+        /// The queue.
+        queue: usize,
+        /// Which part.
+        what: &'static str,
+        /// Its guest-physical address.
+        gpa: u64,
+    },
+    /// Connecting to the backend again failed.
+    #[error(transparent)]
+    Reconnect(#[from] vhost_user_net::NetError),
+    /// The backend came back with fewer features.
+    #[error("the backend at {path} now offers {now:#x}, less than before ({before:#x})")]
+    FeaturesShrank {
+        /// Its socket.
+        path: std::path::PathBuf,
+        /// What it offers now.
+        now: u64,
+        /// What it offered before.
+        before: u64,
+    },
+    /// Saved state for another set of devices.
+    #[error("the saved VM had {saved} network devices, this one has {here}")]
+    DeviceCount {
+        /// Devices in the state.
+        saved: usize,
+        /// Devices here.
+        here: usize,
+    },
+    /// Saved state for a device with other queues.
+    #[error("saved device has {saved} queues, this one {here}")]
+    QueueCount {
+        /// Queues in the state.
+        saved: usize,
+        /// Queues here.
+        here: usize,
+    },
+    /// Saved state with features this backend lacks.
+    #[error("saved features {saved:#x} include some this backend does not offer ({offered:#x})")]
+    Features {
+        /// Acknowledged in the state.
+        saved: u64,
+        /// Offered here.
+        offered: u64,
+    },
+    /// The backend cannot log the pages it writes.
+    #[error("the vhost-user backend at {path} cannot log dirty pages (no LOG_SHMFD/LOG_ALL)")]
+    NoDirtyLog {
+        /// Its socket.
+        path: std::path::PathBuf,
+    },
+    /// The dirty log's shared memory could not be made.
+    #[error("creating the dirty log: {0}")]
+    LogBuffer(#[source] std::io::Error),
+    /// The dirty log was read while off.
+    #[error("dirty logging is not active")]
+    LogInactive,
+}
+
 /// Every device's saved state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DevicesState {
@@ -47,13 +132,13 @@ pub struct Devices {
 impl Devices {
     /// Stops every device's data path (vhost-user rings included, so backends no longer write
     /// guest memory) and returns their state. [`Devices::resume`] restarts them.
-    pub fn pause(&mut self) -> Result<DevicesState, String> {
+    pub fn pause(&mut self) -> Result<DevicesState, DeviceError> {
         let virtio = self.mmio.iter_mut().map(MmioTransport::pause).collect::<Result<_, _>>()?;
         Ok(DevicesState { serial: self.serial.snapshot(), virtio })
     }
 
     /// Restarts the data paths stopped by [`Devices::pause`].
-    pub fn resume(&mut self, state: &DevicesState) -> Result<(), String> {
+    pub fn resume(&mut self, state: &DevicesState) -> Result<(), DeviceError> {
         for (t, s) in self.mmio.iter_mut().zip(&state.virtio) {
             t.resume(s)?;
         }
@@ -68,7 +153,7 @@ impl Devices {
     }
 
     /// Re-attaches every backend and restarts the data paths (a failed handover).
-    pub fn reconnect(&mut self, state: &DevicesState) -> Result<(), String> {
+    pub fn reconnect(&mut self, state: &DevicesState) -> Result<(), DeviceError> {
         for (t, s) in self.mmio.iter_mut().zip(&state.virtio) {
             t.reconnect(s)?;
         }
@@ -76,13 +161,9 @@ impl Devices {
     }
 
     /// Takes over saved state on fresh devices (same number and kinds, in the same order).
-    pub fn restore(&mut self, state: &DevicesState) -> Result<(), String> {
+    pub fn restore(&mut self, state: &DevicesState) -> Result<(), DeviceError> {
         if state.virtio.len() != self.mmio.len() {
-            return Err(format!(
-                "the saved VM had {} network devices, this one has {}",
-                state.virtio.len(),
-                self.mmio.len()
-            ));
+            return Err(DeviceError::DeviceCount { saved: state.virtio.len(), here: self.mmio.len() });
         }
         for (t, s) in self.mmio.iter_mut().zip(&state.virtio) {
             t.restore(s)?;

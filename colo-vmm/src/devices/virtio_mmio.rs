@@ -9,6 +9,8 @@ use std::os::fd::RawFd;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::DeviceError;
+
 /// Register offsets.
 mod reg {
     pub const MAGIC: u64 = 0x000;
@@ -92,16 +94,16 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts the data path with these features and queues; `bases[i]` is where queue `i`'s
     /// device side resumes (0 for a fresh driver; the saved position after a snapshot).
-    fn activate(&mut self, acked_features: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), String>;
+    fn activate(&mut self, acked_features: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), DeviceError>;
     /// Stops the data path so guest memory and the rings stay still, and returns each queue's
     /// position. [`VirtioDevice::activate`] with these bases resumes it.
-    fn quiesce(&mut self) -> Result<Vec<u16>, String>;
+    fn quiesce(&mut self) -> Result<Vec<u16>, DeviceError>;
     /// The driver reset the device: stop the data path.
     fn reset(&mut self);
     /// Lets go of whatever serves the data path (a migration hands it to the destination).
     fn disconnect(&mut self) {}
     /// Takes the data path back after [`VirtioDevice::disconnect`] (a failed handover).
-    fn reconnect(&mut self) -> Result<(), String> {
+    fn reconnect(&mut self) -> Result<(), DeviceError> {
         Ok(())
     }
     /// The eventfds the guest kicks, one per queue (registered as ioeventfds by the VMM).
@@ -311,7 +313,7 @@ impl MmioTransport {
     }
 
     /// Stops the device's data path (if the driver started it) and returns the saved state.
-    pub fn pause(&mut self) -> Result<TransportState, String> {
+    pub fn pause(&mut self) -> Result<TransportState, DeviceError> {
         let bases = if self.active() { self.device.quiesce()? } else { vec![0; self.queues.len()] };
         Ok(self.state_with(bases))
     }
@@ -322,13 +324,13 @@ impl MmioTransport {
     }
 
     /// Re-attaches the backend and restarts the data path where `state` left it.
-    pub fn reconnect(&mut self, state: &TransportState) -> Result<(), String> {
+    pub fn reconnect(&mut self, state: &TransportState) -> Result<(), DeviceError> {
         self.device.reconnect()?;
         self.resume(state)
     }
 
     /// Restarts the data path after [`MmioTransport::pause`].
-    pub fn resume(&mut self, state: &TransportState) -> Result<(), String> {
+    pub fn resume(&mut self, state: &TransportState) -> Result<(), DeviceError> {
         if self.active() {
             self.device.activate(self.acked_features, &self.queues.clone(), &state.bases)?;
         }
@@ -349,16 +351,12 @@ impl MmioTransport {
     }
 
     /// Takes over a saved state on a fresh transport and starts the data path where it stood.
-    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), DeviceError> {
         if state.queues.len() != self.queues.len() {
-            return Err(format!("saved device has {} queues, this one {}", state.queues.len(), self.queues.len()));
+            return Err(DeviceError::QueueCount { saved: state.queues.len(), here: self.queues.len() });
         }
         if state.acked_features & !self.device.features() != 0 {
-            return Err(format!(
-                "saved features {:#x} include some this backend does not offer ({:#x})",
-                state.acked_features,
-                self.device.features()
-            ));
+            return Err(DeviceError::Features { saved: state.acked_features, offered: self.device.features() });
         }
         self.status = state.status;
         self.acked_features = state.acked_features;
@@ -412,11 +410,11 @@ mod tests {
             data.fill(offset as u8);
         }
         fn write_config(&mut self, _: u64, _: &[u8]) {}
-        fn activate(&mut self, f: u64, q: &[QueueConfig], _bases: &[u16]) -> Result<(), String> {
+        fn activate(&mut self, f: u64, q: &[QueueConfig], _bases: &[u16]) -> Result<(), DeviceError> {
             self.0.lock().unwrap().activated = Some((f, q.to_vec()));
             Ok(())
         }
-        fn quiesce(&mut self) -> Result<Vec<u16>, String> {
+        fn quiesce(&mut self) -> Result<Vec<u16>, DeviceError> {
             Ok(vec![7, 9])
         }
         fn reset(&mut self) {

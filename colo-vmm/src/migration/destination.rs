@@ -8,8 +8,8 @@ use super::protocol::{Control, Purpose};
 use super::uri::{Channel, MigrationUri};
 use crate::colo::shared::ColoShared;
 use crate::persist::message as protocol;
-use crate::persist::sections::Sections;
 use crate::persist::snapshot::{self, load_pages, Meta};
+use crate::persist::state::{MachineState, StateRecord};
 use crate::persist::stream::{pages, Kind, StreamError, StreamReader, StreamWriter};
 use crate::vmm::{BootError, Core, VmConfig, Vmm};
 
@@ -81,9 +81,9 @@ fn receive(
 
 /// Receives pages (into `core`'s memory) and the device state, up to `state-complete`, and
 /// checks the page count (and, in verify mode, every page).
-fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<Sections, BootError> {
+fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<MachineState, BootError> {
     let mut received = 0u64;
-    let mut state: Option<Sections> = None;
+    let mut state: Option<(MachineState, Option<Vec<u64>>)> = None;
     loop {
         let rec = r.next_record().map_err(|e| match e {
             StreamError::Truncated(_) => BootError::Other {
@@ -103,7 +103,7 @@ fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<Sections, B
                 load_pages(&rec.payload, core.ram().memory(), meta.mem_size)?;
                 received += pages(&rec.payload).count() as u64;
             }
-            Kind::State => state = Some(Sections::decode(&rec.payload)?),
+            Kind::State => state = Some(StateRecord::decode(&rec.payload)?.into_paused()?),
             Kind::Control => match protocol::parse(&rec.payload)? {
                 Control::Round { round, pages } => tracing::debug!(round, pages, "pre-copy round received"),
                 Control::StateComplete { pages } if pages == received => break,
@@ -118,14 +118,16 @@ fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<Sections, B
             Kind::End => unreachable!("the reader consumes end records"),
         }
     }
-    let state = state.ok_or_else(|| StreamError::Corrupt("no device state in the migration".into()))?;
-    verify_pages(core, meta, &state)?;
+    let (state, digests) = state.ok_or_else(|| StreamError::Corrupt("no device state in the migration".into()))?;
+    if let Some(digests) = digests {
+        verify_pages(core, meta, &digests)?;
+    }
     Ok(state)
 }
 
 /// Verify mode: refuses to go on unless memory equals the source's at the pause.
-fn verify_pages(core: &Core, meta: &Meta, state: &Sections) -> Result<(), BootError> {
-    if let Ok(digests) = state.bytes(super::source::VERIFY_SECTION) {
+fn verify_pages(core: &Core, meta: &Meta, digests: &[u64]) -> Result<(), BootError> {
+    {
         let diff = snapshot::differing_pages(core.ram().memory(), meta.mem_size, digests)?;
         if !diff.is_empty() {
             let first: Vec<String> = diff.iter().take(8).map(|a| format!("{a:#x}")).collect();
@@ -147,7 +149,7 @@ fn verify_pages(core: &Core, meta: &Meta, state: &Sections) -> Result<(), BootEr
 fn take_over(
     config: &VmConfig,
     core: Core,
-    state: Sections,
+    state: MachineState,
     mut r: Reader,
     w: &mut StreamWriter<Channel>,
 ) -> Result<Vmm, BootError> {
@@ -161,7 +163,7 @@ fn take_over(
     }
     // The source has released the backends: attach them and start where the source stopped.
     let mut machine = core.attach(config)?;
-    Vmm::apply_state(&mut machine, &state, &config.serial)?;
+    Vmm::apply_state(&mut machine, state, &config.serial)?;
     let vmm = machine.start()?;
     protocol::send(w, &Control::Running)?;
     Ok(vmm)

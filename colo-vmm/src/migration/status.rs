@@ -24,6 +24,29 @@ impl Default for MigrationParams {
     }
 }
 
+/// `migrate-set-parameters` (and `migrate`'s own): the parameters to change, each optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MigrationParamsUpdate {
+    /// `downtime-limit`, ms.
+    pub downtime_limit: Option<u64>,
+    /// `max-rounds`.
+    pub max_rounds: Option<u32>,
+    /// `verify`.
+    pub verify: Option<bool>,
+}
+
+impl MigrationParams {
+    /// These parameters with `u`'s changes (every value of the right type is valid).
+    pub fn apply(&self, u: &MigrationParamsUpdate) -> MigrationParams {
+        MigrationParams {
+            downtime_limit: u.downtime_limit.unwrap_or(self.downtime_limit),
+            max_rounds: u.max_rounds.unwrap_or(self.max_rounds),
+            verify: u.verify.unwrap_or(self.verify),
+        }
+    }
+}
+
 /// Where a migration stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]

@@ -2,7 +2,7 @@
 //! guest RAM, and the vCPU, VM and device state.
 //!
 //! ```text
-//! State { "meta" }  Pages*  State { "vcpu0.*", "vm.*", "devices" }  End
+//! State { machine }  Pages*  State { paused: vCPUs, VM, devices }  End
 //! ```
 //! Restoring reads everything into fresh memory and applies the state only once the end record
 //! has verified the whole stream.
@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::sections::Sections;
+use super::state::{MachineState, StateRecord};
 use super::stream::{pages, Kind, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
 use crate::migratable::{while_paused, Migratable, MigratableError};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -75,7 +75,7 @@ pub fn save<V: Migratable + ?Sized>(vm: &V, path: &Path) -> Result<SnapshotStats
         let state = vm.save_state()?;
         let file = std::fs::File::create(path).map_err(|source| SnapshotError::Create { path: path.into(), source })?;
         let w = std::io::BufWriter::with_capacity(1 << 20, file);
-        Ok(write(w, &vm.describe(), |p, buf| vm.read_page(p, buf), &state)?)
+        Ok(write(w, &vm.describe(), |p, buf| vm.read_page(p, buf), state)?)
     })?;
     tracing::info!(path = %path.display(), pages = stats.pages, bytes = stats.bytes, ms = t.elapsed().as_millis() as u64, "snapshot saved");
     Ok(stats)
@@ -86,13 +86,11 @@ pub fn write<W: Write, E: std::fmt::Display>(
     w: W,
     meta: &Meta,
     mut read: impl FnMut(usize, &mut [u8]) -> Result<(), E>,
-    state: &Sections,
+    state: MachineState,
 ) -> Result<SnapshotStats, StreamError> {
     let mut counting = CountingWriter { w, n: 0 };
     let mut s = StreamWriter::new(&mut counting)?;
-    let mut m = Sections::new();
-    m.put_json("meta", meta);
-    s.record(Kind::State, &m.encode())?;
+    s.record(Kind::State, &StateRecord::Machine(meta.clone()).encode())?;
     let mut page = vec![0u8; PAGE_SIZE];
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(super::stream::PAGES_PER_RECORD);
     let mut written = 0;
@@ -108,7 +106,7 @@ pub fn write<W: Write, E: std::fmt::Display>(
         }
     }
     written += s.pages(batch.iter().map(|(a, d)| (*a, &d[..])))?;
-    s.record(Kind::State, &state.encode())?;
+    s.record(Kind::State, &StateRecord::Paused { state: Box::new(state), page_digests: None }.encode())?;
     s.finish()?;
     Ok(SnapshotStats { pages: written, bytes: counting.n })
 }
@@ -129,10 +127,15 @@ impl<W: Write> Write for CountingWriter<W> {
     }
 }
 
-/// Reads the machine description at the start of a snapshot.
+/// Reads the machine description at the start of a snapshot or transfer.
 pub fn read_meta<R: Read>(r: &mut StreamReader<R>) -> Result<Meta, StreamError> {
     match r.next_record()? {
-        Some(rec) if rec.kind == Kind::State => Sections::decode(&rec.payload)?.json("meta"),
+        Some(rec) if rec.kind == Kind::State => match StateRecord::decode(&rec.payload)? {
+            StateRecord::Machine(meta) => Ok(meta),
+            StateRecord::Paused { .. } => {
+                Err(StreamError::Corrupt("the state came before the machine description".into()))
+            }
+        },
         _ => Err(StreamError::Corrupt("a snapshot starts with its machine description".into())),
     }
 }
@@ -143,12 +146,12 @@ pub fn read_rest<R: Read>(
     r: &mut StreamReader<R>,
     mem: &GuestMemoryMmap,
     mem_size: u64,
-) -> Result<Sections, StreamError> {
+) -> Result<MachineState, StreamError> {
     let mut state = None;
     while let Some(rec) = r.next_record()? {
         match rec.kind {
             Kind::Pages => load_pages(&rec.payload, mem, mem_size)?,
-            Kind::State => state = Some(Sections::decode(&rec.payload)?),
+            Kind::State => state = Some(StateRecord::decode(&rec.payload)?.into_paused()?.0),
             other => return Err(StreamError::Corrupt(format!("unexpected {other:?} record in a snapshot"))),
         }
     }
@@ -188,28 +191,17 @@ pub fn digests<E>(pages: usize, mut read: impl FnMut(usize, &mut [u8]) -> Result
         .collect()
 }
 
-/// Encodes digests for a state section.
-pub fn encode_digests(d: &[u64]) -> Vec<u8> {
-    d.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
 /// Compares `mem` with digests from [`page_digests`]; returns the addresses of differing pages.
-pub fn differing_pages(mem: &GuestMemoryMmap, mem_size: u64, encoded: &[u8]) -> Result<Vec<u64>, StreamError> {
-    compare_digests(&page_digests(mem, mem_size)?, encoded)
+pub fn differing_pages(mem: &GuestMemoryMmap, mem_size: u64, theirs: &[u64]) -> Result<Vec<u64>, StreamError> {
+    compare_digests(&page_digests(mem, mem_size)?, theirs)
 }
 
-/// The addresses of the pages whose digests in `ours` differ from those `encoded`.
-pub fn compare_digests(ours: &[u64], encoded: &[u8]) -> Result<Vec<u64>, StreamError> {
-    if encoded.len() != ours.len() * 8 {
-        return Err(StreamError::Corrupt(format!("{} page digests for {} pages", encoded.len() / 8, ours.len())));
+/// The addresses of the pages whose digests in `ours` differ from `theirs`.
+pub fn compare_digests(ours: &[u64], theirs: &[u64]) -> Result<Vec<u64>, StreamError> {
+    if theirs.len() != ours.len() {
+        return Err(StreamError::Corrupt(format!("{} page digests for {} pages", theirs.len(), ours.len())));
     }
-    Ok(ours
-        .iter()
-        .zip(encoded.chunks_exact(8))
-        .enumerate()
-        .filter(|(_, (a, b))| a.to_le_bytes() != **b)
-        .map(|(i, _)| (i * PAGE_SIZE) as u64)
-        .collect())
+    Ok(ours.iter().zip(theirs).enumerate().filter(|(_, (a, b))| a != b).map(|(i, _)| (i * PAGE_SIZE) as u64).collect())
 }
 
 #[cfg(test)]
@@ -224,11 +216,11 @@ mod tests {
         mem.write_slice(&[1, 2, 3], GuestAddress(0x5000)).unwrap();
         mem.write_slice(&[9; 4096], GuestAddress(0xff_f000)).unwrap();
         let meta = Meta { mem_size: 16 << 20, vcpus: 1, tsc_khz: 1, writer: "test".into() };
-        let mut state = Sections::new();
-        state.put_bytes("x", vec![42]);
+        let mut state = MachineState::default();
+        state.vm.clock.clock = 42;
         let mut file = Vec::new();
         let read = |p: usize, buf: &mut [u8]| mem.read_slice(buf, GuestAddress((p * PAGE_SIZE) as u64));
-        let stats = write(&mut file, &meta, read, &state).unwrap();
+        let stats = write(&mut file, &meta, read, state).unwrap();
         assert_eq!(stats.pages, 2);
         assert_eq!(stats.bytes, file.len() as u64);
 
@@ -236,7 +228,7 @@ mod tests {
         let mut r = StreamReader::new(&file[..]).unwrap();
         assert_eq!(read_meta(&mut r).unwrap(), meta);
         let s = read_rest(&mut r, back.memory(), 16 << 20).unwrap();
-        assert_eq!(s, state);
+        assert_eq!(s.vm.clock.clock, 42);
         let mut b = [0u8; 3];
         back.memory().read_slice(&mut b, GuestAddress(0x5000)).unwrap();
         assert_eq!(b, [1, 2, 3]);

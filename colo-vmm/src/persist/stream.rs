@@ -2,14 +2,19 @@
 //! checkpoints.
 //!
 //! ```text
-//! header  = "COLOVMST" (8 bytes) | version u32 LE | flags u32 LE
+//! header  = "COLOVMST" (8 bytes) | major u16 LE | minor u16 LE | flags u32 LE
 //! record  = kind u8 | 3 reserved bytes | length u32 LE | payload (length bytes) | xxh3-64 LE
 //! ```
 //! The checksum covers kind, reserved bytes, length and payload, so a flipped bit anywhere is
 //! caught, and a record cut short is caught by its length. A stream ends with an [`Kind::End`]
-//! record that counts what came before; a stream without it is truncated. Newer versions and
-//! unknown record kinds are refused with a clear error; nothing is applied from a stream that
-//! did not verify.
+//! record that counts what came before; a stream without it is truncated. Unknown record kinds
+//! are refused with a clear error; nothing is applied from a stream that did not verify.
+//!
+//! Compatibility (Firecracker's snapshot rule): a reader takes a stream of its own major version
+//! and a minor version not newer than its own. A minor version may only add what a reader of the
+//! same major can do without (a field with a default); anything else is a new major version.
+//! Version 1 (up to this build's predecessor) carried the state as string-keyed sections; 2.0
+//! carries one typed machine state (`state.rs`).
 
 use std::io::{self, Read, Write};
 
@@ -17,8 +22,30 @@ use xxhash_rust::xxh3::Xxh3;
 
 /// Stream magic.
 pub const MAGIC: [u8; 8] = *b"COLOVMST";
-/// The version this build writes and the newest it reads.
-pub const VERSION: u32 = 1;
+/// A stream format version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    /// Changes that older readers cannot read.
+    pub major: u16,
+    /// Additions that readers of the same major may do without.
+    pub minor: u16,
+}
+
+impl std::fmt::Display for Version {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+impl Version {
+    /// Whether a reader of this version takes a stream of `other`: same major, minor not newer.
+    pub fn reads(&self, other: Version) -> bool {
+        other.major == self.major && other.minor <= self.minor
+    }
+}
+
+/// The version this build writes; it reads streams of the same major and a minor up to this.
+pub const VERSION: Version = Version { major: 2, minor: 0 };
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;
 /// Largest record payload accepted (a corrupt length must not make us allocate gigabytes).
@@ -32,7 +59,7 @@ pub const PAGES_PER_RECORD: usize = 256;
 pub enum Kind {
     /// A batch of guest pages: count u32, then count × gpa u64, then count × 4096 bytes.
     Pages = 1,
-    /// Device and vCPU state: named sections.
+    /// The machine's description or its state (a `state::StateRecord`).
     State = 2,
     /// End of a complete stream: number of pages and of records before it.
     End = 3,
@@ -61,9 +88,9 @@ pub enum StreamError {
     /// Not a state stream.
     #[error("not a colo VM state stream (bad magic)")]
     BadMagic,
-    /// Written by a newer colo-vmm.
-    #[error("state stream version {0} is newer than this colo-vmm understands (up to {VERSION})")]
-    UnsupportedVersion(u32),
+    /// Written by a colo-vmm whose format this one does not read.
+    #[error("state stream version {0} cannot be read by this colo-vmm (it reads {major}.0 to {VERSION})", major = VERSION.major)]
+    UnsupportedVersion(Version),
     /// The stream ends in the middle of a record or before its end record.
     #[error("state stream is truncated: {0}")]
     Truncated(&'static str),
@@ -94,7 +121,8 @@ impl<W: Write> StreamWriter<W> {
     /// link can start at once.
     pub fn new(mut w: W) -> io::Result<StreamWriter<W>> {
         w.write_all(&MAGIC)?;
-        w.write_all(&VERSION.to_le_bytes())?;
+        w.write_all(&VERSION.major.to_le_bytes())?;
+        w.write_all(&VERSION.minor.to_le_bytes())?;
         w.write_all(&0u32.to_le_bytes())?;
         w.flush()?;
         Ok(StreamWriter { w, pages: 0, records: 0, scratch: Vec::new() })
@@ -193,8 +221,11 @@ impl<R: Read> StreamReader<R> {
         if head[..8] != MAGIC {
             return Err(StreamError::BadMagic);
         }
-        let version = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
-        if version > VERSION || version == 0 {
+        let version = Version {
+            major: u16::from_le_bytes(head[8..10].try_into().expect("2 bytes")),
+            minor: u16::from_le_bytes(head[10..12].try_into().expect("2 bytes")),
+        };
+        if !VERSION.reads(version) {
             return Err(StreamError::UnsupportedVersion(version));
         }
         Ok(StreamReader { r, pages: 0, records: 0, ended: false })
@@ -339,14 +370,27 @@ mod tests {
         assert_eq!(recs.len(), 3, "256 + 256 + 88");
     }
 
+    fn with_version(major: u16, minor: u16) -> Vec<u8> {
+        let mut b = sample();
+        b[8..10].copy_from_slice(&major.to_le_bytes());
+        b[10..12].copy_from_slice(&minor.to_le_bytes());
+        b
+    }
+
     #[test]
-    fn refuses_bad_magic_and_newer_versions() {
+    fn refuses_bad_magic_and_versions_of_another_major_or_a_newer_minor() {
         let mut b = sample();
         b[0] = b'X';
         assert!(matches!(read_all(&b), Err(StreamError::BadMagic)));
-        let mut b = sample();
-        b[8..12].copy_from_slice(&2u32.to_le_bytes());
-        assert!(matches!(read_all(&b), Err(StreamError::UnsupportedVersion(2))));
+        assert_eq!(&sample()[8..12], &[2, 0, 0, 0], "this build writes 2.0");
+        // Version 1 (the u32 1 of the previous format reads as 1.0): another major.
+        let e = read_all(&with_version(1, 0)).unwrap_err();
+        assert!(e.to_string().contains("version 1.0 cannot be read"), "{e}");
+        assert!(matches!(read_all(&with_version(3, 0)), Err(StreamError::UnsupportedVersion(v)) if v.major == 3));
+        assert!(matches!(read_all(&with_version(2, 1)), Err(StreamError::UnsupportedVersion(v)) if v.minor == 1));
+        let v = Version { major: 2, minor: 3 };
+        assert!(v.reads(Version { major: 2, minor: 0 }) && v.reads(v));
+        assert!(!v.reads(Version { major: 2, minor: 4 }) && !v.reads(Version { major: 1, minor: 0 }));
     }
 
     #[test]

@@ -4,10 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use colo_proxy::link::LinkKey;
+use colo_vmm::arbiter::claim::Claim;
+use colo_vmm::arbiter::etcd::Etcd;
 
 use colo_vmm::api::client::{parse_arguments, ApiClient};
 use colo_vmm::api::dispatch::{Lifecycle, VmmApi};
@@ -33,7 +36,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a VM (the built-in reference guest unless --kernel is given).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Send one command to a running VMM's control API and print the reply.
     Ctl(CtlArgs),
 }
@@ -77,6 +80,60 @@ struct RunArgs {
     /// the key is refused. Without it links are plain (a warning at start).
     #[arg(long, value_name = "FILE")]
     link_key: Option<PathBuf>,
+    /// The arbiter that decides which replica of the VM may serve: etcd's client URLs
+    /// (`etcd=http://HOST:2379[,http://HOST2:2379,...]`). The serving replica holds a
+    /// lease-backed key for --vm-name; without it, it releases nothing. Without an arbiter a
+    /// partition between the replicas can make both serve (a warning at start).
+    #[arg(long, value_name = "etcd=URL[,URL...]", requires = "vm_name")]
+    arbiter: Option<ArbiterArg>,
+    /// The protected VM's name: its key in the arbiter (`/colo/NAME/...`).
+    #[arg(long, value_name = "NAME", value_parser = parse_vm_name)]
+    vm_name: Option<String>,
+    /// This replica's name in the arbiter (default: the host name and process id).
+    #[arg(long, value_name = "NAME", value_parser = parse_vm_name)]
+    replica_name: Option<String>,
+    /// With --incoming and --arbiter: register as a standby for the VM (reachable at the
+    /// --incoming address), so a primary without a secondary starts COLO with it by itself.
+    #[arg(long, requires_all = ["incoming", "arbiter"])]
+    standby: bool,
+}
+
+/// `--arbiter etcd=URL[,URL...]`.
+#[derive(Debug, Clone)]
+struct ArbiterArg(Vec<String>);
+
+impl std::str::FromStr for ArbiterArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let urls = s.strip_prefix("etcd=").ok_or_else(|| format!("'{s}': expected etcd=http://HOST:PORT[,...]"))?;
+        let urls: Vec<String> = urls.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect();
+        if urls.is_empty() {
+            return Err(format!("'{s}': no etcd endpoint"));
+        }
+        for u in &urls {
+            if !u.starts_with("http://") {
+                return Err(format!("'{u}': etcd endpoints are http://HOST:PORT (the v3 JSON gateway)"));
+            }
+        }
+        Ok(ArbiterArg(urls))
+    }
+}
+
+/// Names in the arbiter's keys: letters, digits, `-`, `_`, `.`.
+fn parse_vm_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("'{s}': a name is 1-64 letters, digits, '-', '_' or '.'"))
+    }
+}
+
+/// This replica's default name: host name and process id.
+fn default_replica_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).collect();
+    format!("{}-{}", if host.is_empty() { "replica" } else { &host }, std::process::id())
 }
 
 #[derive(Args, Debug)]
@@ -115,7 +172,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Ctl(args) => ctl(args),
     };
     result.unwrap_or_else(|e| {
@@ -158,6 +215,39 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         serial: args.serial,
     };
     let colo = Arc::new(ColoShared::new(args.compare_socket));
+    // The arbiter's lease is renewed for the process's lifetime.
+    let _keeper = match (&args.arbiter, &args.vm_name) {
+        (Some(ArbiterArg(endpoints)), Some(vm)) => {
+            let me = args.replica_name.clone().unwrap_or_else(default_replica_name);
+            let etcd = Etcd::new(endpoints.clone(), Duration::from_millis(500));
+            let claim = Arc::new(Claim::new(etcd, vm, &me, Duration::from_millis(colo.params().arbiter_ttl)));
+            let keeper = claim.keep().context("starting the arbiter's lease thread")?;
+            let _ = colo.arbiter.set(claim.clone());
+            tracing::info!(target: "colo", vm = %vm, replica = %me, endpoints = ?endpoints, "arbiter: etcd");
+            if args.standby {
+                let uri = args.incoming.as_ref().expect("clap requires --incoming").to_string();
+                if uri.contains("0.0.0.0") || uri.contains("[::]") {
+                    tracing::warn!(target: "colo", %uri, "the standby registers its --incoming address: give one its peers can reach");
+                }
+                // Registered until COLO starts with it; etcd may come later.
+                let registering = claim.clone();
+                std::thread::Builder::new().name("standby-register".into()).spawn(move || {
+                    while let Err(e) = registering.register_standby(&uri) {
+                        tracing::warn!(target: "colo", error = %e, "cannot register as a standby yet");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    tracing::info!(target: "colo", %uri, "registered as a standby");
+                })?;
+            }
+            Some(keeper)
+        }
+        _ => {
+            tracing::warn!(
+                "no --arbiter: if the link between the replicas is cut while both reach their clients, both will serve"
+            );
+            None
+        }
+    };
     let mut secondary = None;
     let vmm = Arc::new(match (&args.restore, &args.incoming) {
         (Some(path), _) => Vmm::restore(&config, path)?,
@@ -175,6 +265,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             colo_vmm::colo::primary::prepare(&colo).context("compare processes")?
         }
         None => {}
+    }
+    if colo.arbiter().is_some() {
+        colo_vmm::colo::serving::spawn(vmm.clone(), colo.clone()).context("starting the serving thread")?;
     }
     let (tx, rx) = channel();
     let thread = vmm.take_thread().context("the vCPU thread is gone")?;

@@ -66,6 +66,49 @@ pub struct ColoHosts {
     pub key: Option<PathBuf>,
     /// The backend kind.
     pub backend: HostBackend,
+    /// The arbiter: etcd in a witness namespace on the replication network, if any.
+    pub arbiter: Option<Witness>,
+}
+
+/// etcd on the witness host.
+pub struct Witness {
+    /// Its process (None while stopped).
+    pub etcd: Option<Proc>,
+    /// Its namespace.
+    pub ns: crate::netns::Netns,
+    /// Its data directory.
+    pub data: PathBuf,
+}
+
+/// The protected VM's name in the arbiter.
+pub const VM_NAME: &str = "testvm";
+
+/// How a pair across hosts is set up.
+#[derive(Debug, Clone)]
+pub struct HostsOptions {
+    /// The backend on every host.
+    pub backend: HostBackend,
+    /// Hosts (at least 2): a boots the guest, b waits for COLO, the rest are standbys.
+    pub hosts: usize,
+    /// The guest's command line (its `ip=` is added).
+    pub cmdline: String,
+    /// Every link authenticated with one key.
+    pub keyed: bool,
+    /// An etcd arbiter on a witness host; hosts beyond b register as standbys.
+    pub arbiter: bool,
+}
+
+impl HostsOptions {
+    /// `hosts` hosts with vhost-net-compare, keyed links, no arbiter.
+    pub fn new(hosts: usize, cmdline: &str) -> HostsOptions {
+        HostsOptions {
+            backend: HostBackend::VhostNetCompare,
+            hosts,
+            cmdline: cmdline.into(),
+            keyed: true,
+            arbiter: false,
+        }
+    }
 }
 
 impl ColoHosts {
@@ -73,26 +116,117 @@ impl ColoHosts {
     /// `cmdline` (its `ip=` is added), the others wait for COLO. `keyed`: every link
     /// authenticated with one key.
     pub fn start(backend: HostBackend, hosts: usize, cmdline: &str, keyed: bool) -> ColoHosts {
+        Self::start_with(HostsOptions { backend, hosts, cmdline: cmdline.into(), keyed, arbiter: false })
+    }
+
+    /// Starts as `o` says.
+    pub fn start_with(o: HostsOptions) -> ColoHosts {
         let dir = TempDir::new("hosts");
-        let key = keyed.then(|| {
+        let key = o.keyed.then(|| {
             let path = dir.path("link.key");
             write_key(&path, &[0x5a; 32]);
             path
         });
-        let lan = Lan::new(hosts);
-        let mut net = ColoHosts { on: Vec::new(), lan, dir, key, backend };
-        for i in 0..hosts {
+        let lan = Lan::new(o.hosts);
+        let arbiter = o.arbiter.then(|| {
+            let ns = lan.add_witness();
+            Witness { etcd: None, ns, data: dir.path("etcd") }
+        });
+        let mut net = ColoHosts { on: Vec::new(), lan, dir, key, backend: o.backend, arbiter };
+        if net.arbiter.is_some() {
+            net.start_etcd();
+        }
+        for i in 0..o.hosts {
             let on = net.start_backends(i);
             net.on.push(on);
         }
-        let full = format!("ip={GUEST_IP}/24 gw={CLIENT_IP} {cmdline}");
+        let full = format!("ip={GUEST_IP}/24 gw={CLIENT_IP} {}", o.cmdline);
         net.on[0].vmm = Some(net.launch_vmm(0, &["--cmdline", &full]));
         net.wait_serial(0, "colo-guest: ready", Duration::from_secs(30));
-        for i in 1..hosts {
-            let incoming = net.uri(i);
-            net.on[i].vmm = Some(net.launch_vmm(i, &["--incoming", &incoming]));
+        for i in 1..o.hosts {
+            net.on[i].vmm = Some(net.launch_incoming(i, i >= 2));
         }
         net
+    }
+
+    /// Starts (or restarts) etcd on the witness.
+    pub fn start_etcd(&mut self) {
+        let w = self.arbiter.as_mut().expect("an arbiter");
+        let url = format!("http://{}:2379", crate::hosts::WITNESS_IP);
+        let data = w.data.display().to_string();
+        let args = [
+            "--name",
+            "witness",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "witness=http://127.0.0.1:2380",
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "250",
+        ];
+        let mut p = w.ns.spawn("etcd", "etcd", &args);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !p.stderr().contains("ready to serve client requests") {
+            assert!(p.is_running() && Instant::now() < deadline, "etcd did not start:\n{}", p.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        w.etcd = Some(p);
+    }
+
+    /// Stops etcd (the arbiter becomes unreachable).
+    pub fn stop_etcd(&mut self) {
+        if let Some(mut p) = self.arbiter.as_mut().and_then(|w| w.etcd.take()) {
+            p.signal(libc::SIGKILL);
+            p.wait_timeout(Duration::from_secs(5));
+        }
+    }
+
+    /// The arbiter's options for colo-vmm on host `i`.
+    fn arbiter_args(&self, i: usize) -> Vec<String> {
+        if self.arbiter.is_none() {
+            return vec![];
+        }
+        let url = format!("etcd=http://{}:2379", crate::hosts::WITNESS_IP);
+        let name = format!("host-{}", self.host(i).name);
+        vec!["--arbiter".into(), url, "--vm-name".into(), VM_NAME.into(), "--replica-name".into(), name]
+    }
+
+    /// Starts host `i`'s colo-vmm waiting for COLO (`--incoming`), as a registered standby if
+    /// `standby` (with an arbiter).
+    pub fn launch_incoming(&self, i: usize, standby: bool) -> Proc {
+        let incoming = self.uri(i);
+        let mut args = vec!["--incoming", &incoming];
+        if standby && self.arbiter.is_some() {
+            args.push("--standby");
+        }
+        self.launch_vmm(i, &args)
+    }
+
+    /// Host `i` comes back after a death (its links up, fresh processes): its backend and a
+    /// colo-vmm waiting as a standby.
+    pub fn restart_host(&mut self, i: usize) {
+        for link in ["eth0", "rep0"] {
+            let _ = self.lan.host(i).ns.try_exec(&["ip", "link", "set", "dev", link, "up"]);
+        }
+        if self.backend == HostBackend::VhostNetCompare {
+            let _ = self.lan.host(i).ns.try_exec(&["ip", "link", "delete", "vm0"]);
+        }
+        for f in ["vu.sock", "ctl.sock", "api.sock"] {
+            let _ = std::fs::remove_file(self.path(i, f));
+        }
+        self.on[i] = self.start_backends(i);
+        let vmm = self.launch_incoming(i, true);
+        self.on[i].vmm = Some(vmm);
     }
 
     fn host(&self, i: usize) -> &Host {
@@ -188,6 +322,7 @@ impl ColoHosts {
         all.extend(["--serial".into(), format!("file:{}", on.serial.display())]);
         all.extend(["--compare-socket".into(), on.control.display().to_string()]);
         all.extend(self.key_args());
+        all.extend(self.arbiter_args(i));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let _ = std::fs::remove_file(&on.api);
         let mut p = host.spawn("colo-vmm", &bin("colo-vmm"), &all);
@@ -331,6 +466,7 @@ impl ColoHosts {
 
 impl Drop for ColoHosts {
     fn drop(&mut self) {
+        self.stop_etcd();
         for on in &mut self.on {
             for p in on.vmm.take().into_iter().chain(on.backends.drain(..)) {
                 // A stopped process ignores SIGTERM until continued.

@@ -392,6 +392,11 @@ impl CounterClient {
         CounterClient { line, last, count: 0 }
     }
 
+    /// How long one reply may take (a failover that waits for an arbiter takes seconds).
+    pub fn set_timeout(&self, t: Duration) {
+        self.line.set_timeout(t);
+    }
+
     /// One increment; checks it follows the last value.
     pub fn inc(&mut self) -> Result<u64, String> {
         let reply =

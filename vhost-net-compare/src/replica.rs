@@ -385,6 +385,11 @@ impl ReplicaRouter {
         }
         inner.lease = lease;
         let change = self.run(&mut inner, |core, out| core.set_role(role, out));
+        // A VM blocked for credit from a peer that is gone (or for room in an engine that no
+        // longer holds anything) would wait for a grant that never comes: let it try again.
+        if let Some(p) = lock(&self.port).as_ref() {
+            p.unblock_tx();
+        }
         if let Some(conn) = conn {
             let config =
                 FrameLinkConfig { ping_interval: (lease / 5).max(Duration::from_millis(5)), ..Default::default() };

@@ -7,7 +7,7 @@
 //! standby registration (`/colo/<vm>/standby/<name>`), if any, so a standby that dies
 //! disappears with its lease.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -68,7 +68,8 @@ pub struct Claim {
     etcd: Etcd,
     vm: String,
     me: String,
-    ttl: Duration,
+    /// The TTL of this replica's lease, ms (changed by `arbiter-ttl`, see [`Claim::set_ttl`]).
+    ttl_ms: AtomicU64,
     state: Mutex<State>,
 }
 
@@ -79,7 +80,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Claim {
     /// A claim of `me` on `vm`'s key, with leases of `ttl` (whole seconds at etcd: rounded up).
     pub fn new(etcd: Etcd, vm: &str, me: &str, ttl: Duration) -> Claim {
-        Claim { etcd, vm: vm.to_string(), me: me.to_string(), ttl, state: Mutex::new(State::default()) }
+        let ttl_ms = AtomicU64::new(ttl.as_millis() as u64);
+        Claim { etcd, vm: vm.to_string(), me: me.to_string(), ttl_ms, state: Mutex::new(State::default()) }
     }
 
     /// The VM's key.
@@ -98,11 +100,48 @@ impl Claim {
 
     /// The lease's TTL.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        Duration::from_millis(self.ttl_ms.load(Ordering::SeqCst))
     }
 
     fn ttl_secs(&self) -> i64 {
-        self.ttl.as_millis().div_ceil(1000) as i64
+        self.ttl().as_millis().div_ceil(1000) as i64
+    }
+
+    /// Changes the TTL. A held key moves to a new lease of the new TTL first (one
+    /// transaction), so this replica never counts on a longer lease than etcd keeps.
+    pub fn set_ttl(&self, ttl: Duration) -> Result<(), EtcdError> {
+        if ttl == self.ttl() {
+            return Ok(());
+        }
+        let old = lock(&self.state).lease;
+        if old.is_none() {
+            self.ttl_ms.store(ttl.as_millis() as u64, Ordering::SeqCst);
+            return Ok(());
+        }
+        let sent = Instant::now();
+        let lease = self.noted(self.etcd.grant(ttl.as_millis().div_ceil(1000) as i64))?;
+        let (held, standby) = {
+            let s = lock(&self.state);
+            (s.held, s.standby.clone())
+        };
+        if held && !self.noted(self.etcd.replace(&self.key(), &self.me, &self.me, lease))? {
+            // Lost meanwhile: drop the new lease, keep the old state.
+            let _ = self.etcd.revoke(lease);
+            return Err(EtcdError::Refused("the key is no longer this replica's".into()));
+        }
+        if let Some(uri) = &standby {
+            self.noted(self.etcd.put(&self.standby_key(), uri, lease))?;
+        }
+        {
+            let mut s = lock(&self.state);
+            s.lease = Some(lease);
+            s.renewed = Some(sent);
+        }
+        self.ttl_ms.store(ttl.as_millis() as u64, Ordering::SeqCst);
+        if let Some(old) = old {
+            let _ = self.etcd.revoke(old);
+        }
+        Ok(())
     }
 
     /// Notes the outcome of a request to etcd.
@@ -131,7 +170,6 @@ impl Claim {
         if self.holds() {
             return Ok(true);
         }
-        let sent = Instant::now();
         let key = self.key();
         let mut lease = self.lease()?;
         let created = match self.etcd.create(&key, &self.me, lease) {
@@ -151,7 +189,7 @@ impl Claim {
                 lock(&self.state).holder = Some(kv.value);
             }
         }
-        self.took(took, sent);
+        self.took(took);
         Ok(took)
     }
 
@@ -160,20 +198,19 @@ impl Claim {
     /// Whether this replica holds it now.
     pub fn take_from(&self, dead: &str) -> Result<bool, EtcdError> {
         let lease = self.lease()?;
-        let sent = Instant::now();
         let took = self.noted(self.etcd.replace(&self.key(), dead, &self.me, lease))?;
         if !took {
             return self.acquire();
         }
-        self.took(true, sent);
+        self.took(true);
         Ok(true)
     }
 
-    fn took(&self, took: bool, sent: Instant) {
+    /// Notes a successful take. The lease's age is not touched: taking a key renews nothing.
+    fn took(&self, took: bool) {
         let mut s = lock(&self.state);
         if took {
             s.held = true;
-            s.renewed = Some(sent);
             s.holder = Some(self.me.clone());
         }
     }
@@ -202,7 +239,8 @@ impl Claim {
     /// Whether this replica holds the key and its lease cannot have expired yet.
     pub fn holds(&self) -> bool {
         let s = lock(&self.state);
-        s.held && s.renewed.is_some_and(|t| t.elapsed() + margin(self.ttl) < self.ttl)
+        let ttl = self.ttl();
+        s.held && s.renewed.is_some_and(|t| t.elapsed() + margin(ttl) < ttl)
     }
 
     /// Gives the key up (this replica stops serving: a step-down, a clean stop).
@@ -255,11 +293,11 @@ impl Claim {
             me: self.me.clone(),
             holder: s.holder.clone(),
             held,
-            lease_left_ms: s.lease.and(s.renewed).map(|t| self.ttl.saturating_sub(t.elapsed()).as_millis() as u64),
+            lease_left_ms: s.lease.and(s.renewed).map(|t| self.ttl().saturating_sub(t.elapsed()).as_millis() as u64),
             last_renewal_ms_ago: s.renewed.map(|t| t.elapsed().as_millis() as u64),
             reachable: s.reachable,
             error: s.error.clone(),
-            ttl_ms: self.ttl.as_millis() as u64,
+            ttl_ms: self.ttl().as_millis() as u64,
         }
     }
 
@@ -268,12 +306,11 @@ impl Claim {
         let stop = Arc::new(AtomicBool::new(false));
         let (claim, s) = (self.clone(), stop.clone());
         let thread = std::thread::Builder::new().name("arbiter-lease".into()).spawn(move || {
-            let every = claim.ttl / 4;
             while !s.load(Ordering::Relaxed) {
                 if let Err(e) = claim.renew() {
                     tracing::warn!(target: "colo", error = %e, "cannot renew the arbiter lease");
                 }
-                std::thread::sleep(every);
+                std::thread::sleep(claim.ttl() / 4);
             }
         })?;
         Ok(Keeper { stop, thread: Some(thread) })

@@ -9,7 +9,9 @@ pub mod message;
 pub mod params;
 pub mod primary;
 pub mod secondary;
+pub mod serving;
 pub mod shared;
 pub mod status;
+pub mod takeover;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -29,6 +29,13 @@ pub struct ColoParams {
     pub heartbeat_interval: u64,
     /// Silence on the checkpoint link (ms) after which the survivor fails over.
     pub heartbeat_timeout: u64,
+    /// With an arbiter: the TTL (ms) of the lease behind the serving replica's key. etcd's
+    /// leases count whole seconds (rounded up here) and cannot be shorter than its election
+    /// timeout allows: 1000 at least.
+    pub arbiter_ttl: u64,
+    /// With an arbiter: a replica serving without a secondary starts COLO with a registered
+    /// standby by itself.
+    pub auto_reprotect: bool,
 }
 
 impl Default for ColoParams {
@@ -43,6 +50,8 @@ impl Default for ColoParams {
             ram_background_limit: 10 << 20,
             heartbeat_interval: 100,
             heartbeat_timeout: 1000,
+            arbiter_ttl: 2000,
+            auto_reprotect: true,
         }
     }
 }
@@ -75,6 +84,10 @@ pub struct ColoParamsUpdate {
     pub heartbeat_interval: Option<u64>,
     /// `heartbeat-timeout`, ms.
     pub heartbeat_timeout: Option<u64>,
+    /// `arbiter-ttl`, ms.
+    pub arbiter_ttl: Option<u64>,
+    /// `auto-reprotect`.
+    pub auto_reprotect: Option<bool>,
 }
 
 /// Why a set of parameters is refused.
@@ -112,6 +125,12 @@ pub enum ParamsError {
     /// A background limit below one page.
     #[error("ram-background-limit must be 0 (off) or at least one page (4096)")]
     BackgroundLimit,
+    /// The arbiter could not move the key to a lease of the new TTL.
+    #[error("arbiter-ttl: {0}")]
+    Arbiter(String),
+    /// An arbiter lease shorter than etcd can keep.
+    #[error("arbiter-ttl ({0}) must be at least {min} ms: etcd's leases count whole seconds", min = bounds::ARBITER_TTL_MIN_MS)]
+    ArbiterTtl(u64),
 }
 
 /// Upper bounds: beyond them a value is a mistake, never a wish (a `relax-time` of 2^64-1 ms
@@ -129,6 +148,10 @@ pub mod bounds {
     pub const HEARTBEAT_INTERVAL_MS: u64 = 60_000;
     /// `heartbeat-timeout`, ms.
     pub const HEARTBEAT_TIMEOUT_MS: u64 = 600_000;
+    /// `arbiter-ttl`, ms: etcd's shortest lease (a second) ...
+    pub const ARBITER_TTL_MIN_MS: u64 = 1000;
+    /// ... and a minute, beyond which a dead replica blocks its failover too long.
+    pub const ARBITER_TTL_MAX_MS: u64 = 60_000;
 }
 
 impl ColoParams {
@@ -152,6 +175,10 @@ impl ColoParams {
         set(&mut p.ram_background_limit, u.ram_background_limit);
         set(&mut p.heartbeat_interval, u.heartbeat_interval);
         set(&mut p.heartbeat_timeout, u.heartbeat_timeout);
+        set(&mut p.arbiter_ttl, u.arbiter_ttl);
+        if let Some(v) = u.auto_reprotect {
+            p.auto_reprotect = v;
+        }
         p.validate()?;
         Ok(p)
     }
@@ -168,6 +195,7 @@ impl ColoParams {
             ("ram-background-limit", self.ram_background_limit, 0, bounds::BACKGROUND_BYTES),
             ("heartbeat-interval", self.heartbeat_interval, 1, bounds::HEARTBEAT_INTERVAL_MS),
             ("heartbeat-timeout", self.heartbeat_timeout, 1, bounds::HEARTBEAT_TIMEOUT_MS),
+            ("arbiter-ttl", self.arbiter_ttl, 1, bounds::ARBITER_TTL_MAX_MS),
         ];
         for (name, value, min, max) in checks {
             if value < min {
@@ -188,6 +216,9 @@ impl ColoParams {
         }
         if self.ram_background_limit != 0 && self.ram_background_limit < 4096 {
             return Err(ParamsError::BackgroundLimit);
+        }
+        if self.arbiter_ttl < bounds::ARBITER_TTL_MIN_MS {
+            return Err(ParamsError::ArbiterTtl(self.arbiter_ttl));
         }
         Ok(())
     }

@@ -78,13 +78,22 @@ pub enum StartError {
     /// The COLO thread could not start.
     #[error("starting the COLO thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// A survivor of a one-host pair.
+    #[error(
+        "this VM took over from its primary behind a compare process that serves both VMs (one host): \
+         re-protection needs one backend per VM (vhost-net-compare --vm-socket, colo-proxy run --vm)"
+    )]
+    PairSurvivor,
 }
 
 /// A primary-to-be connects to its compare processes at once and sets them `primary-only`, so
 /// its traffic flows before COLO starts (spec/control.md, "Initial mode").
 pub fn prepare(colo: &ColoShared) -> Result<(), CompareError> {
     let mut c = CompareSet::connect(&colo.compare_sockets, Duration::from_secs(10))?;
-    c.serve_alone()?;
+    // With an arbiter, only once this replica holds the VM's key (see `serving`).
+    if colo.arbiter().is_none() {
+        c.serve_alone()?;
+    }
     *colo.compare() = Some(c);
     Ok(())
 }
@@ -97,7 +106,9 @@ pub fn start<V: Migratable + 'static>(
     test: TestOptions,
 ) -> Result<(), StartError> {
     let s = colo.status();
-    if s.role == Role::Secondary {
+    // A secondary that took over may protect itself again (re-protection); one in COLO not.
+    let survivor = s.role == Role::Secondary && s.state == State::FailedOver;
+    if s.role == Role::Secondary && !survivor {
         return Err(StartError::Secondary);
     }
     if matches!(s.state, State::Starting | State::Running) {
@@ -105,6 +116,15 @@ pub fn start<V: Migratable + 'static>(
     }
     if colo.compare_sockets.is_empty() {
         return Err(StartError::NoCompare);
+    }
+    if survivor {
+        // Its VM sits on the secondary's side of a backend that serves both VMs (one host):
+        // that backend cannot compare it against a new secondary.
+        let c = CompareSet::connect(&colo.compare_sockets, Duration::from_secs(5))?;
+        if !c.one_vm() {
+            return Err(StartError::PairSurvivor);
+        }
+        *colo.compare() = Some(c);
     }
     colo.update(|s| {
         s.role = Role::Primary;
@@ -597,14 +617,18 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.link.close();
         let mut compare = self.compare.take();
         let set = match compare.as_mut() {
+            // With an arbiter this replica serves alone only while it holds the VM's key: the
+            // serving thread decides (within its next look).
+            Some(_) if self.colo.arbiter().is_some() => Ok(()),
             Some(c) => c.serve_alone(),
             None => Err(CompareError::Closed),
         };
         if let Err(e) = set {
             // Reconnect: a compare process may have restarted.
             tracing::warn!(target: "colo", error = %e, "serving alone; reconnecting to the compare processes");
+            let arbiter = self.colo.arbiter().is_some();
             compare = CompareSet::connect(&self.colo.compare_sockets, Duration::from_secs(5))
-                .and_then(|mut c| c.serve_alone().map(|()| c))
+                .and_then(|mut c| if arbiter { Ok(c) } else { c.serve_alone().map(|()| c) })
                 .map_err(|e| tracing::error!(target: "colo", error = %e, "could not make the compare processes serve this VM alone"))
                 .ok();
         }

@@ -34,6 +34,7 @@ use super::message::Control;
 use super::params::ms;
 use super::shared::ColoShared;
 use super::status::{Role, State, Trigger};
+use super::takeover;
 use crate::migratable::{differing_pages, Migratable};
 use crate::migration::uri::Channel;
 use crate::persist::state::{MachineState, StateRecord};
@@ -51,6 +52,8 @@ pub struct SecondaryRunner {
     /// The compare processes, when they serve this VM only (two hosts): told the role now,
     /// the marks at each checkpoint, the takeover at failover.
     compare: Option<CompareSet>,
+    /// With an arbiter: the primary's replica name (the key's holder at COLO start).
+    primary_name: Option<String>,
 }
 
 /// Starts the SVM from the initial transfer: attaches this VMM's own backends, takes over the
@@ -81,7 +84,12 @@ pub fn start(
         s.mode = Some(CheckpointKind::Colo);
     });
     tracing::info!(target: "colo", "secondary running; COLO started");
-    Ok((vmm, SecondaryRunner { reader, writer, chan, cache, colo: colo.clone(), compare }))
+    // With an arbiter: the serving primary holds the VM's key; a standby is one no more.
+    let primary_name = colo.arbiter().and_then(|c| {
+        c.unregister_standby();
+        c.holder().ok().flatten()
+    });
+    Ok((vmm, SecondaryRunner { reader, writer, chan, cache, colo: colo.clone(), compare, primary_name }))
 }
 
 /// Connects to the compare processes when they serve this VM only and sets them secondary;
@@ -127,8 +135,10 @@ enum Phase {
 
 /// Why COLO ended on the secondary.
 enum End {
-    /// The primary is gone (link broken, heartbeat silent) or declared lost: take over.
-    Lost(String),
+    /// The primary is gone or declared lost: take over. `gone`: its process is known to be
+    /// gone (the link ended with a reset or EOF) or the operator said so (`lost-heartbeat`);
+    /// otherwise it fell silent, and may be alive behind a cut link.
+    Lost { reason: String, gone: bool },
     /// COLO cannot go on, but the primary may be alive and serving: keep the SVM paused at the
     /// last complete checkpoint and wait for a failover decision. `tell`: say so to the primary.
     Error { why: String, tell: bool },
@@ -144,7 +154,7 @@ impl SecondaryRunner {
     }
 
     fn run<V: Migratable>(self, vm: &V) {
-        let SecondaryRunner { reader, writer, chan, cache, colo, compare } = self;
+        let SecondaryRunner { reader, writer, chan, cache, colo, compare, primary_name } = self;
         let colo = &*colo;
         let received = DirtyBitmap::empty(vm.page_count());
         let mut svm = Svm { cache, received, compare };
@@ -160,7 +170,11 @@ impl SecondaryRunner {
         };
         let mid_checkpoint = matches!(phase, Phase::Receiving { .. });
         let reason = match end {
-            End::Lost(reason) => {
+            End::Lost { reason, gone } => {
+                if let Some(claim) = colo.arbiter() {
+                    // The arbiter decides who serves: take over only with the VM's key.
+                    takeover::wait_for_key(claim, colo, gone, primary_name.as_deref());
+                }
                 // If the primary is alive after all (stopped, or cut off only one way), it must
                 // step down rather than serve alongside.
                 let _ = link.send(&Control::TakenOver { reason: reason.clone() });
@@ -197,7 +211,7 @@ fn write_failed<W: std::io::Write + Send + 'static>(link: &mut Link<W>, e: impl 
         Some(Control::Error { message }) => {
             End::Error { why: format!("the primary ended COLO: {message}"), tell: false }
         }
-        _ => End::Lost(e.to_string()),
+        _ => End::Lost { reason: e.to_string(), gone: true },
     }
 }
 
@@ -223,7 +237,7 @@ impl Svm {
     ) -> Result<(), End> {
         let error = |why: String| End::Error { why, tell: true };
         if colo.lost_heartbeat.swap(false, Ordering::Relaxed) {
-            return Err(End::Lost("lost-heartbeat command".into()));
+            return Err(End::Lost { reason: "lost-heartbeat command".into(), gone: true });
         }
         // Read before judging silence (see the primary's check_peer).
         let msg = match link.recv(Duration::from_millis(20)) {
@@ -231,11 +245,14 @@ impl Svm {
             Err(Silence::Timeout) => {
                 let timeout = ms(colo.params().heartbeat_timeout);
                 if link.peer_silent(timeout) {
-                    return Err(End::Lost(format!("no heartbeat from the primary for {} ms", timeout.as_millis())));
+                    let reason = format!("no heartbeat from the primary for {} ms", timeout.as_millis());
+                    return Err(End::Lost { reason, gone: false });
                 }
                 return Ok(());
             }
-            Err(Silence::Closed(why)) => return Err(End::Lost(format!("checkpoint link broken: {why}"))),
+            Err(Silence::Closed(why)) => {
+                return Err(End::Lost { reason: format!("checkpoint link broken: {why}"), gone: true })
+            }
             Err(Silence::Corrupt(why)) => {
                 return Err(error(format!("corrupt checkpoint stream from the primary: {why}")))
             }
@@ -308,7 +325,7 @@ impl Svm {
                 return Err(error(format!("unexpected message from the primary: {other:?}")))
             }
             (Incoming::State(_), Phase::Idle) => return Err(error("device state outside a checkpoint".into())),
-            (Incoming::Closed(why), _) => return Err(End::Lost(why)),
+            (Incoming::Closed(why), _) => return Err(End::Lost { reason: why, gone: true }),
             (Incoming::Corrupt(why), _) => return Err(error(why)),
         }
         Ok(())

@@ -25,8 +25,15 @@ fn with_secondary(
     let mut primary = Peer::new("primary", p, log);
     vm.start_dirty_log().unwrap();
     let cache = RamCache::copy_of_vm(vm).unwrap();
-    let runner =
-        SecondaryRunner { reader: s.reader, writer: s.writer, chan: s.chan, cache, colo: colo.clone(), compare: None };
+    let runner = SecondaryRunner {
+        reader: s.reader,
+        writer: s.writer,
+        chan: s.chan,
+        cache,
+        colo: colo.clone(),
+        compare: None,
+        primary_name: None,
+    };
     std::thread::scope(|scope| {
         let running = scope.spawn(move || runner.run(vm));
         // A failing check must not leave the role waiting for ever: it is told to fail over.

@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use super::compare::CompareSet;
 use super::params::{ColoParams, ColoParamsUpdate, ParamsError};
 use super::status::ColoStatus;
+use crate::arbiter::claim::Claim;
 
 /// The shared state.
 pub struct ColoShared {
@@ -22,6 +24,8 @@ pub struct ColoShared {
     pub compare_sockets: Vec<PathBuf>,
     /// The primary's connection to them (made at start, to set `primary-only`).
     pub compare: Mutex<Option<CompareSet>>,
+    /// With `--arbiter`: this replica's claim on the VM's key in etcd.
+    pub arbiter: OnceLock<Arc<Claim>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -40,6 +44,7 @@ impl ColoShared {
             user_checkpoint: AtomicBool::new(false),
             compare_sockets,
             compare: Mutex::new(None),
+            arbiter: OnceLock::new(),
         }
     }
 
@@ -52,6 +57,9 @@ impl ColoShared {
     pub fn set_params(&self, update: &ColoParamsUpdate) -> Result<ColoParams, ParamsError> {
         let mut p = lock(&self.params);
         let new = p.apply(update)?;
+        if let (Some(c), Some(ttl)) = (self.arbiter(), update.arbiter_ttl) {
+            c.set_ttl(Duration::from_millis(ttl)).map_err(|e| ParamsError::Arbiter(e.to_string()))?;
+        }
         *p = new;
         self.heartbeat_ms.store(new.heartbeat_interval, Ordering::Relaxed);
         Ok(new)
@@ -68,9 +76,16 @@ impl ColoShared {
         self.set_params(&update).map(|_| ())
     }
 
-    /// A copy of the status.
+    /// A copy of the status (with the arbiter's, asked now).
     pub fn status(&self) -> ColoStatus {
-        lock(&self.status).clone()
+        let mut s = lock(&self.status).clone();
+        s.arbiter = self.arbiter().map(|c| c.status());
+        s
+    }
+
+    /// The arbiter's claim, with `--arbiter`.
+    pub fn arbiter(&self) -> Option<&Arc<Claim>> {
+        self.arbiter.get()
     }
 
     /// Changes the status.

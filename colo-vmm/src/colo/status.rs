@@ -176,6 +176,16 @@ pub struct ColoStatus {
     pub last_failover: Option<Failover>,
     /// Why COLO ended, if it ended with an error.
     pub error: Option<String>,
+    /// With an arbiter: the key's holder, this replica's lease, the last renewal.
+    pub arbiter: Option<crate::arbiter::claim::ArbiterStatus>,
+    /// What this replica waits for before it may serve (e.g. a failover waiting for the
+    /// arbiter's key).
+    pub waiting: Option<String>,
+    /// Why this replica fenced itself (nothing released, its VM paused) until it holds the
+    /// arbiter's key again.
+    pub fenced: Option<String>,
+    /// Re-protection: the last attempt to start COLO with a registered standby.
+    pub reprotect: Option<String>,
     /// The last checkpoints, oldest first (at most [`HISTORY`]); a tool polling the status
     /// can follow every checkpoint by `seq`.
     pub recent: VecDeque<CheckpointRecord>,

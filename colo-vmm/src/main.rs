@@ -84,18 +84,38 @@ struct RunArgs {
     /// (`etcd=http://HOST:2379[,http://HOST2:2379,...]`). The serving replica holds a
     /// lease-backed key for --vm-name; without it, it releases nothing. Without an arbiter a
     /// partition between the replicas can make both serve (a warning at start).
-    #[arg(long, value_name = "etcd=URL[,URL...]", requires = "vm_name")]
+    #[arg(long, value_name = "etcd=URL[,URL...]")]
     arbiter: Option<ArbiterArg>,
     /// The protected VM's name: its key in the arbiter (`/colo/NAME/...`).
     #[arg(long, value_name = "NAME", value_parser = parse_vm_name)]
     vm_name: Option<String>,
-    /// This replica's name in the arbiter (default: the host name and process id).
+    /// This replica's name in the arbiter, unique among the VM's replicas and the same across
+    /// restarts (default: the host name).
     #[arg(long, value_name = "NAME", value_parser = parse_vm_name)]
     replica_name: Option<String>,
     /// With --incoming and --arbiter: register as a standby for the VM (reachable at the
     /// --incoming address), so a primary without a secondary starts COLO with it by itself.
     #[arg(long, requires_all = ["incoming", "arbiter"])]
     standby: bool,
+    /// `--standby --vm-name NAME` in one: wait with --incoming as a registered standby for NAME.
+    #[arg(long, value_name = "NAME", value_parser = parse_vm_name, requires_all = ["incoming", "arbiter"])]
+    standby_for: Option<String>,
+}
+
+impl RunArgs {
+    /// The protected VM's name (`--vm-name` or `--standby-for`), when an arbiter is given.
+    fn arbiter_vm_name(&self) -> anyhow::Result<Option<String>> {
+        if self.arbiter.is_none() {
+            return Ok(None);
+        }
+        match (&self.vm_name, &self.standby_for) {
+            (Some(a), Some(b)) if a != b => anyhow::bail!("--vm-name {a} and --standby-for {b} name different VMs"),
+            (Some(n), _) | (None, Some(n)) => Ok(Some(n.clone())),
+            (None, None) => {
+                anyhow::bail!("--arbiter needs --vm-name NAME (or --standby-for NAME): the VM's key in etcd")
+            }
+        }
+    }
 }
 
 /// `--arbiter etcd=URL[,URL...]`.
@@ -129,11 +149,16 @@ fn parse_vm_name(s: &str) -> Result<String, String> {
     }
 }
 
-/// This replica's default name: host name and process id.
+/// This replica's default name: the host name (stable across restarts, which the pair record
+/// in etcd relies on; give each replica on one host its own --replica-name).
 fn default_replica_name() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let host: String = host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).collect();
-    format!("{}-{}", if host.is_empty() { "replica" } else { &host }, std::process::id())
+    if host.is_empty() {
+        "replica".into()
+    } else {
+        host
+    }
 }
 
 #[derive(Args, Debug)]
@@ -201,6 +226,7 @@ impl Lifecycle for QuitByChannel {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let vm_name = args.arbiter_vm_name()?;
     match &args.link_key {
         Some(path) => colo_vmm::migration::uri::set_link_key(LinkKey::load(path)?),
         None => tracing::warn!(
@@ -216,7 +242,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     let colo = Arc::new(ColoShared::new(args.compare_socket));
     // The arbiter's lease is renewed for the process's lifetime.
-    let _keeper = match (&args.arbiter, &args.vm_name) {
+    let _keeper = match (&args.arbiter, &vm_name) {
         (Some(ArbiterArg(endpoints)), Some(vm)) => {
             let me = args.replica_name.clone().unwrap_or_else(default_replica_name);
             let etcd = Etcd::new(endpoints.clone(), Duration::from_millis(500));
@@ -224,7 +250,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             let keeper = claim.keep().context("starting the arbiter's lease thread")?;
             let _ = colo.arbiter.set(claim.clone());
             tracing::info!(target: "colo", vm = %vm, replica = %me, endpoints = ?endpoints, "arbiter: etcd");
-            if args.standby {
+            if args.standby || args.standby_for.is_some() {
                 let uri = args.incoming.as_ref().expect("clap requires --incoming").to_string();
                 if uri.contains("0.0.0.0") || uri.contains("[::]") {
                     tracing::warn!(target: "colo", %uri, "the standby registers its --incoming address: give one its peers can reach");

@@ -207,14 +207,14 @@ impl ColoHosts {
         let incoming = self.uri(i);
         let mut args = vec!["--incoming", &incoming];
         if standby && self.arbiter.is_some() {
-            args.push("--standby");
+            args.extend(["--standby-for", VM_NAME]);
         }
         self.launch_vmm(i, &args)
     }
 
     /// Host `i` comes back after a death (its links up, fresh processes): its backend and a
-    /// colo-vmm waiting as a standby.
-    pub fn restart_host(&mut self, i: usize) {
+    /// colo-vmm waiting for COLO, registered as a standby if `standby` (with an arbiter).
+    pub fn restart_host(&mut self, i: usize, standby: bool) {
         for link in ["eth0", "rep0"] {
             let _ = self.lan.host(i).ns.try_exec(&["ip", "link", "set", "dev", link, "up"]);
         }
@@ -225,7 +225,19 @@ impl ColoHosts {
             let _ = std::fs::remove_file(self.path(i, f));
         }
         self.on[i] = self.start_backends(i);
-        let vmm = self.launch_incoming(i, true);
+        let vmm = self.launch_incoming(i, standby);
+        self.on[i].vmm = Some(vmm);
+    }
+
+    /// Host `i`'s colo-vmm starts again (its service manager's restart after it exited),
+    /// waiting for COLO, a registered standby if `standby`; its backend is the one running.
+    pub fn restart_vmm(&mut self, i: usize, standby: bool) {
+        if let Some(mut old) = self.on[i].vmm.take() {
+            old.signal(libc::SIGKILL);
+            old.wait_timeout(Duration::from_secs(5));
+        }
+        let _ = std::fs::remove_file(self.path(i, "api.sock"));
+        let vmm = self.launch_incoming(i, standby);
         self.on[i].vmm = Some(vmm);
     }
 
@@ -344,6 +356,11 @@ impl ColoHosts {
             std::thread::sleep(Duration::from_millis(20));
         }
         p
+    }
+
+    /// Host `i`'s colo-vmm log so far.
+    pub fn log(&self, i: usize) -> String {
+        self.on[i].vmm.as_ref().map(|p| p.stderr()).unwrap_or_default()
     }
 
     /// Every process's log, for failure messages.

@@ -4,6 +4,7 @@
 
 pub mod colo_hosts;
 pub mod colo_topology;
+pub mod counter_load;
 pub mod hosts;
 pub mod linux_guest;
 pub mod netns;

@@ -249,6 +249,19 @@ fn tcp_streams_far_apart_are_a_mismatch() {
 }
 
 #[test]
+fn tcp_secondary_retransmitting_its_past_on_a_flow_met_mid_stream_is_not_waited_for() {
+    let mut t = T::new();
+    // COLO started mid-connection: the SVM resends its last reply (its ACK reached it late),
+    // then both send the next one.
+    t.s(seg(1, b"41\n"));
+    t.p(seg(4, b"42\n"));
+    t.s(seg(4, b"42\n"));
+    assert_eq!(t.verdicts(), vec![DROP_S_MATCHED, REL_P, DROP_S_MATCHED]);
+    assert!(t.out.events.is_empty(), "no miscompare, nothing left to time out: {:?}", t.out.events);
+    assert_eq!(t.e.held(), [0, 0]);
+}
+
+#[test]
 fn tcp_small_gap_waits_for_the_missing_segment_then_times_out() {
     let mut t = T::new();
     t.p(seg(100, b"abcdef"));

@@ -1,6 +1,13 @@
 //! This replica's claim on its VM's key in etcd (`/colo/<vm>/holder` = the serving replica's
 //! name), backed by a lease of `arbiter-ttl` that a thread renews every quarter of it.
 //!
+//! Beside it, without a lease so that it outlives every holder, `/colo/<vm>/pair` says whose
+//! VM is up to date with what the clients have seen: `A` (A serves alone) or `A>B` (A serves
+//! in COLO with B, whose VM has everything A released). Only those may take the key: a
+//! secondary that fell behind — its primary went on alone — can never serve stale state, even
+//! after the primary's lease expires. The holder changes the pair before its VM's output
+//! depends on it: `A>B` once COLO has started, `A` before it releases anything alone.
+//!
 //! The claim counts as held only while the last renewal that succeeded was *sent* less than
 //! `ttl − margin` ago: etcd may expire the lease `ttl` after it last heard a renewal, and a
 //! replica must stop serving before that can happen. The same lease carries this replica's
@@ -14,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::etcd::{Etcd, EtcdError};
+use super::etcd::{Compare, Etcd, EtcdError, Op};
 
 /// How long before a lease could expire a replica stops counting on it: a quarter of the TTL,
 /// at least 250 ms (the renewals' own round trips, and this side's scheduling).
@@ -27,6 +34,16 @@ fn lease_gone(e: &EtcdError) -> bool {
     matches!(e, EtcdError::Refused(why) if why.contains("lease not found"))
 }
 
+/// Whether the pair record lets `me` take the key once nobody holds it: it serves alone, or
+/// it is either side of the pair (nothing recorded: a VM booted for the first time).
+fn may_take(pair: Option<&str>, me: &str) -> bool {
+    match pair.map(|p| p.split_once('>')) {
+        None => true,
+        Some(None) => pair == Some(me),
+        Some(Some((holder, secondary))) => holder == me || secondary == me,
+    }
+}
+
 /// What `query-colo-status` shows of the arbiter.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -37,6 +54,8 @@ pub struct ArbiterStatus {
     pub me: String,
     /// Who held the VM's key when last looked at.
     pub holder: Option<String>,
+    /// The pair record when last looked at: `A` (A serves alone) or `A>B` (B may take over).
+    pub pair: Option<String>,
     /// Whether this replica holds it now (and may serve).
     pub held: bool,
     /// Milliseconds this replica's lease has left for certain (sent time of the last renewal
@@ -59,6 +78,7 @@ struct State {
     standby: Option<String>,
     renewed: Option<Instant>,
     holder: Option<String>,
+    pair: Option<String>,
     reachable: bool,
     error: Option<String>,
 }
@@ -87,6 +107,11 @@ impl Claim {
     /// The VM's key.
     pub fn key(&self) -> String {
         format!("/colo/{}/holder", self.vm)
+    }
+
+    /// The pair record's key (see the module).
+    fn pair_key(&self) -> String {
+        format!("/colo/{}/pair", self.vm)
     }
 
     fn standby_key(&self) -> String {
@@ -165,45 +190,105 @@ impl Claim {
         Ok(l)
     }
 
-    /// Takes the VM's key if nobody holds it; whether this replica holds it now.
+    /// Takes the VM's key if nobody holds it and the pair record allows (see the module);
+    /// whether this replica holds it now. A secondary taking it becomes the one that serves
+    /// alone; a primary (re)taking it keeps its pair.
     pub fn acquire(&self) -> Result<bool, EtcdError> {
         if self.holds() {
             return Ok(true);
         }
-        let key = self.key();
+        let (key, pair_key) = (self.key(), self.pair_key());
+        let pair = self.pair()?;
+        if !may_take(pair.as_deref(), &self.me) {
+            self.holder()?;
+            return Ok(false);
+        }
+        let keep = pair.as_deref().is_some_and(|p| p.split_once('>').is_some_and(|(h, _)| h == self.me));
+        let next = if keep { pair.clone().unwrap_or_default() } else { self.me.clone() };
+        let pair_now = match &pair {
+            Some(p) => Compare::Value(&pair_key, p),
+            None => Compare::Absent(&pair_key),
+        };
+        let take = |lease: i64| {
+            self.etcd.txn(
+                &[Compare::Absent(&key), pair_now],
+                &[Op::Put(&key, &self.me, lease), Op::Put(&pair_key, &next, 0)],
+            )
+        };
         let mut lease = self.lease()?;
-        let created = match self.etcd.create(&key, &self.me, lease) {
+        let created = match take(lease) {
             // The lease expired meanwhile: a new one, and once more.
             Err(e) if lease_gone(&e) => {
                 lock(&self.state).lease = None;
                 lease = self.lease()?;
-                self.etcd.create(&key, &self.me, lease)
+                take(lease)
             }
             other => other,
         };
         let mut took = self.noted(created)?;
-        if !took {
+        if took {
+            lock(&self.state).pair = Some(next);
+        } else if let Some(kv) = self.noted(self.etcd.get(&key))? {
             // Ours already (a renewal raced, or a restart with the same name on our lease)?
-            if let Some(kv) = self.noted(self.etcd.get(&key))? {
-                took = kv.value == self.me && kv.lease == lease;
-                lock(&self.state).holder = Some(kv.value);
-            }
+            took = kv.value == self.me && kv.lease == lease;
+            lock(&self.state).holder = Some(kv.value);
         }
         self.took(took);
         Ok(took)
     }
 
     /// Takes the VM's key from `dead`, a holder whose process is known to be gone (its
-    /// checkpoint link ended with a reset or EOF): at once, not after its lease expires.
-    /// Whether this replica holds it now.
+    /// checkpoint link ended with a reset or EOF), if this replica is its secondary in the pair
+    /// record: at once, not after its lease expires. Whether this replica holds it now.
     pub fn take_from(&self, dead: &str) -> Result<bool, EtcdError> {
         let lease = self.lease()?;
-        let took = self.noted(self.etcd.replace(&self.key(), dead, &self.me, lease))?;
+        let (key, pair_key) = (self.key(), self.pair_key());
+        let pair = format!("{dead}>{}", self.me);
+        let took = self.noted(self.etcd.txn(
+            &[Compare::Value(&key, dead), Compare::Value(&pair_key, &pair)],
+            &[Op::Put(&key, &self.me, lease), Op::Put(&pair_key, &self.me, 0)],
+        ))?;
         if !took {
             return self.acquire();
         }
+        lock(&self.state).pair = Some(self.me.clone());
         self.took(true);
         Ok(true)
+    }
+
+    /// The holder records that it serves alone: no other replica's VM is up to date from now
+    /// on. It must have done so before it releases anything alone. Whether it still held the
+    /// key (else nothing changed).
+    pub fn serve_alone(&self) -> Result<bool, EtcdError> {
+        self.set_pair(self.me.clone())
+    }
+
+    /// The holder records that `secondary` has its VM's state (COLO started with it) and may
+    /// take over. Whether it still held the key.
+    pub fn protect_with(&self, secondary: &str) -> Result<bool, EtcdError> {
+        self.set_pair(format!("{}>{secondary}", self.me))
+    }
+
+    fn set_pair(&self, pair: String) -> Result<bool, EtcdError> {
+        let (key, pair_key) = (self.key(), self.pair_key());
+        let done = self.noted(self.etcd.txn(&[Compare::Value(&key, &self.me)], &[Op::Put(&pair_key, &pair, 0)]))?;
+        if done {
+            lock(&self.state).pair = Some(pair);
+        }
+        Ok(done)
+    }
+
+    /// The pair record (asks etcd).
+    pub fn pair(&self) -> Result<Option<String>, EtcdError> {
+        let p = self.noted(self.etcd.get(&self.pair_key()))?.map(|kv| kv.value);
+        lock(&self.state).pair = p.clone();
+        Ok(p)
+    }
+
+    /// Whether this replica may still take the key once free (the pair record names it); a
+    /// secondary for which this is false is out of date for good.
+    pub fn eligible(&self) -> Result<bool, EtcdError> {
+        Ok(may_take(self.pair()?.as_deref(), &self.me))
     }
 
     /// Notes a successful take. The lease's age is not touched: taking a key renews nothing.
@@ -292,6 +377,7 @@ impl Claim {
             endpoints: self.etcd.endpoints().to_vec(),
             me: self.me.clone(),
             holder: s.holder.clone(),
+            pair: s.pair.clone(),
             held,
             lease_left_ms: s.lease.and(s.renewed).map(|t| self.ttl().saturating_sub(t.elapsed()).as_millis() as u64),
             last_renewal_ms_ago: s.renewed.map(|t| t.elapsed().as_millis() as u64),
@@ -306,9 +392,24 @@ impl Claim {
         let stop = Arc::new(AtomicBool::new(false));
         let (claim, s) = (self.clone(), stop.clone());
         let thread = std::thread::Builder::new().name("arbiter-lease".into()).spawn(move || {
+            // Said when it starts failing, every 10 s while it does, and when it works again.
+            let mut failing_since: Option<Instant> = None;
+            let mut said = Instant::now();
             while !s.load(Ordering::Relaxed) {
-                if let Err(e) = claim.renew() {
-                    tracing::warn!(target: "colo", error = %e, "cannot renew the arbiter lease");
+                match claim.renew() {
+                    Err(e) => {
+                        if failing_since.is_none() || said.elapsed() >= Duration::from_secs(10) {
+                            tracing::warn!(target: "colo", error = %e, "cannot renew the arbiter lease");
+                            said = Instant::now();
+                        }
+                        failing_since.get_or_insert_with(Instant::now);
+                    }
+                    Ok(()) => {
+                        if let Some(t) = failing_since.take() {
+                            let ms = t.elapsed().as_millis() as u64;
+                            tracing::info!(target: "colo", failed_for_ms = ms, "the arbiter answers again");
+                        }
+                    }
                 }
                 std::thread::sleep(claim.ttl() / 4);
             }
@@ -347,6 +448,7 @@ mod tests {
         let (a, b) = (claim(&server, "a", 1000), claim(&server, "b", 1000));
         assert!(a.acquire().unwrap());
         assert!(a.holds());
+        assert!(a.protect_with("b").unwrap(), "COLO with b");
         assert!(!b.acquire().unwrap(), "held by a");
         assert_eq!(b.holder().unwrap().as_deref(), Some("a"));
         // a stops renewing (as a frozen or cut-off replica would): it stops counting on the
@@ -360,15 +462,37 @@ mod tests {
             std::thread::sleep(Duration::from_millis(100));
         }
         assert_eq!(b.holder().unwrap().as_deref(), Some("b"));
+        assert_eq!(b.pair().unwrap().as_deref(), Some("b"), "b serves alone now");
         a.renew().unwrap();
         assert!(!a.holds() && !a.acquire().unwrap(), "a never holds it again without acquiring it");
+        assert!(!a.eligible().unwrap(), "a's VM is out of date: b served alone");
+    }
+
+    #[test]
+    fn a_secondary_left_behind_never_takes_the_key() {
+        let Some(server) = EtcdServer::start("claim_behind") else { return };
+        let (a, b) = (claim(&server, "a", 1000), claim(&server, "b", 1000));
+        assert!(a.acquire().unwrap() && a.protect_with("b").unwrap());
+        assert!(b.eligible().unwrap());
+        // a loses b and goes on alone: b's VM no longer has what the clients saw.
+        assert!(a.serve_alone().unwrap());
+        assert!(!b.eligible().unwrap());
+        assert!(!b.take_from("a").unwrap(), "not even from a dead a");
+        // a stops renewing; its lease expires; b still may not serve, a may again.
+        std::thread::sleep(Duration::from_millis(2500));
+        assert_eq!(b.holder().unwrap(), None, "expired");
+        assert!(!b.acquire().unwrap(), "b is out of date");
+        assert!(a.acquire().unwrap(), "a served alone: its VM is the one the clients saw");
+        // Only the holder records pairs.
+        assert!(!b.protect_with("c").unwrap() && !b.serve_alone().unwrap());
+        assert_eq!(a.pair().unwrap().as_deref(), Some("a"));
     }
 
     #[test]
     fn a_renewed_claim_holds_and_a_dead_holder_can_be_replaced_at_once() {
         let Some(server) = EtcdServer::start("claim_renew") else { return };
         let (a, b) = (claim(&server, "a", 1000), claim(&server, "b", 1000));
-        assert!(a.acquire().unwrap());
+        assert!(a.acquire().unwrap() && a.protect_with("b").unwrap());
         let _keeper = a.keep().unwrap();
         std::thread::sleep(Duration::from_millis(1500));
         assert!(a.holds(), "renewed: {:?}", a.status());

@@ -180,30 +180,70 @@ impl Etcd {
         Ok(())
     }
 
-    fn txn(&self, compare: Value, put: Value) -> Result<bool, EtcdError> {
-        let v: Value = self.call("kv/txn", &json!({ "compare": [compare], "success": [put] }))?;
+    /// One transaction: `ops` if every one of `compares` holds; whether they did.
+    pub fn txn(&self, compares: &[Compare], ops: &[Op]) -> Result<bool, EtcdError> {
+        let compare: Vec<Value> = compares.iter().map(Compare::json).collect();
+        let success: Vec<Value> = ops.iter().map(Op::json).collect();
+        let v: Value = self.call("kv/txn", &json!({ "compare": compare, "success": success }))?;
         Ok(v["succeeded"].as_bool().unwrap_or(false))
     }
 
     /// Creates `key` = `value` on `lease` if it does not exist (one transaction); whether it did.
     pub fn create(&self, key: &str, value: &str, lease: i64) -> Result<bool, EtcdError> {
-        let compare = json!({ "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" });
-        let put = json!({ "request_put": { "key": b64(key), "value": b64(value), "lease": lease.to_string() } });
-        self.txn(compare, put)
+        self.txn(&[Compare::Absent(key)], &[Op::Put(key, value, lease)])
     }
 
     /// Sets `key` = `value` on `lease` if it holds `expected` now (one transaction); whether it
     /// did.
     pub fn replace(&self, key: &str, expected: &str, value: &str, lease: i64) -> Result<bool, EtcdError> {
-        let compare = json!({ "key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(expected) });
-        let put = json!({ "request_put": { "key": b64(key), "value": b64(value), "lease": lease.to_string() } });
-        self.txn(compare, put)
+        self.txn(&[Compare::Value(key, expected)], &[Op::Put(key, value, lease)])
     }
 
     /// Deletes `key` if it holds `expected` (one transaction); whether it did.
     pub fn delete_if(&self, key: &str, expected: &str) -> Result<bool, EtcdError> {
-        let compare = json!({ "key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(expected) });
-        self.txn(compare, json!({ "request_delete_range": { "key": b64(key) } }))
+        self.txn(&[Compare::Value(key, expected)], &[Op::Delete(key)])
+    }
+}
+
+/// A condition of a transaction.
+#[derive(Debug, Clone, Copy)]
+pub enum Compare<'a> {
+    /// The key does not exist.
+    Absent(&'a str),
+    /// The key holds this value.
+    Value(&'a str, &'a str),
+}
+
+impl Compare<'_> {
+    fn json(&self) -> Value {
+        match *self {
+            Compare::Absent(key) => {
+                json!({ "key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0" })
+            }
+            Compare::Value(key, value) => {
+                json!({ "key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(value) })
+            }
+        }
+    }
+}
+
+/// An operation of a transaction.
+#[derive(Debug, Clone, Copy)]
+pub enum Op<'a> {
+    /// Sets the key to the value on the lease (0: none).
+    Put(&'a str, &'a str, i64),
+    /// Deletes the key.
+    Delete(&'a str),
+}
+
+impl Op<'_> {
+    fn json(&self) -> Value {
+        match *self {
+            Op::Put(key, value, lease) => {
+                json!({ "request_put": { "key": b64(key), "value": b64(value), "lease": lease.to_string() } })
+            }
+            Op::Delete(key) => json!({ "request_delete_range": { "key": b64(key) } }),
+        }
     }
 }
 

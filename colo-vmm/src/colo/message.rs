@@ -14,6 +14,10 @@ pub enum Control {
         /// `--compare-socket` order (`None` for a backend of both VMs).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         frame_links: Vec<Option<String>>,
+        /// With an arbiter: the secondary's replica name, which the primary records in the
+        /// pair record as the one that may take over.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replica: Option<String>,
     },
     /// Primary → secondary: a checkpoint begins (spec/colo.md step 1).
     CheckpointRequest {

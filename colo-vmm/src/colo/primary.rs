@@ -78,6 +78,9 @@ pub enum StartError {
     /// The COLO thread could not start.
     #[error("starting the COLO thread: {0}")]
     Spawn(#[source] std::io::Error),
+    /// The arbiter could not record the new pair.
+    #[error("arbiter: {0}")]
+    Arbiter(String),
     /// A survivor of a one-host pair.
     #[error(
         "this VM took over from its primary behind a compare process that serves both VMs (one host): \
@@ -179,14 +182,20 @@ fn begin<'a, V: Migratable>(
     }
     // From here the PVM is paused: every way out restarts it.
     let ready = source::answer(&t, READY_TIMEOUT).map_err(StartError::from).and_then(|(r, c)| match c {
-        Control::CheckpointReady { frame_links } => Ok((r, frame_links)),
+        Control::CheckpointReady { frame_links, replica } => Ok((r, frame_links, replica)),
         Control::Error { message } => Err(StartError::Refused(message)),
         other => Err(StartError::Unexpected(format!("{other:?}"))),
     });
-    let (reader, frame_links) = match ready {
+    let (reader, frame_links, secondary) = match ready {
         Ok(r) => r,
         Err(e) => return Err(abandon(t, restart(vm, e))),
     };
+    // With an arbiter: the secondary may take over only once the pair record names it, and
+    // it must, before anything of the pair is released.
+    if let Err(e) = record_pair(colo, secondary.as_deref()) {
+        let _ = crate::persist::message::send(&mut t.w, &Control::Error { message: e.to_string() });
+        return Err(abandon(t, restart(vm, e)));
+    }
     let _ = t.chan.set_read_timeout(None);
     // Two hosts: this host's backends connect their frame links to the secondary's now, while
     // the PVM is still paused, so the SVM gets every inbound frame the PVM has not taken.
@@ -216,6 +225,19 @@ fn begin<'a, V: Migratable>(
     });
     tracing::info!(target: "colo", uri = %uri, ms = started.elapsed().as_millis() as u64, "COLO started");
     Ok(ctl)
+}
+
+/// With an arbiter: records in etcd that `secondary` has this VM's state (see
+/// [`crate::arbiter::claim`]).
+fn record_pair(colo: &ColoShared, secondary: Option<&str>) -> Result<(), StartError> {
+    let Some(claim) = colo.arbiter() else { return Ok(()) };
+    let secondary = secondary
+        .ok_or_else(|| StartError::Arbiter("the secondary runs without --arbiter: it could never take over".into()))?;
+    match claim.protect_with(secondary) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(StartError::Arbiter("this replica no longer holds the VM's key".into())),
+        Err(e) => Err(StartError::Arbiter(format!("recording the pair: {e}"))),
+    }
 }
 
 /// The lease under which a primary's one-VM backends release output: half the heartbeat

@@ -57,11 +57,14 @@ pub struct SecondaryRunner {
 }
 
 /// Starts the SVM from the initial transfer: attaches this VMM's own backends, takes over the
-/// state, fills the RAM cache, starts dirty tracking and the vCPU, says `checkpoint-ready`.
+/// state, fills the RAM cache (from the pages the transfer `written`), starts dirty tracking
+/// and the vCPU, says `checkpoint-ready`.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     config: &VmConfig,
     core: Core,
     state: MachineState,
+    written: &DirtyBitmap,
     reader: StreamReader<BufReader<Channel>>,
     mut writer: StreamWriter<Channel>,
     chan: Channel,
@@ -74,10 +77,13 @@ pub fn start(
     let frame_links = compare.as_ref().map(CompareSet::frame_links).unwrap_or_default();
     let mut machine = core.attach(config)?;
     Vmm::apply_state(&mut machine, state, &config.serial)?;
-    let cache = RamCache::copy_of(machine.ram().memory(), machine.ram().size()).map_err(|e| err("RAM cache")(&e))?;
+    // Only the pages the migration wrote: the primary waits paused meanwhile.
+    let cache = RamCache::copy_pages_of(machine.ram().memory(), machine.ram().size(), written)
+        .map_err(|e| err("RAM cache")(&e))?;
     machine.start_dirty_log().map_err(|e| err("dirty tracking")(&e))?;
     let vmm = machine.start()?;
-    crate::persist::message::send(&mut writer, &Control::CheckpointReady { frame_links })?;
+    let replica = colo.arbiter().map(|c| c.me().to_string());
+    crate::persist::message::send(&mut writer, &Control::CheckpointReady { frame_links, replica })?;
     colo.update(|s| {
         s.role = Role::Secondary;
         s.state = State::Running;

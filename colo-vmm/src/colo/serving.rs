@@ -6,7 +6,8 @@
 //! secondary that took over...) and at its claim:
 //!
 //! - **Serving alone** (before COLO, after losing its secondary, after a takeover): only while
-//!   the claim holds. A replica whose claim lapses — it could not renew for `arbiter-ttl` minus
+//!   the claim holds, and once etcd has recorded that it serves alone (its old secondary, left
+//!   behind, may then never take over). A replica whose claim lapses — it could not renew for `arbiter-ttl` minus
 //!   a margin — **fences** itself before etcd can expire its lease: its compare processes
 //!   release nothing more (role `secondary`), its VM pauses. It serves again only once it holds
 //!   the key again (re-acquired: nobody took it meanwhile).
@@ -114,7 +115,13 @@ impl<V: Migratable + 'static> Serving<V> {
             }
             Part::Alone => {
                 let holds = claim.holds() || claim.acquire().unwrap_or(false);
-                if holds {
+                // Before it releases anything alone, the pair record says so: a secondary
+                // left behind must never take over (see `arbiter::claim`).
+                let recorded = match holds && (self.fenced || !self.serving_alone) {
+                    true => claim.serve_alone().unwrap_or(false),
+                    false => holds,
+                };
+                if recorded {
                     if self.fenced || !self.serving_alone {
                         self.serve_alone();
                     }
@@ -122,7 +129,13 @@ impl<V: Migratable + 'static> Serving<V> {
                 } else if !self.fenced {
                     let why = match claim.status() {
                         s if !s.reachable => format!("the arbiter is unreachable ({})", s.error.unwrap_or_default()),
-                        s => format!("the arbiter's key is held by {}", s.holder.unwrap_or_else(|| "nobody".into())),
+                        s if s.held => "the arbiter did not record that it serves alone".to_string(),
+                        s if s.holder.is_none() => format!(
+                            "the pair record ({}) names another replica as the one whose VM the clients saw; \
+                             if that VM is gone for good, delete /colo/<vm>/pair in etcd",
+                            s.pair.unwrap_or_default()
+                        ),
+                        s => format!("the arbiter's key is held by {}", s.holder.unwrap_or_default()),
                     };
                     self.fence(&why);
                 }

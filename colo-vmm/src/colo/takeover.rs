@@ -6,10 +6,11 @@
 //!   stays as fast as without an arbiter.
 //! - The primary fell silent: it may be alive behind a cut link, still holding and renewing
 //!   the key. The secondary waits until etcd has expired the primary's lease (the key is free),
-//!   and takes it then. A primary that keeps renewing keeps the key: the secondary never
-//!   serves, never announces, and after three TTLs gives up — its VM is out of date, so the
-//!   process exits with status 75 (EX_TEMPFAIL) for its service manager to start it again as a
-//!   standby.
+//!   and takes it then — only if the pair record still names it as the secondary. A primary
+//!   that went on alone has recorded so first: the secondary never serves, never announces,
+//!   and gives up — its VM is out of date, so the process exits with status 75 (EX_TEMPFAIL)
+//!   for its service manager to start it again as a standby. (It also gives up after three
+//!   TTLs of a primary that keeps renewing the key.)
 //! - etcd unreachable: the takeover waits for it, and the status says so.
 
 use std::time::{Duration, Instant};
@@ -39,6 +40,11 @@ pub fn wait_for_key(claim: &Claim, colo: &ColoShared, gone: bool, primary: Optio
                 return;
             }
             Ok(false) => {
+                // The primary went on alone (the pair record no longer names this replica):
+                // this VM is out of date for good.
+                if claim.eligible().ok() == Some(false) {
+                    superseded(colo, primary.unwrap_or("the primary"));
+                }
                 let holder = claim.holder().ok().flatten();
                 if holder.is_some() && holder.as_deref() == primary && started.elapsed() > claim.ttl() * 3 {
                     superseded(colo, primary.unwrap_or("the primary"));

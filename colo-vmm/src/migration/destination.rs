@@ -10,8 +10,9 @@ use crate::colo::shared::ColoShared;
 use crate::persist::message as protocol;
 use crate::persist::snapshot::{self, load_pages, Meta};
 use crate::persist::state::{MachineState, StateRecord};
-use crate::persist::stream::{pages, Kind, StreamError, StreamReader, StreamWriter};
+use crate::persist::stream::{pages, Kind, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
 use crate::vmm::{BootError, Core, VmConfig, Vmm};
+use crate::vstate::dirty::DirtyBitmap;
 
 /// The stream reader of an incoming transfer.
 pub type Reader = StreamReader<BufReader<Channel>>;
@@ -65,7 +66,7 @@ fn receive(
     };
     let meta = snapshot::read_meta(&mut r)?;
     let core = Core::build(meta.mem_size)?;
-    let state = receive_state(&core, &meta, &mut r)?;
+    let (state, written) = receive_state(&core, &meta, &mut r)?;
     match purpose {
         Purpose::Migrate => {
             let vmm = take_over(config, core, state, r, w.as_mut().expect("writer present"))?;
@@ -73,16 +74,18 @@ fn receive(
         }
         Purpose::Colo => {
             let writer = w.take().expect("writer present");
-            let (vmm, runner) = crate::colo::secondary::start(config, core, state, r, writer, chan, colo)?;
+            let (vmm, runner) = crate::colo::secondary::start(config, core, state, &written, r, writer, chan, colo)?;
             Ok(Arrived { vmm, secondary: Some(runner) })
         }
     }
 }
 
 /// Receives pages (into `core`'s memory) and the device state, up to `state-complete`, and
-/// checks the page count (and, in verify mode, every page).
-fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<MachineState, BootError> {
+/// checks the page count (and, in verify mode, every page). Returns the state and the pages
+/// written (the others are zero).
+fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<(MachineState, DirtyBitmap), BootError> {
     let mut received = 0u64;
+    let mut written = DirtyBitmap::empty((meta.mem_size / PAGE_SIZE as u64) as usize);
     let mut state: Option<(MachineState, Option<Vec<u64>>)> = None;
     loop {
         let rec = r.next_record().map_err(|e| match e {
@@ -101,7 +104,10 @@ fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<MachineStat
         match rec.kind {
             Kind::Pages => {
                 load_pages(&rec.payload, core.ram().memory(), meta.mem_size)?;
-                received += pages(&rec.payload).count() as u64;
+                for (gpa, _) in pages(&rec.payload) {
+                    written.set((gpa / PAGE_SIZE as u64) as usize);
+                    received += 1;
+                }
             }
             Kind::State => state = Some(StateRecord::decode(&rec.payload)?.into_paused()?),
             Kind::Control => match protocol::parse(&rec.payload)? {
@@ -122,7 +128,7 @@ fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<MachineStat
     if let Some(digests) = digests {
         verify_pages(core, meta, &digests)?;
     }
-    Ok(state)
+    Ok((state, written))
 }
 
 /// Verify mode: refuses to go on unless memory equals the source's at the pause.

@@ -167,13 +167,15 @@ fn default_replica_name() -> String {
   snapshot path=FILE
   migrate uri=URI [downtime-limit=MS max-rounds=N verify=true], query-migrate,
   migrate-set-parameters ..., query-migrate-parameters
-COLO (spec/colo.md):
-  colo-start uri=URI        on the primary: migrate to the secondary's --incoming URI, then checkpoint
+COLO (docs/colo.md; with an arbiter docs/arbiter.md):
+  colo-start uri=URI        on the primary or a survivor: migrate to a secondary's --incoming URI, then COLO
              [verify=true test-checkpoint-delay=MS]   test only: verify every checkpoint page
                             for page; hold every checkpoint open MS ms after its pages
-  query-colo-status         role, mode, hybrid state, checkpoint counters, pauses, last failover
+  query-colo-status         role, mode, hybrid state, checkpoint counters, pauses, last failover,
+                            the arbiter (holder, pair, lease), waiting, fenced, re-protection
   set-parameters NAME=N...  max-time min-time relax-time passive-limit passive-time passive-count
-                            ram-background-limit heartbeat-interval heartbeat-timeout (ms, bytes)
+                            ram-background-limit heartbeat-interval heartbeat-timeout arbiter-ttl
+                            (ms, bytes) auto-reprotect=true|false
   query-parameters
   colo-checkpoint           on the primary: checkpoint now
   lost-heartbeat            on the survivor: fail over now (the peer is declared dead)

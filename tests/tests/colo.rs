@@ -1,4 +1,4 @@
-//! COLO end to end (spec/colo.md): a primary and a secondary colo-vmm running the reference
+//! COLO end to end (docs/colo.md): a primary and a secondary colo-vmm running the reference
 //! guest behind a compare process (vhost-net-compare, or colo-proxy across passthrough taps),
 //! real clients in a namespace. Checkpoints, hybrid mode, failover in every mode and moment,
 //! heartbeat loss, `lost-heartbeat`, and a corrupt checkpoint stream.

@@ -1,4 +1,4 @@
-//! Unit tests: one or more per rule of spec/compare.md.
+//! Unit tests: one or more per rule of docs/compare.md.
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! The messages of the checkpoint link (spec/colo.md), JSON in `Kind::Control` records (see
+//! The messages of the checkpoint link (docs/colo.md), JSON in `Kind::Control` records (see
 //! [`crate::persist::message`]): the checkpoint transaction, heartbeats, and what each side says
 //! when COLO ends. They follow the initial transfer's migration messages on the same stream.
 
@@ -19,7 +19,7 @@ pub enum Control {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         replica: Option<String>,
     },
-    /// Primary → secondary: a checkpoint begins (spec/colo.md step 1).
+    /// Primary → secondary: a checkpoint begins (docs/colo.md step 1).
     CheckpointRequest {
         /// Its number.
         seq: u64,

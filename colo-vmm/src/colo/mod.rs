@@ -1,4 +1,4 @@
-//! COLO (spec/colo.md): the primary's checkpoint controller with hybrid mode, the secondary's
+//! COLO (docs/colo.md): the primary's checkpoint controller with hybrid mode, the secondary's
 //! RAM cache and checkpoint loading, the checkpoint link with its heartbeat, and failover.
 
 pub mod cache;

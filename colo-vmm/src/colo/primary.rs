@@ -1,5 +1,5 @@
 //! The primary: `colo-start` migrates the running VM to the secondary and, instead of handing
-//! it over, keeps checkpointing it there (spec/colo.md). The checkpoint controller runs hybrid
+//! it over, keeps checkpointing it there (docs/colo.md). The checkpoint controller runs hybrid
 //! mode: it waits for a miscompare, `max-time`, a user request or the end of a passive interval;
 //! runs the transaction in the spec's order; and fails over to `primary-only` when the
 //! secondary is lost.
@@ -90,7 +90,7 @@ pub enum StartError {
 }
 
 /// A primary-to-be connects to its compare processes at once and sets them `primary-only`, so
-/// its traffic flows before COLO starts (spec/control.md, "Initial mode").
+/// its traffic flows before COLO starts (docs/control.md, "Initial mode").
 pub fn prepare(colo: &ColoShared) -> Result<(), CompareError> {
     let mut c = CompareSet::connect(&colo.compare_sockets, Duration::from_secs(10))?;
     // With an arbiter, only once this replica holds the VM's key (see `serving`).

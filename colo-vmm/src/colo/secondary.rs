@@ -1,5 +1,5 @@
 //! The secondary: it receives the primary's VM by the initial transfer, runs it as the SVM with
-//! its own backend connection, and serves checkpoints (spec/colo.md):
+//! its own backend connection, and serves checkpoints (docs/colo.md):
 //! 1. `checkpoint-request` → pause the SVM and quiesce its rings, `checkpoint-reply`;
 //! 3. and 4. pages go to the RAM cache, then the device state; `vmstate-received`;
 //! 6. copy into guest memory every page either side dirtied since the last checkpoint

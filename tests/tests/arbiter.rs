@@ -48,6 +48,17 @@ fn with_arbiter(hosts: usize, cmdline: &str) -> ColoHosts {
     ColoHosts::start_with(HostsOptions { arbiter: true, ..HostsOptions::new(hosts, cmdline) })
 }
 
+/// `hosts` hosts with an arbiter, COLO from host a to host b, and a counter session that has
+/// run for a second.
+fn colo_under_load(hosts: usize) -> (ColoHosts, CounterLoad) {
+    let net = with_arbiter(hosts, "app=counter,echo");
+    net.wait_status(0, "holding the key", Duration::from_secs(10), |s| s["arbiter"]["held"] == true);
+    net.start_colo(0, 1);
+    let load = counter_load(&net);
+    std::thread::sleep(Duration::from_secs(1));
+    (net, load)
+}
+
 fn failed_over(s: &Value) -> bool {
     s["state"] == "failed-over"
 }
@@ -58,11 +69,7 @@ fn with_an_arbiter_a_killed_primary_process_is_replaced_at_once() {
     if !check("with_an_arbiter_a_killed_primary_process_is_replaced_at_once") {
         return;
     }
-    let net = with_arbiter(2, "app=counter,echo");
-    net.wait_status(0, "holding the key", Duration::from_secs(10), |s| s["arbiter"]["held"] == true);
-    net.start_colo(0, 1);
-    let load = counter_load(&net);
-    std::thread::sleep(Duration::from_secs(1));
+    let (net, load) = colo_under_load(2);
     // Host a's processes die, its links stay up: the kernel resets the checkpoint link.
     let killed = Instant::now();
     net.signal_host(0, libc::SIGKILL);
@@ -84,11 +91,7 @@ fn with_an_arbiter_a_dead_primary_host_is_replaced_once_its_lease_expired() {
     if !check("with_an_arbiter_a_dead_primary_host_is_replaced_once_its_lease_expired") {
         return;
     }
-    let mut net = with_arbiter(2, "app=counter,echo");
-    net.wait_status(0, "holding the key", Duration::from_secs(10), |s| s["arbiter"]["held"] == true);
-    net.start_colo(0, 1);
-    let load = counter_load(&net);
-    std::thread::sleep(Duration::from_secs(1));
+    let (mut net, load) = colo_under_load(2);
     let killed = Instant::now();
     net.kill_host(0);
     let waiting = net.wait_status(1, "waiting for the key", Duration::from_secs(10), |s| !s["waiting"].is_null());
@@ -308,11 +311,7 @@ fn with_an_arbiter_a_to_b_to_c_protects_itself_again_from_a_standby() {
     if !check("with_an_arbiter_a_to_b_to_c_protects_itself_again_from_a_standby") {
         return;
     }
-    let net = with_arbiter(3, "app=counter,echo");
-    net.wait_status(0, "holding the key", Duration::from_secs(10), |s| s["arbiter"]["held"] == true);
-    net.start_colo(0, 1);
-    let load = counter_load(&net);
-    std::thread::sleep(Duration::from_secs(1));
+    let (net, load) = colo_under_load(3);
     // Host a's processes die: host b takes over and starts COLO with the standby on host c.
     net.signal_host(0, libc::SIGKILL);
     // It may re-protect itself before a look sees it failed over: the last failover stays.

@@ -57,6 +57,9 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     mem: u64,
+    /// vCPUs, 1 to 8 (a restored or migrated VM keeps its own count).
+    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with_all = ["restore", "incoming"])]
+    cpus: u32,
     /// A virtio-net device backed by a vhost-user backend (repeat for more devices).
     #[arg(long, value_name = "vhost-user=PATH[,mac=MAC]")]
     net: Vec<NetConfig>,
@@ -154,6 +157,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         image: args.kernel.map_or(Image::Reference, Image::File),
         cmdline: args.cmdline,
         mem_mib: args.mem,
+        cpus: args.cpus,
         net: args.net,
         serial: args.serial,
     };
@@ -177,12 +181,14 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => {}
     }
     let (tx, rx) = channel();
-    let thread = vmm.take_thread().context("the vCPU thread is gone")?;
-    let vcpu_tx = tx.clone();
-    std::thread::spawn(move || {
-        let end = thread.join().unwrap_or_else(|_| VcpuEnd::Crashed("the vCPU thread panicked".into()));
-        let _ = vcpu_tx.send(Event::Vcpu(end));
-    });
+    // The first vCPU thread to end ends the VM (a guest exit, a crash, or quit).
+    for thread in vmm.take_threads() {
+        let vcpu_tx = tx.clone();
+        std::thread::spawn(move || {
+            let end = thread.join().unwrap_or_else(|_| VcpuEnd::Crashed("a vCPU thread panicked".into()));
+            let _ = vcpu_tx.send(Event::Vcpu(end));
+        });
+    }
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
         .context("installing signal handlers")?;
     let sig_tx = tx.clone();
@@ -211,11 +217,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
             Event::Signal(sig) => {
                 tracing::info!(signal = sig, "shutting down");
-                vmm.vcpu().quit();
+                vmm.vcpus().quit();
             }
             Event::Quit => {
                 tracing::info!("quit requested");
-                vmm.vcpu().quit();
+                vmm.vcpus().quit();
             }
             Event::Migrated => {
                 // As QEMU: the source stays, paused ("postmigrate"), until told to quit.

@@ -11,12 +11,17 @@ use crate::vstate::dirty::DirtyBitmap;
 /// Why an operation on the VM failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MigratableError {
-    /// The vCPU thread has ended (the guest exited, crashed or was told to quit).
+    /// A vCPU thread has ended (the guest exited, crashed or was told to quit).
     #[error("the guest is no longer running")]
     NotRunning,
     /// A state for another number of vCPUs.
-    #[error("the state has {0} vCPUs; this VM has one")]
-    VcpuCount(usize),
+    #[error("the state has {saved} vCPUs; this VM has {here}")]
+    VcpuCount {
+        /// vCPUs in the state.
+        saved: usize,
+        /// vCPUs here.
+        here: usize,
+    },
     /// The operation needs a paused VM.
     #[error("the VM is not paused")]
     NotPaused,
@@ -48,18 +53,18 @@ pub enum MigratableError {
 
 /// Stopping and restarting the guest.
 pub trait Pausable {
-    /// Stops the vCPU and every device's data path: until [`Pausable::resume`], nothing writes
-    /// guest memory (the vhost-user backends included). Pausing a paused VM does nothing. If it
-    /// fails, the VM runs as before.
+    /// Stops every vCPU and every device's data path: until [`Pausable::resume`], nothing
+    /// writes guest memory (the vhost-user backends included). Pausing a paused VM does
+    /// nothing. If it fails, the VM runs as before.
     fn pause(&self) -> Result<(), MigratableError>;
 
-    /// Restarts the devices where the pause stopped them, then the vCPU (unless the user
-    /// stopped it, or the VM was handed to a migration destination). Whatever fails, as much as
-    /// possible runs again.
+    /// Restarts the devices where the pause stopped them, then the vCPUs (unless the user
+    /// stopped them, or the VM was handed to a migration destination). Whatever fails, as much
+    /// as possible runs again.
     fn resume(&self) -> Result<(), MigratableError>;
 }
 
-/// Saving and taking over the machine's state (vCPU, VM, devices).
+/// Saving and taking over the machine's state (vCPUs, VM, devices).
 pub trait Snapshottable: Pausable {
     /// What kind of machine this is.
     fn describe(&self) -> Meta;
@@ -67,8 +72,9 @@ pub trait Snapshottable: Pausable {
     /// The state of the paused machine.
     fn save_state(&self) -> Result<MachineState, MigratableError>;
 
-    /// Takes over `state` on the paused machine: the devices restart where the state left them;
-    /// the vCPU stays paused until [`Pausable::resume`].
+    /// Takes over `state` on the paused machine (each vCPU the state's vCPU of its index): the
+    /// devices restart where the state left them; the vCPUs stay paused until
+    /// [`Pausable::resume`].
     fn restore_state(&self, state: MachineState) -> Result<(), MigratableError>;
 }
 
@@ -93,12 +99,12 @@ pub trait Migratable: Snapshottable + Send + Sync {
     /// Writes `data` ([`PAGE_SIZE`] bytes) into page `page`.
     fn write_page(&self, page: usize, data: &[u8]) -> Result<(), MigratableError>;
 
-    /// Lets go of the backends (a paused VM hands them to its migration destination); the vCPU
-    /// stays paused from now on.
+    /// Lets go of the backends (a paused VM hands them to its migration destination); the
+    /// vCPUs stay paused from now on.
     fn release_backends(&self);
 
     /// Takes the backends back after [`Migratable::release_backends`] (a failed handover): the
-    /// devices run again where the pause stopped them; [`Pausable::resume`] restarts the vCPU.
+    /// devices run again where the pause stopped them; [`Pausable::resume`] restarts the vCPUs.
     fn reattach_backends(&self) -> Result<(), MigratableError>;
 
     /// Bytes of guest RAM.

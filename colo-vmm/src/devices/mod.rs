@@ -8,7 +8,6 @@ pub mod virtio_mmio;
 
 use colo_vmm_abi::port;
 
-use pvhalt::Waiter;
 use serial::{SerialConsole, SerialSnapshot};
 use virtio_mmio::{MmioTransport, TransportState};
 
@@ -117,19 +116,24 @@ pub enum PioAction {
     Exit(u32),
 }
 
-/// Every device of the VM, as the vCPU thread sees them.
+/// Every device of the VM, as the vCPU threads see them (one at a time: they share it behind
+/// a lock).
 pub struct Devices {
     /// COM1.
     pub serial: SerialConsole,
     /// virtio-mmio devices.
     pub mmio: Vec<MmioTransport>,
-    /// What a halted vCPU waits on.
-    pub waiter: Waiter,
     /// Port writes to unknown ports (counted, logged the first time).
     pub unknown_io: u64,
 }
 
 impl Devices {
+    /// The eventfds by which devices signal the guest (used buffers): a halted vCPU wakes on
+    /// them.
+    pub fn call_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.mmio.iter().flat_map(|t| t.device().call_fds()).collect()
+    }
+
     /// Stops every device's data path (vhost-user rings included, so backends no longer write
     /// guest memory) and returns their state. [`Devices::resume`] restarts them.
     pub fn pause(&mut self) -> Result<DevicesState, DeviceError> {

@@ -64,7 +64,7 @@ fn receive(
         other => return Err(StreamError::Corrupt(format!("expected hello, got {other:?}")).into()),
     };
     let meta = snapshot::read_meta(&mut r)?;
-    let core = Core::build(meta.mem_size)?;
+    let core = Core::build(meta.mem_size, meta.vcpus)?;
     let state = receive_state(&core, &meta, &mut r)?;
     match purpose {
         Purpose::Migrate => {

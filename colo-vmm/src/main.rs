@@ -14,6 +14,7 @@ use colo_vmm::api::dispatch::{Lifecycle, VmmApi};
 use colo_vmm::api::protocol::Reply;
 use colo_vmm::api::server::ApiServer;
 use colo_vmm::colo::shared::ColoShared;
+use colo_vmm::devices::block::DiskConfig;
 use colo_vmm::devices::serial::SerialOutput;
 use colo_vmm::loader::Image;
 use colo_vmm::migration::destination::incoming;
@@ -63,6 +64,11 @@ struct RunArgs {
     /// A virtio-net device backed by a vhost-user backend (repeat for more devices).
     #[arg(long, value_name = "vhost-user=PATH[,mac=MAC]")]
     net: Vec<NetConfig>,
+    /// A virtio-blk disk on a raw image (at least 1 MiB, whole 4 KiB blocks; `readonly`: the
+    /// guest may only read it). Each VM needs its own image: snapshot, migration and COLO carry
+    /// the disk's contents.
+    #[arg(long, value_name = "path=FILE[,readonly]")]
+    disk: Option<DiskConfig>,
     /// Where the serial console goes: stdio, file:PATH or none.
     #[arg(long, value_name = "OUT", default_value = "stdio")]
     serial: SerialOutput,
@@ -159,6 +165,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         mem_mib: args.mem,
         cpus: args.cpus,
         net: args.net,
+        disk: args.disk,
         serial: args.serial,
     };
     let colo = Arc::new(ColoShared::new(args.compare_socket));

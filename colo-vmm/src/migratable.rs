@@ -3,6 +3,7 @@
 //! model), never the other way round. The VMM implements them on its running VM; unit tests
 //! implement them on a fake to check the orchestrators' order of operations without KVM.
 
+use crate::devices::block::disk::{Disk, DiskError};
 use crate::persist::snapshot::Meta;
 use crate::persist::state::MachineState;
 use crate::persist::stream::PAGE_SIZE;
@@ -37,6 +38,9 @@ pub enum MigratableError {
     /// Dirty tracking failed.
     #[error(transparent)]
     Dirty(#[from] crate::vstate::dirty::DirtyError),
+    /// The disk failed.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     /// Dirty tracking was asked for while it was off.
     #[error("dirty tracking is not on")]
     NotTracking,
@@ -81,7 +85,8 @@ pub trait Snapshottable: Pausable {
 /// Everything a migration or a checkpoint needs besides the state: dirty pages, page access
 /// and the handover of the backends.
 pub trait Migratable: Snapshottable + Send + Sync {
-    /// Starts tracking which pages anyone (vCPU, VMM, backends) writes.
+    /// Starts tracking which pages anyone (vCPU, VMM, backends) writes, and which disk blocks
+    /// the guest writes.
     fn start_dirty_log(&self) -> Result<(), MigratableError>;
 
     /// The pages written since the last call (or since tracking started).
@@ -106,6 +111,12 @@ pub trait Migratable: Snapshottable + Send + Sync {
     /// Takes the backends back after [`Migratable::release_backends`] (a failed handover): the
     /// devices run again where the pause stopped them; [`Pausable::resume`] restarts the vCPUs.
     fn reattach_backends(&self) -> Result<(), MigratableError>;
+
+    /// The disk, if the VM has one: its written blocks travel with the dirty pages (tracked
+    /// while the dirty log is on), and a COLO secondary holds its own writes in its overlay.
+    fn disk(&self) -> Option<&Disk> {
+        None
+    }
 
     /// Bytes of guest RAM.
     fn mem_size(&self) -> u64 {
@@ -138,4 +149,17 @@ pub fn page_digests<V: Migratable + ?Sized>(vm: &V) -> Result<Vec<u64>, Migratab
 /// [`page_digests`] on the other side).
 pub fn differing_pages<V: Migratable + ?Sized>(vm: &V, theirs: &[u64]) -> Result<Vec<u64>, MigratableError> {
     Ok(crate::persist::snapshot::compare_digests(&page_digests(vm)?, theirs)?)
+}
+
+/// A 64-bit hash of every disk block, in order, if `vm` has a disk (the verify mode).
+pub fn block_digests<V: Migratable + ?Sized>(vm: &V) -> Result<Option<Vec<u64>>, MigratableError> {
+    Ok(vm.disk().map(Disk::digests).transpose()?)
+}
+
+/// The numbers of the disk blocks of `vm` whose digests differ from `theirs` (from
+/// [`block_digests`] on the other side); a VM without a disk differs from any digests.
+pub fn differing_blocks<V: Migratable + ?Sized>(vm: &V, theirs: &[u64]) -> Result<Vec<u64>, MigratableError> {
+    let ours = block_digests(vm)?.unwrap_or_default();
+    let diff = crate::persist::snapshot::compare_digests(&ours, theirs)?;
+    Ok(diff.into_iter().map(|a| a / PAGE_SIZE as u64).collect())
 }

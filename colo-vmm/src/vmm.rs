@@ -13,6 +13,9 @@ use kvm_ioctls::{IoEventAddress, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::{cpuid, regs};
+use crate::devices::block::disk::{Disk, DiskError};
+use crate::devices::block::virtio_blk::VirtioBlk;
+use crate::devices::block::DiskConfig;
 use crate::devices::pvhalt::Waiter;
 use crate::devices::serial::{SerialConsole, SerialOutput};
 use crate::devices::vhost_user_net::{DirtyLog, VhostUserNet};
@@ -20,7 +23,7 @@ use crate::devices::virtio_mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::{Devices, DevicesState};
 use crate::loader::{self, Image};
 use crate::migratable::{Migratable, MigratableError, Pausable, Snapshottable};
-use crate::persist::snapshot::{self, Meta};
+use crate::persist::snapshot::{self, DiskMeta, Meta};
 use crate::persist::state::MachineState;
 use crate::persist::stream::{StreamError, StreamReader, PAGE_SIZE};
 use crate::persist::{vcpu_state, vm_state};
@@ -108,6 +111,8 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Network devices.
     pub net: Vec<NetConfig>,
+    /// The disk, if any.
+    pub disk: Option<DiskConfig>,
     /// Console output.
     pub serial: SerialOutput,
 }
@@ -122,8 +127,14 @@ pub enum BootError {
     #[error("--cpus {0}: a VM has 1 to {MAX_CPUS} vCPUs")]
     Cpus(u32),
     /// Too many devices.
-    #[error("at most {0} network devices")]
+    #[error("at most {0} virtio devices (network devices and the disk)")]
     TooManyDevices(usize),
+    /// The disk's image.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A saved VM whose disk does not fit `--disk`.
+    #[error("{0}")]
+    DiskMismatch(String),
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] crate::vstate::memory::MemoryError),
@@ -164,17 +175,20 @@ pub struct Core {
     vcpus: Vec<VcpuFd>,
     msr_list: Vec<u32>,
     tsc_khz: u64,
+    disk: Option<Disk>,
 }
 
 impl Core {
-    /// RAM of `mem_size` bytes, the VM and `cpus` vCPUs.
-    pub fn build(mem_size: u64, cpus: u32) -> Result<Core, BootError> {
+    /// RAM of `mem_size` bytes, the VM, `cpus` vCPUs and the disk's image (opened now, so a
+    /// bad one is refused before anything else happens).
+    pub fn build(mem_size: u64, cpus: u32, disk: Option<&DiskConfig>) -> Result<Core, BootError> {
         if !(MIN_MEM..=MAX_MEM).contains(&mem_size) {
             return Err(BootError::MemorySize(mem_size >> 20));
         }
         if !(1..=MAX_CPUS as u32).contains(&cpus) {
             return Err(BootError::Cpus(cpus));
         }
+        let disk = disk.map(Disk::open).transpose()?;
         let ram = GuestRam::new(mem_size)?;
         let vm = Vm::new(&ram)?;
         let mut vcpus = Vec::with_capacity(cpus as usize);
@@ -186,7 +200,7 @@ impl Core {
         }
         let tsc_khz = vm.tsc_khz(&vcpus[0]);
         let msr_list = vcpu_state::saveable_msrs(vm.kvm(), &vcpus[0]).map_err(other("listing MSRs"))?;
-        Ok(Core { ram, vm, vcpus, msr_list, tsc_khz })
+        Ok(Core { ram, vm, vcpus, msr_list, tsc_khz, disk })
     }
 
     /// Guest RAM.
@@ -194,10 +208,39 @@ impl Core {
         &self.ram
     }
 
+    /// The disk.
+    pub fn disk(&self) -> Option<&Disk> {
+        self.disk.as_ref()
+    }
+
+    /// Checks that a saved VM described by `meta` fits this one's disk: both have none, or
+    /// disks of the same size and kind.
+    pub fn check_disk(&self, meta: &Meta) -> Result<(), BootError> {
+        let here = self.disk.as_ref().map(|d| DiskMeta { bytes: d.bytes(), readonly: d.readonly() });
+        match (&meta.disk, &here) {
+            (None, None) => Ok(()),
+            (Some(saved), Some(here)) if saved == here => Ok(()),
+            (Some(saved), None) => Err(BootError::DiskMismatch(format!(
+                "the VM has a {}disk of {} bytes: give --disk path=FILE{} with an image of that size",
+                if saved.readonly { "read-only " } else { "" },
+                saved.bytes,
+                if saved.readonly { ",readonly" } else { "" }
+            ))),
+            (None, Some(_)) => Err(BootError::DiskMismatch("the VM has no disk: leave out --disk".into())),
+            (Some(saved), Some(here)) => Err(BootError::DiskMismatch(format!(
+                "the VM's disk is {} bytes{}, --disk is {} bytes{}",
+                saved.bytes,
+                if saved.readonly { " (read-only)" } else { "" },
+                here.bytes,
+                if here.readonly { " (read-only)" } else { "" }
+            ))),
+        }
+    }
+
     /// Connects the network backends of `config` (the console starts silent; a boot opens it,
     /// a restore takes over the saved one).
     pub fn attach(self, config: &VmConfig) -> Result<Machine, BootError> {
-        if config.net.len() > colo_vmm_abi::MAX_VIRTIO_DEVICES {
+        if config.net.len() + usize::from(self.disk.is_some()) > colo_vmm_abi::MAX_VIRTIO_DEVICES {
             return Err(BootError::TooManyDevices(colo_vmm_abi::MAX_VIRTIO_DEVICES));
         }
         let mut mmio = vec![];
@@ -216,6 +259,14 @@ impl Core {
             }
             described.push(VirtioMmioDevice { base, size: MMIO_DEVICE_SIZE, irq: 5 + i as u32, reserved: 0 });
             mmio.push(transport);
+        }
+        if let Some(disk) = &self.disk {
+            // After the network devices: its notifications exit to the VMM (no ioeventfd).
+            let i = mmio.len();
+            let base = MMIO_BASE + i as u64 * MMIO_DEVICE_SIZE;
+            let dev = VirtioBlk::new(disk.clone(), self.ram.memory().clone());
+            mmio.push(MmioTransport::new(base, MMIO_DEVICE_SIZE, Box::new(dev)));
+            described.push(VirtioMmioDevice { base, size: MMIO_DEVICE_SIZE, irq: 5 + i as u32, reserved: 0 });
         }
         let serial = SerialConsole::new(&SerialOutput::None).map_err(other("serial"))?;
         let devices = Devices { serial, mmio, unknown_io: 0 };
@@ -248,7 +299,7 @@ impl Machine {
     /// Starts the vCPU threads, each halting on its own waiter that also watches every device.
     pub fn start(self) -> Result<Vmm, BootError> {
         vcpu::install_kick_handler().map_err(other("installing the vCPU kick handler"))?;
-        let Core { ram, vm, vcpus, msr_list, tsc_khz } = self.core;
+        let Core { ram, vm, vcpus, msr_list, tsc_khz, disk } = self.core;
         let mem_size = ram.size();
         let calls = self.devices.call_fds();
         let devices = Arc::new(Mutex::new(self.devices));
@@ -274,6 +325,7 @@ impl Machine {
             msr_list: Arc::new(msr_list),
             tsc_khz,
             logs: self.logs,
+            disk,
             quiesced: Mutex::new(None),
             tracker: Mutex::new(self.tracker),
             stopped: AtomicBool::new(false),
@@ -297,6 +349,8 @@ pub struct Vmm {
     msr_list: Arc<Vec<u32>>,
     tsc_khz: u64,
     logs: Vec<DirtyLog>,
+    /// The disk (also the virtio-blk device's).
+    disk: Option<Disk>,
     /// The devices' state while they are stopped by [`Pausable::pause`]: where
     /// [`Pausable::resume`] restarts them.
     quiesced: Mutex<Option<DevicesState>>,
@@ -318,7 +372,7 @@ impl Vmm {
         if let Image::File(p) = &config.image {
             loader::check_kernel_file(p)?;
         }
-        let mut m = Core::build(config.mem_mib << 20, config.cpus)?.attach(config)?;
+        let mut m = Core::build(config.mem_mib << 20, config.cpus, config.disk.as_ref())?.attach(config)?;
         m.devices.serial = SerialConsole::new(&config.serial).map_err(other("opening the serial output"))?;
         let (ram, tsc_khz) = (&m.core.ram, m.core.tsc_khz);
         let loaded = loader::load_image(ram.memory(), &config.image)?;
@@ -346,8 +400,16 @@ impl Vmm {
         })?;
         let mut reader = StreamReader::new(std::io::BufReader::with_capacity(1 << 20, file))?;
         let meta = snapshot::read_meta(&mut reader)?;
-        let mut m = Core::build(meta.mem_size, meta.vcpus)?.attach(config)?;
-        let state = snapshot::read_rest(&mut reader, m.core.ram.memory(), meta.mem_size)?;
+        let core = Core::build(meta.mem_size, meta.vcpus, config.disk.as_ref())?;
+        core.check_disk(&meta)?;
+        let mut m = core.attach(config)?;
+        let mut stage = snapshot::disk_stage(m.core.disk())?;
+        let state = snapshot::read_rest(&mut reader, m.core.ram.memory(), meta.mem_size, stage.as_mut())?;
+        // The whole file verified: only now does the image become the saved disk.
+        if let (Some(disk), Some(stage)) = (m.core.disk(), &stage) {
+            let written = disk.replace_with(stage)?;
+            tracing::info!(disk = %disk.path().display(), blocks = stage.len(), written, "disk restored");
+        }
         Self::apply_state(&mut m, state, &config.serial)?;
         tracing::info!(snapshot = %path.display(), mem_mib = meta.mem_size >> 20, cpus = meta.vcpus, "guest restored");
         m.start()
@@ -406,6 +468,19 @@ impl Vmm {
     /// Whether the vCPUs are paused now.
     pub fn is_paused(&self) -> bool {
         self.vcpus.is_paused()
+    }
+
+    /// The disk's image, size and what it served (`query-status`), or null without one.
+    pub fn disk_status(&self) -> serde_json::Value {
+        match &self.disk {
+            Some(d) => serde_json::json!({
+                "path": d.path(),
+                "bytes": d.bytes(),
+                "readonly": d.readonly(),
+                "stats": d.stats(),
+            }),
+            None => serde_json::Value::Null,
+        }
     }
 
     /// How long the VM has existed.
@@ -467,6 +542,7 @@ impl Snapshottable for Vmm {
             vcpus: self.vcpus.len() as u32,
             tsc_khz: self.tsc_khz,
             writer: format!("colo-vmm {}", env!("CARGO_PKG_VERSION")),
+            disk: self.disk.as_ref().map(|d| DiskMeta { bytes: d.bytes(), readonly: d.readonly() }),
         }
     }
 
@@ -517,6 +593,9 @@ impl Migratable for Vmm {
         let mut t = lock(&self.tracker);
         if t.is_none() {
             *t = Some(DirtyTracker::start(&self.vm, &self.ram, self.logs.clone())?);
+            if let Some(d) = &self.disk {
+                d.start_tracking();
+            }
         }
         Ok(())
     }
@@ -530,6 +609,13 @@ impl Migratable for Vmm {
         if let Some(t) = lock(&self.tracker).take() {
             t.stop(&self.vm, &self.ram);
         }
+        if let Some(d) = &self.disk {
+            d.stop_tracking();
+        }
+    }
+
+    fn disk(&self) -> Option<&Disk> {
+        self.disk.as_ref()
     }
 
     fn page_count(&self) -> usize {

@@ -13,6 +13,9 @@
 //! - `colo-guest: exit <code>` (for `exit=` / `app=exit`, then the guest exits)
 //! - `colo-guest: net up ip=<A.B.C.D/P> mac=<aa:bb:cc:dd:ee:ff>`, `colo-guest: route default via <A.B.C.D>`
 //! - `colo-guest: no network device: network services off`
+//! - `colo-guest: disk up sectors=<n> readonly=<0|1>`, `colo-guest: no disk: kv off`,
+//!   `colo-guest: kv log records=<n> keys=<k> capacity=<sectors>`,
+//!   `colo-guest: bad disk requests sent=<n>, each failed alone`
 //! - `colo-guest: listening <service> <tcp|udp>/<port>`, `colo-guest: running burn`,
 //!   `colo-guest: running dirty pages_per_sec=<n> region_mib=<m>`
 //! - `colo-guest: ready` (every service started, every vCPU let go)
@@ -51,8 +54,11 @@ use crate::net::Net;
 use crate::region::{Region, PAGE};
 use crate::sched::System;
 use crate::services::dirty::Dirty;
+use crate::services::diskdirty::DiskDirty;
+use crate::services::kv::{Disk, Layout};
 use crate::services::{NetCore, NetServices};
-use crate::virtio::mmio::{Transport, DEVICE_NET};
+use crate::virtio::blk::{BlkMemory, VirtioBlk};
+use crate::virtio::mmio::{Transport, DEVICE_BLK, DEVICE_NET};
 use crate::virtio::net::{NetMemory, VirtioNet};
 
 /// Least heap the services need (sockets, per-client state).
@@ -110,14 +116,14 @@ fn cmdline_of(boot: &BootInfo) -> &'static str {
     core::str::from_utf8(bytes).unwrap_or_else(|_| fatal(format_args!("command line is not UTF-8")))
 }
 
-/// The first virtio-mmio network device in the boot info.
-fn find_net_device(boot: &BootInfo) -> Option<Transport> {
+/// The first virtio-mmio device of type `kind` in the boot info.
+fn find_device(boot: &BootInfo, kind: u32) -> Option<Transport> {
     let count = (boot.virtio_count as usize).min(boot.virtio.len());
     boot.virtio[..count].iter().find_map(|device| {
         // SAFETY: the VMM describes a virtio-mmio register window at this address.
         let transport = unsafe { Transport::new(device.base) };
         match transport.probe() {
-            Ok(DEVICE_NET) => Some(transport),
+            Ok(k) if k == kind => Some(transport),
             Ok(_) => None,
             Err(why) => fatal(format_args!("virtio device at {:#x}: {why}", device.base)),
         }
@@ -132,7 +138,13 @@ fn run(boot: &BootInfo, config: &Config) -> ! {
     let mut region = Region::new(boot.free_start, boot.free_end);
     let stacks = smp::carve_stacks(&mut region, cpus)
         .unwrap_or_else(|| fatal(format_args!("not enough memory for {} vCPU stacks", cpus - 1)));
-    let nic = find_net_device(boot);
+    let nic = find_device(boot, DEVICE_NET);
+    let blk = find_device(boot, DEVICE_BLK).filter(|_| config.apps.needs_disk());
+    let blk_memory = blk.map(|_| {
+        BlkMemory::carve(&mut region).unwrap_or_else(|| {
+            fatal(format_args!("not enough memory for the disk's queue ({} KiB)", BlkMemory::BYTES >> 10))
+        })
+    });
     let net_memory = nic.map(|_| {
         NetMemory::carve(&mut region).unwrap_or_else(|| {
             fatal(format_args!("not enough memory for the network queues ({} KiB)", NetMemory::BYTES >> 10))
@@ -155,10 +167,14 @@ fn run(boot: &BootInfo, config: &Config) -> ! {
     // SAFETY: the rest of the free RAM, used by nothing else from now on.
     unsafe { heap::init(heap_start as *mut u8, heap_len as usize) };
 
+    let disk = match (blk, blk_memory) {
+        (Some(transport), Some(memory)) => Some(start_disk(transport, memory, config)),
+        _ => None,
+    };
     let net = match (nic, net_memory) {
         (Some(transport), Some(memory)) => {
             let mut net = start_network(transport, memory, config);
-            let services = NetServices::start(config, &mut net.sockets)
+            let services = NetServices::start(config, &mut net.sockets, disk)
                 .unwrap_or_else(|why| fatal(format_args!("cannot start the network services: {why}")));
             Some(NetCore::new(net, services))
         }
@@ -183,10 +199,32 @@ fn run(boot: &BootInfo, config: &Config) -> ! {
         // SAFETY: the area was carved for the dirtier alone.
         unsafe { Dirty::new(area, dirty_pages, rate, time::now()) }
     });
-    let system: &'static System = Box::leak(Box::new(System::new(cpus, net, dirty, config.apps.burn)));
+    let disk_dirty = disk.filter(|_| config.apps.diskdirty).map(|disk| {
+        let layout = Layout::of(disk.lock().sectors());
+        let rate = u64::from(config.disk_dirty_blocks_per_sec);
+        status!("running diskdirty blocks_per_sec={rate}");
+        DiskDirty::new(disk, &layout, rate, time::now())
+    });
+    let system: &'static System = Box::leak(Box::new(System::new(cpus, net, dirty, disk_dirty, config.apps.burn)));
     smp::start_aps(system, &stacks);
     status!("ready");
     sched::cpu_loop(system, 0)
+}
+
+/// Brings up the disk, prints the `disk up` line and runs `badblk` if asked.
+fn start_disk(transport: Transport, memory: BlkMemory, config: &Config) -> &'static Disk {
+    let mut blk = VirtioBlk::init(transport, memory).unwrap_or_else(|why| fatal(format_args!("virtio-blk: {why}")));
+    status!("disk up sectors={} readonly={}", blk.sectors(), u8::from(blk.readonly()));
+    if blk.sectors() < 16 {
+        fatal(format_args!("the disk has {} sectors; it needs at least 16", blk.sectors()));
+    }
+    if config.apps.badblk {
+        match blk.send_bad_requests() {
+            Ok(n) => status!("bad disk requests sent={n}, each failed alone"),
+            Err(why) => fatal(format_args!("badblk: {why}")),
+        }
+    }
+    Box::leak(Box::new(spinning_top::Spinlock::new(blk)))
 }
 
 /// Brings up the device and the interface and prints the `net up` line.

@@ -1,7 +1,7 @@
 //! The scheduler every vCPU runs: a few shared tasks, each taken by one vCPU at a time, and a
 //! CPU burner of each vCPU's own.
 //!
-//! Tasks: the network (smoltcp, the network services), the memory dirtier. A vCPU takes a task
+//! Tasks: the network (smoltcp, the network services), the memory and disk dirtiers. A vCPU takes a task
 //! with a try-lock; if another vCPU has it, it leaves a note ([`Task`]'s `pending`) and that
 //! vCPU runs the task once more before it lets go, so work signalled in the meantime (a frame
 //! whose device signal woke this vCPU) never waits for the next deadline. With nothing to do a
@@ -22,6 +22,7 @@ use colo_vmm_abi::MAX_CPUS;
 use crate::halt;
 use crate::services::burn::Burn;
 use crate::services::dirty::Dirty;
+use crate::services::diskdirty::DiskDirty;
 use crate::services::NetCore;
 use crate::time;
 
@@ -102,6 +103,8 @@ pub struct Counters {
     pub cpu: [CpuCounters; MAX_CPUS],
     /// Pages the dirtier wrote.
     pub dirty_pages: AtomicU64,
+    /// Blocks the disk dirtier wrote.
+    pub dirty_blocks: AtomicU64,
 }
 
 impl Counters {
@@ -109,6 +112,7 @@ impl Counters {
         Counters {
             cpu: [const { CpuCounters { runs: AtomicU64::new(0), burn: AtomicU64::new(0) } }; MAX_CPUS],
             dirty_pages: AtomicU64::new(0),
+            dirty_blocks: AtomicU64::new(0),
         }
     }
 
@@ -138,25 +142,35 @@ pub struct System {
     pub cpus: usize,
     net: Option<Task<NetCore>>,
     dirty: Option<Task<Dirty>>,
+    disk_dirty: Option<Task<DiskDirty>>,
     burn: bool,
     /// When each task next needs to run without outside events (microseconds since boot).
     net_deadline: AtomicU64,
     dirty_deadline: AtomicU64,
+    disk_dirty_deadline: AtomicU64,
     /// The counters.
     pub counters: Counters,
 }
 
 impl System {
-    /// The tasks for `cpus` vCPUs: the network, the dirtier, and burners if `burn`.
-    pub fn new(cpus: usize, net: Option<NetCore>, dirty: Option<Dirty>, burn: bool) -> System {
+    /// The tasks for `cpus` vCPUs: the network, the dirtiers, and burners if `burn`.
+    pub fn new(
+        cpus: usize,
+        net: Option<NetCore>,
+        dirty: Option<Dirty>,
+        disk_dirty: Option<DiskDirty>,
+        burn: bool,
+    ) -> System {
         System {
             cpus,
             net: net.map(Task::new),
             dirty: dirty.map(Task::new),
+            disk_dirty: disk_dirty.map(Task::new),
             burn,
             // Until a task has run and said when it needs to run again: never.
             net_deadline: AtomicU64::new(NONE),
             dirty_deadline: AtomicU64::new(NONE),
+            disk_dirty_deadline: AtomicU64::new(NONE),
             counters: Counters::new(),
         }
     }
@@ -168,7 +182,8 @@ impl System {
 
     /// The earliest deadline of any task.
     fn deadline(&self) -> Option<Instant> {
-        earliest(load_deadline(&self.net_deadline), load_deadline(&self.dirty_deadline))
+        let dirtiers = earliest(load_deadline(&self.dirty_deadline), load_deadline(&self.disk_dirty_deadline));
+        earliest(load_deadline(&self.net_deadline), dirtiers)
     }
 
     /// Runs the shared tasks once; returns whether this vCPU ran any.
@@ -185,6 +200,13 @@ impl System {
                 d.poll(time::now());
                 self.counters.dirty_pages.store(d.written(), SeqCst);
                 store_deadline(&self.dirty_deadline, d.deadline());
+            });
+        }
+        if let Some(dirty) = &self.disk_dirty {
+            ran |= dirty.run(|d| {
+                d.poll(time::now());
+                self.counters.dirty_blocks.store(d.written(), SeqCst);
+                store_deadline(&self.disk_dirty_deadline, d.deadline());
             });
         }
         ran

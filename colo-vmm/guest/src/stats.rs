@@ -32,6 +32,8 @@ pub struct Stats {
     pub burn_iterations: u64,
     /// Pages written by the dirtier since boot.
     pub dirty_pages: u64,
+    /// Disk blocks written by the disk dirtier since boot.
+    pub dirty_blocks: u64,
     /// Heap bytes in use.
     pub heap_used: u64,
     /// Heap bytes free.
@@ -60,6 +62,7 @@ impl fmt::Display for Stats {
             top_lines,
             burn_iterations,
             dirty_pages,
+            dirty_blocks,
             heap_used,
             heap_free,
             cpus,
@@ -78,6 +81,7 @@ impl fmt::Display for Stats {
         writeln!(f, "top_lines={top_lines}")?;
         writeln!(f, "burn_iterations={burn_iterations}")?;
         writeln!(f, "dirty_pages={dirty_pages}")?;
+        writeln!(f, "dirty_blocks={dirty_blocks}")?;
         writeln!(f, "heap_used={heap_used}")?;
         writeln!(f, "heap_free={heap_free}")?;
         writeln!(f, "cpus={cpus}")?;
@@ -89,8 +93,8 @@ impl fmt::Display for Stats {
     }
 }
 
-/// Upper bound of the formatted size: 15 + 2 per vCPU lines of at most 19 + 1 + 20 + 1 bytes.
-pub const MAX_FORMATTED: usize = (15 + 2 * MAX_CPUS) * 41;
+/// Upper bound of the formatted size: 16 + 2 per vCPU lines of at most 19 + 1 + 20 + 1 bytes.
+pub const MAX_FORMATTED: usize = (16 + 2 * MAX_CPUS) * 41;
 
 #[cfg(test)]
 impl Stats {
@@ -109,6 +113,7 @@ impl Stats {
             top_lines: u64::MAX,
             burn_iterations: u64::MAX,
             dirty_pages: u64::MAX,
+            dirty_blocks: u64::MAX,
             heap_used: u64::MAX,
             heap_free: u64::MAX,
             cpus: MAX_CPUS as u64,

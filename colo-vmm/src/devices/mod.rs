@@ -1,6 +1,7 @@
 //! Devices: the serial console, the paravirtual halt and exit ports, and virtio-mmio devices,
 //! with the dispatch of the vCPU's port and MMIO exits to them.
 
+pub mod block;
 pub mod pvhalt;
 pub mod serial;
 pub mod vhost_user_net;
@@ -94,6 +95,15 @@ pub enum DeviceError {
     /// The dirty log was read while off.
     #[error("dirty logging is not active")]
     LogInactive,
+    /// A virtqueue the VMM serves cannot be used.
+    #[error("queue {queue}: {source}")]
+    Queue {
+        /// The queue.
+        queue: usize,
+        /// What virtio-queue said.
+        #[source]
+        source: virtio_queue::Error,
+    },
 }
 
 /// Every device's saved state.

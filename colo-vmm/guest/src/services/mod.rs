@@ -5,8 +5,10 @@
 pub mod burn;
 pub mod counter;
 pub mod dirty;
+pub mod diskdirty;
 pub mod echo;
 pub mod http;
+pub mod kv;
 mod pool;
 pub mod top;
 
@@ -21,6 +23,7 @@ use colo_guest::stats::Stats;
 use self::counter::Counter;
 use self::echo::Echo;
 use self::http::Http;
+use self::kv::Kv;
 use self::top::Top;
 use crate::heap;
 use crate::net::Net;
@@ -34,11 +37,17 @@ pub struct NetServices {
     http: Option<Http>,
     counter: Option<Counter>,
     top: Option<Top>,
+    kv: Option<Kv>,
 }
 
 impl NetServices {
-    /// Starts the network services `config` asks for, each printing its `listening` line.
-    pub fn start(config: &Config, sockets: &mut SocketSet<'static>) -> Result<NetServices, &'static str> {
+    /// Starts the network services `config` asks for, each printing its `listening` line
+    /// (`kv` only with a disk).
+    pub fn start(
+        config: &Config,
+        sockets: &mut SocketSet<'static>,
+        disk: Option<&'static kv::Disk>,
+    ) -> Result<NetServices, &'static str> {
         let mut s = NetServices::default();
         if config.apps.echo {
             s.echo = Some(Echo::start(sockets)?);
@@ -57,6 +66,14 @@ impl NetServices {
             s.top = Some(Top::start(sockets, config.top_ms)?);
             status!("listening top tcp/{}", top::PORT);
         }
+        match (config.apps.kv, disk) {
+            (true, Some(disk)) => {
+                s.kv = Some(Kv::start(sockets, disk)?);
+                status!("listening kv tcp/{}", kv::PORT);
+            }
+            (true, None) => status!("no disk: kv off"),
+            _ => {}
+        }
         Ok(s)
     }
 
@@ -71,15 +88,20 @@ impl NetServices {
         if let Some(top) = &mut self.top {
             top.poll(now, sockets, stats);
         }
+        if let Some(kv) = &mut self.kv {
+            kv.poll(sockets, stats);
+        }
         // Last, so /stats shows this pass's counters.
         if let Some(http) = &mut self.http {
             http.poll(sockets, stats);
         }
     }
 
-    /// The earliest time a service needs to run again without outside events.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.top.as_ref().and_then(Top::deadline)
+    /// The earliest time a service needs to run again without outside events (`now` while a
+    /// `kv` client's `fill` or `read` goes on).
+    pub fn deadline(&self, now: Instant) -> Option<Instant> {
+        let busy = self.kv.as_ref().is_some_and(Kv::busy).then_some(now);
+        earliest(self.top.as_ref().and_then(Top::deadline), busy)
     }
 }
 
@@ -110,6 +132,7 @@ impl NetCore {
         (stats.heap_used, stats.heap_free) = (heap_used as u64, heap_free as u64);
         let counters = &system.counters;
         stats.dirty_pages = counters.dirty_pages.load(Ordering::SeqCst);
+        stats.dirty_blocks = counters.dirty_blocks.load(Ordering::SeqCst);
         stats.burn_iterations = counters.burn_total();
         stats.cpus = system.cpus as u64;
         for (i, c) in counters.cpu.iter().enumerate().take(system.cpus) {
@@ -121,7 +144,7 @@ impl NetCore {
         self.services.poll(now, &mut self.net.sockets, stats);
         self.net.transmit(now);
         let now = time::now();
-        earliest(self.net.deadline(now), self.services.deadline())
+        earliest(self.net.deadline(now), self.services.deadline(now))
     }
 
     /// Whether received frames wait (see [`Net::has_work`]).

@@ -154,6 +154,15 @@ impl VcpuHandle {
 
     /// Runs `task` on the paused vCPU thread and waits for it. The vCPU must be paused.
     pub fn run_paused<R: Send + 'static>(&self, task: impl FnOnce(&mut VcpuFd) -> R + Send + 'static) -> Option<R> {
+        self.queue_paused(task)?.recv().ok()
+    }
+
+    /// Queues `task` for the paused vCPU thread; its result arrives on the receiver. `None` if
+    /// the vCPU is not paused or has ended.
+    fn queue_paused<R: Send + 'static>(
+        &self,
+        task: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Option<std::sync::mpsc::Receiver<R>> {
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let mut s = self.lock();
@@ -165,7 +174,7 @@ impl VcpuHandle {
             }));
         }
         self.changed.notify_all();
-        rx.recv().ok()
+        Some(rx)
     }
 }
 
@@ -353,19 +362,19 @@ impl Vcpus {
         self.handles.iter().all(|h| h.is_paused())
     }
 
-    /// Runs `task` on every paused vCPU thread, one after the other in index order, and returns
-    /// the results by index; `None` if a vCPU is not paused or has ended.
+    /// Runs `task` on every paused vCPU thread — on all of them at once — and returns the
+    /// results by index; `None` if a vCPU is not paused or has ended.
     pub fn run_paused_each<R: Send + 'static>(
         &self,
         task: impl Fn(usize, &mut VcpuFd) -> R + Send + Sync + 'static,
     ) -> Option<Vec<R>> {
         let task = Arc::new(task);
-        self.handles
-            .iter()
-            .map(|h| {
-                let (t, i) = (task.clone(), h.index);
-                h.run_paused(move |v| t(i, v))
-            })
-            .collect()
+        let mut results = Vec::with_capacity(self.handles.len());
+        // Hand every vCPU its task first, then collect: the threads work in parallel.
+        for h in &self.handles {
+            let (t, i) = (task.clone(), h.index);
+            results.push(h.queue_paused(move |v| t(i, v))?);
+        }
+        results.into_iter().map(|rx| rx.recv().ok()).collect()
     }
 }

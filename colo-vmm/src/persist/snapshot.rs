@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::state::{MachineState, StateRecord};
 use super::stream::{blocks, pages, Kind, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
 use crate::devices::block::disk::{Disk, DiskError};
-use crate::devices::block::overlay::Overlay;
+use crate::devices::block::overlay::{Overlay, RUN};
 use crate::devices::block::BLOCK_SIZE;
 use crate::migratable::{while_paused, Migratable, MigratableError};
 use crate::vstate::memory::GuestMemoryMmap;
@@ -138,31 +138,42 @@ pub fn write<W: Write, E: std::fmt::Display>(
     Ok(SnapshotStats { pages: written, blocks, bytes: counting.n })
 }
 
-/// Writes the blocks `set` of `disk` as the guest sees them (skipping zero ones when
-/// `skip_zero`), batched; returns how many were written.
+/// Writes the blocks `set` (ascending) of `disk` as the guest sees them (skipping zero ones
+/// when `skip_zero`), batched, reading each run of consecutive blocks at once; returns how many
+/// were written.
 pub fn write_blocks<W: Write>(
     s: &mut StreamWriter<W>,
     disk: &Disk,
     set: impl Iterator<Item = u64>,
     skip_zero: bool,
 ) -> Result<u64, StreamError> {
-    let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(super::stream::PAGES_PER_RECORD);
-    let mut spare: Vec<Vec<u8>> = Vec::new();
+    let mut buf = vec![0u8; RUN * BLOCK_SIZE];
     let mut written = 0;
+    let mut flush_run = |s: &mut StreamWriter<W>, first: u64, n: usize| -> Result<(), StreamError> {
+        let run = &mut buf[..n * BLOCK_SIZE];
+        disk.read_blocks(first, run).map_err(|e| StreamError::Io(std::io::Error::other(e)))?;
+        let blocks = run
+            .chunks(BLOCK_SIZE)
+            .enumerate()
+            .filter(|(_, d)| !(skip_zero && is_zero(d)))
+            .map(|(i, d)| (first + i as u64, d));
+        written += s.blocks(blocks)?;
+        Ok(())
+    };
+    let mut run: Option<(u64, usize)> = None;
     for b in set {
-        let mut buf = spare.pop().unwrap_or_else(|| vec![0u8; BLOCK_SIZE]);
-        disk.read_block(b, &mut buf).map_err(|e| StreamError::Io(std::io::Error::other(e)))?;
-        if skip_zero && is_zero(&buf) {
-            spare.push(buf);
-            continue;
-        }
-        batch.push((b, buf));
-        if batch.len() == super::stream::PAGES_PER_RECORD {
-            written += s.blocks(batch.iter().map(|(b, d)| (*b, &d[..])))?;
-            spare.extend(batch.drain(..).map(|(_, d)| d));
-        }
+        run = match run {
+            Some((first, n)) if b == first + n as u64 && n < RUN => Some((first, n + 1)),
+            Some((first, n)) => {
+                flush_run(s, first, n)?;
+                Some((b, 1))
+            }
+            None => Some((b, 1)),
+        };
     }
-    written += s.blocks(batch.iter().map(|(b, d)| (*b, &d[..])))?;
+    if let Some((first, n)) = run {
+        flush_run(s, first, n)?;
+    }
     Ok(written)
 }
 
@@ -178,14 +189,12 @@ pub fn stage_blocks(payload: &[u8], stage: Option<&mut Overlay>) -> Result<u64, 
     let Some(stage) = stage else {
         return Err(StreamError::Corrupt("disk blocks for a VM without a writable disk".into()));
     };
-    let mut n = 0;
-    for (b, data) in blocks(payload) {
-        if !stage.store(b, data)? {
-            return Err(StreamError::Corrupt(format!("disk block {b} is outside the disk")));
-        }
-        n += 1;
+    let batch: Vec<(u64, &[u8])> = blocks(payload).collect();
+    if !stage.store_many(&batch)? {
+        let outside = batch.iter().map(|(b, _)| *b).max().unwrap_or(0);
+        return Err(StreamError::Corrupt(format!("disk block {outside} is outside the disk")));
     }
-    Ok(n)
+    Ok(batch.len() as u64)
 }
 
 struct CountingWriter<W: Write> {

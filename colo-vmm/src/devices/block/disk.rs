@@ -16,7 +16,7 @@ use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::overlay::Overlay;
+use super::overlay::{Overlay, RUN};
 use super::{DiskConfig, BLOCK_SIZE, MIN_DISK, SECTOR_SIZE};
 use crate::vstate::dirty::DirtyBitmap;
 
@@ -262,6 +262,20 @@ impl Disk {
         }
     }
 
+    /// Reads `buf.len() / BLOCK_SIZE` blocks from `first` on as the guest sees them (one read
+    /// when there is no overlay).
+    pub fn read_blocks(&self, first: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        let n = (buf.len() / BLOCK_SIZE) as u64;
+        if first.checked_add(n).is_none_or(|end| end > self.blocks) {
+            return Err(DiskError::Io {
+                path: self.path.clone(),
+                what: "reading blocks",
+                source: io::Error::new(io::ErrorKind::InvalidInput, format!("blocks {first}+{n} are outside the disk")),
+            });
+        }
+        read_view(&self.lock(), first * BLOCK_SIZE as u64, buf).map_err(io_err(&self.path, "reading blocks"))
+    }
+
     /// Reads block `block` as the guest sees it.
     pub fn read_block(&self, block: u64, buf: &mut [u8]) -> Result<(), DiskError> {
         if block >= self.blocks {
@@ -303,7 +317,7 @@ impl Disk {
         let mut inner = self.lock();
         let Some(own) = inner.own.take() else { return Ok(0) };
         let image = &inner.image;
-        own.for_each(|b, data| image.write_all_at(data, b * BLOCK_SIZE as u64))
+        own.for_each_run(|b, data| image.write_all_at(data, b * BLOCK_SIZE as u64))
             .and_then(|()| image.sync_data())
             .map_err(io_err(&self.path, "writing the overlay into the image"))?;
         Ok(own.len() as u64)
@@ -315,7 +329,7 @@ impl Disk {
         let inner = self.lock();
         let image = &inner.image;
         stage
-            .for_each(|b, data| image.write_all_at(data, b * BLOCK_SIZE as u64))
+            .for_each_run(|b, data| image.write_all_at(data, b * BLOCK_SIZE as u64))
             .map_err(io_err(&self.path, "writing received blocks into the image"))?;
         Ok(stage.len() as u64)
     }
@@ -327,18 +341,25 @@ impl Disk {
     pub fn replace_with(&self, stage: &Overlay) -> Result<u64, DiskError> {
         let inner = self.lock();
         let image = &inner.image;
-        let (mut ours, mut theirs) = (vec![0u8; BLOCK_SIZE], vec![0u8; BLOCK_SIZE]);
+        let mut ours = vec![0u8; RUN * BLOCK_SIZE];
+        let mut theirs = vec![0u8; BLOCK_SIZE];
         let zero = vec![0u8; BLOCK_SIZE];
         let mut written = 0;
         let result = (|| -> io::Result<()> {
-            for b in 0..self.blocks {
-                let at = b * BLOCK_SIZE as u64;
-                let want: &[u8] = if stage.read(b, &mut theirs)? { &theirs } else { &zero };
-                image.read_exact_at(&mut ours, at)?;
-                if ours != want {
-                    image.write_all_at(want, at)?;
-                    written += 1;
+            let mut first = 0;
+            while first < self.blocks {
+                let n = (RUN as u64).min(self.blocks - first);
+                let chunk = &mut ours[..n as usize * BLOCK_SIZE];
+                image.read_exact_at(chunk, first * BLOCK_SIZE as u64)?;
+                for (i, current) in chunk.chunks(BLOCK_SIZE).enumerate() {
+                    let b = first + i as u64;
+                    let want: &[u8] = if stage.read(b, &mut theirs)? { &theirs } else { &zero };
+                    if current != want {
+                        image.write_all_at(want, b * BLOCK_SIZE as u64)?;
+                        written += 1;
+                    }
                 }
+                first += n;
             }
             image.sync_data()
         })();

@@ -12,6 +12,9 @@ use std::path::Path;
 
 use super::BLOCK_SIZE;
 
+/// Most blocks read or written at once (1 MiB).
+pub const RUN: usize = 256;
+
 /// An overlay of whole blocks.
 pub struct Overlay {
     file: File,
@@ -54,6 +57,54 @@ impl Overlay {
         let slot = *self.slots.entry(block).or_insert(next);
         self.file.write_all_at(data, slot * BLOCK_SIZE as u64)?;
         Ok(true)
+    }
+
+    /// Stores a batch of blocks (as [`Overlay::store`]; all or none are refused), with one
+    /// write per run of blocks that land in consecutive slots.
+    pub fn store_many(&mut self, blocks: &[(u64, &[u8])]) -> io::Result<bool> {
+        if blocks.iter().any(|&(b, d)| b >= self.blocks || d.len() != BLOCK_SIZE) {
+            return Ok(false);
+        }
+        let mut run: Vec<u8> = Vec::with_capacity(blocks.len().min(RUN) * BLOCK_SIZE);
+        let mut run_start = 0u64;
+        for &(block, data) in blocks {
+            let next = self.slots.len() as u64;
+            let slot = *self.slots.entry(block).or_insert(next);
+            if !run.is_empty() && (slot != run_start + (run.len() / BLOCK_SIZE) as u64 || run.len() >= RUN * BLOCK_SIZE)
+            {
+                self.file.write_all_at(&run, run_start * BLOCK_SIZE as u64)?;
+                run.clear();
+            }
+            if run.is_empty() {
+                run_start = slot;
+            }
+            run.extend_from_slice(data);
+        }
+        if !run.is_empty() {
+            self.file.write_all_at(&run, run_start * BLOCK_SIZE as u64)?;
+        }
+        Ok(true)
+    }
+
+    /// Calls `f` with each run of consecutive blocks held in consecutive slots (at most
+    /// [`RUN`] blocks), ascending: the first block's number and the run's contents, read at once.
+    pub fn for_each_run(&self, mut f: impl FnMut(u64, &[u8]) -> io::Result<()>) -> io::Result<()> {
+        let mut buf = vec![0u8; RUN * BLOCK_SIZE];
+        let mut it = self.slots.iter().peekable();
+        while let Some((&first, &slot)) = it.next() {
+            let mut n = 1u64;
+            while let Some(&(&b, &s)) = it.peek() {
+                if b != first + n || s != slot + n || n as usize >= RUN {
+                    break;
+                }
+                n += 1;
+                it.next();
+            }
+            let run = &mut buf[..n as usize * BLOCK_SIZE];
+            self.file.read_exact_at(run, slot * BLOCK_SIZE as u64)?;
+            f(first, run)?;
+        }
+        Ok(())
     }
 
     /// Reads block `block` into `buf` if it is held.
@@ -117,5 +168,32 @@ mod tests {
         assert_eq!(seen, vec![(1, 1), (3, 33)], "ascending, latest contents");
         o.clear().unwrap();
         assert!(o.is_empty() && !o.contains(3));
+    }
+
+    #[test]
+    fn batches_are_stored_and_read_back_in_runs() {
+        let mut o = Overlay::new(&std::env::temp_dir(), 1024).unwrap();
+        let data: Vec<Vec<u8>> = (0..600u32).map(|i| vec![(i % 251) as u8; BLOCK_SIZE]).collect();
+        // Blocks 100..400 then 10..12 then 5, block 200 again (its old slot).
+        let mut batch: Vec<(u64, &[u8])> = (0..300).map(|i| (100 + i as u64, &data[i][..])).collect();
+        batch.extend([(10, &data[300][..]), (11, &data[301][..]), (5, &data[302][..]), (200, &data[303][..])]);
+        assert!(o.store_many(&batch).unwrap());
+        assert!(!o.store_many(&[(2000, &data[0][..])]).unwrap(), "a block outside: refused");
+        let mut seen = vec![];
+        o.for_each_run(|first, run| {
+            for (i, b) in run.chunks(BLOCK_SIZE).enumerate() {
+                seen.push((first + i as u64, b[0], run.len() / BLOCK_SIZE));
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen.len(), 303);
+        let get = |b: u64| seen.iter().find(|s| s.0 == b).map(|s| s.1);
+        assert_eq!(get(5), Some(data[302][0]));
+        assert_eq!(get(10), Some(data[300][0]));
+        assert_eq!(get(150), Some(data[50][0]));
+        assert_eq!(get(200), Some(data[303][0]), "the latest contents");
+        assert!(seen.iter().all(|s| s.2 <= RUN), "runs of at most {RUN} blocks");
+        assert!(seen.windows(2).all(|w| w[0].0 < w[1].0), "ascending");
     }
 }

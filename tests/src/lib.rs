@@ -6,6 +6,7 @@ pub mod colo_hosts;
 pub mod colo_topology;
 pub mod counter_load;
 pub mod hosts;
+pub mod kv;
 pub mod linux_guest;
 pub mod netns;
 pub mod pcapread;

@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use colo_tests::colo_hosts::{ColoHosts, HostsOptions};
 use colo_tests::colo_topology::CounterClient;
 use colo_tests::counter_load::{gap_around, longest_gaps, CounterLoad};
-use colo_tests::hosts::read_capture;
-use colo_tests::vm_topology::GUEST_MAC;
+use colo_tests::port_capture::{since_epoch, PortCaptures};
 use serde_json::Value;
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -106,44 +105,6 @@ fn with_an_arbiter_a_dead_primary_host_is_replaced_once_its_lease_expired() {
     assert_eq!(s["arbiter"]["holder"], "host-b");
     // Heartbeat timeout (1 s), then the rest of host a's lease (arbiter-ttl 2 s).
     assert!(took >= Duration::from_millis(1500), "not before host a's lease could expire: {took:?}");
-}
-
-/// Captures of what hosts send onto the LAN (their switch ports), for who spoke as the VM.
-struct PortCaptures {
-    files: Vec<std::path::PathBuf>,
-    tcpdump: Vec<colo_tests::Proc>,
-}
-
-impl PortCaptures {
-    fn start(net: &ColoHosts, hosts: &[usize]) -> PortCaptures {
-        let files: Vec<_> = hosts.iter().map(|i| net.dir.path(&format!("port-{i}.pcap"))).collect();
-        let tcpdump = hosts.iter().zip(&files).map(|(i, f)| net.lan.capture_host(*i, f)).collect();
-        PortCaptures { files, tcpdump }
-    }
-
-    /// Stops the captures; per host, the times (since the epoch) of frames from the VM's MAC.
-    fn finish(mut self) -> Vec<Vec<Duration>> {
-        for t in &mut self.tcpdump {
-            t.signal(libc::SIGINT);
-            t.wait_timeout(Duration::from_secs(5));
-        }
-        let mac = colo_proxy::wire::ethernet::parse_mac(GUEST_MAC).unwrap();
-        self.files
-            .iter()
-            .map(|f| {
-                read_capture(f)
-                    .into_iter()
-                    .filter(|(_, fr)| fr.len() >= 12 && fr[6..12] == mac)
-                    .map(|(t, _)| t)
-                    .collect()
-            })
-            .collect()
-    }
-}
-
-/// `at` as time since the epoch (the captures' clock).
-fn since_epoch(at: Instant) -> Duration {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap() - at.elapsed()
 }
 
 #[test]

@@ -2,10 +2,16 @@
 
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use super::Reason;
+use crate::metrics::Histogram;
+
+/// Upper bounds of the hold-time histogram, seconds: a matched frame waits for its twin
+/// (tens of microseconds to milliseconds); in passive mode frames wait for the next checkpoint
+/// (up to the passive interval); the compare timeout defaults to 3 s.
+pub static HOLD_BUCKETS: [f64; 17] =
+    [50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Inconsistencies by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +56,10 @@ pub struct Stats {
     pub frames_primary: u64,
     /// Frames received from the secondary.
     pub frames_secondary: u64,
+    /// Ethernet bytes of the frames received from the primary.
+    pub bytes_primary: u64,
+    /// Ethernet bytes of the frames received from the secondary.
+    pub bytes_secondary: u64,
     /// Frames sent out (primary frames; secondary frames in `secondary-only` mode).
     pub released: u64,
     /// Primary frames discarded (in `secondary-only` mode).
@@ -91,13 +101,19 @@ pub struct Stats {
     /// backends that serve both VMs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replica: Option<crate::replica::ReplicaCounters>,
+    /// Hold times of released primary frames since start, in seconds, in [`HOLD_BUCKETS`]
+    /// (for the metrics endpoint; not sent on the control socket).
+    #[serde(skip)]
+    pub hold_seconds: Histogram,
 }
 
 /// Running counters; [`Counters::snapshot`] turns them into [`Stats`].
 #[derive(Debug)]
 pub(crate) struct Counters {
     pub stats: Stats,
-    hold_us: Histogram<u64>,
+    hold_us: hdrhistogram::Histogram<u64>,
+    /// The exact sum of the hold times recorded, µs.
+    hold_sum_us: u64,
 }
 
 impl Counters {
@@ -105,7 +121,8 @@ impl Counters {
         Counters {
             stats: Stats::default(),
             // 1 µs .. 1 h at 2 significant digits: a few kB, constant-time recording.
-            hold_us: Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds"),
+            hold_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds"),
+            hold_sum_us: 0,
         }
     }
 
@@ -113,6 +130,7 @@ impl Counters {
     pub fn record_hold(&mut self, held: Duration) {
         let us = (held.as_micros() as u64).max(1);
         self.hold_us.saturating_record(us);
+        self.hold_sum_us = self.hold_sum_us.saturating_add(us);
         self.stats.max_hold_us = self.stats.max_hold_us.max(us);
     }
 
@@ -125,6 +143,17 @@ impl Counters {
             s.hold_p50_us = self.hold_us.value_at_quantile(0.5);
             s.hold_p99_us = self.hold_us.value_at_quantile(0.99);
         }
+        s.hold_seconds = self.hold_histogram();
         s
+    }
+
+    /// The hold times in [`HOLD_BUCKETS`]: each recorded value (kept to 2 significant digits)
+    /// is counted in the first bucket at least as large; the sum is exact.
+    fn hold_histogram(&self) -> Histogram {
+        let mut h = Histogram::new(&HOLD_BUCKETS);
+        for v in self.hold_us.iter_recorded() {
+            h.observe_many(self.hold_us.lowest_equivalent(v.value_iterated_to()) as f64 * 1e-6, v.count_at_value());
+        }
+        h.with_sum(self.hold_sum_us as f64 * 1e-6)
     }
 }

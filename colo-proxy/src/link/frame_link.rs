@@ -80,6 +80,23 @@ pub struct FrameLinkStats {
     pub refused_full: AtomicU64,
 }
 
+/// A link as the metrics endpoint shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLinkState {
+    /// Not closed.
+    pub open: bool,
+    /// The peer answered a ping within the lease (see [`FrameLink::lease_fresh`]).
+    pub lease_fresh: bool,
+    /// Authenticated and encrypted.
+    pub secure: bool,
+    /// See [`FrameLinkStats::frames_sent`].
+    pub frames_sent: u64,
+    /// See [`FrameLinkStats::frames_received`].
+    pub frames_received: u64,
+    /// See [`FrameLinkStats::refused_full`].
+    pub refused_full: u64,
+}
+
 struct Out {
     queue: VecDeque<PeerMessage>,
     bytes: usize,
@@ -254,6 +271,20 @@ impl FrameLink {
     /// Counters.
     pub fn stats(&self) -> &FrameLinkStats {
         &self.shared.stats
+    }
+
+    /// Its state and counters now, with `lease` as the lease.
+    pub fn state(&self, lease: Duration) -> FrameLinkState {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.shared.stats;
+        FrameLinkState {
+            open: self.is_open(),
+            lease_fresh: self.lease_fresh(lease),
+            secure: self.secure,
+            frames_sent: get(&s.frames_sent),
+            frames_received: get(&s.frames_received),
+            refused_full: get(&s.refused_full),
+        }
     }
 
     /// Ends the link: both threads stop, the handler gets [`PeerEvent::Closed`].

@@ -3,6 +3,7 @@
 
 pub mod cache;
 pub mod compare;
+pub mod histograms;
 pub mod hybrid;
 pub mod link;
 pub mod message;

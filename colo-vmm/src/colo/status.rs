@@ -174,6 +174,8 @@ pub struct ColoStatus {
     pub frames_dropped: u64,
     /// The last failover.
     pub last_failover: Option<Failover>,
+    /// Failovers since this VMM started.
+    pub failovers: u64,
     /// Why COLO ended, if it ended with an error.
     pub error: Option<String>,
     /// With an arbiter: the key's holder, this replica's lease, the last renewal.
@@ -191,6 +193,9 @@ pub struct ColoStatus {
     pub recent: VecDeque<CheckpointRecord>,
     #[serde(skip)]
     pauses: VecDeque<f64>,
+    /// Pause, pages and bytes of every checkpoint since start (the metrics endpoint's).
+    #[serde(skip)]
+    pub histograms: super::histograms::CheckpointHistograms,
 }
 
 /// Now, in ms since the Unix epoch.
@@ -212,6 +217,7 @@ impl ColoStatus {
         pages: u64,
         bytes: u64,
     ) {
+        self.histograms.record(pause, pages, bytes);
         let c = &mut self.checkpoints;
         c.total += 1;
         if self.recent.len() == HISTORY {
@@ -258,6 +264,7 @@ impl ColoStatus {
         let at_unix_ms = unix_ms();
         self.state = State::FailedOver;
         self.mode = None;
+        self.failovers += 1;
         self.last_failover =
             Some(Failover { at_unix_ms, survivor, reason: reason.to_string(), resumed_from: resumed_from.to_string() });
     }

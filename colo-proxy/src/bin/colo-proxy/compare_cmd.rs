@@ -6,10 +6,11 @@
 //! next flush, mode change or write.
 
 use std::io::{self, Read, Write};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 
 use colo_proxy::capture::Capture;
 use colo_proxy::compare::{Disposal, Engine, Miscompare, Push, Sink, Verdict};
@@ -17,9 +18,11 @@ use colo_proxy::control::Command;
 use colo_proxy::control::{ConnId, ControlServer, Event, Request};
 use colo_proxy::endpoint::{Port, Stream};
 use colo_proxy::framing::Decoder;
+use colo_proxy::metrics::CompareState;
 use colo_proxy::notify_dev::{Inbound, NotifyCodec, Outbound};
 use colo_proxy::{Frame, Side};
 
+use crate::metrics::LoopMetrics;
 use crate::options::CompareArgs;
 use crate::output::OutQueue;
 use crate::signals::Signals;
@@ -29,6 +32,7 @@ const PRIMARY_IN: Token = Token(10);
 const SECONDARY_IN: Token = Token(12);
 const OUTDEV: Token = Token(14);
 const NOTIFY_DEV: Token = Token(16);
+const METRICS: Token = Token(18);
 const CONTROL: Token = Token(100);
 
 /// Stop reading inputs while this much released output waits for `outdev`.
@@ -143,6 +147,7 @@ struct Proxy {
     events: Vec<Miscompare>,
     flushes: Vec<PendingFlush>,
     nic: String,
+    metrics: Option<LoopMetrics>,
 }
 
 macro_rules! outlet {
@@ -184,6 +189,10 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         Some(path) => Some(Capture::create(path).with_context(|| format!("capture file {}", path.display()))?),
         None => None,
     };
+    let metrics = match args.engine.metrics {
+        Some(addr) => Some(LoopMetrics::start(addr, Arc::new(Waker::new(registry, METRICS)?))?),
+        None => None,
+    };
     let input = |side, port| Input { side, port, decoder: Decoder::new(args.vnet_hdr), pending: None, stalled: true };
     let mut proxy = Proxy {
         engine: Engine::with_config(args.engine.config()),
@@ -196,6 +205,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         events: vec![],
         flushes: vec![],
         nic: args.engine.nic.clone().unwrap_or_else(|| "net0".to_string()),
+        metrics,
         poll,
     };
     proxy.engine.set_mode(args.engine.mode, outlet!(proxy));
@@ -218,6 +228,8 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
                     proxy.shutdown();
                     return Ok(());
                 }
+            } else if token == METRICS {
+                proxy.answer_scrapes();
             } else if proxy.control.as_ref().is_some_and(|c| c.owns(token)) {
                 proxy.handle_control(ev);
             } else {
@@ -231,6 +243,18 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
 }
 
 impl Proxy {
+    fn answer_scrapes(&self) {
+        if let Some(m) = &self.metrics {
+            m.answer(|| CompareState {
+                nic: self.nic.clone(),
+                mode: self.engine.mode(),
+                stats: self.engine.stats(),
+                role: None,
+                frame_link: None,
+            });
+        }
+    }
+
     fn next_timeout(&self) -> Option<std::time::Duration> {
         let now = Instant::now();
         let engine = self.engine.next_deadline().map(|t| self.engine.clock().instant(t));
@@ -501,7 +525,7 @@ impl Proxy {
                 }
                 Command::QueryStats { id } => {
                     let stats = self.engine.stats();
-                    self.reply(conn, &Event::Stats { id, stats });
+                    self.reply(conn, &Event::Stats { id, stats: Box::new(stats) });
                 }
                 other => self.reply(conn, &other.refused_by_pair()),
             }

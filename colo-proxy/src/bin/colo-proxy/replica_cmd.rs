@@ -22,14 +22,16 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use colo_proxy::announce;
 use colo_proxy::capture::Capture;
-use colo_proxy::compare::{Disposal, Miscompare, Push};
+use colo_proxy::compare::{Disposal, Miscompare, Push, Stats};
 use colo_proxy::control::{Command, ControlServer, Event, HelloReplica, Request};
 use colo_proxy::link::{self, AuthPolicy, FrameLink, FrameLinkConfig, LinkConn, LinkKey, LinkListener, PeerEvent};
+use colo_proxy::metrics::CompareState;
 use colo_proxy::packet_socket::PacketSocket;
 use colo_proxy::replica::{Replica, ReplicaOutput, Role};
 use colo_proxy::wire::ethernet::parse_mac;
 use colo_proxy::{Frame, MonotonicClock};
 
+use crate::metrics::LoopMetrics;
 use crate::options::RunArgs;
 use crate::run_cmd::send;
 use crate::signals::Signals;
@@ -131,6 +133,7 @@ struct ReplicaRun {
     tx_errors: u64,
     rx_errors: u64,
     dropped_full: u64,
+    metrics: Option<LoopMetrics>,
 }
 
 macro_rules! out {
@@ -193,6 +196,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let metrics = match args.engine.metrics {
+        Some(addr) => Some(LoopMetrics::start(addr, waker.clone())?),
+        None => None,
+    };
     let mut run = ReplicaRun {
         poll,
         waker,
@@ -215,6 +222,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         tx_errors: 0,
         rx_errors: 0,
         dropped_full: 0,
+        metrics,
     };
     tracing::info!(uplink = %args.uplink, vm = %vm_name, peer_listen = ?args.peer_listen,
         "colo-proxy run: one VM, its role set by its colo-vmm (none yet: nothing passes)");
@@ -235,7 +243,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 UPLINK => busy[0] = true,
                 VM => busy[1] = true,
-                WAKER => run.outside_events(),
+                WAKER => {
+                    run.outside_events();
+                    run.answer_scrapes();
+                }
                 t if run.control.as_ref().is_some_and(|c| c.owns(t)) => run.handle_control(ev),
                 _ => {}
             }
@@ -255,6 +266,26 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 impl ReplicaRun {
+    /// The engine's counters with the routing's (`query-stats`, metrics).
+    fn stats(&self) -> Stats {
+        let mut stats = self.core.stats();
+        stats.replica = Some(self.core.counters());
+        stats.dropped_overflow += self.dropped_full;
+        stats
+    }
+
+    fn answer_scrapes(&self) {
+        if let Some(m) = &self.metrics {
+            m.answer(|| CompareState {
+                nic: self.nic.clone(),
+                mode: self.core.mode(),
+                stats: self.stats(),
+                role: Some(self.core.role()),
+                frame_link: self.link.as_ref().map(|l| l.state(self.lease)),
+            });
+        }
+    }
+
     /// When the loop must wake without I/O: the engine's next deadline or the next announcement.
     fn next_wake(&self) -> Option<Duration> {
         let engine = self.core.next_deadline().map(|t| {
@@ -478,12 +509,7 @@ impl ReplicaRun {
                 Ok(()) => Event::ModeSet { id, mode },
                 Err(e) => error(id, e),
             },
-            Command::QueryStats { id } => {
-                let mut stats = self.core.stats();
-                stats.replica = Some(self.core.counters());
-                stats.dropped_overflow += self.dropped_full;
-                Event::Stats { id, stats }
-            }
+            Command::QueryStats { id } => Event::Stats { id, stats: Box::new(self.stats()) },
         }
     }
 

@@ -9,19 +9,22 @@
 //! `dropped_overflow`) after requesting a checkpoint.
 
 use std::io;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Interest, Poll, Token, Waker};
 
 use colo_proxy::capture::Capture;
 use colo_proxy::compare::{Disposal, Miscompare, Push, Sink, Verdict};
 use colo_proxy::control::{Command, ControlServer, Event, Request};
+use colo_proxy::metrics::CompareState;
 use colo_proxy::packet_socket::PacketSocket;
 use colo_proxy::proxy::Proxy;
 use colo_proxy::{Frame, MonotonicClock, Side};
 
+use crate::metrics::LoopMetrics;
 use crate::options::RunArgs;
 use crate::signals::Signals;
 
@@ -29,6 +32,7 @@ const SIGNALS: Token = Token(0);
 const UPLINK: Token = Token(1);
 const PRIMARY: Token = Token(2);
 const SECONDARY: Token = Token(3);
+const METRICS: Token = Token(4);
 const CONTROL: Token = Token(100);
 
 /// Frames read from one interface before the others get a turn.
@@ -76,6 +80,7 @@ struct Run {
     nic: String,
     tx_errors: u64,
     rx_errors: u64,
+    metrics: Option<LoopMetrics>,
 }
 
 macro_rules! outlet {
@@ -116,6 +121,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => Some(Capture::create(path).with_context(|| format!("capture file {}", path.display()))?),
         None => None,
     };
+    let metrics = match args.engine.metrics {
+        Some(addr) => Some(LoopMetrics::start(addr, Arc::new(Waker::new(poll.registry(), METRICS)?))?),
+        None => None,
+    };
     let mut run = Run {
         poll,
         proxy: Proxy::new(args.engine.config(), MonotonicClock::new()),
@@ -126,6 +135,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         nic: args.engine.nic.clone().unwrap_or_else(|| args.uplink.clone()),
         tx_errors: 0,
         rx_errors: 0,
+        metrics,
     };
     run.proxy.set_mode(args.engine.mode, outlet!(run));
     tracing::info!(
@@ -158,6 +168,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 UPLINK => busy[0] = true,
                 PRIMARY => busy[1] = true,
                 SECONDARY => busy[2] = true,
+                METRICS => run.answer_scrapes(),
                 t if run.control.as_ref().is_some_and(|c| c.owns(t)) => run.handle_control(ev),
                 _ => {}
             }
@@ -176,6 +187,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 impl Run {
+    fn answer_scrapes(&self) {
+        if let Some(m) = &self.metrics {
+            m.answer(|| CompareState {
+                nic: self.nic.clone(),
+                mode: self.proxy.mode(),
+                stats: self.proxy.stats(),
+                role: None,
+                frame_link: None,
+            });
+        }
+    }
+
     /// Reads up to a batch from interface `i`; returns whether frames remain.
     fn drain(&mut self, i: usize) -> bool {
         for _ in 0..BATCH {
@@ -238,7 +261,7 @@ impl Run {
                     self.proxy.set_mode(mode, outlet!(self));
                     Event::ModeSet { id, mode }
                 }
-                Command::QueryStats { id } => Event::Stats { id, stats: self.proxy.stats() },
+                Command::QueryStats { id } => Event::Stats { id, stats: Box::new(self.proxy.stats()) },
                 other => other.refused_by_pair(),
             };
             self.report_events();

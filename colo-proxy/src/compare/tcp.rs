@@ -1,4 +1,4 @@
-//! The TCP rule of spec/compare.md: payload byte streams aligned by sequence number.
+//! The TCP rule of docs/compare.md: payload byte streams aligned by sequence number.
 
 use crate::frame::Side;
 

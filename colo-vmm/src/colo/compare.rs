@@ -1,4 +1,4 @@
-//! The controller's side of the compare processes' control sockets (spec/control.md): set their
+//! The controller's side of the compare processes' control sockets (docs/control.md): set their
 //! mode, flush them at checkpoints, and hear their miscompares. One reader thread per process
 //! forwards everything into one channel, so the controller waits on all of them at once.
 
@@ -28,7 +28,7 @@ pub enum CompareError {
         #[source]
         source: std::io::Error,
     },
-    /// A compare process did not greet as spec/control.md says.
+    /// A compare process did not greet as docs/control.md says.
     #[error("{path}: expected hello, got {got}")]
     Hello {
         /// The socket.
@@ -102,7 +102,7 @@ enum Duty {
 pub struct Reported {
     /// The NIC.
     pub nic: String,
-    /// The reason (spec/control.md names).
+    /// The reason (docs/control.md names).
     pub reason: String,
 }
 

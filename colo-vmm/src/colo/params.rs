@@ -1,4 +1,4 @@
-//! COLO parameters (spec/colo.md), settable at run time with `set-parameters` and readable with
+//! COLO parameters (docs/colo.md), settable at run time with `set-parameters` and readable with
 //! `query-parameters`. Changes take effect at once; an invalid value is refused and nothing
 //! changes.
 
@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-/// The parameters, with spec/colo.md's names and defaults.
+/// The parameters, with docs/colo.md's names and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ColoParams {

@@ -1,5 +1,5 @@
 //! The primary: `colo-start` migrates the running VM to the secondary and, instead of handing
-//! it over, keeps checkpointing it there (spec/colo.md). The checkpoint controller runs hybrid
+//! it over, keeps checkpointing it there (docs/colo.md). The checkpoint controller runs hybrid
 //! mode: it waits for a miscompare, `max-time`, a user request or the end of a passive interval;
 //! runs the transaction in the spec's order; and fails over to `primary-only` when the
 //! secondary is lost.
@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use colo_proxy::compare::Mode;
 
+use super::blocks::PendingBlocks;
 use super::compare::{CompareError, CompareSet};
 use super::hybrid::{CheckpointKind, Decision, Hybrid};
 use super::link::{Incoming, Link, Silence};
@@ -18,7 +19,7 @@ use super::message::Control;
 use super::params::{ms, ColoParams};
 use super::shared::ColoShared;
 use super::status::{unix_ms, Role, State, Trigger};
-use crate::migratable::{page_digests, Migratable};
+use crate::migratable::{block_digests, page_digests, Migratable};
 use crate::migration::protocol::Purpose;
 use crate::migration::source::{self, MigrationError, Transfer};
 use crate::migration::status::{MigrationParams, StatusHandle};
@@ -90,7 +91,7 @@ pub enum StartError {
 }
 
 /// A primary-to-be connects to its compare processes at once and sets them `primary-only`, so
-/// its traffic flows before COLO starts (spec/control.md, "Initial mode").
+/// its traffic flows before COLO starts (docs/control.md, "Initial mode").
 pub fn prepare(colo: &ColoShared) -> Result<(), CompareError> {
     let mut c = CompareSet::connect(&colo.compare_sockets, Duration::from_secs(10))?;
     // With an arbiter, only once this replica holds the VM's key (see `serving`).
@@ -268,6 +269,7 @@ fn take_compare(colo: &ColoShared) -> Result<CompareSet, CompareError> {
 /// was saved): pages and state sent, `vmstate-received`, output committed, `vmstate-loaded`.
 struct Sent {
     pages: u64,
+    blocks: u64,
     bytes: u64,
     released: u64,
     dropped: u64,
@@ -303,6 +305,8 @@ struct Controller<'a, V: Migratable> {
     hybrid: Hybrid,
     /// Pages dirtied since the last checkpoint and not yet streamed in the background.
     pending: DirtyBitmap,
+    /// The same for the disk's blocks.
+    pending_blocks: PendingBlocks,
     seq: u64,
     /// When the PVM last resumed: intervals count running time only.
     resumed_at: Instant,
@@ -329,6 +333,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
             tracking: true,
             hybrid: Hybrid::default(),
             pending: DirtyBitmap::empty(vm.page_count()),
+            pending_blocks: PendingBlocks::new(vm),
             seq: 0,
             resumed_at: Instant::now(),
             test,
@@ -479,8 +484,21 @@ impl<'a, V: Migratable> Controller<'a, V> {
         Ok(n)
     }
 
+    /// Streams the pending disk blocks once enough have gathered (as [`Self::background`] does
+    /// pages).
+    fn background_blocks(&mut self, limit: u64) -> Result<(), End> {
+        self.pending_blocks.gather(self.vm);
+        if self.pending_blocks.bytes() < limit {
+            return Ok(());
+        }
+        let n = self.pending_blocks.send(&self.link, self.vm).map_err(|e| self.write_failed(e))?;
+        self.colo.update(|s| s.disk.background_blocks += n);
+        Ok(())
+    }
+
     /// Streams pending dirty pages to the secondary's RAM cache once enough have gathered.
     fn background(&mut self, limit: u64) -> Result<(), End> {
+        self.background_blocks(limit)?;
         self.gather()?;
         if (self.pending.count() as u64) * (PAGE_SIZE as u64) < limit {
             return Ok(());
@@ -528,12 +546,13 @@ impl<'a, V: Migratable> Controller<'a, V> {
         // Whatever happened, the PVM runs on.
         let resumed = self.resume();
         let pause = paused_at.elapsed();
-        let Sent { pages, bytes, released, dropped, sent_ms, received_ms, committed_ms, loaded_ms } = sent?;
+        let Sent { pages, blocks, bytes, released, dropped, sent_ms, received_ms, committed_ms, loaded_ms } = sent?;
         resumed?;
         let kind = decision.kind;
         let hybrid = self.hybrid.clone();
         self.colo.update(|s| {
             s.checkpoint(kind, &trigger, interval, pause, pages, bytes);
+            s.checkpoint_blocks(blocks);
             s.frames_released += released;
             s.frames_dropped += dropped;
             s.mode = Some(kind);
@@ -550,6 +569,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
             interval_ms = interval.as_millis() as u64,
             pause_ms = pause.as_secs_f64() * 1000.0,
             pages,
+            blocks,
             released,
             sent_ms,
             received_ms,
@@ -579,6 +599,8 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.gather()?;
         self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
         let pages = self.send_pending()?;
+        self.pending_blocks.gather(vm);
+        let blocks = self.pending_blocks.send(&self.link, vm).map_err(|e| self.write_failed(e))?;
         if let Some(d) = self.test.checkpoint_delay {
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
             std::thread::sleep(d);
@@ -594,10 +616,15 @@ impl<'a, V: Migratable> Controller<'a, V> {
             true => Some(page_digests(vm).map_err(|e| End::Error(e.to_string()))?),
             false => None,
         };
-        let record = StateRecord::Paused { state, page_digests }.encode();
+        let block_digests = match self.test.verify {
+            true => block_digests(vm).map_err(|e| End::Error(e.to_string()))?,
+            false => None,
+        };
+        let record = StateRecord::Paused { state, page_digests, block_digests }.encode();
         let encoded = record.len() as u64;
         self.link.send_state(&record).map_err(|e| self.write_failed(e))?;
-        self.link.send(&Control::VmstateSize { seq, pages, rx_marks }).map_err(|e| self.write_failed(e))?;
+        let size = Control::VmstateSize { seq, pages, blocks, rx_marks };
+        self.link.send(&size).map_err(|e| self.write_failed(e))?;
         let sent_ms = ms_since(t0);
         self.expect("vmstate-received", &Control::VmstateReceived { seq })?;
         let received_ms = ms_since(t0);
@@ -616,7 +643,8 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.expect("vmstate-loaded", &Control::VmstateLoaded { seq })?;
         Ok(Sent {
             pages,
-            bytes: pages * PAGE_SIZE as u64 + encoded,
+            blocks,
+            bytes: (pages + blocks) * PAGE_SIZE as u64 + encoded,
             released,
             dropped,
             sent_ms,
@@ -705,6 +733,7 @@ fn describe(m: &Incoming) -> String {
     match m {
         Incoming::Control(c) => format!("{c:?}"),
         Incoming::Pages(p) => format!("{} bytes of pages", p.len()),
+        Incoming::Blocks(b) => format!("{} bytes of disk blocks", b.len()),
         Incoming::State(s) => format!("{} bytes of device state", s.len()),
         Incoming::Closed(w) | Incoming::Corrupt(w) => w.clone(),
     }

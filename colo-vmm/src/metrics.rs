@@ -24,7 +24,7 @@ fn name(v: &impl Serialize) -> String {
 
 /// One scrape.
 pub fn collect(colo: &ColoShared) -> Exposition {
-    let s = colo.status();
+    let s = colo.summary();
     let mut x = Exposition::new();
     let c = &s.checkpoints;
     for (kind, n) in [("colo", c.colo), ("passive", c.passive)] {
@@ -54,16 +54,40 @@ pub fn collect(colo: &ColoShared) -> Exposition {
         &[],
         &h.pause_seconds,
     );
-    x.histogram("colo_checkpoint_pages", "Guest pages each checkpoint carried.", &[], &h.pages);
-    x.histogram("colo_checkpoint_bytes", "Bytes each checkpoint carried (pages and device state).", &[], &h.bytes);
+    x.histogram("colo_checkpoint_pages", "Guest pages (4 KiB) each checkpoint carried.", &[], &h.pages);
+    x.histogram(
+        "colo_checkpoint_blocks",
+        "Disk blocks (4 KiB) each checkpoint carried (primary: sent; secondary: written into its image).",
+        &[],
+        &h.blocks,
+    );
+    x.histogram(
+        "colo_checkpoint_bytes",
+        "Bytes each checkpoint carried (pages, blocks and device state).",
+        &[],
+        &h.bytes,
+    );
     x.gauge("colo_checkpoint_last_pause_seconds", "Pause of the last checkpoint.", &[], s.pause_last_ms / 1000.0);
     x.gauge("colo_checkpoint_last_pages", "Pages of the last checkpoint.", &[], s.pages_last as f64);
+    x.gauge("colo_checkpoint_last_blocks", "Disk blocks of the last checkpoint.", &[], s.disk.blocks_last as f64);
     x.gauge("colo_checkpoint_last_bytes", "Bytes of the last checkpoint.", &[], s.bytes_last as f64);
     x.counter(
         "colo_background_pages_total",
         "Pages streamed to the secondary between checkpoints (ram-background-limit).",
         &[],
         s.background_pages,
+    );
+    x.counter(
+        "colo_background_blocks_total",
+        "Disk blocks streamed to the secondary between checkpoints (primary).",
+        &[],
+        s.disk.background_blocks,
+    );
+    x.counter(
+        "colo_svm_discarded_blocks_total",
+        "Blocks of the secondary VM's own writes that checkpoints discarded (secondary).",
+        &[],
+        s.disk.svm_blocks_discarded,
     );
     x.counter(
         "colo_released_frames_total",

@@ -444,6 +444,9 @@ impl Router for Hub {
     fn ports(&self) -> Vec<Arc<Port>> {
         lock(&self.ports).iter().flatten().cloned().collect()
     }
+    fn hold_histogram(&self) -> Option<prometheus::Histogram> {
+        self.colo.as_ref().map(|c| lock(c).hold_histogram())
+    }
 }
 
 /// An inbound frame as the VMs get it: the kernel's vnet header replaced by zeros. With no

@@ -32,7 +32,8 @@ pub fn collect(router: &dyn Router, nic: &str) -> Exposition {
         Some((role, link)) => (Some(role), link),
         None => (None, None),
     };
-    CompareState { nic: nic.to_string(), mode: router.mode(), stats: router.summary(), role, frame_link }
+    let hold = router.hold_histogram();
+    CompareState { nic: nic.to_string(), mode: router.mode(), stats: router.summary(), role, hold, frame_link }
         .expose(&mut x);
     let l = &[("nic", nic)];
     x.counter(

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use colo_proxy::capture::Capture;
 use colo_proxy::compare::{Config, Disposal, Miscompare, Mode, Push};
 use colo_proxy::control::{Command, ControlHandle, Event, PeerState};
-use colo_proxy::link::{self, FrameLink, FrameLinkConfig, FrameLinkState, LinkConn, LinkKey, PeerEvent};
+use colo_proxy::link::{self, FrameLink, FrameLinkConfig, FrameLinkWatch, LinkConn, LinkKey, PeerEvent};
 use colo_proxy::replica::{Replica, ReplicaOutput, Role};
 use colo_proxy::{announce, Frame, MonotonicClock, Side};
 
@@ -614,8 +614,12 @@ impl Router for ReplicaRouter {
         lock(&self.port).iter().cloned().collect()
     }
 
-    fn replica_state(&self) -> Option<(Role, Option<FrameLinkState>)> {
+    fn replica_state(&self) -> Option<(Role, Option<FrameLinkWatch>)> {
         let inner = lock(&self.inner);
-        Some((inner.core.role(), inner.link.as_ref().map(|l| l.state(inner.lease))))
+        Some((inner.core.role(), inner.link.as_ref().map(|l| l.watch(inner.lease))))
+    }
+
+    fn hold_histogram(&self) -> Option<prometheus::Histogram> {
+        Some(lock(&self.inner).core.engine().hold_histogram())
     }
 }

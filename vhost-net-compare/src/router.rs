@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use colo_proxy::compare::{Mode, Stats};
 use colo_proxy::control::{Command, Event};
-use colo_proxy::link::FrameLinkState;
+use colo_proxy::link::FrameLinkWatch;
 use colo_proxy::replica::Role;
 use colo_proxy::Frame;
 
@@ -65,7 +65,10 @@ pub trait Router: Send + Sync {
     /// The connected VMs' ports (for the metrics endpoint).
     fn ports(&self) -> Vec<Arc<Port>>;
     /// A one-VM backend's role and its frame link, if it has one (for the metrics endpoint).
-    fn replica_state(&self) -> Option<(Role, Option<FrameLinkState>)> {
+    fn replica_state(&self) -> Option<(Role, Option<FrameLinkWatch>)> {
         None
     }
+    /// The compare engine's hold-time histogram, if there is an engine (for the metrics
+    /// endpoint: a live handle).
+    fn hold_histogram(&self) -> Option<prometheus::Histogram>;
 }

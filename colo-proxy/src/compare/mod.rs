@@ -379,6 +379,12 @@ impl<C: Clock> Engine<C> {
         self.counters.snapshot(self.table.len(), self.held.frames)
     }
 
+    /// How long released primary frames were held, since start, in seconds (for the metrics
+    /// endpoint: a handle that keeps counting, readable from any thread).
+    pub fn hold_histogram(&self) -> prometheus::Histogram {
+        self.counters.hold_histogram()
+    }
+
     /// Takes a frame from `side`, classifying it first.
     pub fn push<S: Sink>(&mut self, side: Side, frame: Frame, sink: &mut S) -> Push {
         let class = classify(frame.ethernet());

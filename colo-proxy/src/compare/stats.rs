@@ -5,7 +5,6 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::Reason;
-use crate::metrics::Histogram;
 
 /// Upper bounds of the hold-time histogram, seconds: a matched frame waits for its twin
 /// (tens of microseconds to milliseconds); in passive mode frames wait for the next checkpoint
@@ -101,10 +100,6 @@ pub struct Stats {
     /// backends that serve both VMs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub replica: Option<crate::replica::ReplicaCounters>,
-    /// Hold times of released primary frames since start, in seconds, in [`HOLD_BUCKETS`]
-    /// (for the metrics endpoint; not sent on the control socket).
-    #[serde(skip)]
-    pub hold_seconds: Histogram,
 }
 
 /// Running counters; [`Counters::snapshot`] turns them into [`Stats`].
@@ -112,8 +107,9 @@ pub struct Stats {
 pub(crate) struct Counters {
     pub stats: Stats,
     hold_us: hdrhistogram::Histogram<u64>,
-    /// The exact sum of the hold times recorded, µs.
-    hold_sum_us: u64,
+    /// The same hold times since start, in seconds, in [`HOLD_BUCKETS`] (the metrics
+    /// endpoint's: lock-free, read by its thread while the engine runs).
+    hold_seconds: prometheus::Histogram,
 }
 
 impl Counters {
@@ -122,7 +118,10 @@ impl Counters {
             stats: Stats::default(),
             // 1 µs .. 1 h at 2 significant digits: a few kB, constant-time recording.
             hold_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds"),
-            hold_sum_us: 0,
+            hold_seconds: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new("hold_seconds", "hold times").buckets(HOLD_BUCKETS.to_vec()),
+            )
+            .expect("valid histogram options"),
         }
     }
 
@@ -130,7 +129,7 @@ impl Counters {
     pub fn record_hold(&mut self, held: Duration) {
         let us = (held.as_micros() as u64).max(1);
         self.hold_us.saturating_record(us);
-        self.hold_sum_us = self.hold_sum_us.saturating_add(us);
+        self.hold_seconds.observe(held.as_secs_f64());
         self.stats.max_hold_us = self.stats.max_hold_us.max(us);
     }
 
@@ -143,17 +142,11 @@ impl Counters {
             s.hold_p50_us = self.hold_us.value_at_quantile(0.5);
             s.hold_p99_us = self.hold_us.value_at_quantile(0.99);
         }
-        s.hold_seconds = self.hold_histogram();
         s
     }
 
-    /// The hold times in [`HOLD_BUCKETS`]: each recorded value (kept to 2 significant digits)
-    /// is counted in the first bucket at least as large; the sum is exact.
-    fn hold_histogram(&self) -> Histogram {
-        let mut h = Histogram::new(&HOLD_BUCKETS);
-        for v in self.hold_us.iter_recorded() {
-            h.observe_many(self.hold_us.lowest_equivalent(v.value_iterated_to()) as f64 * 1e-6, v.count_at_value());
-        }
-        h.with_sum(self.hold_sum_us as f64 * 1e-6)
+    /// The hold-time histogram (a handle: it keeps counting).
+    pub fn hold_histogram(&self) -> prometheus::Histogram {
+        self.hold_seconds.clone()
     }
 }

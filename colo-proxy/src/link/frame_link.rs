@@ -97,6 +97,36 @@ pub struct FrameLinkState {
     pub refused_full: u64,
 }
 
+/// A view of a [`FrameLink`] for the metrics endpoint ([`FrameLink::watch`]).
+#[derive(Clone)]
+pub struct FrameLinkWatch {
+    shared: Arc<Shared>,
+    secure: bool,
+    lease: Duration,
+}
+
+impl std::fmt::Debug for FrameLinkWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameLinkWatch").field("state", &self.state()).finish()
+    }
+}
+
+impl FrameLinkWatch {
+    /// The link's state and counters now.
+    pub fn state(&self) -> FrameLinkState {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.shared;
+        FrameLinkState {
+            open: !s.closed.load(Ordering::Relaxed),
+            lease_fresh: s.lease_fresh(self.lease),
+            secure: self.secure,
+            frames_sent: get(&s.stats.frames_sent),
+            frames_received: get(&s.stats.frames_received),
+            refused_full: get(&s.stats.refused_full),
+        }
+    }
+}
+
 struct Out {
     queue: VecDeque<PeerMessage>,
     bytes: usize,
@@ -123,6 +153,12 @@ struct Shared {
 impl Shared {
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether a ping sent less than `max_age` ago has been answered.
+    fn lease_fresh(&self, max_age: Duration) -> bool {
+        let answered = self.answered.load(Ordering::SeqCst);
+        answered != 0 && self.now_ms().saturating_sub(answered) < max_age.as_millis() as u64
     }
 
     /// Queues `msg`; control messages always fit, frames only within the queue's bound.
@@ -264,8 +300,7 @@ impl FrameLink {
 
     /// Whether a ping sent less than `max_age` ago has been answered.
     pub fn lease_fresh(&self, max_age: Duration) -> bool {
-        let answered = self.shared.answered.load(Ordering::SeqCst);
-        answered != 0 && self.shared.now_ms().saturating_sub(answered) < max_age.as_millis() as u64
+        self.shared.lease_fresh(max_age)
     }
 
     /// Counters.
@@ -273,18 +308,10 @@ impl FrameLink {
         &self.shared.stats
     }
 
-    /// Its state and counters now, with `lease` as the lease.
-    pub fn state(&self, lease: Duration) -> FrameLinkState {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let s = &self.shared.stats;
-        FrameLinkState {
-            open: self.is_open(),
-            lease_fresh: self.lease_fresh(lease),
-            secure: self.secure,
-            frames_sent: get(&s.frames_sent),
-            frames_received: get(&s.frames_received),
-            refused_full: get(&s.refused_full),
-        }
+    /// A view of this link for the metrics endpoint, with `lease` as the lease: it reads the
+    /// link's atomics from any thread, at any time.
+    pub fn watch(&self, lease: Duration) -> FrameLinkWatch {
+        FrameLinkWatch { shared: self.shared.clone(), secure: self.secure, lease }
     }
 
     /// Ends the link: both threads stop, the handler gets [`PeerEvent::Closed`].

@@ -4,7 +4,7 @@
 
 use super::exposition::Exposition;
 use crate::compare::{Mode, Stats};
-use crate::link::FrameLinkState;
+use crate::link::{FrameLinkState, FrameLinkWatch};
 use crate::replica::Role;
 
 /// What a compare process shows, read at scrape time.
@@ -18,8 +18,10 @@ pub struct CompareState {
     pub stats: Stats,
     /// A one-VM backend's role.
     pub role: Option<Role>,
-    /// A one-VM backend's frame link, while it has one.
-    pub frame_link: Option<FrameLinkState>,
+    /// The engine's hold-time histogram (a live handle; none without an engine).
+    pub hold: Option<prometheus::Histogram>,
+    /// A one-VM backend's frame link, while it has one (a live view).
+    pub frame_link: Option<FrameLinkWatch>,
 }
 
 const MODES: [&str; 4] = ["colo", "passive", "primary-only", "secondary-only"];
@@ -114,12 +116,14 @@ impl CompareState {
         for (side, n) in [("primary", s.held_primary), ("secondary", s.held_secondary)] {
             x.gauge("colo_compare_held_frames", "Frames held now.", &[("nic", nic), ("side", side)], n as f64);
         }
-        x.histogram(
-            "colo_compare_hold_seconds",
-            "How long released primary frames were held (the output delay COLO adds).",
-            l,
-            &s.hold_seconds,
-        );
+        if let Some(hold) = &self.hold {
+            x.histogram(
+                "colo_compare_hold_seconds",
+                "How long released primary frames were held (the output delay COLO adds).",
+                l,
+                hold,
+            );
+        }
         x.gauge(
             "colo_compare_hold_max_seconds",
             "Longest time a primary frame was held before release.",
@@ -176,35 +180,7 @@ impl CompareState {
             }
         }
         if self.role.is_some() {
-            let link = self.frame_link;
-            x.flag("colo_frame_link_up", "The frame link to the peer host is up.", l, link.is_some_and(|k| k.open));
-            if let Some(k) = link {
-                x.flag(
-                    "colo_frame_link_lease_fresh",
-                    "The peer answered a ping within the lease (a primary releases nothing without it).",
-                    l,
-                    k.lease_fresh,
-                );
-                x.flag("colo_frame_link_secure", "The frame link is authenticated and encrypted.", l, k.secure);
-                x.counter(
-                    "colo_frame_link_sent_frames_total",
-                    "Frames sent on the current frame link.",
-                    l,
-                    k.frames_sent,
-                );
-                x.counter(
-                    "colo_frame_link_received_frames_total",
-                    "Frames received on the current frame link.",
-                    l,
-                    k.frames_received,
-                );
-                x.counter(
-                    "colo_frame_link_refused_frames_total",
-                    "Frames the current frame link refused (its queue full).",
-                    l,
-                    k.refused_full,
-                );
-            }
+            frame_link_samples(x, l, self.frame_link.as_ref().map(FrameLinkWatch::state));
         }
     }
 
@@ -216,6 +192,33 @@ impl CompareState {
     }
 }
 
+/// A one-VM backend's frame link (`link`: none while it has none).
+fn frame_link_samples(x: &mut Exposition, l: &[(&str, &str)], link: Option<FrameLinkState>) {
+    x.flag("colo_frame_link_up", "The frame link to the peer host is up.", l, link.is_some_and(|k| k.open));
+    if let Some(k) = link {
+        x.flag(
+            "colo_frame_link_lease_fresh",
+            "The peer answered a ping within the lease (a primary releases nothing without it).",
+            l,
+            k.lease_fresh,
+        );
+        x.flag("colo_frame_link_secure", "The frame link is authenticated and encrypted.", l, k.secure);
+        x.counter("colo_frame_link_sent_frames_total", "Frames sent on the current frame link.", l, k.frames_sent);
+        x.counter(
+            "colo_frame_link_received_frames_total",
+            "Frames received on the current frame link.",
+            l,
+            k.frames_received,
+        );
+        x.counter(
+            "colo_frame_link_refused_frames_total",
+            "Frames the current frame link refused (its queue full).",
+            l,
+            k.refused_full,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,15 +227,15 @@ mod tests {
 
     #[test]
     fn counters_roles_and_links_become_samples() {
-        let mut stats = Stats {
+        let stats = Stats {
             frames_primary: 7,
             bytes_primary: 700,
             miscompares: MiscompareCounts { queue_full: 2, ..Default::default() },
             replica: Some(ReplicaCounters { to_peer: 5, ..Default::default() }),
             ..Stats::default()
         };
-        stats.hold_seconds = crate::metrics::Histogram::new(&crate::compare::HOLD_BUCKETS);
-        stats.hold_seconds.observe(0.002);
+        let hold = crate::metrics::histogram(&crate::compare::HOLD_BUCKETS);
+        hold.observe(0.002);
         let link = FrameLinkState {
             open: true,
             lease_fresh: false,
@@ -246,9 +249,13 @@ mod tests {
             mode: Mode::Passive,
             stats,
             role: Some(Role::Secondary),
-            frame_link: Some(link),
+            hold: Some(hold),
+            frame_link: None,
         };
-        let text = state.encode().unwrap();
+        let mut x = Exposition::new();
+        state.expose(&mut x);
+        frame_link_samples(&mut x, &[("nic", "net0")], Some(link));
+        let text = x.encode().unwrap();
         for line in [
             "colo_compare_frames_total{nic=\"net0\",side=\"primary\"} 7",
             "colo_compare_bytes_total{nic=\"net0\",side=\"primary\"} 700",
@@ -266,7 +273,7 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
         // A backend serving both VMs has no role and no link.
-        let both = CompareState { role: None, frame_link: None, stats: Stats::default(), ..state };
+        let both = CompareState { role: None, stats: Stats::default(), ..state };
         let text = both.encode().unwrap();
         assert!(!text.contains("colo_replica_") && !text.contains("colo_frame_link_"), "{text}");
     }

@@ -1,10 +1,8 @@
 //! One scrape's metric families, built from the process's state at scrape time and encoded in
 //! Prometheus' text format (version 0.0.4) by the `prometheus` crate's encoder.
 
-use prometheus::proto::{Bucket, Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::TextEncoder;
-
-use super::histogram::Histogram;
 
 /// The media type of [`Exposition::encode`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -62,23 +60,10 @@ impl Exposition {
         }
     }
 
-    /// A histogram.
-    pub fn histogram(&mut self, name: &str, help: &str, labels: &[(&str, &str)], h: &Histogram) {
-        let mut p = prometheus::proto::Histogram::default();
-        p.set_sample_count(h.count());
-        p.set_sample_sum(h.sum());
-        p.set_bucket(
-            h.cumulative()
-                .map(|(bound, n)| {
-                    let mut b = Bucket::default();
-                    b.set_upper_bound(bound);
-                    b.set_cumulative_count(n);
-                    b
-                })
-                .collect(),
-        );
-        let mut m = metric(labels);
-        m.set_histogram(p);
+    /// A histogram (see [`histogram`](super::histogram::histogram)), read now.
+    pub fn histogram(&mut self, name: &str, help: &str, labels: &[(&str, &str)], h: &prometheus::Histogram) {
+        let mut m = prometheus::core::Metric::metric(h);
+        m.set_label(metric(labels).take_label());
         self.family(name, help, MetricType::HISTOGRAM).mut_metric().push(m);
     }
 
@@ -136,13 +121,12 @@ mod tests {
 
     #[test]
     fn families_group_samples_and_encode_as_text() {
-        static B: [f64; 2] = [0.001, 0.01];
         let mut x = Exposition::new();
         x.counter("t_frames_total", "Frames.", &[("side", "primary")], 3);
         x.gauge("t_flows", "Flows.", &[], 2.5);
         x.counter("t_frames_total", "Frames.", &[("side", "secondary")], 4);
         x.state_set("t_mode", "Mode.", &[], ("mode", &["colo", "passive"]), Some("passive"));
-        let mut h = Histogram::new(&B);
+        let h = super::super::histogram(&[0.001, 0.01]);
         h.observe(0.005);
         x.histogram("t_hold_seconds", "Hold \"time\"\nof frames.", &[("nic", "a\"b\\c")], &h);
         let text = x.encode().unwrap();

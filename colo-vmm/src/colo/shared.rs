@@ -87,6 +87,13 @@ impl ColoShared {
         s
     }
 
+    /// A copy of the status without its recent history (with the arbiter's, asked now).
+    pub fn summary(&self) -> ColoStatus {
+        let mut s = lock(&self.status).summary();
+        s.arbiter = self.arbiter().map(|c| c.status());
+        s
+    }
+
     /// The arbiter's claim, with `--arbiter`.
     pub fn arbiter(&self) -> Option<&Arc<Claim>> {
         self.arbiter.get()

@@ -214,7 +214,7 @@ pub struct ColoStatus {
     pub recent: VecDeque<CheckpointRecord>,
     #[serde(skip)]
     pauses: VecDeque<f64>,
-    /// Pause, pages and bytes of every checkpoint since start (the metrics endpoint's).
+    /// Pause, pages, blocks and bytes of every checkpoint since start (the metrics endpoint's).
     #[serde(skip)]
     pub histograms: super::histograms::CheckpointHistograms,
 }
@@ -228,6 +228,16 @@ pub fn unix_ms() -> u64 {
 const PAUSE_WINDOW: usize = 4096;
 
 impl ColoStatus {
+    /// A copy without the recent history and the pause window (the metrics endpoint's: it
+    /// needs neither, and the copy is made under the status lock).
+    pub fn summary(&mut self) -> ColoStatus {
+        let recent = std::mem::take(&mut self.recent);
+        let pauses = std::mem::take(&mut self.pauses);
+        let copy = self.clone();
+        (self.recent, self.pauses) = (recent, pauses);
+        copy
+    }
+
     /// Records a finished checkpoint that ended a running interval of `interval`.
     pub fn checkpoint(
         &mut self,
@@ -283,6 +293,7 @@ impl ColoStatus {
 
     /// Adds the disk blocks of the checkpoint just recorded by [`ColoStatus::checkpoint`].
     pub fn checkpoint_blocks(&mut self, blocks: u64) {
+        self.histograms.record_blocks(blocks);
         let d = &mut self.disk;
         d.blocks_last = blocks;
         d.blocks_total += blocks;

@@ -6,11 +6,10 @@
 //! next flush, mode change or write.
 
 use std::io::{self, Read, Write};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Token};
 
 use colo_proxy::capture::Capture;
 use colo_proxy::compare::{Disposal, Engine, Miscompare, Push, Sink, Verdict};
@@ -22,7 +21,7 @@ use colo_proxy::metrics::CompareState;
 use colo_proxy::notify_dev::{Inbound, NotifyCodec, Outbound};
 use colo_proxy::{Frame, Side};
 
-use crate::metrics::LoopMetrics;
+use crate::metrics::{earliest, LoopMetrics};
 use crate::options::CompareArgs;
 use crate::output::OutQueue;
 use crate::signals::Signals;
@@ -32,7 +31,6 @@ const PRIMARY_IN: Token = Token(10);
 const SECONDARY_IN: Token = Token(12);
 const OUTDEV: Token = Token(14);
 const NOTIFY_DEV: Token = Token(16);
-const METRICS: Token = Token(18);
 const CONTROL: Token = Token(100);
 
 /// Stop reading inputs while this much released output waits for `outdev`.
@@ -190,7 +188,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         None => None,
     };
     let metrics = match args.engine.metrics {
-        Some(addr) => Some(LoopMetrics::start(addr, Arc::new(Waker::new(registry, METRICS)?))?),
+        Some(addr) => Some(LoopMetrics::start(addr)?),
         None => None,
     };
     let input = |side, port| Input { side, port, decoder: Decoder::new(args.vnet_hdr), pending: None, stalled: true };
@@ -228,8 +226,6 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
                     proxy.shutdown();
                     return Ok(());
                 }
-            } else if token == METRICS {
-                proxy.answer_scrapes();
             } else if proxy.control.as_ref().is_some_and(|c| c.owns(token)) {
                 proxy.handle_control(ev);
             } else {
@@ -239,17 +235,20 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         proxy.engine.poll_timeouts(outlet!(proxy));
         proxy.reconnect();
         proxy.settle();
+        proxy.publish_metrics();
     }
 }
 
 impl Proxy {
-    fn answer_scrapes(&self) {
-        if let Some(m) = &self.metrics {
-            m.answer(|| CompareState {
+    /// Leaves the counters for the metrics endpoint.
+    fn publish_metrics(&mut self) {
+        if let Some(m) = &mut self.metrics {
+            m.offer(|| CompareState {
                 nic: self.nic.clone(),
                 mode: self.engine.mode(),
                 stats: self.engine.stats(),
                 role: None,
+                hold: Some(self.engine.hold_histogram()),
                 frame_link: None,
             });
         }
@@ -259,7 +258,8 @@ impl Proxy {
         let now = Instant::now();
         let engine = self.engine.next_deadline().map(|t| self.engine.clock().instant(t));
         let retries = self.ports().filter_map(|p| p.next_retry());
-        engine.into_iter().chain(retries).min().map(|at| at.saturating_duration_since(now))
+        let next = engine.into_iter().chain(retries).min().map(|at| at.saturating_duration_since(now));
+        earliest(next, self.metrics.as_ref().and_then(LoopMetrics::next_due))
     }
 
     fn ports(&self) -> impl Iterator<Item = &Port> {

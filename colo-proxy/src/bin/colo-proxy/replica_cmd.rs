@@ -31,7 +31,7 @@ use colo_proxy::replica::{Replica, ReplicaOutput, Role};
 use colo_proxy::wire::ethernet::parse_mac;
 use colo_proxy::{Frame, MonotonicClock};
 
-use crate::metrics::LoopMetrics;
+use crate::metrics::{earliest, LoopMetrics};
 use crate::options::RunArgs;
 use crate::run_cmd::send;
 use crate::signals::Signals;
@@ -197,7 +197,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let metrics = match args.engine.metrics {
-        Some(addr) => Some(LoopMetrics::start(addr, waker.clone())?),
+        Some(addr) => Some(LoopMetrics::start(addr)?),
         None => None,
     };
     let mut run = ReplicaRun {
@@ -243,10 +243,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
                 UPLINK => busy[0] = true,
                 VM => busy[1] = true,
-                WAKER => {
-                    run.outside_events();
-                    run.answer_scrapes();
-                }
+                WAKER => run.outside_events(),
                 t if run.control.as_ref().is_some_and(|c| c.owns(t)) => run.handle_control(ev),
                 _ => {}
             }
@@ -262,6 +259,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(c) = run.capture.as_mut() {
             c.flush();
         }
+        run.publish_metrics();
     }
 }
 
@@ -274,16 +272,18 @@ impl ReplicaRun {
         stats
     }
 
-    fn answer_scrapes(&self) {
-        if let Some(m) = &self.metrics {
-            m.answer(|| CompareState {
-                nic: self.nic.clone(),
-                mode: self.core.mode(),
-                stats: self.stats(),
-                role: Some(self.core.role()),
-                frame_link: self.link.as_ref().map(|l| l.state(self.lease)),
-            });
-        }
+    /// Leaves the counters for the metrics endpoint (the frame link is read live).
+    fn publish_metrics(&mut self) {
+        let Some(mut m) = self.metrics.take() else { return };
+        m.offer(|| CompareState {
+            nic: self.nic.clone(),
+            mode: self.core.mode(),
+            stats: self.stats(),
+            role: Some(self.core.role()),
+            hold: Some(self.core.engine().hold_histogram()),
+            frame_link: self.link.as_ref().map(|l| l.watch(self.lease)),
+        });
+        self.metrics = Some(m);
     }
 
     /// When the loop must wake without I/O: the engine's next deadline or the next announcement.
@@ -293,10 +293,8 @@ impl ReplicaRun {
             clock.instant(t).saturating_duration_since(Instant::now())
         });
         let announce = self.announcing.as_ref().map(|a| announce::SCHEDULE[a.next].saturating_sub(a.started.elapsed()));
-        match (engine, announce) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let metrics = self.metrics.as_ref().and_then(LoopMetrics::next_due);
+        earliest(earliest(engine, announce), metrics)
     }
 
     /// Reads up to a batch from the uplink (0) or the VM (1); returns whether frames remain.

@@ -9,12 +9,11 @@
 //! `dropped_overflow`) after requesting a checkpoint.
 
 use std::io;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
+use mio::{Events, Interest, Poll, Token};
 
 use colo_proxy::capture::Capture;
 use colo_proxy::compare::{Disposal, Miscompare, Push, Sink, Verdict};
@@ -24,7 +23,7 @@ use colo_proxy::packet_socket::PacketSocket;
 use colo_proxy::proxy::Proxy;
 use colo_proxy::{Frame, MonotonicClock, Side};
 
-use crate::metrics::LoopMetrics;
+use crate::metrics::{earliest, LoopMetrics};
 use crate::options::RunArgs;
 use crate::signals::Signals;
 
@@ -32,7 +31,6 @@ const SIGNALS: Token = Token(0);
 const UPLINK: Token = Token(1);
 const PRIMARY: Token = Token(2);
 const SECONDARY: Token = Token(3);
-const METRICS: Token = Token(4);
 const CONTROL: Token = Token(100);
 
 /// Frames read from one interface before the others get a turn.
@@ -122,7 +120,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         None => None,
     };
     let metrics = match args.engine.metrics {
-        Some(addr) => Some(LoopMetrics::start(addr, Arc::new(Waker::new(poll.registry(), METRICS)?))?),
+        Some(addr) => Some(LoopMetrics::start(addr)?),
         None => None,
     };
     let mut run = Run {
@@ -154,6 +152,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 clock.instant(t).saturating_duration_since(std::time::Instant::now())
             })
         };
+        let timeout = earliest(timeout, run.metrics.as_ref().and_then(LoopMetrics::next_due));
         match run.poll.poll(&mut events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -168,7 +167,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 UPLINK => busy[0] = true,
                 PRIMARY => busy[1] = true,
                 SECONDARY => busy[2] = true,
-                METRICS => run.answer_scrapes(),
                 t if run.control.as_ref().is_some_and(|c| c.owns(t)) => run.handle_control(ev),
                 _ => {}
             }
@@ -183,17 +181,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(c) = run.capture.as_mut() {
             c.flush();
         }
+        run.publish_metrics();
     }
 }
 
 impl Run {
-    fn answer_scrapes(&self) {
-        if let Some(m) = &self.metrics {
-            m.answer(|| CompareState {
+    /// Leaves the counters for the metrics endpoint.
+    fn publish_metrics(&mut self) {
+        if let Some(m) = &mut self.metrics {
+            m.offer(|| CompareState {
                 nic: self.nic.clone(),
                 mode: self.proxy.mode(),
                 stats: self.proxy.stats(),
                 role: None,
+                hold: Some(self.proxy.engine().hold_histogram()),
                 frame_link: None,
             });
         }

@@ -160,6 +160,11 @@ macro_rules! outlet {
 }
 
 pub fn run(args: CompareArgs) -> anyhow::Result<()> {
+    // First, so that a --metrics address that cannot be bound stops the start at once.
+    let metrics = match args.engine.metrics {
+        Some(addr) => Some(LoopMetrics::start(addr)?),
+        None => None,
+    };
     let poll = Poll::new().context("creating the event loop")?;
     let mut signals = Signals::register(poll.registry(), SIGNALS)?;
     let registry = poll.registry();
@@ -185,10 +190,6 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     };
     let capture = match &args.engine.capture {
         Some(path) => Some(Capture::create(path).with_context(|| format!("capture file {}", path.display()))?),
-        None => None,
-    };
-    let metrics = match args.engine.metrics {
-        Some(addr) => Some(LoopMetrics::start(addr)?),
         None => None,
     };
     let input = |side, port| Input { side, port, decoder: Decoder::new(args.vnet_hdr), pending: None, stalled: true };

@@ -155,6 +155,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if vm_name == args.uplink {
         anyhow::bail!("--uplink and --vm must be two different interfaces");
     }
+    // First, so that a --metrics address that cannot be bound stops the start at once.
+    let metrics = match args.engine.metrics {
+        Some(addr) => Some(LoopMetrics::start(addr)?),
+        None => None,
+    };
     let key = match &args.link_key {
         Some(path) => Some(LinkKey::load(path)?),
         None => {
@@ -194,10 +199,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             };
             Some(LinkListener::spawn(l, AuthPolicy::new(key.clone(), "frames"), "peer-listen", on_link)?)
         }
-        None => None,
-    };
-    let metrics = match args.engine.metrics {
-        Some(addr) => Some(LoopMetrics::start(addr)?),
         None => None,
     };
     let mut run = ReplicaRun {

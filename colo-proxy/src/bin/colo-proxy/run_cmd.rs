@@ -100,6 +100,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if names[0] == names[1] || names[0] == names[2] || names[1] == names[2] {
         anyhow::bail!("--uplink, --primary and --secondary must be three different interfaces");
     }
+    // First, so that a --metrics address that cannot be bound stops the start at once.
+    let metrics = match args.engine.metrics {
+        Some(addr) => Some(LoopMetrics::start(addr)?),
+        None => None,
+    };
     let open = |role: &str, name: &str| PacketSocket::open(name).with_context(|| format!("--{role} {name}"));
     let ifaces = [open("uplink", &args.uplink)?, open("primary", primary)?, open("secondary", secondary)?];
     let poll = Poll::new().context("creating the event loop")?;
@@ -117,10 +122,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let capture = match &args.engine.capture {
         Some(path) => Some(Capture::create(path).with_context(|| format!("capture file {}", path.display()))?),
-        None => None,
-    };
-    let metrics = match args.engine.metrics {
-        Some(addr) => Some(LoopMetrics::start(addr)?),
         None => None,
     };
     let mut run = Run {

@@ -6,11 +6,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use colo_proxy::compare::Reason;
 use colo_proxy::metrics::{Exposition, MetricsError, MetricsServer};
 use serde::Serialize;
 
 use crate::colo::shared::ColoShared;
 use crate::colo::status::State;
+
+/// The compare engine's reasons for a miscompare.
+const REASONS: [Reason; 5] = [Reason::Payload, Reason::Size, Reason::Ack, Reason::Timeout, Reason::QueueFull];
 
 /// Serves `colo`'s metrics on `addr` until the returned server is dropped.
 pub fn serve(addr: SocketAddr, colo: Arc<ColoShared>) -> Result<MetricsServer, MetricsError> {
@@ -36,7 +40,16 @@ pub fn collect(colo: &ColoShared) -> Exposition {
         );
     }
     let triggers = [("periodic", c.periodic), ("passive", c.passive_interval), ("user", c.user)];
-    let miscompares = c.miscompare.iter().map(|(r, n)| (format!("miscompare:{r}"), *n));
+    // Every reason the compare engine knows, so each series exists from the start; a reason
+    // named by nobody else (a secondary reads the primary's) counts as `other`, so the set of
+    // series stays bounded.
+    let known = |r: &str| REASONS.iter().any(|k| k.name() == r);
+    let other = c.miscompare.iter().filter(|(r, _)| !known(r)).map(|(_, n)| n).sum();
+    let miscompares = REASONS
+        .iter()
+        .map(|r| (r.name(), c.miscompare.get(r.name()).copied().unwrap_or(0)))
+        .chain([("other", other)])
+        .map(|(r, n)| (format!("miscompare:{r}"), n));
     for (trigger, n) in triggers.into_iter().map(|(t, n)| (t.to_string(), n)).chain(miscompares) {
         x.counter(
             "colo_checkpoint_triggers_total",
@@ -226,6 +239,8 @@ mod tests {
             "colo_checkpoint_triggers_total{trigger=\"miscompare:payload\"} 1",
             "colo_checkpoint_triggers_total{trigger=\"periodic\"} 1",
             "colo_checkpoint_triggers_total{trigger=\"user\"} 0",
+            "colo_checkpoint_triggers_total{trigger=\"miscompare:ack\"} 0",
+            "colo_checkpoint_triggers_total{trigger=\"miscompare:other\"} 0",
             "colo_checkpoint_pause_seconds_bucket{le=\"0.005\"} 1",
             "colo_checkpoint_pause_seconds_bucket{le=\"0.025\"} 2",
             "colo_checkpoint_pause_seconds_count 2",
@@ -243,6 +258,14 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
         assert!(!text.contains("colo_arbiter_"), "no arbiter, no arbiter metrics");
+        // A reason nobody knows (a secondary takes the primary's word) is `other`.
+        colo.update(|s| {
+            let ms = Duration::from_millis;
+            s.checkpoint(CheckpointKind::Colo, &Trigger::Miscompare("no\"such".into()), ms(1), ms(1), 1, 1);
+        });
+        let text = collect(&colo).encode().unwrap();
+        assert!(text.contains("colo_checkpoint_triggers_total{trigger=\"miscompare:other\"} 1\n"), "{text}");
+        assert!(!text.contains("no\\\"such"), "{text}");
         colo.update(|s| s.failed_over(Role::Primary, "lost the secondary", "its own state"));
         let text = collect(&colo).encode().unwrap();
         assert!(text.contains("\ncolo_failovers_total 1\n") && text.contains("colo_state{state=\"failed-over\"} 1"));

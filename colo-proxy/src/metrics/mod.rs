@@ -23,4 +23,4 @@ pub use http::{MetricsError, MetricsServer};
 /// What `--metrics` says in each binary's help.
 pub const FLAG_HELP: &str = "Serve metrics in Prometheus' text format on http://HOST:PORT/metrics \
 (read-only, one thread, a few connections at a time). The endpoint is not authenticated: bind it \
-to a management address (e.g. 127.0.0.1:9464), never a public one. Off unless given.";
+to a management address (e.g. 127.0.0.1:9464), never a public one. Off unless given. The metrics are listed in docs/operations.md.";

@@ -89,8 +89,9 @@ fn check_vmms(net: &ColoHosts) -> [String; 2] {
     [p, s]
 }
 
-/// What both compare backends' scrapes say (port `METRICS_PORT + 1` on each host).
-fn check_backends(net: &ColoHosts, what: &str) {
+/// What both compare backends' scrapes say (port `METRICS_PORT + 1` on each host); the
+/// primary's scrape.
+fn check_backends(net: &ColoHosts, what: &str) -> String {
     let [p, s] = [0, 1].map(|i| scrape(net, i, METRICS_PORT + 1, what));
     let l = |side| [("nic", "net0"), ("side", side)];
     // The primary's backend compares the primary VM's frames with the secondary's, which
@@ -107,6 +108,7 @@ fn check_backends(net: &ColoHosts, what: &str) {
         assert_eq!(value(text, "colo_frame_link_up", &[]), 1.0, "{what} {role}:\n{text}");
         assert_eq!(value(text, "colo_frame_link_secure", &[]), 1.0, "{what} {role}: keyed:\n{text}");
     }
+    p
 }
 
 #[test]
@@ -127,8 +129,8 @@ fn metrics_of_a_pair_with_vhost_net_compare_and_an_arbiter() {
     assert!(value(&p, "colo_arbiter_lease_left_seconds", &[]) > 0.0, "{p}");
     assert_eq!(value(&p, "colo_fenced", &[]), 0.0, "{p}");
     assert_eq!(value(&s, "colo_arbiter_held", &[]), 0.0, "the secondary does not:\n{s}");
-    check_backends(&net, "vhost-net-compare");
-    eprintln!("--- the primary's colo-vmm:\n{p}");
+    let backend = check_backends(&net, "vhost-net-compare");
+    eprintln!("--- the primary's colo-vmm:\n{p}\n--- its vhost-net-compare:\n{backend}");
 }
 
 #[test]

@@ -86,6 +86,9 @@ pub struct Options {
     /// Name of this NIC in control events (default: the tap's name).
     #[arg(long, value_name = "NAME")]
     pub nic: Option<String>,
+    /// The metrics endpoint.
+    #[arg(long, value_name = "HOST:PORT", help = colo_proxy::metrics::FLAG_HELP)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// An inconsistent combination of options.

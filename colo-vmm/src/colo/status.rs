@@ -195,6 +195,8 @@ pub struct ColoStatus {
     pub frames_dropped: u64,
     /// The last failover.
     pub last_failover: Option<Failover>,
+    /// Failovers since this VMM started.
+    pub failovers: u64,
     /// Why COLO ended, if it ended with an error.
     pub error: Option<String>,
     /// With an arbiter: the key's holder, this replica's lease, the last renewal.
@@ -212,6 +214,9 @@ pub struct ColoStatus {
     pub recent: VecDeque<CheckpointRecord>,
     #[serde(skip)]
     pauses: VecDeque<f64>,
+    /// Pause, pages, blocks and bytes of every checkpoint since start (the metrics endpoint's).
+    #[serde(skip)]
+    pub histograms: super::histograms::CheckpointHistograms,
 }
 
 /// Now, in ms since the Unix epoch.
@@ -223,6 +228,16 @@ pub fn unix_ms() -> u64 {
 const PAUSE_WINDOW: usize = 4096;
 
 impl ColoStatus {
+    /// A copy without the recent history and the pause window (the metrics endpoint's: it
+    /// needs neither, and the copy is made under the status lock).
+    pub fn summary(&mut self) -> ColoStatus {
+        let recent = std::mem::take(&mut self.recent);
+        let pauses = std::mem::take(&mut self.pauses);
+        let copy = self.clone();
+        (self.recent, self.pauses) = (recent, pauses);
+        copy
+    }
+
     /// Records a finished checkpoint that ended a running interval of `interval`.
     pub fn checkpoint(
         &mut self,
@@ -233,6 +248,7 @@ impl ColoStatus {
         pages: u64,
         bytes: u64,
     ) {
+        self.histograms.record(pause, pages, bytes);
         let c = &mut self.checkpoints;
         c.total += 1;
         if self.recent.len() == HISTORY {
@@ -277,6 +293,7 @@ impl ColoStatus {
 
     /// Adds the disk blocks of the checkpoint just recorded by [`ColoStatus::checkpoint`].
     pub fn checkpoint_blocks(&mut self, blocks: u64) {
+        self.histograms.record_blocks(blocks);
         let d = &mut self.disk;
         d.blocks_last = blocks;
         d.blocks_total += blocks;
@@ -291,6 +308,7 @@ impl ColoStatus {
         let at_unix_ms = unix_ms();
         self.state = State::FailedOver;
         self.mode = None;
+        self.failovers += 1;
         self.last_failover =
             Some(Failover { at_unix_ms, survivor, reason: reason.to_string(), resumed_from: resumed_from.to_string() });
     }

@@ -37,6 +37,8 @@ pub struct EngineArgs {
     /// Name of this NIC in control events (default: the uplink for `run`, "net0" for `compare`).
     #[arg(long, value_name = "NAME")]
     pub nic: Option<String>,
+    #[arg(long, value_name = "HOST:PORT", help = colo_proxy::metrics::FLAG_HELP)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl EngineArgs {

@@ -96,13 +96,56 @@ fn last_seq(net: &ColoNet) -> u64 {
     n(&net.status(Side::Primary)["checkpoints"]["total"]) as u64
 }
 
-/// Pause and pages per checkpoint with the guest dirtying `rate` pages per second.
-fn pause_row(rate: u64, background: bool, secs: f64) -> (f64, f64, f64) {
+/// The `p` quantile (0..=1) of `v` (nearest rank).
+fn quantile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// The steps of a checkpoint the primary logs with each one (`step_<name>_ms`), in order.
+const STEPS: [&str; 9] = ["pause", "dirty", "pages", "marks", "state", "received", "commit", "loaded", "resume"];
+
+/// The step times of the primary's checkpoints after `from` (by seq), from its log: one row of
+/// [`STEPS`] per checkpoint.
+fn step_times(net: &ColoNet, from: u64) -> Vec<[f64; STEPS.len()]> {
+    let field = |line: &str, key: &str| -> Option<f64> {
+        let at = line.find(&format!(" {key}="))? + key.len() + 2;
+        line[at..].split(|c: char| c.is_whitespace()).next()?.parse().ok()
+    };
+    net.log(Side::Primary)
+        .lines()
+        .filter(|l| l.contains("step_pause_ms="))
+        .filter(|l| field(l, "seq").is_some_and(|s| s as u64 > from))
+        .filter_map(|l| {
+            let mut row = [0.0; STEPS.len()];
+            for (v, k) in row.iter_mut().zip(STEPS) {
+                *v = field(l, &format!("step_{k}_ms"))?;
+            }
+            Some(row)
+        })
+        .collect()
+}
+
+/// A pause row: medians of pages and pause per checkpoint, the pause's p99, background pages,
+/// and the median of each step.
+struct PauseRow {
+    pages: f64,
+    pause: f64,
+    p99: f64,
+    checkpoints: usize,
+    bg_pages: f64,
+    steps: [f64; STEPS.len()],
+}
+
+/// Pause and pages per checkpoint with the guest dirtying `rate` pages per second, one
+/// checkpoint every `every_ms`.
+fn pause_row(rate: u64, background: bool, secs: f64, every_ms: u64) -> PauseRow {
     let app =
         if rate == 0 { "app=counter".to_string() } else { format!("app=counter,dirty dirty={rate} dirty_mib=128") };
     let mut net = ColoNet::start(Backend::VhostNetCompare, &app, &[]);
     let bg = if background { 1 << 20 } else { 0 };
-    net.set_params(Side::Primary, &[("max-time", 1000), ("ram-background-limit", bg)]);
+    net.set_params(Side::Primary, &[("max-time", every_ms), ("ram-background-limit", bg)]);
     net.start_colo();
     // Let the first (larger) checkpoint pass.
     std::thread::sleep(Duration::from_millis(1500));
@@ -112,10 +155,24 @@ fn pause_row(rate: u64, background: bool, secs: f64) -> (f64, f64, f64) {
     let pauses: Vec<f64> = cps.iter().map(|c| n(&c["pause-ms"])).collect();
     let pages: Vec<f64> = cps.iter().map(|c| n(&c["pages"])).collect();
     let bg_pages = n(&net.status(Side::Primary)["background-pages"]);
-    if pauses.is_empty() {
-        return (0.0, 0.0, bg_pages);
+    let times = step_times(&net, from);
+    let mut steps = [0.0; STEPS.len()];
+    if !times.is_empty() {
+        for (i, s) in steps.iter_mut().enumerate() {
+            *s = median(times.iter().map(|t| t[i]).collect());
+        }
     }
-    (median(pages), median(pauses), bg_pages)
+    if pauses.is_empty() {
+        return PauseRow { pages: 0.0, pause: 0.0, p99: 0.0, checkpoints: 0, bg_pages, steps };
+    }
+    PauseRow {
+        pages: median(pages),
+        pause: median(pauses.clone()),
+        p99: quantile(pauses.clone(), 0.99),
+        checkpoints: pauses.len(),
+        bg_pages,
+        steps,
+    }
 }
 
 /// How the pair is configured for a mode comparison.
@@ -287,6 +344,20 @@ fn main() -> anyhow::Result<()> {
 fn pause_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
     use std::fmt::Write as _;
     let budget = copy_budget_per_page();
+    let mut step_rows = vec![];
+    writeln!(r, "### Idle checkpoint pause\n")?;
+    writeln!(
+        r,
+        "The counter guest idle, a checkpoint every 100 ms (`max-time=100`) for {}s: the pause's \
+         median and p99 over every checkpoint.\n",
+        args.secs
+    )?;
+    writeln!(r, "| checkpoints | pause p50 ms | pause p99 ms |")?;
+    writeln!(r, "|---:|---:|---:|")?;
+    eprintln!("pause: idle, every 100 ms…");
+    let idle_row = pause_row(0, false, args.secs, 100);
+    writeln!(r, "| {} | {:.2} | {:.2} |\n", idle_row.checkpoints, idle_row.pause, idle_row.p99)?;
+    step_rows.push(("idle, every 100 ms".to_string(), idle_row.pause, idle_row.steps));
     writeln!(r, "### Checkpoint pause against dirty pages\n")?;
     writeln!(
         r,
@@ -298,9 +369,9 @@ fn pause_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
     )?;
     writeln!(
         r,
-        "| dirty pages/s | background transfer | pages/checkpoint | pause ms | µs/page beyond idle | vs copy budget | background pages |"
+        "| dirty pages/s | background transfer | pages/checkpoint | pause ms | pause p99 ms | µs/page beyond idle | vs copy budget | background pages |"
     )?;
-    writeln!(r, "|---:|:---|---:|---:|---:|---:|---:|")?;
+    writeln!(r, "|---:|:---|---:|---:|---:|---:|---:|---:|")?;
     let mut idle = None;
     for &rate in &args.dirty {
         for bg in [false, true] {
@@ -308,7 +379,8 @@ fn pause_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
                 continue;
             }
             eprintln!("pause: {rate} pages/s, background {bg}…");
-            let (pages, pause, bgp) = pause_row(rate, bg, args.secs);
+            let row = pause_row(rate, bg, args.secs, 1000);
+            let (pages, pause) = (row.pages, row.pause);
             let base = *idle.get_or_insert(pause);
             let per_page = if rate > 0 && pages > 0.0 { (pause - base).max(0.0) * 1000.0 / pages } else { 0.0 };
             let (per, ratio) = if per_page > 0.0 {
@@ -318,10 +390,29 @@ fn pause_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
             };
             writeln!(
                 r,
-                "| {rate} | {} | {pages:.0} | {pause:.2} | {per} | {ratio} | {bgp:.0} |",
-                if bg { "1 MiB" } else { "off" }
+                "| {rate} | {} | {pages:.0} | {pause:.2} | {:.2} | {per} | {ratio} | {:.0} |",
+                if bg { "1 MiB" } else { "off" },
+                row.p99,
+                row.bg_pages
             )?;
+            step_rows.push((format!("{rate} pages/s, background {}", if bg { "1 MiB" } else { "off" }), pause, row.steps));
         }
+    }
+    writeln!(r, "\n### Checkpoint pause by step\n")?;
+    writeln!(
+        r,
+        "The median of each step of the transaction over the same checkpoints, ms, as the primary \
+         logs them: `pause` stops the vCPUs and the rings, `dirty` reads the dirty logs, `pages` \
+         copies the dirty pages (and blocks) into the link, `marks` asks the compare processes \
+         for their receive marks (two hosts), `state` saves, encodes and sends the device state, \
+         `received` waits for the secondary to take everything in, `commit` releases the \
+         interval's output, `loaded` waits for the secondary to load, `resume` restarts the PVM.\n"
+    )?;
+    writeln!(r, "| checkpoints | pause | {} |", STEPS.join(" | "))?;
+    writeln!(r, "|:---|---:|{}", "---:|".repeat(STEPS.len()))?;
+    for (name, pause, steps) in step_rows {
+        let cols: Vec<String> = steps.iter().map(|v| format!("{v:.3}")).collect();
+        writeln!(r, "| {name} | {pause:.2} | {} |", cols.join(" | "))?;
     }
     Ok(())
 }

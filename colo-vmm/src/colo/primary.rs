@@ -293,8 +293,6 @@ struct Steps {
     received: f64,
     /// The output commit (and a mode switch) at the compare processes.
     commit: f64,
-    /// Until `vmstate-loaded`: the secondary applied its cache and the state.
-    loaded: f64,
     /// Restarting the devices and the vCPUs.
     resume: f64,
 }
@@ -346,6 +344,9 @@ struct Controller<'a, V: Migratable> {
     test: TestOptions,
     /// The heartbeat parameters last sent to the secondary (interval, timeout).
     heartbeat_sent: (u64, u64),
+    /// The checkpoint the secondary is still loading: the PVM resumed once its output was
+    /// committed, and its `vmstate-loaded` is due before the next checkpoint.
+    loading: Option<(u64, Instant)>,
 }
 
 impl<'a, V: Migratable> Controller<'a, V> {
@@ -371,6 +372,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
             resumed_at: Instant::now(),
             test,
             heartbeat_sent: (0, 0),
+            loading: None,
         }
     }
 
@@ -461,8 +463,15 @@ impl<'a, V: Migratable> Controller<'a, V> {
         let mut early: Option<String> = None;
         let mut last_background = Instant::now();
         loop {
-            if let Some(c) = self.check_peer(Duration::ZERO)? {
-                return Err(End::Error(format!("unexpected message from the secondary between checkpoints: {c:?}")));
+            match self.check_peer(Duration::ZERO)? {
+                Some(Control::VmstateLoaded { seq }) if self.loading.is_some_and(|(s, _)| s == seq) => {
+                    let since = self.loading.take().map(|(_, t)| t.elapsed()).unwrap_or_default();
+                    tracing::debug!(target: "colo", seq, ms = since.as_secs_f64() * 1000.0, "the secondary loaded the checkpoint");
+                }
+                Some(c) => {
+                    return Err(End::Error(format!("unexpected message from the secondary between checkpoints: {c:?}")))
+                }
+                None => {}
             }
             // Parameters apply at once, also within an interval.
             let p = self.colo.params();
@@ -565,6 +574,10 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.seq += 1;
         let seq = self.seq;
         let passive = decision.kind == CheckpointKind::Passive;
+        // The secondary loads one checkpoint at a time: the previous one first.
+        if let Some((prev, _)) = self.loading.take() {
+            self.expect("vmstate-loaded", &Control::VmstateLoaded { seq: prev })?;
+        }
         self.link
             .send(&Control::CheckpointRequest { seq, passive, trigger: trigger.to_string() })
             .map_err(|e| self.write_failed(e))?;
@@ -617,7 +630,6 @@ impl<'a, V: Migratable> Controller<'a, V> {
             step_state_ms = steps.state,
             step_received_ms = steps.received,
             step_commit_ms = steps.commit,
-            step_loaded_ms = steps.loaded,
             step_resume_ms = steps.resume,
             "checkpoint"
         );
@@ -635,7 +647,13 @@ impl<'a, V: Migratable> Controller<'a, V> {
     }
 
     /// With the PVM paused: send the pages and state, commit the output once the secondary
-    /// holds them, switch the compare mode if the kind changed, wait until it loaded.
+    /// holds them, switch the compare mode if the kind changed. The PVM resumes then, while the
+    /// secondary loads (its `vmstate-loaded` is awaited before the next checkpoint): everything
+    /// released so far was produced before the checkpoint the secondary holds, and what the PVM
+    /// sends from now on is held until the SVM, loaded and running, sends the same (or until
+    /// the next checkpoint), so the secondary's load need not stop the PVM. Loading applies
+    /// every page of the interval, those streamed in the background too, and that grows with
+    /// the interval, not with what the pause sent.
     /// Returns pages, bytes, frames released and dropped.
     fn transaction(&mut self, seq: u64, decision: Decision) -> Result<Sent, End> {
         let vm = self.vm;
@@ -689,8 +707,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
         }
         self.compare().forget_miscompares();
         steps.commit = clock.lap();
-        self.expect("vmstate-loaded", &Control::VmstateLoaded { seq })?;
-        steps.loaded = clock.lap();
+        self.loading = Some((seq, Instant::now()));
         Ok(Sent { pages, blocks, bytes: (pages + blocks) * PAGE_SIZE as u64 + encoded, released, dropped, steps })
     }
 

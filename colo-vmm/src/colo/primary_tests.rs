@@ -77,9 +77,9 @@ fn a_checkpoint_runs_the_transaction_in_the_spec_order() {
         ("secondary: got state", "secondary: got vmstate-size"),
         // Output commit only once the secondary holds the whole checkpoint...
         ("secondary: sent vmstate-received", "compare: checkpoint"),
-        // ...and the PVM runs again only once the SVM has loaded it.
-        ("compare: checkpoint", "secondary: sent vmstate-loaded"),
-        ("secondary: sent vmstate-loaded", "vm: resume"),
+        // ...and the PVM runs again right after, while the SVM loads it.
+        ("compare: checkpoint", "vm: resume"),
+        ("vm: resume", "secondary: sent vmstate-loaded"),
     ]);
     let entries = log.entries();
     assert_eq!(entries.iter().filter(|e| *e == "vm: pause").count(), 1, "{entries:#?}");

@@ -103,12 +103,14 @@ fn quantile(mut v: Vec<f64>, p: f64) -> f64 {
     v[rank - 1]
 }
 
-/// The steps of a checkpoint the primary logs with each one (`step_<name>_ms`), in order.
+/// The steps of a checkpoint the primary logs with each one (`step_<name>_ms`), in order
+/// (`loaded`, waiting for the secondary to load, was in the pause until the PVM resumed before
+/// the load: a step a log does not have is left out).
 const STEPS: [&str; 9] = ["pause", "dirty", "pages", "marks", "state", "received", "commit", "loaded", "resume"];
 
 /// The step times of the primary's checkpoints after `from` (by seq), from its log: one row of
 /// [`STEPS`] per checkpoint.
-fn step_times(net: &ColoNet, from: u64) -> Vec<[f64; STEPS.len()]> {
+fn step_times(net: &ColoNet, from: u64) -> Vec<[Option<f64>; STEPS.len()]> {
     let field = |line: &str, key: &str| -> Option<f64> {
         let at = line.find(&format!(" {key}="))? + key.len() + 2;
         line[at..].split(|c: char| c.is_whitespace()).next()?.parse().ok()
@@ -117,12 +119,12 @@ fn step_times(net: &ColoNet, from: u64) -> Vec<[f64; STEPS.len()]> {
         .lines()
         .filter(|l| l.contains("step_pause_ms="))
         .filter(|l| field(l, "seq").is_some_and(|s| s as u64 > from))
-        .filter_map(|l| {
-            let mut row = [0.0; STEPS.len()];
+        .map(|l| {
+            let mut row = [None; STEPS.len()];
             for (v, k) in row.iter_mut().zip(STEPS) {
-                *v = field(l, &format!("step_{k}_ms"))?;
+                *v = field(l, &format!("step_{k}_ms"));
             }
-            Some(row)
+            row
         })
         .collect()
 }
@@ -135,7 +137,7 @@ struct PauseRow {
     p99: f64,
     checkpoints: usize,
     bg_pages: f64,
-    steps: [f64; STEPS.len()],
+    steps: [Option<f64>; STEPS.len()],
 }
 
 /// Pause and pages per checkpoint with the guest dirtying `rate` pages per second, one
@@ -156,11 +158,10 @@ fn pause_row(rate: u64, background: bool, secs: f64, every_ms: u64) -> PauseRow 
     let pages: Vec<f64> = cps.iter().map(|c| n(&c["pages"])).collect();
     let bg_pages = n(&net.status(Side::Primary)["background-pages"]);
     let times = step_times(&net, from);
-    let mut steps = [0.0; STEPS.len()];
-    if !times.is_empty() {
-        for (i, s) in steps.iter_mut().enumerate() {
-            *s = median(times.iter().map(|t| t[i]).collect());
-        }
+    let mut steps = [None; STEPS.len()];
+    for (i, s) in steps.iter_mut().enumerate() {
+        let v: Vec<f64> = times.iter().filter_map(|t| t[i]).collect();
+        *s = (!v.is_empty()).then(|| median(v));
     }
     if pauses.is_empty() {
         return PauseRow { pages: 0.0, pause: 0.0, p99: 0.0, checkpoints: 0, bg_pages, steps };
@@ -395,7 +396,11 @@ fn pause_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
                 row.p99,
                 row.bg_pages
             )?;
-            step_rows.push((format!("{rate} pages/s, background {}", if bg { "1 MiB" } else { "off" }), pause, row.steps));
+            step_rows.push((
+                format!("{rate} pages/s, background {}", if bg { "1 MiB" } else { "off" }),
+                pause,
+                row.steps,
+            ));
         }
     }
     writeln!(r, "\n### Checkpoint pause by step\n")?;
@@ -411,7 +416,7 @@ fn pause_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
     writeln!(r, "| checkpoints | pause | {} |", STEPS.join(" | "))?;
     writeln!(r, "|:---|---:|{}", "---:|".repeat(STEPS.len()))?;
     for (name, pause, steps) in step_rows {
-        let cols: Vec<String> = steps.iter().map(|v| format!("{v:.3}")).collect();
+        let cols: Vec<String> = steps.iter().map(|v| v.map_or("–".into(), |v| format!("{v:.3}"))).collect();
         writeln!(r, "| {name} | {pause:.2} | {} |", cols.join(" | "))?;
     }
     Ok(())

@@ -158,6 +158,12 @@ fn pause_row(rate: u64, background: bool, secs: f64, every_ms: u64) -> PauseRow 
     let pages: Vec<f64> = cps.iter().map(|c| n(&c["pages"])).collect();
     let bg_pages = n(&net.status(Side::Primary)["background-pages"]);
     let times = step_times(&net, from);
+    if let Some(dir) = std::env::var_os("COLO_BENCH_LOGS") {
+        // Where each row's processes logged, for a closer look (COLO_BENCH_LOGS=DIR).
+        let dir = std::path::PathBuf::from(dir);
+        let name = format!("pause-{rate}-{}-{every_ms}", if background { "bg" } else { "nobg" });
+        let _ = std::fs::write(dir.join(format!("{name}.log")), net.logs());
+    }
     let mut steps = [None; STEPS.len()];
     for (i, s) in steps.iter_mut().enumerate() {
         let v: Vec<f64> = times.iter().filter_map(|t| t[i]).collect();

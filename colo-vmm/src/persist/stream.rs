@@ -430,9 +430,18 @@ mod tests {
     fn pages_filled_in_place_read_back_as_written() {
         let mut w = StreamWriter::new(Vec::new()).unwrap();
         // A longer record first, so the scratch holds stale bytes for the shorter one.
-        let n = w.page_record_with::<io::Error>(&[0, 4096, 8192], |i, slot| Ok(slot.fill(i as u8 + 1))).unwrap();
+        let n = w
+            .page_record_with::<io::Error>(&[0, 4096, 8192], |i, slot| {
+                slot.fill(i as u8 + 1);
+                Ok(())
+            })
+            .unwrap();
         assert_eq!(n, 3);
-        w.page_record_with::<io::Error>(&[0x7000], |_, slot| Ok(slot.fill(0x77))).unwrap();
+        w.page_record_with::<io::Error>(&[0x7000], |_, slot| {
+            slot.fill(0x77);
+            Ok(())
+        })
+        .unwrap();
         let refused = w.page_record_with(&[0], |_, _| Err(io::Error::other("unreadable")));
         assert!(refused.is_err());
         let recs = read_all(&w.finish().unwrap()).unwrap();

@@ -46,7 +46,7 @@ struct Args {
     /// Guest disk dirty rates for the blocks table, 4 KiB blocks per second.
     #[arg(long, value_delimiter = ',', default_value = "0,100,1000,4000")]
     blocks: Vec<u64>,
-    /// Run only these parts (pause, modes, failover, cpus, blocks, disk); default: all.
+    /// Run only these parts (pause, modes, echo, failover, cpus, blocks, disk); default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Write the report here as well as to stdout.
@@ -329,6 +329,9 @@ fn main() -> anyhow::Result<()> {
     if args.wants("modes") {
         modes_table(&args, &mut r)?;
     }
+    if args.wants("echo") {
+        echo_table(&args, &mut r)?;
+    }
     if args.wants("failover") {
         failover_table(&args, &mut r)?;
     }
@@ -464,6 +467,67 @@ fn modes_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+/// Echo round trips without and with COLO, alternating fresh pairs `--repeat` times so both
+/// see the same machine; with `COLO_BENCH_PERF=FILE`, the last COLO run is profiled
+/// (`perf record` of the two VMMs and the backend) into FILE.
+fn echo_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    writeln!(r, "\n### Echo round trips, COLO against unprotected\n")?;
+    writeln!(
+        r,
+        "64-byte TCP round trips on one connection for {}s; an unprotected pair and a COLO-only \
+         pair (`passive-limit=0`) alternately, {} times; medians.\n",
+        args.secs, args.repeat
+    )?;
+    let (mut plain, mut colo, mut ratios) = (vec![], vec![], vec![]);
+    let perf = std::env::var_os("COLO_BENCH_PERF");
+    for i in 0..args.repeat.max(1) {
+        eprintln!("echo: round {}…", i + 1);
+        let a = measure(&pair(Setup::Unprotected, "app=echo"), args.secs, echo).rate;
+        let net = pair(Setup::ColoOnly, "app=echo");
+        let profiler = match (&perf, i + 1 == args.repeat.max(1)) {
+            (Some(out), true) => {
+                let pids: Vec<String> = net
+                    .primary
+                    .iter()
+                    .chain(net.secondary.iter())
+                    .chain(net.backends.iter())
+                    .map(|p| p.pid().to_string())
+                    .collect();
+                std::process::Command::new("perf")
+                    .args(["record", "-F", "2000", "-g", "-o"])
+                    .arg(out)
+                    .args(["-p", &pids.join(","), "--", "sleep"])
+                    .arg(format!("{}", args.secs))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .ok()
+            }
+            _ => None,
+        };
+        let b = measure(&net, args.secs, echo).rate;
+        if let Some(mut p) = profiler {
+            let _ = p.wait();
+        }
+        plain.push(a);
+        colo.push(b);
+        ratios.push(if a > 0.0 { b / a } else { 0.0 });
+    }
+    writeln!(r, "| unprotected round trips/s | COLO round trips/s | COLO / unprotected (median of rounds) | rounds |")?;
+    writeln!(r, "|---:|---:|---:|:---|")?;
+    let rounds: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
+    writeln!(
+        r,
+        "| {:.0} | {:.0} | {:.2} | {} |",
+        median(plain),
+        median(colo),
+        median(ratios.clone()),
+        rounds.join(", ")
+    )?;
     Ok(())
 }
 

@@ -183,7 +183,7 @@ impl VhostUserNet {
         // Pipelined: the requests go out without waiting for each answer, and one request
         // answered at the end confirms them all, since the backend handles them in order and
         // drops the connection at the first it refuses (a restart after every checkpoint costs
-        // one round trip, not fifteen).
+        // two round trips, not fifteen: SET_LOG_BASE is answered whatever the flags).
         frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
         let sent = Self::send_rings(frontend, log, &self.memory, &self.calls, &self.kicks, to_backend, queues, bases);
         if self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {

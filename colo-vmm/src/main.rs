@@ -17,6 +17,7 @@ use colo_vmm::api::dispatch::{Lifecycle, VmmApi};
 use colo_vmm::api::protocol::Reply;
 use colo_vmm::api::server::ApiServer;
 use colo_vmm::colo::shared::ColoShared;
+use colo_vmm::devices::block::DiskConfig;
 use colo_vmm::devices::serial::SerialOutput;
 use colo_vmm::loader::Image;
 use colo_vmm::migration::destination::incoming;
@@ -60,9 +61,17 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     mem: u64,
+    /// vCPUs, 1 to 8 (a restored or migrated VM keeps its own count).
+    #[arg(long, value_name = "N", default_value_t = 1, conflicts_with_all = ["restore", "incoming"])]
+    cpus: u32,
     /// A virtio-net device backed by a vhost-user backend (repeat for more devices).
     #[arg(long, value_name = "vhost-user=PATH[,mac=MAC]")]
     net: Vec<NetConfig>,
+    /// A virtio-blk disk on a raw image (at least 1 MiB, whole 4 KiB blocks; `readonly`: the
+    /// guest may only read it). Each VM needs its own image: snapshot, migration and COLO carry
+    /// the disk's contents.
+    #[arg(long, value_name = "path=FILE[,readonly]")]
+    disk: Option<DiskConfig>,
     /// Where the serial console goes: stdio, file:PATH or none.
     #[arg(long, value_name = "OUT", default_value = "stdio")]
     serial: SerialOutput,
@@ -239,7 +248,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         image: args.kernel.map_or(Image::Reference, Image::File),
         cmdline: args.cmdline,
         mem_mib: args.mem,
+        cpus: args.cpus,
         net: args.net,
+        disk: args.disk,
         serial: args.serial,
     };
     let colo = Arc::new(ColoShared::new(args.compare_socket));
@@ -298,12 +309,14 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         colo_vmm::colo::serving::spawn(vmm.clone(), colo.clone()).context("starting the serving thread")?;
     }
     let (tx, rx) = channel();
-    let thread = vmm.take_thread().context("the vCPU thread is gone")?;
-    let vcpu_tx = tx.clone();
-    std::thread::spawn(move || {
-        let end = thread.join().unwrap_or_else(|_| VcpuEnd::Crashed("the vCPU thread panicked".into()));
-        let _ = vcpu_tx.send(Event::Vcpu(end));
-    });
+    // The first vCPU thread to end ends the VM (a guest exit, a crash, or quit).
+    for thread in vmm.take_threads() {
+        let vcpu_tx = tx.clone();
+        std::thread::spawn(move || {
+            let end = thread.join().unwrap_or_else(|_| VcpuEnd::Crashed("a vCPU thread panicked".into()));
+            let _ = vcpu_tx.send(Event::Vcpu(end));
+        });
+    }
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
         .context("installing signal handlers")?;
     let sig_tx = tx.clone();
@@ -332,11 +345,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
             Event::Signal(sig) => {
                 tracing::info!(signal = sig, "shutting down");
-                vmm.vcpu().quit();
+                vmm.vcpus().quit();
             }
             Event::Quit => {
                 tracing::info!("quit requested");
-                vmm.vcpu().quit();
+                vmm.vcpus().quit();
             }
             Event::Migrated => {
                 // As QEMU: the source stays, paused ("postmigrate"), until told to quit.

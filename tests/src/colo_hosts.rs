@@ -44,6 +44,8 @@ pub struct OnHost {
     pub vmm: Option<Proc>,
     /// The backend's control socket (the VMM's `--compare-socket`).
     pub control: PathBuf,
+    /// The control sockets of the further NICs' backends.
+    pub more_controls: Vec<PathBuf>,
     /// The VMM's API socket.
     pub api: PathBuf,
     /// The guest console.
@@ -66,6 +68,8 @@ pub struct ColoHosts {
     pub key: Option<PathBuf>,
     /// The backend kind.
     pub backend: HostBackend,
+    /// NICs of the VM.
+    pub nics: usize,
     /// The arbiter: etcd in a witness namespace on the replication network, if any.
     pub arbiter: Option<Witness>,
 }
@@ -78,6 +82,11 @@ pub struct Witness {
     pub ns: crate::netns::Netns,
     /// Its data directory.
     pub data: PathBuf,
+}
+
+/// The MAC address of the VM's NIC `k` (k ≥ 1; the first is [`GUEST_MAC`]).
+fn extra_mac(k: usize) -> String {
+    format!("52:54:00:12:35:{:02x}", k)
 }
 
 /// The protected VM's name in the arbiter.
@@ -96,6 +105,10 @@ pub struct HostsOptions {
     pub keyed: bool,
     /// An etcd arbiter on a witness host; hosts beyond b register as standbys.
     pub arbiter: bool,
+    /// NICs of the VM (vhost-net-compare only): one backend and frame link each. The
+    /// reference guest uses the first; the others' backends still take part in every role
+    /// change, checkpoint mark and resync.
+    pub nics: usize,
 }
 
 impl HostsOptions {
@@ -107,6 +120,7 @@ impl HostsOptions {
             cmdline: cmdline.into(),
             keyed: true,
             arbiter: false,
+            nics: 1,
         }
     }
 }
@@ -116,7 +130,7 @@ impl ColoHosts {
     /// `cmdline` (its `ip=` is added), the others wait for COLO. `keyed`: every link
     /// authenticated with one key.
     pub fn start(backend: HostBackend, hosts: usize, cmdline: &str, keyed: bool) -> ColoHosts {
-        Self::start_with(HostsOptions { backend, hosts, cmdline: cmdline.into(), keyed, arbiter: false })
+        Self::start_with(HostsOptions { backend, hosts, cmdline: cmdline.into(), keyed, arbiter: false, nics: 1 })
     }
 
     /// Starts as `o` says.
@@ -132,7 +146,11 @@ impl ColoHosts {
             let ns = lan.add_witness();
             Witness { etcd: None, ns, data: dir.path("etcd") }
         });
-        let mut net = ColoHosts { on: Vec::new(), lan, dir, key, backend: o.backend, arbiter };
+        assert!(
+            o.nics >= 1 && (o.nics == 1 || o.backend == HostBackend::VhostNetCompare),
+            "extra NICs need vhost-net-compare"
+        );
+        let mut net = ColoHosts { on: Vec::new(), lan, dir, key, backend: o.backend, arbiter, nics: o.nics };
         if net.arbiter.is_some() {
             net.start_etcd();
         }
@@ -219,10 +237,14 @@ impl ColoHosts {
             let _ = self.lan.host(i).ns.try_exec(&["ip", "link", "set", "dev", link, "up"]);
         }
         if self.backend == HostBackend::VhostNetCompare {
-            let _ = self.lan.host(i).ns.try_exec(&["ip", "link", "delete", "vm0"]);
+            for k in 0..self.nics {
+                let _ = self.lan.host(i).ns.try_exec(&["ip", "link", "delete", &format!("vm{k}")]);
+            }
         }
-        for f in ["vu.sock", "ctl.sock", "api.sock"] {
-            let _ = std::fs::remove_file(self.path(i, f));
+        let mut files = vec!["vu.sock".to_string(), "ctl.sock".into(), "api.sock".into()];
+        files.extend((1..self.nics).flat_map(|k| [format!("vu{k}.sock"), format!("ctl{k}.sock")]));
+        for f in files {
+            let _ = std::fs::remove_file(self.path(i, &f));
         }
         self.on[i] = self.start_backends(i);
         let vmm = self.launch_incoming(i, standby);
@@ -313,9 +335,30 @@ impl ColoHosts {
             "host {}: the control socket did not appear",
             host.name
         );
+        let mut more_controls = vec![];
+        for k in 1..self.nics {
+            let (vu, control) = (self.path(i, &format!("vu{k}.sock")), self.path(i, &format!("ctl{k}.sock")));
+            let tap = format!("vm{k}");
+            host.add_vm_tap(&tap);
+            let listen = format!("{}:{}", host.repl_ip, FRAME_PORT + k as u16);
+            let (nic, mac) = (format!("net{k}"), extra_mac(k));
+            let mut args: Vec<String> =
+                ["--vm-socket", &s(&vu), "--tap", &tap, "--mac", &mac, "--nic", &nic].map(String::from).to_vec();
+            args.extend(["--control-socket".into(), s(&control), "--peer-listen".into(), listen]);
+            args.extend(self.key_args());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            backends.push(host.spawn(&format!("vhost-net-compare-{nic}"), &bin("vhost-net-compare"), &args));
+            assert!(
+                wait_for_path(&control, Duration::from_secs(10)),
+                "host {}: {nic}'s backend did not start",
+                host.name
+            );
+            more_controls.push(control);
+        }
         OnHost {
             backends,
             vmm: None,
+            more_controls,
             control,
             api: self.path(i, "api.sock"),
             serial: self.path(i, "serial.log"),
@@ -333,6 +376,11 @@ impl ColoHosts {
         all.extend(["--net".into(), net, "--api".into(), on.api.display().to_string()]);
         all.extend(["--serial".into(), format!("file:{}", on.serial.display())]);
         all.extend(["--compare-socket".into(), on.control.display().to_string()]);
+        for (k, control) in on.more_controls.iter().enumerate().map(|(k, c)| (k + 1, c)) {
+            let vu = self.path(i, &format!("vu{k}.sock"));
+            all.extend(["--net".into(), format!("vhost-user={},mac={}", vu.display(), extra_mac(k))]);
+            all.extend(["--compare-socket".into(), control.display().to_string()]);
+        }
         all.extend(self.key_args());
         all.extend(self.arbiter_args(i));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
@@ -461,8 +509,14 @@ impl ColoHosts {
 
     /// The `hello` of host `i`'s backend (its role and mode).
     pub fn backend_hello(&self, i: usize) -> Value {
+        self.nic_hello(i, 0)
+    }
+
+    /// The `hello` of the backend of NIC `k` on host `i`.
+    pub fn nic_hello(&self, i: usize, k: usize) -> Value {
         use std::io::{BufRead, BufReader};
-        let s = std::os::unix::net::UnixStream::connect(&self.on[i].control).expect("backend control socket");
+        let control = if k == 0 { &self.on[i].control } else { &self.on[i].more_controls[k - 1] };
+        let s = std::os::unix::net::UnixStream::connect(control).expect("backend control socket");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).expect("hello");

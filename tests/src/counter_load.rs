@@ -2,7 +2,7 @@
 //! checked to follow the one before (by [`CounterClient`]) and timed, for the gap a failover
 //! leaves the client.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -13,6 +13,8 @@ use crate::colo_topology::CounterClient;
 pub struct CounterLoad {
     first: u64,
     stop: Arc<AtomicBool>,
+    /// Replies so far, for a look while it runs.
+    replies: Arc<AtomicU64>,
     thread: JoinHandle<(Vec<Instant>, u64, Option<String>)>,
 }
 
@@ -22,6 +24,8 @@ impl CounterLoad {
         let first = c.last;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let replies = Arc::new(AtomicU64::new(0));
+        let counted = replies.clone();
         let thread = std::thread::spawn(move || {
             let mut times = vec![];
             while !s.load(Ordering::Relaxed) {
@@ -29,11 +33,22 @@ impl CounterLoad {
                     return (times, c.last, Some(e));
                 }
                 times.push(Instant::now());
+                counted.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(10));
             }
             (times, c.last, None)
         });
-        CounterLoad { first, stop, thread }
+        CounterLoad { first, stop, replies, thread }
+    }
+
+    /// The value the session started from.
+    pub fn first(&self) -> u64 {
+        self.first
+    }
+
+    /// Replies so far (the session goes on).
+    pub fn replies(&self) -> u64 {
+        self.replies.load(Ordering::Relaxed)
     }
 
     /// Stops; the reply times and the last value. An error if a value was lost or repeated, or

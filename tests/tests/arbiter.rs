@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use colo_tests::colo_hosts::{ColoHosts, HostsOptions};
 use colo_tests::colo_topology::CounterClient;
 use colo_tests::counter_load::{gap_around, longest_gaps, CounterLoad};
-use colo_tests::hosts::read_capture;
-use colo_tests::vm_topology::GUEST_MAC;
+use colo_tests::port_capture::{since_epoch, PortCaptures};
 use serde_json::Value;
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -48,6 +47,17 @@ fn with_arbiter(hosts: usize, cmdline: &str) -> ColoHosts {
     ColoHosts::start_with(HostsOptions { arbiter: true, ..HostsOptions::new(hosts, cmdline) })
 }
 
+/// `hosts` hosts with an arbiter, COLO from host a to host b, and a counter session that has
+/// run for a second.
+fn colo_under_load(hosts: usize) -> (ColoHosts, CounterLoad) {
+    let net = with_arbiter(hosts, "app=counter,echo");
+    net.wait_status(0, "holding the key", Duration::from_secs(10), |s| s["arbiter"]["held"] == true);
+    net.start_colo(0, 1);
+    let load = counter_load(&net);
+    std::thread::sleep(Duration::from_secs(1));
+    (net, load)
+}
+
 fn failed_over(s: &Value) -> bool {
     s["state"] == "failed-over"
 }
@@ -58,11 +68,7 @@ fn with_an_arbiter_a_killed_primary_process_is_replaced_at_once() {
     if !check("with_an_arbiter_a_killed_primary_process_is_replaced_at_once") {
         return;
     }
-    let net = with_arbiter(2, "app=counter,echo");
-    net.wait_status(0, "holding the key", Duration::from_secs(10), |s| s["arbiter"]["held"] == true);
-    net.start_colo(0, 1);
-    let load = counter_load(&net);
-    std::thread::sleep(Duration::from_secs(1));
+    let (net, load) = colo_under_load(2);
     // Host a's processes die, its links stay up: the kernel resets the checkpoint link.
     let killed = Instant::now();
     net.signal_host(0, libc::SIGKILL);
@@ -84,11 +90,7 @@ fn with_an_arbiter_a_dead_primary_host_is_replaced_once_its_lease_expired() {
     if !check("with_an_arbiter_a_dead_primary_host_is_replaced_once_its_lease_expired") {
         return;
     }
-    let mut net = with_arbiter(2, "app=counter,echo");
-    net.wait_status(0, "holding the key", Duration::from_secs(10), |s| s["arbiter"]["held"] == true);
-    net.start_colo(0, 1);
-    let load = counter_load(&net);
-    std::thread::sleep(Duration::from_secs(1));
+    let (mut net, load) = colo_under_load(2);
     let killed = Instant::now();
     net.kill_host(0);
     let waiting = net.wait_status(1, "waiting for the key", Duration::from_secs(10), |s| !s["waiting"].is_null());
@@ -103,44 +105,6 @@ fn with_an_arbiter_a_dead_primary_host_is_replaced_once_its_lease_expired() {
     assert_eq!(s["arbiter"]["holder"], "host-b");
     // Heartbeat timeout (1 s), then the rest of host a's lease (arbiter-ttl 2 s).
     assert!(took >= Duration::from_millis(1500), "not before host a's lease could expire: {took:?}");
-}
-
-/// Captures of what hosts send onto the LAN (their switch ports), for who spoke as the VM.
-struct PortCaptures {
-    files: Vec<std::path::PathBuf>,
-    tcpdump: Vec<colo_tests::Proc>,
-}
-
-impl PortCaptures {
-    fn start(net: &ColoHosts, hosts: &[usize]) -> PortCaptures {
-        let files: Vec<_> = hosts.iter().map(|i| net.dir.path(&format!("port-{i}.pcap"))).collect();
-        let tcpdump = hosts.iter().zip(&files).map(|(i, f)| net.lan.capture_host(*i, f)).collect();
-        PortCaptures { files, tcpdump }
-    }
-
-    /// Stops the captures; per host, the times (since the epoch) of frames from the VM's MAC.
-    fn finish(mut self) -> Vec<Vec<Duration>> {
-        for t in &mut self.tcpdump {
-            t.signal(libc::SIGINT);
-            t.wait_timeout(Duration::from_secs(5));
-        }
-        let mac = colo_proxy::wire::ethernet::parse_mac(GUEST_MAC).unwrap();
-        self.files
-            .iter()
-            .map(|f| {
-                read_capture(f)
-                    .into_iter()
-                    .filter(|(_, fr)| fr.len() >= 12 && fr[6..12] == mac)
-                    .map(|(t, _)| t)
-                    .collect()
-            })
-            .collect()
-    }
-}
-
-/// `at` as time since the epoch (the captures' clock).
-fn since_epoch(at: Instant) -> Duration {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap() - at.elapsed()
 }
 
 #[test]
@@ -308,11 +272,7 @@ fn with_an_arbiter_a_to_b_to_c_protects_itself_again_from_a_standby() {
     if !check("with_an_arbiter_a_to_b_to_c_protects_itself_again_from_a_standby") {
         return;
     }
-    let net = with_arbiter(3, "app=counter,echo");
-    net.wait_status(0, "holding the key", Duration::from_secs(10), |s| s["arbiter"]["held"] == true);
-    net.start_colo(0, 1);
-    let load = counter_load(&net);
-    std::thread::sleep(Duration::from_secs(1));
+    let (net, load) = colo_under_load(3);
     // Host a's processes die: host b takes over and starts COLO with the standby on host c.
     net.signal_host(0, libc::SIGKILL);
     // It may re-protect itself before a look sees it failed over: the last failover stays.

@@ -758,6 +758,55 @@ fn checkpoints_leave_the_secondary_memory_identical_to_the_primary_with_backgrou
 }
 
 #[test]
+fn four_vcpus_checkpoints_verified_page_for_page_and_failover_keeps_the_counter() {
+    let _g = serial();
+    if !check("four_vcpus_checkpoints_verified_page_for_page_and_failover_keeps_the_counter", Backend::VhostNetCompare)
+    {
+        return;
+    }
+    // Every vCPU busy (burn) while the services answer and pages are dirtied.
+    let mut net = ColoNet::start_with(
+        Backend::VhostNetCompare,
+        "app=counter,echo,http,dirty,burn dirty=1000 dirty_mib=8",
+        &[],
+        &["--cpus", "4"],
+    );
+    net.set_params(Side::Primary, &[("max-time", 500)]);
+    net.start_colo_with(&["verify=true"]);
+    let colo = |net: &ColoNet| n(&net.status(Side::Primary)["checkpoints"]["colo"]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut incs = 0;
+    while colo(&net) < 6 && Instant::now() < deadline {
+        incs += deterministic_traffic(&net, 1).0;
+    }
+    let p = net.status(Side::Primary);
+    let s = net.status(Side::Secondary);
+    let verified = net.log(Side::Secondary).matches("verified: the SVM's memory equals").count();
+    eprintln!("{incs} increments; {} checkpoints, {verified} verified", p["checkpoints"]["total"]);
+    assert_eq!(s["state"], "running", "no checkpoint failed verification: {s:#}\n{}", net.logs());
+    assert!(n(&p["checkpoints"]["colo"]) >= 6, "{p:#}");
+    assert!(verified as u64 + 1 >= n(&p["checkpoints"]["total"]), "every loaded checkpoint verified: {verified}");
+    // Each VM's /stats says four vCPUs, and the survivor's burners carry on.
+    let stats = colo_tests::vm_topology::guest_stats(net.connect(80));
+    assert_eq!(stats.get("cpus"), Some(&4), "{stats:?}");
+    let mut counter = CounterClient::connect(&net);
+    counter.inc().unwrap_or_else(|e| panic!("{e}\n{}", net.logs()));
+    net.kill(Side::Primary);
+    net.wait_status(Side::Secondary, "failed over", Duration::from_secs(5), |s| s["state"] == "failed-over");
+    for _ in 0..30 {
+        counter.inc().unwrap_or_else(|e| panic!("after failover: {e}\n{}", net.logs()));
+    }
+    let before = colo_tests::vm_topology::burn_per_vcpu(&colo_tests::vm_topology::guest_stats(net.connect(80)));
+    std::thread::sleep(Duration::from_millis(500));
+    let after = colo_tests::vm_topology::burn_per_vcpu(&colo_tests::vm_topology::guest_stats(net.connect(80)));
+    eprintln!("survivor's burn per vCPU: {before:?} -> {after:?}");
+    assert_eq!(after.len(), 4);
+    for i in 0..4 {
+        assert!(after[i] > before[i], "vCPU {i} of the survivor runs: {before:?} -> {after:?}");
+    }
+}
+
+#[test]
 fn inbound_frames_arriving_during_a_checkpoint_reach_both_vms() {
     inbound_frames_during_checkpoints(
         Backend::VhostNetCompare,

@@ -99,7 +99,13 @@ fn ocf_tester_passes_on_the_resource_agent() {
     for (k, v) in &replica.params {
         cmd.args(["-o", &format!("{k}={v}")]);
     }
-    let out = cmd.arg(agent()).output().expect("ocf-tester");
+    // ocf-tester also runs the agent as nobody: from a copy in a world-readable directory
+    // (the checkout may be in a private one).
+    let copy = dir.path("colo");
+    std::fs::copy(agent(), &copy).expect("copy the agent");
+    std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(dir.path(""), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = cmd.arg(&copy).output().expect("ocf-tester");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && text.contains("passed all tests"), "ocf-tester:\n{text}\n{}", replica.log());
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use colo_tests::colo_hosts::{prerequisites, ColoHosts, HostBackend};
+use colo_tests::colo_hosts::{prerequisites, ColoHosts, HostBackend, HostsOptions};
 use colo_tests::colo_topology::CounterClient;
 use colo_tests::counter_load::{gap_around, longest_gaps, CounterLoad};
 use colo_tests::hosts::read_capture;
@@ -517,4 +517,40 @@ fn colo_starts_across_hosts_under_traffic_with_a_short_pause_and_no_miscompare()
     assert_eq!(n(&s["checkpoints"]["miscompare"]["timeout"]), 0, "no output held until a timeout: {s:#}");
     // The pause of the start (reported above) is tens of ms; asserted loosely (loaded machines).
     assert!(gap < Duration::from_secs(2), "the start paused the VM for {gap:?}");
+}
+
+#[test]
+fn with_two_nics_each_backend_has_its_own_frame_link_and_both_follow_the_failover() {
+    let _g = serial();
+    if !check("with_two_nics_each_backend_has_its_own_frame_link_and_both_follow_the_failover") {
+        return;
+    }
+    let opts = HostsOptions { nics: 2, ..HostsOptions::new(2, "app=counter,echo") };
+    let mut net = ColoHosts::start_with(opts);
+    net.set_params(0, &[("max-time", 500)]);
+    net.start_colo(0, 1);
+    for (host, role) in [(0, "primary"), (1, "secondary")] {
+        for nic in 0..2 {
+            assert_eq!(net.nic_hello(host, nic)["role"], role, "host {host} net{nic}");
+        }
+    }
+    // Each NIC's backends connected a frame link of their own.
+    let b = net.on[1].backends.iter().map(|p| p.stderr()).collect::<Vec<_>>().join("\n");
+    for nic in ["net0", "net1"] {
+        assert!(b.contains(&format!("frame link from the primary is up nic={nic}")), "{nic}:\n{b}");
+    }
+    // Checkpoints carry a mark per NIC and go on.
+    let load = counter_load(&net);
+    net.wait_status(0, "checkpoints", Duration::from_secs(10), |s| n(&s["checkpoints"]["total"]) >= 4);
+    let killed = Instant::now();
+    net.kill_host(0);
+    net.wait_status(1, "took over", Duration::from_secs(10), |s| s["state"] == "failed-over");
+    std::thread::sleep(Duration::from_secs(1));
+    let (times, _) = finish(load, &net);
+    let (gap, after) = gap_around(&times, killed);
+    eprintln!("two NICs: host a died; gap {gap:?}, {after} increments after");
+    assert!(after >= 20, "the session went on with host b: {after}");
+    for nic in 0..2 {
+        assert_eq!(net.nic_hello(1, nic)["role"], "alone", "host b net{nic} serves its VM");
+    }
 }

@@ -63,6 +63,8 @@ impl VmmApi {
             "running": !paused,
             "uptime-ms": self.vmm.uptime().as_millis() as u64,
             "memory-mib": self.vmm.ram().size() >> 20,
+            "cpus": self.vmm.vcpus().len(),
+            "disk": self.vmm.disk_status(),
         })
     }
 }
@@ -106,7 +108,7 @@ impl Handler for VmmApi {
             Command::Snapshot { path } => {
                 let stats =
                     crate::persist::snapshot::save(&*self.vmm, &path).map_err(|e| ApiError::generic(e.to_string()))?;
-                Ok(json!({ "pages": stats.pages, "bytes": stats.bytes }))
+                Ok(json!({ "pages": stats.pages, "blocks": stats.blocks, "bytes": stats.bytes }))
             }
             Command::Migrate { uri, downtime_limit, max_rounds, verify } => {
                 let params = {

@@ -39,6 +39,8 @@ pub enum Incoming {
     Control(Control),
     /// A batch of pages.
     Pages(Vec<u8>),
+    /// A batch of disk blocks.
+    Blocks(Vec<u8>),
     /// Device state.
     State(Vec<u8>),
     /// The link broke; why.
@@ -102,6 +104,7 @@ impl<W: Write + Send + 'static> Link<W> {
                                 Err(e) => Incoming::Corrupt(e.to_string()),
                             },
                             Kind::Pages => Incoming::Pages(rec.payload),
+                            Kind::Blocks => Incoming::Blocks(rec.payload),
                             Kind::State => Incoming::State(rec.payload),
                             Kind::End => Incoming::Closed("the peer ended the stream".into()),
                         }

@@ -4,6 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// A control message of the checkpoint link.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -46,6 +50,9 @@ pub enum Control {
         seq: u64,
         /// Pages sent since `vmstate-send` (background pages not included).
         pages: u64,
+        /// Disk blocks sent since `vmstate-send` (background blocks not included).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        blocks: u64,
         /// Two hosts: each one-VM backend's mark at the pause (the first inbound frame the PVM
         /// had not taken), in `--compare-socket` order; the secondary's backends restart its
         /// VM's inbound frames there.
@@ -95,7 +102,7 @@ mod tests {
     fn json_shapes() {
         assert_eq!(serde_json::to_string(&Control::Heartbeat).unwrap(), r#"{"type":"heartbeat"}"#);
         assert_eq!(
-            serde_json::to_string(&Control::VmstateSize { seq: 3, pages: 9, rx_marks: vec![] }).unwrap(),
+            serde_json::to_string(&Control::VmstateSize { seq: 3, pages: 9, blocks: 0, rx_marks: vec![] }).unwrap(),
             r#"{"type":"vmstate-size","seq":3,"pages":9}"#
         );
         // Both protocols say `error` alike: a destination refusing a COLO start uses the

@@ -1,6 +1,8 @@
 //! COLO (docs/colo.md): the primary's checkpoint controller with hybrid mode, the secondary's
-//! RAM cache and checkpoint loading, the checkpoint link with its heartbeat, and failover.
+//! RAM cache and checkpoint loading (and the disk's blocks beside the pages), the checkpoint
+//! link with its heartbeat, and failover.
 
+pub mod blocks;
 pub mod cache;
 pub mod compare;
 pub mod hybrid;

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use colo_proxy::compare::Mode;
 
+use super::blocks::PendingBlocks;
 use super::compare::{CompareError, CompareSet};
 use super::hybrid::{CheckpointKind, Decision, Hybrid};
 use super::link::{Incoming, Link, Silence};
@@ -18,7 +19,7 @@ use super::message::Control;
 use super::params::{ms, ColoParams};
 use super::shared::ColoShared;
 use super::status::{unix_ms, Role, State, Trigger};
-use crate::migratable::{page_digests, Migratable};
+use crate::migratable::{block_digests, page_digests, Migratable};
 use crate::migration::protocol::Purpose;
 use crate::migration::source::{self, MigrationError, Transfer};
 use crate::migration::status::{MigrationParams, StatusHandle};
@@ -267,6 +268,7 @@ fn take_compare(colo: &ColoShared) -> Result<CompareSet, CompareError> {
 /// was saved): pages and state sent, `vmstate-received`, output committed, `vmstate-loaded`.
 struct Sent {
     pages: u64,
+    blocks: u64,
     bytes: u64,
     released: u64,
     dropped: u64,
@@ -302,6 +304,8 @@ struct Controller<'a, V: Migratable> {
     hybrid: Hybrid,
     /// Pages dirtied since the last checkpoint and not yet streamed in the background.
     pending: DirtyBitmap,
+    /// The same for the disk's blocks.
+    pending_blocks: PendingBlocks,
     seq: u64,
     /// When the PVM last resumed: intervals count running time only.
     resumed_at: Instant,
@@ -328,6 +332,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
             tracking: true,
             hybrid: Hybrid::default(),
             pending: DirtyBitmap::empty(vm.page_count()),
+            pending_blocks: PendingBlocks::new(vm),
             seq: 0,
             resumed_at: Instant::now(),
             test,
@@ -478,8 +483,21 @@ impl<'a, V: Migratable> Controller<'a, V> {
         Ok(n)
     }
 
+    /// Streams the pending disk blocks once enough have gathered (as [`Self::background`] does
+    /// pages).
+    fn background_blocks(&mut self, limit: u64) -> Result<(), End> {
+        self.pending_blocks.gather(self.vm);
+        if self.pending_blocks.bytes() < limit {
+            return Ok(());
+        }
+        let n = self.pending_blocks.send(&self.link, self.vm).map_err(|e| self.write_failed(e))?;
+        self.colo.update(|s| s.disk.background_blocks += n);
+        Ok(())
+    }
+
     /// Streams pending dirty pages to the secondary's RAM cache once enough have gathered.
     fn background(&mut self, limit: u64) -> Result<(), End> {
+        self.background_blocks(limit)?;
         self.gather()?;
         if (self.pending.count() as u64) * (PAGE_SIZE as u64) < limit {
             return Ok(());
@@ -527,12 +545,13 @@ impl<'a, V: Migratable> Controller<'a, V> {
         // Whatever happened, the PVM runs on.
         let resumed = self.resume();
         let pause = paused_at.elapsed();
-        let Sent { pages, bytes, released, dropped, sent_ms, received_ms, committed_ms, loaded_ms } = sent?;
+        let Sent { pages, blocks, bytes, released, dropped, sent_ms, received_ms, committed_ms, loaded_ms } = sent?;
         resumed?;
         let kind = decision.kind;
         let hybrid = self.hybrid.clone();
         self.colo.update(|s| {
             s.checkpoint(kind, &trigger, interval, pause, pages, bytes);
+            s.checkpoint_blocks(blocks);
             s.frames_released += released;
             s.frames_dropped += dropped;
             s.mode = Some(kind);
@@ -549,6 +568,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
             interval_ms = interval.as_millis() as u64,
             pause_ms = pause.as_secs_f64() * 1000.0,
             pages,
+            blocks,
             released,
             sent_ms,
             received_ms,
@@ -578,6 +598,8 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.gather()?;
         self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
         let pages = self.send_pending()?;
+        self.pending_blocks.gather(vm);
+        let blocks = self.pending_blocks.send(&self.link, vm).map_err(|e| self.write_failed(e))?;
         if let Some(d) = self.test.checkpoint_delay {
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
             std::thread::sleep(d);
@@ -593,10 +615,15 @@ impl<'a, V: Migratable> Controller<'a, V> {
             true => Some(page_digests(vm).map_err(|e| End::Error(e.to_string()))?),
             false => None,
         };
-        let record = StateRecord::Paused { state, page_digests }.encode();
+        let block_digests = match self.test.verify {
+            true => block_digests(vm).map_err(|e| End::Error(e.to_string()))?,
+            false => None,
+        };
+        let record = StateRecord::Paused { state, page_digests, block_digests }.encode();
         let encoded = record.len() as u64;
         self.link.send_state(&record).map_err(|e| self.write_failed(e))?;
-        self.link.send(&Control::VmstateSize { seq, pages, rx_marks }).map_err(|e| self.write_failed(e))?;
+        let size = Control::VmstateSize { seq, pages, blocks, rx_marks };
+        self.link.send(&size).map_err(|e| self.write_failed(e))?;
         let sent_ms = ms_since(t0);
         self.expect("vmstate-received", &Control::VmstateReceived { seq })?;
         let received_ms = ms_since(t0);
@@ -615,7 +642,8 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.expect("vmstate-loaded", &Control::VmstateLoaded { seq })?;
         Ok(Sent {
             pages,
-            bytes: pages * PAGE_SIZE as u64 + encoded,
+            blocks,
+            bytes: (pages + blocks) * PAGE_SIZE as u64 + encoded,
             released,
             dropped,
             sent_ms,
@@ -704,6 +732,7 @@ fn describe(m: &Incoming) -> String {
     match m {
         Incoming::Control(c) => format!("{c:?}"),
         Incoming::Pages(p) => format!("{} bytes of pages", p.len()),
+        Incoming::Blocks(b) => format!("{} bytes of disk blocks", b.len()),
         Incoming::State(s) => format!("{} bytes of device state", s.len()),
         Incoming::Closed(w) | Incoming::Corrupt(w) => w.clone(),
     }

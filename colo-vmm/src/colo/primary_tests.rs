@@ -185,3 +185,39 @@ fn a_panic_in_the_controller_leaves_the_primary_running_alone_with_the_error() {
     assert!(!vm.is_paused(), "the PVM paused for the checkpoint runs again");
     assert!(log.contains("compare: mode PrimaryOnly"));
 }
+
+#[test]
+fn a_checkpoint_carries_the_disk_blocks_the_guest_wrote_read_while_paused() {
+    let log = Log::default();
+    let (_dir, config) = crate::devices::block::testing::image(1);
+    let vm = FakeVm::new(&log, 16).with_disk(crate::devices::block::disk::Disk::open(&config).unwrap());
+    let colo = with_controller(&log, &vm, |colo, secondary| {
+        let disk = vm.disk().unwrap();
+        disk.write(2 * 4096, &[0x5a; 4096]).unwrap();
+        disk.write(9 * 4096 + 512, &[0x9a; 512]).unwrap();
+        colo.user_checkpoint.store(true, Ordering::Relaxed);
+        let Control::CheckpointRequest { seq, .. } = secondary.expect("checkpoint-request") else { unreachable!() };
+        secondary.send(&Control::CheckpointReply { seq });
+        secondary.expect("vmstate-send");
+        let mut blocks = vec![];
+        loop {
+            match secondary.recv() {
+                Incoming::Blocks(b) => {
+                    blocks.extend(crate::persist::stream::blocks(&b).map(|(n, d)| (n, d[0], d[512])))
+                }
+                Incoming::State(_) => break,
+                _ => {}
+            }
+        }
+        let Control::VmstateSize { blocks: n, .. } = secondary.expect("vmstate-size") else { unreachable!() };
+        assert_eq!(blocks, vec![(2, 0x5a, 0x5a), (9, 0, 0x9a)], "whole blocks, as the PVM's disk holds them");
+        assert_eq!(n, 2);
+        secondary.send(&Control::VmstateReceived { seq });
+        secondary.send(&Control::VmstateLoaded { seq });
+        log.wait_for("vm: resume");
+        secondary.link.close();
+    });
+    let s = colo.status();
+    assert_eq!((s.disk.blocks_last, s.disk.blocks_total), (2, 2));
+    assert_eq!(s.recent.back().map(|r| r.blocks), Some(2));
+}

@@ -26,6 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::blocks::BlockCache;
 use super::cache::RamCache;
 use super::compare::CompareSet;
 use super::hybrid::CheckpointKind;
@@ -35,7 +36,7 @@ use super::params::ms;
 use super::shared::ColoShared;
 use super::status::{Role, State, Trigger};
 use super::takeover;
-use crate::migratable::{differing_pages, Migratable};
+use crate::migratable::{differing_blocks, differing_pages, Migratable};
 use crate::migration::uri::Channel;
 use crate::persist::state::{MachineState, StateRecord};
 use crate::persist::stream::{pages as stream_pages, StreamReader, StreamWriter};
@@ -54,6 +55,8 @@ pub struct SecondaryRunner {
     compare: Option<CompareSet>,
     /// With an arbiter: the primary's replica name (the key's holder at COLO start).
     primary_name: Option<String>,
+    /// The primary's disk blocks of the checkpoint in flight.
+    blocks: BlockCache,
 }
 
 /// Starts the SVM from the initial transfer: attaches this VMM's own backends, takes over the
@@ -75,6 +78,11 @@ pub fn start(
     // then they pass nothing), and the primary must know where their frame links listen.
     let compare = secondary_backends(colo).map_err(|e| err("compare processes")(&e))?;
     let frame_links = compare.as_ref().map(CompareSet::frame_links).unwrap_or_default();
+    // The SVM's own writes go to its disk's overlay from its first instruction on.
+    if let Some(disk) = core.disk() {
+        disk.buffer_writes()?;
+    }
+    let blocks = BlockCache::new(core.disk())?;
     let mut machine = core.attach(config)?;
     Vmm::apply_state(&mut machine, state, &config.serial)?;
     // Only the pages the migration wrote: the primary waits paused meanwhile.
@@ -95,7 +103,7 @@ pub fn start(
         c.unregister_standby();
         c.holder().ok().flatten()
     });
-    Ok((vmm, SecondaryRunner { reader, writer, chan, cache, colo: colo.clone(), compare, primary_name }))
+    Ok((vmm, SecondaryRunner { reader, writer, chan, cache, colo: colo.clone(), compare, primary_name, blocks }))
 }
 
 /// Connects to the compare processes when they serve this VM only and sets them secondary;
@@ -129,6 +137,17 @@ pub enum LoadError {
         /// The first few addresses.
         first: String,
     },
+    /// The disk failed.
+    #[error(transparent)]
+    Disk(#[from] crate::devices::block::disk::DiskError),
+    /// Verify mode: the disk differs from the paused PVM's.
+    #[error("verify: {count} disk blocks differ from the primary's (first: {first})")]
+    VerifyBlocks {
+        /// How many.
+        count: usize,
+        /// The first few block numbers.
+        first: String,
+    },
 }
 
 /// Where a checkpoint stands on this side.
@@ -160,10 +179,10 @@ impl SecondaryRunner {
     }
 
     fn run<V: Migratable>(self, vm: &V) {
-        let SecondaryRunner { reader, writer, chan, cache, colo, compare, primary_name } = self;
+        let SecondaryRunner { reader, writer, chan, cache, colo, compare, primary_name, blocks } = self;
         let colo = &*colo;
         let received = DirtyBitmap::empty(vm.page_count());
-        let mut svm = Svm { cache, received, compare };
+        let mut svm = Svm { cache, received, compare, blocks };
         let mut link = Link::new(reader, writer, chan, colo.heartbeat_ms.clone());
         let mut phase = Phase::Idle;
         let end = loop {
@@ -230,6 +249,8 @@ struct Svm {
     received: DirtyBitmap,
     /// The compare processes when they serve this VM only (two hosts).
     compare: Option<CompareSet>,
+    /// The primary's disk blocks since the last loaded checkpoint.
+    blocks: BlockCache,
 }
 
 impl Svm {
@@ -284,20 +305,26 @@ impl Svm {
                 let trigger = Trigger::parse(&trigger);
                 *phase = Phase::Receiving { seq, passive, trigger, pages: 0, state: None, started: Instant::now() };
             }
+            (Incoming::Blocks(b), _) => {
+                self.blocks.store(&b).map_err(|e| error(format!("disk blocks from the primary: {e}")))?
+            }
             (Incoming::Control(Control::VmstateSend { seq }), Phase::Receiving { seq: s, pages, .. }) if seq == *s => {
-                // Pages streamed in the background before this point are not part of the count.
-                *pages = 0
+                // Pages (and blocks) streamed in the background before this point are not part
+                // of the count.
+                *pages = 0;
+                self.blocks.start_checkpoint();
             }
             (Incoming::State(st), Phase::Receiving { state, .. }) => *state = Some(st),
             (
-                Incoming::Control(Control::VmstateSize { seq, pages: n, rx_marks }),
+                Incoming::Control(Control::VmstateSize { seq, pages: n, blocks, rx_marks }),
                 Phase::Receiving { seq: s, pages, state, .. },
             ) if seq == *s => {
-                if n != *pages || state.is_none() {
+                if n != *pages || state.is_none() || blocks != self.blocks.received() {
                     return Err(error(format!(
-                        "checkpoint {seq}: the primary sent {n} pages and {} device state, {} pages arrived",
+                        "checkpoint {seq}: the primary sent {n} pages, {blocks} disk blocks and {} device state, {} pages and {} blocks arrived",
                         if state.is_some() { "its" } else { "no" },
-                        pages
+                        pages,
+                        self.blocks.received()
                     )));
                 }
                 let Phase::Receiving { passive, trigger, state, started, .. } = std::mem::replace(phase, Phase::Idle)
@@ -348,7 +375,7 @@ impl Svm {
         started: Instant,
     ) -> Result<(), LoadError> {
         let len = state.len() as u64;
-        let (machine, digests) = StateRecord::decode(&state)?.into_paused()?;
+        let (machine, digests, block_digests) = StateRecord::decode(&state)?.into_parts()?;
         // The rings stopped at step 1, so the backend no longer writes guest memory: gather
         // what the SVM changed since the last checkpoint.
         let own = vm.dirty_pages()?;
@@ -364,6 +391,16 @@ impl Svm {
             tracing::info!(target: "colo", "verified: the SVM's memory equals the PVM's page for page");
         }
         vm.restore_state(machine)?;
+        // The disk: the SVM's own writes go, the primary's blocks go into the image.
+        let disk = self.blocks.load(vm)?;
+        if let Some(digests) = block_digests {
+            let diff = differing_blocks(vm, &digests)?;
+            if !diff.is_empty() {
+                let first: Vec<String> = diff.iter().take(8).map(u64::to_string).collect();
+                return Err(LoadError::VerifyBlocks { count: diff.len(), first: first.join(", ") });
+            }
+            tracing::info!(target: "colo", "verified: the SVM's disk equals the PVM's block for block");
+        }
         // Our own copying is not the SVM's writing.
         let _ = vm.dirty_pages();
         self.received = DirtyBitmap::empty(self.received.words().len() * 64);
@@ -374,6 +411,8 @@ impl Svm {
         colo.update(|s| {
             s.mode = Some(kind);
             s.checkpoint(kind, trigger, Duration::ZERO, started.elapsed(), n, n * 4096 + len);
+            s.checkpoint_blocks(disk.applied);
+            s.disk.svm_blocks_discarded += disk.discarded;
         });
         tracing::info!(target: "colo", kind = ?kind, trigger = %trigger, pages = n, ms = started.elapsed().as_millis() as u64, "checkpoint loaded");
         Ok(())
@@ -387,6 +426,12 @@ impl Svm {
         };
         tracing::warn!(target: "colo", reason, "failover: the secondary takes over");
         vm.stop_dirty_log();
+        // The disk that matches the SVM's memory: its own writes since the last loaded
+        // checkpoint, not the primary's blocks of a checkpoint in flight.
+        match self.blocks.fail_over(vm) {
+            Ok(kept) => tracing::info!(target: "colo", blocks = kept, "the SVM's own disk writes are its disk's now"),
+            Err(e) => tracing::error!(target: "colo", error = %e, "keeping the SVM's disk writes failed"),
+        }
         // Before the rings restart: a compare process in COLO mode would take a secondary
         // restarting its rings for one that loaded a checkpoint of the primary.
         // A connection made at the start may be gone (a backend restarted): then a new one.

@@ -14,6 +14,7 @@ use colo_proxy::control::{Command, ControlHandle, ControlServer, Event};
 
 use super::link::{Incoming, Link};
 use super::message::Control;
+use crate::devices::block::disk::Disk;
 use crate::migratable::{Migratable, MigratableError, Pausable, Snapshottable};
 use crate::migration::uri::Channel;
 use crate::persist::snapshot::Meta;
@@ -80,6 +81,8 @@ pub struct FakeVm {
     pub restore_time: Duration,
     /// Reading the dirty pages panics (a bug somewhere below the orchestrator).
     pub dirty_pages_panic: AtomicBool,
+    /// A disk (a real one, on an image file), if given.
+    disk: Option<Disk>,
 }
 
 impl FakeVm {
@@ -93,7 +96,14 @@ impl FakeVm {
             paused: AtomicBool::new(false),
             restore_time: Duration::ZERO,
             dirty_pages_panic: AtomicBool::new(false),
+            disk: None,
         }
+    }
+
+    /// The same VM with `disk`.
+    pub fn with_disk(mut self, disk: Disk) -> FakeVm {
+        self.disk = Some(disk);
+        self
     }
 
     /// The guest writes `byte` over page `page`.
@@ -121,7 +131,7 @@ impl FakeVm {
 
     /// [`FakeVm::state`] as a state record.
     pub fn state_record() -> Vec<u8> {
-        StateRecord::Paused { state: Box::new(Self::state()), page_digests: None }.encode()
+        StateRecord::Paused { state: Box::new(Self::state()), page_digests: None, block_digests: None }.encode()
     }
 }
 
@@ -141,7 +151,7 @@ impl Pausable for FakeVm {
 
 impl Snapshottable for FakeVm {
     fn describe(&self) -> Meta {
-        Meta { mem_size: self.mem_size(), vcpus: 1, tsc_khz: 1, writer: "fake".into() }
+        Meta { mem_size: self.mem_size(), vcpus: 1, tsc_khz: 1, writer: "fake".into(), disk: None }
     }
 
     fn save_state(&self) -> Result<MachineState, MigratableError> {
@@ -166,7 +176,14 @@ impl Snapshottable for FakeVm {
 impl Migratable for FakeVm {
     fn start_dirty_log(&self) -> Result<(), MigratableError> {
         self.tracking.store(true, Ordering::Relaxed);
+        if let Some(d) = &self.disk {
+            d.start_tracking();
+        }
         Ok(())
+    }
+
+    fn disk(&self) -> Option<&Disk> {
+        self.disk.as_ref()
     }
 
     fn dirty_pages(&self) -> Result<DirtyBitmap, MigratableError> {
@@ -321,6 +338,7 @@ impl<W: std::io::Write + Send + 'static> Peer<W> {
         let what = match &m {
             Incoming::Control(c) => name(c),
             Incoming::Pages(_) => "pages".into(),
+            Incoming::Blocks(_) => "blocks".into(),
             Incoming::State(_) => "state".into(),
             Incoming::Closed(w) | Incoming::Corrupt(w) => w.clone(),
         };

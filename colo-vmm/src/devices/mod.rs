@@ -1,6 +1,7 @@
 //! Devices: the serial console, the paravirtual halt and exit ports, and virtio-mmio devices,
 //! with the dispatch of the vCPU's port and MMIO exits to them.
 
+pub mod block;
 pub mod pvhalt;
 pub mod serial;
 pub mod vhost_user_net;
@@ -8,7 +9,6 @@ pub mod virtio_mmio;
 
 use colo_vmm_abi::port;
 
-use pvhalt::Waiter;
 use serial::{SerialConsole, SerialSnapshot};
 use virtio_mmio::{MmioTransport, TransportState};
 
@@ -95,6 +95,15 @@ pub enum DeviceError {
     /// The dirty log was read while off.
     #[error("dirty logging is not active")]
     LogInactive,
+    /// A virtqueue the VMM serves cannot be used.
+    #[error("queue {queue}: {source}")]
+    Queue {
+        /// The queue.
+        queue: usize,
+        /// What virtio-queue said.
+        #[source]
+        source: virtio_queue::Error,
+    },
 }
 
 /// Every device's saved state.
@@ -117,19 +126,24 @@ pub enum PioAction {
     Exit(u32),
 }
 
-/// Every device of the VM, as the vCPU thread sees them.
+/// Every device of the VM, as the vCPU threads see them (one at a time: they share it behind
+/// a lock).
 pub struct Devices {
     /// COM1.
     pub serial: SerialConsole,
     /// virtio-mmio devices.
     pub mmio: Vec<MmioTransport>,
-    /// What a halted vCPU waits on.
-    pub waiter: Waiter,
     /// Port writes to unknown ports (counted, logged the first time).
     pub unknown_io: u64,
 }
 
 impl Devices {
+    /// The eventfds by which devices signal the guest (used buffers): a halted vCPU wakes on
+    /// them.
+    pub fn call_fds(&self) -> Vec<std::os::fd::RawFd> {
+        self.mmio.iter().flat_map(|t| t.device().call_fds()).collect()
+    }
+
     /// Stops every device's data path (vhost-user rings included, so backends no longer write
     /// guest memory) and returns their state. [`Devices::resume`] restarts them.
     pub fn pause(&mut self) -> Result<DevicesState, DeviceError> {

@@ -2,8 +2,10 @@
 //! data path lives elsewhere (a vhost-user backend). The transport keeps the registers and the
 //! queue configuration; on DRIVER_OK it hands the negotiated features and queues to the device.
 //!
-//! Queue notifications never reach this code: the VMM registers an ioeventfd on QUEUE_NOTIFY
-//! per queue, which the backend reads directly.
+//! Queue notifications of a device with kick eventfds never reach this code: the VMM registers
+//! an ioeventfd on QUEUE_NOTIFY per queue, which the backend reads directly. A device served by
+//! the VMM itself (virtio-blk) has none: its notifications arrive here as register writes and
+//! go to [`VirtioDevice::notify`].
 
 use std::os::fd::RawFd;
 
@@ -106,8 +108,14 @@ pub trait VirtioDevice: Send {
     fn reconnect(&mut self) -> Result<(), DeviceError> {
         Ok(())
     }
-    /// The eventfds the guest kicks, one per queue (registered as ioeventfds by the VMM).
+    /// The eventfds the guest kicks, one per queue (registered as ioeventfds by the VMM); none
+    /// for a device whose notifications the VMM serves itself ([`VirtioDevice::notify`]).
     fn kick_fds(&self) -> Vec<&EventFd>;
+    /// The driver notified `queue` (devices without kick eventfds): serve it. An error means
+    /// the device cannot go on (the transport then asks the driver to reset it).
+    fn notify(&mut self, _queue: u32) -> Result<(), DeviceError> {
+        Ok(())
+    }
     /// The eventfds the data path signals when it has news for the guest, one per queue.
     fn call_fds(&self) -> Vec<RawFd>;
 }
@@ -263,6 +271,13 @@ impl MmioTransport {
             reg::QUEUE_DRIVER_HIGH => self.set_queue_addr(|q| &mut q.avail, hi),
             reg::QUEUE_DEVICE_LOW => self.set_queue_addr(|q| &mut q.used, lo),
             reg::QUEUE_DEVICE_HIGH => self.set_queue_addr(|q| &mut q.used, hi),
+            reg::QUEUE_NOTIFY if self.active() => {
+                if let Err(e) = self.device.notify(v) {
+                    tracing::error!(error = %e, "the device failed; the driver must reset it");
+                    self.status |= status::DEVICE_NEEDS_RESET;
+                    self.config_generation += 1;
+                }
+            }
             reg::INTERRUPT_ACK => {}
             reg::STATUS => self.set_status(v),
             _ => {}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::protocol::{Control, Purpose};
 use super::status::{update, MigrationParams, MigrationState, MigrationStatus, StatusHandle};
 use super::uri::{Channel, MigrationUri};
-use crate::migratable::{page_digests, Migratable, MigratableError};
+use crate::migratable::{block_digests, page_digests, Migratable, MigratableError};
 use crate::persist::message as protocol;
 use crate::persist::snapshot::is_zero;
 use crate::persist::state::StateRecord;
@@ -104,6 +104,36 @@ pub fn send_pages<V: Migratable + ?Sized>(
     Ok(sent)
 }
 
+/// Sends the disk blocks of `set` (all blocks, skipping zero ones, when `skip_zero`); none for
+/// a VM without a disk or with a read-only one (its blocks never change and are not carried).
+pub fn send_blocks<V: Migratable + ?Sized>(
+    w: &mut Writer,
+    vm: &V,
+    set: impl Iterator<Item = u64>,
+    skip_zero: bool,
+) -> Result<u64, MigrationError> {
+    match vm.disk().filter(|d| !d.readonly()) {
+        Some(disk) => Ok(crate::persist::snapshot::write_blocks(w, disk, set, skip_zero)?),
+        None => Ok(0),
+    }
+}
+
+/// The disk blocks the guest wrote since the last call, if it has a disk.
+fn dirty_blocks<V: Migratable + ?Sized>(vm: &V) -> DirtyBitmap {
+    match vm.disk() {
+        Some(d) => d.dirty_blocks(),
+        None => DirtyBitmap::empty(0),
+    }
+}
+
+/// What is still dirty: pages and disk blocks.
+pub struct DirtySets {
+    /// Pages.
+    pub pages: DirtyBitmap,
+    /// Disk blocks.
+    pub blocks: DirtyBitmap,
+}
+
 /// A transfer in progress (the VM's dirty tracking is on meanwhile): the channel and the writer.
 pub struct Transfer {
     /// The stream towards the destination.
@@ -112,6 +142,8 @@ pub struct Transfer {
     pub chan: Channel,
     /// Pages sent so far.
     pub total: u64,
+    /// Disk blocks sent so far.
+    pub blocks: u64,
 }
 
 /// Connects, announces the purpose and the machine, and starts dirty tracking.
@@ -125,7 +157,7 @@ pub fn connect<V: Migratable + ?Sized>(
     protocol::send(&mut w, &Control::Hello { purpose })?;
     w.record(Kind::State, &StateRecord::Machine(vm.describe()).encode())?;
     vm.start_dirty_log()?;
-    Ok(Transfer { w, chan, total: 0 })
+    Ok(Transfer { w, chan, total: 0, blocks: 0 })
 }
 
 /// When the final pause began.
@@ -228,20 +260,22 @@ fn run<V: Migratable + ?Sized>(
     result
 }
 
-/// Pre-copy: all non-zero pages, then rounds of dirty pages until the rest fits the downtime
-/// limit (or the rounds run out). Returns the pages still dirty.
+/// Pre-copy: all non-zero pages and disk blocks, then rounds of dirty ones until the rest fits
+/// the downtime limit (or the rounds run out). Returns the pages and blocks still dirty.
 pub fn precopy<V: Migratable + ?Sized>(
     vm: &V,
     t: &mut Transfer,
     params: MigrationParams,
     status: &StatusHandle,
     started: Instant,
-) -> Result<DirtyBitmap, MigrationError> {
+) -> Result<DirtySets, MigrationError> {
     let pages = vm.page_count();
-    // Round 0: everything that is not zero (the destination starts from zeroed memory).
+    // Round 0: everything that is not zero (the destination starts from zeroed memory, and
+    // makes its disk the blocks sent, zero elsewhere).
     let clock = Instant::now();
     t.total = send_pages(&mut t.w, vm, 0..pages, true)?;
-    protocol::send(&mut t.w, &Control::Round { round: 0, pages: t.total })?;
+    t.blocks = send_blocks(&mut t.w, vm, 0..vm.disk().map_or(0, |d| d.blocks()), true)?;
+    protocol::send(&mut t.w, &Control::Round { round: 0, pages: t.total, blocks: t.blocks })?;
     // Seconds per page sent, learned from rounds that sent enough pages to measure (round 0
     // mostly skips zero pages, so its time says little); start from twice the local copy
     // budget (~0.8 µs per page).
@@ -249,18 +283,21 @@ pub fn precopy<V: Migratable + ?Sized>(
     if t.total >= MEASURABLE {
         per_page = (clock.elapsed().as_secs_f64() / t.total as f64).max(0.8e-6);
     }
-    let total = t.total;
+    let (total, blocks) = (t.total, t.blocks);
     update(status, |s| {
         s.pages_sent = total;
-        s.bytes_sent = total * PAGE_SIZE as u64;
+        s.blocks_sent = blocks;
+        s.bytes_sent = (total + blocks) * PAGE_SIZE as u64;
     });
     let mut last_collect = Instant::now();
     let mut round = 0;
     loop {
         let dirty = vm.dirty_pages()?;
+        let dirty_blocks = dirty_blocks(vm);
         let since = last_collect.elapsed().as_secs_f64().max(1e-3);
         last_collect = Instant::now();
-        let expected_ms = (dirty.count() as f64 * per_page * 1000.0) as u64;
+        // A block costs about what a page does (4 KiB read, sent, written).
+        let expected_ms = ((dirty.count() + dirty_blocks.count()) as f64 * per_page * 1000.0) as u64;
         update(status, |s| {
             s.rounds = round;
             s.remaining_pages = dirty.count() as u64;
@@ -269,57 +306,69 @@ pub fn precopy<V: Migratable + ?Sized>(
             s.total_time_ms = started.elapsed().as_millis() as u64;
         });
         if expected_ms <= params.downtime_limit || round >= params.max_rounds {
-            return Ok(dirty);
+            return Ok(DirtySets { pages: dirty, blocks: dirty_blocks });
         }
         round += 1;
         let clock = Instant::now();
         let n = send_pages(&mut t.w, vm, dirty.iter(), false)?;
-        protocol::send(&mut t.w, &Control::Round { round, pages: n })?;
-        if n >= MEASURABLE {
-            per_page = (clock.elapsed().as_secs_f64() / n as f64).max(0.8e-6);
+        let b = send_blocks(&mut t.w, vm, dirty_blocks.iter().map(|b| b as u64), false)?;
+        protocol::send(&mut t.w, &Control::Round { round, pages: n, blocks: b })?;
+        if n + b >= MEASURABLE {
+            per_page = (clock.elapsed().as_secs_f64() / (n + b) as f64).max(0.8e-6);
         }
         t.total += n;
-        let total = t.total;
+        t.blocks += b;
+        let (total, blocks) = (t.total, t.blocks);
         update(status, |s| {
             s.pages_sent = total;
-            s.bytes_sent = total * PAGE_SIZE as u64;
+            s.blocks_sent = blocks;
+            s.bytes_sent = (total + blocks) * PAGE_SIZE as u64;
         });
     }
 }
 
-/// The pause: stop the vCPU and the backends, send the last dirty pages and the device state,
-/// and `state-complete`. On failure the VM is running again.
+/// The pause: stop the vCPUs and the backends, send the last dirty pages and disk blocks and
+/// the device state, and `state-complete`. On failure the VM is running again.
 pub fn pause_and_send_state<V: Migratable + ?Sized>(
     vm: &V,
     t: &mut Transfer,
-    mut dirty: DirtyBitmap,
+    mut dirty: DirtySets,
     status: &StatusHandle,
     verify: bool,
 ) -> Result<Paused, MigrationError> {
     let at = Instant::now();
-    // vCPU and backends stopped: from here nothing writes guest memory.
+    // vCPUs and backends stopped: from here nothing writes guest memory or the disk.
     vm.pause()?;
     let paused = Paused { at };
     let last = (|| -> Result<(), MigrationError> {
         let more = vm.dirty_pages()?;
-        dirty.union(more.words());
-        let last = send_pages(&mut t.w, vm, dirty.iter(), false)?;
-        update(status, |s| s.final_pages = last);
+        dirty.pages.union(more.words());
+        dirty.blocks.union(dirty_blocks(vm).words());
+        let last = send_pages(&mut t.w, vm, dirty.pages.iter(), false)?;
+        let last_blocks = send_blocks(&mut t.w, vm, dirty.blocks.iter().map(|b| b as u64), false)?;
+        update(status, |s| {
+            s.final_pages = last;
+            s.final_blocks = last_blocks;
+        });
         t.total += last;
+        t.blocks += last_blocks;
         let state = Box::new(vm.save_state()?);
-        // Verify mode: everything is still, this is the memory the destination must end up with.
+        // Verify mode: everything is still, this is the memory and disk the destination must
+        // end up with.
         let page_digests = if verify { Some(page_digests(vm)?) } else { None };
-        t.w.record(Kind::State, &StateRecord::Paused { state, page_digests }.encode())?;
-        protocol::send(&mut t.w, &Control::StateComplete { pages: t.total })?;
+        let block_digests = if verify { block_digests(vm)? } else { None };
+        t.w.record(Kind::State, &StateRecord::Paused { state, page_digests, block_digests }.encode())?;
+        protocol::send(&mut t.w, &Control::StateComplete { pages: t.total, blocks: t.blocks })?;
         Ok(())
     })();
     if let Err(e) = last {
         return Err(rollback(vm, e));
     }
-    let total = t.total;
+    let (total, blocks) = (t.total, t.blocks);
     update(status, |s| {
         s.pages_sent = total;
-        s.bytes_sent = total * PAGE_SIZE as u64;
+        s.blocks_sent = blocks;
+        s.bytes_sent = (total + blocks) * PAGE_SIZE as u64;
         s.remaining_pages = 0;
     });
     Ok(paused)

@@ -86,6 +86,12 @@ pub struct MigrationStatus {
     pub downtime_ms: u64,
     /// Pages sent during the pause (the last round).
     pub final_pages: u64,
+    /// Disk blocks sent so far.
+    #[serde(default)]
+    pub blocks_sent: u64,
+    /// Disk blocks sent during the pause.
+    #[serde(default)]
+    pub final_blocks: u64,
     /// Time since the migration started (ms).
     pub total_time_ms: u64,
     /// Why it failed.

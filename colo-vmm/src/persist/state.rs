@@ -71,13 +71,16 @@ pub enum StateRecord {
     /// First in a snapshot or transfer: what kind of machine follows.
     Machine(Meta),
     /// The machine's state at the pause; in verify mode (a test mode) also the digest of every
-    /// page at that moment.
+    /// page and every disk block at that moment.
     Paused {
         /// The state.
         state: Box<MachineState>,
         /// Verify mode: one digest per page, in address order.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         page_digests: Option<Vec<u64>>,
+        /// Verify mode, a VM with a disk: one digest per disk block, in order (stream 2.1).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        block_digests: Option<Vec<u64>>,
     },
 }
 
@@ -94,10 +97,17 @@ impl StateRecord {
         ciborium::from_reader(payload).map_err(|e| StreamError::Corrupt(format!("state record: {e}")))
     }
 
-    /// A paused machine's state (and digests), or an error naming what came instead.
+    /// A paused machine's state (and page digests), or an error naming what came instead.
     pub fn into_paused(self) -> Result<(MachineState, Option<Vec<u64>>), StreamError> {
+        self.into_parts().map(|(state, pages, _)| (state, pages))
+    }
+
+    /// A paused machine's state, page digests and block digests, or an error naming what came
+    /// instead.
+    #[allow(clippy::type_complexity)]
+    pub fn into_parts(self) -> Result<(MachineState, Option<Vec<u64>>, Option<Vec<u64>>), StreamError> {
         match self {
-            StateRecord::Paused { state, page_digests } => Ok((*state, page_digests)),
+            StateRecord::Paused { state, page_digests, block_digests } => Ok((*state, page_digests, block_digests)),
             StateRecord::Machine(_) => {
                 Err(StreamError::Corrupt("a second machine description instead of the state".into()))
             }
@@ -117,9 +127,11 @@ mod tests {
         s.vcpus[0].msrs = vec![(0x10, 99)];
         s.vm.ioapic.chip_id = 2;
         s.devices.serial.registers[3] = 1;
-        let rec = StateRecord::Paused { state: Box::new(s), page_digests: Some(vec![1, 2]) };
+        let rec =
+            StateRecord::Paused { state: Box::new(s), page_digests: Some(vec![1, 2]), block_digests: Some(vec![3]) };
         let back = StateRecord::decode(&rec.encode()).unwrap();
-        let (b, d) = back.into_paused().unwrap();
+        let (b, d, blocks) = back.into_parts().unwrap();
+        assert_eq!(blocks, Some(vec![3]));
         assert_eq!(b.vcpus[0].regs.rip, 0x1234);
         assert_eq!(b.vcpus[0].xsave.region[7], 0xdead_beef);
         assert_eq!(b.vcpus[0].msrs, vec![(0x10, 99)]);

@@ -14,7 +14,9 @@
 //! and a minor version not newer than its own. A minor version may only add what a reader of the
 //! same major can do without (a field with a default); anything else is a new major version.
 //! Version 1 (up to this build's predecessor) carried the state as string-keyed sections; 2.0
-//! carries one typed machine state (`state.rs`).
+//! carries one typed machine state (`state.rs`); 2.1 adds the disk: [`Kind::Blocks`] records, the
+//! machine description's disk and the verify mode's block digests (a 2.1 reader reads 2.0
+//! streams: a VM without a disk).
 
 use std::io::{self, Read, Write};
 
@@ -45,7 +47,7 @@ impl Version {
 }
 
 /// The version this build writes; it reads streams of the same major and a minor up to this.
-pub const VERSION: Version = Version { major: 2, minor: 0 };
+pub const VERSION: Version = Version { major: 2, minor: 1 };
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;
 /// Largest record payload accepted (a corrupt length must not make us allocate gigabytes).
@@ -65,6 +67,8 @@ pub enum Kind {
     End = 3,
     /// A control message of the migration or checkpoint protocol (JSON).
     Control = 4,
+    /// A batch of disk blocks, laid out as [`Kind::Pages`] with block numbers for addresses.
+    Blocks = 5,
 }
 
 impl Kind {
@@ -74,6 +78,7 @@ impl Kind {
             2 => Some(Kind::State),
             3 => Some(Kind::End),
             4 => Some(Kind::Control),
+            5 => Some(Kind::Blocks),
             _ => None,
         }
     }
@@ -146,22 +151,31 @@ impl<W: Write> StreamWriter<W> {
 
     /// Writes guest pages, batched: `pages` yields (guest-physical address, page contents).
     pub fn pages<'a>(&mut self, pages: impl IntoIterator<Item = (u64, &'a [u8])>) -> io::Result<u64> {
+        self.batched(Kind::Pages, pages)
+    }
+
+    /// Writes disk blocks, batched: `blocks` yields (block number, contents).
+    pub fn blocks<'a>(&mut self, blocks: impl IntoIterator<Item = (u64, &'a [u8])>) -> io::Result<u64> {
+        self.batched(Kind::Blocks, blocks)
+    }
+
+    fn batched<'a>(&mut self, kind: Kind, items: impl IntoIterator<Item = (u64, &'a [u8])>) -> io::Result<u64> {
         let mut batch: Vec<(u64, &[u8])> = Vec::with_capacity(PAGES_PER_RECORD);
         let mut n = 0;
-        for p in pages {
+        for p in items {
             batch.push(p);
             if batch.len() == PAGES_PER_RECORD {
-                n += self.page_batch(&batch)?;
+                n += self.page_batch(kind, &batch)?;
                 batch.clear();
             }
         }
         if !batch.is_empty() {
-            n += self.page_batch(&batch)?;
+            n += self.page_batch(kind, &batch)?;
         }
         Ok(n)
     }
 
-    fn page_batch(&mut self, batch: &[(u64, &[u8])]) -> io::Result<u64> {
+    fn page_batch(&mut self, kind: Kind, batch: &[(u64, &[u8])]) -> io::Result<u64> {
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
         buf.extend_from_slice(&(batch.len() as u32).to_le_bytes());
@@ -172,10 +186,12 @@ impl<W: Write> StreamWriter<W> {
             assert_eq!(data.len(), PAGE_SIZE, "pages are 4 KiB");
             buf.extend_from_slice(data);
         }
-        let r = self.record(Kind::Pages, &buf);
+        let r = self.record(kind, &buf);
         self.scratch = buf;
         r?;
-        self.pages += batch.len() as u64;
+        if kind == Kind::Pages {
+            self.pages += batch.len() as u64;
+        }
         Ok(batch.len() as u64)
     }
 
@@ -277,6 +293,11 @@ impl<R: Read> StreamReader<R> {
                 self.records += 1;
                 Ok(Some(Record { kind, payload }))
             }
+            Kind::Blocks => {
+                pages_in(&payload)?;
+                self.records += 1;
+                Ok(Some(Record { kind, payload }))
+            }
             _ => {
                 self.records += 1;
                 Ok(Some(Record { kind, payload }))
@@ -316,6 +337,12 @@ fn pages_in(payload: &[u8]) -> Result<usize, StreamError> {
     Ok(n)
 }
 
+/// The blocks of a [`Kind::Blocks`] payload (validated by the reader): (block number,
+/// contents).
+pub fn blocks(payload: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
+    pages(payload)
+}
+
 /// The pages of a [`Kind::Pages`] payload (validated by the reader): (gpa, contents).
 pub fn pages(payload: &[u8]) -> impl Iterator<Item = (u64, &[u8])> {
     let n = pages_in(payload).unwrap_or(0);
@@ -337,6 +364,7 @@ mod tests {
         let page_b = vec![0xbb; PAGE_SIZE];
         let mut w = StreamWriter::new(Vec::new()).unwrap();
         w.pages([(0x1000u64, &page_a[..]), (0x5000, &page_b[..])]).unwrap();
+        w.blocks([(7u64, &page_b[..])]).unwrap();
         w.record(Kind::State, b"state").unwrap();
         w.finish().unwrap()
     }
@@ -353,10 +381,13 @@ mod tests {
     #[test]
     fn round_trip() {
         let recs = read_all(&sample()).unwrap();
-        assert_eq!(recs.len(), 2);
+        assert_eq!(recs.len(), 3);
         let p: Vec<(u64, u8)> = pages(&recs[0].payload).map(|(a, d)| (a, d[0])).collect();
         assert_eq!(p, vec![(0x1000, 0xaa), (0x5000, 0xbb)]);
-        assert_eq!(recs[1], Record { kind: Kind::State, payload: b"state".to_vec() });
+        assert_eq!(recs[1].kind, Kind::Blocks);
+        let b: Vec<(u64, u8)> = blocks(&recs[1].payload).map(|(a, d)| (a, d[0])).collect();
+        assert_eq!(b, vec![(7, 0xbb)]);
+        assert_eq!(recs[2], Record { kind: Kind::State, payload: b"state".to_vec() });
     }
 
     #[test]
@@ -382,12 +413,13 @@ mod tests {
         let mut b = sample();
         b[0] = b'X';
         assert!(matches!(read_all(&b), Err(StreamError::BadMagic)));
-        assert_eq!(&sample()[8..12], &[2, 0, 0, 0], "this build writes 2.0");
+        assert_eq!(&sample()[8..12], &[2, 0, 1, 0], "this build writes 2.1");
         // Version 1 (the u32 1 of the previous format reads as 1.0): another major.
         let e = read_all(&with_version(1, 0)).unwrap_err();
         assert!(e.to_string().contains("version 1.0 cannot be read"), "{e}");
         assert!(matches!(read_all(&with_version(3, 0)), Err(StreamError::UnsupportedVersion(v)) if v.major == 3));
-        assert!(matches!(read_all(&with_version(2, 1)), Err(StreamError::UnsupportedVersion(v)) if v.minor == 1));
+        assert!(matches!(read_all(&with_version(2, 2)), Err(StreamError::UnsupportedVersion(v)) if v.minor == 2));
+        assert!(read_all(&with_version(2, 0)).is_ok(), "2.1 reads 2.0");
         let v = Version { major: 2, minor: 3 };
         assert!(v.reads(Version { major: 2, minor: 0 }) && v.reads(v));
         assert!(!v.reads(Version { major: 2, minor: 4 }) && !v.reads(Version { major: 1, minor: 0 }));

@@ -22,6 +22,7 @@ pub mod control;
 pub mod endpoint;
 pub mod flow;
 pub mod frame;
+pub mod frame_pool;
 pub mod framing;
 pub mod link;
 pub mod metrics;

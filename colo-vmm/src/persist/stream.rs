@@ -197,6 +197,12 @@ impl<R: Read> StreamReader<R> {
         if version > VERSION || version == 0 {
             return Err(StreamError::UnsupportedVersion(version));
         }
+        // No flag is defined: one set is damage (the header has no checksum of its own) or a
+        // feature this build does not know.
+        let flags = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes"));
+        if flags != 0 {
+            return Err(StreamError::Corrupt(format!("unknown header flags {flags:#x}")));
+        }
         Ok(StreamReader { r, pages: 0, records: 0, ended: false })
     }
 
@@ -373,6 +379,18 @@ mod tests {
         let mut b = w.finish().unwrap();
         b.drain(keep..after);
         assert!(matches!(read_all(&b), Err(StreamError::Corrupt(m)) if m.contains("end record counts")));
+    }
+
+    #[test]
+    fn any_flipped_bit_in_the_header_is_detected() {
+        // Found by fuzzing: the flags word was not checked, so a flipped bit there went unseen.
+        for byte in 0..16 {
+            for bit in 0..8 {
+                let mut b = sample();
+                b[byte] ^= 1 << bit;
+                assert!(read_all(&b).is_err(), "bit {bit} of header byte {byte}");
+            }
+        }
     }
 
     proptest! {

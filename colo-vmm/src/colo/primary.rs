@@ -65,7 +65,9 @@ pub fn start<V: Migratable + 'static>(
     test: TestOptions,
 ) -> Result<(), String> {
     let s = colo.status();
-    if s.role == Role::Secondary {
+    // A secondary that took over serves alone, like a primary whose secondary died: it may
+    // protect its VM again, with a new secondary (re-protection by hand).
+    if s.role == Role::Secondary && s.state != State::FailedOver {
         return Err("this VMM runs a secondary; start COLO on the primary".into());
     }
     if matches!(s.state, State::Starting | State::Running) {

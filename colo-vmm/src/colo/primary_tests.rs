@@ -185,3 +185,30 @@ fn a_panic_in_the_controller_leaves_the_primary_running_alone_with_the_error() {
     assert!(!vm.is_paused(), "the PVM paused for the checkpoint runs again");
     assert!(log.contains("compare: mode PrimaryOnly"));
 }
+
+#[test]
+fn colo_start_is_refused_on_a_running_secondary_and_taken_by_one_that_took_over() {
+    let log = Log::default();
+    let vm = std::sync::Arc::new(FakeVm::new(&log, 16));
+    let compare = FakeCompare::start(&log);
+    let colo = std::sync::Arc::new(ColoShared::new(vec![compare.path().to_path_buf()]));
+    let nowhere: MigrationUri = "unix:/nonexistent/colo-test.sock".parse().unwrap();
+    colo.update(|s| {
+        s.role = Role::Secondary;
+        s.state = State::Running;
+    });
+    let e = start(&vm, &colo, nowhere.clone(), TestOptions::default()).unwrap_err();
+    assert!(e.contains("runs a secondary"), "{e}");
+    // The survivor of a failover protects its VM again: it becomes the primary.
+    colo.update(|s| s.failed_over(Role::Secondary, "test", "test"));
+    start(&vm, &colo, nowhere, TestOptions::default()).expect("re-protection from the survivor");
+    assert_eq!(colo.status().role, Role::Primary);
+    // The new secondary is not there: COLO does not start, the VM runs on alone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while colo.status().state == State::Starting {
+        assert!(std::time::Instant::now() < deadline, "the start never gave up");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(colo.status().state, State::Inactive);
+    assert!(!vm.is_paused());
+}

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 iputils-ping ethtool socat tcpdump tshark busybox-static iperf3)
+packages=(iproute2 iputils-ping ethtool socat tcpdump tshark busybox-static iperf3 nftables)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

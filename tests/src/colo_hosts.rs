@@ -121,7 +121,10 @@ impl ColoHosts {
         let mut backends = vec![];
         match self.backend {
             HostBackend::VhostNetCompare => {
-                host.add_vm_tap("vm0");
+                // A restarted host finds the VM's tap still there (taps are persistent).
+                if !host.ns.try_exec(&["ip", "link", "show", "dev", "vm0"]).0 {
+                    host.add_vm_tap("vm0");
+                }
                 let mut args = vec![
                     "--vm-socket".to_string(),
                     s(&vu),
@@ -299,6 +302,46 @@ impl ColoHosts {
         on.alive = false;
     }
 
+    /// Kills (SIGKILL) whatever still runs on host `i` (stopped processes included), as a
+    /// cluster manager fences a host before another takes over; its links stay as they are.
+    pub fn fence_host(&mut self, i: usize) {
+        let on = &mut self.on[i];
+        for mut p in on.vmm.take().into_iter().chain(on.backends.drain(..)) {
+            p.signal(libc::SIGCONT);
+            p.signal(libc::SIGKILL);
+            p.wait_timeout(Duration::from_secs(5));
+        }
+        on.alive = false;
+    }
+
+    /// Brings host `i` back as a new secondary: whatever still runs there is fenced, its links
+    /// come up, its backends start afresh and its colo-vmm waits with `--incoming` (as at the
+    /// start). [`ColoHosts::start_colo`] from the survivor then protects the VM again.
+    pub fn restart_host(&mut self, i: usize) {
+        self.fence_host(i);
+        self.lan.host(i).restore_links();
+        // Sockets of the killed processes: the waits below must see the new ones.
+        for what in ["vu.sock", "ctl.sock", "api.sock"] {
+            let _ = std::fs::remove_file(self.path(i, what));
+        }
+        let on = self.start_backends(i);
+        self.on[i] = on;
+        let incoming = self.uri(i);
+        self.on[i].vmm = Some(self.launch_vmm(i, &["--incoming", &incoming]));
+    }
+
+    /// Every process of host `i` with what it is (`colo-vmm`, or the backend's program name).
+    pub fn processes(&self, i: usize) -> Vec<(&'static str, &Proc)> {
+        let on = &self.on[i];
+        let backends: &[&'static str] = match self.backend {
+            HostBackend::VhostNetCompare => &["vhost-net-compare"],
+            HostBackend::ColoProxy => &["vhost-net-compare", "colo-proxy"],
+        };
+        let mut all: Vec<(&'static str, &Proc)> = backends.iter().copied().zip(on.backends.iter()).collect();
+        all.extend(on.vmm.iter().map(|p| ("colo-vmm", p)));
+        all
+    }
+
     /// Stops (SIGSTOP) or continues (SIGCONT) every process of host `i`.
     pub fn signal_host(&self, i: usize, sig: i32) {
         let on = &self.on[i];
@@ -315,6 +358,37 @@ impl ColoHosts {
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).expect("hello");
         serde_json::from_str(&line).expect("JSON")
+    }
+
+    /// Something that opens TCP connections from the client to the guest's `port`, from any
+    /// thread (for clients that reconnect): it retries for up to 30 s.
+    pub fn connector(&self, port: u16) -> impl Fn() -> TcpStream + Send + 'static {
+        let ns = format!("/var/run/netns/{}", self.lan.client.name());
+        move || {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                let file = std::fs::File::open(&ns).expect("the client's namespace");
+                // SAFETY: setns on a valid namespace fd affects only this thread.
+                let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+                let addr = format!("{GUEST_IP}:{port}").parse().unwrap();
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                        Ok(s) => {
+                            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                            s.set_nodelay(true).unwrap();
+                            return s;
+                        }
+                        Err(e) if Instant::now() > deadline => panic!("connect to the guest's port {port}: {e}"),
+                        Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                    }
+                }
+            })
+            .join()
+            .expect("connecting from the client")
+        }
     }
 
     /// A TCP connection from the client to the guest.

@@ -84,6 +84,13 @@ impl Host {
             let _ = self.ns.try_exec(&["ip", "link", "set", "dev", link, "down"]);
         }
     }
+
+    /// Brings the host's links up again (its power is back).
+    pub fn restore_links(&self) {
+        for link in ["eth0", "rep0"] {
+            self.ns.exec(&["ip", "link", "set", "dev", link, "up"]);
+        }
+    }
 }
 
 /// The hosts, the client and the two switches.

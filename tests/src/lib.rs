@@ -11,6 +11,7 @@ pub mod pcapread;
 pub mod qemu;
 pub mod qemu_vhost;
 pub mod qframe;
+pub mod soak;
 pub mod topology;
 pub mod vm_topology;
 

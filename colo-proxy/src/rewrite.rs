@@ -290,8 +290,9 @@ fn set_tcp_word(frame: &mut Frame, t: &TcpInfo, at: usize, new: u32) {
     let old = be32(eth, at);
     put_be32(eth, at, new);
     if !needs_csum {
+        // SACK blocks may sit at odd offsets (options need no alignment).
         let csum_at = t.header_at + 16;
-        let c = checksum::update_u32(be16(eth, csum_at), old, new);
+        let c = checksum::update_u32_at(be16(eth, csum_at), old, new, at - t.header_at);
         put_be16(eth, csum_at, c);
     }
 }
@@ -457,6 +458,25 @@ mod tests {
         assert_eq!(be32(eth, 14 + 20 + 24), 7101);
         assert_eq!(be32(eth, 14 + 20 + 28), 7201);
         assert_eq!(ack_of(&f), 7001);
+    }
+
+    #[test]
+    fn sack_blocks_at_odd_offsets_keep_the_checksum_valid() {
+        // Found by fuzzing: options need no alignment, and a SACK block after an odd number of
+        // option bytes was shifted with an update that assumed an even offset.
+        let mut rw = Rewriter::new();
+        rw.observe_primary(&meta(&out(1000, None, Flags::SYN, b"")), T0);
+        secondary(&mut rw, out(7000, None, Flags::SYN, b""));
+        // Options NOP, SACK (one block), NOP, NOP, NOP: the block's edges at odd offsets.
+        let mut l4 = tcp_segment(40000, 80, 1, Some(1001), 0, b"");
+        l4[12] = 8 << 4;
+        l4.extend_from_slice(&[OPT_NOP, OPT_SACK, 10]);
+        l4.extend_from_slice(&1101u32.to_be_bytes());
+        l4.extend_from_slice(&1201u32.to_be_bytes());
+        l4.extend_from_slice(&[OPT_NOP; 3]);
+        let f = inbound(&mut rw, Frame::new(ipv4_frame(CLIENT_IP, VM_IP, 6, 1, l4, Some(16))));
+        assert_eq!(be32(f.ethernet(), 14 + 20 + 23), 7101);
+        assert_eq!(be32(f.ethernet(), 14 + 20 + 27), 7201);
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct ColoHosts {
     pub key: Option<PathBuf>,
     /// The backend kind.
     pub backend: HostBackend,
+    /// Logs of the processes fenced so far (see [`ColoHosts::take_fenced_logs`]).
+    fenced_logs: String,
 }
 
 impl ColoHosts {
@@ -80,7 +82,7 @@ impl ColoHosts {
             path
         });
         let lan = Lan::new(hosts);
-        let mut net = ColoHosts { on: Vec::new(), lan, dir, key, backend };
+        let mut net = ColoHosts { on: Vec::new(), lan, dir, key, backend, fenced_logs: String::new() };
         for i in 0..hosts {
             let on = net.start_backends(i);
             net.on.push(on);
@@ -305,13 +307,20 @@ impl ColoHosts {
     /// Kills (SIGKILL) whatever still runs on host `i` (stopped processes included), as a
     /// cluster manager fences a host before another takes over; its links stay as they are.
     pub fn fence_host(&mut self, i: usize) {
+        let name = self.lan.host(i).name.clone();
         let on = &mut self.on[i];
         for mut p in on.vmm.take().into_iter().chain(on.backends.drain(..)) {
             p.signal(libc::SIGCONT);
             p.signal(libc::SIGKILL);
             p.wait_timeout(Duration::from_secs(5));
+            self.fenced_logs.push_str(&format!("--- host {name}: fenced process ---\n{}\n", p.stderr()));
         }
         on.alive = false;
+    }
+
+    /// The logs of the processes fenced since the last call.
+    pub fn take_fenced_logs(&mut self) -> String {
+        std::mem::take(&mut self.fenced_logs)
     }
 
     /// Brings host `i` back as a new secondary: whatever still runs there is fenced, its links

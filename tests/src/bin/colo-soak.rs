@@ -38,6 +38,9 @@ struct Args {
     /// Write the report here as well.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Keep every process's log at each failover in this directory (round-N.log).
+    #[arg(long)]
+    logs: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         partitions: args.partitions,
         only: args.only,
         max_freeze_ms: args.max_freeze_ms,
+        logs: args.logs,
         ..Options::default()
     };
     let report = run(&opts, |line| eprintln!("{line}"));

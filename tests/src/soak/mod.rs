@@ -55,6 +55,8 @@ pub struct Options {
     pub only: Vec<String>,
     /// Longest SIGSTOP of a process, ms.
     pub max_freeze_ms: u64,
+    /// Where to keep every process's log at each failover (`round-N.log`), if anywhere.
+    pub logs: Option<std::path::PathBuf>,
 }
 
 impl Default for Options {
@@ -68,6 +70,7 @@ impl Default for Options {
             partitions: false,
             only: Vec::new(),
             max_freeze_ms: 3000,
+            logs: None,
         }
     }
 }
@@ -319,6 +322,11 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Report {
                     takeovers.push((at_wall, survivor));
                 }
                 let failed_over = at.elapsed();
+                if let Some(dir) = &opts.logs {
+                    let _ = std::fs::create_dir_all(dir);
+                    let logs = format!("{}{}", net.take_fenced_logs(), net.logs());
+                    let _ = std::fs::write(dir.join(format!("round-{}.log", report.rounds)), logs);
+                }
                 let other = 1 - survivor;
                 let t = Instant::now();
                 let reprotected = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {

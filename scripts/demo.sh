@@ -10,6 +10,9 @@
 #   scripts/demo.sh [colo-demo options]     the COLO demo (see: scripts/demo.sh --help)
 #   scripts/demo.sh --hosts 2               the same on two hosts (network namespaces), ending
 #                                           with host a's death
+#   scripts/demo.sh --hosts 3               continuous protection on three hosts with an etcd
+#                                           arbiter (arbiter-demo: a dies, b re-protects with
+#                                           c, a b-c partition, b dies, c serves; one session)
 #   scripts/demo.sh proxy                   the earlier colo-proxy packet-capture demo
 #
 # Safe to run again: the build is incremental, every run cleans up its namespaces and processes,
@@ -48,5 +51,14 @@ case "${1:-}" in
 esac
 cargo build --workspace --bins
 mkdir -p demo-out
+if [ "${1:-}" = "--hosts" ] && [ "${2:-}" = "3" ]; then
+  shift 2
+  if ! command -v etcd >/dev/null; then
+    echo "demo.sh: installing what the three-host demo needs (etcd-server, nftables, tcpdump)"
+    scripts/setup.sh
+  fi
+  exec target/debug/arbiter-demo --svg demo-out/arbiter-demo.svg --json demo-out/arbiter-demo.json \
+    --logs demo-out/arbiter-demo-logs.txt "$@"
+fi
 exec target/debug/colo-demo --svg demo-out/colo-demo.svg --json demo-out/colo-demo.json \
   --logs demo-out/colo-demo-logs.txt "$@"

@@ -37,7 +37,7 @@ export DEBIAN_FRONTEND=noninteractive
 [[ "$(id -u)" == 0 ]] || die "must run as root (apt-get, writes to $PREFIX)"
 command -v apt-get >/dev/null || die "apt-get not found (Debian 12 expected)"
 
-installed() { dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null | grep -q '^ii'; }
+installed() { [[ "$(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null)" == ii* ]]; }
 
 updated=0
 apt_update() {
@@ -64,7 +64,7 @@ command -v lz4 >/dev/null || die "lz4 missing after installing lz4"
 # The kernel package: the dependency of the metapackage (its current candidate).
 kernel_pkg() {
     apt-cache depends linux-image-cloud-amd64 2>/dev/null \
-        | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-cloud-amd64$/ { print $2; exit }'
+        | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9].*-cloud-amd64$/ && !found { print $2; found = 1 }'
 }
 KPKG="${COLO_GUEST_KERNEL_PKG:-$(kernel_pkg)}"
 if [[ -z "$KPKG" ]]; then
@@ -73,7 +73,7 @@ if [[ -z "$KPKG" ]]; then
     KPKG="$(kernel_pkg)"
 fi
 [[ -n "$KPKG" ]] || die "cannot find the kernel package linux-image-cloud-amd64 depends on (Debian 12 bookworm needed)"
-KVER="$(apt-cache policy "$KPKG" 2>/dev/null | awk '$1 == "Candidate:" { print $2; exit }')"
+KVER="$(apt-cache policy "$KPKG" 2>/dev/null | awk '$1 == "Candidate:" && !found { print $2; found = 1 }')"
 log "kernel package: $KPKG ${KVER:+(version $KVER)}"
 
 BB_VERSION="$(dpkg-query -W -f='${Version}' busybox-static)"
@@ -106,10 +106,10 @@ if ! download; then
     log "download failed; running apt-get update and retrying"
     updated=0
     apt_update
-    KVER="$(apt-cache policy "$KPKG" 2>/dev/null | awk '$1 == "Candidate:" { print $2; exit }')"
+    KVER="$(apt-cache policy "$KPKG" 2>/dev/null | awk '$1 == "Candidate:" && !found { print $2; found = 1 }')"
     download
 fi
-DEB="$(ls "$WORK"/"$KPKG"_*.deb 2>/dev/null | head -n1 || true)"
+DEB="$(ls "$WORK"/"$KPKG"_*.deb 2>/dev/null | sed -n 1p || true)"
 [[ -n "$DEB" ]] || die "downloaded .deb for $KPKG not found in $WORK"
 KVER="$(dpkg-deb -f "$DEB" Version)"
 
@@ -134,7 +134,7 @@ need_tool() {
 
 # Modules: find each by name in the package (plain .ko, or .ko.xz / .ko.zst decompressed).
 for m in "${MODULES[@]}"; do
-    f="$(find "$WORK/root/lib/modules" -type f \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \) | head -n1)"
+    f="$(find "$WORK/root/lib/modules" -type f \( -name "$m.ko" -o -name "$m.ko.xz" -o -name "$m.ko.zst" \) | sed -n 1p)"
     [[ -n "$f" ]] || die "module $m not found in $KPKG"
     case "$f" in
         *.ko) cp "$f" "$NEW/modules/$m.ko" ;;

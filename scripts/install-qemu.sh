@@ -43,7 +43,7 @@ install_works() {
     [[ -x "$WRAPPER" && -x "$REAL_BIN" && -f "$STAMP" ]] || return 1
     local want ver
     want="$(cat "$STAMP")"
-    ver="$("$WRAPPER" --version 2>/dev/null | head -n1)" || return 1
+    ver="$("$WRAPPER" --version 2>/dev/null | sed -n 1p)" || return 1
     [[ "$ver" == *"$want"* ]] || return 1
     printf 'quit\n' | timeout 30 "$WRAPPER" -M q35 -accel tcg -m 64 -nodefaults -display none \
         -S -monitor stdio >/dev/null 2>&1 || return 1
@@ -53,7 +53,7 @@ install_works() {
 # Pick the newest 1:7.2* version of a package known to apt ('' if none).
 pick_72_version() {
     apt-cache madison "$1" 2>/dev/null | awk -F'|' '{gsub(/ /,"",$2); print $2}' \
-        | grep -E '^1:7\.2' | sort -V -r | head -n1 || true
+        | grep -E '^1:7\.2' | sort -V -r | sed -n 1p || true
 }
 
 # Is dependency clause "pkg (op ver)" satisfied by an installed package?
@@ -109,7 +109,7 @@ fi
 
 DEBS=()
 for p in "${EXTRACTED_PKGS[@]}"; do
-    f="$(ls "$WORK"/"${p}"_*.deb 2>/dev/null | head -n1 || true)"
+    f="$(ls "$WORK"/"${p}"_*.deb 2>/dev/null | sed -n 1p || true)"
     [[ -n "$f" ]] || die "downloaded .deb for $p not found in $WORK"
     DEBS+=("$f")
 done
@@ -190,7 +190,7 @@ exec "$REAL_BIN" -L /usr/share/qemu -L /usr/share/seabios -L /usr/lib/ipxe/qemu 
 EOF
 chmod 755 "$WRAPPER.new"
 mv "$WRAPPER.new" "$WRAPPER"
-upstream="$("$WRAPPER" --version | head -n1 | sed -E 's/^QEMU emulator version ([^ ]+).*/\1/')"
+upstream="$("$WRAPPER" --version | sed -n 1p | sed -E 's/^QEMU emulator version ([^ ]+).*/\1/')"
 printf '%s\n' "$upstream" >"$STAMP"
 
 install_works || die "installed, but the self-test (TCG machine start) failed; try: $WRAPPER -M none -accel tcg -display none -monitor stdio"

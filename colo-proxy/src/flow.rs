@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use crate::wire::ipv4::protocol;
 
-/// How the frames of a flow are compared (spec/compare.md).
+/// How the frames of a flow are compared (docs/compare.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FlowKind {
     /// TCP: payload byte streams, aligned by sequence number.

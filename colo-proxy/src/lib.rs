@@ -2,12 +2,12 @@
 //!
 //! - [`wire`]: typed, zero-copy views over Ethernet, VLAN, IPv4, IPv6, TCP, UDP, ICMP, ARP.
 //! - [`classify`] and [`flow`]: what the engine reads from each frame, and flow keys.
-//! - [`compare`]: the engine of spec/compare.md (rules, modes, timeouts, limits, flushes).
+//! - [`compare`]: the engine of docs/compare.md (rules, modes, timeouts, limits, flushes).
 //! - [`rewrite`]: the secondary's TCP sequence rewriter.
 //! - [`replica`]: the backend of one VM on one host, by role (two-host COLO), and [`announce`].
 //! - [`proxy`]: engine and rewriter together, as transports use them.
 //! - [`framing`] and [`notify_dev`]: QEMU's chardev socket framing and its text protocol.
-//! - [`control`]: the JSON-lines control socket of spec/control.md, server and client.
+//! - [`control`]: the JSON-lines control socket of docs/control.md, server and client.
 //! - [`link`]: links between hosts (authenticated, encrypted) and the frame link's protocol.
 //! - [`pcap`]: a pcapng writer for captures.
 

@@ -27,12 +27,24 @@ pub struct Mirrored {
 pub struct Proxy<C: Clock> {
     engine: Engine<C>,
     rewriter: Rewriter,
+    /// Whether the secondary gets its copy in passive mode (see [`Proxy::inbound`]).
+    passive_mirror: bool,
 }
 
 impl<C: Clock> Proxy<C> {
     /// A proxy in `colo` mode.
     pub fn new(config: Config, clock: C) -> Self {
-        Proxy { engine: Engine::new(config, clock), rewriter: Rewriter::new() }
+        Proxy { engine: Engine::new(config, clock), rewriter: Rewriter::new(), passive_mirror: false }
+    }
+
+    /// Whether the secondary gets its copy of inbound frames in passive mode too, though its VM
+    /// is paused. Only for a transport that keeps that copy queued and aligns the queue with
+    /// the primary's at each checkpoint (vhost-net-compare's ports): a failover then resumes
+    /// the SVM from the last checkpoint with every frame since, and the client needs to send
+    /// nothing again. A tap cannot be aligned (frames the PVM took before the checkpoint would
+    /// reach the SVM twice), so off by default.
+    pub fn set_passive_mirror(&mut self, on: bool) {
+        self.passive_mirror = on;
     }
 
     /// The compare engine.
@@ -84,15 +96,17 @@ impl<C: Clock> Proxy<C> {
         self.engine.push_classified(Side::Secondary, frame, class, sink)
     }
 
-    /// An inbound frame (from the clients): the copies each VM gets in the current mode.
+    /// An inbound frame (from the clients): the copies each VM gets in the current mode (in
+    /// passive mode, see [`Proxy::set_passive_mirror`]).
     pub fn inbound(&mut self, frame: Frame) -> Mirrored {
         match self.engine.mode() {
-            Mode::Colo => {
+            Mode::Passive if !self.passive_mirror => Mirrored { primary: Some(frame), secondary: None },
+            Mode::Colo | Mode::Passive => {
                 let mut copy = frame.clone();
                 self.rewrite_inbound(&mut copy);
                 Mirrored { primary: Some(frame), secondary: Some(copy) }
             }
-            Mode::Passive | Mode::PrimaryOnly => Mirrored { primary: Some(frame), secondary: None },
+            Mode::PrimaryOnly => Mirrored { primary: Some(frame), secondary: None },
             Mode::SecondaryOnly => {
                 let mut frame = frame;
                 self.rewrite_inbound(&mut frame);
@@ -185,6 +199,8 @@ mod tests {
         let f = Frame::new(udp4_to(CLIENT_IP, VM_IP, 1, 2, b"in"));
         px.set_mode(Mode::Passive, &mut out);
         assert_eq!(px.inbound(f.clone()), Mirrored { primary: Some(f.clone()), secondary: None });
+        px.set_passive_mirror(true);
+        assert_eq!(px.inbound(f.clone()), Mirrored { primary: Some(f.clone()), secondary: Some(f.clone()) });
         px.set_mode(Mode::PrimaryOnly, &mut out);
         assert_eq!(px.inbound(f.clone()), Mirrored { primary: Some(f.clone()), secondary: None });
         px.set_mode(Mode::SecondaryOnly, &mut out);

@@ -1,4 +1,4 @@
-//! Property tests of the compare engine (spec/compare.md):
+//! Property tests of the compare engine (docs/compare.md):
 //! - the same byte stream cut into different segments on the two sides always matches;
 //! - any single differing payload byte always causes a checkpoint request;
 //! - no frame is released twice, and every primary frame is eventually released or counted as

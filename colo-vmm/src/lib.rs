@@ -6,9 +6,13 @@
 //! path is a vhost-user backend. A JSON control API (QMP-shaped) drives it.
 //!
 //! Modules follow Firecracker's split: [`arch`] (x86-64 boot state), [`vstate`] (memory, VM,
-//! vCPU), [`devices`], [`loader`], [`api`], and [`vmm`] which ties them together.
+//! vCPU), [`devices`], [`loader`], [`persist`] (the state stream and the typed machine state),
+//! and [`vmm`] which ties them into a running VM. The orchestrators — [`migration`], [`colo`]
+//! and the snapshot — drive that VM only through [`migratable`]'s traits; [`api`] sits above
+//! them all and dispatches the control API's commands.
 
 pub mod api;
+pub mod arbiter;
 pub mod arch;
 pub mod colo;
 pub mod devices;
@@ -17,5 +21,6 @@ pub mod migratable;
 pub mod migration;
 pub mod panic_guard;
 pub mod persist;
+pub mod unix_socket;
 pub mod vmm;
 pub mod vstate;

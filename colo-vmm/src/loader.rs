@@ -99,6 +99,7 @@ pub fn write_boot_state(
     cmdline: &str,
     tsc_khz: u64,
     virtio: &[VirtioMmioDevice],
+    cpus: u32,
 ) -> Result<(), LoadError> {
     let w = |what: &'static str, at: u64, bytes: &[u8]| {
         mem.write_slice(bytes, GuestAddress(at)).map_err(|error| LoadError::Write { what, error })
@@ -131,6 +132,8 @@ pub fn write_boot_state(
         virtio_count: virtio.len().min(MAX_VIRTIO_DEVICES) as u32,
         reserved: 0,
         virtio: devices,
+        cpus,
+        reserved2: 0,
     };
     // SAFETY: BootInfo is repr(C), made of integers, with no padding holes left uninitialised
     // (explicit `reserved` fields), so viewing it as bytes is sound.

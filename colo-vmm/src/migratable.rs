@@ -3,23 +3,32 @@
 //! model), never the other way round. The VMM implements them on its running VM; unit tests
 //! implement them on a fake to check the orchestrators' order of operations without KVM.
 
-use crate::persist::sections::Sections;
+use crate::devices::block::disk::{Disk, DiskError};
 use crate::persist::snapshot::Meta;
+use crate::persist::state::MachineState;
 use crate::persist::stream::PAGE_SIZE;
 use crate::vstate::dirty::DirtyBitmap;
 
 /// Why an operation on the VM failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MigratableError {
-    /// The vCPU thread has ended (the guest exited, crashed or was told to quit).
+    /// A vCPU thread has ended (the guest exited, crashed or was told to quit).
     #[error("the guest is no longer running")]
     NotRunning,
+    /// A state for another number of vCPUs.
+    #[error("the state has {saved} vCPUs; this VM has {here}")]
+    VcpuCount {
+        /// vCPUs in the state.
+        saved: usize,
+        /// vCPUs here.
+        here: usize,
+    },
     /// The operation needs a paused VM.
     #[error("the VM is not paused")]
     NotPaused,
     /// A device could not be stopped, restarted or restored.
     #[error("device: {0}")]
-    Device(String),
+    Device(#[from] crate::devices::DeviceError),
     /// Saving or restoring vCPU or VM state failed.
     #[error(transparent)]
     State(#[from] crate::persist::vcpu_state::VcpuStateError),
@@ -29,6 +38,9 @@ pub enum MigratableError {
     /// Dirty tracking failed.
     #[error(transparent)]
     Dirty(#[from] crate::vstate::dirty::DirtyError),
+    /// The disk failed.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
     /// Dirty tracking was asked for while it was off.
     #[error("dirty tracking is not on")]
     NotTracking,
@@ -45,34 +57,36 @@ pub enum MigratableError {
 
 /// Stopping and restarting the guest.
 pub trait Pausable {
-    /// Stops the vCPU and every device's data path: until [`Pausable::resume`], nothing writes
-    /// guest memory (the vhost-user backends included). Pausing a paused VM does nothing. If it
-    /// fails, the VM runs as before.
+    /// Stops every vCPU and every device's data path: until [`Pausable::resume`], nothing
+    /// writes guest memory (the vhost-user backends included). Pausing a paused VM does
+    /// nothing. If it fails, the VM runs as before.
     fn pause(&self) -> Result<(), MigratableError>;
 
-    /// Restarts the devices where the pause stopped them, then the vCPU (unless the user
-    /// stopped it, or the VM was handed to a migration destination). Whatever fails, as much as
-    /// possible runs again.
+    /// Restarts the devices where the pause stopped them, then the vCPUs (unless the user
+    /// stopped them, or the VM was handed to a migration destination). Whatever fails, as much
+    /// as possible runs again.
     fn resume(&self) -> Result<(), MigratableError>;
 }
 
-/// Saving and taking over the machine's state (vCPU, VM, devices).
+/// Saving and taking over the machine's state (vCPUs, VM, devices).
 pub trait Snapshottable: Pausable {
     /// What kind of machine this is.
     fn describe(&self) -> Meta;
 
     /// The state of the paused machine.
-    fn save_state(&self) -> Result<Sections, MigratableError>;
+    fn save_state(&self) -> Result<MachineState, MigratableError>;
 
-    /// Takes over `state` on the paused machine: the devices restart where the state left them;
-    /// the vCPU stays paused until [`Pausable::resume`].
-    fn restore_state(&self, state: &Sections) -> Result<(), MigratableError>;
+    /// Takes over `state` on the paused machine (each vCPU the state's vCPU of its index): the
+    /// devices restart where the state left them; the vCPUs stay paused until
+    /// [`Pausable::resume`].
+    fn restore_state(&self, state: MachineState) -> Result<(), MigratableError>;
 }
 
 /// Everything a migration or a checkpoint needs besides the state: dirty pages, page access
 /// and the handover of the backends.
 pub trait Migratable: Snapshottable + Send + Sync {
-    /// Starts tracking which pages anyone (vCPU, VMM, backends) writes.
+    /// Starts tracking which pages anyone (vCPU, VMM, backends) writes, and which disk blocks
+    /// the guest writes.
     fn start_dirty_log(&self) -> Result<(), MigratableError>;
 
     /// The pages written since the last call (or since tracking started).
@@ -90,13 +104,19 @@ pub trait Migratable: Snapshottable + Send + Sync {
     /// Writes `data` ([`PAGE_SIZE`] bytes) into page `page`.
     fn write_page(&self, page: usize, data: &[u8]) -> Result<(), MigratableError>;
 
-    /// Lets go of the backends (a paused VM hands them to its migration destination); the vCPU
-    /// stays paused from now on.
+    /// Lets go of the backends (a paused VM hands them to its migration destination); the
+    /// vCPUs stay paused from now on.
     fn release_backends(&self);
 
     /// Takes the backends back after [`Migratable::release_backends`] (a failed handover): the
-    /// devices run again where the pause stopped them; [`Pausable::resume`] restarts the vCPU.
+    /// devices run again where the pause stopped them; [`Pausable::resume`] restarts the vCPUs.
     fn reattach_backends(&self) -> Result<(), MigratableError>;
+
+    /// The disk, if the VM has one: its written blocks travel with the dirty pages (tracked
+    /// while the dirty log is on), and a COLO secondary holds its own writes in its overlay.
+    fn disk(&self) -> Option<&Disk> {
+        None
+    }
 
     /// Bytes of guest RAM.
     fn mem_size(&self) -> u64 {
@@ -125,8 +145,21 @@ pub fn page_digests<V: Migratable + ?Sized>(vm: &V) -> Result<Vec<u64>, Migratab
     crate::persist::snapshot::digests(vm.page_count(), |p, buf| vm.read_page(p, buf))
 }
 
-/// The addresses of the pages of `vm` whose digests differ from `encoded` (as
-/// `persist::snapshot::encode_digests` writes them).
-pub fn differing_pages<V: Migratable + ?Sized>(vm: &V, encoded: &[u8]) -> Result<Vec<u64>, MigratableError> {
-    Ok(crate::persist::snapshot::compare_digests(&page_digests(vm)?, encoded)?)
+/// The addresses of the pages of `vm` whose digests differ from `theirs` (from
+/// [`page_digests`] on the other side).
+pub fn differing_pages<V: Migratable + ?Sized>(vm: &V, theirs: &[u64]) -> Result<Vec<u64>, MigratableError> {
+    Ok(crate::persist::snapshot::compare_digests(&page_digests(vm)?, theirs)?)
+}
+
+/// A 64-bit hash of every disk block, in order, if `vm` has a disk (the verify mode).
+pub fn block_digests<V: Migratable + ?Sized>(vm: &V) -> Result<Option<Vec<u64>>, MigratableError> {
+    Ok(vm.disk().map(Disk::digests).transpose()?)
+}
+
+/// The numbers of the disk blocks of `vm` whose digests differ from `theirs` (from
+/// [`block_digests`] on the other side); a VM without a disk differs from any digests.
+pub fn differing_blocks<V: Migratable + ?Sized>(vm: &V, theirs: &[u64]) -> Result<Vec<u64>, MigratableError> {
+    let ours = block_digests(vm)?.unwrap_or_default();
+    let diff = crate::persist::snapshot::compare_digests(&ours, theirs)?;
+    Ok(diff.into_iter().map(|a| a / PAGE_SIZE as u64).collect())
 }

@@ -8,11 +8,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use colo_vmm_abi::{VirtioMmioDevice, MAX_MEM, MIN_MEM, MMIO_BASE, MMIO_DEVICE_SIZE};
+use colo_vmm_abi::{VirtioMmioDevice, MAX_CPUS, MAX_MEM, MIN_MEM, MMIO_BASE, MMIO_DEVICE_SIZE};
 use kvm_ioctls::{IoEventAddress, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::arch::{cpuid, regs};
+use crate::devices::block::disk::{Disk, DiskError};
+use crate::devices::block::virtio_blk::VirtioBlk;
+use crate::devices::block::DiskConfig;
 use crate::devices::pvhalt::Waiter;
 use crate::devices::serial::{SerialConsole, SerialOutput};
 use crate::devices::vhost_user_net::{DirtyLog, VhostUserNet};
@@ -20,13 +23,13 @@ use crate::devices::virtio_mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::{Devices, DevicesState};
 use crate::loader::{self, Image};
 use crate::migratable::{Migratable, MigratableError, Pausable, Snapshottable};
-use crate::persist::sections::Sections;
-use crate::persist::snapshot::{self, Meta};
+use crate::persist::snapshot::{self, DiskMeta, Meta};
+use crate::persist::state::MachineState;
 use crate::persist::stream::{StreamError, StreamReader, PAGE_SIZE};
 use crate::persist::{vcpu_state, vm_state};
 use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
 use crate::vstate::memory::GuestRam;
-use crate::vstate::vcpu::{self, VcpuEnd, VcpuHandle};
+use crate::vstate::vcpu::{self, SharedDevices, VcpuEnd, Vcpus};
 use crate::vstate::vm::Vm;
 
 /// `--net vhost-user=PATH[,mac=MAC]`.
@@ -43,8 +46,30 @@ pub fn default_mac(index: usize) -> [u8; 6] {
     [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index as u8)]
 }
 
+/// Why a `--net` option is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetOptionError {
+    /// A part that is neither `vhost-user=PATH` nor `mac=MAC`.
+    #[error("'{part}' in '{option}': expected vhost-user=PATH[,mac=MAC]")]
+    Part {
+        /// The part.
+        part: String,
+        /// The whole option.
+        option: String,
+    },
+    /// No socket.
+    #[error("'{0}': missing vhost-user=PATH")]
+    NoSocket(String),
+    /// Not six hexadecimal bytes.
+    #[error("'{0}' is not a MAC address (six bytes, as 52:54:00:12:34:56)")]
+    Mac(String),
+    /// A group address.
+    #[error("'{0}' is a multicast address")]
+    Multicast(String),
+}
+
 impl FromStr for NetConfig {
-    type Err = String;
+    type Err = NetOptionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut socket = None;
         let mut mac = None;
@@ -52,23 +77,23 @@ impl FromStr for NetConfig {
             match part.split_once('=') {
                 Some(("vhost-user", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
                 Some(("mac", m)) => mac = Some(parse_mac(m)?),
-                _ => return Err(format!("'{part}' in '{s}': expected vhost-user=PATH[,mac=MAC]")),
+                _ => return Err(NetOptionError::Part { part: part.into(), option: s.into() }),
             }
         }
-        let socket = socket.ok_or_else(|| format!("'{s}': missing vhost-user=PATH"))?;
+        let socket = socket.ok_or_else(|| NetOptionError::NoSocket(s.into()))?;
         Ok(NetConfig { socket, mac: mac.unwrap_or_else(|| default_mac(0)) })
     }
 }
 
 /// Parses `52:54:00:12:34:56`.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+pub fn parse_mac(s: &str) -> Result<[u8; 6], NetOptionError> {
     let bytes: Vec<u8> = s
         .split(':')
-        .map(|b| u8::from_str_radix(b, 16).map_err(|_| format!("'{s}' is not a MAC address")))
+        .map(|b| u8::from_str_radix(b, 16).map_err(|_| NetOptionError::Mac(s.into())))
         .collect::<Result<_, _>>()?;
-    let mac: [u8; 6] = bytes.try_into().map_err(|_| format!("'{s}' is not a MAC address (six bytes)"))?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| NetOptionError::Mac(s.into()))?;
     if mac[0] & 1 != 0 {
-        return Err(format!("'{s}' is a multicast address"));
+        return Err(NetOptionError::Multicast(s.into()));
     }
     Ok(mac)
 }
@@ -82,8 +107,12 @@ pub struct VmConfig {
     pub cmdline: String,
     /// RAM in MiB.
     pub mem_mib: u64,
+    /// vCPUs (1 to [`MAX_CPUS`]); a restore or migration takes the saved count instead.
+    pub cpus: u32,
     /// Network devices.
     pub net: Vec<NetConfig>,
+    /// The disk, if any.
+    pub disk: Option<DiskConfig>,
     /// Console output.
     pub serial: SerialOutput,
 }
@@ -94,9 +123,18 @@ pub enum BootError {
     /// Memory size out of range.
     #[error("--mem {0} MiB: guest memory must be between {min} and {max} MiB", min = MIN_MEM >> 20, max = MAX_MEM >> 20)]
     MemorySize(u64),
+    /// vCPU count out of range.
+    #[error("--cpus {0}: a VM has 1 to {MAX_CPUS} vCPUs")]
+    Cpus(u32),
     /// Too many devices.
-    #[error("at most {0} network devices")]
+    #[error("at most {0} virtio devices (network devices and the disk)")]
     TooManyDevices(usize),
+    /// The disk's image.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A saved VM whose disk does not fit `--disk`.
+    #[error("{0}")]
+    DiskMismatch(String),
     /// Guest memory.
     #[error(transparent)]
     Memory(#[from] crate::vstate::memory::MemoryError),
@@ -112,6 +150,9 @@ pub enum BootError {
     /// A network backend.
     #[error(transparent)]
     Net(#[from] crate::devices::vhost_user_net::NetError),
+    /// Saved device state that does not fit these devices.
+    #[error("restoring the devices: {0}")]
+    Devices(#[source] crate::devices::DeviceError),
     /// Anything else, with context.
     #[error("{what}: {error}")]
     Other {
@@ -126,30 +167,40 @@ fn other<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> BootErro
     move |e| BootError::Other { what, error: e.to_string() }
 }
 
-/// Memory, KVM and the vCPU, before any device: what a migration destination builds while it
+/// Memory, KVM and the vCPUs, before any device: what a migration destination builds while it
 /// receives pages (its backends are still the source's).
 pub struct Core {
     ram: GuestRam,
     vm: Vm,
-    vcpu: VcpuFd,
+    vcpus: Vec<VcpuFd>,
     msr_list: Vec<u32>,
     tsc_khz: u64,
+    disk: Option<Disk>,
 }
 
 impl Core {
-    /// RAM of `mem_size` bytes, the VM and its vCPU.
-    pub fn build(mem_size: u64) -> Result<Core, BootError> {
+    /// RAM of `mem_size` bytes, the VM, `cpus` vCPUs and the disk's image (opened now, so a
+    /// bad one is refused before anything else happens).
+    pub fn build(mem_size: u64, cpus: u32, disk: Option<&DiskConfig>) -> Result<Core, BootError> {
         if !(MIN_MEM..=MAX_MEM).contains(&mem_size) {
             return Err(BootError::MemorySize(mem_size >> 20));
         }
+        if !(1..=MAX_CPUS as u32).contains(&cpus) {
+            return Err(BootError::Cpus(cpus));
+        }
+        let disk = disk.map(Disk::open).transpose()?;
         let ram = GuestRam::new(mem_size)?;
         let vm = Vm::new(&ram)?;
-        let vcpu = vm.fd().create_vcpu(0).map_err(other("creating the vCPU"))?;
-        vcpu.set_cpuid2(&cpuid::for_vcpu(vm.kvm(), 0).map_err(other("reading CPUID"))?)
-            .map_err(other("setting CPUID"))?;
-        let tsc_khz = vm.tsc_khz(&vcpu);
-        let msr_list = vcpu_state::saveable_msrs(vm.kvm(), &vcpu).map_err(other("listing MSRs"))?;
-        Ok(Core { ram, vm, vcpu, msr_list, tsc_khz })
+        let mut vcpus = Vec::with_capacity(cpus as usize);
+        for i in 0..cpus {
+            let vcpu = vm.fd().create_vcpu(u64::from(i)).map_err(other("creating a vCPU"))?;
+            vcpu.set_cpuid2(&cpuid::for_vcpu(vm.kvm(), i as u8).map_err(other("reading CPUID"))?)
+                .map_err(other("setting CPUID"))?;
+            vcpus.push(vcpu);
+        }
+        let tsc_khz = vm.tsc_khz(&vcpus[0]);
+        let msr_list = vcpu_state::saveable_msrs(vm.kvm(), &vcpus[0]).map_err(other("listing MSRs"))?;
+        Ok(Core { ram, vm, vcpus, msr_list, tsc_khz, disk })
     }
 
     /// Guest RAM.
@@ -157,13 +208,41 @@ impl Core {
         &self.ram
     }
 
+    /// The disk.
+    pub fn disk(&self) -> Option<&Disk> {
+        self.disk.as_ref()
+    }
+
+    /// Checks that a saved VM described by `meta` fits this one's disk: both have none, or
+    /// disks of the same size and kind.
+    pub fn check_disk(&self, meta: &Meta) -> Result<(), BootError> {
+        let here = self.disk.as_ref().map(|d| DiskMeta { bytes: d.bytes(), readonly: d.readonly() });
+        match (&meta.disk, &here) {
+            (None, None) => Ok(()),
+            (Some(saved), Some(here)) if saved == here => Ok(()),
+            (Some(saved), None) => Err(BootError::DiskMismatch(format!(
+                "the VM has a {}disk of {} bytes: give --disk path=FILE{} with an image of that size",
+                if saved.readonly { "read-only " } else { "" },
+                saved.bytes,
+                if saved.readonly { ",readonly" } else { "" }
+            ))),
+            (None, Some(_)) => Err(BootError::DiskMismatch("the VM has no disk: leave out --disk".into())),
+            (Some(saved), Some(here)) => Err(BootError::DiskMismatch(format!(
+                "the VM's disk is {} bytes{}, --disk is {} bytes{}",
+                saved.bytes,
+                if saved.readonly { " (read-only)" } else { "" },
+                here.bytes,
+                if here.readonly { " (read-only)" } else { "" }
+            ))),
+        }
+    }
+
     /// Connects the network backends of `config` (the console starts silent; a boot opens it,
     /// a restore takes over the saved one).
     pub fn attach(self, config: &VmConfig) -> Result<Machine, BootError> {
-        if config.net.len() > colo_vmm_abi::MAX_VIRTIO_DEVICES {
+        if config.net.len() + usize::from(self.disk.is_some()) > colo_vmm_abi::MAX_VIRTIO_DEVICES {
             return Err(BootError::TooManyDevices(colo_vmm_abi::MAX_VIRTIO_DEVICES));
         }
-        let mut waiter = Waiter::new().map_err(other("creating the halt waiter"))?;
         let mut mmio = vec![];
         let mut described = vec![];
         let mut logs = vec![];
@@ -178,19 +257,24 @@ impl Core {
                     .register_ioevent(kick, &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET), q as u32)
                     .map_err(other("registering a queue notifier"))?;
             }
-            for fd in transport.device().call_fds() {
-                waiter.add_source(fd).map_err(other("watching a queue"))?;
-            }
             described.push(VirtioMmioDevice { base, size: MMIO_DEVICE_SIZE, irq: 5 + i as u32, reserved: 0 });
             mmio.push(transport);
         }
+        if let Some(disk) = &self.disk {
+            // After the network devices: its notifications exit to the VMM (no ioeventfd).
+            let i = mmio.len();
+            let base = MMIO_BASE + i as u64 * MMIO_DEVICE_SIZE;
+            let dev = VirtioBlk::new(disk.clone(), self.ram.memory().clone());
+            mmio.push(MmioTransport::new(base, MMIO_DEVICE_SIZE, Box::new(dev)));
+            described.push(VirtioMmioDevice { base, size: MMIO_DEVICE_SIZE, irq: 5 + i as u32, reserved: 0 });
+        }
         let serial = SerialConsole::new(&SerialOutput::None).map_err(other("serial"))?;
-        let devices = Devices { serial, mmio, waiter, unknown_io: 0 };
+        let devices = Devices { serial, mmio, unknown_io: 0 };
         Ok(Machine { core: self, devices, described, logs, tracker: None })
     }
 }
 
-/// A VM with its devices, before its vCPU starts.
+/// A VM with its devices, before its vCPUs start.
 pub struct Machine {
     core: Core,
     devices: Devices,
@@ -205,29 +289,43 @@ impl Machine {
         &self.core.ram
     }
 
-    /// Starts dirty tracking (before the vCPU runs, so nothing it writes is missed); the running
-    /// VM goes on with it.
+    /// Starts dirty tracking (before the vCPUs run, so nothing they write is missed); the
+    /// running VM goes on with it.
     pub fn start_dirty_log(&mut self) -> Result<(), MigratableError> {
         self.tracker = Some(DirtyTracker::start(&self.core.vm, &self.core.ram, self.logs.clone())?);
         Ok(())
     }
 
-    /// Starts the vCPU thread.
+    /// Starts the vCPU threads, each halting on its own waiter that also watches every device.
     pub fn start(self) -> Result<Vmm, BootError> {
         vcpu::install_kick_handler().map_err(other("installing the vCPU kick handler"))?;
-        let Core { ram, vm, vcpu, msr_list, tsc_khz } = self.core;
+        let Core { ram, vm, vcpus, msr_list, tsc_khz, disk } = self.core;
         let mem_size = ram.size();
-        let (handle, thread) = vcpu::spawn(vcpu, self.devices).map_err(other("starting the vCPU thread"))?;
+        let calls = self.devices.call_fds();
+        let devices = Arc::new(Mutex::new(self.devices));
+        let (mut handles, mut threads) = (vec![], vec![]);
+        for (i, fd) in vcpus.into_iter().enumerate() {
+            let mut waiter = Waiter::new().map_err(other("creating the halt waiter"))?;
+            for &c in &calls {
+                waiter.add_source(c).map_err(other("watching a queue"))?;
+            }
+            let (handle, thread) =
+                vcpu::spawn(i, fd, devices.clone(), waiter).map_err(other("starting a vCPU thread"))?;
+            handles.push(handle);
+            threads.push(thread);
+        }
         Ok(Vmm {
             ram,
             vm,
-            vcpu: handle,
-            thread: Mutex::new(Some(thread)),
+            vcpus: Vcpus::new(handles),
+            devices,
+            threads: Mutex::new(threads),
             started: Instant::now(),
             mem_size,
             msr_list: Arc::new(msr_list),
             tsc_khz,
             logs: self.logs,
+            disk,
             quiesced: Mutex::new(None),
             tracker: Mutex::new(self.tracker),
             stopped: AtomicBool::new(false),
@@ -242,21 +340,25 @@ pub struct Vmm {
     ram: GuestRam,
     /// The VM (its memory slot and ioeventfds live as long as it does).
     vm: Vm,
-    vcpu: Arc<VcpuHandle>,
-    thread: Mutex<Option<JoinHandle<VcpuEnd>>>,
+    vcpus: Vcpus,
+    /// The devices, shared by the vCPU threads.
+    devices: SharedDevices,
+    threads: Mutex<Vec<JoinHandle<VcpuEnd>>>,
     started: Instant,
     mem_size: u64,
     msr_list: Arc<Vec<u32>>,
     tsc_khz: u64,
     logs: Vec<DirtyLog>,
+    /// The disk (also the virtio-blk device's).
+    disk: Option<Disk>,
     /// The devices' state while they are stopped by [`Pausable::pause`]: where
     /// [`Pausable::resume`] restarts them.
     quiesced: Mutex<Option<DevicesState>>,
     /// Dirty tracking, while a migration or COLO wants it.
     tracker: Mutex<Option<DirtyTracker>>,
-    /// The user stopped the vCPU (`stop`): a pause and resume around a snapshot leaves it so.
+    /// The user stopped the vCPUs (`stop`): a pause and resume around a snapshot leaves them so.
     stopped: AtomicBool,
-    /// The backends went to a migration destination: this vCPU must not run (until `cont`).
+    /// The backends went to a migration destination: the vCPUs must not run (until `cont`).
     handed_over: AtomicBool,
 }
 
@@ -265,18 +367,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Vmm {
-    /// Creates the VM, loads the guest and starts its vCPU.
+    /// Creates the VM, loads the guest and starts its vCPUs.
     pub fn boot(config: &VmConfig) -> Result<Vmm, BootError> {
         if let Image::File(p) = &config.image {
             loader::check_kernel_file(p)?;
         }
-        let mut m = Core::build(config.mem_mib << 20)?.attach(config)?;
+        let mut m = Core::build(config.mem_mib << 20, config.cpus, config.disk.as_ref())?.attach(config)?;
         m.devices.serial = SerialConsole::new(&config.serial).map_err(other("opening the serial output"))?;
         let (ram, tsc_khz) = (&m.core.ram, m.core.tsc_khz);
         let loaded = loader::load_image(ram.memory(), &config.image)?;
-        loader::write_boot_state(ram.memory(), ram.size(), &loaded, &config.cmdline, tsc_khz, &m.described)?;
-        regs::setup(&m.core.vcpu, loaded.entry).map_err(other("setting up the vCPU registers"))?;
-        tracing::info!(mem_mib = config.mem_mib, entry = format_args!("{:#x}", loaded.entry), tsc_khz, "guest started");
+        let cpus = m.core.vcpus.len() as u32;
+        loader::write_boot_state(ram.memory(), ram.size(), &loaded, &config.cmdline, tsc_khz, &m.described, cpus)?;
+        for (i, vcpu) in m.core.vcpus.iter().enumerate() {
+            regs::setup(vcpu, loaded.entry, i as u64).map_err(other("setting up the vCPU registers"))?;
+        }
+        tracing::info!(
+            mem_mib = config.mem_mib,
+            cpus,
+            entry = format_args!("{:#x}", loaded.entry),
+            tsc_khz,
+            "guest started"
+        );
         m.start()
     }
 
@@ -289,32 +400,43 @@ impl Vmm {
         })?;
         let mut reader = StreamReader::new(std::io::BufReader::with_capacity(1 << 20, file))?;
         let meta = snapshot::read_meta(&mut reader)?;
-        if meta.vcpus != 1 {
-            return Err(BootError::Other {
-                what: "restoring",
-                error: format!("snapshot has {} vCPUs; this VMM runs one", meta.vcpus),
-            });
+        let core = Core::build(meta.mem_size, meta.vcpus, config.disk.as_ref())?;
+        core.check_disk(&meta)?;
+        let mut m = core.attach(config)?;
+        let mut stage = snapshot::disk_stage(m.core.disk())?;
+        let state = snapshot::read_rest(&mut reader, m.core.ram.memory(), meta.mem_size, stage.as_mut())?;
+        // The whole file verified: only now does the image become the saved disk.
+        if let (Some(disk), Some(stage)) = (m.core.disk(), &stage) {
+            let written = disk.replace_with(stage)?;
+            tracing::info!(disk = %disk.path().display(), blocks = stage.len(), written, "disk restored");
         }
-        let mut m = Core::build(meta.mem_size)?.attach(config)?;
-        let state = snapshot::read_rest(&mut reader, m.core.ram.memory(), meta.mem_size)?;
-        Self::apply_state(&mut m, &state, &config.serial)?;
-        tracing::info!(snapshot = %path.display(), mem_mib = meta.mem_size >> 20, "guest restored");
+        Self::apply_state(&mut m, state, &config.serial)?;
+        tracing::info!(snapshot = %path.display(), mem_mib = meta.mem_size >> 20, cpus = meta.vcpus, "guest restored");
         m.start()
     }
 
-    /// Applies saved vCPU, VM and device state to a freshly built machine.
-    pub fn apply_state(m: &mut Machine, state: &Sections, serial: &SerialOutput) -> Result<(), BootError> {
-        vm_state::restore(m.core.vm.fd(), state).map_err(other("restoring the VM state"))?;
-        vcpu_state::restore(&m.core.vcpu, 0, state).map_err(other("restoring the vCPU"))?;
-        let devices: DevicesState = state.json("devices")?;
-        m.devices.serial = SerialConsole::restored(serial, &devices.serial).map_err(other("restoring the console"))?;
-        m.devices.restore(&devices).map_err(|e| BootError::Other { what: "restoring the devices", error: e })?;
+    /// Applies saved vCPU, VM and device state to a freshly built machine (its console
+    /// appending to `serial`).
+    pub fn apply_state(m: &mut Machine, state: MachineState, serial: &SerialOutput) -> Result<(), BootError> {
+        m.devices.serial = SerialConsole::appending(serial).map_err(other("opening the serial output"))?;
+        let MachineState { vcpus, vm, devices } = state;
+        if vcpus.len() != m.core.vcpus.len() {
+            return Err(BootError::Other {
+                what: "restoring",
+                error: MigratableError::VcpuCount { saved: vcpus.len(), here: m.core.vcpus.len() }.to_string(),
+            });
+        }
+        vm_state::restore(m.core.vm.fd(), &vm).map_err(other("restoring the VM state"))?;
+        for (fd, s) in m.core.vcpus.iter().zip(&vcpus) {
+            vcpu_state::restore(fd, s).map_err(other("restoring a vCPU"))?;
+        }
+        restore_devices(&mut m.devices, &devices).map_err(other("restoring the devices"))?;
         Ok(())
     }
 
-    /// The vCPU handle.
-    pub fn vcpu(&self) -> &VcpuHandle {
-        &self.vcpu
+    /// The vCPUs.
+    pub fn vcpus(&self) -> &Vcpus {
+        &self.vcpus
     }
 
     /// Guest RAM.
@@ -322,30 +444,43 @@ impl Vmm {
         &self.ram
     }
 
-    /// Takes the vCPU thread's join handle (once), to wait for the guest's end.
-    pub fn take_thread(&self) -> Option<JoinHandle<VcpuEnd>> {
-        self.thread.lock().unwrap_or_else(|p| p.into_inner()).take()
+    /// Takes the vCPU threads' join handles (once), to wait for the guest's end.
+    pub fn take_threads(&self) -> Vec<JoinHandle<VcpuEnd>> {
+        std::mem::take(&mut *lock(&self.threads))
     }
 
-    /// `stop`: pauses the vCPU until `cont` (the devices keep running).
+    /// `stop`: pauses the vCPUs until `cont` (the devices keep running).
     pub fn stop(&self) -> Result<(), MigratableError> {
         self.stopped.store(true, Ordering::Relaxed);
-        if !self.vcpu.pause() {
+        if !self.vcpus.pause() {
             return Err(MigratableError::NotRunning);
         }
         Ok(())
     }
 
-    /// `cont`: lets the vCPU run again.
+    /// `cont`: lets the vCPUs run again.
     pub fn cont(&self) {
         self.stopped.store(false, Ordering::Relaxed);
         self.handed_over.store(false, Ordering::Relaxed);
-        self.vcpu.resume();
+        self.vcpus.resume();
     }
 
-    /// Whether the vCPU is paused now.
+    /// Whether the vCPUs are paused now.
     pub fn is_paused(&self) -> bool {
-        self.vcpu.is_paused()
+        self.vcpus.is_paused()
+    }
+
+    /// The disk's image, size and what it served (`query-status`), or null without one.
+    pub fn disk_status(&self) -> serde_json::Value {
+        match &self.disk {
+            Some(d) => serde_json::json!({
+                "path": d.path(),
+                "bytes": d.bytes(),
+                "readonly": d.readonly(),
+                "stats": d.stats(),
+            }),
+            None => serde_json::Value::Null,
+        }
     }
 
     /// How long the VM has existed.
@@ -353,39 +488,35 @@ impl Vmm {
         self.started.elapsed()
     }
 
-    /// Runs `task` on the paused vCPU thread (the devices live there).
-    fn on_vcpu<R: Send + 'static>(
-        &self,
-        task: impl FnOnce(&mut kvm_ioctls::VcpuFd, &mut Devices) -> R + Send + 'static,
-    ) -> Result<R, MigratableError> {
-        self.vcpu.run_paused(task).ok_or(MigratableError::NotRunning)
+    fn devices(&self) -> std::sync::MutexGuard<'_, Devices> {
+        lock(&self.devices)
     }
 }
 
 impl Pausable for Vmm {
     fn pause(&self) -> Result<(), MigratableError> {
-        let was_paused = self.vcpu.is_paused();
-        if !self.vcpu.pause() {
+        let was_paused = self.vcpus.is_paused();
+        if !self.vcpus.pause() {
             return Err(MigratableError::NotRunning);
         }
         let mut quiesced = lock(&self.quiesced);
         if quiesced.is_none() {
-            // Finish an exit the VMM already served first, so it cannot write guest memory
-            // after the devices stopped (vcpu_state::complete_pending_io).
-            let stopped = self.on_vcpu(|vcpu, devices| {
-                vcpu_state::complete_pending_io(vcpu);
-                devices.pause()
-            });
-            match stopped {
-                Ok(Ok(state)) => *quiesced = Some(state),
-                Ok(Err(e)) => {
+            // Every vCPU is out of the guest. Finish the exits the VMM already served first, so
+            // none can write guest memory after the devices stopped
+            // (vcpu_state::complete_pending_io).
+            let completed = self.vcpus.run_paused_each(|_, vcpu| vcpu_state::complete_pending_io(vcpu));
+            if completed.is_none() {
+                return Err(MigratableError::NotRunning);
+            }
+            match self.devices().pause() {
+                Ok(state) => *quiesced = Some(state),
+                Err(e) => {
                     drop(quiesced);
                     if !was_paused {
-                        self.vcpu.resume();
+                        self.vcpus.resume();
                     }
                     return Err(MigratableError::Device(e));
                 }
-                Err(e) => return Err(e),
             }
         }
         Ok(())
@@ -394,13 +525,11 @@ impl Pausable for Vmm {
     fn resume(&self) -> Result<(), MigratableError> {
         let devices = lock(&self.quiesced).take();
         let restarted = match devices {
-            Some(d) => {
-                self.on_vcpu(move |_, devices| devices.resume(&d)).and_then(|r| r.map_err(MigratableError::Device))
-            }
+            Some(d) => self.devices().resume(&d).map_err(MigratableError::Device),
             None => Ok(()),
         };
         if !self.stopped.load(Ordering::Relaxed) && !self.handed_over.load(Ordering::Relaxed) {
-            self.vcpu.resume();
+            self.vcpus.resume();
         }
         restarted
     }
@@ -410,40 +539,53 @@ impl Snapshottable for Vmm {
     fn describe(&self) -> Meta {
         Meta {
             mem_size: self.mem_size,
-            vcpus: 1,
+            vcpus: self.vcpus.len() as u32,
             tsc_khz: self.tsc_khz,
             writer: format!("colo-vmm {}", env!("CARGO_PKG_VERSION")),
+            disk: self.disk.as_ref().map(|d| DiskMeta { bytes: d.bytes(), readonly: d.readonly() }),
         }
     }
 
-    fn save_state(&self) -> Result<Sections, MigratableError> {
+    fn save_state(&self) -> Result<MachineState, MigratableError> {
         let devices = lock(&self.quiesced).clone().ok_or(MigratableError::NotPaused)?;
         let msrs = self.msr_list.clone();
-        let mut state = self.on_vcpu(move |vcpu, _| {
-            let mut s = Sections::new();
-            vcpu_state::save(vcpu, 0, &msrs, &mut s).map(|()| s)
-        })??;
-        state.put_json("devices", &devices);
-        vm_state::save(self.vm.fd(), &mut state)?;
-        Ok(state)
+        // Every vCPU is paused (the quiesced devices say so) before any is read.
+        let vcpus = self
+            .vcpus
+            .run_paused_each(move |_, vcpu| vcpu_state::save(vcpu, &msrs))
+            .ok_or(MigratableError::NotRunning)?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let vm = vm_state::save(self.vm.fd())?;
+        Ok(MachineState { vcpus, vm, devices })
     }
 
-    fn restore_state(&self, state: &Sections) -> Result<(), MigratableError> {
-        if !self.vcpu.is_paused() {
+    fn restore_state(&self, state: MachineState) -> Result<(), MigratableError> {
+        if !self.vcpus.is_paused() {
             return Err(MigratableError::NotPaused);
         }
-        let devices: DevicesState = state.json("devices")?;
-        vm_state::restore(self.vm.fd(), state)?;
-        let s = state.clone();
-        self.on_vcpu(move |vcpu, d| -> Result<(), MigratableError> {
-            vcpu_state::restore(vcpu, 0, &s)?;
-            d.serial.load(&devices.serial);
-            d.restore(&devices).map_err(MigratableError::Device)
-        })??;
+        let MachineState { vcpus, vm, devices } = state;
+        if vcpus.len() != self.vcpus.len() {
+            return Err(MigratableError::VcpuCount { saved: vcpus.len(), here: self.vcpus.len() });
+        }
+        vm_state::restore(self.vm.fd(), &vm)?;
+        for (h, s) in self.vcpus.iter().zip(vcpus) {
+            h.run_paused(move |vcpu| vcpu_state::restore(vcpu, &s)).ok_or(MigratableError::NotRunning)??;
+        }
+        restore_devices(&mut self.devices(), &devices)?;
         // The devices run from the restored state now.
         *lock(&self.quiesced) = None;
         Ok(())
     }
+}
+
+/// The one restore of the devices' part of a machine state, for a fresh machine and for a
+/// running one: the console's registers (its output stays where it goes), and the devices,
+/// whose rings restart where the state left them.
+fn restore_devices(devices: &mut Devices, saved: &DevicesState) -> Result<(), MigratableError> {
+    devices.serial.load(&saved.serial);
+    devices.restore(saved)?;
+    Ok(())
 }
 
 impl Migratable for Vmm {
@@ -451,6 +593,9 @@ impl Migratable for Vmm {
         let mut t = lock(&self.tracker);
         if t.is_none() {
             *t = Some(DirtyTracker::start(&self.vm, &self.ram, self.logs.clone())?);
+            if let Some(d) = &self.disk {
+                d.start_tracking();
+            }
         }
         Ok(())
     }
@@ -464,6 +609,13 @@ impl Migratable for Vmm {
         if let Some(t) = lock(&self.tracker).take() {
             t.stop(&self.vm, &self.ram);
         }
+        if let Some(d) = &self.disk {
+            d.stop_tracking();
+        }
+    }
+
+    fn disk(&self) -> Option<&Disk> {
+        self.disk.as_ref()
     }
 
     fn page_count(&self) -> usize {
@@ -486,13 +638,13 @@ impl Migratable for Vmm {
 
     fn release_backends(&self) {
         self.handed_over.store(true, Ordering::Relaxed);
-        let _ = self.on_vcpu(|_, d| d.disconnect());
+        self.devices().disconnect();
     }
 
     fn reattach_backends(&self) -> Result<(), MigratableError> {
         self.handed_over.store(false, Ordering::Relaxed);
         let devices = lock(&self.quiesced).take().ok_or(MigratableError::NotPaused)?;
-        self.on_vcpu(move |_, d| d.reconnect(&devices))?.map_err(MigratableError::Device)
+        self.devices().reconnect(&devices).map_err(MigratableError::Device)
     }
 }
 

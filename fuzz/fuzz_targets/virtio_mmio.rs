@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use arbitrary::Arbitrary;
 use colo_vmm::devices::virtio_mmio::{MmioTransport, QueueConfig, TransportState, VirtioDevice};
+use colo_vmm::devices::DeviceError;
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -45,7 +46,7 @@ impl VirtioDevice for Device {
         data.fill(offset as u8);
     }
     fn write_config(&mut self, _: u64, _: &[u8]) {}
-    fn activate(&mut self, acked: u64, queues: &[QueueConfig], _bases: &[u16]) -> Result<(), String> {
+    fn activate(&mut self, acked: u64, queues: &[QueueConfig], _bases: &[u16]) -> Result<(), DeviceError> {
         assert_eq!(acked & !FEATURES, 0, "started with features never offered: {acked:#x}");
         assert_eq!(queues.len(), MAX.len(), "started with {} queues", queues.len());
         for (q, max) in queues.iter().zip(MAX) {
@@ -54,12 +55,12 @@ impl VirtioDevice for Device {
         }
         let mut s = self.0.lock().unwrap();
         if s.fail {
-            return Err("the backend refused".into());
+            return Err(DeviceError::Disconnected);
         }
         s.active = true;
         Ok(())
     }
-    fn quiesce(&mut self) -> Result<Vec<u16>, String> {
+    fn quiesce(&mut self) -> Result<Vec<u16>, DeviceError> {
         self.0.lock().unwrap().active = false;
         Ok(vec![3, 4])
     }

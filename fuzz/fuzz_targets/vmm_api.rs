@@ -4,6 +4,7 @@
 //! Invariants:
 //! - nothing panics;
 //! - every line gets a reply that serializes, echoing the request's `id`;
+//! - a command that parses reads back the same from its own serialization;
 //! - `set-parameters` is all or nothing: refused, nothing changes; accepted, the parameters are
 //!   valid together;
 //! - a URI that parses is printed back as the same URI.
@@ -12,11 +13,12 @@
 
 use arbitrary::Arbitrary;
 use colo_vmm::api::client::parse_arguments;
+use colo_vmm::api::command::Command;
 use colo_vmm::api::protocol::{serve_line, ApiError, Handler, Reply, Request};
 use colo_vmm::colo::shared::ColoShared;
 use colo_vmm::migration::uri::MigrationUri;
 use libfuzzer_sys::fuzz_target;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 /// The API's parsing without a VM behind it.
 struct Parser {
@@ -24,21 +26,18 @@ struct Parser {
 }
 
 impl Handler for Parser {
-    fn handle(&self, command: &str, args: &Map<String, Value>) -> Result<Value, ApiError> {
+    fn handle(&self, command: Command) -> Result<Value, ApiError> {
+        let v = serde_json::to_value(&command).expect("commands serialize");
+        let args = v.get("arguments").and_then(Value::as_object).cloned().unwrap_or_default();
+        assert_eq!(Command::parse(command.name(), &args).expect("a command's own arguments parse"), command);
         match command {
-            "migrate" | "colo-start" => {
-                let uri: MigrationUri = args
-                    .get("uri")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| ApiError::invalid("needs uri"))?
-                    .parse()
-                    .map_err(ApiError::invalid)?;
+            Command::Migrate { uri, .. } | Command::ColoStart { uri, .. } => {
                 assert_eq!(uri.to_string().parse::<MigrationUri>().unwrap(), uri);
                 Ok(json!({}))
             }
-            "set-parameters" => {
+            Command::SetParameters(update) => {
                 let before = self.colo.params();
-                match self.colo.set_params(args) {
+                match self.colo.set_params(&update) {
                     Ok(p) => {
                         p.validate().expect("accepted parameters are valid");
                         assert_eq!(self.colo.params(), p);
@@ -46,11 +45,11 @@ impl Handler for Parser {
                     }
                     Err(e) => {
                         assert_eq!(self.colo.params(), before, "a refused change changed something");
-                        Err(ApiError::invalid(e))
+                        Err(ApiError::invalid(e.to_string()))
                     }
                 }
             }
-            other => Err(ApiError::not_found(other)),
+            other => Err(ApiError::generic(format!("{} needs a VM", other.name()))),
         }
     }
 }
@@ -79,8 +78,9 @@ fuzz_target!(|input: Input| {
     // `colo-vmm ctl` words, then as a set-parameters request.
     if let Ok(args) = parse_arguments(&input.words) {
         assert!(input.words.iter().all(|w| w.split_once('=').is_some_and(|(k, _)| args.contains_key(k))));
-        let _ = parser.handle("set-parameters", &args);
-        let _ = parser.handle("colo-start", &args);
+        for command in ["set-parameters", "colo-start"] {
+            let _ = Command::parse(command, &args).and_then(|c| parser.handle(c));
+        }
     } else {
         assert!(input.words.iter().any(|w| w.split_once('=').is_none_or(|(k, _)| k.is_empty())));
     }

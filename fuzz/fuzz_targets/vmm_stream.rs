@@ -1,48 +1,72 @@
 //! colo-vmm's state stream (snapshot files, migrations, checkpoints), as the secondary and the
 //! destination read it: records with valid checksums built from fuzz input, optionally damaged
 //! or cut, read back and handed to what consumes them — pages to the RAM cache and to guest
-//! memory, state records to the sections decoder and the device state, control records to the
+//! memory, disk blocks to a stage, state records to their decoder, control records to the
 //! migration and checkpoint message parsers.
 //!
 //! Invariants:
 //! - nothing panics or allocates beyond one record's bound;
 //! - an undamaged, complete stream reads back exactly as written, and its end record verifies;
-//! - a damaged byte or a cut is always detected (never read as a complete stream);
+//! - a damaged byte or a cut is always detected (never read as a complete stream), but for a
+//!   minor version in the header turned into an older one, which reads the same;
 //! - the RAM cache stores a page exactly when it lies inside guest memory, page-aligned;
+//! - a stage takes a blocks record exactly when every block lies inside the disk;
+//! - state records that decode re-encode to the same bytes;
 //! - control messages that parse survive their own encoding.
 
 #![no_main]
 
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use arbitrary::Arbitrary;
 use colo_vmm::colo::cache::RamCache;
 use colo_vmm::colo::message::Control as ColoControl;
+use colo_vmm::devices::block::overlay::Overlay;
 use colo_vmm::migration::protocol::Control as MigrationControl;
 use colo_vmm::persist::message;
 use colo_vmm::persist::snapshot;
-use colo_vmm::persist::stream::{pages, Kind, Record, StreamReader, StreamWriter, PAGE_SIZE};
+use colo_vmm::persist::state::{MachineState, StateRecord, VcpuState};
+use colo_vmm::persist::stream::{blocks, pages, Kind, Record, StreamReader, StreamWriter, PAGE_SIZE};
 use colo_vmm::vstate::memory::GuestRam;
 use libfuzzer_sys::fuzz_target;
 
 /// Guest memory of the fuzzed VM: 16 pages.
 const MEM: u64 = 16 * PAGE_SIZE as u64;
 
+/// Blocks of the fuzzed VM's disk.
+const DISK_BLOCKS: u64 = 16;
+
 fn ram() -> &'static GuestRam {
     static RAM: OnceLock<GuestRam> = OnceLock::new();
     RAM.get_or_init(|| GuestRam::new(MEM).expect("a memfd for guest RAM"))
+}
+
+/// The stage a destination keeps the disk's blocks in until the stream is complete (emptied
+/// for each input).
+fn stage() -> &'static Mutex<Overlay> {
+    static STAGE: OnceLock<Mutex<Overlay>> = OnceLock::new();
+    STAGE.get_or_init(|| Mutex::new(Overlay::new(&std::env::temp_dir(), DISK_BLOCKS).expect("an overlay file")))
 }
 
 #[derive(Debug, Arbitrary)]
 enum Rec {
     /// Pages at these addresses (a page number inside or just outside memory, or any address).
     Pages(Vec<(Result<u8, u64>, u8)>),
-    /// A state record: a snapshot's machine description, sections, or raw bytes.
+    /// Disk blocks (a block number inside or just outside the disk, or any number).
+    Blocks(Vec<(Result<u8, u64>, u8)>),
+    /// A state record: a snapshot's machine description, a paused machine, or any bytes.
     Meta {
         mem_size: Result<u8, u64>,
         vcpus: u32,
+        disk: Option<(u64, bool)>,
     },
-    State(Vec<(String, Vec<u8>)>),
+    Paused {
+        vcpus: u8,
+        rip: u64,
+        page_digests: Option<Vec<u64>>,
+        block_digests: Option<Vec<u64>>,
+    },
+    State(Vec<u8>),
     /// A control message as JSON text, or a well-formed one.
     ControlText(String),
     Colo(u8, u64),
@@ -61,6 +85,13 @@ struct Input {
 fn gpa(a: &Result<u8, u64>) -> u64 {
     match a {
         Ok(page) => u64::from(*page % 20) * PAGE_SIZE as u64,
+        Err(any) => *any,
+    }
+}
+
+fn block(b: &Result<u8, u64>) -> u64 {
+    match b {
+        Ok(n) => u64::from(*n % 20),
         Err(any) => *any,
     }
 }
@@ -96,22 +127,44 @@ fuzz_target!(|input: Input| {
                 bufs.iter().for_each(|(_, d)| payload.extend_from_slice(d));
                 written.push(Record { kind: Kind::Pages, payload });
             }
-            Rec::Meta { mem_size, vcpus } => {
-                let meta = snapshot::Meta { mem_size: gpa(mem_size), vcpus: *vcpus, tsc_khz: 1, writer: "fuzz".into() };
-                let mut s = colo_vmm::persist::sections::Sections::new();
-                s.put_json("meta", &meta);
-                let payload = s.encode();
+            Rec::Blocks(list) => {
+                let bufs: Vec<(u64, Vec<u8>)> = list.iter().take(8).map(|(b, f)| (block(b), page(*f))).collect();
+                if bufs.is_empty() {
+                    continue;
+                }
+                w.blocks(bufs.iter().map(|(b, d)| (*b, &d[..]))).unwrap();
+                let mut payload = (bufs.len() as u32).to_le_bytes().to_vec();
+                bufs.iter().for_each(|(b, _)| payload.extend_from_slice(&b.to_le_bytes()));
+                bufs.iter().for_each(|(_, d)| payload.extend_from_slice(d));
+                written.push(Record { kind: Kind::Blocks, payload });
+            }
+            Rec::Meta { mem_size, vcpus, disk } => {
+                let disk = disk.map(|(bytes, readonly)| snapshot::DiskMeta { bytes, readonly });
+                let meta =
+                    snapshot::Meta { mem_size: gpa(mem_size), vcpus: *vcpus, tsc_khz: 1, writer: "fuzz".into(), disk };
+                let payload = StateRecord::Machine(meta).encode();
                 w.record(Kind::State, &payload).unwrap();
                 written.push(Record { kind: Kind::State, payload });
             }
-            Rec::State(list) => {
-                let mut s = colo_vmm::persist::sections::Sections::new();
-                for (name, data) in list.iter().take(8) {
-                    s.put_bytes(name, data.clone());
+            Rec::Paused { vcpus, rip, page_digests, block_digests } => {
+                let mut state = MachineState::default();
+                for i in 0..usize::from(vcpus % 4) {
+                    let mut v = VcpuState::default();
+                    v.regs.rip = rip.wrapping_add(i as u64);
+                    state.vcpus.push(v);
                 }
-                let payload = s.encode();
+                let rec = StateRecord::Paused {
+                    state: Box::new(state),
+                    page_digests: page_digests.clone(),
+                    block_digests: block_digests.clone(),
+                };
+                let payload = rec.encode();
                 w.record(Kind::State, &payload).unwrap();
                 written.push(Record { kind: Kind::State, payload });
+            }
+            Rec::State(bytes) => {
+                w.record(Kind::State, bytes).unwrap();
+                written.push(Record { kind: Kind::State, payload: bytes.clone() });
             }
             Rec::ControlText(text) => {
                 w.record(Kind::Control, text.as_bytes()).unwrap();
@@ -121,7 +174,12 @@ fuzz_target!(|input: Input| {
                 let msg = match which % 5 {
                     0 => ColoControl::CheckpointRequest { seq: *seq, passive: seq % 2 == 0, trigger: "fuzz".into() },
                     1 => ColoControl::VmstateSend { seq: *seq },
-                    2 => ColoControl::VmstateSize { seq: *seq, pages: seq >> 3, rx_marks: vec![Some(*seq), None] },
+                    2 => ColoControl::VmstateSize {
+                        seq: *seq,
+                        pages: seq >> 3,
+                        blocks: seq >> 5,
+                        rx_marks: vec![Some(*seq), None],
+                    },
                     3 => ColoControl::HeartbeatParameters { interval_ms: *seq, timeout_ms: seq.wrapping_mul(3) },
                     _ => ColoControl::Heartbeat,
                 };
@@ -146,7 +204,12 @@ fuzz_target!(|input: Input| {
         if !bytes.is_empty() {
             let at = usize::from(at) % bytes.len();
             bytes[at] ^= xor;
-            damaged = true;
+            // The header has no checksum: an older minor version of the same major reads the
+            // same (see the stream's compatibility rule); anything else is damage.
+            let older_minor = (10..12).contains(&at)
+                && bytes.len() >= 12
+                && u16::from_le_bytes([bytes[10], bytes[11]]) < colo_vmm::persist::stream::VERSION.minor;
+            damaged = !older_minor;
         }
     }
     if let Some(cut) = input.cut {
@@ -180,6 +243,8 @@ fuzz_target!(|input: Input| {
     // Hand the records to their consumers.
     let mem = ram().memory();
     let mut cache = RamCache::copy_of(mem, MEM).unwrap();
+    let mut stage = stage().lock().unwrap();
+    stage.clear().unwrap();
     for rec in &read {
         match rec.kind {
             Kind::Pages => {
@@ -193,10 +258,21 @@ fuzz_target!(|input: Input| {
                 }
                 let _ = snapshot::load_pages(&rec.payload, mem, MEM);
             }
+            Kind::Blocks => {
+                let inside = blocks(&rec.payload).all(|(b, _)| b < DISK_BLOCKS);
+                let before = stage.len();
+                let taken = snapshot::stage_blocks(&rec.payload, Some(&mut stage));
+                assert_eq!(taken.is_ok(), inside, "blocks record judged wrongly");
+                if !inside {
+                    assert_eq!(stage.len(), before, "a refused record changed the stage");
+                }
+                assert!(snapshot::stage_blocks(&rec.payload, None).is_err(), "blocks for a VM without a disk");
+            }
             Kind::State => {
-                if let Ok(s) = colo_vmm::persist::sections::Sections::decode(&rec.payload) {
-                    assert_eq!(colo_vmm::persist::sections::Sections::decode(&s.encode()).unwrap(), s);
-                    let _ = s.json::<snapshot::Meta>("meta");
+                if let Ok(s) = StateRecord::decode(&rec.payload) {
+                    let bytes = s.encode();
+                    assert_eq!(StateRecord::decode(&bytes).unwrap().encode(), bytes, "a state record re-encodes");
+                    let _ = s.into_parts();
                 }
             }
             Kind::Control => {
@@ -218,7 +294,7 @@ fuzz_target!(|input: Input| {
     // The same bytes as a snapshot file.
     if let Ok(mut r) = StreamReader::new(&bytes[..]) {
         if snapshot::read_meta(&mut r).is_ok() {
-            let _ = snapshot::read_rest(&mut r, mem, MEM);
+            let _ = snapshot::read_rest(&mut r, mem, MEM, Some(&mut stage));
         }
     }
 });

@@ -44,6 +44,8 @@ pub struct OnHost {
     pub vmm: Option<Proc>,
     /// The backend's control socket (the VMM's `--compare-socket`).
     pub control: PathBuf,
+    /// The control sockets of the further NICs' backends.
+    pub more_controls: Vec<PathBuf>,
     /// The VMM's API socket.
     pub api: PathBuf,
     /// The guest console.
@@ -68,6 +70,61 @@ pub struct ColoHosts {
     pub backend: HostBackend,
     /// Logs of the processes fenced so far (see [`ColoHosts::take_fenced_logs`]).
     fenced_logs: String,
+    /// NICs of the VM.
+    pub nics: usize,
+    /// The arbiter: etcd in a witness namespace on the replication network, if any.
+    pub arbiter: Option<Witness>,
+}
+
+/// etcd on the witness host.
+pub struct Witness {
+    /// Its process (None while stopped).
+    pub etcd: Option<Proc>,
+    /// Its namespace.
+    pub ns: crate::netns::Netns,
+    /// Its data directory.
+    pub data: PathBuf,
+}
+
+/// The MAC address of the VM's NIC `k` (k ≥ 1; the first is [`GUEST_MAC`]).
+fn extra_mac(k: usize) -> String {
+    format!("52:54:00:12:35:{:02x}", k)
+}
+
+/// The protected VM's name in the arbiter.
+pub const VM_NAME: &str = "testvm";
+
+/// How a pair across hosts is set up.
+#[derive(Debug, Clone)]
+pub struct HostsOptions {
+    /// The backend on every host.
+    pub backend: HostBackend,
+    /// Hosts (at least 2): a boots the guest, b waits for COLO, the rest are standbys.
+    pub hosts: usize,
+    /// The guest's command line (its `ip=` is added).
+    pub cmdline: String,
+    /// Every link authenticated with one key.
+    pub keyed: bool,
+    /// An etcd arbiter on a witness host; hosts beyond b register as standbys.
+    pub arbiter: bool,
+    /// NICs of the VM (vhost-net-compare only): one backend and frame link each. The
+    /// reference guest uses the first; the others' backends still take part in every role
+    /// change, checkpoint mark and resync.
+    pub nics: usize,
+}
+
+impl HostsOptions {
+    /// `hosts` hosts with vhost-net-compare, keyed links, no arbiter.
+    pub fn new(hosts: usize, cmdline: &str) -> HostsOptions {
+        HostsOptions {
+            backend: HostBackend::VhostNetCompare,
+            hosts,
+            cmdline: cmdline.into(),
+            keyed: true,
+            arbiter: false,
+            nics: 1,
+        }
+    }
 }
 
 impl ColoHosts {
@@ -75,26 +132,148 @@ impl ColoHosts {
     /// `cmdline` (its `ip=` is added), the others wait for COLO. `keyed`: every link
     /// authenticated with one key.
     pub fn start(backend: HostBackend, hosts: usize, cmdline: &str, keyed: bool) -> ColoHosts {
+        Self::start_with(HostsOptions { backend, hosts, cmdline: cmdline.into(), keyed, arbiter: false, nics: 1 })
+    }
+
+    /// Starts as `o` says.
+    pub fn start_with(o: HostsOptions) -> ColoHosts {
         let dir = TempDir::new("hosts");
-        let key = keyed.then(|| {
+        let key = o.keyed.then(|| {
             let path = dir.path("link.key");
             write_key(&path, &[0x5a; 32]);
             path
         });
-        let lan = Lan::new(hosts);
-        let mut net = ColoHosts { on: Vec::new(), lan, dir, key, backend, fenced_logs: String::new() };
-        for i in 0..hosts {
+        let lan = Lan::new(o.hosts);
+        let arbiter = o.arbiter.then(|| {
+            let ns = lan.add_witness();
+            Witness { etcd: None, ns, data: dir.path("etcd") }
+        });
+        assert!(
+            o.nics >= 1 && (o.nics == 1 || o.backend == HostBackend::VhostNetCompare),
+            "extra NICs need vhost-net-compare"
+        );
+        let mut net = ColoHosts {
+            on: Vec::new(),
+            lan,
+            dir,
+            key,
+            backend: o.backend,
+            arbiter,
+            nics: o.nics,
+            fenced_logs: String::new(),
+        };
+        if net.arbiter.is_some() {
+            net.start_etcd();
+        }
+        for i in 0..o.hosts {
             let on = net.start_backends(i);
             net.on.push(on);
         }
-        let full = format!("ip={GUEST_IP}/24 gw={CLIENT_IP} {cmdline}");
+        let full = format!("ip={GUEST_IP}/24 gw={CLIENT_IP} {}", o.cmdline);
         net.on[0].vmm = Some(net.launch_vmm(0, &["--cmdline", &full]));
         net.wait_serial(0, "colo-guest: ready", Duration::from_secs(30));
-        for i in 1..hosts {
-            let incoming = net.uri(i);
-            net.on[i].vmm = Some(net.launch_vmm(i, &["--incoming", &incoming]));
+        for i in 1..o.hosts {
+            net.on[i].vmm = Some(net.launch_incoming(i, i >= 2));
         }
         net
+    }
+
+    /// Starts (or restarts) etcd on the witness.
+    pub fn start_etcd(&mut self) {
+        let w = self.arbiter.as_mut().expect("an arbiter");
+        let url = format!("http://{}:2379", crate::hosts::WITNESS_IP);
+        let data = w.data.display().to_string();
+        let args = [
+            "--name",
+            "witness",
+            "--data-dir",
+            &data,
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls",
+            "http://127.0.0.1:2380",
+            "--initial-cluster",
+            "witness=http://127.0.0.1:2380",
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "250",
+        ];
+        let mut p = w.ns.spawn("etcd", "etcd", &args);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !p.stderr().contains("ready to serve client requests") {
+            assert!(p.is_running() && Instant::now() < deadline, "etcd did not start:\n{}", p.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        w.etcd = Some(p);
+    }
+
+    /// Stops etcd (the arbiter becomes unreachable).
+    pub fn stop_etcd(&mut self) {
+        if let Some(mut p) = self.arbiter.as_mut().and_then(|w| w.etcd.take()) {
+            p.signal(libc::SIGKILL);
+            p.wait_timeout(Duration::from_secs(5));
+        }
+    }
+
+    /// The arbiter's options for colo-vmm on host `i`.
+    fn arbiter_args(&self, i: usize) -> Vec<String> {
+        if self.arbiter.is_none() {
+            return vec![];
+        }
+        let url = format!("etcd=http://{}:2379", crate::hosts::WITNESS_IP);
+        let name = format!("host-{}", self.host(i).name);
+        vec!["--arbiter".into(), url, "--vm-name".into(), VM_NAME.into(), "--replica-name".into(), name]
+    }
+
+    /// Starts host `i`'s colo-vmm waiting for COLO (`--incoming`), as a registered standby if
+    /// `standby` (with an arbiter).
+    pub fn launch_incoming(&self, i: usize, standby: bool) -> Proc {
+        let incoming = self.uri(i);
+        let mut args = vec!["--incoming", &incoming];
+        if standby && self.arbiter.is_some() {
+            args.extend(["--standby-for", VM_NAME]);
+        }
+        self.launch_vmm(i, &args)
+    }
+
+    /// Host `i` comes back after a death (its links up, fresh processes): its backend and a
+    /// colo-vmm waiting for COLO, registered as a standby if `standby` (with an arbiter).
+    /// Whatever still runs there (a frozen host's processes) is fenced first.
+    pub fn restart_host(&mut self, i: usize, standby: bool) {
+        self.fence_host(i);
+        for link in ["eth0", "rep0"] {
+            let _ = self.lan.host(i).ns.try_exec(&["ip", "link", "set", "dev", link, "up"]);
+        }
+        if self.backend == HostBackend::VhostNetCompare {
+            for k in 0..self.nics {
+                let _ = self.lan.host(i).ns.try_exec(&["ip", "link", "delete", &format!("vm{k}")]);
+            }
+        }
+        let mut files = vec!["vu.sock".to_string(), "ctl.sock".into(), "api.sock".into()];
+        files.extend((1..self.nics).flat_map(|k| [format!("vu{k}.sock"), format!("ctl{k}.sock")]));
+        for f in files {
+            let _ = std::fs::remove_file(self.path(i, &f));
+        }
+        self.on[i] = self.start_backends(i);
+        let vmm = self.launch_incoming(i, standby);
+        self.on[i].vmm = Some(vmm);
+    }
+
+    /// Host `i`'s colo-vmm starts again (its service manager's restart after it exited),
+    /// waiting for COLO, a registered standby if `standby`; its backend is the one running.
+    pub fn restart_vmm(&mut self, i: usize, standby: bool) {
+        if let Some(mut old) = self.on[i].vmm.take() {
+            old.signal(libc::SIGKILL);
+            old.wait_timeout(Duration::from_secs(5));
+        }
+        let _ = std::fs::remove_file(self.path(i, "api.sock"));
+        let vmm = self.launch_incoming(i, standby);
+        self.on[i].vmm = Some(vmm);
     }
 
     fn host(&self, i: usize) -> &Host {
@@ -123,10 +302,7 @@ impl ColoHosts {
         let mut backends = vec![];
         match self.backend {
             HostBackend::VhostNetCompare => {
-                // A restarted host finds the VM's tap still there (taps are persistent).
-                if !host.ns.try_exec(&["ip", "link", "show", "dev", "vm0"]).0 {
-                    host.add_vm_tap("vm0");
-                }
+                host.add_vm_tap("vm0");
                 let mut args = vec![
                     "--vm-socket".to_string(),
                     s(&vu),
@@ -172,9 +348,30 @@ impl ColoHosts {
             "host {}: the control socket did not appear",
             host.name
         );
+        let mut more_controls = vec![];
+        for k in 1..self.nics {
+            let (vu, control) = (self.path(i, &format!("vu{k}.sock")), self.path(i, &format!("ctl{k}.sock")));
+            let tap = format!("vm{k}");
+            host.add_vm_tap(&tap);
+            let listen = format!("{}:{}", host.repl_ip, FRAME_PORT + k as u16);
+            let (nic, mac) = (format!("net{k}"), extra_mac(k));
+            let mut args: Vec<String> =
+                ["--vm-socket", &s(&vu), "--tap", &tap, "--mac", &mac, "--nic", &nic].map(String::from).to_vec();
+            args.extend(["--control-socket".into(), s(&control), "--peer-listen".into(), listen]);
+            args.extend(self.key_args());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            backends.push(host.spawn(&format!("vhost-net-compare-{nic}"), &bin("vhost-net-compare"), &args));
+            assert!(
+                wait_for_path(&control, Duration::from_secs(10)),
+                "host {}: {nic}'s backend did not start",
+                host.name
+            );
+            more_controls.push(control);
+        }
         OnHost {
             backends,
             vmm: None,
+            more_controls,
             control,
             api: self.path(i, "api.sock"),
             serial: self.path(i, "serial.log"),
@@ -192,7 +389,13 @@ impl ColoHosts {
         all.extend(["--net".into(), net, "--api".into(), on.api.display().to_string()]);
         all.extend(["--serial".into(), format!("file:{}", on.serial.display())]);
         all.extend(["--compare-socket".into(), on.control.display().to_string()]);
+        for (k, control) in on.more_controls.iter().enumerate().map(|(k, c)| (k + 1, c)) {
+            let vu = self.path(i, &format!("vu{k}.sock"));
+            all.extend(["--net".into(), format!("vhost-user={},mac={}", vu.display(), extra_mac(k))]);
+            all.extend(["--compare-socket".into(), control.display().to_string()]);
+        }
         all.extend(self.key_args());
+        all.extend(self.arbiter_args(i));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let _ = std::fs::remove_file(&on.api);
         let mut p = host.spawn("colo-vmm", &bin("colo-vmm"), &all);
@@ -214,6 +417,11 @@ impl ColoHosts {
             std::thread::sleep(Duration::from_millis(20));
         }
         p
+    }
+
+    /// Host `i`'s colo-vmm log so far.
+    pub fn log(&self, i: usize) -> String {
+        self.on[i].vmm.as_ref().map(|p| p.stderr()).unwrap_or_default()
     }
 
     /// Every process's log, for failure messages.
@@ -323,30 +531,16 @@ impl ColoHosts {
         std::mem::take(&mut self.fenced_logs)
     }
 
-    /// Brings host `i` back as a new secondary: whatever still runs there is fenced, its links
-    /// come up, its backends start afresh and its colo-vmm waits with `--incoming` (as at the
-    /// start). [`ColoHosts::start_colo`] from the survivor then protects the VM again.
-    pub fn restart_host(&mut self, i: usize) {
-        self.fence_host(i);
-        self.lan.host(i).restore_links();
-        // Sockets of the killed processes: the waits below must see the new ones.
-        for what in ["vu.sock", "ctl.sock", "api.sock"] {
-            let _ = std::fs::remove_file(self.path(i, what));
-        }
-        let on = self.start_backends(i);
-        self.on[i] = on;
-        let incoming = self.uri(i);
-        self.on[i].vmm = Some(self.launch_vmm(i, &["--incoming", &incoming]));
-    }
-
     /// Every process of host `i` with what it is (`colo-vmm`, or the backend's program name).
     pub fn processes(&self, i: usize) -> Vec<(&'static str, &Proc)> {
         let on = &self.on[i];
-        let backends: &[&'static str] = match self.backend {
+        let first: &[&'static str] = match self.backend {
             HostBackend::VhostNetCompare => &["vhost-net-compare"],
             HostBackend::ColoProxy => &["vhost-net-compare", "colo-proxy"],
         };
-        let mut all: Vec<(&'static str, &Proc)> = backends.iter().copied().zip(on.backends.iter()).collect();
+        // The backends of further NICs are vhost-net-compare too.
+        let names = first.iter().copied().chain(std::iter::repeat("vhost-net-compare"));
+        let mut all: Vec<(&'static str, &Proc)> = names.zip(on.backends.iter()).collect();
         all.extend(on.vmm.iter().map(|p| ("colo-vmm", p)));
         all
     }
@@ -361,8 +555,14 @@ impl ColoHosts {
 
     /// The `hello` of host `i`'s backend (its role and mode).
     pub fn backend_hello(&self, i: usize) -> Value {
+        self.nic_hello(i, 0)
+    }
+
+    /// The `hello` of the backend of NIC `k` on host `i`.
+    pub fn nic_hello(&self, i: usize, k: usize) -> Value {
         use std::io::{BufRead, BufReader};
-        let s = std::os::unix::net::UnixStream::connect(&self.on[i].control).expect("backend control socket");
+        let control = if k == 0 { &self.on[i].control } else { &self.on[i].more_controls[k - 1] };
+        let s = std::os::unix::net::UnixStream::connect(control).expect("backend control socket");
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).expect("hello");
@@ -414,6 +614,7 @@ impl ColoHosts {
 
 impl Drop for ColoHosts {
     fn drop(&mut self) {
+        self.stop_etcd();
         for on in &mut self.on {
             for p in on.vmm.take().into_iter().chain(on.backends.drain(..)) {
                 // A stopped process ignores SIGTERM until continued.

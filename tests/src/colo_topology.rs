@@ -80,6 +80,24 @@ impl ColoNet {
     /// added) and waits until it is ready, and starts the secondary waiting for COLO.
     /// `env` is set for both VMMs.
     pub fn start(backend: Backend, cmdline: &str, env: &[(&str, &str)]) -> ColoNet {
+        Self::start_with(backend, cmdline, env, &[])
+    }
+
+    /// As [`ColoNet::start`], with more `colo-vmm run` arguments for the primary (such as
+    /// `--cpus 4`; the secondary takes what it needs from the primary's state).
+    pub fn start_with(backend: Backend, cmdline: &str, env: &[(&str, &str)], primary_args: &[&str]) -> ColoNet {
+        Self::start_sides(backend, cmdline, env, primary_args, &[])
+    }
+
+    /// As [`ColoNet::start`], with more `colo-vmm run` arguments for each side (such as each
+    /// one's `--disk`).
+    pub fn start_sides(
+        backend: Backend,
+        cmdline: &str,
+        env: &[(&str, &str)],
+        primary_args: &[&str],
+        secondary_args: &[&str],
+    ) -> ColoNet {
         let dir = TempDir::new("colo");
         let client = Netns::new("cc");
         let control = dir.path("compare-ctl.sock");
@@ -126,10 +144,14 @@ impl ColoNet {
         let mut net =
             ColoNet { primary: None, secondary: None, backends, client, proxy_ns, dir, control, capture, uri, backend };
         let full = format!("ip={GUEST_IP}/24 gw=10.0.0.1 {cmdline}");
-        net.primary = Some(net.launch(Side::Primary, &["--cmdline", &full], env));
+        let mut args = vec!["--cmdline", &full];
+        args.extend_from_slice(primary_args);
+        net.primary = Some(net.launch(Side::Primary, &args, env));
         net.wait_serial(Side::Primary, "colo-guest: ready", Duration::from_secs(20));
         let incoming = net.uri.clone();
-        net.secondary = Some(net.launch(Side::Secondary, &["--incoming", &incoming], env));
+        let mut args = vec!["--incoming", &incoming];
+        args.extend_from_slice(secondary_args);
+        net.secondary = Some(net.launch(Side::Secondary, &args, env));
         net
     }
 
@@ -390,6 +412,11 @@ impl CounterClient {
         let mut line = crate::vm_topology::LineClient::new(stream);
         let last = line.ask("get").expect("counter get").parse().expect("a number");
         CounterClient { line, last, count: 0 }
+    }
+
+    /// How long one reply may take (a failover that waits for an arbiter takes seconds).
+    pub fn set_timeout(&self, t: Duration) {
+        self.line.set_timeout(t);
     }
 
     /// One increment; checks it follows the last value.

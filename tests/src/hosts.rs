@@ -22,6 +22,8 @@ use crate::Proc;
 
 /// The client's address on the LAN.
 pub const CLIENT_IP: &str = "10.0.0.1";
+/// The witness's address on the replication network.
+pub const WITNESS_IP: &str = "10.99.0.250";
 
 /// Whether this machine can build the topology, else why not.
 pub fn prerequisites() -> Result<(), String> {
@@ -84,13 +86,6 @@ impl Host {
             let _ = self.ns.try_exec(&["ip", "link", "set", "dev", link, "down"]);
         }
     }
-
-    /// Brings the host's links up again (its power is back).
-    pub fn restore_links(&self) {
-        for link in ["eth0", "rep0"] {
-            self.ns.exec(&["ip", "link", "set", "dev", link, "up"]);
-        }
-    }
 }
 
 /// The hosts, the client and the two switches.
@@ -142,6 +137,34 @@ impl Lan {
     /// Host `i`.
     pub fn host(&self, i: usize) -> &Host {
         &self.hosts[i]
+    }
+
+    /// A witness host on the replication network at [`WITNESS_IP`] (where the arbiter runs):
+    /// reachable from every host, and from none once its replication link is cut.
+    pub fn add_witness(&self) -> Netns {
+        let ns = Netns::new("wt");
+        veth("rep0", &ns, "rw", &self.repl);
+        self.repl.exec(&["ip", "link", "set", "rw", "master", "br0"]);
+        ns.exec(&["ip", "addr", "add", &format!("{WITNESS_IP}/24"), "dev", "rep0"]);
+        ns
+    }
+
+    /// Cuts the replication network between hosts `a` and `b` only (each still reaches the
+    /// others and the witness): nftables rules in `a` drop everything to and from `b`.
+    pub fn partition(&self, a: usize, b: usize) {
+        let (ha, peer) = (&self.hosts[a].ns, &self.hosts[b].repl_ip);
+        ha.exec(&["nft", "add", "table", "inet", "colo_partition"]);
+        for chain in ["input", "output"] {
+            let hook = format!("{{ type filter hook {chain} priority 0 ; }}");
+            ha.exec(&["nft", "add", "chain", "inet", "colo_partition", chain, &hook]);
+        }
+        ha.exec(&["nft", "add", "rule", "inet", "colo_partition", "input", "ip", "saddr", peer, "drop"]);
+        ha.exec(&["nft", "add", "rule", "inet", "colo_partition", "output", "ip", "daddr", peer, "drop"]);
+    }
+
+    /// Heals what [`Lan::partition`] cut in host `a`.
+    pub fn heal(&self, a: usize) {
+        let _ = self.hosts[a].ns.try_exec(&["nft", "delete", "table", "inet", "colo_partition"]);
     }
 
     /// Starts a capture of what host `i` sends onto the LAN (its switch port, inbound

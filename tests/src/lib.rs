@@ -4,14 +4,19 @@
 
 pub mod colo_hosts;
 pub mod colo_topology;
+pub mod counter_load;
 pub mod hosts;
+pub mod interrupt;
+pub mod kv;
 pub mod linux_guest;
 pub mod netns;
 pub mod pcapread;
+pub mod port_capture;
 pub mod qemu;
 pub mod qemu_vhost;
 pub mod qframe;
 pub mod soak;
+pub mod status_watch;
 pub mod topology;
 pub mod vm_topology;
 

@@ -166,6 +166,11 @@ impl VmNet {
         })
     }
 
+    /// The guest's `/stats` page (the `http` service) as key → value.
+    pub fn stats(&self) -> std::collections::BTreeMap<String, u64> {
+        guest_stats(self.connect(80))
+    }
+
     /// Whether the guest answers a ping within about a second.
     pub fn pings(&self) -> bool {
         self.client.try_exec(&["ping", "-c", "1", "-W", "1", GUEST_IP]).0
@@ -214,10 +219,43 @@ impl LineClient {
     }
 }
 
-/// CPU time (user + system) a process used so far, from /proc.
-pub fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start after the last ')'.
+/// Reads `GET /stats` over `conn` (a connection to the guest's port 80): key → value.
+pub fn guest_stats(mut conn: TcpStream) -> std::collections::BTreeMap<String, u64> {
+    use std::io::Read;
+    write!(conn, "GET /stats HTTP/1.1\r\nHost: guest\r\nConnection: close\r\n\r\n").expect("GET /stats");
+    let mut r = String::new();
+    conn.read_to_string(&mut r).expect("the /stats response");
+    let (_, body) = r.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no HTTP body in {r:?}"));
+    body.lines().filter_map(|l| l.split_once('=')).filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?))).collect()
+}
+
+/// Each vCPU's burner iterations from a `/stats` page (`cpuN_burn`), by index.
+pub fn burn_per_vcpu(stats: &std::collections::BTreeMap<String, u64>) -> Vec<u64> {
+    let cpus = stats.get("cpus").copied().unwrap_or(0);
+    (0..cpus).map(|i| stats.get(&format!("cpu{i}_burn")).copied().unwrap_or(0)).collect()
+}
+
+/// CPU time of each of a process's threads whose name starts with `prefix` (e.g. `vcpu`), by
+/// name, from /proc.
+pub fn thread_cpu_times(pid: u32, prefix: &str) -> std::collections::BTreeMap<String, Duration> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for t in tasks.flatten() {
+        let tid: u32 = match t.file_name().to_string_lossy().parse() {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm")).unwrap_or_default();
+        let comm = comm.trim();
+        if comm.starts_with(prefix) {
+            out.insert(comm.to_string(), task_cpu_time(&format!("/proc/{pid}/task/{tid}/stat")));
+        }
+    }
+    out
+}
+
+fn task_cpu_time(stat_path: &str) -> Duration {
+    let stat = std::fs::read_to_string(stat_path).unwrap_or_default();
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 =
@@ -225,4 +263,10 @@ pub fn cpu_time(pid: u32) -> Duration {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Duration::from_millis(ticks * 1000 / hz)
+}
+
+/// CPU time (user + system) a process used so far, from /proc.
+pub fn cpu_time(pid: u32) -> Duration {
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    task_cpu_time(&format!("/proc/{pid}/stat"))
 }

@@ -1,6 +1,6 @@
 //! QEMU 7.2's colo-compare and `colo-proxy compare` fed the same framed input over the same four
 //! Unix sockets must release the same frames on outdev and agree on whether a checkpoint is
-//! needed, except where spec/compare.md marks a deliberate difference (**Ours**); those cases are
+//! needed, except where docs/compare.md marks a deliberate difference (**Ours**); those cases are
 //! asserted for both implementations explicitly, so a change in either one shows. Differences
 //! these tests found that the spec does not mark yet are asserted the same way, in their own
 //! section (`undocumented_difference_*`).
@@ -491,7 +491,7 @@ fn held_frames_time_out_into_a_checkpoint_request() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Documented differences (spec/compare.md, **Ours**): both behaviours asserted.
+// Documented differences (docs/compare.md, **Ours**): both behaviours asserted.
 
 #[test]
 fn documented_difference_ipv6_is_compared_by_us_only() {
@@ -575,7 +575,7 @@ fn documented_difference_one_checkpoint_request_per_flush_interval() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Differences found by these tests that spec/compare.md does not mark **Ours** (yet). Both
+// Differences found by these tests that docs/compare.md does not mark **Ours** (yet). Both
 // behaviours are asserted so that a change on either side is noticed and the spec is settled.
 
 /// Spec "Flush": "others in arrival order". QEMU flushes connection by connection (in the order

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use colo_tests::colo_hosts::{prerequisites, ColoHosts, HostBackend};
+use colo_tests::colo_hosts::{prerequisites, ColoHosts, HostBackend, HostsOptions};
 use colo_tests::colo_topology::CounterClient;
+use colo_tests::counter_load::{gap_around, longest_gaps, CounterLoad};
 use colo_tests::hosts::read_capture;
 use colo_tests::vm_topology::GUEST_MAC;
 use serde_json::Value;
@@ -20,6 +21,17 @@ use serde_json::Value;
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A counter session on host a's VM (see [`CounterLoad`]).
+fn counter_load(net: &ColoHosts) -> CounterLoad {
+    let c = CounterClient::over(net.connect(9000));
+    CounterLoad::start(c)
+}
+
+/// Stops the session: its reply times and last value; fails on a lost or repeated value.
+fn finish(load: CounterLoad, net: &ColoHosts) -> (Vec<std::time::Instant>, u64) {
+    load.finish().unwrap_or_else(|e| panic!("{e}\n{}", net.logs()))
 }
 
 fn check(test: &str) -> bool {
@@ -93,50 +105,6 @@ fn colo_across_two_hosts_carries_counter_echo_and_http_with_only_periodic_checkp
     colo_with_periodic_checkpoints(HostBackend::VhostNetCompare, true);
 }
 
-/// A counter session incrementing every 10 ms on its own thread until stopped; every reply
-/// checked to be one more than the last (by [`CounterClient`]).
-struct CounterLoad {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<(Vec<Instant>, u64, Option<String>)>,
-}
-
-impl CounterLoad {
-    fn start(net: &ColoHosts) -> CounterLoad {
-        let mut c = CounterClient::over(net.connect(9000));
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut times = vec![];
-            while !s.load(Ordering::Relaxed) {
-                if let Err(e) = c.inc() {
-                    return (times, c.last, Some(e));
-                }
-                times.push(Instant::now());
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            (times, c.last, None)
-        });
-        CounterLoad { stop, thread }
-    }
-
-    /// Stops; the reply times and the last value. Fails the test on a lost or repeated value.
-    fn finish(self, net: &ColoHosts) -> (Vec<Instant>, u64) {
-        self.stop.store(true, Ordering::Relaxed);
-        let (times, last, err) = self.thread.join().expect("counter thread");
-        if let Some(e) = err {
-            panic!("counter session: {e}\n{}", net.logs());
-        }
-        (times, last)
-    }
-}
-
-/// The longest silence between two replies around `at`, and the replies after it.
-fn gap_around(times: &[Instant], at: Instant) -> (Duration, usize) {
-    let after = times.iter().filter(|t| **t > at).count();
-    let gap = times.windows(2).filter(|w| w[1] > at).map(|w| w[1] - w[0]).max().unwrap_or_default();
-    (gap, after)
-}
-
 fn vm_mac() -> [u8; 6] {
     colo_proxy::wire::ethernet::parse_mac(GUEST_MAC).unwrap()
 }
@@ -154,13 +122,13 @@ fn when_host_a_dies_the_counter_session_continues_on_host_b() {
     }
     let mut net = ColoHosts::start(HostBackend::VhostNetCompare, 2, "app=counter,echo", true);
     net.start_colo(0, 1);
-    let load = CounterLoad::start(&net);
+    let load = counter_load(&net);
     std::thread::sleep(Duration::from_secs(2));
     let killed = Instant::now();
     net.kill_host(0);
     let s = net.wait_status(1, "failed over", Duration::from_secs(10), |s| s["state"] == "failed-over");
     std::thread::sleep(Duration::from_secs(2));
-    let (times, last) = load.finish(&net);
+    let (times, last) = finish(load, &net);
     let (gap, after) = gap_around(&times, killed);
     eprintln!("host a killed: {after} increments on host b after it (last value {last}); longest client-visible gap {gap:?}; {s:#}");
     assert!(after >= 20, "the session went on on host b: {after} increments");
@@ -181,7 +149,7 @@ fn a_frozen_host_a_is_replaced_by_b_whose_announcement_moves_the_clients_and_a_n
     net.start_colo(0, 1);
     let (cap_a, cap_b) = (net.dir.path("port-a.pcap"), net.dir.path("port-b.pcap"));
     let mut tcpdump = [net.lan.capture_host(0, &cap_a), net.lan.capture_host(1, &cap_b)];
-    let load = CounterLoad::start(&net);
+    let load = counter_load(&net);
     std::thread::sleep(Duration::from_millis(1500));
     let frozen = Instant::now();
     net.signal_host(0, libc::SIGSTOP);
@@ -190,7 +158,7 @@ fn a_frozen_host_a_is_replaced_by_b_whose_announcement_moves_the_clients_and_a_n
     net.signal_host(0, libc::SIGCONT);
     let a = net.wait_status(0, "stepped down", Duration::from_secs(10), |s| s["state"] == "stopped");
     std::thread::sleep(Duration::from_secs(1));
-    let (times, last) = load.finish(&net);
+    let (times, last) = finish(load, &net);
     for t in &mut tcpdump {
         t.signal(libc::SIGINT);
         t.wait_timeout(Duration::from_secs(5));
@@ -222,13 +190,13 @@ fn when_host_b_dies_host_a_goes_on_alone() {
     }
     let mut net = ColoHosts::start(HostBackend::VhostNetCompare, 2, "app=counter,echo", true);
     net.start_colo(0, 1);
-    let load = CounterLoad::start(&net);
+    let load = counter_load(&net);
     std::thread::sleep(Duration::from_secs(2));
     let killed = Instant::now();
     net.kill_host(1);
     let p = net.wait_status(0, "failed over", Duration::from_secs(10), |s| s["state"] == "failed-over");
     std::thread::sleep(Duration::from_secs(2));
-    let (times, last) = load.finish(&net);
+    let (times, last) = finish(load, &net);
     let (gap, after) = gap_around(&times, killed);
     eprintln!("host b killed: {after} increments after (last {last}); longest gap {gap:?}");
     assert!(after >= 20, "the primary went on alone: {after} increments");
@@ -444,13 +412,13 @@ fn colo_proxy_as_the_backend_on_both_hosts_carries_colo_across_them_and_a_host_d
     }
     // Plain links here (no key), so that path is exercised end to end too.
     let mut net = colo_with_periodic_checkpoints(HostBackend::ColoProxy, false);
-    let load = CounterLoad::start(&net);
+    let load = counter_load(&net);
     std::thread::sleep(Duration::from_secs(1));
     let killed = Instant::now();
     net.kill_host(0);
     net.wait_status(1, "failed over", Duration::from_secs(10), |s| s["state"] == "failed-over");
     std::thread::sleep(Duration::from_secs(2));
-    let (times, _) = load.finish(&net);
+    let (times, _) = finish(load, &net);
     let (gap, after) = gap_around(&times, killed);
     eprintln!("colo-proxy backends: host a killed, {after} increments on host b after it, longest gap {gap:?}");
     assert!(after >= 20, "the session went on on host b: {after}");
@@ -525,4 +493,64 @@ fn across_two_hosts_inbound_frames_arriving_during_a_checkpoint_reach_both_vms()
         p["checkpoints"]
     );
     assert!(worst < Duration::from_millis(1500), "an echo waited {worst:?} (a checkpoint holds them about 0.4 s)");
+}
+
+#[test]
+fn colo_starts_across_hosts_under_traffic_with_a_short_pause_and_no_miscompare() {
+    let _g = serial();
+    if !check("colo_starts_across_hosts_under_traffic_with_a_short_pause_and_no_miscompare") {
+        return;
+    }
+    let net = ColoHosts::start(HostBackend::VhostNetCompare, 2, "app=counter,echo", true);
+    let load = counter_load(&net);
+    std::thread::sleep(Duration::from_millis(500));
+    // COLO starts in the middle of the counter's connection: the SVM may resend a reply whose
+    // ACK reached it later than the PVM, which must not hold the PVM's output until a timeout.
+    let started = Instant::now();
+    net.start_colo(0, 1);
+    std::thread::sleep(Duration::from_secs(3));
+    let s = net.status(0);
+    let (times, _) = finish(load, &net);
+    let (gap, after) = gap_around(&times, started);
+    eprintln!("COLO start under traffic: longest waits {}", longest_gaps(&times, started, 3));
+    assert!(after >= 50, "the session went on: {after}");
+    assert_eq!(n(&s["checkpoints"]["miscompare"]["timeout"]), 0, "no output held until a timeout: {s:#}");
+    // The pause of the start (reported above) is tens of ms; asserted loosely (loaded machines).
+    assert!(gap < Duration::from_secs(2), "the start paused the VM for {gap:?}");
+}
+
+#[test]
+fn with_two_nics_each_backend_has_its_own_frame_link_and_both_follow_the_failover() {
+    let _g = serial();
+    if !check("with_two_nics_each_backend_has_its_own_frame_link_and_both_follow_the_failover") {
+        return;
+    }
+    let opts = HostsOptions { nics: 2, ..HostsOptions::new(2, "app=counter,echo") };
+    let mut net = ColoHosts::start_with(opts);
+    net.set_params(0, &[("max-time", 500)]);
+    net.start_colo(0, 1);
+    for (host, role) in [(0, "primary"), (1, "secondary")] {
+        for nic in 0..2 {
+            assert_eq!(net.nic_hello(host, nic)["role"], role, "host {host} net{nic}");
+        }
+    }
+    // Each NIC's backends connected a frame link of their own.
+    let b = net.on[1].backends.iter().map(|p| p.stderr()).collect::<Vec<_>>().join("\n");
+    for nic in ["net0", "net1"] {
+        assert!(b.contains(&format!("frame link from the primary is up nic={nic}")), "{nic}:\n{b}");
+    }
+    // Checkpoints carry a mark per NIC and go on.
+    let load = counter_load(&net);
+    net.wait_status(0, "checkpoints", Duration::from_secs(10), |s| n(&s["checkpoints"]["total"]) >= 4);
+    let killed = Instant::now();
+    net.kill_host(0);
+    net.wait_status(1, "took over", Duration::from_secs(10), |s| s["state"] == "failed-over");
+    std::thread::sleep(Duration::from_secs(1));
+    let (times, _) = finish(load, &net);
+    let (gap, after) = gap_around(&times, killed);
+    eprintln!("two NICs: host a died; gap {gap:?}, {after} increments after");
+    assert!(after >= 20, "the session went on with host b: {after}");
+    for nic in 0..2 {
+        assert_eq!(net.nic_hello(1, nic)["role"], "alone", "host b net{nic} serves its VM");
+    }
 }

@@ -1,13 +1,14 @@
 //! colo-vmm with its reference guest on vhost-net-compare (passthrough) and a tap: the guest's
-//! services answer from a client namespace; `stop`/`cont` freeze and resume it with its state
-//! intact; an idle VM costs almost no CPU; SIGTERM disconnects from the backend in order.
+//! services answer from a client namespace, with one vCPU and with four; `stop`/`cont` freeze
+//! and resume it with its state intact; an idle VM costs almost no CPU, with any number of
+//! vCPUs; `burn` keeps every vCPU busy; SIGTERM disconnects from the backend in order.
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use colo_proxy::control::{ControlClient, Event, PeerState};
 use colo_tests::skip;
-use colo_tests::vm_topology::{cpu_time, prerequisites, LineClient, VmNet, GUEST_IP};
+use colo_tests::vm_topology::{burn_per_vcpu, cpu_time, prerequisites, thread_cpu_times, LineClient, VmNet, GUEST_IP};
 
 fn check(test: &str) -> bool {
     colo_tests::can_run(test, prerequisites())
@@ -18,8 +19,22 @@ fn guest_services_answer_through_the_passthrough_backend() {
     if !check("guest_services_answer_through_the_passthrough_backend") {
         return;
     }
-    let vm = VmNet::start("app=echo,http,counter,top top_ms=200");
+    services_answer(&VmNet::start("app=echo,http,counter,top top_ms=200"), 1);
+}
+
+#[test]
+fn guest_services_answer_with_four_vcpus() {
+    if !check("guest_services_answer_with_four_vcpus") {
+        return;
+    }
+    let vm = VmNet::start_with("app=echo,http,counter,top top_ms=200", &["--cpus", "4"]);
+    services_answer(&vm, 4);
+}
+
+/// Every service of a guest with `cpus` vCPUs answers correctly.
+fn services_answer(vm: &VmNet, cpus: u64) {
     let log = vm.serial_log();
+    assert!(log.contains(&format!("cpus={cpus}\n")), "{log}");
     assert!(log.contains("colo-guest: net up ip=10.0.0.2/24 mac=52:54:00:12:34:56"), "{log}");
     for svc in ["echo tcp/7", "echo udp/7", "http tcp/80", "counter tcp/9000", "top tcp/9100"] {
         assert!(log.contains(&format!("colo-guest: listening {svc}")), "missing {svc}:\n{log}");
@@ -60,6 +75,7 @@ fn guest_services_answer_through_the_passthrough_backend() {
     assert!(root.starts_with("HTTP/1.1 200"), "{root}");
     let stats = get("/stats");
     assert!(stats.starts_with("HTTP/1.1 200") && stats.contains("uptime"), "{stats}");
+    assert!(stats.contains(&format!("\ncpus={cpus}\n")), "{stats}");
     assert!(get("/nope").starts_with("HTTP/1.1 404"));
 
     // Counter: 1000 increments answered 1..=1000.
@@ -117,7 +133,26 @@ fn an_idle_vm_uses_almost_no_cpu() {
     if !check("an_idle_vm_uses_almost_no_cpu") {
         return;
     }
-    let vm = VmNet::start("app=echo,http,counter");
+    idle_vm_uses_almost_no_cpu(&VmNet::start("app=echo,http,counter"));
+}
+
+#[test]
+fn an_idle_vm_with_four_vcpus_uses_almost_no_cpu() {
+    if !check("an_idle_vm_with_four_vcpus_uses_almost_no_cpu") {
+        return;
+    }
+    let vm = VmNet::start_with("app=echo,http,counter,top", &["--cpus", "4"]);
+    // Some traffic first, so every task has run and set its deadlines.
+    let mut c = LineClient::new(vm.connect(9000));
+    for i in 1..=50 {
+        assert_eq!(c.ask("inc").unwrap(), i.to_string());
+    }
+    drop(c);
+    std::thread::sleep(Duration::from_millis(500));
+    idle_vm_uses_almost_no_cpu(&vm);
+}
+
+fn idle_vm_uses_almost_no_cpu(vm: &VmNet) {
     let pid = vm.vmm.as_ref().unwrap().pid();
     std::thread::sleep(Duration::from_millis(500));
     let before = cpu_time(pid);
@@ -128,6 +163,35 @@ fn an_idle_vm_uses_almost_no_cpu() {
     eprintln!("idle VMM used {used:?} of CPU in {:?} ({:.2}%)", t.elapsed(), share * 100.0);
     assert!(share < 0.05, "an idle VM used {:.1}% of a CPU", share * 100.0);
     assert!(vm.pings(), "and it still answers");
+}
+
+#[test]
+fn burn_keeps_every_vcpu_busy_and_the_services_answer() {
+    if !check("burn_keeps_every_vcpu_busy_and_the_services_answer") {
+        return;
+    }
+    let vm = VmNet::start_with("app=burn,counter,http", &["--cpus", "4"]);
+    let pid = vm.vmm.as_ref().unwrap().pid();
+    let before_cpu = thread_cpu_times(pid, "vcpu");
+    let before = burn_per_vcpu(&vm.stats());
+    let mut c = LineClient::new(vm.connect(9000));
+    for i in 1..=100 {
+        assert_eq!(c.ask("inc").unwrap(), i.to_string(), "the counter answers while every vCPU burns");
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let after = burn_per_vcpu(&vm.stats());
+    let after_cpu = thread_cpu_times(pid, "vcpu");
+    eprintln!("burn iterations per vCPU: {before:?} -> {after:?}; vCPU threads' CPU {before_cpu:?} -> {after_cpu:?}");
+    assert_eq!(after.len(), 4, "four vCPUs in /stats");
+    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+        assert!(a > b, "vCPU {i} burns: {b} -> {a}");
+    }
+    for i in 0..4 {
+        let name = format!("vcpu{i}");
+        let used =
+            after_cpu.get(&name).copied().unwrap_or_default() - before_cpu.get(&name).copied().unwrap_or_default();
+        assert!(used >= Duration::from_millis(100), "thread {name} ran the guest: {used:?} of CPU in 2 s");
+    }
 }
 
 #[test]

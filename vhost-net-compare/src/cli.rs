@@ -58,7 +58,7 @@ pub struct Options {
     /// Default: 02:00:00:c0:10:01 (locally administered).
     #[arg(long, value_name = "MAC")]
     pub mac: Option<MacAddr>,
-    /// Listen for controllers on this Unix socket (JSON lines, spec/control.md; mode 0600):
+    /// Listen for controllers on this Unix socket (JSON lines, docs/control.md; mode 0600):
     /// checkpoint, mode and query-stats commands; hello, miscompare and peer events.
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,

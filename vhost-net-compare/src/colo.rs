@@ -79,6 +79,8 @@ impl ColoState {
             tap_errors: 0,
             tap_error_log: RateLimit::default(),
         };
+        // The hub aligns the secondary's queue at each passive checkpoint (`Hub::execute`).
+        state.proxy.set_passive_mirror(true);
         // Nothing is held yet, so this only sets the mode.
         state.set_mode(mode);
         state

@@ -1,4 +1,4 @@
-//! The control thread: carries out controllers' commands (spec/control.md) and runs the compare
+//! The control thread: carries out controllers' commands (docs/control.md) and runs the compare
 //! engine's timers.
 //!
 //! The socket itself is served by colo-proxy's threaded [`ControlServer`]; requests arrive here

@@ -225,11 +225,19 @@ impl Hub {
         let _sync = lock(&self.rx_sync);
         let ports = lock(&self.ports).clone();
         let mut lost = 0u64;
+        // A paused SVM's copy in passive mode matters only to a failover (which would then
+        // wait for the client to send again): its queue filling up is no loss to report.
+        let passive = self.mode() == Mode::Passive;
         for (side, batch) in [Side::Primary, Side::Secondary].into_iter().zip(copies) {
             if batch.is_empty() {
                 continue;
             }
             match &ports[side.index()] {
+                Some(port) if passive && side == Side::Secondary => {
+                    batch.into_iter().for_each(|f| {
+                        port.queue_rx(f);
+                    });
+                }
                 Some(port) => {
                     let dropped = batch.into_iter().map(|f| port.queue_rx(f)).filter(|ok| !ok).count();
                     lost += dropped as u64;
@@ -268,6 +276,27 @@ impl Hub {
         if !matches!(self.mode(), Mode::Colo | Mode::Passive) {
             return;
         }
+        self.secondary_queue_from_primary(secondary);
+    }
+
+    /// In passive mode the SVM stays paused after loading each checkpoint (its rings do not
+    /// restart), so the same alignment happens at the checkpoint itself, while the PVM is
+    /// paused: the SVM's queue then holds exactly what a failover would resume it with — the
+    /// frames the PVM had not taken at the checkpoint, and (mirrored in passive mode too)
+    /// every frame since. The client needs no retransmission after such a failover.
+    fn passive_checkpoint(&self) {
+        if self.mode() != Mode::Passive {
+            return;
+        }
+        let Some(secondary) = lock(&self.ports)[Side::Secondary.index()].clone() else { return };
+        if secondary.rx_stopped() {
+            self.secondary_queue_from_primary(&secondary);
+        }
+    }
+
+    /// With the primary's RX stopped (it is paused for a checkpoint): the secondary's inbound
+    /// queue becomes a copy of the primary's.
+    fn secondary_queue_from_primary(&self, secondary: &Arc<Port>) {
         let _sync = lock(&self.rx_sync);
         let Some(primary) = lock(&self.ports)[Side::Primary.index()].clone() else { return };
         if !primary.rx_stopped() {
@@ -292,6 +321,7 @@ impl Hub {
             return;
         };
         let mut state = lock(colo);
+        let checkpoint = matches!(command, Command::Checkpoint { .. } | Command::Mode { mode: Mode::Passive, .. });
         let event = match command {
             Command::Checkpoint { id } => {
                 // Released frames are on the tap when this returns (written by the sink).
@@ -309,6 +339,11 @@ impl Hub {
             other => other.refused_by_pair(),
         };
         reply(event);
+        // Not under the COLO lock: queueing inbound frames takes the RX lock before it.
+        drop(state);
+        if checkpoint {
+            self.passive_checkpoint();
+        }
     }
 
     /// Commands in passthrough: nothing is ever held (a checkpoint flushes nothing), there is

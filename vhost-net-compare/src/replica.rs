@@ -352,7 +352,14 @@ impl ReplicaRouter {
         }
         let peer = conn.peer.clone();
         match self.replace_link(&mut inner, Some(conn), FrameLinkConfig::default()) {
-            Ok(()) => tracing::info!(nic = %self.nic, %peer, "frame link from the primary is up"),
+            Ok(()) => {
+                // The SVM may have run (and been refused credit) before the link existed: the
+                // new link's window is room it must hear of.
+                if let Some(p) = lock(&self.port).as_ref() {
+                    p.unblock_tx();
+                }
+                tracing::info!(nic = %self.nic, %peer, "frame link from the primary is up")
+            }
             Err(e) => tracing::error!(nic = %self.nic, %peer, error = %e, "frame link from the primary failed"),
         }
     }
@@ -385,6 +392,11 @@ impl ReplicaRouter {
         }
         inner.lease = lease;
         let change = self.run(&mut inner, |core, out| core.set_role(role, out));
+        // A VM blocked for credit from a peer that is gone (or for room in an engine that no
+        // longer holds anything) would wait for a grant that never comes: let it try again.
+        if let Some(p) = lock(&self.port).as_ref() {
+            p.unblock_tx();
+        }
         if let Some(conn) = conn {
             let config =
                 FrameLinkConfig { ping_interval: (lease / 5).max(Duration::from_millis(5)), ..Default::default() };

@@ -1,4 +1,4 @@
-//! The compare engine of spec/compare.md.
+//! The compare engine of docs/compare.md.
 //!
 //! Frames from the primary (P) and the secondary (S) are pushed in; the engine decides, per
 //! flow, which P frames are released, which S frames are dropped, and when a checkpoint is

@@ -41,7 +41,7 @@ impl MiscompareCounts {
     }
 }
 
-/// A snapshot of the engine's counters (the `stats` reply of spec/control.md). Missing
+/// A snapshot of the engine's counters (the `stats` reply of docs/control.md). Missing
 /// counters read as 0, so controllers and compare processes of different versions interoperate.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

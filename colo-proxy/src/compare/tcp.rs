@@ -1,4 +1,4 @@
-//! The TCP rule of spec/compare.md: payload byte streams aligned by sequence number.
+//! The TCP rule of docs/compare.md: payload byte streams aligned by sequence number.
 
 use crate::frame::Side;
 
@@ -43,6 +43,16 @@ pub(super) fn compare<S: Sink>(flow: &mut Flow, cx: &mut Ctx<'_, S>) {
         let p_start = unmatched_start(flow, pt.seq + p.matched);
         let s_start = unmatched_start(flow, st.seq + s.matched);
         if p_start != s_start {
+            if flow.compare_seq.is_none() && p_start.after(s_start) && p_start.diff(s_start) <= REORDER_WINDOW as i32 {
+                // Nothing compared yet on a flow the engine met mid-stream (COLO started during
+                // a connection), and the secondary shows bytes before the primary's first: both
+                // VMs sent them in their common past, so the SVM is retransmitting (typically a
+                // reply whose ACK reached it later than the PVM). Nothing of the primary will
+                // match them — or only a retransmission of its own, released as such once
+                // compared data covers it — so compare from the primary's head.
+                flow.compare_seq = Some(p_start);
+                continue;
+            }
             if p_start.diff(s_start).unsigned_abs() <= REORDER_WINDOW {
                 // One side shows bytes the other has not sent yet: a segment arrived out of
                 // order. Wait for it (the timeout catches it if it never comes).

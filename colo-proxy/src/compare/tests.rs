@@ -1,4 +1,4 @@
-//! Unit tests: one or more per rule of spec/compare.md.
+//! Unit tests: one or more per rule of docs/compare.md.
 
 use std::time::Duration;
 
@@ -246,6 +246,54 @@ fn tcp_streams_far_apart_are_a_mismatch() {
     t.p(seg(100, b"abcdef"));
     t.s(seg(0x8000_0000, b"abcdef"));
     assert_eq!(t.reasons(), vec![Reason::Payload]);
+}
+
+#[test]
+fn tcp_secondary_retransmitting_its_past_on_a_flow_met_mid_stream_is_not_waited_for() {
+    let mut t = T::new();
+    // COLO started mid-connection: the SVM resends its last reply (its ACK reached it late),
+    // then both send the next one.
+    t.s(seg(1, b"41\n"));
+    t.p(seg(4, b"42\n"));
+    t.s(seg(4, b"42\n"));
+    assert_eq!(t.verdicts(), vec![DROP_S_MATCHED, REL_P, DROP_S_MATCHED]);
+    assert!(t.out.events.is_empty(), "no miscompare, nothing left to time out: {:?}", t.out.events);
+    assert_eq!(t.e.held(), [0, 0]);
+}
+
+#[test]
+fn tcp_a_new_pair_after_primary_only_meets_its_flows_afresh() {
+    let mut t = T::new();
+    // The first pair compares a reply.
+    t.p(seg(1, b"41\n"));
+    t.s(seg(1, b"41\n"));
+    // Its secondary is gone: the primary serves alone, the connection goes on uncompared.
+    t.e.set_mode(Mode::PrimaryOnly, &mut t.out);
+    t.p(seg(4, b"42\n"));
+    t.p(seg(7, b"43\n"));
+    // A new secondary, loaded from the primary, resends its last reply (its ACK reached it
+    // late), then both send the next one.
+    t.e.set_mode(Mode::Colo, &mut t.out);
+    let before = t.out.frames.len();
+    t.s(seg(7, b"43\n"));
+    t.p(seg(10, b"44\n"));
+    t.s(seg(10, b"44\n"));
+    assert_eq!(t.verdicts()[before..], [DROP_S_MATCHED, REL_P, DROP_S_MATCHED]);
+    assert!(t.out.events.is_empty(), "no miscompare, nothing left to time out: {:?}", t.out.events);
+    assert_eq!(t.e.held(), [0, 0]);
+}
+
+#[test]
+fn tcp_passive_and_back_to_colo_keeps_the_pairs_flows() {
+    let mut t = T::new();
+    t.p(seg(1, b"41\n"));
+    t.s(seg(1, b"41\n"));
+    // Hybrid mode within one pair: passive, a checkpoint, COLO again. The SVM resumes from the
+    // checkpoint, and data compared before is still known as compared.
+    t.e.set_mode(Mode::Passive, &mut t.out);
+    t.e.set_mode(Mode::Colo, &mut t.out);
+    t.p(seg(1, b"41\n"));
+    assert_eq!(t.released().len(), 2, "a retransmission of compared data goes out as such");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! The messages of spec/control.md: [`Command`]s to a compare process and [`Event`]s from it,
+//! The messages of docs/control.md: [`Command`]s to a compare process and [`Event`]s from it,
 //! one JSON object per line, tagged by `"type"`.
 
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ pub const MAX_LINE: usize = 65536;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Command {
-    /// Flush (spec/compare.md), reset the rewriter's offsets, reply [`Event::Flushed`].
+    /// Flush (docs/compare.md), reset the rewriter's offsets, reply [`Event::Flushed`].
     Checkpoint {
         /// Echoed in the reply.
         id: u64,

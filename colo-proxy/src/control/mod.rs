@@ -1,4 +1,4 @@
-//! The control socket of spec/control.md, between compare processes and checkpoint controllers.
+//! The control socket of docs/control.md, between compare processes and checkpoint controllers.
 //!
 //! Every compare process (colo-proxy, vhost-net-compare) listens on a Unix stream socket (mode
 //! 0600); controllers (colo-vmm on either host, tools, tests) connect to it, several at once.

@@ -414,7 +414,8 @@ impl<C: Clock> Replica<C> {
     pub fn set_role<O: ReplicaOutput>(&mut self, role: Role, out: &mut O) -> RoleChange {
         let before = self.role;
         let mut change = RoleChange::default();
-        if role == before {
+        // Secondary again: a new pair (a restarted colo-vmm) starts from scratch.
+        if role == before && role != Role::Secondary {
             return change;
         }
         self.role = role;

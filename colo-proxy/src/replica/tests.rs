@@ -263,3 +263,20 @@ fn resync_gives_the_frames_from_the_mark_with_offsets_back_at_zero() {
     h.client(to_guest(105, Some(1001), Flags::ACK, b"y"));
     assert_eq!(ack_of(&h.sw.local.last().unwrap().0), 1001);
 }
+
+#[test]
+fn a_secondary_told_secondary_again_starts_a_new_pair_from_scratch() {
+    let mut h = Pair::new();
+    h.client(to_guest(100, None, Flags::SYN, b""));
+    h.both_send(
+        from_guest(1000, Some(101), Flags::SYN | Flags::ACK, b""),
+        from_guest(5000, Some(101), Flags::SYN | Flags::ACK, b""),
+    );
+    h.client(to_guest(101, Some(1001), Flags::ACK, b"GET"));
+    // Its colo-vmm exited and a new one waits for a new primary: the old offsets are of no use
+    // (the new VM will be loaded from the new primary's state).
+    h.s.set_role(Role::Secondary, &mut h.sw);
+    h.s.set_role(Role::Alone, &mut h.sw);
+    h.s.from_local(from_guest(5007, Some(104), Flags::PSH | Flags::ACK, b"more"), &mut h.sw);
+    assert_eq!(seq_of(h.sw.lan.last().unwrap()), 5007, "nothing translated with the old pair's offsets");
+}

@@ -64,7 +64,7 @@ pub fn update_u32(check: u16, old: u32, new: u32) -> u16 {
 /// byte-swapped words is the byte-swapped sum (RFC 1071, "byte order independence"), so the
 /// update is made on the swapped checksum.
 pub fn update_u32_at(check: u16, old: u32, new: u32, offset: usize) -> u16 {
-    if offset % 2 == 0 {
+    if offset.is_multiple_of(2) {
         update_u32(check, old, new)
     } else {
         update_u32(check.swap_bytes(), old, new).swap_bytes()

@@ -14,8 +14,16 @@
 //!   the bitmap; RFLAGS also has IOPL=3, but PVM does not keep it);
 //! - RFLAGS with interrupts disabled;
 //! - CR4.OSFXSR/OSXMMEXCPT (SSE usable);
-//! - RSP = [`STACK_TOP`], RDI = address of the [`BootInfo`] block ([`BOOT_INFO`]), RIP = the
-//!   ELF entry point.
+//! - RSP = [`STACK_TOP`], RDI = address of the [`BootInfo`] block ([`BOOT_INFO`]), RSI = 0,
+//!   RIP = the ELF entry point.
+//!
+//! # More vCPUs
+//! With `--cpus N`, every vCPU starts at once, in the same state, at the same entry point. The
+//! boot vCPU has RSI = 0 and the stack above; each other vCPU has RSI = its index (1 to N-1)
+//! and **no stack** (RSP = 0): its entry code must find one the boot vCPU set up for it (the
+//! reference guest's APs halt-poll a table) before it calls anything. [`BootInfo::cpus`] says
+//! how many there are. vCPUs share nothing but memory; each halts on its own, and a device's
+//! signal wakes one halted vCPU.
 //!
 //! There is no IDT: an exception ends the guest (the VMM reports a triple fault with the
 //! registers). The guest does not use interrupts; it waits with the paravirtual halt.
@@ -83,8 +91,10 @@ pub const HALT_FOREVER: u32 = u32::MAX;
 
 /// Magic value of [`BootInfo::magic`]: "COLOBOOT" little-endian.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"COLOBOOT");
-/// Version of the [`BootInfo`] layout.
-pub const BOOT_VERSION: u32 = 1;
+/// Version of the [`BootInfo`] layout (2: [`BootInfo::cpus`]).
+pub const BOOT_VERSION: u32 = 2;
+/// Most vCPUs a VM may have.
+pub const MAX_CPUS: usize = 8;
 /// Most virtio-mmio devices described in [`BootInfo`].
 pub const MAX_VIRTIO_DEVICES: usize = 4;
 
@@ -131,6 +141,10 @@ pub struct BootInfo {
     pub reserved: u32,
     /// The virtio-mmio devices.
     pub virtio: [VirtioMmioDevice; MAX_VIRTIO_DEVICES],
+    /// Number of vCPUs, 1 to [`MAX_CPUS`] (version 2).
+    pub cpus: u32,
+    /// Padding.
+    pub reserved2: u32,
 }
 
 impl BootInfo {
@@ -154,7 +168,7 @@ mod tests {
     #[test]
     fn layout_is_stable() {
         assert_eq!(core::mem::size_of::<VirtioMmioDevice>(), 24);
-        assert_eq!(core::mem::size_of::<BootInfo>(), 8 + 4 + 4 + 8 * 6 + 4 + 4 + 24 * MAX_VIRTIO_DEVICES);
+        assert_eq!(core::mem::size_of::<BootInfo>(), 8 + 4 + 4 + 8 * 6 + 4 + 4 + 24 * MAX_VIRTIO_DEVICES + 8);
         assert_eq!(&BOOT_MAGIC.to_le_bytes(), b"COLOBOOT");
     }
 

@@ -4,10 +4,11 @@
 //! |---|---|---|
 //! | `ip` | `A.B.C.D/P` (without `/P`: /24) | `10.0.0.2/24` |
 //! | `gw` | `A.B.C.D` (the default route) | none |
-//! | `app` | comma-separated services: `echo`, `http`, `counter`, `top`, `burn`, `dirty`, `exit`; `none` for no service | `echo,http,counter,top` |
+//! | `app` | comma-separated services: `echo`, `http`, `counter`, `top`, `kv`, `burn`, `dirty`, `diskdirty`, `badblk`, `exit`; `none` for no service | `echo,http,counter,top` |
 //! | `top_ms` | period of the `top` lines in ms, 1..=3600000 | 200 |
 //! | `dirty` | pages per second the `dirty` service writes | 1000 |
 //! | `dirty_mib` | MiB of memory the `dirty` service writes over, 1..=65536 | 16 |
+//! | `disk_dirty` | 4 KiB blocks per second the `diskdirty` service writes | 100 |
 //! | `exit` | exit code: exit right after boot with it | none |
 //! | `seed` | seed of the TCP/IP stack's random numbers (default: from the TSC) | none |
 //!
@@ -55,22 +56,43 @@ pub struct Apps {
     pub counter: bool,
     /// Timing-dependent lines on TCP port 9100.
     pub top: bool,
+    /// The key-value store on the disk, TCP port 9200.
+    pub kv: bool,
     /// A CPU loop.
     pub burn: bool,
     /// A memory dirtier.
     pub dirty: bool,
+    /// A disk dirtier.
+    pub diskdirty: bool,
+    /// Malformed disk requests at boot (a test of the VMM).
+    pub badblk: bool,
     /// Exit right after boot.
     pub exit: bool,
 }
 
 impl Apps {
     /// The default set: the network services, without the CPU and memory loads.
-    pub const DEFAULT: Apps =
-        Apps { echo: true, http: true, counter: true, top: true, burn: false, dirty: false, exit: false };
+    pub const DEFAULT: Apps = Apps {
+        echo: true,
+        http: true,
+        counter: true,
+        top: true,
+        kv: false,
+        burn: false,
+        dirty: false,
+        diskdirty: false,
+        badblk: false,
+        exit: false,
+    };
 
     /// Whether any service needs the network.
     pub fn needs_network(&self) -> bool {
-        self.echo || self.http || self.counter || self.top
+        self.echo || self.http || self.counter || self.top || self.kv
+    }
+
+    /// Whether any service needs the disk.
+    pub fn needs_disk(&self) -> bool {
+        self.kv || self.diskdirty || self.badblk
     }
 }
 
@@ -89,6 +111,8 @@ pub struct Config {
     pub dirty_pages_per_sec: u32,
     /// Size of the region the `dirty` service writes over, in MiB.
     pub dirty_mib: u32,
+    /// Blocks per second the `diskdirty` service writes.
+    pub disk_dirty_blocks_per_sec: u32,
     /// Exit code for `exit=`.
     pub exit_code: Option<u32>,
     /// Seed for the TCP/IP stack.
@@ -104,6 +128,7 @@ impl Default for Config {
             top_ms: 200,
             dirty_pages_per_sec: 1000,
             dirty_mib: 16,
+            disk_dirty_blocks_per_sec: 100,
             exit_code: None,
             seed: None,
         }
@@ -152,6 +177,9 @@ pub fn parse<'a>(cmdline: &'a str, mut unknown: impl FnMut(&'a str)) -> Result<C
             "top_ms" => config.top_ms = parse_in_range(value, 1, 3_600_000).ok_or(error("expected 1..=3600000"))?,
             "dirty" => config.dirty_pages_per_sec = value.parse().map_err(|_| error("expected pages per second"))?,
             "dirty_mib" => config.dirty_mib = parse_in_range(value, 1, 65536).ok_or(error("expected 1..=65536"))?,
+            "disk_dirty" => {
+                config.disk_dirty_blocks_per_sec = value.parse().map_err(|_| error("expected blocks per second"))?
+            }
             "exit" => config.exit_code = Some(value.parse().map_err(|_| error("expected an exit code"))?),
             "seed" => config.seed = Some(value.parse().map_err(|_| error("expected a 64-bit number"))?),
             _ => unknown(token),
@@ -172,11 +200,18 @@ fn parse_apps(value: &str) -> Result<Apps, &'static str> {
             "http" => apps.http = true,
             "counter" => apps.counter = true,
             "top" => apps.top = true,
+            "kv" => apps.kv = true,
+            "diskdirty" => apps.diskdirty = true,
+            "badblk" => apps.badblk = true,
             "burn" => apps.burn = true,
             "dirty" => apps.dirty = true,
             "exit" => apps.exit = true,
             "none" => {}
-            _ => return Err("unknown service (echo, http, counter, top, burn, dirty, exit, none)"),
+            _ => {
+                return Err(
+                    "unknown service (echo, http, counter, top, kv, burn, dirty, diskdirty, badblk, exit, none)",
+                )
+            }
         }
     }
     Ok(apps)
@@ -237,6 +272,9 @@ mod tests {
         let c = parse_ok(
             "ip=10.1.2.3/16 gw=10.1.0.1 app=echo,http,counter,top,burn,dirty top_ms=50 dirty=500 dirty_mib=8 seed=7",
         );
+        let d = parse_ok("app=kv,diskdirty,badblk disk_dirty=250");
+        assert!(d.apps.kv && d.apps.diskdirty && d.apps.badblk && d.apps.needs_disk() && d.apps.needs_network());
+        assert_eq!(d.disk_dirty_blocks_per_sec, 250);
         assert_eq!(c.ip, Ipv4Cidr { addr: [10, 1, 2, 3], prefix_len: 16 });
         assert_eq!(c.gateway, Some([10, 1, 0, 1]));
         assert!(c.apps.burn && c.apps.dirty && c.apps.echo);
@@ -282,6 +320,7 @@ mod tests {
             "top_ms=abc",
             "dirty=-1",
             "dirty_mib=0",
+            "disk_dirty=x",
             "exit=x",
         ] {
             let err = parse(bad, |_| {}).unwrap_err();

@@ -8,11 +8,13 @@
 #![no_std]
 #![warn(missing_docs)]
 
+extern crate alloc;
 #[cfg(test)]
 extern crate std;
 
 pub mod cmdline;
 pub mod fmt;
+pub mod kvlog;
 pub mod proto;
 pub mod stats;
 pub mod virtqueue;

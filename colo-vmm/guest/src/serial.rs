@@ -7,7 +7,7 @@
 //! it says "empty", the 16-byte FIFO has room for that many.
 
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use colo_vmm_abi::port::SERIAL;
 
@@ -59,10 +59,22 @@ impl Write for Console {
     }
 }
 
+/// Held while a vCPU prints a line, so lines of several vCPUs do not interleave.
+static LINE: AtomicBool = AtomicBool::new(false);
+/// Looks at a busy console before printing anyway: a vCPU that stopped while printing (a
+/// fatal error elsewhere) must not silence the others.
+const MAX_LINE_WAIT: u32 = 1_000_000;
+
 /// Prints `colo-guest: <args>\n`. Use [`status!`].
 pub fn print_status(args: fmt::Arguments<'_>) {
+    let mut spins = 0;
+    while LINE.compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed).is_err() && spins < MAX_LINE_WAIT {
+        core::hint::spin_loop();
+        spins += 1;
+    }
     // Console::write_str never fails.
     let _ = writeln!(Console, "colo-guest: {args}");
+    LINE.store(false, Ordering::Release);
 }
 
 /// Prints one `colo-guest: ...` line to the console, formatted like `format!`.

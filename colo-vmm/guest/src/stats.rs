@@ -2,6 +2,8 @@
 
 use core::fmt;
 
+use colo_vmm_abi::MAX_CPUS;
+
 /// Counters of the whole guest. The main loop refreshes the device and heap figures; each
 /// service adds to its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -30,14 +32,22 @@ pub struct Stats {
     pub burn_iterations: u64,
     /// Pages written by the dirtier since boot.
     pub dirty_pages: u64,
+    /// Disk blocks written by the disk dirtier since boot.
+    pub dirty_blocks: u64,
     /// Heap bytes in use.
     pub heap_used: u64,
     /// Heap bytes free.
     pub heap_free: u64,
+    /// vCPUs.
+    pub cpus: u64,
+    /// Per vCPU (the first `cpus`): times it ran a shared task.
+    pub cpu_runs: [u64; MAX_CPUS],
+    /// Per vCPU: iterations of its burner.
+    pub cpu_burn: [u64; MAX_CPUS],
 }
 
 impl fmt::Display for Stats {
-    /// One `key=value` line per counter.
+    /// One `key=value` line per counter; `cpuN_runs` and `cpuN_burn` for each vCPU.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let Stats {
             uptime_ms,
@@ -52,8 +62,12 @@ impl fmt::Display for Stats {
             top_lines,
             burn_iterations,
             dirty_pages,
+            dirty_blocks,
             heap_used,
             heap_free,
+            cpus,
+            cpu_runs,
+            cpu_burn,
         } = self;
         writeln!(f, "uptime_ms={uptime_ms}")?;
         writeln!(f, "rx_frames={rx_frames}")?;
@@ -67,13 +81,20 @@ impl fmt::Display for Stats {
         writeln!(f, "top_lines={top_lines}")?;
         writeln!(f, "burn_iterations={burn_iterations}")?;
         writeln!(f, "dirty_pages={dirty_pages}")?;
+        writeln!(f, "dirty_blocks={dirty_blocks}")?;
         writeln!(f, "heap_used={heap_used}")?;
-        writeln!(f, "heap_free={heap_free}")
+        writeln!(f, "heap_free={heap_free}")?;
+        writeln!(f, "cpus={cpus}")?;
+        for (i, (runs, burn)) in cpu_runs.iter().zip(cpu_burn).enumerate().take(*cpus as usize) {
+            writeln!(f, "cpu{i}_runs={runs}")?;
+            writeln!(f, "cpu{i}_burn={burn}")?;
+        }
+        Ok(())
     }
 }
 
-/// Upper bound of the formatted size: 14 lines of at most 19 + 1 + 20 + 1 bytes.
-pub const MAX_FORMATTED: usize = 14 * 41;
+/// Upper bound of the formatted size: 16 + 2 per vCPU lines of at most 19 + 1 + 20 + 1 bytes.
+pub const MAX_FORMATTED: usize = (16 + 2 * MAX_CPUS) * 41;
 
 #[cfg(test)]
 impl Stats {
@@ -92,8 +113,12 @@ impl Stats {
             top_lines: u64::MAX,
             burn_iterations: u64::MAX,
             dirty_pages: u64::MAX,
+            dirty_blocks: u64::MAX,
             heap_used: u64::MAX,
             heap_free: u64::MAX,
+            cpus: MAX_CPUS as u64,
+            cpu_runs: [u64::MAX; MAX_CPUS],
+            cpu_burn: [u64::MAX; MAX_CPUS],
         }
     }
 }
@@ -109,6 +134,17 @@ mod tests {
         assert!(s.starts_with("uptime_ms=12\n"));
         assert!(s.contains("\ncounter=3\n"));
         assert!(s.lines().all(|l| l.split_once('=').is_some_and(|(_, v)| v.parse::<u64>().is_ok())));
+    }
+
+    #[test]
+    fn each_vcpu_has_its_lines() {
+        let mut st = Stats { cpus: 2, ..Stats::default() };
+        st.cpu_runs[1] = 5;
+        st.cpu_burn[0] = 7;
+        st.cpu_burn[2] = 9;
+        let s = st.to_string();
+        assert!(s.contains("\ncpus=2\ncpu0_runs=0\ncpu0_burn=7\ncpu1_runs=5\ncpu1_burn=0\n"), "{s}");
+        assert!(!s.contains("cpu2_"), "only the vCPUs there are: {s}");
     }
 
     #[test]

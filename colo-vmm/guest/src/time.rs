@@ -44,11 +44,12 @@ pub fn ticks_in(duration: Duration) -> u64 {
     (micros / 1000).saturating_mul(tsc_khz()).saturating_add(micros % 1000 * tsc_khz() / 1000)
 }
 
-/// Time since boot, never less than a value returned before.
+/// Time since boot, never less than a value returned before (on any vCPU: their TSCs may
+/// differ slightly, after a restore on another host more).
 pub fn now() -> Instant {
     let ticks = rdtsc().saturating_sub(BOOT_TSC.load(Ordering::Relaxed));
-    let micros = ticks_to_micros(ticks).max(LAST_MICROS.load(Ordering::Relaxed));
-    LAST_MICROS.store(micros, Ordering::Relaxed);
+    let micros = ticks_to_micros(ticks);
+    let micros = LAST_MICROS.fetch_max(micros, Ordering::SeqCst).max(micros);
     // i64 microseconds last 292 000 years.
     Instant::from_micros(micros as i64)
 }

@@ -12,6 +12,8 @@
 use core::ptr;
 use core::sync::atomic::{fence, AtomicU16, Ordering};
 
+/// Descriptor flag: the chain goes on at `next`.
+pub const DESC_F_NEXT: u16 = 1;
 /// Descriptor flag: the device writes the buffer (receive buffers).
 pub const DESC_F_WRITE: u16 = 2;
 /// Used-ring flag: the device does not need notifications now.
@@ -30,7 +32,8 @@ pub struct Descriptor {
     pub len: u32,
     /// `DESC_F_*`.
     pub flags: u16,
-    /// Next descriptor of a chain (unused: every buffer here is one descriptor).
+    /// Next descriptor of a chain (with [`DESC_F_NEXT`]; the network's buffers are one
+    /// descriptor each, a disk request is three).
     pub next: u16,
 }
 

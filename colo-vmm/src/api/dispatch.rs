@@ -1,16 +1,18 @@
 //! The API dispatcher: executes control API commands on a VMM (as Firecracker's
 //! rpc_interface sits above its Vmm). The VM itself knows nothing of the API.
 
-use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
+use super::command::Command;
 use super::protocol::{ApiError, Handler};
+use crate::colo::primary::TestOptions;
 use crate::colo::shared::ColoShared;
 use crate::colo::status::{Role as ColoRole, State as ColoState};
-use crate::migration::status::{MigrationParams, MigrationState, MigrationStatus, StatusHandle};
-use crate::migration::uri::MigrationUri;
+use crate::migration::status::{MigrationParams, MigrationParamsUpdate, MigrationState, MigrationStatus, StatusHandle};
 use crate::vmm::Vmm;
 
 /// Longest test-only hold of a checkpoint (`colo-start test-checkpoint-delay=MS`).
@@ -61,27 +63,9 @@ impl VmmApi {
             "running": !paused,
             "uptime-ms": self.vmm.uptime().as_millis() as u64,
             "memory-mib": self.vmm.ram().size() >> 20,
+            "cpus": self.vmm.vcpus().len(),
+            "disk": self.vmm.disk_status(),
         })
-    }
-
-    /// Applies `downtime-limit` and `max-rounds` from `args` (other keys than `allowed` are
-    /// refused); nothing changes if any value is invalid.
-    fn set_migration_params(&self, args: &Map<String, Value>, allowed: &[&str]) -> Result<(), ApiError> {
-        let mut p = *lock(&self.migration_params);
-        for (k, v) in args {
-            let n = || v.as_u64().ok_or_else(|| ApiError::invalid(format!("{k} must be a non-negative integer")));
-            match k.as_str() {
-                "downtime-limit" => p.downtime_limit = n()?,
-                "max-rounds" => {
-                    p.max_rounds = u32::try_from(n()?).map_err(|_| ApiError::invalid("max-rounds is too large"))?
-                }
-                "verify" => p.verify = v.as_bool().ok_or_else(|| ApiError::invalid("verify must be true or false"))?,
-                other if allowed.contains(&other) => {}
-                other => return Err(ApiError::invalid(format!("unknown parameter '{other}'"))),
-            }
-        }
-        *lock(&self.migration_params) = p;
-        Ok(())
     }
 }
 
@@ -101,146 +85,100 @@ impl VmmApi {
     }
 }
 
+/// A reply's value.
+fn value<T: serde::Serialize>(v: T) -> Result<Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| ApiError::generic(e.to_string()))
+}
+
 impl Handler for VmmApi {
-    fn handle(&self, command: &str, args: &Map<String, Value>) -> Result<Value, ApiError> {
-        let no_args = || {
-            if let Some(k) = args.keys().next() {
-                return Err(ApiError::invalid(format!("{command} takes no argument '{k}'")));
-            }
-            Ok(())
-        };
+    fn handle(&self, command: Command) -> Result<Value, ApiError> {
+        let name = command.name();
         match command {
-            "query-status" => {
-                no_args()?;
-                Ok(self.status())
-            }
-            "stop" => {
-                no_args()?;
-                self.not_in_colo("stop")?;
+            Command::QueryStatus {} => Ok(self.status()),
+            Command::Stop {} => {
+                self.not_in_colo(name)?;
                 self.vmm.stop().map_err(|e| ApiError::generic(e.to_string()))?;
                 Ok(json!({}))
             }
-            "cont" => {
-                no_args()?;
-                self.not_in_colo("cont")?;
+            Command::Cont {} => {
+                self.not_in_colo(name)?;
                 self.vmm.cont();
                 Ok(json!({}))
             }
-            "snapshot" => {
-                let path = args
-                    .get("path")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| ApiError::invalid("snapshot needs path=FILE"))?;
-                let stats = crate::persist::snapshot::save(&*self.vmm, Path::new(path))
-                    .map_err(|e| ApiError::generic(e.to_string()))?;
-                Ok(json!({ "pages": stats.pages, "bytes": stats.bytes }))
+            Command::Snapshot { path } => {
+                let stats =
+                    crate::persist::snapshot::save(&*self.vmm, &path).map_err(|e| ApiError::generic(e.to_string()))?;
+                Ok(json!({ "pages": stats.pages, "blocks": stats.blocks, "bytes": stats.bytes }))
             }
-            "migrate" => {
-                let uri: MigrationUri = args
-                    .get("uri")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| ApiError::invalid("migrate needs uri=tcp:HOST:PORT or uri=unix:PATH"))?
-                    .parse()
-                    .map_err(ApiError::invalid)?;
-                self.set_migration_params(args, &["uri"])?;
+            Command::Migrate { uri, downtime_limit, max_rounds, verify } => {
+                let params = {
+                    let mut p = lock(&self.migration_params);
+                    *p = p.apply(&MigrationParamsUpdate { downtime_limit, max_rounds, verify });
+                    *p
+                };
                 if matches!(self.colo.status().state, ColoState::Starting | ColoState::Running) {
                     return Err(ApiError::generic("COLO is running: end it (lost-heartbeat) before migrating"));
                 }
                 let lifecycle = self.lifecycle.clone();
-                let params = *lock(&self.migration_params);
                 let done = move |ok| {
                     if ok {
                         lifecycle.migrated();
                     }
                 };
                 crate::migration::source::start(self.vmm.clone(), uri, params, self.migration.clone(), done)
-                    .map_err(ApiError::generic)?;
+                    .map_err(|e| ApiError::generic(e.to_string()))?;
                 Ok(json!({}))
             }
-            "query-migrate" => {
-                no_args()?;
-                serde_json::to_value(self.migration_status()).map_err(|e| ApiError::generic(e.to_string()))
-            }
-            "migrate-set-parameters" => {
-                self.set_migration_params(args, &[])?;
+            Command::QueryMigrate {} => value(self.migration_status()),
+            Command::MigrateSetParameters(update) => {
+                let mut p = lock(&self.migration_params);
+                *p = p.apply(&update);
                 Ok(json!({}))
             }
-            "query-migrate-parameters" => {
-                no_args()?;
-                let p = *lock(&self.migration_params);
-                serde_json::to_value(p).map_err(|e| ApiError::generic(e.to_string()))
-            }
-            "quit" => {
-                no_args()?;
+            Command::QueryMigrateParameters {} => value(*lock(&self.migration_params)),
+            Command::Quit {} => {
                 self.lifecycle.quit();
                 Ok(json!({}))
             }
-            "colo-start" => {
-                let uri: MigrationUri = args
-                    .get("uri")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        ApiError::invalid(
-                            "colo-start needs uri=tcp:HOST:PORT or uri=unix:PATH (the secondary's --incoming)",
-                        )
-                    })?
-                    .parse()
-                    .map_err(ApiError::invalid)?;
-                let mut test = crate::colo::primary::TestOptions::default();
-                for (k, v) in args {
-                    match k.as_str() {
-                        "uri" => {}
-                        "verify" => {
-                            test.verify =
-                                v.as_bool().ok_or_else(|| ApiError::invalid("verify must be true or false"))?
-                        }
-                        "test-checkpoint-delay" => {
-                            let ms = v.as_u64().filter(|&ms| ms <= MAX_TEST_DELAY_MS).ok_or_else(|| {
-                                ApiError::invalid(format!("test-checkpoint-delay must be 0 to {MAX_TEST_DELAY_MS} ms"))
-                            })?;
-                            test.checkpoint_delay = Some(std::time::Duration::from_millis(ms));
-                        }
-                        other => return Err(ApiError::invalid(format!("colo-start takes no argument '{other}'"))),
+            Command::ColoStart { uri, verify, test_checkpoint_delay } => {
+                let checkpoint_delay = match test_checkpoint_delay {
+                    Some(ms) if ms > MAX_TEST_DELAY_MS => {
+                        let e = format!("test-checkpoint-delay must be 0 to {MAX_TEST_DELAY_MS} ms");
+                        return Err(ApiError::invalid(e));
                     }
-                }
+                    d => d.map(Duration::from_millis),
+                };
                 if self.migration_status().status == MigrationState::Active {
                     return Err(ApiError::generic("a migration is running"));
                 }
-                crate::colo::primary::start(&self.vmm, &self.colo, uri, test).map_err(ApiError::generic)?;
+                let test = TestOptions { verify, checkpoint_delay };
+                crate::colo::primary::start(&self.vmm, &self.colo, uri, test)
+                    .map_err(|e| ApiError::generic(e.to_string()))?;
                 Ok(json!({}))
             }
-            "set-parameters" => {
-                let p = self.colo.set_params(args).map_err(ApiError::invalid)?;
+            Command::SetParameters(update) => {
+                let p = self.colo.set_params(&update).map_err(|e| ApiError::invalid(e.to_string()))?;
                 tracing::info!(target: "colo", params = ?p, "COLO parameters changed");
-                serde_json::to_value(p).map_err(|e| ApiError::generic(e.to_string()))
+                value(p)
             }
-            "query-parameters" => {
-                no_args()?;
-                serde_json::to_value(self.colo.params()).map_err(|e| ApiError::generic(e.to_string()))
-            }
-            "query-colo-status" => {
-                no_args()?;
-                serde_json::to_value(self.colo.status()).map_err(|e| ApiError::generic(e.to_string()))
-            }
-            "lost-heartbeat" => {
-                no_args()?;
+            Command::QueryParameters {} => value(self.colo.params()),
+            Command::QueryColoStatus {} => value(self.colo.status()),
+            Command::LostHeartbeat {} => {
                 let s = self.colo.status();
                 if !matches!(s.state, ColoState::Running | ColoState::Stopped) {
                     return Err(ApiError::generic(format!("COLO is not running (state {:?})", s.state)));
                 }
-                self.colo.lost_heartbeat.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.colo.lost_heartbeat.store(true, Ordering::Relaxed);
                 Ok(json!({}))
             }
-            "colo-checkpoint" => {
-                no_args()?;
+            Command::ColoCheckpoint {} => {
                 let s = self.colo.status();
                 if s.role != ColoRole::Primary || s.state != ColoState::Running {
                     return Err(ApiError::generic("checkpoints are taken by a running COLO primary"));
                 }
-                self.colo.user_checkpoint.store(true, std::sync::atomic::Ordering::Relaxed);
+                self.colo.user_checkpoint.store(true, Ordering::Relaxed);
                 Ok(json!({}))
             }
-            other => Err(ApiError::not_found(other)),
         }
     }
 }

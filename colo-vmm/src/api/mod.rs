@@ -3,6 +3,7 @@
 //! `{"error": {"class": "GenericError", "desc": "..."}}` — and the `colo-vmm ctl` client.
 
 pub mod client;
+pub mod command;
 pub mod dispatch;
 pub mod protocol;
 pub mod server;

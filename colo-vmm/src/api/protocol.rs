@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::command::Command;
+
 /// One request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
@@ -69,13 +71,13 @@ pub enum Reply {
 /// What serves requests.
 pub trait Handler: Send + Sync {
     /// Executes one command.
-    fn handle(&self, command: &str, arguments: &serde_json::Map<String, Value>) -> Result<Value, ApiError>;
+    fn handle(&self, command: Command) -> Result<Value, ApiError>;
 }
 
 /// Parses and executes one request line.
 pub fn serve_line(handler: &dyn Handler, line: &str) -> Reply {
     match serde_json::from_str::<Request>(line) {
-        Ok(req) => match handler.handle(&req.execute, &req.arguments) {
+        Ok(req) => match Command::parse(&req.execute, &req.arguments).and_then(|c| handler.handle(c)) {
             Ok(value) => Reply::Return { value, id: req.id },
             Err(error) => Reply::Error { error, id: req.id },
         },
@@ -87,25 +89,28 @@ pub fn serve_line(handler: &dyn Handler, line: &str) -> Reply {
 mod tests {
     use super::*;
 
+    /// Answers `query-status` and refuses the rest with their names.
     struct Echo;
     impl Handler for Echo {
-        fn handle(&self, c: &str, a: &serde_json::Map<String, Value>) -> Result<Value, ApiError> {
+        fn handle(&self, c: Command) -> Result<Value, ApiError> {
             match c {
-                "echo" => Ok(Value::Object(a.clone())),
-                other => Err(ApiError::not_found(other)),
+                Command::QueryStatus {} => Ok(serde_json::json!({ "a": 1 })),
+                other => Err(ApiError::generic(other.name())),
             }
         }
     }
 
     #[test]
     fn qmp_shapes() {
-        let r = serve_line(&Echo, r#"{"execute":"echo","arguments":{"a":1},"id":"x"}"#);
+        let r = serve_line(&Echo, r#"{"execute":"query-status","arguments":{},"id":"x"}"#);
         assert_eq!(serde_json::to_string(&r).unwrap(), r#"{"return":{"a":1},"id":"x"}"#);
         let r = serve_line(&Echo, r#"{"execute":"nope"}"#);
         assert_eq!(
             serde_json::to_string(&r).unwrap(),
             r#"{"error":{"class":"CommandNotFound","desc":"the command nope has not been found"}}"#
         );
+        let r = serve_line(&Echo, r#"{"execute":"stop","arguments":{"now":true}}"#);
+        assert!(matches!(r, Reply::Error { ref error, .. } if error.class == "InvalidParameter"), "{r:?}");
         let r = serve_line(&Echo, "{bad");
         assert!(matches!(r, Reply::Error { ref error, .. } if error.class == "GenericError"));
         let back: Reply = serde_json::from_str(r#"{"return":{}}"#).unwrap();

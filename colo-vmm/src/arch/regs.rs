@@ -1,7 +1,7 @@
 //! The initial vCPU registers: long mode, CPL3, IOPL 3, interrupts off, SSE on.
 
 use colo_vmm_abi::{selector, BOOT_INFO, PAGE_TABLES, STACK_TOP};
-use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_regs, kvm_sregs, KVM_MP_STATE_RUNNABLE};
 use kvm_ioctls::VcpuFd;
 
 use super::gdt;
@@ -21,13 +21,16 @@ const EFER_LMA: u64 = 1 << 10;
 const RFLAGS_RESERVED: u64 = 1 << 1;
 const RFLAGS_IOPL3: u64 = 3 << 12;
 
-/// General-purpose registers at entry: RIP = entry, RSP = stack top, RDI = boot info.
-pub fn initial_regs(entry: u64) -> kvm_regs {
+/// General-purpose registers at entry of vCPU `index`: RIP = entry, RDI = boot info, RSI =
+/// the index; the boot vCPU (0) has RSP = stack top, the others no stack (see colo_vmm_abi).
+pub fn initial_regs(entry: u64, index: u64) -> kvm_regs {
+    let stack = if index == 0 { STACK_TOP } else { 0 };
     kvm_regs {
         rip: entry,
-        rsp: STACK_TOP,
-        rbp: STACK_TOP,
+        rsp: stack,
+        rbp: stack,
         rdi: BOOT_INFO,
+        rsi: index,
         rflags: RFLAGS_RESERVED | RFLAGS_IOPL3,
         ..Default::default()
     }
@@ -60,14 +63,18 @@ pub fn initial_fpu() -> kvm_fpu {
     kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
 }
 
-/// Puts `vcpu` in the entry state.
-pub fn setup(vcpu: &VcpuFd, entry: u64) -> Result<(), kvm_ioctls::Error> {
+/// Puts vCPU `index` in the entry state. Every vCPU starts running at once: KVM leaves the
+/// others waiting for a startup IPI, which a CPL3 guest cannot send.
+pub fn setup(vcpu: &VcpuFd, entry: u64, index: u64) -> Result<(), kvm_ioctls::Error> {
     let mut sregs = vcpu.get_sregs()?;
     apply_long_mode_user(&mut sregs);
 
     vcpu.set_sregs(&sregs)?;
-    vcpu.set_regs(&initial_regs(entry))?;
+    vcpu.set_regs(&initial_regs(entry, index))?;
     vcpu.set_fpu(&initial_fpu())?;
+    if index != 0 {
+        vcpu.set_mp_state(kvm_mp_state { mp_state: KVM_MP_STATE_RUNNABLE })?;
+    }
     Ok(())
 }
 
@@ -84,9 +91,11 @@ mod tests {
         assert_eq!(s.cs.l, 1);
         assert_ne!(s.efer & EFER_LMA, 0);
         assert_ne!(s.cr0 & CR0_PG, 0);
-        let r = initial_regs(0x20_1000);
+        let r = initial_regs(0x20_1000, 0);
         assert_eq!(r.rflags & RFLAGS_IOPL3, RFLAGS_IOPL3);
         assert_eq!(r.rflags & (1 << 9), 0, "interrupts off");
-        assert_eq!(r.rdi, BOOT_INFO);
+        assert_eq!((r.rdi, r.rsi, r.rsp), (BOOT_INFO, 0, STACK_TOP));
+        let ap = initial_regs(0x20_1000, 3);
+        assert_eq!((ap.rip, ap.rdi, ap.rsi, ap.rsp), (0x20_1000, BOOT_INFO, 3, 0), "an AP has no stack");
     }
 }

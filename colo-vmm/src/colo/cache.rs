@@ -6,6 +6,7 @@
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::persist::stream::PAGE_SIZE;
+use crate::vstate::dirty::DirtyBitmap;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// The cache.
@@ -15,17 +16,38 @@ pub struct RamCache {
 
 impl RamCache {
     /// A cache holding a copy of `mem`'s `size` bytes.
-    pub fn copy_of(mem: &GuestMemoryMmap, size: u64) -> Result<RamCache, String> {
+    pub fn copy_of(mem: &GuestMemoryMmap, size: u64) -> Result<RamCache, vm_memory::GuestMemoryError> {
         let mut data = vec![0u8; size as usize];
-        mem.read_slice(&mut data, GuestAddress(0)).map_err(|e| format!("filling the RAM cache: {e}"))?;
+        mem.read_slice(&mut data, GuestAddress(0))?;
+        Ok(RamCache { data })
+    }
+
+    /// A cache holding a copy of `mem`'s `size` bytes, of which only the pages in `written`
+    /// can be non-zero (a migration destination: it starts from zeroed memory and the source
+    /// skips zero pages). Only those are copied — the rest of the cache stays untouched
+    /// zeroed memory — which keeps the copy, done while the primary waits paused, short.
+    pub fn copy_pages_of(
+        mem: &GuestMemoryMmap,
+        size: u64,
+        written: &DirtyBitmap,
+    ) -> Result<RamCache, vm_memory::GuestMemoryError> {
+        let mut data = vec![0u8; size as usize];
+        for p in written.iter() {
+            let at = p * PAGE_SIZE;
+            if let Some(page) = data.get_mut(at..at + PAGE_SIZE) {
+                mem.read_slice(page, GuestAddress(at as u64))?;
+            }
+        }
         Ok(RamCache { data })
     }
 
     /// A cache holding a copy of `vm`'s memory.
-    pub fn copy_of_vm<V: crate::migratable::Migratable + ?Sized>(vm: &V) -> Result<RamCache, String> {
+    pub fn copy_of_vm<V: crate::migratable::Migratable + ?Sized>(
+        vm: &V,
+    ) -> Result<RamCache, crate::migratable::MigratableError> {
         let mut data = vec![0u8; vm.page_count() * PAGE_SIZE];
         for (p, page) in data.chunks_exact_mut(PAGE_SIZE).enumerate() {
-            vm.read_page(p, page).map_err(|e| format!("filling the RAM cache: {e}"))?;
+            vm.read_page(p, page)?;
         }
         Ok(RamCache { data })
     }
@@ -51,14 +73,14 @@ impl RamCache {
     }
 
     /// Copies pages (by number) from the cache into guest memory (`write` stores one page).
-    pub fn apply<E: std::fmt::Display>(
+    pub fn apply<E>(
         &self,
         pages: impl Iterator<Item = usize>,
         mut write: impl FnMut(usize, &[u8]) -> Result<(), E>,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, E> {
         let mut n = 0;
         for p in pages {
-            write(p, self.page(p)).map_err(|e| format!("loading page {p} from the RAM cache: {e}"))?;
+            write(p, self.page(p))?;
             n += 1;
         }
         Ok(n)
@@ -94,5 +116,22 @@ mod tests {
         assert_eq!(page, [9u8; PAGE_SIZE]);
         mem.read_slice(&mut page, GuestAddress(0x3000)).unwrap();
         assert_eq!(page, [1u8; PAGE_SIZE]);
+    }
+
+    #[test]
+    fn a_cache_of_the_written_pages_equals_a_full_copy() {
+        let ram = GuestRam::new(16 << 20).unwrap();
+        let mem = ram.memory();
+        let pages = (ram.size() as usize) / PAGE_SIZE;
+        let mut written = DirtyBitmap::empty(pages);
+        for p in [0usize, 7, pages - 1] {
+            mem.write_slice(&[(p % 200) as u8 + 1; PAGE_SIZE], GuestAddress((p * PAGE_SIZE) as u64)).unwrap();
+            written.set(p);
+        }
+        let part = RamCache::copy_pages_of(mem, ram.size(), &written).unwrap();
+        let full = RamCache::copy_of(mem, ram.size()).unwrap();
+        for p in 0..pages {
+            assert_eq!(part.page(p), full.page(p), "page {p}");
+        }
     }
 }

@@ -1,4 +1,4 @@
-//! Hybrid mode (spec/colo.md, after David Gilbert's patches): when checkpoints come too often,
+//! Hybrid mode (docs/colo.md, after David Gilbert's patches): when checkpoints come too often,
 //! stop comparing and checkpoint periodically (passive, Remus-style), then try COLO again.
 //!
 //! Pure decision logic, driven by the controller with measured intervals, so it can be tested

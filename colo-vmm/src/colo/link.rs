@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use super::message::Control;
 use crate::migration::uri::Channel;
 use crate::persist::message;
-use crate::persist::sections::Sections;
 use crate::persist::stream::{Kind, StreamError, StreamReader, StreamWriter};
 
 /// A wait that overran by more than this means this process itself was stopped or not
@@ -22,6 +21,17 @@ const STALL_SLACK: Duration = Duration::from_millis(50);
 /// in the socket until the reader thread runs again, so the silence is this side's own.
 const WAKE_GRACE: Duration = Duration::from_millis(100);
 
+/// Writing to the peer failed.
+#[derive(Debug, thiserror::Error)]
+#[error("checkpoint link: {0}")]
+pub struct LinkError(#[from] StreamError);
+
+impl From<std::io::Error> for LinkError {
+    fn from(e: std::io::Error) -> LinkError {
+        LinkError(e.into())
+    }
+}
+
 /// What arrives from the peer.
 #[derive(Debug)]
 pub enum Incoming {
@@ -29,6 +39,8 @@ pub enum Incoming {
     Control(Control),
     /// A batch of pages.
     Pages(Vec<u8>),
+    /// A batch of disk blocks.
+    Blocks(Vec<u8>),
     /// Device state.
     State(Vec<u8>),
     /// The link broke; why.
@@ -92,6 +104,7 @@ impl<W: Write + Send + 'static> Link<W> {
                                 Err(e) => Incoming::Corrupt(e.to_string()),
                             },
                             Kind::Pages => Incoming::Pages(rec.payload),
+                            Kind::Blocks => Incoming::Blocks(rec.payload),
                             Kind::State => Incoming::State(rec.payload),
                             Kind::End => Incoming::Closed("the peer ended the stream".into()),
                         }
@@ -128,24 +141,27 @@ impl<W: Write + Send + 'static> Link<W> {
     }
 
     /// Sends a control message.
-    pub fn send(&self, c: &Control) -> Result<(), String> {
+    pub fn send(&self, c: &Control) -> Result<(), LinkError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        message::send(&mut w, c).map_err(|e| format!("checkpoint link: {e}"))
+        Ok(message::send(&mut w, c)?)
     }
 
     /// Runs `f` with the stream writer (heartbeats wait meanwhile), then flushes.
-    pub fn with_writer<T>(&self, f: impl FnOnce(&mut StreamWriter<W>) -> Result<T, String>) -> Result<T, String> {
+    pub fn with_writer<T, E: From<std::io::Error>>(
+        &self,
+        f: impl FnOnce(&mut StreamWriter<W>) -> Result<T, E>,
+    ) -> Result<T, E> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let v = f(&mut w)?;
-        w.flush().map_err(|e| format!("checkpoint link: {e}"))?;
+        w.flush()?;
         Ok(v)
     }
 
-    /// Sends device state.
-    pub fn send_state(&self, s: &Sections) -> Result<(), String> {
+    /// Sends a state record (an encoded `persist::state::StateRecord`).
+    pub fn send_state(&self, payload: &[u8]) -> Result<(), LinkError> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        w.record(Kind::State, &s.encode()).map_err(|e| format!("checkpoint link: {e}"))?;
-        w.flush().map_err(|e| format!("checkpoint link: {e}"))
+        w.record(Kind::State, payload)?;
+        Ok(w.flush()?)
     }
 
     /// The next message, waiting at most `timeout`.

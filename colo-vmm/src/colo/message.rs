@@ -1,8 +1,12 @@
-//! The messages of the checkpoint link (spec/colo.md), JSON in `Kind::Control` records (see
+//! The messages of the checkpoint link (docs/colo.md), JSON in `Kind::Control` records (see
 //! [`crate::persist::message`]): the checkpoint transaction, heartbeats, and what each side says
 //! when COLO ends. They follow the initial transfer's migration messages on the same stream.
 
 use serde::{Deserialize, Serialize};
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
 
 /// A control message of the checkpoint link.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,8 +18,12 @@ pub enum Control {
         /// `--compare-socket` order (`None` for a backend of both VMs).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         frame_links: Vec<Option<String>>,
+        /// With an arbiter: the secondary's replica name, which the primary records in the
+        /// pair record as the one that may take over.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        replica: Option<String>,
     },
-    /// Primary → secondary: a checkpoint begins (spec/colo.md step 1).
+    /// Primary → secondary: a checkpoint begins (docs/colo.md step 1).
     CheckpointRequest {
         /// Its number.
         seq: u64,
@@ -42,6 +50,9 @@ pub enum Control {
         seq: u64,
         /// Pages sent since `vmstate-send` (background pages not included).
         pages: u64,
+        /// Disk blocks sent since `vmstate-send` (background blocks not included).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        blocks: u64,
         /// Two hosts: each one-VM backend's mark at the pause (the first inbound frame the PVM
         /// had not taken), in `--compare-socket` order; the secondary's backends restart its
         /// VM's inbound frames there.
@@ -91,7 +102,7 @@ mod tests {
     fn json_shapes() {
         assert_eq!(serde_json::to_string(&Control::Heartbeat).unwrap(), r#"{"type":"heartbeat"}"#);
         assert_eq!(
-            serde_json::to_string(&Control::VmstateSize { seq: 3, pages: 9, rx_marks: vec![] }).unwrap(),
+            serde_json::to_string(&Control::VmstateSize { seq: 3, pages: 9, blocks: 0, rx_marks: vec![] }).unwrap(),
             r#"{"type":"vmstate-size","seq":3,"pages":9}"#
         );
         // Both protocols say `error` alike: a destination refusing a COLO start uses the

@@ -1,13 +1,12 @@
-//! COLO parameters (spec/colo.md), settable at run time with `set-parameters` and readable with
+//! COLO parameters (docs/colo.md), settable at run time with `set-parameters` and readable with
 //! `query-parameters`. Changes take effect at once; an invalid value is refused and nothing
 //! changes.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
-/// The parameters, with spec/colo.md's names and defaults.
+/// The parameters, with docs/colo.md's names and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct ColoParams {
@@ -30,6 +29,13 @@ pub struct ColoParams {
     pub heartbeat_interval: u64,
     /// Silence on the checkpoint link (ms) after which the survivor fails over.
     pub heartbeat_timeout: u64,
+    /// With an arbiter: the TTL (ms) of the lease behind the serving replica's key. etcd's
+    /// leases count whole seconds (rounded up here) and cannot be shorter than its election
+    /// timeout allows: 1000 at least.
+    pub arbiter_ttl: u64,
+    /// With an arbiter: a replica serving without a secondary starts COLO with a registered
+    /// standby by itself.
+    pub auto_reprotect: bool,
 }
 
 impl Default for ColoParams {
@@ -44,6 +50,8 @@ impl Default for ColoParams {
             ram_background_limit: 10 << 20,
             heartbeat_interval: 100,
             heartbeat_timeout: 1000,
+            arbiter_ttl: 2000,
+            auto_reprotect: true,
         }
     }
 }
@@ -53,55 +61,164 @@ pub fn ms(v: u64) -> Duration {
     Duration::from_millis(v)
 }
 
+/// `set-parameters`: the parameters to change, each optional (Firecracker's
+/// `MachineConfigUpdate` shape); [`ColoParams::apply`] makes the new set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ColoParamsUpdate {
+    /// `max-time`, ms.
+    pub max_time: Option<u64>,
+    /// `min-time`, ms.
+    pub min_time: Option<u64>,
+    /// `relax-time`, ms.
+    pub relax_time: Option<u64>,
+    /// `passive-limit`, ms.
+    pub passive_limit: Option<u64>,
+    /// `passive-time`, ms.
+    pub passive_time: Option<u64>,
+    /// `passive-count`.
+    pub passive_count: Option<u32>,
+    /// `ram-background-limit`, bytes.
+    pub ram_background_limit: Option<u64>,
+    /// `heartbeat-interval`, ms.
+    pub heartbeat_interval: Option<u64>,
+    /// `heartbeat-timeout`, ms.
+    pub heartbeat_timeout: Option<u64>,
+    /// `arbiter-ttl`, ms.
+    pub arbiter_ttl: Option<u64>,
+    /// `auto-reprotect`.
+    pub auto_reprotect: Option<bool>,
+}
+
+/// Why a set of parameters is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParamsError {
+    /// A value must not be 0.
+    #[error("{0} must be greater than 0")]
+    Zero(&'static str),
+    /// A value is beyond its bound.
+    #[error("{name} ({value}) must not exceed {max}")]
+    TooLarge {
+        /// The parameter.
+        name: &'static str,
+        /// Its value.
+        value: u64,
+        /// Its bound.
+        max: u64,
+    },
+    /// `min-time` above `max-time`.
+    #[error("min-time ({min}) must not exceed max-time ({max})")]
+    MinAboveMax {
+        /// min-time.
+        min: u64,
+        /// max-time.
+        max: u64,
+    },
+    /// The heartbeat timeout does not exceed the interval.
+    #[error("heartbeat-timeout ({timeout}) must exceed heartbeat-interval ({interval})")]
+    HeartbeatTimeout {
+        /// heartbeat-timeout.
+        timeout: u64,
+        /// heartbeat-interval.
+        interval: u64,
+    },
+    /// A background limit below one page.
+    #[error("ram-background-limit must be 0 (off) or at least one page (4096)")]
+    BackgroundLimit,
+    /// The arbiter could not move the key to a lease of the new TTL.
+    #[error("arbiter-ttl: {0}")]
+    Arbiter(String),
+    /// An arbiter lease shorter than etcd can keep.
+    #[error("arbiter-ttl ({0}) must be at least {min} ms: etcd's leases count whole seconds", min = bounds::ARBITER_TTL_MIN_MS)]
+    ArbiterTtl(u64),
+}
+
+/// Upper bounds: beyond them a value is a mistake, never a wish (a `relax-time` of 2^64-1 ms
+/// would keep the SVM paused for ever in the middle of a checkpoint).
+pub mod bounds {
+    /// One hour, ms: the longest interval of any kind.
+    pub const INTERVAL_MS: u64 = 3_600_000;
+    /// `relax-time`, ms: the SVM waits paused meanwhile.
+    pub const RELAX_MS: u64 = 10_000;
+    /// `passive-count`.
+    pub const PASSIVE_COUNT: u64 = 1_000_000;
+    /// `ram-background-limit`, bytes.
+    pub const BACKGROUND_BYTES: u64 = 16 << 30;
+    /// `heartbeat-interval`, ms.
+    pub const HEARTBEAT_INTERVAL_MS: u64 = 60_000;
+    /// `heartbeat-timeout`, ms.
+    pub const HEARTBEAT_TIMEOUT_MS: u64 = 600_000;
+    /// `arbiter-ttl`, ms: etcd's shortest lease (a second) ...
+    pub const ARBITER_TTL_MIN_MS: u64 = 1000;
+    /// ... and a minute, beyond which a dead replica blocks its failover too long.
+    pub const ARBITER_TTL_MAX_MS: u64 = 60_000;
+}
+
 impl ColoParams {
-    /// Applies `args` (parameter name → non-negative integer) to a copy, checks the result as a
-    /// whole, and returns it; the caller stores it only on success.
-    pub fn with(&self, args: &Map<String, Value>) -> Result<ColoParams, String> {
+    /// Applies `u` to a copy, checks the result as a whole, and returns it; the caller stores it
+    /// only on success.
+    pub fn apply(&self, u: &ColoParamsUpdate) -> Result<ColoParams, ParamsError> {
         let mut p = *self;
-        for (name, v) in args {
-            let n = v.as_u64().ok_or_else(|| format!("{name}: expected a non-negative integer, got {v}"))?;
-            match name.as_str() {
-                "max-time" => p.max_time = n,
-                "min-time" => p.min_time = n,
-                "relax-time" => p.relax_time = n,
-                "passive-limit" => p.passive_limit = n,
-                "passive-time" => p.passive_time = n,
-                "passive-count" => p.passive_count = u32::try_from(n).map_err(|_| format!("{name}: too large"))?,
-                "ram-background-limit" => p.ram_background_limit = n,
-                "heartbeat-interval" => p.heartbeat_interval = n,
-                "heartbeat-timeout" => p.heartbeat_timeout = n,
-                other => return Err(format!("unknown parameter '{other}'")),
+        let set = |field: &mut u64, v: Option<u64>| {
+            if let Some(v) = v {
+                *field = v;
             }
+        };
+        set(&mut p.max_time, u.max_time);
+        set(&mut p.min_time, u.min_time);
+        set(&mut p.relax_time, u.relax_time);
+        set(&mut p.passive_limit, u.passive_limit);
+        set(&mut p.passive_time, u.passive_time);
+        if let Some(v) = u.passive_count {
+            p.passive_count = v;
+        }
+        set(&mut p.ram_background_limit, u.ram_background_limit);
+        set(&mut p.heartbeat_interval, u.heartbeat_interval);
+        set(&mut p.heartbeat_timeout, u.heartbeat_timeout);
+        set(&mut p.arbiter_ttl, u.arbiter_ttl);
+        if let Some(v) = u.auto_reprotect {
+            p.auto_reprotect = v;
         }
         p.validate()?;
         Ok(p)
     }
 
-    /// Whether the values make sense together.
-    pub fn validate(&self) -> Result<(), String> {
-        let positive = [
-            ("max-time", self.max_time),
-            ("passive-time", self.passive_time),
-            ("passive-count", u64::from(self.passive_count)),
-            ("heartbeat-interval", self.heartbeat_interval),
-            ("heartbeat-timeout", self.heartbeat_timeout),
+    /// Whether the values make sense together and stay within their [`bounds`].
+    pub fn validate(&self) -> Result<(), ParamsError> {
+        let checks = [
+            ("max-time", self.max_time, 1, bounds::INTERVAL_MS),
+            ("min-time", self.min_time, 0, bounds::INTERVAL_MS),
+            ("relax-time", self.relax_time, 0, bounds::RELAX_MS),
+            ("passive-limit", self.passive_limit, 0, bounds::INTERVAL_MS),
+            ("passive-time", self.passive_time, 1, bounds::INTERVAL_MS),
+            ("passive-count", u64::from(self.passive_count), 1, bounds::PASSIVE_COUNT),
+            ("ram-background-limit", self.ram_background_limit, 0, bounds::BACKGROUND_BYTES),
+            ("heartbeat-interval", self.heartbeat_interval, 1, bounds::HEARTBEAT_INTERVAL_MS),
+            ("heartbeat-timeout", self.heartbeat_timeout, 1, bounds::HEARTBEAT_TIMEOUT_MS),
+            ("arbiter-ttl", self.arbiter_ttl, 1, bounds::ARBITER_TTL_MAX_MS),
         ];
-        for (name, v) in positive {
-            if v == 0 {
-                return Err(format!("{name} must be greater than 0"));
+        for (name, value, min, max) in checks {
+            if value < min {
+                return Err(ParamsError::Zero(name));
+            }
+            if value > max {
+                return Err(ParamsError::TooLarge { name, value, max });
             }
         }
         if self.min_time > self.max_time {
-            return Err(format!("min-time ({}) must not exceed max-time ({})", self.min_time, self.max_time));
+            return Err(ParamsError::MinAboveMax { min: self.min_time, max: self.max_time });
         }
         if self.heartbeat_timeout <= self.heartbeat_interval {
-            return Err(format!(
-                "heartbeat-timeout ({}) must exceed heartbeat-interval ({})",
-                self.heartbeat_timeout, self.heartbeat_interval
-            ));
+            return Err(ParamsError::HeartbeatTimeout {
+                timeout: self.heartbeat_timeout,
+                interval: self.heartbeat_interval,
+            });
         }
         if self.ram_background_limit != 0 && self.ram_background_limit < 4096 {
-            return Err("ram-background-limit must be 0 (off) or at least one page (4096)".into());
+            return Err(ParamsError::BackgroundLimit);
+        }
+        if self.arbiter_ttl < bounds::ARBITER_TTL_MIN_MS {
+            return Err(ParamsError::ArbiterTtl(self.arbiter_ttl));
         }
         Ok(())
     }
@@ -110,10 +227,10 @@ impl ColoParams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
-    fn args(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
+    fn update(v: Value) -> Result<ColoParamsUpdate, serde_json::Error> {
+        serde_json::from_value(v)
     }
 
     #[test]
@@ -132,21 +249,57 @@ mod tests {
     #[test]
     fn changes_apply_and_invalid_values_change_nothing() {
         let p = ColoParams::default();
-        let q = p.with(&args(json!({"passive-limit": 600, "max-time": 5000}))).unwrap();
+        let q = p.apply(&update(json!({"passive-limit": 600, "max-time": 5000})).unwrap()).unwrap();
         assert_eq!((q.passive_limit, q.max_time), (600, 5000));
         for bad in [
-            json!({"max-time": 0}),
             json!({"passive-time": -5}),
+            json!({"bogus": 1}),
+            json!({"max-time": "ten"}),
+            json!({"passive-count": 5_000_000_000u64}),
+        ] {
+            assert!(update(bad.clone()).is_err(), "{bad} should not parse");
+        }
+        for bad in [
+            json!({"max-time": 0}),
             json!({"passive-count": 0}),
             json!({"min-time": 20000}),
             json!({"heartbeat-timeout": 50}),
-            json!({"bogus": 1}),
-            json!({"max-time": "ten"}),
             json!({"ram-background-limit": 100}),
             json!({"passive-limit": 600, "max-time": 0}),
         ] {
-            assert!(p.with(&args(bad.clone())).is_err(), "{bad} should be refused");
+            assert!(p.apply(&update(bad.clone()).unwrap()).is_err(), "{bad} should be refused");
         }
         assert_eq!(p, ColoParams::default(), "a refused change leaves the parameters as they were");
+    }
+
+    #[test]
+    fn every_parameter_has_an_upper_bound() {
+        // Issue 12, item 6: relax-time = 2^64-1 slept for ever in the middle of a checkpoint.
+        let p = ColoParams::default();
+        for name in [
+            "max-time",
+            "min-time",
+            "relax-time",
+            "passive-limit",
+            "passive-time",
+            "passive-count",
+            "ram-background-limit",
+            "heartbeat-interval",
+            "heartbeat-timeout",
+        ] {
+            let huge = if name == "passive-count" { u64::from(u32::MAX) } else { u64::MAX };
+            let u = update(json!({ name: huge })).unwrap();
+            assert!(
+                matches!(p.apply(&u), Err(ParamsError::TooLarge { .. } | ParamsError::MinAboveMax { .. })),
+                "{name} = {huge}: {:?}",
+                p.apply(&u)
+            );
+        }
+        assert!(p.apply(&update(json!({"relax-time": 10_001})).unwrap()).is_err());
+        assert_eq!(p.apply(&update(json!({"relax-time": 10_000})).unwrap()).unwrap().relax_time, 10_000);
+        // What the tests and benchmarks set stays allowed.
+        let u = update(json!({"max-time": 100, "passive-limit": 1_000_000, "passive-count": 1_000_000})).unwrap();
+        p.apply(&u).unwrap();
+        p.apply(&update(json!({"heartbeat-timeout": 60_000})).unwrap()).unwrap();
     }
 }

@@ -1,5 +1,5 @@
 //! The primary: `colo-start` migrates the running VM to the secondary and, instead of handing
-//! it over, keeps checkpointing it there (spec/colo.md). The checkpoint controller runs hybrid
+//! it over, keeps checkpointing it there (docs/colo.md). The checkpoint controller runs hybrid
 //! mode: it waits for a miscompare, `max-time`, a user request or the end of a passive interval;
 //! runs the transaction in the spec's order; and fails over to `primary-only` when the
 //! secondary is lost.
@@ -11,19 +11,20 @@ use std::time::{Duration, Instant};
 
 use colo_proxy::compare::Mode;
 
-use super::compare::CompareSet;
+use super::blocks::PendingBlocks;
+use super::compare::{CompareError, CompareSet};
 use super::hybrid::{CheckpointKind, Decision, Hybrid};
 use super::link::{Incoming, Link, Silence};
 use super::message::Control;
 use super::params::{ms, ColoParams};
 use super::shared::ColoShared;
 use super::status::{unix_ms, Role, State, Trigger};
-use crate::migratable::{page_digests, Migratable};
+use crate::migratable::{block_digests, page_digests, Migratable};
 use crate::migration::protocol::Purpose;
-use crate::migration::source::{self, Transfer};
+use crate::migration::source::{self, MigrationError, Transfer};
 use crate::migration::status::{MigrationParams, StatusHandle};
 use crate::migration::uri::{Channel, MigrationUri};
-use crate::persist::snapshot;
+use crate::persist::state::StateRecord;
 use crate::persist::stream::PAGE_SIZE;
 use crate::vstate::dirty::DirtyBitmap;
 
@@ -48,11 +49,55 @@ pub struct TestOptions {
     pub checkpoint_delay: Option<Duration>,
 }
 
+/// Why COLO did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// This VMM is a secondary.
+    #[error("this VMM runs a secondary; start COLO on the primary")]
+    Secondary,
+    /// COLO runs already.
+    #[error("COLO is already running")]
+    Running,
+    /// No `--compare-socket`.
+    #[error("COLO needs the VM's traffic to pass a compare process: start colo-vmm with --compare-socket")]
+    NoCompare,
+    /// The initial transfer failed.
+    #[error(transparent)]
+    Transfer(#[from] MigrationError),
+    /// The compare processes could not be set to COLO.
+    #[error(transparent)]
+    Compare(#[from] CompareError),
+    /// The secondary refused the VM.
+    #[error("the secondary refused: {0}")]
+    Refused(String),
+    /// The secondary answered out of turn.
+    #[error("unexpected answer from the secondary: {0}")]
+    Unexpected(String),
+    /// The PVM did not restart after the transfer.
+    #[error("{0}")]
+    Restart(String),
+    /// The COLO thread could not start.
+    #[error("starting the COLO thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// The arbiter could not record the new pair.
+    #[error("arbiter: {0}")]
+    Arbiter(String),
+    /// A survivor of a one-host pair.
+    #[error(
+        "this VM took over from its primary behind a compare process that serves both VMs (one host): \
+         re-protection needs one backend per VM (vhost-net-compare --vm-socket, colo-proxy run --vm)"
+    )]
+    PairSurvivor,
+}
+
 /// A primary-to-be connects to its compare processes at once and sets them `primary-only`, so
-/// its traffic flows before COLO starts (spec/control.md, "Initial mode").
-pub fn prepare(colo: &ColoShared) -> Result<(), String> {
+/// its traffic flows before COLO starts (docs/control.md, "Initial mode").
+pub fn prepare(colo: &ColoShared) -> Result<(), CompareError> {
     let mut c = CompareSet::connect(&colo.compare_sockets, Duration::from_secs(10))?;
-    c.serve_alone()?;
+    // With an arbiter, only once this replica holds the VM's key (see `serving`).
+    if colo.arbiter().is_none() {
+        c.serve_alone()?;
+    }
     *colo.compare() = Some(c);
     Ok(())
 }
@@ -63,20 +108,27 @@ pub fn start<V: Migratable + 'static>(
     colo: &Arc<ColoShared>,
     uri: MigrationUri,
     test: TestOptions,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     let s = colo.status();
-    // A secondary that took over serves alone, like a primary whose secondary died: it may
-    // protect its VM again, with a new secondary (re-protection by hand).
-    if s.role == Role::Secondary && s.state != State::FailedOver {
-        return Err("this VMM runs a secondary; start COLO on the primary".into());
+    // A secondary that took over may protect itself again (re-protection); one in COLO not.
+    let survivor = s.role == Role::Secondary && s.state == State::FailedOver;
+    if s.role == Role::Secondary && !survivor {
+        return Err(StartError::Secondary);
     }
     if matches!(s.state, State::Starting | State::Running) {
-        return Err("COLO is already running".into());
+        return Err(StartError::Running);
     }
     if colo.compare_sockets.is_empty() {
-        return Err(
-            "COLO needs the VM's traffic to pass a compare process: start colo-vmm with --compare-socket".into()
-        );
+        return Err(StartError::NoCompare);
+    }
+    if survivor {
+        // Its VM sits on the secondary's side of a backend that serves both VMs (one host):
+        // that backend cannot compare it against a new secondary.
+        let c = CompareSet::connect(&colo.compare_sockets, Duration::from_secs(5))?;
+        if !c.one_vm() {
+            return Err(StartError::PairSurvivor);
+        }
+        *colo.compare() = Some(c);
     }
     colo.update(|s| {
         s.role = Role::Primary;
@@ -87,7 +139,7 @@ pub fn start<V: Migratable + 'static>(
     std::thread::Builder::new()
         .name("colo-primary".into())
         .spawn(move || run(&*vm, &colo, &uri, test))
-        .map_err(|e| e.to_string())?;
+        .map_err(StartError::Spawn)?;
     Ok(())
 }
 
@@ -98,7 +150,7 @@ fn run<V: Migratable>(vm: &V, colo: &ColoShared, uri: &MigrationUri, test: TestO
             tracing::error!(target: "colo", uri = %uri, error = %e, "COLO did not start; the VM runs unprotected");
             colo.update(|s| {
                 s.state = State::Inactive;
-                s.error = Some(e);
+                s.error = Some(e.to_string());
             });
             return;
         }
@@ -113,32 +165,38 @@ fn begin<'a, V: Migratable>(
     colo: &'a ColoShared,
     uri: &MigrationUri,
     test: TestOptions,
-) -> Result<Controller<'a, V>, String> {
+) -> Result<Controller<'a, V>, StartError> {
     let started = Instant::now();
     let progress = StatusHandle::default();
     let mut t = source::connect(vm, uri, Purpose::Colo)?;
-    let abandon = |t: Transfer, e: String| {
+    let abandon = |t: Transfer, e: StartError| {
         t.chan.shutdown();
         vm.stop_dirty_log();
         e
     };
     let dirty = match source::precopy(vm, &mut t, MigrationParams::default(), &progress, started) {
         Ok(d) => d,
-        Err(e) => return Err(abandon(t, e)),
+        Err(e) => return Err(abandon(t, e.into())),
     };
     if let Err(e) = source::pause_and_send_state(vm, &mut t, dirty, &progress, false) {
-        return Err(abandon(t, e));
+        return Err(abandon(t, e.into()));
     }
     // From here the PVM is paused: every way out restarts it.
-    let ready = source::answer(&t, READY_TIMEOUT).and_then(|(r, c)| match c {
-        Control::CheckpointReady { frame_links } => Ok((r, frame_links)),
-        Control::Error { message } => Err(format!("the secondary refused: {message}")),
-        other => Err(format!("unexpected answer from the secondary: {other:?}")),
+    let ready = source::answer(&t, READY_TIMEOUT).map_err(StartError::from).and_then(|(r, c)| match c {
+        Control::CheckpointReady { frame_links, replica } => Ok((r, frame_links, replica)),
+        Control::Error { message } => Err(StartError::Refused(message)),
+        other => Err(StartError::Unexpected(format!("{other:?}"))),
     });
-    let (reader, frame_links) = match ready {
+    let (reader, frame_links, secondary) = match ready {
         Ok(r) => r,
-        Err(e) => return Err(abandon(t, source::rollback(vm, e))),
+        Err(e) => return Err(abandon(t, restart(vm, e))),
     };
+    // With an arbiter: the secondary may take over only once the pair record names it, and
+    // it must, before anything of the pair is released.
+    if let Err(e) = record_pair(colo, secondary.as_deref()) {
+        let _ = crate::persist::message::send(&mut t.w, &Control::Error { message: e.to_string() });
+        return Err(abandon(t, restart(vm, e)));
+    }
     let _ = t.chan.set_read_timeout(None);
     // Two hosts: this host's backends connect their frame links to the secondary's now, while
     // the PVM is still paused, so the SVM gets every inbound frame the PVM has not taken.
@@ -149,8 +207,8 @@ fn begin<'a, V: Migratable>(
             c
         }
         Err(e) => {
-            let _ = crate::persist::message::send(&mut t.w, &Control::Error { message: e.clone() });
-            return Err(abandon(t, source::rollback(vm, e)));
+            let _ = crate::persist::message::send(&mut t.w, &Control::Error { message: e.to_string() });
+            return Err(abandon(t, restart(vm, e.into())));
         }
     };
     let Transfer { w, chan, .. } = t;
@@ -158,7 +216,7 @@ fn begin<'a, V: Migratable>(
     let mut ctl = Controller::new(vm, colo, link, compare, test);
     if let Err(End::Error(e) | End::Lost(e)) = ctl.resume() {
         ctl.fail_over(End::Error(e.clone()));
-        return Err(e);
+        return Err(StartError::Restart(e));
     }
     colo.update(|s| {
         s.state = State::Running;
@@ -170,6 +228,19 @@ fn begin<'a, V: Migratable>(
     Ok(ctl)
 }
 
+/// With an arbiter: records in etcd that `secondary` has this VM's state (see
+/// [`crate::arbiter::claim`]).
+fn record_pair(colo: &ColoShared, secondary: Option<&str>) -> Result<(), StartError> {
+    let Some(claim) = colo.arbiter() else { return Ok(()) };
+    let secondary = secondary
+        .ok_or_else(|| StartError::Arbiter("the secondary runs without --arbiter: it could never take over".into()))?;
+    match claim.protect_with(secondary) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(StartError::Arbiter("this replica no longer holds the VM's key".into())),
+        Err(e) => Err(StartError::Arbiter(format!("recording the pair: {e}"))),
+    }
+}
+
 /// The lease under which a primary's one-VM backends release output: half the heartbeat
 /// timeout, so a primary cut off from its secondary stops releasing well before the secondary
 /// can take over.
@@ -177,8 +248,16 @@ fn lease_ms(p: &ColoParams) -> u64 {
     (p.heartbeat_timeout / 2).clamp(20, 60_000)
 }
 
+/// Restarts the PVM after a start that led nowhere; a failure to is reported with `why`.
+fn restart<V: Migratable>(vm: &V, why: StartError) -> StartError {
+    match vm.resume() {
+        Ok(()) => why,
+        Err(e) => StartError::Restart(format!("{why}; restarting the VM also failed: {e}")),
+    }
+}
+
 /// The primary's compare connection, made at start-up to set `primary-only`, or a new one.
-fn take_compare(colo: &ColoShared) -> Result<CompareSet, String> {
+fn take_compare(colo: &ColoShared) -> Result<CompareSet, CompareError> {
     match colo.compare().take() {
         Some(c) => Ok(c),
         None => CompareSet::connect(&colo.compare_sockets, Duration::from_secs(5)),
@@ -189,6 +268,7 @@ fn take_compare(colo: &ColoShared) -> Result<CompareSet, String> {
 /// was saved): pages and state sent, `vmstate-received`, output committed, `vmstate-loaded`.
 struct Sent {
     pages: u64,
+    blocks: u64,
     bytes: u64,
     released: u64,
     dropped: u64,
@@ -224,6 +304,8 @@ struct Controller<'a, V: Migratable> {
     hybrid: Hybrid,
     /// Pages dirtied since the last checkpoint and not yet streamed in the background.
     pending: DirtyBitmap,
+    /// The same for the disk's blocks.
+    pending_blocks: PendingBlocks,
     seq: u64,
     /// When the PVM last resumed: intervals count running time only.
     resumed_at: Instant,
@@ -250,6 +332,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
             tracking: true,
             hybrid: Hybrid::default(),
             pending: DirtyBitmap::empty(vm.page_count()),
+            pending_blocks: PendingBlocks::new(vm),
             seq: 0,
             resumed_at: Instant::now(),
             test,
@@ -286,11 +369,11 @@ impl<'a, V: Migratable> Controller<'a, V> {
     }
 
     /// A write to the secondary failed: if it said why before closing, that is the reason.
-    fn write_failed(&mut self, e: String) -> End {
+    fn write_failed(&mut self, e: impl std::fmt::Display) -> End {
         match self.link.last_words(Duration::from_millis(200)) {
             Some(Control::Error { message }) => End::Error(format!("the secondary gave up: {message}")),
             Some(Control::TakenOver { reason }) => End::Replaced(reason),
-            _ => End::Lost(e),
+            _ => End::Lost(e.to_string()),
         }
     }
 
@@ -400,8 +483,21 @@ impl<'a, V: Migratable> Controller<'a, V> {
         Ok(n)
     }
 
+    /// Streams the pending disk blocks once enough have gathered (as [`Self::background`] does
+    /// pages).
+    fn background_blocks(&mut self, limit: u64) -> Result<(), End> {
+        self.pending_blocks.gather(self.vm);
+        if self.pending_blocks.bytes() < limit {
+            return Ok(());
+        }
+        let n = self.pending_blocks.send(&self.link, self.vm).map_err(|e| self.write_failed(e))?;
+        self.colo.update(|s| s.disk.background_blocks += n);
+        Ok(())
+    }
+
     /// Streams pending dirty pages to the secondary's RAM cache once enough have gathered.
     fn background(&mut self, limit: u64) -> Result<(), End> {
+        self.background_blocks(limit)?;
         self.gather()?;
         if (self.pending.count() as u64) * (PAGE_SIZE as u64) < limit {
             return Ok(());
@@ -449,12 +545,13 @@ impl<'a, V: Migratable> Controller<'a, V> {
         // Whatever happened, the PVM runs on.
         let resumed = self.resume();
         let pause = paused_at.elapsed();
-        let Sent { pages, bytes, released, dropped, sent_ms, received_ms, committed_ms, loaded_ms } = sent?;
+        let Sent { pages, blocks, bytes, released, dropped, sent_ms, received_ms, committed_ms, loaded_ms } = sent?;
         resumed?;
         let kind = decision.kind;
         let hybrid = self.hybrid.clone();
         self.colo.update(|s| {
             s.checkpoint(kind, &trigger, interval, pause, pages, bytes);
+            s.checkpoint_blocks(blocks);
             s.frames_released += released;
             s.frames_dropped += dropped;
             s.mode = Some(kind);
@@ -471,6 +568,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
             interval_ms = interval.as_millis() as u64,
             pause_ms = pause.as_secs_f64() * 1000.0,
             pages,
+            blocks,
             released,
             sent_ms,
             received_ms,
@@ -500,6 +598,8 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.gather()?;
         self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
         let pages = self.send_pending()?;
+        self.pending_blocks.gather(vm);
+        let blocks = self.pending_blocks.send(&self.link, vm).map_err(|e| self.write_failed(e))?;
         if let Some(d) = self.test.checkpoint_delay {
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
             std::thread::sleep(d);
@@ -510,14 +610,20 @@ impl<'a, V: Migratable> Controller<'a, V> {
         } else {
             vec![]
         };
-        let mut state = vm.save_state().map_err(|e| End::Error(format!("saving the VM state: {e}")))?;
-        if self.test.verify {
-            let d = page_digests(vm).map_err(|e| End::Error(e.to_string()))?;
-            state.put_bytes(source::VERIFY_SECTION, snapshot::encode_digests(&d));
-        }
-        let encoded = state.encode().len() as u64;
-        self.link.send_state(&state).map_err(|e| self.write_failed(e))?;
-        self.link.send(&Control::VmstateSize { seq, pages, rx_marks }).map_err(|e| self.write_failed(e))?;
+        let state = Box::new(vm.save_state().map_err(|e| End::Error(format!("saving the VM state: {e}")))?);
+        let page_digests = match self.test.verify {
+            true => Some(page_digests(vm).map_err(|e| End::Error(e.to_string()))?),
+            false => None,
+        };
+        let block_digests = match self.test.verify {
+            true => block_digests(vm).map_err(|e| End::Error(e.to_string()))?,
+            false => None,
+        };
+        let record = StateRecord::Paused { state, page_digests, block_digests }.encode();
+        let encoded = record.len() as u64;
+        self.link.send_state(&record).map_err(|e| self.write_failed(e))?;
+        let size = Control::VmstateSize { seq, pages, blocks, rx_marks };
+        self.link.send(&size).map_err(|e| self.write_failed(e))?;
         let sent_ms = ms_since(t0);
         self.expect("vmstate-received", &Control::VmstateReceived { seq })?;
         let received_ms = ms_since(t0);
@@ -536,7 +642,8 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.expect("vmstate-loaded", &Control::VmstateLoaded { seq })?;
         Ok(Sent {
             pages,
-            bytes: pages * PAGE_SIZE as u64 + encoded,
+            blocks,
+            bytes: (pages + blocks) * PAGE_SIZE as u64 + encoded,
             released,
             dropped,
             sent_ms,
@@ -560,14 +667,18 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.link.close();
         let mut compare = self.compare.take();
         let set = match compare.as_mut() {
+            // With an arbiter this replica serves alone only while it holds the VM's key: the
+            // serving thread decides (within its next look).
+            Some(_) if self.colo.arbiter().is_some() => Ok(()),
             Some(c) => c.serve_alone(),
-            None => Err("no compare connection".into()),
+            None => Err(CompareError::Closed),
         };
         if let Err(e) = set {
             // Reconnect: a compare process may have restarted.
             tracing::warn!(target: "colo", error = %e, "serving alone; reconnecting to the compare processes");
+            let arbiter = self.colo.arbiter().is_some();
             compare = CompareSet::connect(&self.colo.compare_sockets, Duration::from_secs(5))
-                .and_then(|mut c| c.serve_alone().map(|()| c))
+                .and_then(|mut c| if arbiter { Ok(c) } else { c.serve_alone().map(|()| c) })
                 .map_err(|e| tracing::error!(target: "colo", error = %e, "could not make the compare processes serve this VM alone"))
                 .ok();
         }
@@ -621,6 +732,7 @@ fn describe(m: &Incoming) -> String {
     match m {
         Incoming::Control(c) => format!("{c:?}"),
         Incoming::Pages(p) => format!("{} bytes of pages", p.len()),
+        Incoming::Blocks(b) => format!("{} bytes of disk blocks", b.len()),
         Incoming::State(s) => format!("{} bytes of device state", s.len()),
         Incoming::Closed(w) | Incoming::Corrupt(w) => w.clone(),
     }

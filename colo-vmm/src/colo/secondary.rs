@@ -1,5 +1,5 @@
 //! The secondary: it receives the primary's VM by the initial transfer, runs it as the SVM with
-//! its own backend connection, and serves checkpoints (spec/colo.md):
+//! its own backend connection, and serves checkpoints (docs/colo.md):
 //! 1. `checkpoint-request` → pause the SVM and quiesce its rings, `checkpoint-reply`;
 //! 3. and 4. pages go to the RAM cache, then the device state; `vmstate-received`;
 //! 6. copy into guest memory every page either side dirtied since the last checkpoint
@@ -26,6 +26,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::blocks::BlockCache;
 use super::cache::RamCache;
 use super::compare::CompareSet;
 use super::hybrid::CheckpointKind;
@@ -34,9 +35,10 @@ use super::message::Control;
 use super::params::ms;
 use super::shared::ColoShared;
 use super::status::{Role, State, Trigger};
-use crate::migratable::{differing_pages, Migratable};
+use super::takeover;
+use crate::migratable::{differing_blocks, differing_pages, Migratable};
 use crate::migration::uri::Channel;
-use crate::persist::sections::Sections;
+use crate::persist::state::{MachineState, StateRecord};
 use crate::persist::stream::{pages as stream_pages, StreamReader, StreamWriter};
 use crate::vmm::{BootError, Core, VmConfig, Vmm};
 use crate::vstate::dirty::DirtyBitmap;
@@ -51,42 +53,62 @@ pub struct SecondaryRunner {
     /// The compare processes, when they serve this VM only (two hosts): told the role now,
     /// the marks at each checkpoint, the takeover at failover.
     compare: Option<CompareSet>,
+    /// With an arbiter: the primary's replica name (the key's holder at COLO start).
+    primary_name: Option<String>,
+    /// The primary's disk blocks of the checkpoint in flight.
+    blocks: BlockCache,
 }
 
 /// Starts the SVM from the initial transfer: attaches this VMM's own backends, takes over the
-/// state, fills the RAM cache, starts dirty tracking and the vCPU, says `checkpoint-ready`.
+/// state, fills the RAM cache (from the pages the transfer `written`), starts dirty tracking
+/// and the vCPU, says `checkpoint-ready`.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     config: &VmConfig,
     core: Core,
-    state: Sections,
+    state: MachineState,
+    written: &DirtyBitmap,
     reader: StreamReader<BufReader<Channel>>,
     mut writer: StreamWriter<Channel>,
     chan: Channel,
     colo: &Arc<ColoShared>,
 ) -> Result<(Vmm, SecondaryRunner), BootError> {
-    let err = |what: &'static str| move |e: String| BootError::Other { what, error: e };
+    let err = |what: &'static str| move |e: &dyn std::fmt::Display| BootError::Other { what, error: e.to_string() };
     // Two hosts: this host's backends must know the VM is a secondary before it runs (until
     // then they pass nothing), and the primary must know where their frame links listen.
-    let compare = secondary_backends(colo).map_err(err("compare processes"))?;
+    let compare = secondary_backends(colo).map_err(|e| err("compare processes")(&e))?;
     let frame_links = compare.as_ref().map(CompareSet::frame_links).unwrap_or_default();
+    // The SVM's own writes go to its disk's overlay from its first instruction on.
+    if let Some(disk) = core.disk() {
+        disk.buffer_writes()?;
+    }
+    let blocks = BlockCache::new(core.disk())?;
     let mut machine = core.attach(config)?;
-    Vmm::apply_state(&mut machine, &state, &config.serial)?;
-    let cache = RamCache::copy_of(machine.ram().memory(), machine.ram().size()).map_err(err("RAM cache"))?;
-    machine.start_dirty_log().map_err(|e| err("dirty tracking")(e.to_string()))?;
+    Vmm::apply_state(&mut machine, state, &config.serial)?;
+    // Only the pages the migration wrote: the primary waits paused meanwhile.
+    let cache = RamCache::copy_pages_of(machine.ram().memory(), machine.ram().size(), written)
+        .map_err(|e| err("RAM cache")(&e))?;
+    machine.start_dirty_log().map_err(|e| err("dirty tracking")(&e))?;
     let vmm = machine.start()?;
-    crate::persist::message::send(&mut writer, &Control::CheckpointReady { frame_links })?;
+    let replica = colo.arbiter().map(|c| c.me().to_string());
+    crate::persist::message::send(&mut writer, &Control::CheckpointReady { frame_links, replica })?;
     colo.update(|s| {
         s.role = Role::Secondary;
         s.state = State::Running;
         s.mode = Some(CheckpointKind::Colo);
     });
     tracing::info!(target: "colo", "secondary running; COLO started");
-    Ok((vmm, SecondaryRunner { reader, writer, chan, cache, colo: colo.clone(), compare }))
+    // With an arbiter: the serving primary holds the VM's key; a standby is one no more.
+    let primary_name = colo.arbiter().and_then(|c| {
+        c.unregister_standby();
+        c.holder().ok().flatten()
+    });
+    Ok((vmm, SecondaryRunner { reader, writer, chan, cache, colo: colo.clone(), compare, primary_name, blocks }))
 }
 
 /// Connects to the compare processes when they serve this VM only and sets them secondary;
 /// `None` when they serve both VMs (one host: the primary drives them until a failover).
-fn secondary_backends(colo: &ColoShared) -> Result<Option<CompareSet>, String> {
+fn secondary_backends(colo: &ColoShared) -> Result<Option<CompareSet>, super::compare::CompareError> {
     if colo.compare_sockets.is_empty() {
         return Ok(None);
     }
@@ -96,6 +118,36 @@ fn secondary_backends(colo: &ColoShared) -> Result<Option<CompareSet>, String> {
     }
     c.serve_as_secondary()?;
     Ok(Some(c))
+}
+
+/// Why a complete checkpoint could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// Its state does not decode.
+    #[error(transparent)]
+    State(#[from] crate::persist::stream::StreamError),
+    /// The SVM refused it (dirty log, memory, vCPU, devices).
+    #[error(transparent)]
+    Vm(#[from] crate::migratable::MigratableError),
+    /// Verify mode: memory differs from the paused PVM's.
+    #[error("verify: {count} pages differ from the primary's (first: {first})")]
+    Verify {
+        /// How many.
+        count: usize,
+        /// The first few addresses.
+        first: String,
+    },
+    /// The disk failed.
+    #[error(transparent)]
+    Disk(#[from] crate::devices::block::disk::DiskError),
+    /// Verify mode: the disk differs from the paused PVM's.
+    #[error("verify: {count} disk blocks differ from the primary's (first: {first})")]
+    VerifyBlocks {
+        /// How many.
+        count: usize,
+        /// The first few block numbers.
+        first: String,
+    },
 }
 
 /// Where a checkpoint stands on this side.
@@ -108,8 +160,10 @@ enum Phase {
 
 /// Why COLO ended on the secondary.
 enum End {
-    /// The primary is gone (link broken, heartbeat silent) or declared lost: take over.
-    Lost(String),
+    /// The primary is gone or declared lost: take over. `gone`: its process is known to be
+    /// gone (the link ended with a reset or EOF) or the operator said so (`lost-heartbeat`);
+    /// otherwise it fell silent, and may be alive behind a cut link.
+    Lost { reason: String, gone: bool },
     /// COLO cannot go on, but the primary may be alive and serving: keep the SVM paused at the
     /// last complete checkpoint and wait for a failover decision. `tell`: say so to the primary.
     Error { why: String, tell: bool },
@@ -125,10 +179,10 @@ impl SecondaryRunner {
     }
 
     fn run<V: Migratable>(self, vm: &V) {
-        let SecondaryRunner { reader, writer, chan, cache, colo, compare } = self;
+        let SecondaryRunner { reader, writer, chan, cache, colo, compare, primary_name, blocks } = self;
         let colo = &*colo;
         let received = DirtyBitmap::empty(vm.page_count());
-        let mut svm = Svm { cache, received, compare };
+        let mut svm = Svm { cache, received, compare, blocks };
         let mut link = Link::new(reader, writer, chan, colo.heartbeat_ms.clone());
         let mut phase = Phase::Idle;
         let end = loop {
@@ -141,7 +195,11 @@ impl SecondaryRunner {
         };
         let mid_checkpoint = matches!(phase, Phase::Receiving { .. });
         let reason = match end {
-            End::Lost(reason) => {
+            End::Lost { reason, gone } => {
+                if let Some(claim) = colo.arbiter() {
+                    // The arbiter decides who serves: take over only with the VM's key.
+                    takeover::wait_for_key(claim, colo, gone, primary_name.as_deref());
+                }
                 // If the primary is alive after all (stopped, or cut off only one way), it must
                 // step down rather than serve alongside.
                 let _ = link.send(&Control::TakenOver { reason: reason.clone() });
@@ -173,12 +231,12 @@ impl SecondaryRunner {
 
 /// A write to the primary failed: if it said why before closing (it continues alone), this
 /// side must not take over.
-fn write_failed<W: std::io::Write + Send + 'static>(link: &mut Link<W>, e: String) -> End {
+fn write_failed<W: std::io::Write + Send + 'static>(link: &mut Link<W>, e: impl std::fmt::Display) -> End {
     match link.last_words(Duration::from_millis(200)) {
         Some(Control::Error { message }) => {
             End::Error { why: format!("the primary ended COLO: {message}"), tell: false }
         }
-        _ => End::Lost(e),
+        _ => End::Lost { reason: e.to_string(), gone: true },
     }
 }
 
@@ -191,6 +249,8 @@ struct Svm {
     received: DirtyBitmap,
     /// The compare processes when they serve this VM only (two hosts).
     compare: Option<CompareSet>,
+    /// The primary's disk blocks since the last loaded checkpoint.
+    blocks: BlockCache,
 }
 
 impl Svm {
@@ -204,7 +264,7 @@ impl Svm {
     ) -> Result<(), End> {
         let error = |why: String| End::Error { why, tell: true };
         if colo.lost_heartbeat.swap(false, Ordering::Relaxed) {
-            return Err(End::Lost("lost-heartbeat command".into()));
+            return Err(End::Lost { reason: "lost-heartbeat command".into(), gone: true });
         }
         // Read before judging silence (see the primary's check_peer).
         let msg = match link.recv(Duration::from_millis(20)) {
@@ -212,11 +272,14 @@ impl Svm {
             Err(Silence::Timeout) => {
                 let timeout = ms(colo.params().heartbeat_timeout);
                 if link.peer_silent(timeout) {
-                    return Err(End::Lost(format!("no heartbeat from the primary for {} ms", timeout.as_millis())));
+                    let reason = format!("no heartbeat from the primary for {} ms", timeout.as_millis());
+                    return Err(End::Lost { reason, gone: false });
                 }
                 return Ok(());
             }
-            Err(Silence::Closed(why)) => return Err(End::Lost(format!("checkpoint link broken: {why}"))),
+            Err(Silence::Closed(why)) => {
+                return Err(End::Lost { reason: format!("checkpoint link broken: {why}"), gone: true })
+            }
             Err(Silence::Corrupt(why)) => {
                 return Err(error(format!("corrupt checkpoint stream from the primary: {why}")))
             }
@@ -242,20 +305,26 @@ impl Svm {
                 let trigger = Trigger::parse(&trigger);
                 *phase = Phase::Receiving { seq, passive, trigger, pages: 0, state: None, started: Instant::now() };
             }
+            (Incoming::Blocks(b), _) => {
+                self.blocks.store(&b).map_err(|e| error(format!("disk blocks from the primary: {e}")))?
+            }
             (Incoming::Control(Control::VmstateSend { seq }), Phase::Receiving { seq: s, pages, .. }) if seq == *s => {
-                // Pages streamed in the background before this point are not part of the count.
-                *pages = 0
+                // Pages (and blocks) streamed in the background before this point are not part
+                // of the count.
+                *pages = 0;
+                self.blocks.start_checkpoint();
             }
             (Incoming::State(st), Phase::Receiving { state, .. }) => *state = Some(st),
             (
-                Incoming::Control(Control::VmstateSize { seq, pages: n, rx_marks }),
+                Incoming::Control(Control::VmstateSize { seq, pages: n, blocks, rx_marks }),
                 Phase::Receiving { seq: s, pages, state, .. },
             ) if seq == *s => {
-                if n != *pages || state.is_none() {
+                if n != *pages || state.is_none() || blocks != self.blocks.received() {
                     return Err(error(format!(
-                        "checkpoint {seq}: the primary sent {n} pages and {} device state, {} pages arrived",
+                        "checkpoint {seq}: the primary sent {n} pages, {blocks} disk blocks and {} device state, {} pages and {} blocks arrived",
                         if state.is_some() { "its" } else { "no" },
-                        pages
+                        pages,
+                        self.blocks.received()
                     )));
                 }
                 let Phase::Receiving { passive, trigger, state, started, .. } = std::mem::replace(phase, Phase::Idle)
@@ -289,7 +358,7 @@ impl Svm {
                 return Err(error(format!("unexpected message from the primary: {other:?}")))
             }
             (Incoming::State(_), Phase::Idle) => return Err(error("device state outside a checkpoint".into())),
-            (Incoming::Closed(why), _) => return Err(End::Lost(why)),
+            (Incoming::Closed(why), _) => return Err(End::Lost { reason: why, gone: true }),
             (Incoming::Corrupt(why), _) => return Err(error(why)),
         }
         Ok(())
@@ -304,37 +373,46 @@ impl Svm {
         passive: bool,
         trigger: &Trigger,
         started: Instant,
-    ) -> Result<(), String> {
-        let sections = Sections::decode(&state).map_err(|e| e.to_string())?;
+    ) -> Result<(), LoadError> {
+        let len = state.len() as u64;
+        let (machine, digests, block_digests) = StateRecord::decode(&state)?.into_parts()?;
         // The rings stopped at step 1, so the backend no longer writes guest memory: gather
         // what the SVM changed since the last checkpoint.
-        let own = vm.dirty_pages().map_err(|e| e.to_string())?;
+        let own = vm.dirty_pages()?;
         self.received.union(own.words());
         let n = self.cache.apply(self.received.iter(), |p, data| vm.write_page(p, data))?;
-        if let Ok(digests) = sections.bytes(crate::migration::source::VERIFY_SECTION) {
+        if let Some(digests) = digests {
             // Test mode: memory must now equal the paused PVM's, page for page.
-            let diff = differing_pages(vm, digests).map_err(|e| e.to_string())?;
+            let diff = differing_pages(vm, &digests)?;
             if !diff.is_empty() {
                 let first: Vec<String> = diff.iter().take(8).map(|a| format!("{a:#x}")).collect();
-                return Err(format!(
-                    "verify: {} pages differ from the primary's (first: {})",
-                    diff.len(),
-                    first.join(", ")
-                ));
+                return Err(LoadError::Verify { count: diff.len(), first: first.join(", ") });
             }
             tracing::info!(target: "colo", "verified: the SVM's memory equals the PVM's page for page");
         }
-        vm.restore_state(&sections).map_err(|e| e.to_string())?;
+        vm.restore_state(machine)?;
+        // The disk: the SVM's own writes go, the primary's blocks go into the image.
+        let disk = self.blocks.load(vm)?;
+        if let Some(digests) = block_digests {
+            let diff = differing_blocks(vm, &digests)?;
+            if !diff.is_empty() {
+                let first: Vec<String> = diff.iter().take(8).map(u64::to_string).collect();
+                return Err(LoadError::VerifyBlocks { count: diff.len(), first: first.join(", ") });
+            }
+            tracing::info!(target: "colo", "verified: the SVM's disk equals the PVM's block for block");
+        }
         // Our own copying is not the SVM's writing.
         let _ = vm.dirty_pages();
         self.received = DirtyBitmap::empty(self.received.words().len() * 64);
         let kind = if passive { CheckpointKind::Passive } else { CheckpointKind::Colo };
         if !passive {
-            vm.resume().map_err(|e| e.to_string())?;
+            vm.resume()?;
         }
         colo.update(|s| {
             s.mode = Some(kind);
-            s.checkpoint(kind, trigger, Duration::ZERO, started.elapsed(), n, n * 4096 + state.len() as u64);
+            s.checkpoint(kind, trigger, Duration::ZERO, started.elapsed(), n, n * 4096 + len);
+            s.checkpoint_blocks(disk.applied);
+            s.disk.svm_blocks_discarded += disk.discarded;
         });
         tracing::info!(target: "colo", kind = ?kind, trigger = %trigger, pages = n, ms = started.elapsed().as_millis() as u64, "checkpoint loaded");
         Ok(())
@@ -348,6 +426,12 @@ impl Svm {
         };
         tracing::warn!(target: "colo", reason, "failover: the secondary takes over");
         vm.stop_dirty_log();
+        // The disk that matches the SVM's memory: its own writes since the last loaded
+        // checkpoint, not the primary's blocks of a checkpoint in flight.
+        match self.blocks.fail_over(vm) {
+            Ok(kept) => tracing::info!(target: "colo", blocks = kept, "the SVM's own disk writes are its disk's now"),
+            Err(e) => tracing::error!(target: "colo", error = %e, "keeping the SVM's disk writes failed"),
+        }
         // Before the rings restart: a compare process in COLO mode would take a secondary
         // restarting its rings for one that loaded a checkpoint of the primary.
         // A connection made at the start may be gone (a backend restarted): then a new one.

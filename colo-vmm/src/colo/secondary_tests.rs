@@ -25,8 +25,17 @@ fn with_secondary(
     let mut primary = Peer::new("primary", p, log);
     vm.start_dirty_log().unwrap();
     let cache = RamCache::copy_of_vm(vm).unwrap();
-    let runner =
-        SecondaryRunner { reader: s.reader, writer: s.writer, chan: s.chan, cache, colo: colo.clone(), compare: None };
+    let blocks = BlockCache::new(vm.disk()).unwrap();
+    let runner = SecondaryRunner {
+        reader: s.reader,
+        writer: s.writer,
+        chan: s.chan,
+        cache,
+        colo: colo.clone(),
+        compare: None,
+        primary_name: None,
+        blocks,
+    };
     std::thread::scope(|scope| {
         let running = scope.spawn(move || runner.run(vm));
         // A failing check must not leave the role waiting for ever: it is told to fail over.
@@ -48,11 +57,11 @@ fn send_checkpoint(primary: &mut Peer<BufWriter<Channel>>, vm: &FakeVm, seq: u64
     primary.expect("checkpoint-reply");
     primary.send(&Control::VmstateSend { seq });
     let page = vec![byte; PAGE_SIZE];
-    primary.link.with_writer(|w| w.pages([(5 * PAGE_SIZE as u64, &page[..])]).map_err(|e| e.to_string())).unwrap();
-    primary.link.send_state(&FakeVm::state()).unwrap();
+    primary.link.with_writer(|w| w.pages([(5 * PAGE_SIZE as u64, &page[..])])).unwrap();
+    primary.link.send_state(&FakeVm::state_record()).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert_ne!(vm.first_byte(5), byte, "pages wait in the RAM cache until the checkpoint is complete");
-    primary.send(&Control::VmstateSize { seq, pages: 1, rx_marks: vec![] });
+    primary.send(&Control::VmstateSize { seq, pages: 1, blocks: 0, rx_marks: vec![] });
     primary.expect("vmstate-received");
     primary.expect("vmstate-loaded");
 }
@@ -124,7 +133,7 @@ fn a_primary_lost_mid_checkpoint_leaves_the_svm_on_its_own_state() {
         primary.expect("checkpoint-reply");
         primary.send(&Control::VmstateSend { seq: 1 });
         let page = vec![0xcc; PAGE_SIZE];
-        primary.link.with_writer(|w| w.pages([(5 * PAGE_SIZE as u64, &page[..])]).map_err(|e| e.to_string())).unwrap();
+        primary.link.with_writer(|w| w.pages([(5 * PAGE_SIZE as u64, &page[..])])).unwrap();
         primary.link.close();
     });
     let s = colo.status();
@@ -201,7 +210,7 @@ fn a_page_at_the_top_of_the_address_space_ends_colo_with_an_error_and_failover_s
         primary.send(&Control::VmstateSend { seq: 1 });
         let page = vec![0xdd; PAGE_SIZE];
         let top = 0xFFFF_FFFF_FFFF_F000u64;
-        primary.link.with_writer(|w| w.pages([(top, &page[..])]).map_err(|e| e.to_string())).unwrap();
+        primary.link.with_writer(|w| w.pages([(top, &page[..])])).unwrap();
         let Control::Error { message } = primary.expect("error") else { unreachable!() };
         assert!(message.contains("0xfffffffffffff000") && message.contains("outside guest memory"), "{message}");
         wait_stopped(colo);
@@ -223,8 +232,8 @@ fn a_panic_in_the_secondary_ends_colo_with_an_error_and_failover_stays_possible(
         primary.send(&Control::CheckpointRequest { seq: 1, passive: false, trigger: "periodic".into() });
         primary.expect("checkpoint-reply");
         primary.send(&Control::VmstateSend { seq: 1 });
-        primary.link.send_state(&FakeVm::state()).unwrap();
-        primary.send(&Control::VmstateSize { seq: 1, pages: 0, rx_marks: vec![] });
+        primary.link.send_state(&FakeVm::state_record()).unwrap();
+        primary.send(&Control::VmstateSize { seq: 1, pages: 0, blocks: 0, rx_marks: vec![] });
         primary.expect("vmstate-received");
         let Control::Error { message } = primary.expect("error") else { unreachable!() };
         assert!(message.contains("internal error") && message.contains("dirty log broke"), "{message}");
@@ -235,4 +244,87 @@ fn a_panic_in_the_secondary_ends_colo_with_an_error_and_failover_stays_possible(
     });
     assert_eq!(colo.status().state, State::FailedOver);
     assert!(!vm.is_paused());
+}
+
+/// A fake SVM with a disk whose writes go to its overlay (as `start` sets it up), the SVM
+/// having written block 3 itself.
+fn svm_with_disk(log: &Log) -> (crate::devices::block::testing::Dir, std::path::PathBuf, FakeVm) {
+    let (dir, config) = crate::devices::block::testing::image(1);
+    let disk = crate::devices::block::disk::Disk::open(&config).unwrap();
+    disk.buffer_writes().unwrap();
+    disk.write(3 * 4096, &[0x33; 4096]).unwrap();
+    (dir, config.path, FakeVm::new(log, 16).with_disk(disk))
+}
+
+fn image_block(path: &std::path::Path, b: u64) -> u8 {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 4096];
+    std::fs::File::open(path).unwrap().read_exact_at(&mut buf, b * 4096).unwrap();
+    assert!(buf.iter().all(|&x| x == buf[0]), "block {b} is uniform");
+    buf[0]
+}
+
+/// The primary's side of a checkpoint up to its blocks: block 7 filled with 0x77.
+fn send_checkpoint_blocks(primary: &mut Peer<BufWriter<Channel>>, seq: u64) {
+    primary.send(&Control::CheckpointRequest { seq, passive: false, trigger: "user".into() });
+    primary.expect("checkpoint-reply");
+    primary.send(&Control::VmstateSend { seq });
+    let block = vec![0x77u8; 4096];
+    primary.link.with_writer(|w| w.blocks([(7u64, &block[..])])).unwrap();
+}
+
+#[test]
+fn a_checkpoint_discards_the_svms_own_disk_writes_and_writes_the_primarys_blocks_into_the_image() {
+    let log = Log::default();
+    let (_dir, image, vm) = svm_with_disk(&log);
+    let colo = with_secondary(&log, &vm, |colo, primary| {
+        send_checkpoint_blocks(primary, 1);
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(image_block(&image, 7), 0, "the primary's blocks wait until the checkpoint is complete");
+        primary.link.send_state(&FakeVm::state_record()).unwrap();
+        primary.send(&Control::VmstateSize { seq: 1, pages: 0, blocks: 1, rx_marks: vec![] });
+        primary.expect("vmstate-received");
+        primary.expect("vmstate-loaded");
+        let mut buf = vec![0u8; 4096];
+        vm.disk().unwrap().read_block(3, &mut buf).unwrap();
+        assert_eq!(buf, vec![0u8; 4096], "the SVM's own write is gone");
+        colo.lost_heartbeat.store(true, Ordering::Relaxed);
+        primary.expect("taken-over");
+    });
+    assert_eq!(image_block(&image, 7), 0x77, "the primary's block is in the image");
+    assert_eq!(image_block(&image, 3), 0, "the SVM's own write never reached the image");
+    let s = colo.status();
+    assert_eq!((s.disk.blocks_last, s.disk.svm_blocks_discarded), (1, 1));
+}
+
+#[test]
+fn a_primary_lost_mid_checkpoint_leaves_the_svm_the_disk_of_its_own_writes() {
+    let log = Log::default();
+    let (_dir, image, vm) = svm_with_disk(&log);
+    with_secondary(&log, &vm, |_, primary| {
+        send_checkpoint_blocks(primary, 1);
+        std::thread::sleep(Duration::from_millis(50));
+        primary.link.close();
+    });
+    assert_eq!(image_block(&image, 3), 0x33, "the SVM's own write is its disk's now");
+    assert_eq!(image_block(&image, 7), 0, "the incomplete checkpoint's block is dropped");
+    // And the survivor writes its image directly from now on.
+    vm.disk().unwrap().write(5 * 4096, &[0x55; 4096]).unwrap();
+    assert_eq!(image_block(&image, 5), 0x55);
+}
+
+#[test]
+fn a_checkpoint_whose_block_count_does_not_match_is_refused() {
+    let log = Log::default();
+    let (_dir, image, vm) = svm_with_disk(&log);
+    let colo = with_secondary(&log, &vm, |colo, primary| {
+        send_checkpoint_blocks(primary, 1);
+        primary.link.send_state(&FakeVm::state_record()).unwrap();
+        primary.send(&Control::VmstateSize { seq: 1, pages: 0, blocks: 2, rx_marks: vec![] });
+        let Control::Error { message } = primary.expect("error") else { unreachable!() };
+        assert!(message.contains("2 disk blocks") && message.contains("1 blocks arrived"), "{message}");
+        colo.lost_heartbeat.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(image_block(&image, 7), 0, "nothing of it was applied");
+    assert_eq!(colo.status().checkpoints.total, 0);
 }

@@ -2,13 +2,13 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-
-use serde_json::{Map, Value};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
 
 use super::compare::CompareSet;
-use super::params::ColoParams;
+use super::params::{ColoParams, ColoParamsUpdate, ParamsError};
 use super::status::ColoStatus;
+use crate::arbiter::claim::Claim;
 
 /// The shared state.
 pub struct ColoShared {
@@ -24,6 +24,8 @@ pub struct ColoShared {
     pub compare_sockets: Vec<PathBuf>,
     /// The primary's connection to them (made at start, to set `primary-only`).
     pub compare: Mutex<Option<CompareSet>>,
+    /// With `--arbiter`: this replica's claim on the VM's key in etcd.
+    pub arbiter: OnceLock<Arc<Claim>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -42,6 +44,7 @@ impl ColoShared {
             user_checkpoint: AtomicBool::new(false),
             compare_sockets,
             compare: Mutex::new(None),
+            arbiter: OnceLock::new(),
         }
     }
 
@@ -51,26 +54,38 @@ impl ColoShared {
     }
 
     /// `set-parameters`: all or nothing.
-    pub fn set_params(&self, args: &Map<String, Value>) -> Result<ColoParams, String> {
+    pub fn set_params(&self, update: &ColoParamsUpdate) -> Result<ColoParams, ParamsError> {
         let mut p = lock(&self.params);
-        let new = p.with(args)?;
+        let new = p.apply(update)?;
+        if let (Some(c), Some(ttl)) = (self.arbiter(), update.arbiter_ttl) {
+            c.set_ttl(Duration::from_millis(ttl)).map_err(|e| ParamsError::Arbiter(e.to_string()))?;
+        }
         *p = new;
         self.heartbeat_ms.store(new.heartbeat_interval, Ordering::Relaxed);
         Ok(new)
     }
 
     /// The primary's heartbeat parameters, on the secondary. Refused (nothing changes) when
-    /// the timeout is not above the interval.
-    pub fn set_heartbeat(&self, interval_ms: u64, timeout_ms: u64) -> Result<(), String> {
-        let mut args = Map::new();
-        args.insert("heartbeat-interval".into(), interval_ms.into());
-        args.insert("heartbeat-timeout".into(), timeout_ms.into());
-        self.set_params(&args).map(|_| ())
+    /// they are out of bounds or the timeout is not above the interval.
+    pub fn set_heartbeat(&self, interval_ms: u64, timeout_ms: u64) -> Result<(), ParamsError> {
+        let update = ColoParamsUpdate {
+            heartbeat_interval: Some(interval_ms),
+            heartbeat_timeout: Some(timeout_ms),
+            ..Default::default()
+        };
+        self.set_params(&update).map(|_| ())
     }
 
-    /// A copy of the status.
+    /// A copy of the status (with the arbiter's, asked now).
     pub fn status(&self) -> ColoStatus {
-        lock(&self.status).clone()
+        let mut s = lock(&self.status).clone();
+        s.arbiter = self.arbiter().map(|c| c.status());
+        s
+    }
+
+    /// The arbiter's claim, with `--arbiter`.
+    pub fn arbiter(&self) -> Option<&Arc<Claim>> {
+        self.arbiter.get()
     }
 
     /// Changes the status.

@@ -131,6 +131,25 @@ pub struct CheckpointRecord {
     pub pause_ms: f64,
     /// Pages it carried.
     pub pages: u64,
+    /// Disk blocks it carried.
+    pub blocks: u64,
+}
+
+/// The disk's part of checkpoints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DiskCounters {
+    /// Blocks in the last checkpoint (primary: sent; secondary: written into the image,
+    /// background ones included).
+    pub blocks_last: u64,
+    /// Mean blocks per checkpoint.
+    pub blocks_mean: f64,
+    /// Blocks over all checkpoints.
+    pub blocks_total: u64,
+    /// Blocks streamed to the secondary between checkpoints (primary).
+    pub background_blocks: u64,
+    /// Blocks of the SVM's own writes discarded by checkpoints (secondary).
+    pub svm_blocks_discarded: u64,
 }
 
 /// Checkpoints kept in the recent history.
@@ -160,6 +179,8 @@ pub struct ColoStatus {
     pub pause_p99_ms: f64,
     /// Pages in the last checkpoint.
     pub pages_last: u64,
+    /// The disk's part: blocks per checkpoint, in the background, discarded.
+    pub disk: DiskCounters,
     /// Mean pages per checkpoint.
     pub pages_mean: f64,
     /// Bytes of the last checkpoint (pages and device state).
@@ -176,6 +197,16 @@ pub struct ColoStatus {
     pub last_failover: Option<Failover>,
     /// Why COLO ended, if it ended with an error.
     pub error: Option<String>,
+    /// With an arbiter: the key's holder, this replica's lease, the last renewal.
+    pub arbiter: Option<crate::arbiter::claim::ArbiterStatus>,
+    /// What this replica waits for before it may serve (e.g. a failover waiting for the
+    /// arbiter's key).
+    pub waiting: Option<String>,
+    /// Why this replica fenced itself (nothing released, its VM paused) until it holds the
+    /// arbiter's key again.
+    pub fenced: Option<String>,
+    /// Re-protection: the last attempt to start COLO with a registered standby.
+    pub reprotect: Option<String>,
     /// The last checkpoints, oldest first (at most [`HISTORY`]); a tool polling the status
     /// can follow every checkpoint by `seq`.
     pub recent: VecDeque<CheckpointRecord>,
@@ -215,6 +246,7 @@ impl ColoStatus {
             interval_ms: interval.as_secs_f64() * 1000.0,
             pause_ms: pause.as_secs_f64() * 1000.0,
             pages,
+            blocks: 0,
         });
         match kind {
             CheckpointKind::Colo => c.colo += 1,
@@ -241,6 +273,17 @@ impl ColoStatus {
         self.pages_mean += (pages as f64 - self.pages_mean) / c.total as f64;
         self.bytes_last = bytes;
         self.bytes_total += bytes;
+    }
+
+    /// Adds the disk blocks of the checkpoint just recorded by [`ColoStatus::checkpoint`].
+    pub fn checkpoint_blocks(&mut self, blocks: u64) {
+        let d = &mut self.disk;
+        d.blocks_last = blocks;
+        d.blocks_total += blocks;
+        d.blocks_mean += (blocks as f64 - d.blocks_mean) / self.checkpoints.total.max(1) as f64;
+        if let Some(r) = self.recent.back_mut() {
+            r.blocks = blocks;
+        }
     }
 
     /// Records a failover.

@@ -14,12 +14,16 @@ use colo_proxy::control::{Command, ControlHandle, ControlServer, Event};
 
 use super::link::{Incoming, Link};
 use super::message::Control;
+use crate::devices::block::disk::Disk;
 use crate::migratable::{Migratable, MigratableError, Pausable, Snapshottable};
 use crate::migration::uri::Channel;
-use crate::persist::sections::Sections;
 use crate::persist::snapshot::Meta;
+use crate::persist::state::{MachineState, StateRecord, VcpuState};
 use crate::persist::stream::{StreamReader, StreamWriter, PAGE_SIZE};
 use crate::vstate::dirty::DirtyBitmap;
+
+/// The RIP of the fake's state.
+const MARK: u64 = 0xc0105;
 
 /// What happened, in order, as seen by everyone who logs into it.
 #[derive(Clone, Default)]
@@ -77,6 +81,8 @@ pub struct FakeVm {
     pub restore_time: Duration,
     /// Reading the dirty pages panics (a bug somewhere below the orchestrator).
     pub dirty_pages_panic: AtomicBool,
+    /// A disk (a real one, on an image file), if given.
+    disk: Option<Disk>,
 }
 
 impl FakeVm {
@@ -90,7 +96,14 @@ impl FakeVm {
             paused: AtomicBool::new(false),
             restore_time: Duration::ZERO,
             dirty_pages_panic: AtomicBool::new(false),
+            disk: None,
         }
+    }
+
+    /// The same VM with `disk`.
+    pub fn with_disk(mut self, disk: Disk) -> FakeVm {
+        self.disk = Some(disk);
+        self
     }
 
     /// The guest writes `byte` over page `page`.
@@ -109,11 +122,16 @@ impl FakeVm {
         self.paused.load(Ordering::Relaxed)
     }
 
-    /// The state this fake saves.
-    pub fn state() -> Sections {
-        let mut s = Sections::new();
-        s.put_bytes("fake", b"machine".to_vec());
-        s
+    /// The state this fake saves (its vCPU's RIP marks it).
+    pub fn state() -> MachineState {
+        let mut vcpu = VcpuState::default();
+        vcpu.regs.rip = MARK;
+        MachineState { vcpus: vec![vcpu], ..Default::default() }
+    }
+
+    /// [`FakeVm::state`] as a state record.
+    pub fn state_record() -> Vec<u8> {
+        StateRecord::Paused { state: Box::new(Self::state()), page_digests: None, block_digests: None }.encode()
     }
 }
 
@@ -133,10 +151,10 @@ impl Pausable for FakeVm {
 
 impl Snapshottable for FakeVm {
     fn describe(&self) -> Meta {
-        Meta { mem_size: self.mem_size(), vcpus: 1, tsc_khz: 1, writer: "fake".into() }
+        Meta { mem_size: self.mem_size(), vcpus: 1, tsc_khz: 1, writer: "fake".into(), disk: None }
     }
 
-    fn save_state(&self) -> Result<Sections, MigratableError> {
+    fn save_state(&self) -> Result<MachineState, MigratableError> {
         if !self.is_paused() {
             return Err(MigratableError::NotPaused);
         }
@@ -144,11 +162,11 @@ impl Snapshottable for FakeVm {
         Ok(Self::state())
     }
 
-    fn restore_state(&self, state: &Sections) -> Result<(), MigratableError> {
+    fn restore_state(&self, state: MachineState) -> Result<(), MigratableError> {
         if !self.is_paused() {
             return Err(MigratableError::NotPaused);
         }
-        assert_eq!(state, &Self::state(), "the state the primary saved");
+        assert_eq!(state.vcpus[0].regs.rip, MARK, "the state the primary saved");
         std::thread::sleep(self.restore_time);
         self.log.push("vm: restore-state");
         Ok(())
@@ -158,7 +176,14 @@ impl Snapshottable for FakeVm {
 impl Migratable for FakeVm {
     fn start_dirty_log(&self) -> Result<(), MigratableError> {
         self.tracking.store(true, Ordering::Relaxed);
+        if let Some(d) = &self.disk {
+            d.start_tracking();
+        }
         Ok(())
+    }
+
+    fn disk(&self) -> Option<&Disk> {
+        self.disk.as_ref()
     }
 
     fn dirty_pages(&self) -> Result<DirtyBitmap, MigratableError> {
@@ -313,6 +338,7 @@ impl<W: std::io::Write + Send + 'static> Peer<W> {
         let what = match &m {
             Incoming::Control(c) => name(c),
             Incoming::Pages(_) => "pages".into(),
+            Incoming::Blocks(_) => "blocks".into(),
             Incoming::State(_) => "state".into(),
             Incoming::Closed(w) | Incoming::Corrupt(w) => w.clone(),
         };

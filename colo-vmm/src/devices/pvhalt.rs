@@ -1,6 +1,10 @@
 //! The paravirtual halt: a halted vCPU sleeps in epoll until a device has news for the guest
 //! (a virtqueue's call eventfd), its deadline passes, or the VMM kicks it (pause, quit).
 //! An idle VM therefore costs no CPU.
+//!
+//! Each vCPU has its own waiter (its own kick), and every waiter watches every device eventfd
+//! with `EPOLLEXCLUSIVE`: a device's signal wakes one halted vCPU, as an interrupt is delivered
+//! to one CPU, not all of them.
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -45,10 +49,11 @@ impl Waiter {
         self.kick.try_clone()
     }
 
-    /// Adds a device eventfd (it must stay open while registered).
+    /// Adds a device eventfd (it must stay open while registered); of the vCPUs halted on it,
+    /// one wakes.
     pub fn add_source(&mut self, fd: RawFd) -> io::Result<()> {
         let i = self.sources.len() as u64;
-        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, i))?;
+        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN | EventSet::EXCLUSIVE, i))?;
         self.sources.push(fd);
         Ok(())
     }
@@ -112,5 +117,29 @@ mod tests {
         assert_eq!(w.wait(1000).unwrap(), Wake::Timeout, "the device event was drained");
         w.kicker().unwrap().write(1).unwrap();
         assert_eq!(w.wait(HALT_FOREVER).unwrap(), Wake::Kick);
+    }
+
+    #[test]
+    fn a_device_signal_wakes_one_of_the_halted_waiters() {
+        let dev = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let woke = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let threads: Vec<_> = (0..3)
+            .map(|_| {
+                let mut w = Waiter::new().unwrap();
+                w.add_source(dev.as_raw_fd()).unwrap();
+                let woke = woke.clone();
+                std::thread::spawn(move || {
+                    if w.wait(1_500_000).unwrap() == Wake::Device {
+                        woke.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        dev.write(1).unwrap();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(woke.load(std::sync::atomic::Ordering::SeqCst), 1, "one waiter took the signal");
     }
 }

@@ -59,15 +59,20 @@ impl SerialSnapshot {
     }
 }
 
+/// A `--serial` value that is none of the three forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}': expected stdio, file:PATH or none")]
+pub struct SerialOptionError(String);
+
 impl FromStr for SerialOutput {
-    type Err = String;
+    type Err = SerialOptionError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "stdio" => Ok(SerialOutput::Stdio),
             "none" => Ok(SerialOutput::None),
             _ => match s.strip_prefix("file:") {
                 Some(p) if !p.is_empty() => Ok(SerialOutput::File(PathBuf::from(p))),
-                _ => Err(format!("'{s}': expected stdio, file:PATH or none")),
+                _ => Err(SerialOptionError(s.into())),
             },
         }
     }
@@ -111,11 +116,9 @@ impl SerialConsole {
         Ok(SerialConsole { uart: Serial::new(NoInterrupt, LineWriter(output.open(false)?)) })
     }
 
-    /// A console with saved registers, appending to its output.
-    pub fn restored(output: &SerialOutput, snap: &SerialSnapshot) -> io::Result<SerialConsole> {
-        let uart = Serial::from_state(&snap.state(), NoInterrupt, NoEvents, LineWriter(output.open(true)?))
-            .map_err(|e| io::Error::other(format!("restoring the UART: {e:?}")))?;
-        Ok(SerialConsole { uart })
+    /// Opens the output, appending to a file (a restored VM's log goes on).
+    pub fn appending(output: &SerialOutput) -> io::Result<SerialConsole> {
+        Ok(SerialConsole { uart: Serial::new(NoInterrupt, LineWriter(output.open(true)?)) })
     }
 
     /// Takes over saved registers, keeping this console's output (a checkpoint loaded into a

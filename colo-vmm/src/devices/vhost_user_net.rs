@@ -16,6 +16,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::virtio_mmio::{QueueConfig, VirtioDevice};
+use super::DeviceError;
 use crate::vstate::memory::GuestMemoryMmap;
 
 /// Virtio-net feature bits we deal with.
@@ -169,16 +170,16 @@ impl VhostUserNet {
         }
     }
 
-    fn setup_rings(&mut self, acked: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), String> {
+    fn setup_rings(&mut self, acked: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), DeviceError> {
         let protocol_features = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let mut shared = lock(&self.shared);
         let mut to_backend = (acked & self.backend_features) | (self.backend_features & protocol_features);
         if shared.log.is_some() {
             to_backend |= VhostUserVirtioFeatures::LOG_ALL.bits();
         }
-        let fail = |step: &'static str| move |e: vhost::Error| format!("{step}: {e}");
+        let fail = |step: &'static str| move |source: vhost::Error| DeviceError::Vhost { step, source };
         let Shared { frontend, log, .. } = &mut *shared;
-        let frontend = frontend.as_mut().ok_or("the vhost-user backend is disconnected")?;
+        let frontend = frontend.as_mut().ok_or(DeviceError::Disconnected)?;
         frontend.set_features(to_backend).map_err(fail("SET_FEATURES"))?;
         let regions = self
             .memory
@@ -198,10 +199,10 @@ impl VhostUserNet {
                 continue;
             }
             let n = u64::from(q.size);
-            let host = |gpa: u64, len: u64, what: &str| -> Result<u64, String> {
+            let host = |gpa: u64, len: u64, what: &'static str| -> Result<u64, DeviceError> {
                 let ok = self.memory.check_range(GuestAddress(gpa), len as usize);
                 let addr = self.memory.get_host_address(GuestAddress(gpa)).ok().filter(|_| ok);
-                addr.map(|p| p as u64).ok_or_else(|| format!("queue {i} {what} at {gpa:#x} is outside guest memory"))
+                addr.map(|p| p as u64).ok_or(DeviceError::QueueOutsideMemory { queue: i, what, gpa })
             };
             let config = VringConfigData {
                 queue_max_size: QUEUE_MAX,
@@ -259,21 +260,21 @@ impl VirtioDevice for VhostUserNet {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
-    fn activate(&mut self, acked: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), String> {
+    fn activate(&mut self, acked: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), DeviceError> {
         self.active.clear();
         self.setup_rings(acked, queues, bases)?;
         tracing::debug!(acked = format_args!("{acked:#x}"), queues = ?self.active, ?bases, "virtio-net activated");
         Ok(())
     }
 
-    fn quiesce(&mut self) -> Result<Vec<u16>, String> {
+    fn quiesce(&mut self) -> Result<Vec<u16>, DeviceError> {
         let mut bases = vec![0u16; NUM_QUEUES];
         // GET_VRING_BASE stops the ring in the backend and returns where it stands; the
         // backend completes descriptors synchronously, so nothing is in flight afterwards.
         let shared = lock(&self.shared);
-        let frontend = shared.frontend.as_ref().ok_or("the vhost-user backend is disconnected")?;
+        let frontend = shared.frontend.as_ref().ok_or(DeviceError::Disconnected)?;
         for i in std::mem::take(&mut self.active) {
-            let base = frontend.get_vring_base(i).map_err(|e| format!("GET_VRING_BASE on queue {i}: {e}"))?;
+            let base = frontend.get_vring_base(i).map_err(|source| DeviceError::VringBase { queue: i, source })?;
             bases[i] = base as u16;
         }
         Ok(bases)
@@ -304,14 +305,14 @@ impl VirtioDevice for VhostUserNet {
         tracing::info!(path = %self.path.display(), "vhost-user backend released");
     }
 
-    fn reconnect(&mut self) -> Result<(), String> {
-        let (frontend, features, protocol) = negotiate(&self.path).map_err(|e| e.to_string())?;
+    fn reconnect(&mut self) -> Result<(), DeviceError> {
+        let (frontend, features, protocol) = negotiate(&self.path)?;
         if features & self.backend_features != self.backend_features {
-            return Err(format!(
-                "the backend at {} now offers {features:#x}, less than before ({:#x})",
-                self.path.display(),
-                self.backend_features
-            ));
+            return Err(DeviceError::FeaturesShrank {
+                path: self.path.clone(),
+                now: features,
+                before: self.backend_features,
+            });
         }
         self.protocol = protocol;
         let mut shared = lock(&self.shared);
@@ -412,21 +413,22 @@ impl DirtyLog {
     }
 
     /// Starts logging every page the backend writes.
-    pub fn start(&self) -> Result<(), String> {
+    pub fn start(&self) -> Result<(), DeviceError> {
         if !self.supported {
-            return Err(format!(
-                "the vhost-user backend at {} cannot log dirty pages (no LOG_SHMFD/LOG_ALL)",
-                self.path.display()
-            ));
+            return Err(DeviceError::NoDirtyLog { path: self.path.clone() });
         }
-        let buf = LogBuffer::new(self.mem_size).map_err(|e| format!("creating the dirty log: {e}"))?;
+        let buf = LogBuffer::new(self.mem_size).map_err(DeviceError::LogBuffer)?;
         let mut s = lock(&self.shared);
         let features = s.features;
-        let frontend = s.frontend.as_mut().ok_or("the vhost-user backend is disconnected")?;
-        frontend.set_log_base(0, Some(buf.region())).map_err(|e| format!("SET_LOG_BASE: {e}"))?;
+        let frontend = s.frontend.as_mut().ok_or(DeviceError::Disconnected)?;
+        frontend
+            .set_log_base(0, Some(buf.region()))
+            .map_err(|source| DeviceError::Vhost { step: "SET_LOG_BASE", source })?;
         if features != 0 {
             let f = features | VhostUserVirtioFeatures::LOG_ALL.bits();
-            frontend.set_features(f).map_err(|e| format!("SET_FEATURES with LOG_ALL: {e}"))?;
+            frontend
+                .set_features(f)
+                .map_err(|source| DeviceError::Vhost { step: "SET_FEATURES with LOG_ALL", source })?;
             s.features = f;
         }
         s.log = Some(buf);
@@ -434,14 +436,16 @@ impl DirtyLog {
     }
 
     /// The pages the backend wrote since the last collection (one bit per page).
-    pub fn collect(&self) -> Result<Vec<u64>, String> {
-        let fresh = LogBuffer::new(self.mem_size).map_err(|e| format!("creating the dirty log: {e}"))?;
+    pub fn collect(&self) -> Result<Vec<u64>, DeviceError> {
+        let fresh = LogBuffer::new(self.mem_size).map_err(DeviceError::LogBuffer)?;
         let mut s = lock(&self.shared);
         if s.log.is_none() {
-            return Err("dirty logging is not active".into());
+            return Err(DeviceError::LogInactive);
         }
-        let frontend = s.frontend.as_mut().ok_or("the vhost-user backend is disconnected")?;
-        frontend.set_log_base(0, Some(fresh.region())).map_err(|e| format!("SET_LOG_BASE: {e}"))?;
+        let frontend = s.frontend.as_mut().ok_or(DeviceError::Disconnected)?;
+        frontend
+            .set_log_base(0, Some(fresh.region()))
+            .map_err(|source| DeviceError::Vhost { step: "SET_LOG_BASE", source })?;
         let old = s.log.replace(fresh).expect("checked above");
         Ok(old.words())
     }

@@ -2,12 +2,16 @@
 //! data path lives elsewhere (a vhost-user backend). The transport keeps the registers and the
 //! queue configuration; on DRIVER_OK it hands the negotiated features and queues to the device.
 //!
-//! Queue notifications never reach this code: the VMM registers an ioeventfd on QUEUE_NOTIFY
-//! per queue, which the backend reads directly.
+//! Queue notifications of a device with kick eventfds never reach this code: the VMM registers
+//! an ioeventfd on QUEUE_NOTIFY per queue, which the backend reads directly. A device served by
+//! the VMM itself (virtio-blk) has none: its notifications arrive here as register writes and
+//! go to [`VirtioDevice::notify`].
 
 use std::os::fd::RawFd;
 
 use vmm_sys_util::eventfd::EventFd;
+
+use super::DeviceError;
 
 /// Register offsets.
 mod reg {
@@ -92,20 +96,26 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts the data path with these features and queues; `bases[i]` is where queue `i`'s
     /// device side resumes (0 for a fresh driver; the saved position after a snapshot).
-    fn activate(&mut self, acked_features: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), String>;
+    fn activate(&mut self, acked_features: u64, queues: &[QueueConfig], bases: &[u16]) -> Result<(), DeviceError>;
     /// Stops the data path so guest memory and the rings stay still, and returns each queue's
     /// position. [`VirtioDevice::activate`] with these bases resumes it.
-    fn quiesce(&mut self) -> Result<Vec<u16>, String>;
+    fn quiesce(&mut self) -> Result<Vec<u16>, DeviceError>;
     /// The driver reset the device: stop the data path.
     fn reset(&mut self);
     /// Lets go of whatever serves the data path (a migration hands it to the destination).
     fn disconnect(&mut self) {}
     /// Takes the data path back after [`VirtioDevice::disconnect`] (a failed handover).
-    fn reconnect(&mut self) -> Result<(), String> {
+    fn reconnect(&mut self) -> Result<(), DeviceError> {
         Ok(())
     }
-    /// The eventfds the guest kicks, one per queue (registered as ioeventfds by the VMM).
+    /// The eventfds the guest kicks, one per queue (registered as ioeventfds by the VMM); none
+    /// for a device whose notifications the VMM serves itself ([`VirtioDevice::notify`]).
     fn kick_fds(&self) -> Vec<&EventFd>;
+    /// The driver notified `queue` (devices without kick eventfds): serve it. An error means
+    /// the device cannot go on (the transport then asks the driver to reset it).
+    fn notify(&mut self, _queue: u32) -> Result<(), DeviceError> {
+        Ok(())
+    }
     /// The eventfds the data path signals when it has news for the guest, one per queue.
     fn call_fds(&self) -> Vec<RawFd>;
 }
@@ -261,6 +271,13 @@ impl MmioTransport {
             reg::QUEUE_DRIVER_HIGH => self.set_queue_addr(|q| &mut q.avail, hi),
             reg::QUEUE_DEVICE_LOW => self.set_queue_addr(|q| &mut q.used, lo),
             reg::QUEUE_DEVICE_HIGH => self.set_queue_addr(|q| &mut q.used, hi),
+            reg::QUEUE_NOTIFY if self.active() => {
+                if let Err(e) = self.device.notify(v) {
+                    tracing::error!(error = %e, "the device failed; the driver must reset it");
+                    self.status |= status::DEVICE_NEEDS_RESET;
+                    self.config_generation += 1;
+                }
+            }
             reg::INTERRUPT_ACK => {}
             reg::STATUS => self.set_status(v),
             _ => {}
@@ -311,7 +328,7 @@ impl MmioTransport {
     }
 
     /// Stops the device's data path (if the driver started it) and returns the saved state.
-    pub fn pause(&mut self) -> Result<TransportState, String> {
+    pub fn pause(&mut self) -> Result<TransportState, DeviceError> {
         let bases = if self.active() { self.device.quiesce()? } else { vec![0; self.queues.len()] };
         Ok(self.state_with(bases))
     }
@@ -322,13 +339,13 @@ impl MmioTransport {
     }
 
     /// Re-attaches the backend and restarts the data path where `state` left it.
-    pub fn reconnect(&mut self, state: &TransportState) -> Result<(), String> {
+    pub fn reconnect(&mut self, state: &TransportState) -> Result<(), DeviceError> {
         self.device.reconnect()?;
         self.resume(state)
     }
 
     /// Restarts the data path after [`MmioTransport::pause`].
-    pub fn resume(&mut self, state: &TransportState) -> Result<(), String> {
+    pub fn resume(&mut self, state: &TransportState) -> Result<(), DeviceError> {
         if self.active() {
             self.device.activate(self.acked_features, &self.queues.clone(), &state.bases)?;
         }
@@ -349,25 +366,23 @@ impl MmioTransport {
     }
 
     /// Takes over a saved state on a fresh transport and starts the data path where it stood.
-    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), DeviceError> {
         if state.queues.len() != self.queues.len() {
-            return Err(format!("saved device has {} queues, this one {}", state.queues.len(), self.queues.len()));
+            return Err(DeviceError::QueueCount { saved: state.queues.len(), here: self.queues.len() });
         }
         if state.acked_features & !self.device.features() != 0 {
-            return Err(format!(
-                "saved features {:#x} include some this backend does not offer ({:#x})",
-                state.acked_features,
-                self.device.features()
-            ));
+            return Err(DeviceError::Features { saved: state.acked_features, offered: self.device.features() });
         }
         // A queue's maximum is the device's, not the state's: the guest reads it back, and the
         // backend never takes a ring larger than its own maximum.
         for (i, (saved, ours)) in state.queues.iter().zip(&self.queues).enumerate() {
             if saved.max_size != ours.max_size || saved.size > saved.max_size {
-                return Err(format!(
-                    "saved queue {i} has {} of at most {} entries; this device allows at most {}",
-                    saved.size, saved.max_size, ours.max_size
-                ));
+                return Err(DeviceError::QueueSize {
+                    queue: i,
+                    size: saved.size,
+                    saved_max: saved.max_size,
+                    max: ours.max_size,
+                });
             }
         }
         self.status = state.status;
@@ -423,15 +438,15 @@ mod tests {
             data.fill(offset as u8);
         }
         fn write_config(&mut self, _: u64, _: &[u8]) {}
-        fn activate(&mut self, f: u64, q: &[QueueConfig], _bases: &[u16]) -> Result<(), String> {
+        fn activate(&mut self, f: u64, q: &[QueueConfig], _bases: &[u16]) -> Result<(), DeviceError> {
             let mut seen = self.0.lock().unwrap();
             if seen.refuse {
-                return Err("refused".into());
+                return Err(DeviceError::Disconnected);
             }
             seen.activated = Some((f, q.to_vec()));
             Ok(())
         }
-        fn quiesce(&mut self) -> Result<Vec<u16>, String> {
+        fn quiesce(&mut self) -> Result<Vec<u16>, DeviceError> {
             Ok(vec![7, 9])
         }
         fn reset(&mut self) {

@@ -8,10 +8,11 @@ use super::protocol::{Control, Purpose};
 use super::uri::{Channel, MigrationUri};
 use crate::colo::shared::ColoShared;
 use crate::persist::message as protocol;
-use crate::persist::sections::Sections;
 use crate::persist::snapshot::{self, load_pages, Meta};
-use crate::persist::stream::{pages, Kind, StreamError, StreamReader, StreamWriter};
+use crate::persist::state::{MachineState, StateRecord};
+use crate::persist::stream::{pages, Kind, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
 use crate::vmm::{BootError, Core, VmConfig, Vmm};
+use crate::vstate::dirty::DirtyBitmap;
 
 /// The stream reader of an incoming transfer.
 pub type Reader = StreamReader<BufReader<Channel>>;
@@ -64,8 +65,9 @@ fn receive(
         other => return Err(StreamError::Corrupt(format!("expected hello, got {other:?}")).into()),
     };
     let meta = snapshot::read_meta(&mut r)?;
-    let core = Core::build(meta.mem_size)?;
-    let state = receive_state(&core, &meta, &mut r)?;
+    let core = Core::build(meta.mem_size, meta.vcpus, config.disk.as_ref())?;
+    core.check_disk(&meta)?;
+    let (state, written) = receive_state(&core, &meta, &mut r)?;
     match purpose {
         Purpose::Migrate => {
             let vmm = take_over(config, core, state, r, w.as_mut().expect("writer present"))?;
@@ -73,17 +75,24 @@ fn receive(
         }
         Purpose::Colo => {
             let writer = w.take().expect("writer present");
-            let (vmm, runner) = crate::colo::secondary::start(config, core, state, r, writer, chan, colo)?;
+            let (vmm, runner) = crate::colo::secondary::start(config, core, state, &written, r, writer, chan, colo)?;
             Ok(Arrived { vmm, secondary: Some(runner) })
         }
     }
 }
 
-/// Receives pages (into `core`'s memory) and the device state, up to `state-complete`, and
-/// checks the page count (and, in verify mode, every page).
-fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<Sections, BootError> {
+/// Receives pages (into `core`'s memory), disk blocks (into a stage beside the image) and the
+/// device state, up to `state-complete`, and checks the counts; then makes the image the
+/// source's disk (only now: nothing is written before the whole state arrived) and, in verify
+/// mode, checks every page and block. Returns the state and the pages written (the others are
+/// zero).
+fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<(MachineState, DirtyBitmap), BootError> {
     let mut received = 0u64;
-    let mut state: Option<Sections> = None;
+    let mut written = DirtyBitmap::empty((meta.mem_size / PAGE_SIZE as u64) as usize);
+    let mut received_blocks = 0u64;
+    let mut stage = snapshot::disk_stage(core.disk())?;
+    #[allow(clippy::type_complexity)]
+    let mut state: Option<(MachineState, Option<Vec<u64>>, Option<Vec<u64>>)> = None;
     loop {
         let rec = r.next_record().map_err(|e| match e {
             StreamError::Truncated(_) => BootError::Other {
@@ -101,14 +110,23 @@ fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<Sections, B
         match rec.kind {
             Kind::Pages => {
                 load_pages(&rec.payload, core.ram().memory(), meta.mem_size)?;
-                received += pages(&rec.payload).count() as u64;
+                for (gpa, _) in pages(&rec.payload) {
+                    written.set((gpa / PAGE_SIZE as u64) as usize);
+                    received += 1;
+                }
             }
-            Kind::State => state = Some(Sections::decode(&rec.payload)?),
+            Kind::Blocks => received_blocks += snapshot::stage_blocks(&rec.payload, stage.as_mut())?,
+            Kind::State => state = Some(StateRecord::decode(&rec.payload)?.into_parts()?),
             Kind::Control => match protocol::parse(&rec.payload)? {
-                Control::Round { round, pages } => tracing::debug!(round, pages, "pre-copy round received"),
-                Control::StateComplete { pages } if pages == received => break,
-                Control::StateComplete { pages } => {
-                    return Err(StreamError::Corrupt(format!("source sent {pages} pages, {received} arrived")).into())
+                Control::Round { round, pages, blocks } => {
+                    tracing::debug!(round, pages, blocks, "pre-copy round received")
+                }
+                Control::StateComplete { pages, blocks } if pages == received && blocks == received_blocks => break,
+                Control::StateComplete { pages, blocks } => {
+                    return Err(StreamError::Corrupt(format!(
+                        "source sent {pages} pages and {blocks} disk blocks, {received} and {received_blocks} arrived"
+                    ))
+                    .into())
                 }
                 Control::Error { message } => {
                     return Err(BootError::Other { what: "migration", error: format!("the source gave up: {message}") })
@@ -118,14 +136,43 @@ fn receive_state(core: &Core, meta: &Meta, r: &mut Reader) -> Result<Sections, B
             Kind::End => unreachable!("the reader consumes end records"),
         }
     }
-    let state = state.ok_or_else(|| StreamError::Corrupt("no device state in the migration".into()))?;
-    verify_pages(core, meta, &state)?;
-    Ok(state)
+    let (state, digests, block_digests) =
+        state.ok_or_else(|| StreamError::Corrupt("no device state in the migration".into()))?;
+    if let (Some(disk), Some(stage)) = (core.disk(), &stage) {
+        let blocks_written = disk.replace_with(stage)?;
+        tracing::info!(disk = %disk.path().display(), blocks = stage.len(), written = blocks_written, "disk received");
+    }
+    if let Some(digests) = digests {
+        verify_pages(core, meta, &digests)?;
+    }
+    if let Some(digests) = block_digests {
+        verify_blocks(core, &digests)?;
+    }
+    Ok((state, written))
+}
+
+/// Verify mode: refuses to go on unless the disk equals the source's at the pause.
+fn verify_blocks(core: &Core, digests: &[u64]) -> Result<(), BootError> {
+    let ours = core.disk().map(|d| d.digests()).transpose()?.unwrap_or_default();
+    let diff = snapshot::compare_digests(&ours, digests)?;
+    if !diff.is_empty() {
+        let first: Vec<String> = diff.iter().take(8).map(|a| (a / 4096).to_string()).collect();
+        return Err(BootError::Other {
+            what: "verifying the migration",
+            error: format!(
+                "{} disk blocks differ from the source's at the pause (first: {})",
+                diff.len(),
+                first.join(", ")
+            ),
+        });
+    }
+    tracing::info!(blocks = ours.len(), "verified: the disk equals the source's block for block");
+    Ok(())
 }
 
 /// Verify mode: refuses to go on unless memory equals the source's at the pause.
-fn verify_pages(core: &Core, meta: &Meta, state: &Sections) -> Result<(), BootError> {
-    if let Ok(digests) = state.bytes(super::source::VERIFY_SECTION) {
+fn verify_pages(core: &Core, meta: &Meta, digests: &[u64]) -> Result<(), BootError> {
+    {
         let diff = snapshot::differing_pages(core.ram().memory(), meta.mem_size, digests)?;
         if !diff.is_empty() {
             let first: Vec<String> = diff.iter().take(8).map(|a| format!("{a:#x}")).collect();
@@ -147,7 +194,7 @@ fn verify_pages(core: &Core, meta: &Meta, state: &Sections) -> Result<(), BootEr
 fn take_over(
     config: &VmConfig,
     core: Core,
-    state: Sections,
+    state: MachineState,
     mut r: Reader,
     w: &mut StreamWriter<Channel>,
 ) -> Result<Vmm, BootError> {
@@ -161,7 +208,7 @@ fn take_over(
     }
     // The source has released the backends: attach them and start where the source stopped.
     let mut machine = core.attach(config)?;
-    Vmm::apply_state(&mut machine, &state, &config.serial)?;
+    Vmm::apply_state(&mut machine, state, &config.serial)?;
     let vmm = machine.start()?;
     protocol::send(w, &Control::Running)?;
     Ok(vmm)

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! source                                         destination (colo-vmm run --incoming URI)
-//!   State{meta}, Pages (all), Pages (round 1..n) ─▶  loads pages into fresh memory
+//!   State{machine}, Pages (all), Pages (round 1..n) ▶ loads pages into fresh memory
 //!   pause; quiesce rings; last dirty pages;
 //!   State{vCPU, VM, devices}, StateComplete     ─▶  verifies the page count
 //!                                             ◀─    Ready (or Error)

@@ -15,6 +15,10 @@ pub enum Purpose {
     Colo,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 /// A control message of the migration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
@@ -30,11 +34,17 @@ pub enum Control {
         round: u32,
         /// Pages sent in it.
         pages: u64,
+        /// Disk blocks sent in it.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        blocks: u64,
     },
-    /// Source → destination: everything is sent; `pages` in total.
+    /// Source → destination: everything is sent; `pages` and `blocks` in total.
     StateComplete {
         /// Pages sent over the whole migration.
         pages: u64,
+        /// Disk blocks sent over the whole migration.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        blocks: u64,
     },
     /// Destination → source: everything received, verified and loaded.
     Ready,
@@ -59,8 +69,12 @@ mod tests {
     fn json_shapes_and_round_trip() {
         assert_eq!(serde_json::to_string(&Control::Go).unwrap(), r#"{"type":"go"}"#);
         assert_eq!(
-            serde_json::to_string(&Control::StateComplete { pages: 3 }).unwrap(),
+            serde_json::to_string(&Control::StateComplete { pages: 3, blocks: 0 }).unwrap(),
             r#"{"type":"state-complete","pages":3}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Control>(r#"{"type":"state-complete","pages":3,"blocks":2}"#).unwrap(),
+            Control::StateComplete { pages: 3, blocks: 2 }
         );
         let mut w = StreamWriter::new(Vec::new()).unwrap();
         send(&mut w, &Control::Error { message: "no".into() }).unwrap();

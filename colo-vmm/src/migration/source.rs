@@ -8,11 +8,11 @@ use std::sync::Arc;
 use super::protocol::{Control, Purpose};
 use super::status::{update, MigrationParams, MigrationState, MigrationStatus, StatusHandle};
 use super::uri::{Channel, MigrationUri};
-use crate::migratable::{page_digests, Migratable};
+use crate::migratable::{block_digests, page_digests, Migratable, MigratableError};
 use crate::persist::message as protocol;
-use crate::persist::sections::Sections;
-use crate::persist::snapshot::{self, is_zero};
-use crate::persist::stream::{Kind, StreamReader, StreamWriter, PAGES_PER_RECORD, PAGE_SIZE};
+use crate::persist::snapshot::is_zero;
+use crate::persist::state::StateRecord;
+use crate::persist::stream::{Kind, StreamError, StreamReader, StreamWriter, PAGES_PER_RECORD, PAGE_SIZE};
 use crate::vstate::dirty::DirtyBitmap;
 
 /// How long the destination may take to confirm it loaded everything.
@@ -20,11 +20,58 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long it may take to attach the backends and start.
 const RUNNING_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// State section carrying the source's page digests in verify mode.
-pub const VERIFY_SECTION: &str = "verify.page-digests";
-
 /// Fewest pages a round must send for its duration to say something about the per-page cost.
 const MEASURABLE: u64 = 256;
+
+/// Why a migration (or the initial transfer of a COLO start) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The destination cannot be reached.
+    #[error("connecting to {uri}: {source}")]
+    Connect {
+        /// Where.
+        uri: MigrationUri,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing the stream failed.
+    #[error("sending: {0}")]
+    Send(#[from] StreamError),
+    /// The connection failed.
+    #[error("sending: {0}")]
+    Io(#[from] std::io::Error),
+    /// Pausing, reading or saving the VM failed.
+    #[error(transparent)]
+    Vm(#[from] MigratableError),
+    /// The destination said nothing valid.
+    #[error("the destination did not answer: {0}")]
+    NoAnswer(#[source] StreamError),
+    /// The destination refused.
+    #[error("the destination refused: {0}")]
+    Refused(String),
+    /// The destination answered out of turn.
+    #[error("unexpected answer from the destination: {0}")]
+    Unexpected(String),
+    /// The destination did not confirm that it runs the VM.
+    #[error("the destination did not start: {0}")]
+    NotStarted(#[source] StreamError),
+    /// Something failed, and restarting the VM here failed too.
+    #[error("{error}; restarting the VM here also failed: {resume}")]
+    NotResumed {
+        /// What failed first.
+        #[source]
+        error: Box<MigrationError>,
+        /// Why the VM did not restart.
+        resume: MigratableError,
+    },
+    /// Another migration runs.
+    #[error("a migration is already running")]
+    Running,
+    /// The migration thread could not start.
+    #[error("starting the migration thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
 
 /// The stream writer of a transfer.
 pub type Writer = StreamWriter<BufWriter<Channel>>;
@@ -35,26 +82,56 @@ pub fn send_pages<V: Migratable + ?Sized>(
     vm: &V,
     set: impl Iterator<Item = usize>,
     skip_zero: bool,
-) -> Result<u64, String> {
+) -> Result<u64, MigrationError> {
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(PAGES_PER_RECORD);
     let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut sent = 0;
     for page in set {
         let gpa = page as u64 * PAGE_SIZE as u64;
         let mut buf = spare.pop().unwrap_or_else(|| vec![0u8; PAGE_SIZE]);
-        vm.read_page(page, &mut buf).map_err(|e| e.to_string())?;
+        vm.read_page(page, &mut buf)?;
         if skip_zero && is_zero(&buf) {
             spare.push(buf);
             continue;
         }
         batch.push((gpa, buf));
         if batch.len() == PAGES_PER_RECORD {
-            sent += w.pages(batch.iter().map(|(a, d)| (*a, &d[..]))).map_err(|e| format!("sending pages: {e}"))?;
+            sent += w.pages(batch.iter().map(|(a, d)| (*a, &d[..])))?;
             spare.extend(batch.drain(..).map(|(_, d)| d));
         }
     }
-    sent += w.pages(batch.iter().map(|(a, d)| (*a, &d[..]))).map_err(|e| format!("sending pages: {e}"))?;
+    sent += w.pages(batch.iter().map(|(a, d)| (*a, &d[..])))?;
     Ok(sent)
+}
+
+/// Sends the disk blocks of `set` (all blocks, skipping zero ones, when `skip_zero`); none for
+/// a VM without a disk or with a read-only one (its blocks never change and are not carried).
+pub fn send_blocks<V: Migratable + ?Sized>(
+    w: &mut Writer,
+    vm: &V,
+    set: impl Iterator<Item = u64>,
+    skip_zero: bool,
+) -> Result<u64, MigrationError> {
+    match vm.disk().filter(|d| !d.readonly()) {
+        Some(disk) => Ok(crate::persist::snapshot::write_blocks(w, disk, set, skip_zero)?),
+        None => Ok(0),
+    }
+}
+
+/// The disk blocks the guest wrote since the last call, if it has a disk.
+fn dirty_blocks<V: Migratable + ?Sized>(vm: &V) -> DirtyBitmap {
+    match vm.disk() {
+        Some(d) => d.dirty_blocks(),
+        None => DirtyBitmap::empty(0),
+    }
+}
+
+/// What is still dirty: pages and disk blocks.
+pub struct DirtySets {
+    /// Pages.
+    pub pages: DirtyBitmap,
+    /// Disk blocks.
+    pub blocks: DirtyBitmap,
 }
 
 /// A transfer in progress (the VM's dirty tracking is on meanwhile): the channel and the writer.
@@ -65,20 +142,22 @@ pub struct Transfer {
     pub chan: Channel,
     /// Pages sent so far.
     pub total: u64,
+    /// Disk blocks sent so far.
+    pub blocks: u64,
 }
 
 /// Connects, announces the purpose and the machine, and starts dirty tracking.
-pub fn connect<V: Migratable + ?Sized>(vm: &V, uri: &MigrationUri, purpose: Purpose) -> Result<Transfer, String> {
-    let chan = uri.connect().map_err(|e| format!("connecting to {uri}: {e}"))?;
-    let mut w: Writer =
-        StreamWriter::new(BufWriter::with_capacity(1 << 20, chan.try_clone().map_err(|e| e.to_string())?))
-            .map_err(|e| format!("starting the stream: {e}"))?;
-    protocol::send(&mut w, &Control::Hello { purpose }).map_err(|e| format!("sending: {e}"))?;
-    let mut meta = Sections::new();
-    meta.put_json("meta", &vm.describe());
-    w.record(Kind::State, &meta.encode()).map_err(|e| format!("sending: {e}"))?;
-    vm.start_dirty_log().map_err(|e| e.to_string())?;
-    Ok(Transfer { w, chan, total: 0 })
+pub fn connect<V: Migratable + ?Sized>(
+    vm: &V,
+    uri: &MigrationUri,
+    purpose: Purpose,
+) -> Result<Transfer, MigrationError> {
+    let chan = uri.connect().map_err(|source| MigrationError::Connect { uri: uri.clone(), source })?;
+    let mut w: Writer = StreamWriter::new(BufWriter::with_capacity(1 << 20, chan.try_clone()?))?;
+    protocol::send(&mut w, &Control::Hello { purpose })?;
+    w.record(Kind::State, &StateRecord::Machine(vm.describe()).encode())?;
+    vm.start_dirty_log()?;
+    Ok(Transfer { w, chan, total: 0, blocks: 0 })
 }
 
 /// When the final pause began.
@@ -88,10 +167,10 @@ pub struct Paused {
 }
 
 /// Restarts the devices and the vCPU after a pause that led nowhere.
-pub fn rollback<V: Migratable + ?Sized>(vm: &V, why: String) -> String {
+pub fn rollback<V: Migratable + ?Sized, E: Into<MigrationError>>(vm: &V, why: E) -> MigrationError {
     match vm.resume() {
-        Ok(()) => why,
-        Err(e) => format!("{why}; restarting the VM also failed: {e}"),
+        Ok(()) => why.into(),
+        Err(resume) => MigrationError::NotResumed { error: Box::new(why.into()), resume },
     }
 }
 
@@ -103,11 +182,11 @@ pub fn start<V: Migratable + 'static>(
     params: MigrationParams,
     status: StatusHandle,
     done: impl FnOnce(bool) + Send + 'static,
-) -> Result<(), String> {
+) -> Result<(), MigrationError> {
     {
         let mut st = status.lock().unwrap_or_else(|p| p.into_inner());
         if st.status == MigrationState::Active {
-            return Err("a migration is already running".into());
+            return Err(MigrationError::Running);
         }
         *st = MigrationStatus { status: MigrationState::Active, ..Default::default() };
     }
@@ -130,7 +209,7 @@ pub fn start<V: Migratable + 'static>(
             };
             done(ok);
         })
-        .map_err(|e| e.to_string())?;
+        .map_err(MigrationError::Spawn)?;
     Ok(())
 }
 
@@ -141,7 +220,7 @@ pub fn migrate<V: Migratable + ?Sized>(
     uri: &MigrationUri,
     params: MigrationParams,
     status: &StatusHandle,
-) -> Result<(), String> {
+) -> Result<(), MigrationError> {
     let started = Instant::now();
     let total_pages = vm.page_count() as u64;
     update(status, |s| *s = MigrationStatus { status: MigrationState::Active, total_pages, ..Default::default() });
@@ -152,7 +231,7 @@ pub fn migrate<V: Migratable + ?Sized>(
             Ok(()) => s.status = MigrationState::Completed,
             Err(e) => {
                 s.status = MigrationState::Failed;
-                s.error = Some(e.clone());
+                s.error = Some(e.to_string());
             }
         }
     });
@@ -169,7 +248,7 @@ fn run<V: Migratable + ?Sized>(
     params: MigrationParams,
     status: &StatusHandle,
     started: Instant,
-) -> Result<(), String> {
+) -> Result<(), MigrationError> {
     let mut t = connect(vm, uri, Purpose::Migrate)?;
     let result = precopy(vm, &mut t, params, status, started)
         .and_then(|dirty| pause_and_send_state(vm, &mut t, dirty, status, params.verify))
@@ -181,20 +260,22 @@ fn run<V: Migratable + ?Sized>(
     result
 }
 
-/// Pre-copy: all non-zero pages, then rounds of dirty pages until the rest fits the downtime
-/// limit (or the rounds run out). Returns the pages still dirty.
+/// Pre-copy: all non-zero pages and disk blocks, then rounds of dirty ones until the rest fits
+/// the downtime limit (or the rounds run out). Returns the pages and blocks still dirty.
 pub fn precopy<V: Migratable + ?Sized>(
     vm: &V,
     t: &mut Transfer,
     params: MigrationParams,
     status: &StatusHandle,
     started: Instant,
-) -> Result<DirtyBitmap, String> {
+) -> Result<DirtySets, MigrationError> {
     let pages = vm.page_count();
-    // Round 0: everything that is not zero (the destination starts from zeroed memory).
+    // Round 0: everything that is not zero (the destination starts from zeroed memory, and
+    // makes its disk the blocks sent, zero elsewhere).
     let clock = Instant::now();
     t.total = send_pages(&mut t.w, vm, 0..pages, true)?;
-    protocol::send(&mut t.w, &Control::Round { round: 0, pages: t.total }).map_err(|e| e.to_string())?;
+    t.blocks = send_blocks(&mut t.w, vm, 0..vm.disk().map_or(0, |d| d.blocks()), true)?;
+    protocol::send(&mut t.w, &Control::Round { round: 0, pages: t.total, blocks: t.blocks })?;
     // Seconds per page sent, learned from rounds that sent enough pages to measure (round 0
     // mostly skips zero pages, so its time says little); start from twice the local copy
     // budget (~0.8 µs per page).
@@ -202,18 +283,21 @@ pub fn precopy<V: Migratable + ?Sized>(
     if t.total >= MEASURABLE {
         per_page = (clock.elapsed().as_secs_f64() / t.total as f64).max(0.8e-6);
     }
-    let total = t.total;
+    let (total, blocks) = (t.total, t.blocks);
     update(status, |s| {
         s.pages_sent = total;
-        s.bytes_sent = total * PAGE_SIZE as u64;
+        s.blocks_sent = blocks;
+        s.bytes_sent = (total + blocks) * PAGE_SIZE as u64;
     });
     let mut last_collect = Instant::now();
     let mut round = 0;
     loop {
-        let dirty = vm.dirty_pages().map_err(|e| e.to_string())?;
+        let dirty = vm.dirty_pages()?;
+        let dirty_blocks = dirty_blocks(vm);
         let since = last_collect.elapsed().as_secs_f64().max(1e-3);
         last_collect = Instant::now();
-        let expected_ms = (dirty.count() as f64 * per_page * 1000.0) as u64;
+        // A block costs about what a page does (4 KiB read, sent, written).
+        let expected_ms = ((dirty.count() + dirty_blocks.count()) as f64 * per_page * 1000.0) as u64;
         update(status, |s| {
             s.rounds = round;
             s.remaining_pages = dirty.count() as u64;
@@ -222,60 +306,69 @@ pub fn precopy<V: Migratable + ?Sized>(
             s.total_time_ms = started.elapsed().as_millis() as u64;
         });
         if expected_ms <= params.downtime_limit || round >= params.max_rounds {
-            return Ok(dirty);
+            return Ok(DirtySets { pages: dirty, blocks: dirty_blocks });
         }
         round += 1;
         let clock = Instant::now();
         let n = send_pages(&mut t.w, vm, dirty.iter(), false)?;
-        protocol::send(&mut t.w, &Control::Round { round, pages: n }).map_err(|e| e.to_string())?;
-        if n >= MEASURABLE {
-            per_page = (clock.elapsed().as_secs_f64() / n as f64).max(0.8e-6);
+        let b = send_blocks(&mut t.w, vm, dirty_blocks.iter().map(|b| b as u64), false)?;
+        protocol::send(&mut t.w, &Control::Round { round, pages: n, blocks: b })?;
+        if n + b >= MEASURABLE {
+            per_page = (clock.elapsed().as_secs_f64() / (n + b) as f64).max(0.8e-6);
         }
         t.total += n;
-        let total = t.total;
+        t.blocks += b;
+        let (total, blocks) = (t.total, t.blocks);
         update(status, |s| {
             s.pages_sent = total;
-            s.bytes_sent = total * PAGE_SIZE as u64;
+            s.blocks_sent = blocks;
+            s.bytes_sent = (total + blocks) * PAGE_SIZE as u64;
         });
     }
 }
 
-/// The pause: stop the vCPU and the backends, send the last dirty pages and the device state,
-/// and `state-complete`. On failure the VM is running again.
+/// The pause: stop the vCPUs and the backends, send the last dirty pages and disk blocks and
+/// the device state, and `state-complete`. On failure the VM is running again.
 pub fn pause_and_send_state<V: Migratable + ?Sized>(
     vm: &V,
     t: &mut Transfer,
-    mut dirty: DirtyBitmap,
+    mut dirty: DirtySets,
     status: &StatusHandle,
     verify: bool,
-) -> Result<Paused, String> {
+) -> Result<Paused, MigrationError> {
     let at = Instant::now();
-    // vCPU and backends stopped: from here nothing writes guest memory.
-    vm.pause().map_err(|e| format!("pausing the VM: {e}"))?;
+    // vCPUs and backends stopped: from here nothing writes guest memory or the disk.
+    vm.pause()?;
     let paused = Paused { at };
-    let last = (|| -> Result<(), String> {
-        let more = vm.dirty_pages().map_err(|e| e.to_string())?;
-        dirty.union(more.words());
-        let last = send_pages(&mut t.w, vm, dirty.iter(), false)?;
-        update(status, |s| s.final_pages = last);
+    let last = (|| -> Result<(), MigrationError> {
+        let more = vm.dirty_pages()?;
+        dirty.pages.union(more.words());
+        dirty.blocks.union(dirty_blocks(vm).words());
+        let last = send_pages(&mut t.w, vm, dirty.pages.iter(), false)?;
+        let last_blocks = send_blocks(&mut t.w, vm, dirty.blocks.iter().map(|b| b as u64), false)?;
+        update(status, |s| {
+            s.final_pages = last;
+            s.final_blocks = last_blocks;
+        });
         t.total += last;
-        let mut state = vm.save_state().map_err(|e| e.to_string())?;
-        if verify {
-            // Everything is still: this is the memory the destination must end up with.
-            let d = page_digests(vm).map_err(|e| e.to_string())?;
-            state.put_bytes(VERIFY_SECTION, snapshot::encode_digests(&d));
-        }
-        t.w.record(Kind::State, &state.encode()).map_err(|e| format!("sending the device state: {e}"))?;
-        protocol::send(&mut t.w, &Control::StateComplete { pages: t.total }).map_err(|e| e.to_string())?;
+        t.blocks += last_blocks;
+        let state = Box::new(vm.save_state()?);
+        // Verify mode: everything is still, this is the memory and disk the destination must
+        // end up with.
+        let page_digests = if verify { Some(page_digests(vm)?) } else { None };
+        let block_digests = if verify { block_digests(vm)? } else { None };
+        t.w.record(Kind::State, &StateRecord::Paused { state, page_digests, block_digests }.encode())?;
+        protocol::send(&mut t.w, &Control::StateComplete { pages: t.total, blocks: t.blocks })?;
         Ok(())
     })();
     if let Err(e) = last {
         return Err(rollback(vm, e));
     }
-    let total = t.total;
+    let (total, blocks) = (t.total, t.blocks);
     update(status, |s| {
         s.pages_sent = total;
-        s.bytes_sent = total * PAGE_SIZE as u64;
+        s.blocks_sent = blocks;
+        s.bytes_sent = (total + blocks) * PAGE_SIZE as u64;
         s.remaining_pages = 0;
     });
     Ok(paused)
@@ -286,11 +379,11 @@ pub fn pause_and_send_state<V: Migratable + ?Sized>(
 pub fn answer<M: serde::de::DeserializeOwned>(
     t: &Transfer,
     timeout: Duration,
-) -> Result<(StreamReader<Channel>, M), String> {
-    let reader_chan = t.chan.try_clone().map_err(|e| e.to_string())?;
+) -> Result<(StreamReader<Channel>, M), MigrationError> {
+    let reader_chan = t.chan.try_clone()?;
     let _ = reader_chan.set_read_timeout(Some(timeout));
-    let mut r = StreamReader::new(reader_chan).map_err(|e| format!("the destination did not answer: {e}"))?;
-    let c = protocol::recv(&mut r).map_err(|e| format!("the destination did not confirm: {e}"))?;
+    let mut r = StreamReader::new(reader_chan).map_err(MigrationError::NoAnswer)?;
+    let c = protocol::recv(&mut r).map_err(MigrationError::NoAnswer)?;
     Ok((r, c))
 }
 
@@ -300,22 +393,22 @@ fn handover<V: Migratable + ?Sized>(
     t: &mut Transfer,
     paused: &Paused,
     status: &StatusHandle,
-) -> Result<(), String> {
+) -> Result<(), MigrationError> {
     let mut r = match answer(t, READY_TIMEOUT) {
         Ok((r, Control::Ready)) => r,
-        Ok((_, Control::Error { message })) => return Err(rollback(vm, format!("the destination refused: {message}"))),
-        Ok((_, other)) => return Err(rollback(vm, format!("unexpected answer from the destination: {other:?}"))),
+        Ok((_, Control::Error { message })) => return Err(rollback(vm, MigrationError::Refused(message))),
+        Ok((_, other)) => return Err(rollback(vm, MigrationError::Unexpected(format!("{other:?}")))),
         Err(e) => return Err(rollback(vm, e)),
     };
     // Hand the backends over.
     vm.release_backends();
     let chan = &t.chan;
-    let handed = protocol::send(&mut t.w, &Control::Go).map_err(|e| e.to_string()).and_then(|()| {
+    let handed = protocol::send(&mut t.w, &Control::Go).map_err(MigrationError::from).and_then(|()| {
         let _ = chan.set_read_timeout(Some(RUNNING_TIMEOUT));
         match protocol::recv(&mut r) {
             Ok(Control::Running) => Ok(()),
-            Ok(other) => Err(format!("unexpected answer from the destination: {other:?}")),
-            Err(e) => Err(format!("the destination did not start: {e}")),
+            Ok(other) => Err(MigrationError::Unexpected(format!("{other:?}"))),
+            Err(e) => Err(MigrationError::NotStarted(e)),
         }
     });
     if let Err(e) = handed {
@@ -324,7 +417,7 @@ fn handover<V: Migratable + ?Sized>(
         let resumed = vm.resume();
         return Err(match back.and(resumed) {
             Ok(()) => e,
-            Err(again) => format!("{e}; re-attaching the backends failed too: {again}"),
+            Err(resume) => MigrationError::NotResumed { error: Box::new(e), resume },
         });
     }
     update(status, |s| s.downtime_ms = paused.at.elapsed().as_millis() as u64);

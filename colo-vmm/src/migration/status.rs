@@ -24,6 +24,29 @@ impl Default for MigrationParams {
     }
 }
 
+/// `migrate-set-parameters` (and `migrate`'s own): the parameters to change, each optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct MigrationParamsUpdate {
+    /// `downtime-limit`, ms.
+    pub downtime_limit: Option<u64>,
+    /// `max-rounds`.
+    pub max_rounds: Option<u32>,
+    /// `verify`.
+    pub verify: Option<bool>,
+}
+
+impl MigrationParams {
+    /// These parameters with `u`'s changes (every value of the right type is valid).
+    pub fn apply(&self, u: &MigrationParamsUpdate) -> MigrationParams {
+        MigrationParams {
+            downtime_limit: u.downtime_limit.unwrap_or(self.downtime_limit),
+            max_rounds: u.max_rounds.unwrap_or(self.max_rounds),
+            verify: u.verify.unwrap_or(self.verify),
+        }
+    }
+}
+
 /// Where a migration stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -63,6 +86,12 @@ pub struct MigrationStatus {
     pub downtime_ms: u64,
     /// Pages sent during the pause (the last round).
     pub final_pages: u64,
+    /// Disk blocks sent so far.
+    #[serde(default)]
+    pub blocks_sent: u64,
+    /// Disk blocks sent during the pause.
+    #[serde(default)]
+    pub final_blocks: u64,
     /// Time since the migration started (ms).
     pub total_time_ms: u64,
     /// Why it failed.

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use colo_proxy::link::{self, AuthPolicy, LinkConn, LinkError, LinkKey, LinkReader, LinkSocket, LinkWriter};
 
-/// A migration address.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A migration address (as text in API requests).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum MigrationUri {
     /// TCP `HOST:PORT`.
     Tcp(String),
@@ -20,19 +21,37 @@ pub enum MigrationUri {
     Unix(PathBuf),
 }
 
+/// A migration address that is neither `tcp:HOST:PORT` nor `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}': expected tcp:HOST:PORT or unix:PATH")]
+pub struct UriError(String);
+
 impl FromStr for MigrationUri {
-    type Err = String;
+    type Err = UriError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if let Some(a) = s.strip_prefix("tcp:") {
             match a.rsplit_once(':') {
                 Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(MigrationUri::Tcp(a.to_string())),
-                _ => Err(format!("'{s}': expected tcp:HOST:PORT")),
+                _ => Err(UriError(s.into())),
             }
         } else if let Some(p) = s.strip_prefix("unix:").filter(|p| !p.is_empty()) {
             Ok(MigrationUri::Unix(PathBuf::from(p)))
         } else {
-            Err(format!("'{s}': expected tcp:HOST:PORT or unix:PATH"))
+            Err(UriError(s.into()))
         }
+    }
+}
+
+impl TryFrom<String> for MigrationUri {
+    type Error = UriError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<MigrationUri> for String {
+    fn from(u: MigrationUri) -> String {
+        u.to_string()
     }
 }
 
@@ -206,10 +225,8 @@ impl MigrationUri {
     pub fn listen(&self) -> io::Result<Listener> {
         match self {
             MigrationUri::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a.as_str())?)),
-            MigrationUri::Unix(p) => {
-                colo_proxy::endpoint::remove_stale_socket(p)?;
-                Ok(Listener::Unix(UnixListener::bind(p)?, p.clone()))
-            }
+            // Only this user may hand us a VM: 0600 before it can be reached.
+            MigrationUri::Unix(p) => Ok(Listener::Unix(crate::unix_socket::bind_private(p)?, p.clone())),
         }
     }
 }
@@ -260,5 +277,19 @@ mod tests {
             assert!(bad.parse::<MigrationUri>().is_err(), "{bad}");
         }
         assert_eq!("tcp:[::1]:9".parse::<MigrationUri>().unwrap().to_string(), "tcp:[::1]:9");
+    }
+
+    #[test]
+    fn an_incoming_unix_socket_is_0600_whatever_the_umask() {
+        // Issue 12, item 6: it took its mode from the umask (0777 under umask 000).
+        use crate::unix_socket::tests::{scratch, with_open_umask};
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("incoming");
+        let path = dir.join("in.sock");
+        let l = with_open_umask(|| MigrationUri::Unix(path.clone()).listen()).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        drop(l);
+        assert!(!path.exists(), "removed with the listener");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,8 +5,7 @@
 use kvm_bindings::{kvm_msr_entry, Msrs};
 use kvm_ioctls::{Kvm, VcpuFd};
 
-use super::sections::Sections;
-use super::stream::StreamError;
+use super::state::VcpuState;
 
 /// MSRs whose value depends on TSC and must be written after it.
 const MSR_IA32_TSC: u32 = 0x10;
@@ -25,9 +24,6 @@ pub enum VcpuStateError {
         /// The error.
         error: kvm_ioctls::Error,
     },
-    /// The saved state is unusable.
-    #[error(transparent)]
-    Stream(#[from] StreamError),
     /// KVM accepted fewer MSRs than given.
     #[error("vCPU MSRs: KVM accepted {set} of {total}, refused {index:#x}")]
     Msrs {
@@ -92,44 +88,40 @@ pub fn complete_pending_io(vcpu: &mut VcpuFd) {
     vcpu.set_kvm_immediate_exit(0);
 }
 
-/// Saves vCPU `id` into `s` (sections `vcpuN.*`). The vCPU must be out of KVM_RUN and every
-/// vCPU paused.
-pub fn save(vcpu: &mut VcpuFd, id: usize, msr_list: &[u32], s: &mut Sections) -> Result<(), VcpuStateError> {
+/// Saves a vCPU. It must be out of KVM_RUN and every vCPU paused.
+pub fn save(vcpu: &mut VcpuFd, msr_list: &[u32]) -> Result<VcpuState, VcpuStateError> {
     complete_pending_io(vcpu);
-    let p = |part: &str| format!("vcpu{id}.{part}");
-    s.put_pod(&p("mp_state"), &vcpu.get_mp_state().map_err(kvm("MP state"))?);
-    s.put_pod(&p("regs"), &vcpu.get_regs().map_err(kvm("registers"))?);
-    s.put_pod(&p("sregs"), &vcpu.get_sregs().map_err(kvm("special registers"))?);
-    s.put_pod(&p("xsave"), &vcpu.get_xsave().map_err(kvm("XSAVE area"))?);
-    s.put_pod(&p("xcrs"), &vcpu.get_xcrs().map_err(kvm("XCRs"))?);
-    s.put_pod(&p("debugregs"), &vcpu.get_debug_regs().map_err(kvm("debug registers"))?);
-    s.put_pod(&p("lapic"), &vcpu.get_lapic().map_err(kvm("local APIC"))?);
-    s.put_json(&p("msrs"), &read_msrs(vcpu, msr_list)?);
-    s.put_pod(&p("events"), &vcpu.get_vcpu_events().map_err(kvm("events"))?);
-    Ok(())
+    Ok(VcpuState {
+        mp_state: vcpu.get_mp_state().map_err(kvm("MP state"))?,
+        regs: vcpu.get_regs().map_err(kvm("registers"))?,
+        sregs: vcpu.get_sregs().map_err(kvm("special registers"))?,
+        xsave: vcpu.get_xsave().map_err(kvm("XSAVE area"))?,
+        xcrs: vcpu.get_xcrs().map_err(kvm("XCRs"))?,
+        debugregs: vcpu.get_debug_regs().map_err(kvm("debug registers"))?,
+        lapic: vcpu.get_lapic().map_err(kvm("local APIC"))?,
+        msrs: read_msrs(vcpu, msr_list)?,
+        events: vcpu.get_vcpu_events().map_err(kvm("events"))?,
+    })
 }
 
-/// Restores vCPU `id` from `s`. CPUID must already be set (it is part of creating the vCPU).
-pub fn restore(vcpu: &VcpuFd, id: usize, s: &Sections) -> Result<(), VcpuStateError> {
-    let p = |part: &str| format!("vcpu{id}.{part}");
-    vcpu.set_mp_state(s.pod(&p("mp_state"))?).map_err(kvm("MP state"))?;
-    vcpu.set_regs(&s.pod(&p("regs"))?).map_err(kvm("registers"))?;
-    vcpu.set_sregs(&s.pod(&p("sregs"))?).map_err(kvm("special registers"))?;
-    let xsave = s.pod(&p("xsave"))?;
+/// Restores a vCPU. CPUID must already be set (it is part of creating the vCPU).
+pub fn restore(vcpu: &VcpuFd, s: &VcpuState) -> Result<(), VcpuStateError> {
+    vcpu.set_mp_state(s.mp_state).map_err(kvm("MP state"))?;
+    vcpu.set_regs(&s.regs).map_err(kvm("registers"))?;
+    vcpu.set_sregs(&s.sregs).map_err(kvm("special registers"))?;
     // SAFETY: a legacy 4 KiB XSAVE area, read by get_xsave on this kind of host; set_xsave copies
     // exactly that much.
-    unsafe { vcpu.set_xsave(&xsave) }.map_err(kvm("XSAVE area"))?;
-    vcpu.set_xcrs(&s.pod(&p("xcrs"))?).map_err(kvm("XCRs"))?;
-    vcpu.set_debug_regs(&s.pod(&p("debugregs"))?).map_err(kvm("debug registers"))?;
-    vcpu.set_lapic(&s.pod(&p("lapic"))?).map_err(kvm("local APIC"))?;
-    let msrs: Vec<(u32, u64)> = s.json(&p("msrs"))?;
-    let (deadline, others): (Vec<_>, Vec<_>) = msrs.into_iter().partition(|(i, _)| *i == MSR_IA32_TSC_DEADLINE);
+    unsafe { vcpu.set_xsave(&s.xsave) }.map_err(kvm("XSAVE area"))?;
+    vcpu.set_xcrs(&s.xcrs).map_err(kvm("XCRs"))?;
+    vcpu.set_debug_regs(&s.debugregs).map_err(kvm("debug registers"))?;
+    vcpu.set_lapic(&s.lapic).map_err(kvm("local APIC"))?;
+    let (deadline, others): (Vec<_>, Vec<_>) = s.msrs.iter().copied().partition(|(i, _)| *i == MSR_IA32_TSC_DEADLINE);
     write_msrs(vcpu, &others)?;
     // A zero deadline would mean "no timer"; re-arming at the current TSC loses no interrupt.
     let tsc = others.iter().find(|(i, _)| *i == MSR_IA32_TSC).map_or(0, |(_, v)| *v);
     let deadline: Vec<_> = deadline.into_iter().map(|(i, v)| (i, if v == 0 { tsc } else { v })).collect();
     write_msrs(vcpu, &deadline)?;
-    vcpu.set_vcpu_events(&s.pod(&p("events"))?).map_err(kvm("events"))?;
+    vcpu.set_vcpu_events(&s.events).map_err(kvm("events"))?;
     // Tell a kvmclock-aware guest it was paused; guests without kvmclock refuse it, harmlessly.
     let _ = vcpu.kvmclock_ctrl();
     Ok(())

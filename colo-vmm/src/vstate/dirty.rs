@@ -103,8 +103,8 @@ pub enum DirtyError {
     #[error("reading KVM's dirty log: {0}")]
     Kvm(kvm_ioctls::Error),
     /// A backend's log failed.
-    #[error("{0}")]
-    Backend(String),
+    #[error(transparent)]
+    Backend(#[from] crate::devices::DeviceError),
 }
 
 fn vmm_bitmap_words(ram: &GuestRam) -> Vec<u64> {
@@ -143,7 +143,7 @@ impl DirtyTracker {
         b.union(&kvm);
         b.union(&vmm_bitmap_words(ram));
         for l in &self.logs {
-            b.union(&l.collect().map_err(DirtyError::Backend)?);
+            b.union(&l.collect()?);
         }
         Ok(b)
     }

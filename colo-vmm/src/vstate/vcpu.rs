@@ -1,6 +1,8 @@
-//! The vCPU thread: runs KVM_RUN, dispatches port and MMIO exits to the devices, sleeps in the
-//! paravirtual halt, and obeys the VMM's requests (pause, resume, quit, and work that must run on
-//! the vCPU thread while it is paused, such as saving its state).
+//! A vCPU thread: runs KVM_RUN, dispatches port and MMIO exits to the devices (shared by every
+//! vCPU, behind one lock), sleeps in its own paravirtual halt, and obeys the VMM's requests
+//! (pause, resume, quit, and work that must run on the vCPU thread while it is paused, such as
+//! saving its state). [`Vcpus`] drives all of a VM's vCPUs together: a pause stops every one
+//! before it returns.
 //!
 //! A request is delivered by setting the wanted state, writing the halt waiter's kick eventfd,
 //! and sending the thread a signal whose handler sets `immediate_exit` in the thread's
@@ -14,7 +16,7 @@ use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::devices::pvhalt::Wake;
+use crate::devices::pvhalt::{Waiter, Wake};
 use crate::devices::{Devices, PioAction};
 
 /// How the vCPU thread ended.
@@ -37,7 +39,10 @@ enum Want {
 }
 
 /// Work run on the vCPU thread while it is paused.
-pub type Task = Box<dyn FnOnce(&mut VcpuFd, &mut Devices) + Send>;
+pub type Task = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
+/// The devices, as every vCPU thread shares them.
+pub type SharedDevices = Arc<Mutex<Devices>>;
 
 struct State {
     want: Want,
@@ -48,6 +53,7 @@ struct State {
 
 /// The VMM's handle on a vCPU thread.
 pub struct VcpuHandle {
+    index: usize,
     state: Mutex<State>,
     changed: Condvar,
     kicker: EventFd,
@@ -108,11 +114,21 @@ impl VcpuHandle {
     /// already ended.
     pub fn pause(&self) -> bool {
         self.request(Want::Pause);
+        self.wait_paused()
+    }
+
+    /// Waits until a requested pause has taken effect; false if the thread has ended.
+    fn wait_paused(&self) -> bool {
         let mut s = self.lock();
         while !s.paused && !s.ended {
             s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
         }
         !s.ended
+    }
+
+    /// Its index (0 is the boot vCPU).
+    pub fn index(&self) -> usize {
+        self.index
     }
 
     /// Lets a paused vCPU run again.
@@ -137,38 +153,51 @@ impl VcpuHandle {
     }
 
     /// Runs `task` on the paused vCPU thread and waits for it. The vCPU must be paused.
-    pub fn run_paused<R: Send + 'static>(
+    pub fn run_paused<R: Send + 'static>(&self, task: impl FnOnce(&mut VcpuFd) -> R + Send + 'static) -> Option<R> {
+        self.queue_paused(task)?.recv().ok()
+    }
+
+    /// Queues `task` for the paused vCPU thread; its result arrives on the receiver. `None` if
+    /// the vCPU is not paused or has ended.
+    fn queue_paused<R: Send + 'static>(
         &self,
-        task: impl FnOnce(&mut VcpuFd, &mut Devices) -> R + Send + 'static,
-    ) -> Option<R> {
+        task: impl FnOnce(&mut VcpuFd) -> R + Send + 'static,
+    ) -> Option<std::sync::mpsc::Receiver<R>> {
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let mut s = self.lock();
             if !s.paused || s.ended {
                 return None;
             }
-            s.tasks.push(Box::new(move |v, d| {
-                let _ = tx.send(task(v, d));
+            s.tasks.push(Box::new(move |v| {
+                let _ = tx.send(task(v));
             }));
         }
         self.changed.notify_all();
-        rx.recv().ok()
+        Some(rx)
     }
 }
 
-/// Starts the vCPU thread. `devices` move to it; the VMM keeps the handle.
-pub fn spawn(mut vcpu: VcpuFd, mut devices: Devices) -> std::io::Result<(Arc<VcpuHandle>, JoinHandle<VcpuEnd>)> {
+/// Starts the thread of vCPU `index`, which halts on `waiter`; the VMM keeps the handle.
+pub fn spawn(
+    index: usize,
+    mut vcpu: VcpuFd,
+    devices: SharedDevices,
+    waiter: Waiter,
+) -> std::io::Result<(Arc<VcpuHandle>, JoinHandle<VcpuEnd>)> {
     let handle = Arc::new(VcpuHandle {
+        index,
         state: Mutex::new(State { want: Want::Run, paused: false, ended: false, tasks: vec![] }),
         changed: Condvar::new(),
-        kicker: devices.waiter.kicker()?,
+        kicker: waiter.kicker()?,
         thread: Mutex::new(None),
     });
     let h = handle.clone();
-    let thread = std::thread::Builder::new().name("vcpu0".into()).spawn(move || {
+    let thread = std::thread::Builder::new().name(format!("vcpu{index}")).spawn(move || {
+        // SAFETY: pthread_self has no preconditions.
         *h.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(unsafe { libc::pthread_self() });
         KVM_RUN.with(|p| p.set(vcpu.get_kvm_run() as *mut kvm_run));
-        let end = run_loop(&h, &mut vcpu, &mut devices);
+        let end = run_loop(&h, &mut vcpu, &devices, &waiter);
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
         *h.thread.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let mut s = h.lock();
@@ -181,14 +210,14 @@ pub fn spawn(mut vcpu: VcpuFd, mut devices: Devices) -> std::io::Result<(Arc<Vcp
 }
 
 /// Obeys pause requests (running queued tasks meanwhile); returns false if asked to quit.
-fn obey(h: &VcpuHandle, vcpu: &mut VcpuFd, devices: &mut Devices) -> bool {
+fn obey(h: &VcpuHandle, vcpu: &mut VcpuFd) -> bool {
     let mut s = h.lock();
     loop {
         let tasks = std::mem::take(&mut s.tasks);
         if !tasks.is_empty() {
             drop(s);
             for t in tasks {
-                t(vcpu, devices);
+                t(vcpu);
             }
             s = h.lock();
             continue;
@@ -213,45 +242,52 @@ fn obey(h: &VcpuHandle, vcpu: &mut VcpuFd, devices: &mut Devices) -> bool {
     }
 }
 
-fn run_loop(h: &VcpuHandle, vcpu: &mut VcpuFd, devices: &mut Devices) -> VcpuEnd {
+fn lock_devices(devices: &SharedDevices) -> MutexGuard<'_, Devices> {
+    devices.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn run_loop(h: &VcpuHandle, vcpu: &mut VcpuFd, devices: &SharedDevices, waiter: &Waiter) -> VcpuEnd {
+    let index = h.index;
     loop {
-        if !obey(h, vcpu, devices) {
+        if !obey(h, vcpu) {
             return VcpuEnd::Quit;
         }
         let action = match vcpu.run() {
-            Ok(VcpuExit::IoOut(port, data)) => devices.pio_out(port, data),
+            Ok(VcpuExit::IoOut(port, data)) => lock_devices(devices).pio_out(port, data),
             Ok(VcpuExit::IoIn(port, data)) => {
-                devices.pio_in(port, data);
+                lock_devices(devices).pio_in(port, data);
                 PioAction::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
-                devices.mmio_read(addr, data);
+                lock_devices(devices).mmio_read(addr, data);
                 PioAction::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
-                devices.mmio_write(addr, data);
+                lock_devices(devices).mmio_write(addr, data);
                 PioAction::Continue
             }
             // Only CPL0 code can execute HLT; treat it as a halt without deadline.
             Ok(VcpuExit::Hlt) => PioAction::Halt(colo_vmm_abi::HALT_FOREVER),
             Ok(VcpuExit::Shutdown) => {
-                return VcpuEnd::Crashed(describe_crash("triple fault (KVM_EXIT_SHUTDOWN)", vcpu))
+                return VcpuEnd::Crashed(describe_crash(index, "triple fault (KVM_EXIT_SHUTDOWN)", vcpu))
             }
-            Ok(VcpuExit::InternalError) => return VcpuEnd::Crashed(describe_crash("KVM internal error", vcpu)),
+            Ok(VcpuExit::InternalError) => return VcpuEnd::Crashed(describe_crash(index, "KVM internal error", vcpu)),
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                return VcpuEnd::Crashed(format!("KVM could not enter the guest: reason {reason:#x} on cpu {cpu}"))
+                return VcpuEnd::Crashed(format!(
+                    "KVM could not enter the guest on vCPU {index}: reason {reason:#x} on cpu {cpu}"
+                ))
             }
-            Ok(other) => return VcpuEnd::Crashed(describe_crash(&format!("unexpected exit {other:?}"), vcpu)),
+            Ok(other) => return VcpuEnd::Crashed(describe_crash(index, &format!("unexpected exit {other:?}"), vcpu)),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
                 PioAction::Continue
             }
-            Err(e) => return VcpuEnd::Crashed(format!("KVM_RUN failed: {e}")),
+            Err(e) => return VcpuEnd::Crashed(format!("KVM_RUN failed on vCPU {index}: {e}")),
         };
         match action {
             PioAction::Continue => {}
             PioAction::Exit(code) => return VcpuEnd::GuestExit(code),
-            PioAction::Halt(us) => match devices.waiter.wait(us) {
+            PioAction::Halt(us) => match waiter.wait(us) {
                 Ok(Wake::Device | Wake::Timeout | Wake::Kick) => {}
                 Err(e) => return VcpuEnd::Crashed(format!("halt wait failed: {e}")),
             },
@@ -259,12 +295,86 @@ fn run_loop(h: &VcpuHandle, vcpu: &mut VcpuFd, devices: &mut Devices) -> VcpuEnd
     }
 }
 
-fn describe_crash(what: &str, vcpu: &VcpuFd) -> String {
+fn describe_crash(index: usize, what: &str, vcpu: &VcpuFd) -> String {
     match (vcpu.get_regs(), vcpu.get_sregs()) {
         (Ok(r), Ok(s)) => format!(
-            "guest crashed: {what}: rip={:#x} rsp={:#x} rflags={:#x} cr2={:#x} cs={:#x} rax={:#x} rdi={:#x}",
+            "guest crashed on vCPU {index}: {what}: rip={:#x} rsp={:#x} rflags={:#x} cr2={:#x} cs={:#x} rax={:#x} rdi={:#x}",
             r.rip, r.rsp, r.rflags, s.cr2, s.cs.selector, r.rax, r.rdi
         ),
-        _ => format!("guest crashed: {what}"),
+        _ => format!("guest crashed on vCPU {index}: {what}"),
+    }
+}
+
+/// Every vCPU of a VM, driven together.
+pub struct Vcpus {
+    handles: Vec<Arc<VcpuHandle>>,
+}
+
+impl Vcpus {
+    /// The vCPUs whose threads [`spawn`] started, by index.
+    pub fn new(handles: Vec<Arc<VcpuHandle>>) -> Vcpus {
+        Vcpus { handles }
+    }
+
+    /// How many.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether there are none (never, for a built VM).
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Each vCPU's handle, by index.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<VcpuHandle>> {
+        self.handles.iter()
+    }
+
+    /// Pauses every vCPU and waits until all are out of the guest: asks them all first, so they
+    /// stop in parallel. False if a vCPU thread has ended (the guest is gone); the others are
+    /// paused then.
+    pub fn pause(&self) -> bool {
+        for h in &self.handles {
+            h.request(Want::Pause);
+        }
+        // Wait for every one, even after a failure: none may be left half-asked.
+        let paused: Vec<bool> = self.handles.iter().map(|h| h.wait_paused()).collect();
+        paused.into_iter().all(|ok| ok)
+    }
+
+    /// Lets every paused vCPU run again.
+    pub fn resume(&self) {
+        for h in &self.handles {
+            h.resume();
+        }
+    }
+
+    /// Asks every vCPU thread to end.
+    pub fn quit(&self) {
+        for h in &self.handles {
+            h.quit();
+        }
+    }
+
+    /// Whether every vCPU is paused now.
+    pub fn is_paused(&self) -> bool {
+        self.handles.iter().all(|h| h.is_paused())
+    }
+
+    /// Runs `task` on every paused vCPU thread — on all of them at once — and returns the
+    /// results by index; `None` if a vCPU is not paused or has ended.
+    pub fn run_paused_each<R: Send + 'static>(
+        &self,
+        task: impl Fn(usize, &mut VcpuFd) -> R + Send + Sync + 'static,
+    ) -> Option<Vec<R>> {
+        let task = Arc::new(task);
+        let mut results = Vec::with_capacity(self.handles.len());
+        // Hand every vCPU its task first, then collect: the threads work in parallel.
+        for h in &self.handles {
+            let (t, i) = (task.clone(), h.index);
+            results.push(h.queue_paused(move |v| t(i, v))?);
+        }
+        results.into_iter().map(|rx| rx.recv().ok()).collect()
     }
 }

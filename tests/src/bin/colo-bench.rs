@@ -6,7 +6,11 @@
 //!   deterministic service (TCP echo) and a divergent one (`top` next to a CPU burner): client
 //!   throughput, checkpoints per second, secondary CPU;
 //! - failover gap (the longest silence a counter client sees) for a killed primary and for a
-//!   frozen one (detected by the heartbeat), against the heartbeat timeout.
+//!   frozen one (detected by the heartbeat), against the heartbeat timeout;
+//! - checkpoint pause against vCPUs (an idle guest, and every vCPU burning);
+//! - checkpoint pause against dirty disk blocks per checkpoint (background transfer off and on);
+//! - the guest's disk throughput (the `kv` service's `fill`/`read` of 64 MiB, and `put`s, each
+//!   flushed) without COLO and with it.
 //!
 //! Run as root: `cargo run --release -p colo-tests --bin colo-bench` (or scripts/bench-colo.sh).
 
@@ -15,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use colo_tests::colo_topology::{prerequisites, Backend, ColoNet, CounterClient, Side};
+use colo_tests::kv::{make_image, KvClient};
 use colo_tests::vm_topology::cpu_time;
+use colo_tests::TempDir;
 use serde_json::Value;
 
 /// COLO end-to-end benchmarks.
@@ -30,10 +36,17 @@ struct Args {
     /// Heartbeat timeouts for the failover table, ms.
     #[arg(long, value_delimiter = ',', default_value = "250,500,1000")]
     heartbeat: Vec<u64>,
-    /// Repeat each failover this many times (the median is reported).
+    /// Repeat each failover, and each row of the vCPU, blocks and disk tables, this many times
+    /// on a fresh pair (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
-    /// Run only these parts (pause, modes, failover); default: all.
+    /// vCPU counts for the vCPU table.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    cpus: Vec<u32>,
+    /// Guest disk dirty rates for the blocks table, 4 KiB blocks per second.
+    #[arg(long, value_delimiter = ',', default_value = "0,100,1000,4000")]
+    blocks: Vec<u64>,
+    /// Run only these parts (pause, modes, failover, cpus, blocks, disk); default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Write the report here as well as to stdout.
@@ -255,6 +268,15 @@ fn main() -> anyhow::Result<()> {
     if args.wants("failover") {
         failover_table(&args, &mut r)?;
     }
+    if args.wants("cpus") {
+        cpus_table(&args, &mut r)?;
+    }
+    if args.wants("blocks") {
+        blocks_table(&args, &mut r)?;
+    }
+    if args.wants("disk") {
+        disk_table(&args, &mut r)?;
+    }
     print!("{r}");
     if let Some(p) = args.out {
         std::fs::write(&p, &r)?;
@@ -360,6 +382,200 @@ fn failover_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
         let killed = median((0..args.repeat).map(|_| failover_gap(hb, false)).collect());
         let frozen = median((0..args.repeat).map(|_| failover_gap(hb, true)).collect());
         writeln!(r, "| {hb} | {killed:.0} | {frozen:.0} |")?;
+    }
+    Ok(())
+}
+
+/// Median pause and pages (and blocks) per checkpoint of a running pair over `secs`, after the
+/// first checkpoints passed.
+fn settled_pauses(net: &ColoNet, secs: f64) -> (f64, f64, f64) {
+    std::thread::sleep(Duration::from_millis(1500));
+    let from = last_seq(net);
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let cps = checkpoints_since(net, from);
+    if cps.is_empty() {
+        return (0.0, 0.0, 0.0);
+    }
+    let pick = |k: &str| median(cps.iter().map(|c| n(&c[k])).collect());
+    (pick("pause-ms"), pick("pages"), pick("blocks"))
+}
+
+fn cpus_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    writeln!(r, "\n### Checkpoint pause against vCPUs\n")?;
+    writeln!(
+        r,
+        "One checkpoint per second (`max-time=1000`); the guest idle (every vCPU halted), or every \
+         vCPU burning (so each must be kicked out of the guest, finish its exit and be read); \
+         medians over {}s, median of {} pairs. Both VMs have the vCPUs, on the same 2 host CPUs.\n",
+        args.secs, args.repeat
+    )?;
+    writeln!(r, "| vCPUs | idle: pause ms | idle: pages | burning: pause ms | burning: pages |")?;
+    writeln!(r, "|---:|---:|---:|---:|---:|")?;
+    for &cpus in &args.cpus {
+        let mut row = vec![];
+        for app in ["app=counter", "app=counter,burn"] {
+            let (mut pauses, mut pages) = (vec![], vec![]);
+            for _ in 0..args.repeat.max(1) {
+                eprintln!("cpus: {cpus} vCPUs, {app}…");
+                let cpus_arg = cpus.to_string();
+                let mut net = ColoNet::start_with(Backend::VhostNetCompare, app, &[], &["--cpus", &cpus_arg]);
+                net.set_params(Side::Primary, &[("max-time", 1000)]);
+                net.start_colo();
+                let (pause, p, _) = settled_pauses(&net, args.secs);
+                pauses.push(pause);
+                pages.push(p);
+            }
+            row.push(format!("{:.2} | {:.0}", median(pauses), median(pages)));
+        }
+        writeln!(r, "| {cpus} | {} | {} |", row[0], row[1])?;
+    }
+    Ok(())
+}
+
+/// A pair whose VMs each have a 64 MiB image in `images`.
+fn disk_pair(images: &TempDir, app: &str) -> ColoNet {
+    let (p, s) = (images.path("primary.img"), images.path("secondary.img"));
+    make_image(&p, 64);
+    make_image(&s, 64);
+    let (pd, sd) = (format!("path={}", p.display()), format!("path={}", s.display()));
+    ColoNet::start_sides(Backend::VhostNetCompare, app, &[], &["--disk", &pd], &["--disk", &sd])
+}
+
+fn blocks_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let budget = copy_budget_per_page();
+    writeln!(r, "\n### Checkpoint pause against dirty disk blocks\n")?;
+    writeln!(
+        r,
+        "One checkpoint per second (`max-time=1000`), the guest's `diskdirty` writing 4 KiB blocks \
+         at the given rate (runs of up to 16 blocks per request) on a 64 MiB disk; medians over {}s, \
+         median of {} pairs. The per-block cost is the pause beyond the idle guest's, divided by the blocks; the copy \
+         budget is copying 4 KiB once in memory here ({:.2} µs).\n",
+        args.secs,
+        args.repeat,
+        budget * 1e6
+    )?;
+    writeln!(
+        r,
+        "| dirty blocks/s | background transfer | blocks/checkpoint | pages/checkpoint | pause ms | µs/block beyond idle | vs copy budget | background blocks |"
+    )?;
+    writeln!(r, "|---:|:---|---:|---:|---:|---:|---:|---:|")?;
+    let mut idle = None;
+    for &rate in &args.blocks {
+        for bg in [false, true] {
+            if bg && rate == 0 {
+                continue;
+            }
+            let mut rows = vec![];
+            for _ in 0..args.repeat.max(1) {
+                eprintln!("blocks: {rate} blocks/s, background {bg}…");
+                let images = TempDir::new("bench-disk");
+                let app =
+                    if rate == 0 { "app=counter".into() } else { format!("app=counter,diskdirty disk_dirty={rate}") };
+                let mut net = disk_pair(&images, &app);
+                let limit = if bg { 1 << 20 } else { 0 };
+                net.set_params(Side::Primary, &[("max-time", 1000), ("ram-background-limit", limit)]);
+                net.start_colo();
+                let (pause, pages, blocks) = settled_pauses(&net, args.secs);
+                rows.push((pause, pages, blocks, n(&net.status(Side::Primary)["disk"]["background-blocks"])));
+            }
+            let pick = |f: fn(&(f64, f64, f64, f64)) -> f64| median(rows.iter().map(f).collect());
+            let (pause, pages, blocks, background) = (pick(|r| r.0), pick(|r| r.1), pick(|r| r.2), pick(|r| r.3));
+            let base = *idle.get_or_insert(pause);
+            let per = if rate > 0 && blocks > 0.0 { (pause - base).max(0.0) * 1000.0 / blocks } else { 0.0 };
+            let (per, ratio) = if per > 0.0 {
+                (format!("{per:.2}"), format!("{:.1}×", per / (budget * 1e6)))
+            } else {
+                ("–".into(), "–".into())
+            };
+            writeln!(
+                r,
+                "| {rate} | {} | {blocks:.0} | {pages:.0} | {pause:.2} | {per} | {ratio} | {background:.0} |",
+                if bg { "1 MiB" } else { "off" }
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// MB/s of `fill MIB` or `read MIB` over the kv service, best of two.
+fn disk_rate(kv: &mut KvClient, verb: &str, mib: u32) -> f64 {
+    (0..2)
+        .map(|_| {
+            let t = Instant::now();
+            let reply = kv.ask(&format!("{verb} {mib}")).expect("the kv service answers");
+            assert_eq!(reply, "ok", "{verb}: {reply}");
+            f64::from(mib) * 1.048_576 / t.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
+/// `put`s per second (each written and flushed before its `ok`) over `secs`.
+fn put_rate(kv: &mut KvClient, secs: f64) -> f64 {
+    let t = Instant::now();
+    let mut k = 0u64;
+    while t.elapsed().as_secs_f64() < secs {
+        kv.put(&format!("bench{k}"), "a value of some forty bytes, give or take").expect("put");
+        k += 1;
+    }
+    k as f64 / t.elapsed().as_secs_f64()
+}
+
+fn disk_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    writeln!(r, "\n### The guest's disk throughput, with and without COLO\n")?;
+    writeln!(
+        r,
+        "The `kv` service on a 64 MiB disk: `fill 64` / `read 64` (64 MiB written or read in \
+         64 KiB requests, the client timing the round trip; best of two), and `put`s on one \
+         connection for {}s (each record written and flushed before its `ok`); median of {} pairs. \
+         COLO: periodic checkpoints every second, dirty RAM and blocks streamed in the background \
+         from 1 MiB.\n",
+        args.secs, args.repeat
+    )?;
+    writeln!(r, "| setup | write MB/s | read MB/s | puts/s | checkpoints | blocks/checkpoint (median) |")?;
+    writeln!(r, "|:---|---:|---:|---:|---:|---:|")?;
+    let mut base = (0.0, 0.0, 0.0);
+    for colo in [false, true] {
+        let mut rows = vec![];
+        for _ in 0..args.repeat.max(1) {
+            eprintln!("disk: COLO {colo}…");
+            let images = TempDir::new("bench-disk");
+            let mut net = disk_pair(&images, "app=kv");
+            if colo {
+                net.set_params(Side::Primary, &[("max-time", 1000), ("ram-background-limit", 1 << 20)]);
+                net.start_colo();
+            }
+            let from = if colo { last_seq(&net) } else { 0 };
+            let mut kv = KvClient::over(net.connect(9200));
+            kv.set_timeout(Duration::from_secs(120));
+            let write = disk_rate(&mut kv, "fill", 64);
+            let read = disk_rate(&mut kv, "read", 64);
+            let puts = put_rate(&mut kv, args.secs);
+            let (cps, blocks) = if colo {
+                let list = checkpoints_since(&net, from);
+                let b = if list.is_empty() { 0.0 } else { median(list.iter().map(|c| n(&c["blocks"])).collect()) };
+                (list.len() as f64, b)
+            } else {
+                (0.0, 0.0)
+            };
+            rows.push([write, read, puts, cps, blocks]);
+        }
+        let pick = |i: usize| median(rows.iter().map(|r| r[i]).collect());
+        let (write, read, puts, cps, blocks) = (pick(0), pick(1), pick(2), pick(3), pick(4));
+        if !colo {
+            base = (write, read, puts);
+        }
+        let rel = |v: f64, b: f64| if colo && b > 0.0 { format!(" ({:.2}×)", v / b) } else { String::new() };
+        writeln!(
+            r,
+            "| {} | {write:.1}{} | {read:.1}{} | {puts:.0}{} | {cps:.0} | {blocks:.0} |",
+            if colo { "COLO" } else { "no COLO" },
+            rel(write, base.0),
+            rel(read, base.1),
+            rel(puts, base.2)
+        )?;
     }
     Ok(())
 }

@@ -29,10 +29,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Parser;
 use colo_tests::colo_hosts::{ColoHosts, HostBackend};
 use colo_tests::colo_topology::{ctl, prerequisites, Backend, ColoNet, CounterClient, Side};
+use colo_tests::interrupt::{self, pause};
 use colo_tests::vm_topology::{cpu_time, LineClient};
 use serde_json::{json, Value};
 
@@ -181,32 +182,8 @@ impl Pair {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Ctrl-C: stop the phases, clean up (namespaces, processes), exit 130.
-
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::SeqCst);
-}
-
-fn install_signal_handlers() {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    }
-}
-
-/// Sleeps `d` unless interrupted.
-fn pause(d: Duration) -> anyhow::Result<()> {
-    let end = Instant::now() + d;
-    while Instant::now() < end {
-        if INTERRUPTED.load(Ordering::SeqCst) {
-            bail!("interrupted");
-        }
-        std::thread::sleep(Duration::from_millis(20).min(end.saturating_duration_since(Instant::now())));
-    }
-    Ok(())
-}
+// The terminal and the clock. (Ctrl-C: colo_tests::interrupt stops the phases; the demo cleans
+// up its namespaces and processes, and exits 130.)
 
 /// Columns of the terminal on stderr (80 if unknown).
 fn terminal_width() -> usize {
@@ -1284,7 +1261,7 @@ fn main() -> ExitCode {
         eprintln!("colo-demo: this machine cannot run the demo: it {why}");
         return ExitCode::from(2);
     }
-    install_signal_handlers();
+    interrupt::install();
     let sh = Arc::new(Shared {
         t0: Instant::now(),
         t0_unix_ms: unix_ms(),
@@ -1306,7 +1283,7 @@ fn main() -> ExitCode {
         Ok(o) => o,
         Err(e) => {
             sh.say(&format!("colo-demo: {e:#}"));
-            return ExitCode::from(if INTERRUPTED.load(Ordering::SeqCst) { 130 } else { 1 });
+            return ExitCode::from(if interrupt::interrupted() { 130 } else { 1 });
         }
     };
     let verdict = judge(&outcome, &args);

@@ -330,7 +330,7 @@ pub fn run(opts: &Options, mut progress: impl FnMut(&str)) -> Report {
                 let other = 1 - survivor;
                 let t = Instant::now();
                 let reprotected = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    net.restart_host(other);
+                    net.restart_host(other, false);
                     net.set_params(survivor, PARAMS);
                     net.start_colo(survivor, other);
                 }));

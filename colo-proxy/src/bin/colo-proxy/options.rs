@@ -25,7 +25,7 @@ pub struct EngineArgs {
     /// (interfaces).
     #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_QUEUE_BYTES as u64, value_parser = clap::value_parser!(u64).range(1 << 16..=1 << 40))]
     pub max_queue_bytes: u64,
-    /// Listen for controllers on this Unix socket (JSON lines, spec/control.md; mode 0600).
+    /// Listen for controllers on this Unix socket (JSON lines, docs/control.md; mode 0600).
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
     /// Write every miscompared frame of both sides, with its verdict, to this pcapng file.

@@ -2,5 +2,6 @@
 
 pub mod counter;
 pub mod http;
+pub mod kv;
 pub mod line;
 pub mod top;

@@ -1,7 +1,8 @@
 //! The CPU burner (the seed demo's `md5sum /dev/zero`): hashes a block over and over.
 //!
-//! The main loop runs it in slices between network polls, and a slice ends early when a frame
-//! arrives, so the services stay responsive while the vCPU stays busy.
+//! Each vCPU has its own burner and runs it in slices between looks at the shared tasks, and a
+//! slice ends early when a frame arrives, so the services stay responsive while every vCPU
+//! stays busy.
 
 use smoltcp::time::Duration;
 

@@ -28,6 +28,10 @@ pub struct Dirty {
     next: Instant,
 }
 
+// SAFETY: the region is RAM carved for the dirtier alone, reached only through this value,
+// which the scheduler hands to one vCPU at a time.
+unsafe impl Send for Dirty {}
+
 impl Dirty {
     /// A dirtier over `pages` pages at `region` (carved for it alone), `rate` pages per second
     /// (at most `pages`), starting now.

@@ -95,6 +95,11 @@ impl<C: Default> TcpPool<C> {
         !self.clients.is_empty()
     }
 
+    /// Whether any client's state satisfies `f`.
+    pub fn any(&self, f: impl Fn(&C) -> bool) -> bool {
+        self.clients.iter().any(|(_, c)| f(c))
+    }
+
     /// Opens a listening socket in every free slot.
     fn refill(&mut self, sockets: &mut SocketSet<'static>) {
         let wanted = self.max_clients.saturating_sub(self.clients.len());

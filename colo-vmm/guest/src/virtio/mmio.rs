@@ -48,6 +48,8 @@ pub mod status {
 
 /// Device type of a network card.
 pub const DEVICE_NET: u32 = 1;
+/// Device type of a block device.
+pub const DEVICE_BLK: u32 = 2;
 
 /// One device's register window.
 #[derive(Debug, Clone, Copy)]

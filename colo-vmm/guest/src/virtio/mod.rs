@@ -1,4 +1,5 @@
-//! virtio over MMIO: the transport (register layout version 2) and the network device.
+//! virtio over MMIO: the transport (register layout version 2), the network device and the
+//! block device.
 //!
 //! Our own small driver rather than the virtio-drivers crate: every register access is an MMIO
 //! exit (~17 µs on the nested PVM machines), so the driver must touch registers only to set up
@@ -8,5 +9,6 @@
 //! memory carved at boot. Owning the ~400 lines that do this is simpler than steering a general
 //! driver away from its defaults.
 
+pub mod blk;
 pub mod mmio;
 pub mod net;

@@ -540,6 +540,7 @@ impl<C: Clock> Engine<C> {
             return;
         }
         tracing::info!(from = self.mode.name(), to = mode.name(), "compare mode");
+        let new_pair = matches!(self.mode, Mode::PrimaryOnly | Mode::SecondaryOnly);
         self.mode = mode;
         match mode {
             Mode::PrimaryOnly => {
@@ -550,6 +551,10 @@ impl<C: Clock> Engine<C> {
                 self.drain(Side::Secondary, None, sink);
                 self.drain(Side::Primary, Some(DropCause::Mode), sink);
             }
+            // A pair formed again after one side served alone (re-protection): the new
+            // secondary starts from the primary's state now, and nothing compared before it
+            // existed says where its streams stand. Meet every flow afresh, as mid-stream.
+            Mode::Colo | Mode::Passive if new_pair => self.table.forget_comparisons(),
             Mode::Colo | Mode::Passive => {}
         }
         self.notifier.flushed();

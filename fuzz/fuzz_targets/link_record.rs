@@ -7,7 +7,8 @@
 //! - the reader hands on exactly the frames sealed before the first spliced bytes, in order, and
 //!   nothing after them: spliced bytes end the link, they are never taken for a message;
 //! - the link ends (`Closed`) whatever the stream;
-//! - credit granted by the peer never lets this side send more than its window.
+//! - credit granted by the peer never lets this side send more than its window;
+//! - the link's threads end with it.
 
 #![no_main]
 
@@ -45,7 +46,13 @@ fn key() -> &'static LinkKey {
 
 const WINDOW: u64 = 4096;
 
+/// Threads of this process.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
 fuzz_target!(|pieces: Vec<Piece>| {
+    let threads_before = threads();
     let (a, b) = UnixStream::pair().unwrap();
     let t = std::thread::spawn(move || connect(a, Some(key()), "frames", Duration::from_secs(5)).unwrap());
     let ours = accept(b, Some(key()), "frames", Duration::from_secs(5)).unwrap();
@@ -114,5 +121,14 @@ fuzz_target!(|pieces: Vec<Piece>| {
     assert_eq!(got[..], expected[..got.len()], "frames out of order or changed");
     if !spliced {
         assert_eq!(got.len(), expected.len(), "a frame was lost ({closed})");
+    }
+    // Both of the link's threads end with it (else every link would cost two threads; and a
+    // thread still ending when the input is done shows up as a leak of its thread-local
+    // destructors' list).
+    drop(link);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while threads() > threads_before {
+        assert!(std::time::Instant::now() < deadline, "the link's threads outlived it");
+        std::thread::sleep(Duration::from_millis(1));
     }
 });

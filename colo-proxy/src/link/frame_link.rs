@@ -144,6 +144,10 @@ impl Shared {
 
     fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
+        // Through the queue's lock: the writer checks `closed` and then waits under that lock,
+        // so the wake-up cannot fall between its check and its wait (it slept on until its
+        // next ping, holding its thread).
+        drop(self.out.lock().unwrap_or_else(|p| p.into_inner()));
         self.wake.notify_all();
     }
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The cargo-fuzz targets of fuzz/ (one per parser or state machine fed from outside; see
-# fuzz/README.md). Needs the nightly toolchain and cargo-fuzz (scripts/setup.sh installs it).
+# README.md, "Fuzzing"). Needs the nightly toolchain and cargo-fuzz (scripts/setup.sh installs it).
 #
 #   scripts/fuzz.sh --smoke [SECONDS]        every target for SECONDS (default 4) each, two at a
 #                                            time, from the checked-in seeds; fails on any crash.

@@ -1,4 +1,4 @@
-//! Control lines (spec/control.md) on any byte stream: the line splitter, command parsing (the
+//! Control lines (docs/control.md) on any byte stream: the line splitter, command parsing (the
 //! compare process's side) and event parsing (the controller's side).
 //!
 //! Invariants:

@@ -1,6 +1,7 @@
 //! The virtio-mmio transport driven by any guest register accesses (reads and writes of any
-//! width, anywhere in its window), pauses and resumes, and restores of any saved state (the
-//! JSON a snapshot or checkpoint carries), in front of a device that checks what it is given.
+//! width, anywhere in its window), pauses and resumes, and restores of any saved transport
+//! state (built from JSON here; a snapshot or checkpoint carries it in its state record), in
+//! front of a device that checks what it is given.
 //!
 //! Invariants:
 //! - nothing panics;

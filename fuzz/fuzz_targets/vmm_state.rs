@@ -3,7 +3,7 @@
 //! bytes, and the console state in it as the VMM loads it.
 //!
 //! Invariants:
-//! - nothing panics, and a record's KVM structures are only taken at their exact size;
+//! - nothing panics;
 //! - a record that decodes re-encodes to bytes that decode to the same encoding;
 //! - a machine state built from the input survives its record field for field;
 //! - the console takes any saved registers and input, and the guest can then read and write

@@ -26,7 +26,7 @@ use colo_vmm::migration::protocol::Control as MigrationControl;
 use colo_vmm::persist::message;
 use colo_vmm::persist::snapshot;
 use colo_vmm::persist::state::{MachineState, StateRecord, VcpuState};
-use colo_vmm::persist::stream::{blocks, pages, Kind, Record, StreamReader, StreamWriter, PAGE_SIZE};
+use colo_vmm::persist::stream::{blocks, pages, Kind, Record, StreamError, StreamReader, StreamWriter, PAGE_SIZE};
 use colo_vmm::vstate::memory::GuestRam;
 use libfuzzer_sys::fuzz_target;
 
@@ -42,10 +42,15 @@ fn ram() -> &'static GuestRam {
 }
 
 /// The stage a destination keeps the disk's blocks in until the stream is complete (emptied
-/// for each input).
+/// for each input). Its file lives in memory where it can (a full disk is not the input's
+/// fault).
 fn stage() -> &'static Mutex<Overlay> {
     static STAGE: OnceLock<Mutex<Overlay>> = OnceLock::new();
-    STAGE.get_or_init(|| Mutex::new(Overlay::new(&std::env::temp_dir(), DISK_BLOCKS).expect("an overlay file")))
+    STAGE.get_or_init(|| {
+        let shm = std::path::Path::new("/dev/shm");
+        let dir = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
+        Mutex::new(Overlay::new(&dir, DISK_BLOCKS).expect("an overlay file"))
+    })
 }
 
 #[derive(Debug, Arbitrary)]
@@ -262,6 +267,9 @@ fuzz_target!(|input: Input| {
                 let inside = blocks(&rec.payload).all(|(b, _)| b < DISK_BLOCKS);
                 let before = stage.len();
                 let taken = snapshot::stage_blocks(&rec.payload, Some(&mut stage));
+                if let Err(StreamError::Io(e)) = &taken {
+                    panic!("the stage's file failed (the machine, not the input): {e}");
+                }
                 assert_eq!(taken.is_ok(), inside, "blocks record judged wrongly");
                 if !inside {
                     assert_eq!(stage.len(), before, "a refused record changed the stage");

@@ -56,6 +56,13 @@ fn start_with(vnet: bool, extra: &[&str], adjust: impl FnOnce(&mut Command)) -> 
     adjust(&mut cmd);
     let proc = Proc::spawn("colo-proxy", cmd);
     assert!(wait_for_path(&control, Duration::from_secs(10)), "control socket did not appear");
+    // The file appears at bind, before listen (the mode is set in between): until then a
+    // connect is refused. Seen once under heavy load.
+    let listening = std::time::Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&control).is_err() {
+        assert!(std::time::Instant::now() < listening, "the control socket never listened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     Setup {
         pri: QPeer::connect(&dir.path("pri.sock"), vnet),
         sec: QPeer::connect(&dir.path("sec.sock"), vnet),

@@ -20,5 +20,17 @@ else
   echo "setup: packet tools already installed"
 fi
 
+# The fuzz smoke (scripts/fuzz.sh --smoke, run by scripts/test.sh) builds with cargo-fuzz and
+# the nightly toolchain (which the machines have).
+if command -v cargo-fuzz >/dev/null; then
+  echo "setup: cargo-fuzz already installed"
+else
+  echo "setup: installing cargo-fuzz"
+  cargo install --locked cargo-fuzz
+fi
+if ! cargo +nightly --version >/dev/null 2>&1; then
+  echo "setup: the nightly toolchain is missing (rustup toolchain install nightly); scripts/fuzz.sh needs it" >&2
+fi
+
 scripts/install-qemu.sh
 scripts/install-guest-image.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: the workspace's lints and tests, then the reference guest's host tests and
-# lints (the guest is its own no_std workspace, so `cargo test --workspace` does not reach it).
+# lints (the guest is its own no_std workspace, so `cargo test --workspace` does not reach it),
+# then every fuzz target for a few seconds (fuzz/ is its own workspace too; scripts/fuzz.sh).
 # COLO_REQUIRE_ALL=1 turns every skipped prerequisite into a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,3 +15,4 @@ cargo build --workspace --bins
 cargo test --workspace
 cargo test --manifest-path colo-vmm/guest/Cargo.toml
 cargo clippy --manifest-path colo-vmm/guest/Cargo.toml --all-targets -- -D warnings
+scripts/fuzz.sh --smoke 3

@@ -31,6 +31,11 @@ use crate::wire::{be16, be32, put_be16, put_be32};
 const CLOSED_GRACE: Duration = Duration::from_secs(60);
 /// How long a handshake may take before its half-learned entry is forgotten.
 const LEARNING_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connections tracked at most. A flood of SYNs from the LAN (each creates an entry that waits
+/// out [`LEARNING_TIMEOUT`]) must not grow the table without bound: past this, a new connection
+/// is not tracked. Its frames then pass unrewritten, which costs at worst one checkpoint (after
+/// it every offset is 0, so the connection needs no rewriting).
+pub const MAX_CONNECTIONS: usize = 65536;
 /// TCP option kinds.
 const OPT_END: u8 = 0;
 const OPT_NOP: u8 = 1;
@@ -98,6 +103,8 @@ pub struct RewriterStats {
     pub learned: u64,
     /// Frames whose sequence or acknowledgement numbers were changed.
     pub rewritten: u64,
+    /// New connections not tracked because the table was full ([`MAX_CONNECTIONS`]).
+    pub untracked: u64,
 }
 
 /// The rewriter's connection table.
@@ -106,6 +113,7 @@ pub struct Rewriter {
     conns: FxHashMap<ConnKey, Conn>,
     learned: u64,
     rewritten: u64,
+    untracked: u64,
 }
 
 impl Rewriter {
@@ -116,7 +124,12 @@ impl Rewriter {
 
     /// Counters.
     pub fn stats(&self) -> RewriterStats {
-        RewriterStats { connections: self.conns.len() as u64, learned: self.learned, rewritten: self.rewritten }
+        RewriterStats {
+            connections: self.conns.len() as u64,
+            learned: self.learned,
+            rewritten: self.rewritten,
+            untracked: self.untracked,
+        }
     }
 
     /// The offset learned for the connection of a frame the guest sent (`None` while learning or
@@ -132,7 +145,10 @@ impl Rewriter {
             return;
         }
         let key = ConnKey::outbound(c);
-        let conn = entry_for_syn(&mut self.conns, key, t.seq, |c| c.pvm_isn, now);
+        let Some(conn) = entry_for_syn(&mut self.conns, key, t.seq, |c| c.pvm_isn, now) else {
+            self.untracked += 1;
+            return;
+        };
         conn.pvm_isn = Some(t.seq);
         self.learned += u64::from(conn.learn(&key));
     }
@@ -143,9 +159,13 @@ impl Rewriter {
         let Some(t) = tcp_of(c).copied() else { return };
         let key = ConnKey::outbound(c);
         if t.flags.syn() {
-            let conn = entry_for_syn(&mut self.conns, key, t.seq, |c| c.svm_isn, now);
-            conn.svm_isn = Some(t.seq);
-            self.learned += u64::from(conn.learn(&key));
+            match entry_for_syn(&mut self.conns, key, t.seq, |c| c.svm_isn, now) {
+                Some(conn) => {
+                    conn.svm_isn = Some(t.seq);
+                    self.learned += u64::from(conn.learn(&key));
+                }
+                None => self.untracked += 1,
+            }
         }
         let Some(conn) = self.conns.get_mut(&key) else { return };
         conn.last_seen = now;
@@ -172,8 +192,15 @@ impl Rewriter {
         if t.flags.syn() && !t.flags.ack() {
             // A peer opens a connection. It replaces an earlier one on the same ports; a
             // retransmitted SYN during the handshake keeps what was learned.
-            if self.conns.get(&key).is_none_or(|c| c.offset.is_some()) {
-                self.conns.insert(key, Conn::new(now));
+            match self.conns.get(&key) {
+                Some(c) if c.offset.is_none() => {}
+                Some(_) => {
+                    self.conns.insert(key, Conn::new(now));
+                }
+                None if self.conns.len() >= MAX_CONNECTIONS => self.untracked += 1,
+                None => {
+                    self.conns.insert(key, Conn::new(now));
+                }
             }
             return;
         }
@@ -226,20 +253,24 @@ impl Rewriter {
 
 /// The entry a SYN from one guest (ISN `seq`) belongs to: created if missing, replaced if it
 /// belongs to an earlier connection on the same ports (offset known and this guest's ISN
-/// differs; a retransmitted SYN has the same ISN).
+/// differs; a retransmitted SYN has the same ISN). `None` if it would be new and the table is
+/// full.
 fn entry_for_syn(
     conns: &mut FxHashMap<ConnKey, Conn>,
     key: ConnKey,
     seq: SeqNumber,
     isn: impl Fn(&Conn) -> Option<SeqNumber>,
     now: Timestamp,
-) -> &mut Conn {
+) -> Option<&mut Conn> {
     if conns.get(&key).is_some_and(|c| c.offset.is_some() && isn(c) != Some(seq)) {
         conns.remove(&key);
     }
+    if !conns.contains_key(&key) && conns.len() >= MAX_CONNECTIONS {
+        return None;
+    }
     let conn = conns.entry(key).or_insert_with(|| Conn::new(now));
     conn.last_seen = now;
-    conn
+    Some(conn)
 }
 
 fn tcp_of(c: &Compared) -> Option<&TcpInfo> {
@@ -259,8 +290,9 @@ fn set_tcp_word(frame: &mut Frame, t: &TcpInfo, at: usize, new: u32) {
     let old = be32(eth, at);
     put_be32(eth, at, new);
     if !needs_csum {
+        // SACK blocks may sit at odd offsets (options need no alignment).
         let csum_at = t.header_at + 16;
-        let c = checksum::update_u32(be16(eth, csum_at), old, new);
+        let c = checksum::update_u32_at(be16(eth, csum_at), old, new, at - t.header_at);
         put_be16(eth, csum_at, c);
     }
 }
@@ -303,6 +335,7 @@ mod tests {
     use crate::builder::*;
     use crate::classify::{classify, Class};
     use crate::wire::tcp::Flags;
+    use std::net::Ipv4Addr;
 
     const T0: Timestamp = Timestamp(0);
 
@@ -428,6 +461,25 @@ mod tests {
     }
 
     #[test]
+    fn sack_blocks_at_odd_offsets_keep_the_checksum_valid() {
+        // Found by fuzzing: options need no alignment, and a SACK block after an odd number of
+        // option bytes was shifted with an update that assumed an even offset.
+        let mut rw = Rewriter::new();
+        rw.observe_primary(&meta(&out(1000, None, Flags::SYN, b"")), T0);
+        secondary(&mut rw, out(7000, None, Flags::SYN, b""));
+        // Options NOP, SACK (one block), NOP, NOP, NOP: the block's edges at odd offsets.
+        let mut l4 = tcp_segment(40000, 80, 1, Some(1001), 0, b"");
+        l4[12] = 8 << 4;
+        l4.extend_from_slice(&[OPT_NOP, OPT_SACK, 10]);
+        l4.extend_from_slice(&1101u32.to_be_bytes());
+        l4.extend_from_slice(&1201u32.to_be_bytes());
+        l4.extend_from_slice(&[OPT_NOP; 3]);
+        let f = inbound(&mut rw, Frame::new(ipv4_frame(CLIENT_IP, VM_IP, 6, 1, l4, Some(16))));
+        assert_eq!(be32(f.ethernet(), 14 + 20 + 23), 7101);
+        assert_eq!(be32(f.ethernet(), 14 + 20 + 27), 7201);
+    }
+
+    #[test]
     fn needs_csum_frames_keep_their_partial_checksum() {
         let mut rw = Rewriter::new();
         rw.observe_primary(&meta(&out(1000, None, Flags::SYN, b"")), T0);
@@ -486,6 +538,32 @@ mod tests {
         secondary(&mut rw, Frame::new(tcp6(80, 40000, 3000, None, Flags::SYN, b"")));
         let f = secondary(&mut rw, Frame::new(tcp6(80, 40000, 3001, Some(5), 0, b"v6")));
         assert_eq!(seq_of(&f), 1001);
+    }
+
+    #[test]
+    fn a_syn_flood_fills_the_table_to_its_bound_and_no_further() {
+        // Every SYN from the LAN made an entry that waits out the learning timeout: a flood of
+        // them grew the table without bound.
+        let mut rw = Rewriter::new();
+        let syn = |port: u32| {
+            let (hi, lo) = ((port >> 16) as u8, port as u16);
+            Frame::new(tcp4_to(Ipv4Addr::new(10, 1, hi, 1), VM_IP, lo, 80, 100, None, Flags::SYN, b""))
+        };
+        for port in 0..MAX_CONNECTIONS as u32 + 100 {
+            inbound(&mut rw, syn(port));
+        }
+        assert_eq!(rw.stats().connections, MAX_CONNECTIONS as u64);
+        assert_eq!(rw.stats().untracked, 100);
+        // A new connection of the guest's own is not tracked either, and passes unchanged.
+        rw.observe_primary(&meta(&out(1000, None, Flags::SYN, b"")), T0);
+        let s = secondary(&mut rw, out(7000, None, Flags::SYN, b""));
+        assert_eq!(seq_of(&s), 7000);
+        assert_eq!(rw.stats().untracked, 102);
+        // Once the half-open entries expire, connections are tracked again.
+        rw.expire(T0.plus(LEARNING_TIMEOUT));
+        assert_eq!(rw.stats().connections, 0);
+        rw.observe_primary(&meta(&out(1000, None, Flags::SYN, b"")), T0.plus(LEARNING_TIMEOUT));
+        assert_eq!(seq_of(&secondary(&mut rw, out(7000, None, Flags::SYN, b""))), 1000);
     }
 
     #[test]

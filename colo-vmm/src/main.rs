@@ -207,6 +207,10 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // A log that cannot be written (a full disk under it) costs the log, not the thread
+        // that logged: by default tracing reports the failure with eprintln!, whose own failure
+        // panics (in colo-vmm that ended COLO mid-checkpoint).
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {

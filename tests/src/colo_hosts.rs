@@ -74,6 +74,8 @@ pub struct ColoHosts {
     pub key: Option<PathBuf>,
     /// The backend kind.
     pub backend: HostBackend,
+    /// Logs of the processes fenced so far (see [`ColoHosts::take_fenced_logs`]).
+    fenced_logs: String,
     /// NICs of the VM.
     pub nics: usize,
     /// The arbiter: etcd in a witness namespace on the replication network, if any.
@@ -165,8 +167,17 @@ impl ColoHosts {
             o.nics >= 1 && (o.nics == 1 || o.backend == HostBackend::VhostNetCompare),
             "extra NICs need vhost-net-compare"
         );
-        let mut net =
-            ColoHosts { on: Vec::new(), lan, dir, key, backend: o.backend, arbiter, nics: o.nics, metrics: o.metrics };
+        let mut net = ColoHosts {
+            on: Vec::new(),
+            lan,
+            dir,
+            key,
+            backend: o.backend,
+            arbiter,
+            nics: o.nics,
+            metrics: o.metrics,
+            fenced_logs: String::new(),
+        };
         if net.arbiter.is_some() {
             net.start_etcd();
         }
@@ -248,7 +259,9 @@ impl ColoHosts {
 
     /// Host `i` comes back after a death (its links up, fresh processes): its backend and a
     /// colo-vmm waiting for COLO, registered as a standby if `standby` (with an arbiter).
+    /// Whatever still runs there (a frozen host's processes) is fenced first.
     pub fn restart_host(&mut self, i: usize, standby: bool) {
+        self.fence_host(i);
         for link in ["eth0", "rep0"] {
             let _ = self.lan.host(i).ns.try_exec(&["ip", "link", "set", "dev", link, "up"]);
         }
@@ -537,6 +550,39 @@ impl ColoHosts {
         on.alive = false;
     }
 
+    /// Kills (SIGKILL) whatever still runs on host `i` (stopped processes included), as a
+    /// cluster manager fences a host before another takes over; its links stay as they are.
+    pub fn fence_host(&mut self, i: usize) {
+        let name = self.lan.host(i).name.clone();
+        let on = &mut self.on[i];
+        for mut p in on.vmm.take().into_iter().chain(on.backends.drain(..)) {
+            p.signal(libc::SIGCONT);
+            p.signal(libc::SIGKILL);
+            p.wait_timeout(Duration::from_secs(5));
+            self.fenced_logs.push_str(&format!("--- host {name}: fenced process ---\n{}\n", p.stderr()));
+        }
+        on.alive = false;
+    }
+
+    /// The logs of the processes fenced since the last call.
+    pub fn take_fenced_logs(&mut self) -> String {
+        std::mem::take(&mut self.fenced_logs)
+    }
+
+    /// Every process of host `i` with what it is (`colo-vmm`, or the backend's program name).
+    pub fn processes(&self, i: usize) -> Vec<(&'static str, &Proc)> {
+        let on = &self.on[i];
+        let first: &[&'static str] = match self.backend {
+            HostBackend::VhostNetCompare => &["vhost-net-compare"],
+            HostBackend::ColoProxy => &["vhost-net-compare", "colo-proxy"],
+        };
+        // The backends of further NICs are vhost-net-compare too.
+        let names = first.iter().copied().chain(std::iter::repeat("vhost-net-compare"));
+        let mut all: Vec<(&'static str, &Proc)> = names.zip(on.backends.iter()).collect();
+        all.extend(on.vmm.iter().map(|p| ("colo-vmm", p)));
+        all
+    }
+
     /// Stops (SIGSTOP) or continues (SIGCONT) every process of host `i`.
     pub fn signal_host(&self, i: usize, sig: i32) {
         let on = &self.on[i];
@@ -559,6 +605,37 @@ impl ColoHosts {
         let mut line = String::new();
         BufReader::new(s).read_line(&mut line).expect("hello");
         serde_json::from_str(&line).expect("JSON")
+    }
+
+    /// Something that opens TCP connections from the client to the guest's `port`, from any
+    /// thread (for clients that reconnect): it retries for up to 30 s.
+    pub fn connector(&self, port: u16) -> impl Fn() -> TcpStream + Send + 'static {
+        let ns = format!("/var/run/netns/{}", self.lan.client.name());
+        move || {
+            let ns = ns.clone();
+            std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
+                let file = std::fs::File::open(&ns).expect("the client's namespace");
+                // SAFETY: setns on a valid namespace fd affects only this thread.
+                let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+                let addr = format!("{GUEST_IP}:{port}").parse().unwrap();
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                        Ok(s) => {
+                            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                            s.set_nodelay(true).unwrap();
+                            return s;
+                        }
+                        Err(e) if Instant::now() > deadline => panic!("connect to the guest's port {port}: {e}"),
+                        Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                    }
+                }
+            })
+            .join()
+            .expect("connecting from the client")
+        }
     }
 
     /// A TCP connection from the client to the guest.

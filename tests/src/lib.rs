@@ -16,6 +16,7 @@ pub mod qemu;
 pub mod qemu_vhost;
 pub mod qframe;
 pub mod scrape;
+pub mod soak;
 pub mod status_watch;
 pub mod topology;
 pub mod vm_topology;

@@ -56,6 +56,13 @@ fn start_with(vnet: bool, extra: &[&str], adjust: impl FnOnce(&mut Command)) -> 
     adjust(&mut cmd);
     let proc = Proc::spawn("colo-proxy", cmd);
     assert!(wait_for_path(&control, Duration::from_secs(10)), "control socket did not appear");
+    // The file appears at bind, before listen (the mode is set in between): until then a
+    // connect is refused. Seen once under heavy load.
+    let listening = std::time::Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&control).is_err() {
+        assert!(std::time::Instant::now() < listening, "the control socket never listened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     Setup {
         pri: QPeer::connect(&dir.path("pri.sock"), vnet),
         sec: QPeer::connect(&dir.path("sec.sock"), vnet),
@@ -141,6 +148,44 @@ fn matching_frames_are_released_and_differences_request_a_checkpoint() {
     assert!(text.contains("primary released (miscompare: payload)"), "capture comments");
     assert!(text.contains("secondary dropped (flushed at checkpoint) (miscompare: payload)"));
     assert!(!s.control.exists(), "control socket removed on exit");
+}
+
+#[test]
+fn a_log_that_cannot_be_written_stops_nothing() {
+    // Found by the chaos soak: with the disk under the logs full, a log write failed, tracing
+    // reported that with eprintln!, and eprintln! panicked — in colo-vmm in the middle of a
+    // checkpoint, which ended COLO. Here every write to stderr fails (/dev/full).
+    use std::os::fd::AsRawFd;
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let fd = full.as_raw_fd();
+    let mut s = start_with(false, &[], move |cmd| {
+        // SAFETY: only dup2 between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(fd, 2) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    drop(full);
+    let mut ctl = ControlClient::connect(&s.control).unwrap();
+    assert!(matches!(ctl.hello(), Event::Hello { .. }));
+    let p = udp4(5000, 7, b"same answer");
+    s.pri.send(&p, 0).unwrap();
+    s.sec.send(&p, 0).unwrap();
+    assert_eq!(s.out.recv().unwrap().0, p);
+    // A miscompare and a checkpoint, which log.
+    let p = udp4(5000, 7, b"value=1");
+    s.pri.send(&p, 0).unwrap();
+    s.sec.send(&udp4(5000, 7, b"value=2"), 0).unwrap();
+    assert_eq!(s.notify.recv_plain().unwrap(), b"DO_CHECKPOINT");
+    ctl.checkpoint().unwrap();
+    assert_eq!(s.out.recv().unwrap().0, p);
+    assert_eq!(ctl.stats().unwrap().miscompares.payload, 1);
+    assert!(s.proc.is_running(), "colo-proxy ended when its log could not be written");
+    assert_eq!(s.proc.stderr(), "", "stderr went to /dev/full");
 }
 
 #[test]

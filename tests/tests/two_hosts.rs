@@ -316,7 +316,13 @@ fn hostile_connections_to_incoming_and_peer_listen_are_refused_and_colo_then_sta
     for _ in 0..20 {
         c.inc().unwrap_or_else(|e| panic!("{e}\n{}", net.logs()));
     }
-    let vmm_b = net.on[1].vmm.as_ref().unwrap().stderr();
+    // COLO may be up before the silent connection's handshake timeout ends it: wait for that.
+    let vmm_log = || net.on[1].vmm.as_ref().unwrap().stderr();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !vmm_log().contains("did not complete the link handshake") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let vmm_b = vmm_log();
     let backend_b = net.on[1].backends[0].stderr();
     for (log, what) in [(&vmm_b, "--incoming"), (&backend_b, "--peer-listen")] {
         let refused = log.matches("refused a link connection").count();

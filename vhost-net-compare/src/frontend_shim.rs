@@ -56,7 +56,8 @@
 //! [`MAX_MSG_SIZE`], a message cut short, or more than [`MAX_ATTACHED_FD_ENTRIES`] descriptors
 //! ends the relay: both connections are shut down, so the daemon ends (and the accept thread
 //! serves the next frontend) and the frontend sees a disconnect. Nothing a frontend sends can
-//! make the relay panic or allocate more than one maximal message.
+//! make the relay panic or allocate more than one maximal message (and the ring states of at most
+//! [`MAX_DEFERRED_RINGS`] rings).
 
 use std::fmt;
 use std::io;
@@ -76,6 +77,12 @@ pub const HEADER_LEN: usize = 12;
 
 /// The header flags of a version 1 message (bits 0..=1).
 const VERSION_1: u32 = 0x1;
+
+/// Rings whose early `SET_VRING_ENABLE` the relay remembers: QEMU's most virtqueues per device
+/// (`VIRTIO_QUEUE_MAX`), far beyond this backend's two. A request for a higher index goes to the
+/// daemon, which refuses it as it would without the relay, so what the relay keeps is bounded
+/// whatever the frontend sends.
+pub const MAX_DEFERRED_RINGS: u32 = 1024;
 
 /// Control buffer for received descriptors, in `u64`s so that it is aligned for `cmsghdr`:
 /// room for more than [`MAX_ATTACHED_FD_ENTRIES`], so that a sender attaching too many is
@@ -234,7 +241,7 @@ impl EnableOrder {
         {
             return Verdict::Forward;
         }
-        let Some((index, num)) = m.payload_vring_state() else {
+        let Some((index, num)) = m.payload_vring_state().filter(|&(index, _)| index < MAX_DEFERRED_RINGS) else {
             return Verdict::Forward;
         };
         match self.deferred.iter_mut().find(|(i, _)| *i == index) {
@@ -787,6 +794,22 @@ mod tests {
         let bad_features = req(FrontendReq::SET_FEATURES, 0, &[0; 4]);
         assert!(order.forwarded(&bad_features).is_empty());
         assert_eq!(order.deferred_total(), 0);
+    }
+
+    #[test]
+    fn early_enables_are_remembered_for_a_bounded_number_of_rings() {
+        // A frontend naming a new ring in every early request made the relay remember each one.
+        let mut order = EnableOrder::default();
+        for index in 0..MAX_DEFERRED_RINGS + 1000 {
+            let verdict = order.from_frontend(&enable(index, 1, 0));
+            if index < MAX_DEFERRED_RINGS {
+                assert!(matches!(verdict, Verdict::Deferred { .. }), "ring {index}");
+            } else {
+                assert!(matches!(verdict, Verdict::Forward), "ring {index} goes to the daemon, which refuses it");
+            }
+        }
+        let injected = order.forwarded(&u64_msg(FrontendReq::SET_FEATURES, 0, PROTOCOL));
+        assert_eq!(injected.len(), MAX_DEFERRED_RINGS as usize);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 /// What [`LineBuffer::push`] found.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Line<'a> {
+pub enum Line<'a> {
     /// A complete line, without its `\n`.
     Complete(&'a [u8]),
     /// A line exceeded the bound; it is skipped up to its `\n`.
@@ -15,7 +15,7 @@ pub(crate) enum Line<'a> {
 
 /// Collects bytes until a `\n` completes a line.
 #[derive(Debug)]
-pub(crate) struct LineBuffer {
+pub struct LineBuffer {
     partial: Vec<u8>,
     max: usize,
     discarding: bool,
@@ -63,7 +63,6 @@ impl LineBuffer {
     }
 
     /// Bytes of an incomplete line held now.
-    #[cfg(test)]
     pub fn pending(&self) -> usize {
         self.partial.len()
     }

@@ -28,7 +28,7 @@
 
 mod client;
 mod duplicate_keys;
-mod lines;
+pub mod lines;
 mod message;
 mod server;
 mod socket;

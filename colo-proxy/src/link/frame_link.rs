@@ -16,7 +16,11 @@
 //! **Credits.** The secondary may have at most `window` bytes of `outbound` frames that the
 //! primary has not yet taken into its compare engine; the primary returns credit as it takes
 //! them. A secondary out of credit leaves its VM's frames on the TX ring (backpressure across
-//! hosts), and the primary never has to buffer more than one window of them.
+//! hosts), and the primary never has to buffer more than one window of them: a peer that sends
+//! beyond its credit is dropped, whatever it is.
+//!
+//! **Answers.** Only the newest unanswered ping is answered (the lease counts the newest answer
+//! only), so a peer that pings without reading costs one pending answer, not one per ping.
 
 use std::collections::VecDeque;
 use std::io::Write;
@@ -130,6 +134,8 @@ impl FrameLinkWatch {
 struct Out {
     queue: VecDeque<PeerMessage>,
     bytes: usize,
+    /// The ping to answer, if one is waiting: a newer one replaces it.
+    pong: Option<u64>,
 }
 
 struct Shared {
@@ -140,6 +146,9 @@ struct Shared {
     window: AtomicI64,
     /// Credit taken but not yet returned to the peer.
     to_grant: AtomicU64,
+    /// Bytes of `outbound` frames received and not yet granted back: at most one window from a
+    /// peer that keeps to its credit.
+    ahead: AtomicI64,
     /// Send times (ms since `origin`, +1 so that 0 means none) of the last pings, by number.
     ping_sent: [AtomicU64; PING_HISTORY as usize],
     next_ping: AtomicU64,
@@ -178,8 +187,20 @@ impl Shared {
         true
     }
 
+    /// Queues the answer to ping `n`, replacing an older one not yet sent.
+    fn answer(&self, n: u64) {
+        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+        out.pong = Some(n);
+        drop(out);
+        self.wake.notify_one();
+    }
+
     fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
+        // Through the queue's lock: the writer checks `closed` and then waits under that lock,
+        // so the wake-up cannot fall between its check and its wait (it slept on until its
+        // next ping, holding its thread).
+        drop(self.out.lock().unwrap_or_else(|p| p.into_inner()));
         self.wake.notify_all();
     }
 }
@@ -209,10 +230,11 @@ impl FrameLink {
         let LinkConn { mut reader, mut writer, control, peer, secure } = conn;
         let shared = Arc::new(Shared {
             config,
-            out: Mutex::new(Out { queue: VecDeque::new(), bytes: 0 }),
+            out: Mutex::new(Out { queue: VecDeque::new(), bytes: 0, pong: None }),
             wake: Condvar::new(),
             window: AtomicI64::new(config.window as i64),
             to_grant: AtomicU64::new(0),
+            ahead: AtomicI64::new(0),
             ping_sent: std::array::from_fn(|_| AtomicU64::new(0)),
             next_ping: AtomicU64::new(0),
             answered: AtomicU64::new(0),
@@ -289,6 +311,8 @@ impl FrameLink {
 
     /// Returns credit for `bytes` of `outbound` frames taken from the peer (sent in batches).
     pub fn grant(&self, bytes: usize) {
+        // Frames taken from an earlier link (a backlog) do not count against this one's peer.
+        let _ = self.shared.ahead.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| Some((a - bytes as i64).max(0)));
         let total = self.shared.to_grant.fetch_add(bytes as u64, Ordering::SeqCst) + bytes as u64;
         if total >= self.shared.config.window / 8 {
             let n = self.shared.to_grant.swap(0, Ordering::SeqCst);
@@ -336,15 +360,19 @@ fn write_loop<S: LinkSocket>(s: &Shared, w: &mut super::secure::LinkWriter<S>) -
                 if s.closed.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                if !out.queue.is_empty() || Instant::now() >= next_ping {
+                if !out.queue.is_empty() || out.pong.is_some() || Instant::now() >= next_ping {
                     break;
                 }
                 let wait = next_ping.saturating_duration_since(Instant::now());
                 out = s.wake.wait_timeout(out, wait).unwrap_or_else(|p| p.into_inner()).0;
             }
             out.bytes = 0;
-            std::mem::take(&mut out.queue)
+            (out.pong.take(), std::mem::take(&mut out.queue))
         };
+        let (pong, batch) = batch;
+        if let Some(n) = pong {
+            PeerMessage::Pong(n).write_to(w)?;
+        }
         for msg in &batch {
             msg.write_to(w)?;
         }
@@ -387,12 +415,18 @@ fn read_loop<S: LinkSocket>(
                 handler(PeerEvent::Inbound { seq, frame });
             }
             PeerMessage::Outbound(frame) => {
+                let len = frame.len() as i64;
+                let ahead = s.ahead.fetch_add(len, Ordering::SeqCst) + len;
+                if ahead > s.config.window as i64 {
+                    return format!(
+                        "the peer sent {ahead} bytes of frames not yet taken, beyond the {} its credit allows",
+                        s.config.window
+                    );
+                }
                 s.stats.frames_received.fetch_add(1, Ordering::Relaxed);
                 handler(PeerEvent::Outbound(frame));
             }
-            PeerMessage::Ping(n) => {
-                s.push(PeerMessage::Pong(n), false);
-            }
+            PeerMessage::Ping(n) => s.answer(n),
             PeerMessage::Pong(n) => {
                 let newest = s.next_ping.load(Ordering::SeqCst);
                 if n >= newest || newest - n > PING_HISTORY {
@@ -484,6 +518,77 @@ mod tests {
         assert_eq!(next(&srx), PeerEvent::Room);
         assert!(s.send_outbound(&[2; 600]));
         assert!(!s.has_credit(1));
+    }
+
+    /// A link on one end of a socket pair, the other end raw (a plain link: the peer's bytes
+    /// are the messages).
+    fn raw_peer(config: FrameLinkConfig) -> (FrameLink, Receiver<PeerEvent>, UnixStream) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (tx, rx) = channel();
+        let link = FrameLink::start(crate::link::secure::paired(a).unwrap(), config, move |e| {
+            let _ = tx.send(e);
+        })
+        .unwrap();
+        (link, rx, b)
+    }
+
+    #[test]
+    fn a_peer_that_sends_beyond_its_credit_is_dropped() {
+        // The primary trusted the secondary to keep to its credit: one that did not filled the
+        // primary's backlog without bound.
+        let cfg = FrameLinkConfig { ping_interval: Duration::from_secs(10), window: 1000, queue_bytes: 1 << 20 };
+        let (link, rx, mut peer) = raw_peer(cfg);
+        let mut bytes = Vec::new();
+        for _ in 0..3 {
+            PeerMessage::Outbound(vec![7; 400]).write_to(&mut bytes).unwrap();
+        }
+        peer.write_all(&bytes).unwrap();
+        assert_eq!(next(&rx), PeerEvent::Outbound(vec![7; 400]));
+        assert_eq!(next(&rx), PeerEvent::Outbound(vec![7; 400]));
+        match next(&rx) {
+            PeerEvent::Closed(why) => assert!(why.contains("credit"), "{why}"),
+            other => panic!("a third frame beyond the window was taken: {other:?}"),
+        }
+        assert!(!link.is_open());
+    }
+
+    #[test]
+    fn frames_granted_back_make_room_for_more() {
+        let cfg = FrameLinkConfig { ping_interval: Duration::from_secs(10), window: 1000, queue_bytes: 1 << 20 };
+        let (link, rx, mut peer) = raw_peer(cfg);
+        for _ in 0..10 {
+            let mut bytes = Vec::new();
+            PeerMessage::Outbound(vec![1; 600]).write_to(&mut bytes).unwrap();
+            peer.write_all(&bytes).unwrap();
+            assert_eq!(next(&rx), PeerEvent::Outbound(vec![1; 600]));
+            link.grant(600);
+        }
+        assert!(link.is_open());
+    }
+
+    #[test]
+    fn a_peer_that_pings_without_reading_gets_only_the_newest_answers() {
+        // Every ping queued an answer: a peer that never read made the queue grow without bound.
+        let cfg = FrameLinkConfig { ping_interval: Duration::from_secs(10), ..Default::default() };
+        let (_link, _rx, mut peer) = raw_peer(cfg);
+        const PINGS: u64 = 50_000;
+        let mut bytes = Vec::new();
+        for n in 0..PINGS {
+            PeerMessage::Ping(n).write_to(&mut bytes).unwrap();
+        }
+        peer.write_all(&bytes).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        peer.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let (mut pongs, mut newest) = (0u64, None);
+        let mut r = std::io::BufReader::new(&peer);
+        while let Ok(Some(m)) = PeerMessage::read_from(&mut r) {
+            if let PeerMessage::Pong(n) = m {
+                pongs += 1;
+                newest = Some(n);
+            }
+        }
+        assert!(pongs < PINGS, "every one of {PINGS} pings was answered");
+        assert_eq!(newest, Some(PINGS - 1), "the newest ping is answered");
     }
 
     #[test]

@@ -117,7 +117,14 @@ impl PeerMessage {
                 }
                 PeerMessage::Inbound { seq, frame: body }
             }
-            OUTBOUND => PeerMessage::Outbound(body),
+            OUTBOUND => {
+                // The length bound leaves room for an inbound frame's number, which an outbound
+                // message does not have: its frame has the same limit as an inbound one.
+                if body.len() > MAX_FRAME {
+                    return Err(MessageError::Malformed(format!("a {}-byte frame", body.len())));
+                }
+                PeerMessage::Outbound(body)
+            }
             PING => PeerMessage::Ping(fixed(&body)?),
             PONG => PeerMessage::Pong(fixed(&body)?),
             CREDIT => PeerMessage::Credit(fixed(&body)?),
@@ -166,6 +173,13 @@ mod tests {
             let r = PeerMessage::read_from(&mut &b[..]);
             assert!(matches!(r, Err(MessageError::Malformed(_))), "{b:?}: {r:?}");
         }
+        // An outbound frame as long as the longest inbound message's number and frame.
+        let mut long = Vec::new();
+        PeerMessage::Outbound(vec![0; MAX_FRAME + 8]).write_to(&mut long).unwrap();
+        assert!(matches!(PeerMessage::read_from(&mut &long[..]), Err(MessageError::Malformed(_))));
+        let mut longest = Vec::new();
+        PeerMessage::Outbound(vec![0; MAX_FRAME]).write_to(&mut longest).unwrap();
+        assert!(matches!(PeerMessage::read_from(&mut &longest[..]), Ok(Some(PeerMessage::Outbound(_)))));
         // Cut short: an I/O error (the stream ended inside a message).
         let mut buf = Vec::new();
         PeerMessage::Outbound(vec![1; 100]).write_to(&mut buf).unwrap();

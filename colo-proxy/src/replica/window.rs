@@ -27,7 +27,15 @@ impl InboundWindow {
     }
 
     /// Keeps `frame` numbered `seq`.
+    ///
+    /// Numbers only go up on a link. One that does not means the numbering started again (or
+    /// the peer is broken): the frames kept so far can never be asked for, and keeping them would
+    /// put frames from before the mark into a resync, out of order, so they are let go.
     pub fn keep(&mut self, seq: u64, frame: Frame) {
+        if self.frames.back().is_some_and(|(newest, _)| seq <= *newest) {
+            self.dropped += self.frames.len() as u64;
+            self.clear();
+        }
         self.bytes += frame.data.len();
         self.frames.push_back((seq, frame));
         while self.bytes > self.limit {
@@ -60,5 +68,40 @@ impl InboundWindow {
     /// Whether none are kept.
     pub fn is_empty(&self) -> bool {
         self.frames.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn numbers(w: &mut InboundWindow, mark: u64) -> Vec<u64> {
+        w.from_mark(mark).map(|(seq, _)| *seq).collect()
+    }
+
+    #[test]
+    fn keeps_the_newest_within_its_bytes() {
+        let mut w = InboundWindow::new(30);
+        for seq in 0..5 {
+            w.keep(seq, Frame::new(vec![0; 10]));
+        }
+        assert_eq!(w.dropped, 2);
+        assert_eq!(numbers(&mut w, 0), [2, 3, 4]);
+        assert_eq!(numbers(&mut w, 4), [4]);
+    }
+
+    #[test]
+    fn a_number_that_does_not_go_up_starts_the_window_again() {
+        // Found by fuzzing: frames 5, 6, 7 then 2 made a resync from mark 3 return 5, 6, 7 and
+        // 2 — a frame from before the mark, out of order.
+        let mut w = InboundWindow::new(1 << 20);
+        for seq in [5, 6, 7, 2] {
+            w.keep(seq, Frame::new(vec![seq as u8; 4]));
+        }
+        assert_eq!(numbers(&mut w, 3), Vec::<u64>::new());
+        assert_eq!(w.dropped, 3);
+        w.keep(3, Frame::new(vec![3; 4]));
+        w.keep(3, Frame::new(vec![3; 4]));
+        assert_eq!(numbers(&mut w, 0), [3], "a repeated number replaces the window too");
     }
 }

@@ -50,12 +50,25 @@ pub fn pseudo_header_v6(src: Ipv6Addr, dst: Ipv6Addr, next_header: u8, length: u
 }
 
 /// Updates checksum `check` for a 32-bit field changing from `old` to `new` (RFC 1624, eqn. 3:
-/// `HC' = ~(~HC + ~m + m')`), without touching the rest of the data.
+/// `HC' = ~(~HC + ~m + m')`), without touching the rest of the data. The field must start at an
+/// even offset of the checksummed data; see [`update_u32_at`] for any offset.
 pub fn update_u32(check: u16, old: u32, new: u32) -> u16 {
     let mut acc = u64::from(!check);
     acc += u64::from(!(old >> 16) as u16) + u64::from(!(old as u16));
     acc += u64::from((new >> 16) as u16) + u64::from(new as u16);
     !fold(acc)
+}
+
+/// [`update_u32`] for a field at `offset` from the start of the checksummed data. At an odd
+/// offset the field's bytes fall into the 16-bit words the other way round, and the sum of
+/// byte-swapped words is the byte-swapped sum (RFC 1071, "byte order independence"), so the
+/// update is made on the swapped checksum.
+pub fn update_u32_at(check: u16, old: u32, new: u32, offset: usize) -> u16 {
+    if offset.is_multiple_of(2) {
+        update_u32(check, old, new)
+    } else {
+        update_u32(check.swap_bytes(), old, new).swap_bytes()
+    }
 }
 
 #[cfg(test)]
@@ -90,6 +103,26 @@ mod tests {
             let updated = update_u32(c, old, new);
             d[16..18].copy_from_slice(&updated.to_be_bytes());
             assert_eq!(internet(&d), 0, "new={new:#x}");
+        }
+    }
+
+    #[test]
+    fn incremental_update_at_any_offset_matches_recompute() {
+        for len in [63usize, 64] {
+            let mut data: Vec<u8> = (0..len as u8).map(|i| i.wrapping_mul(91).wrapping_add(7)).collect();
+            data[16..18].copy_from_slice(&[0, 0]);
+            let c = internet(&data);
+            data[16..18].copy_from_slice(&c.to_be_bytes());
+            for at in (20..len - 4).chain([3, 5, 7, 9]) {
+                for new in [0u32, 1, 0xffff_ffff, 0x1234_5678, 0x8000_0001] {
+                    let mut d = data.clone();
+                    let old = u32::from_be_bytes(d[at..at + 4].try_into().unwrap());
+                    d[at..at + 4].copy_from_slice(&new.to_be_bytes());
+                    let updated = update_u32_at(c, old, new, at);
+                    d[16..18].copy_from_slice(&updated.to_be_bytes());
+                    assert_eq!(internet(&d), 0, "len {len}, field at {at}, new {new:#x}");
+                }
+            }
         }
     }
 }

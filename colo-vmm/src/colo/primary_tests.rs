@@ -206,6 +206,28 @@ fn a_panic_in_the_controller_leaves_the_primary_running_alone_with_the_error() {
 }
 
 #[test]
+fn colo_start_is_refused_on_a_running_secondary_and_on_a_survivor_behind_a_backend_of_both_vms() {
+    let log = Log::default();
+    let vm = std::sync::Arc::new(FakeVm::new(&log, 16));
+    let compare = FakeCompare::start(&log);
+    let colo = std::sync::Arc::new(ColoShared::new(vec![compare.path().to_path_buf()]));
+    let nowhere: MigrationUri = "unix:/nonexistent/colo-test.sock".parse().unwrap();
+    colo.update(|s| {
+        s.role = Role::Secondary;
+        s.state = State::Running;
+    });
+    let e = start(&vm, &colo, nowhere.clone(), TestOptions::default()).unwrap_err();
+    assert!(matches!(e, StartError::Secondary), "{e}");
+    // The survivor of a failover may protect its VM again, but not through a backend that
+    // serves both VMs of one host (the fake compare is one): it stays a survivor, running.
+    colo.update(|s| s.failed_over(Role::Secondary, "test", "test"));
+    let e = start(&vm, &colo, nowhere, TestOptions::default()).unwrap_err();
+    assert!(matches!(e, StartError::PairSurvivor), "{e}");
+    assert_eq!(colo.status().role, Role::Secondary);
+    assert!(!vm.is_paused());
+}
+
+#[test]
 fn a_checkpoint_carries_the_disk_blocks_the_guest_wrote_read_while_paused() {
     let log = Log::default();
     let (_dir, config) = crate::devices::block::testing::image(1);

@@ -81,6 +81,8 @@ pub struct FakeVm {
     pub restore_time: Duration,
     /// Reading the dirty pages panics (a bug somewhere below the orchestrator).
     pub dirty_pages_panic: AtomicBool,
+    /// Reading the dirty pages while paused panics (a bug hit in the middle of a pause).
+    pub paused_dirty_pages_panic: AtomicBool,
     /// A disk (a real one, on an image file), if given.
     disk: Option<Disk>,
 }
@@ -96,6 +98,7 @@ impl FakeVm {
             paused: AtomicBool::new(false),
             restore_time: Duration::ZERO,
             dirty_pages_panic: AtomicBool::new(false),
+            paused_dirty_pages_panic: AtomicBool::new(false),
             disk: None,
         }
     }
@@ -191,6 +194,10 @@ impl Migratable for FakeVm {
             return Err(MigratableError::NotTracking);
         }
         assert!(!self.dirty_pages_panic.load(Ordering::Relaxed), "the fake's dirty log broke");
+        assert!(
+            !(self.paused_dirty_pages_panic.load(Ordering::Relaxed) && self.is_paused()),
+            "the fake's dirty log broke during a pause"
+        );
         let mut d = self.dirty.lock().unwrap();
         let pages = self.page_count();
         Ok(std::mem::replace(&mut *d, DirtyBitmap::empty(pages)))

@@ -75,6 +75,18 @@ pub enum DeviceError {
         /// Queues here.
         here: usize,
     },
+    /// Saved state with a queue larger than this device allows.
+    #[error("saved queue {queue} has {size} of at most {saved_max} entries; this device allows at most {max}")]
+    QueueSize {
+        /// The queue.
+        queue: usize,
+        /// Its size in the state.
+        size: u16,
+        /// Its maximum in the state.
+        saved_max: u16,
+        /// This device's maximum.
+        max: u16,
+    },
     /// Saved state with features this backend lacks.
     #[error("saved features {saved:#x} include some this backend does not offer ({offered:#x})")]
     Features {

@@ -318,7 +318,7 @@ impl MmioTransport {
             if let Err(e) = self.device.activate(self.acked_features, &queues, &bases) {
                 tracing::error!(error = %e, "device activation failed");
                 self.status |= status::DEVICE_NEEDS_RESET;
-                self.config_generation += 1;
+                self.config_generation = self.config_generation.wrapping_add(1);
             }
         }
     }
@@ -373,6 +373,18 @@ impl MmioTransport {
         if state.acked_features & !self.device.features() != 0 {
             return Err(DeviceError::Features { saved: state.acked_features, offered: self.device.features() });
         }
+        // A queue's maximum is the device's, not the state's: the guest reads it back, and the
+        // backend never takes a ring larger than its own maximum.
+        for (i, (saved, ours)) in state.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != ours.max_size || saved.size > saved.max_size {
+                return Err(DeviceError::QueueSize {
+                    queue: i,
+                    size: saved.size,
+                    saved_max: saved.max_size,
+                    max: ours.max_size,
+                });
+            }
+        }
         self.status = state.status;
         self.acked_features = state.acked_features;
         self.device_features_sel = state.device_features_sel;
@@ -407,6 +419,7 @@ mod tests {
     struct Seen {
         activated: Option<(u64, Vec<QueueConfig>)>,
         resets: u32,
+        refuse: bool,
     }
 
     struct Fake(Arc<Mutex<Seen>>, EventFd);
@@ -426,7 +439,11 @@ mod tests {
         }
         fn write_config(&mut self, _: u64, _: &[u8]) {}
         fn activate(&mut self, f: u64, q: &[QueueConfig], _bases: &[u16]) -> Result<(), DeviceError> {
-            self.0.lock().unwrap().activated = Some((f, q.to_vec()));
+            let mut seen = self.0.lock().unwrap();
+            if seen.refuse {
+                return Err(DeviceError::Disconnected);
+            }
+            seen.activated = Some((f, q.to_vec()));
             Ok(())
         }
         fn quiesce(&mut self) -> Result<Vec<u16>, DeviceError> {
@@ -517,6 +534,34 @@ mod tests {
         let mut bad = back.clone();
         bad.acked_features |= 1 << 7;
         assert!(t2.restore(&bad).is_err());
+    }
+
+    #[test]
+    fn a_saved_queue_larger_than_the_device_allows_is_refused() {
+        // Found by fuzzing: a restored state set QUEUE_NUM_MAX to 65535 on a 256-entry device.
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let mut t = MmioTransport::new(BASE, 0x1000, Box::new(Fake(seen, EventFd::new(0).unwrap())));
+        let good = t.pause().unwrap();
+        let mut bigger = good.clone();
+        bigger.queues[0] = QueueConfig { max_size: 65535, size: 65535, ..bigger.queues[0] };
+        assert!(t.restore(&bigger).is_err());
+        let mut oversized = good.clone();
+        oversized.queues[1].size = 257;
+        assert!(t.restore(&oversized).is_err());
+        assert_eq!(r(&mut t, reg::QUEUE_NUM_MAX), 256, "the device's maximum stays");
+        t.restore(&good).unwrap();
+    }
+
+    #[test]
+    fn failed_activations_wrap_the_config_generation() {
+        let seen = Arc::new(Mutex::new(Seen { refuse: true, ..Seen::default() }));
+        let mut t = MmioTransport::new(BASE, 0x1000, Box::new(Fake(seen, EventFd::new(0).unwrap())));
+        let mut state = t.pause().unwrap();
+        state.config_generation = u32::MAX;
+        t.restore(&state).unwrap();
+        w(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+        assert_eq!(r(&mut t, reg::CONFIG_GENERATION), 0);
     }
 
     #[test]

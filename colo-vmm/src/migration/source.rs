@@ -455,3 +455,56 @@ fn handover<V: Migratable + ?Sized>(
     let _ = t.w.flush();
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::mpsc;
+
+    use super::*;
+    use crate::colo::testing::{FakeVm, Log};
+
+    /// A destination that takes one connection and reads whatever comes until it closes.
+    fn drain(uri: &MigrationUri) -> std::thread::JoinHandle<()> {
+        let listener = uri.listen().expect("listen");
+        std::thread::spawn(move || {
+            if let Ok(mut c) = listener.accept() {
+                let _ = std::io::copy(&mut c, &mut std::io::sink());
+            }
+        })
+    }
+
+    #[test]
+    fn a_panic_in_the_migration_thread_fails_the_migration_with_its_message_and_the_vm_runs_on() {
+        // Issue 12, item 1: a role's thread that died left its status as it was (`active` for
+        // ever) and, mid-pause, the VM paused.
+        for during_pause in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let uri: MigrationUri = format!("unix:{}", dir.path().join("m.sock").display()).parse().unwrap();
+            let dest = drain(&uri);
+            let log = Log::default();
+            let vm = Arc::new(FakeVm::new(&log, 16));
+            vm.guest_writes(3, 7);
+            let which = if during_pause { &vm.paused_dirty_pages_panic } else { &vm.dirty_pages_panic };
+            which.store(true, Ordering::Relaxed);
+            let status = StatusHandle::default();
+            let (tx, rx) = mpsc::channel();
+            start(vm.clone(), uri, MigrationParams::default(), status.clone(), move |ok| tx.send(ok).unwrap()).unwrap();
+            let ok = rx.recv_timeout(Duration::from_secs(10)).expect("the migration ends");
+            assert!(!ok, "during pause: {during_pause}");
+            let s = status.lock().unwrap().clone();
+            assert_eq!(s.status, MigrationState::Failed, "during pause: {during_pause}");
+            let error = s.error.unwrap_or_default();
+            assert!(
+                error.contains("the migration thread failed") && error.contains("the fake's dirty log broke"),
+                "{error}"
+            );
+            assert!(!vm.is_paused(), "the VM runs again (during pause: {during_pause})");
+            assert!(log.contains("vm: stop-dirty-log"));
+            if during_pause {
+                log.assert_order(&[("vm: pause", "vm: resume")]);
+            }
+            dest.join().unwrap();
+        }
+    }
+}

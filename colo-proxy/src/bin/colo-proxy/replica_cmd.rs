@@ -3,7 +3,9 @@
 //! The routing by role is the library's [`Replica`]; this is its transport on AF_PACKET
 //! sockets (the uplink and the VM's interface), with the frame link to the peer host's proxy.
 //! One mio loop owns everything; the frame link's reader and the listener run on their own
-//! threads and hand their events over a channel, waking the loop.
+//! threads and hand their events over a bounded channel, waking the loop: a peer that sends
+//! faster than the loop can route finds the frame link's reader waiting, and its own sends
+//! held back by TCP, rather than this process's memory growing.
 //!
 //! Differences from vhost-net-compare's one-VM backend, both from AF_PACKET: a frame is in the
 //! VM once written to its interface, so the primary's mark is always the next number (a
@@ -12,7 +14,7 @@
 
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +50,8 @@ const BATCH: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// The lease when the controller gives none.
 const DEFAULT_LEASE: Duration = Duration::from_millis(500);
+/// Events from the link's reader and the listener waiting for the loop, at most.
+const OUTSIDE_EVENTS: usize = 4096;
 
 /// What the threads hand to the loop.
 enum Outside {
@@ -114,7 +118,7 @@ struct Announcing {
 struct ReplicaRun {
     poll: Poll,
     waker: Arc<Waker>,
-    outside_tx: Sender<Outside>,
+    outside_tx: SyncSender<Outside>,
     outside: Receiver<Outside>,
     core: Replica<MonotonicClock>,
     uplink: PacketSocket,
@@ -187,7 +191,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => Some(Capture::create(path).with_context(|| format!("capture file {}", path.display()))?),
         None => None,
     };
-    let (outside_tx, outside) = channel();
+    let (outside_tx, outside) = sync_channel(OUTSIDE_EVENTS);
     let _listener = match args.peer_listen {
         Some(addr) => {
             let l = TcpListener::bind(addr).with_context(|| format!("--peer-listen {addr}"))?;

@@ -235,7 +235,9 @@ pub fn summary(o: &Outcome, args: &Args) -> (String, Value) {
     let failures: Vec<String> = o
         .phases
         .iter()
-        .flat_map(|p| p.checks.iter().filter(|c| !c.pass).map(move |c| format!("{}: {} — {}", p.name, c.what, c.detail)))
+        .flat_map(|p| {
+            p.checks.iter().filter(|c| !c.pass).map(move |c| format!("{}: {} — {}", p.name, c.what, c.detail))
+        })
         .collect();
     if o.passed() {
         let _ = writeln!(s, "\nRESULT: PASS");

@@ -200,10 +200,7 @@ impl Story {
     /// 3. A partition between b and c while both reach etcd: b serves, c gives up; healed, c
     ///    comes back as a standby and b protects itself with it again.
     fn partition_b_c(&mut self, steady: Duration, hold: Duration) -> anyhow::Result<()> {
-        self.phase(
-            "partition",
-            "the replication link between b and c is cut (both still reach etcd), then healed",
-        );
+        self.phase("partition", "the replication link between b and c is cut (both still reach etcd), then healed");
         let before = self.replies();
         let cut = self.clock.now();
         self.event(Some(1), "partition: hosts b and c no longer hear each other (nftables drop in b)");
@@ -241,7 +238,10 @@ impl Story {
         self.net.lan.heal(1);
         let healed = self.clock.now();
         self.partition = Some((cut, healed));
-        self.event(Some(2), "host c's colo-vmm starts again as a standby (--standby-for testvm), as its service manager would");
+        self.event(
+            Some(2),
+            "host c's colo-vmm starts again as a standby (--standby-for testvm), as its service manager would",
+        );
         self.net.restart_vmm(2, true);
         self.wait(1, "protected again: primary in COLO with host c", 60, |s| {
             s["role"] == "primary" && s["state"] == "running" && text(&s["reprotect"]).contains("host-c")
@@ -332,7 +332,11 @@ impl Story {
 
     fn event(&self, host: Option<usize>, what: &str) {
         self.clock.say(&format!(">> {what}"));
-        self.events.lock().unwrap_or_else(|p| p.into_inner()).push(Event { t: self.clock.now(), host, what: what.into() });
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).push(Event {
+            t: self.clock.now(),
+            host,
+            what: what.into(),
+        });
     }
 
     /// Records a check of the current phase.
@@ -418,7 +422,12 @@ impl Story {
             .iter()
             .map(|f| {
                 let gap = crate::outcome::failover_gap(&replies, f);
-                format!("{}→{}: {}", HOSTS[f.dead], HOSTS[f.survivor], gap.map(|g| format!("{:.0} ms", g.0 * 1000.0)).unwrap_or("-".into()))
+                format!(
+                    "{}→{}: {}",
+                    HOSTS[f.dead],
+                    HOSTS[f.survivor],
+                    gap.map(|g| format!("{:.0} ms", g.0 * 1000.0)).unwrap_or("-".into())
+                )
             })
             .collect();
         let after_last = self.failovers.last().map(|f| replies.iter().filter(|t| **t > f.kill_t).count());
@@ -468,7 +477,11 @@ impl Story {
         let Some(caps) = self.caps.take() else { return vec![vec![]; 3] };
         caps.finish_frames()
             .into_iter()
-            .map(|h| h.into_iter().map(|f| VmFrame { t: self.clock.epoch(f.at), rarp: f.ethertype == ETHERTYPE_RARP }).collect())
+            .map(|h| {
+                h.into_iter()
+                    .map(|f| VmFrame { t: self.clock.epoch(f.at), rarp: f.ethertype == ETHERTYPE_RARP })
+                    .collect()
+            })
             .collect()
     }
 
@@ -499,24 +512,26 @@ impl Story {
         }
         // Host by host in the order they first spoke: each one's last frame before the next
         // one's first.
-        let mut spans: Vec<(usize, f64, f64)> = frames
-            .iter()
-            .enumerate()
-            .filter_map(|(i, f)| Some((i, f.first()?.t, f.last()?.t)))
-            .collect();
+        let mut spans: Vec<(usize, f64, f64)> =
+            frames.iter().enumerate().filter_map(|(i, f)| Some((i, f.first()?.t, f.last()?.t))).collect();
         spans.sort_by(|a, b| a.1.total_cmp(&b.1));
         let overlaps: Vec<String> = spans
             .windows(2)
             .filter(|w| w[0].2 >= w[1].1)
-            .map(|w| format!("host {} until {:.3} s, host {} from {:.3} s", HOSTS[w[0].0], w[0].2, HOSTS[w[1].0], w[1].1))
+            .map(|w| {
+                format!("host {} until {:.3} s, host {} from {:.3} s", HOSTS[w[0].0], w[0].2, HOSTS[w[1].0], w[1].1)
+            })
             .collect();
-        let order: Vec<String> =
-            spans.iter().map(|(i, a, b)| format!("{} {a:.2}-{b:.2} s", HOSTS[*i])).collect();
+        let order: Vec<String> = spans.iter().map(|(i, a, b)| format!("{} {a:.2}-{b:.2} s", HOSTS[*i])).collect();
         self.check_in(
             "counter",
             "never two hosts sending as the VM at once (captures on the switch ports)",
             overlaps.is_empty() && spans.len() == 3,
-            if overlaps.is_empty() { format!("one after the other: {}", order.join(", ")) } else { overlaps.join("; ") },
+            if overlaps.is_empty() {
+                format!("one after the other: {}", order.join(", "))
+            } else {
+                overlaps.join("; ")
+            },
         );
     }
 

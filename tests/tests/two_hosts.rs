@@ -105,8 +105,8 @@ fn colo_across_two_hosts_carries_counter_echo_and_http_with_only_periodic_checkp
     colo_with_periodic_checkpoints(HostBackend::VhostNetCompare, true);
 }
 
-fn vm_mac() -> [u8; 6] {
-    colo_proxy::wire::ethernet::parse_mac(GUEST_MAC).unwrap()
+fn vm_mac() -> colo_proxy::wire::MacAddr {
+    GUEST_MAC.parse().unwrap()
 }
 
 /// Times (since the epoch) of the frames in a capture sent from the VM's MAC.

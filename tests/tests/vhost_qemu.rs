@@ -287,7 +287,6 @@ fn qemu_version() -> String {
     out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
-fn mac(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s.split(':').map(|h| u8::from_str_radix(h, 16).expect("hex")).collect();
-    v.try_into().expect("6 bytes")
+fn mac(s: &str) -> colo_proxy::wire::MacAddr {
+    s.parse().expect("a MAC address")
 }

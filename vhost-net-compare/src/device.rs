@@ -4,9 +4,6 @@
 //! The device deliberately offers no checksum or segmentation offloads: frames must leave both
 //! guests complete and byte for byte comparable, and the tap is set to the same (no offloads).
 
-use std::fmt;
-use std::str::FromStr;
-
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
@@ -73,53 +70,12 @@ pub fn header_len(acked: u64) -> usize {
     }
 }
 
-/// An Ethernet MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MacAddr(pub [u8; 6]);
+pub use colo_proxy::wire::{MacAddr, MacError};
 
-impl MacAddr {
-    /// The MAC given to guests when `--mac` is absent: fixed (both COLO VMs must have the same
-    /// one) and locally administered (bit 1 of the first octet), so it never collides with a
-    /// vendor's address.
-    pub const DEFAULT: MacAddr = MacAddr([0x02, 0x00, 0x00, 0xc0, 0x10, 0x01]);
-}
-
-/// Why a MAC address string was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MacError {
-    /// Not six colon-separated hex octets.
-    #[error("'{0}' is not a MAC address (expected six hex octets such as 02:00:00:c0:10:01)")]
-    Syntax(String),
-    /// The group bit is set: guests need a unicast address.
-    #[error("'{0}' is a multicast address; a NIC needs a unicast MAC")]
-    Multicast(String),
-}
-
-impl FromStr for MacAddr {
-    type Err = MacError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut mac = [0u8; 6];
-        let mut parts = s.split([':', '-']);
-        for byte in mac.iter_mut() {
-            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(|| MacError::Syntax(s.to_string()))?;
-            *byte = u8::from_str_radix(part, 16).map_err(|_| MacError::Syntax(s.to_string()))?;
-        }
-        if parts.next().is_some() {
-            return Err(MacError::Syntax(s.to_string()));
-        }
-        if mac[0] & 1 != 0 {
-            return Err(MacError::Multicast(s.to_string()));
-        }
-        Ok(MacAddr(mac))
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-    }
-}
+/// The MAC given to guests when `--mac` is absent: fixed (both COLO VMs must have the same one)
+/// and locally administered (bit 1 of the first octet), so it never collides with a vendor's
+/// address.
+pub const DEFAULT_MAC: MacAddr = MacAddr([0x02, 0x00, 0x00, 0xc0, 0x10, 0x01]);
 
 /// Longest config-space read answered; the rest of `virtio_net_config` past the fields we
 /// offer reads as zeros, beyond this the read is refused (empty reply).
@@ -175,21 +131,15 @@ mod tests {
     }
 
     #[test]
-    fn macs_parse_and_print() {
-        let m: MacAddr = "02:AA:bb:00:01:ff".parse().unwrap();
-        assert_eq!(m.to_string(), "02:aa:bb:00:01:ff");
-        assert!(matches!("01:00:5e:00:00:01".parse::<MacAddr>(), Err(MacError::Multicast(_))));
-        for bad in ["", "02:00:00:00:00", "02:00:00:00:00:00:00", "0g:00:00:00:00:00", "2:0:0:0:0:0"] {
-            assert!(matches!(bad.parse::<MacAddr>(), Err(MacError::Syntax(_))), "{bad}");
-        }
-        assert_eq!(MacAddr::DEFAULT.0[0] & 3, 2, "locally administered unicast");
+    fn the_default_mac_is_locally_administered_unicast() {
+        assert_eq!(DEFAULT_MAC.0[0] & 3, 2);
     }
 
     #[test]
     fn config_space_holds_mac_and_link_up() {
-        let c = NetConfig { mac: MacAddr::DEFAULT };
+        let c = NetConfig { mac: DEFAULT_MAC };
         let all = c.read(0, 10);
-        assert_eq!(&all[..6], &MacAddr::DEFAULT.0);
+        assert_eq!(&all[..6], &DEFAULT_MAC.0);
         assert_eq!(&all[6..8], &[1, 0]);
         assert_eq!(c.read(6, 2), vec![1, 0]);
         assert_eq!(c.read(20, 4), vec![0; 4]);

@@ -26,7 +26,7 @@ use vhost::vhost_user::Listener;
 use crate::cli::{Options, OptionsError};
 use crate::colo::ColoState;
 use crate::control;
-use crate::device::{MacAddr, NetConfig};
+use crate::device::{NetConfig, DEFAULT_MAC};
 use crate::hub::{Hub, SharedMode};
 use crate::replica::{ReplicaRouter, ReplicaSetup, SharedRole};
 use crate::router::Router;
@@ -154,7 +154,7 @@ impl Service {
             _ => None,
         };
         let handle = control.as_ref().map(|(h, _)| h.clone());
-        let mac = opts.mac.unwrap_or(MacAddr::DEFAULT);
+        let mac = opts.mac.unwrap_or(DEFAULT_MAC);
         let mut listener = None;
         let hub: Arc<dyn Router> = match role {
             Some(role) => {
@@ -166,7 +166,7 @@ impl Service {
                 let router = ReplicaRouter::new(ReplicaSetup {
                     tap: tap.clone(),
                     nic: nic.clone(),
-                    mac: mac.0,
+                    mac,
                     config: opts.engine_config(),
                     key: key.clone(),
                     capture,

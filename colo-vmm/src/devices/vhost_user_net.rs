@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use colo_proxy::wire::MacAddr;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
@@ -93,7 +94,7 @@ struct Shared {
 pub struct VhostUserNet {
     shared: Arc<Mutex<Shared>>,
     path: PathBuf,
-    mac: [u8; 6],
+    mac: MacAddr,
     backend_features: u64,
     protocol: VhostUserProtocolFeatures,
     memory: GuestMemoryMmap,
@@ -130,7 +131,7 @@ fn negotiate(path: &Path) -> Result<(Frontend, u64, VhostUserProtocolFeatures), 
 
 impl VhostUserNet {
     /// Connects to the backend at `path` and negotiates.
-    pub fn connect(path: &Path, mac: [u8; 6], memory: GuestMemoryMmap) -> Result<VhostUserNet, NetError> {
+    pub fn connect(path: &Path, mac: MacAddr, memory: GuestMemoryMmap) -> Result<VhostUserNet, NetError> {
         let (frontend, backend_features, protocol) = negotiate(path)?;
         let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
         let kicks = (0..NUM_QUEUES).map(|_| new_fd()).collect::<Result<_, _>>()?;
@@ -251,7 +252,7 @@ impl VirtioDevice for VhostUserNet {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_net_config { u8 mac[6]; le16 status; ... }
         let mut config = [0u8; 8];
-        config[..6].copy_from_slice(&self.mac);
+        config[..6].copy_from_slice(&self.mac.0);
         config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
         for (i, b) in data.iter_mut().enumerate() {
             *b = usize::try_from(offset).ok().and_then(|o| config.get(o + i)).copied().unwrap_or(0);

@@ -106,7 +106,7 @@ pub struct RunArgs {
     /// With --vm: the VM's MAC, announced on the uplink when the VM takes over (RARP and
     /// gratuitous ARP). Default: learned from the VM's first frame.
     #[arg(long, value_name = "MAC", requires = "vm")]
-    pub mac: Option<String>,
+    pub mac: Option<colo_proxy::wire::MacAddr>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }

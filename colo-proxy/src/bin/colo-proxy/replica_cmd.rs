@@ -27,7 +27,7 @@ use colo_proxy::control::{Command, ControlServer, Event, HelloReplica, Request};
 use colo_proxy::link::{self, AuthPolicy, FrameLink, FrameLinkConfig, LinkConn, LinkKey, LinkListener, PeerEvent};
 use colo_proxy::packet_socket::PacketSocket;
 use colo_proxy::replica::{Replica, ReplicaOutput, Role};
-use colo_proxy::wire::ethernet::parse_mac;
+use colo_proxy::wire::MacAddr;
 use colo_proxy::{Frame, MonotonicClock};
 
 use crate::options::RunArgs;
@@ -125,7 +125,7 @@ struct ReplicaRun {
     lease: Duration,
     key: Option<LinkKey>,
     nic: String,
-    mac: Option<[u8; 6]>,
+    mac: Option<MacAddr>,
     peer_listen: Option<SocketAddr>,
     announcing: Option<Announcing>,
     tx_errors: u64,
@@ -159,7 +159,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let mac = args.mac.as_deref().map(parse_mac).transpose().map_err(anyhow::Error::msg).context("--mac")?;
+    let mac = args.mac;
     let open = |role: &str, name: &str| PacketSocket::open(name).with_context(|| format!("--{role} {name}"));
     let (uplink, vm) = (open("uplink", &args.uplink)?, open("vm", &vm_name)?);
     let poll = Poll::new().context("creating the event loop")?;
@@ -288,7 +288,7 @@ impl ReplicaRun {
             } else {
                 if self.mac.is_none() && frame.ethernet().len() >= 12 {
                     // The VM's own address, for the announcement after a takeover.
-                    self.mac = frame.ethernet()[6..12].try_into().ok();
+                    self.mac = MacAddr::from_prefix(&frame.ethernet()[6..]);
                 }
                 if let Push::Full(_) = self.core.from_local(frame, out!(self)) {
                     // AF_PACKET cannot push back on the VM.

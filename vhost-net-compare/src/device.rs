@@ -4,12 +4,10 @@
 //! The device deliberately offers no checksum or segmentation offloads: frames must leave both
 //! guests complete and byte for byte comparable, and the tap is set to the same (no offloads).
 
+use colo_proxy::virtio_net::{feature, FEATURES};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
-};
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_net::{virtio_net_hdr, virtio_net_hdr_v1, VIRTIO_NET_F_MRG_RXBUF};
 
 /// Queue 0 receives (host to guest).
 pub const RX_QUEUE: usize = 0;
@@ -23,9 +21,9 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 /// The virtio-net header with VERSION_1 or MRG_RXBUF (`virtio_net_hdr_v1`): flags, gso_type,
 /// hdr_len, gso_size, csum_start, csum_offset, num_buffers. Frames exchanged with the tap carry
 /// a header of this size too (TUNSETVNETHDRSZ).
-pub const VNET_HDR_LEN: usize = 12;
+pub const VNET_HDR_LEN: usize = std::mem::size_of::<virtio_net_hdr_v1>();
 /// The legacy header (neither VERSION_1 nor MRG_RXBUF acknowledged): no num_buffers.
-pub const LEGACY_VNET_HDR_LEN: usize = 10;
+pub const LEGACY_VNET_HDR_LEN: usize = std::mem::size_of::<virtio_net_hdr>();
 /// Offset of `num_buffers` (little endian u16) in the 12-byte header.
 pub const NUM_BUFFERS_OFFSET: usize = 10;
 
@@ -36,13 +34,10 @@ pub const ETH_HLEN: usize = 14;
 /// offloads nothing longer is legitimate.
 pub const MAX_ETH_FRAME: usize = 65535 + ETH_HLEN + 4;
 
-/// The virtio feature bits offered to the frontend.
+/// The virtio feature bits offered to the frontend: the guest's ([`FEATURES`]) and two that
+/// only vhost-user knows.
 pub fn features() -> u64 {
-    (1u64 << VIRTIO_F_VERSION_1)
-        | (1 << VIRTIO_NET_F_MAC)
-        | (1 << VIRTIO_NET_F_STATUS)
-        | (1 << VIRTIO_RING_F_EVENT_IDX)
-        | (1 << VIRTIO_NET_F_MRG_RXBUF)
+    FEATURES
         // vhost-user only (never shown to the guest): the protocol-features handshake, and
         // LOG_ALL so a frontend can turn on dirty logging for checkpoints and migration.
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -57,13 +52,13 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
 
 /// Whether mergeable RX buffers were negotiated.
 pub fn mrg_rxbuf(acked: u64) -> bool {
-    acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0
+    acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0
 }
 
 /// The header length the guest uses, from the acknowledged features: 12 bytes with VERSION_1 or
 /// MRG_RXBUF (as Linux decides), 10 otherwise.
 pub fn header_len(acked: u64) -> usize {
-    if acked & ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF)) != 0 {
+    if acked & (feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MRG_RXBUF)) != 0 {
         VNET_HDR_LEN
     } else {
         LEGACY_VNET_HDR_LEN
@@ -77,32 +72,12 @@ pub use colo_proxy::wire::{MacAddr, MacError};
 /// address.
 pub const DEFAULT_MAC: MacAddr = MacAddr([0x02, 0x00, 0x00, 0xc0, 0x10, 0x01]);
 
-/// Longest config-space read answered; the rest of `virtio_net_config` past the fields we
-/// offer reads as zeros, beyond this the read is refused (empty reply).
-const CONFIG_SPACE_LEN: usize = 256;
+pub use colo_proxy::virtio_net::NetConfig;
 
-/// The virtio-net config space (`virtio_net_config`): `mac` (6 bytes), `status` (le16: link
-/// up), `max_virtqueue_pairs` (le16: 1); everything after reads as zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NetConfig {
-    /// The guest's MAC address.
-    pub mac: MacAddr,
-}
-
-impl NetConfig {
-    /// The config-space bytes at `offset..offset + size`, or an empty vector (which the
-    /// vhost-user frontend reports as an error) when the range is outside the config space.
-    pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
-        let mut space = [0u8; CONFIG_SPACE_LEN];
-        space[..6].copy_from_slice(&self.mac.0);
-        space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        space[8..10].copy_from_slice(&1u16.to_le_bytes());
-        let (offset, size) = (offset as usize, size as usize);
-        match offset.checked_add(size) {
-            Some(end) if end <= CONFIG_SPACE_LEN => space[offset..end].to_vec(),
-            _ => Vec::new(),
-        }
-    }
+/// The config-space bytes at `offset..offset + size`, or an empty vector (which the vhost-user
+/// frontend reports as an error) when the range is outside the config space.
+pub fn read_config(config: &NetConfig, offset: u32, size: u32) -> Vec<u8> {
+    config.read(offset.into(), size.into()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -138,12 +113,12 @@ mod tests {
     #[test]
     fn config_space_holds_mac_and_link_up() {
         let c = NetConfig { mac: DEFAULT_MAC };
-        let all = c.read(0, 10);
+        let all = read_config(&c, 0, 10);
         assert_eq!(&all[..6], &DEFAULT_MAC.0);
         assert_eq!(&all[6..8], &[1, 0]);
-        assert_eq!(c.read(6, 2), vec![1, 0]);
-        assert_eq!(c.read(20, 4), vec![0; 4]);
-        assert!(c.read(250, 10).is_empty());
-        assert!(c.read(u32::MAX, 2).is_empty());
+        assert_eq!(read_config(&c, 6, 2), vec![1, 0]);
+        assert_eq!(read_config(&c, 20, 4), vec![0; 4]);
+        assert!(read_config(&c, 250, 10).is_empty());
+        assert!(read_config(&c, u32::MAX, 2).is_empty());
     }
 }

@@ -29,6 +29,7 @@ pub mod pcap;
 pub mod proxy;
 pub mod replica;
 pub mod rewrite;
+pub mod stream_addr;
 pub mod virtio_net;
 pub mod wire;
 

@@ -19,6 +19,7 @@ pub mod clock;
 pub mod compare;
 pub mod control;
 pub mod endpoint;
+pub mod engine_args;
 pub mod flow;
 pub mod frame;
 pub mod framing;

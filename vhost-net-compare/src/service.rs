@@ -136,7 +136,7 @@ impl Service {
         let nic = opts.nic();
         let mode = Arc::new(SharedMode::new(opts.initial_mode()));
         let role = opts.replica().then(|| Arc::new(SharedRole::default()));
-        let control = match &opts.control_socket {
+        let control = match &opts.engine.control_socket {
             Some(path) => {
                 refuse_non_socket(path)?;
                 let hello_role = role.clone().map(|r| (r, opts.peer_listen.map(|a| a.to_string())));
@@ -147,7 +147,7 @@ impl Service {
             }
             None => None,
         };
-        let capture = match &opts.capture {
+        let capture = match &opts.engine.capture {
             Some(path) if opts.colo() || opts.replica() => {
                 Some(Capture::create(path).map_err(|error| StartError::Capture { path: path.clone(), error })?)
             }
@@ -211,7 +211,7 @@ impl Service {
             mac = %config.mac,
             vm = %first_path.display(),
             secondary = ?opts.secondary_socket,
-            control = ?opts.control_socket,
+            control = ?opts.engine.control_socket,
             peer_listen = ?opts.peer_listen,
             mode = hub.mode().name(),
             "vhost-net-compare: {}",
@@ -295,7 +295,7 @@ fn bind(path: &Path) -> Result<(Listener, SocketFile), StartError> {
 }
 
 fn warn_unused_compare_options(opts: &Options) {
-    if opts.capture.is_some() {
+    if opts.engine.capture.is_some() {
         tracing::warn!("--capture has no effect without --secondary-socket (nothing is compared)");
     }
 }

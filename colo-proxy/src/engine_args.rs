@@ -43,6 +43,9 @@ pub struct EngineArgs {
     /// `colo-proxy compare`).
     #[arg(long, value_name = "NAME")]
     pub nic: Option<String>,
+    /// The metrics endpoint.
+    #[arg(long, value_name = "HOST:PORT", help = crate::metrics::FLAG_HELP)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl EngineArgs {

@@ -10,6 +10,7 @@
 //! - [`control`]: the JSON-lines control socket of docs/control.md, server and client.
 //! - [`link`]: links between hosts (authenticated, encrypted) and the frame link's protocol.
 //! - [`pcap`]: a pcapng writer for captures.
+//! - [`metrics`]: the Prometheus endpoint (`--metrics`) of every binary.
 
 pub mod announce;
 pub mod builder;
@@ -24,6 +25,7 @@ pub mod flow;
 pub mod frame;
 pub mod framing;
 pub mod link;
+pub mod metrics;
 pub mod notify_dev;
 pub mod packet_socket;
 pub mod pcap;

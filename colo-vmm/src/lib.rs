@@ -9,7 +9,8 @@
 //! vCPU), [`devices`], [`loader`], [`persist`] (the state stream and the typed machine state),
 //! and [`vmm`] which ties them into a running VM. The orchestrators — [`migration`], [`colo`]
 //! and the snapshot — drive that VM only through [`migratable`]'s traits; [`api`] sits above
-//! them all and dispatches the control API's commands.
+//! them all and dispatches the control API's commands; [`metrics`] shows the COLO status to
+//! Prometheus.
 
 pub mod api;
 pub mod arbiter;
@@ -17,6 +18,7 @@ pub mod arch;
 pub mod colo;
 pub mod devices;
 pub mod loader;
+pub mod metrics;
 pub mod migratable;
 pub mod migration;
 pub mod panic_guard;

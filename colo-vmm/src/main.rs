@@ -109,6 +109,8 @@ struct RunArgs {
     /// `--standby --vm-name NAME` in one: wait with --incoming as a registered standby for NAME.
     #[arg(long, value_name = "NAME", value_parser = parse_vm_name, requires_all = ["incoming", "arbiter"])]
     standby_for: Option<String>,
+    #[arg(long, value_name = "HOST:PORT", help = colo_proxy::metrics::FLAG_HELP)]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl RunArgs {
@@ -254,6 +256,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         serial: args.serial,
     };
     let colo = Arc::new(ColoShared::new(args.compare_socket));
+    let _metrics = args.metrics.map(|addr| colo_vmm::metrics::serve(addr, colo.clone())).transpose()?;
     // The arbiter's lease is renewed for the process's lifetime.
     let _keeper = match (&args.arbiter, &vm_name) {
         (Some(ArbiterArg(endpoints)), Some(vm)) => {

@@ -21,6 +21,12 @@ pub const CHECKPOINT_PORT: u16 = 4444;
 /// The frame link's port.
 pub const FRAME_PORT: u16 = 4445;
 
+/// With [`HostsOptions::metrics`], where each host's processes serve their metrics, inside the
+/// host's namespace (see [`ColoHosts::scrape`]): colo-vmm on this port, the first backend
+/// (vhost-net-compare or colo-proxy) on the next, the passthrough vhost-net-compare behind
+/// colo-proxy or the backend of NIC k on the ones after.
+pub const METRICS_PORT: u16 = 9464;
+
 /// Which backend each host runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HostBackend {
@@ -72,6 +78,8 @@ pub struct ColoHosts {
     pub nics: usize,
     /// The arbiter: etcd in a witness namespace on the replication network, if any.
     pub arbiter: Option<Witness>,
+    /// Every process serves its metrics (see [`METRICS_PORT`]).
+    pub metrics: bool,
 }
 
 /// etcd on the witness host.
@@ -109,9 +117,15 @@ pub struct HostsOptions {
     /// reference guest uses the first; the others' backends still take part in every role
     /// change, checkpoint mark and resync.
     pub nics: usize,
+    /// Every process serves `--metrics` on the host's loopback (see [`METRICS_PORT`]).
+    pub metrics: bool,
 }
 
 impl HostsOptions {
+    fn keyed(self, keyed: bool) -> HostsOptions {
+        HostsOptions { keyed, ..self }
+    }
+
     /// `hosts` hosts with vhost-net-compare, keyed links, no arbiter.
     pub fn new(hosts: usize, cmdline: &str) -> HostsOptions {
         HostsOptions {
@@ -121,6 +135,7 @@ impl HostsOptions {
             keyed: true,
             arbiter: false,
             nics: 1,
+            metrics: false,
         }
     }
 }
@@ -130,7 +145,7 @@ impl ColoHosts {
     /// `cmdline` (its `ip=` is added), the others wait for COLO. `keyed`: every link
     /// authenticated with one key.
     pub fn start(backend: HostBackend, hosts: usize, cmdline: &str, keyed: bool) -> ColoHosts {
-        Self::start_with(HostsOptions { backend, hosts, cmdline: cmdline.into(), keyed, arbiter: false, nics: 1 })
+        Self::start_with(HostsOptions { backend, ..HostsOptions::new(hosts, cmdline) }.keyed(keyed))
     }
 
     /// Starts as `o` says.
@@ -150,7 +165,8 @@ impl ColoHosts {
             o.nics >= 1 && (o.nics == 1 || o.backend == HostBackend::VhostNetCompare),
             "extra NICs need vhost-net-compare"
         );
-        let mut net = ColoHosts { on: Vec::new(), lan, dir, key, backend: o.backend, arbiter, nics: o.nics };
+        let mut net =
+            ColoHosts { on: Vec::new(), lan, dir, key, backend: o.backend, arbiter, nics: o.nics, metrics: o.metrics };
         if net.arbiter.is_some() {
             net.start_etcd();
         }
@@ -276,6 +292,21 @@ impl ColoHosts {
         self.dir.path(&format!("h{i}-{what}"))
     }
 
+    /// `--metrics 127.0.0.1:PORT` for the process serving on `port`, with metrics on.
+    fn metrics_args(&self, port: u16) -> Vec<String> {
+        if self.metrics {
+            vec!["--metrics".into(), format!("127.0.0.1:{port}")]
+        } else {
+            vec![]
+        }
+    }
+
+    /// `GET /metrics` from the process of host `i` serving on `port` (see [`METRICS_PORT`]):
+    /// the body, or why not.
+    pub fn scrape(&self, i: usize, port: u16) -> Result<String, String> {
+        self.host(i).ns.enter(move || crate::scrape::http_get(&format!("127.0.0.1:{port}"), "/metrics"))
+    }
+
     fn key_args(&self) -> Vec<String> {
         self.key.iter().flat_map(|k| ["--link-key".to_string(), k.display().to_string()]).collect()
     }
@@ -301,6 +332,7 @@ impl ColoHosts {
                 args.extend(["--nic".into(), "net0".into(), "--control-socket".into(), s(&control)]);
                 args.extend(["--peer-listen".into(), listen, "--capture".into(), s(&capture)]);
                 args.extend(self.key_args());
+                args.extend(self.metrics_args(METRICS_PORT + 1));
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 backends.push(host.spawn("vhost-net-compare", &bin("vhost-net-compare"), &args));
                 assert!(
@@ -312,7 +344,10 @@ impl ColoHosts {
             HostBackend::ColoProxy => {
                 // The proxy, not a bridge, joins the VM's side to the LAN.
                 host.ns.exec(&["ip", "link", "set", "dev", "eth0", "nomaster"]);
-                let args = ["--primary-socket", &s(&vu), "--tap", "vm0", "--mac", GUEST_MAC];
+                let mut args: Vec<String> =
+                    ["--primary-socket", &s(&vu), "--tap", "vm0", "--mac", GUEST_MAC].map(String::from).to_vec();
+                args.extend(self.metrics_args(METRICS_PORT + 2));
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 backends.push(host.spawn("vhost-net-compare", &bin("vhost-net-compare"), &args));
                 assert!(
                     wait_for_path(&vu, Duration::from_secs(10)),
@@ -326,6 +361,7 @@ impl ColoHosts {
                 args.extend(["--control-socket".into(), s(&control), "--peer-listen".into(), listen]);
                 args.extend(["--capture".into(), s(&capture)]);
                 args.extend(self.key_args());
+                args.extend(self.metrics_args(METRICS_PORT + 1));
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 backends.push(host.spawn("colo-proxy", &bin("colo-proxy"), &args));
             }
@@ -346,6 +382,7 @@ impl ColoHosts {
                 ["--vm-socket", &s(&vu), "--tap", &tap, "--mac", &mac, "--nic", &nic].map(String::from).to_vec();
             args.extend(["--control-socket".into(), s(&control), "--peer-listen".into(), listen]);
             args.extend(self.key_args());
+            args.extend(self.metrics_args(METRICS_PORT + 1 + k as u16));
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             backends.push(host.spawn(&format!("vhost-net-compare-{nic}"), &bin("vhost-net-compare"), &args));
             assert!(
@@ -383,6 +420,7 @@ impl ColoHosts {
         }
         all.extend(self.key_args());
         all.extend(self.arbiter_args(i));
+        all.extend(self.metrics_args(METRICS_PORT));
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let _ = std::fs::remove_file(&on.api);
         let mut p = host.spawn("colo-vmm", &bin("colo-vmm"), &all);

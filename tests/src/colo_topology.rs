@@ -335,8 +335,16 @@ impl ColoNet {
     /// A TCP connection from the client to the guest.
     pub fn connect(&self, port: u16) -> TcpStream {
         self.client.enter(move || {
-            let s = TcpStream::connect_timeout(&format!("{GUEST_IP}:{port}").parse().unwrap(), Duration::from_secs(5))
-                .expect("connect to the guest");
+            let addr = format!("{GUEST_IP}:{port}").parse().unwrap();
+            // "No route to host" is the client's ARP giving up after 3 s, which a guest on a
+            // loaded machine (or one that just took over and announced itself) can miss once.
+            let mut attempts = 0;
+            let s = loop {
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
+                    Err(e) if e.kind() == std::io::ErrorKind::HostUnreachable && attempts < 2 => attempts += 1,
+                    other => break other.expect("connect to the guest"),
+                }
+            };
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
             s.set_nodelay(true).unwrap();
             s

@@ -15,6 +15,7 @@ pub mod port_capture;
 pub mod qemu;
 pub mod qemu_vhost;
 pub mod qframe;
+pub mod scrape;
 pub mod status_watch;
 pub mod topology;
 pub mod vm_topology;

@@ -168,6 +168,11 @@ impl ColoState {
         self.proxy.stats()
     }
 
+    /// The engine's hold-time histogram (a live handle, for the metrics endpoint).
+    pub fn hold_histogram(&self) -> prometheus::Histogram {
+        self.proxy.engine().hold_histogram()
+    }
+
     /// Counts a descriptor chain refused before it reached the engine (`rejected_input`).
     pub fn count_rejected(&mut self) {
         self.proxy.engine_mut().count_rejected_input();

@@ -335,7 +335,7 @@ impl Hub {
                 self.apply(&effects);
                 Event::ModeSet { id, mode }
             }
-            Command::QueryStats { id } => Event::Stats { id, stats: state.stats() },
+            Command::QueryStats { id } => Event::Stats { id, stats: Box::new(state.stats()) },
             other => other.refused_by_pair(),
         };
         reply(event);
@@ -368,7 +368,7 @@ impl Hub {
                     rejected_input: self.passthrough.rejected.load(Ordering::Relaxed),
                     ..Stats::default()
                 };
-                Event::Stats { id, stats }
+                Event::Stats { id, stats: Box::new(stats) }
             }
             other => other.refused_by_pair(),
         }
@@ -440,6 +440,12 @@ impl Router for Hub {
     }
     fn tap_errors(&self) -> u64 {
         Hub::tap_errors(self)
+    }
+    fn ports(&self) -> Vec<Arc<Port>> {
+        lock(&self.ports).iter().flatten().cloned().collect()
+    }
+    fn hold_histogram(&self) -> Option<prometheus::Histogram> {
+        self.colo.as_ref().map(|c| lock(c).hold_histogram())
     }
 }
 

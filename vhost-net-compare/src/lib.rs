@@ -16,6 +16,7 @@
 //!
 //! The state the VMs share — the compare engine, the capture file, the tap writer in COLO mode —
 //! sits behind one mutex in [`colo`]; [`hub`] routes frames between the tap and the VMs.
+//! [`metrics`] shows the counters to Prometheus (`--metrics`).
 
 #![warn(missing_docs)]
 
@@ -29,6 +30,7 @@ pub mod exit_event;
 pub mod frontend_shim;
 pub mod hub;
 pub mod lock;
+pub mod metrics;
 pub mod port;
 pub mod ratelimit;
 pub mod replica;

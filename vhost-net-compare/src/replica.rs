@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use colo_proxy::capture::Capture;
 use colo_proxy::compare::{Config, Disposal, Miscompare, Mode, Push};
 use colo_proxy::control::{Command, ControlHandle, Event, PeerState};
-use colo_proxy::link::{self, FrameLink, FrameLinkConfig, LinkConn, LinkKey, PeerEvent};
+use colo_proxy::link::{self, FrameLink, FrameLinkConfig, FrameLinkWatch, LinkConn, LinkKey, PeerEvent};
 use colo_proxy::replica::{Replica, ReplicaOutput, Role};
 use colo_proxy::{announce, Frame, MonotonicClock, Side};
 
@@ -526,7 +526,7 @@ impl ReplicaRouter {
                 let mut stats = inner.core.stats();
                 stats.replica = Some(inner.core.counters());
                 stats.inbound_dropped += self.unrouted.load(Ordering::Relaxed);
-                Event::Stats { id, stats }
+                Event::Stats { id, stats: Box::new(stats) }
             }
         };
         reply(event);
@@ -608,5 +608,18 @@ impl Router for ReplicaRouter {
 
     fn tap_errors(&self) -> u64 {
         lock(&self.inner).tap_errors
+    }
+
+    fn ports(&self) -> Vec<Arc<Port>> {
+        lock(&self.port).iter().cloned().collect()
+    }
+
+    fn replica_state(&self) -> Option<(Role, Option<FrameLinkWatch>)> {
+        let inner = lock(&self.inner);
+        Some((inner.core.role(), inner.link.as_ref().map(|l| l.watch(inner.lease))))
+    }
+
+    fn hold_histogram(&self) -> Option<prometheus::Histogram> {
+        Some(lock(&self.inner).core.engine().hold_histogram())
     }
 }

@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use colo_proxy::compare::{Mode, Stats};
 use colo_proxy::control::{Command, Event};
+use colo_proxy::link::FrameLinkWatch;
+use colo_proxy::replica::Role;
 use colo_proxy::Frame;
 
 use crate::port::Port;
@@ -51,7 +53,7 @@ pub trait Router: Send + Sync {
         let mut stats = Stats::default();
         self.execute(Command::QueryStats { id: 0 }, &mut |event| {
             if let Event::Stats { stats: s, .. } = event {
-                stats = s;
+                stats = *s;
             }
         });
         stats
@@ -60,4 +62,13 @@ pub trait Router: Send + Sync {
     fn unrouted(&self) -> u64;
     /// Frames the tap refused.
     fn tap_errors(&self) -> u64;
+    /// The connected VMs' ports (for the metrics endpoint).
+    fn ports(&self) -> Vec<Arc<Port>>;
+    /// A one-VM backend's role and its frame link, if it has one (for the metrics endpoint).
+    fn replica_state(&self) -> Option<(Role, Option<FrameLinkWatch>)> {
+        None
+    }
+    /// The compare engine's hold-time histogram, if there is an engine (for the metrics
+    /// endpoint: a live handle).
+    fn hold_histogram(&self) -> Option<prometheus::Histogram>;
 }

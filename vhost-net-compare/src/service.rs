@@ -79,6 +79,9 @@ pub enum StartError {
     /// The link key cannot be used.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// The metrics endpoint could not be started.
+    #[error(transparent)]
+    Metrics(#[from] colo_proxy::metrics::MetricsError),
     /// The frame-link address could not be bound.
     #[error("cannot listen for the frame link on {addr}: {error}")]
     PeerListen {
@@ -100,6 +103,8 @@ pub struct Service {
     _socket_files: Vec<SocketFile>,
     /// The directories of the daemons' private sockets; removed at shutdown.
     private_dirs: Vec<PathBuf>,
+    /// The metrics endpoint (`--metrics`).
+    _metrics: Option<colo_proxy::metrics::MetricsServer>,
 }
 
 impl Service {
@@ -114,6 +119,12 @@ impl Service {
             Some(path) => Some(LinkKey::load(path)?),
             None => None,
         };
+        let metrics_router = Arc::new(std::sync::OnceLock::new());
+        let metrics = opts
+            .engine
+            .metrics
+            .map(|addr| crate::metrics::serve(addr, metrics_router.clone(), opts.nic()))
+            .transpose()?;
         let tap = Arc::new(Tap::open(&opts.tap)?);
         let mut socket_paths = Vec::new();
         let mut socket_files = Vec::new();
@@ -193,6 +204,7 @@ impl Service {
                 Arc::new(Hub::new(tap.clone(), nic, colo, handle, mode))
             }
         };
+        let _ = metrics_router.set(hub.clone());
         control::spawn(hub.clone(), control, opts.engine_config().expired_scan_cycle).map_err(StartError::Thread)?;
         let config = NetConfig { mac };
         let (public, private_socket) = first;
@@ -224,7 +236,15 @@ impl Service {
             }
         );
         tracing::debug!(dirs = ?private_dirs, "the daemons' private sockets");
-        Ok(Service { hub, uplink: Some(uplink), listener, socket_paths, _socket_files: socket_files, private_dirs })
+        Ok(Service {
+            hub,
+            uplink: Some(uplink),
+            listener,
+            socket_paths,
+            _socket_files: socket_files,
+            private_dirs,
+            _metrics: metrics,
+        })
     }
 
     /// The router (for inspection).

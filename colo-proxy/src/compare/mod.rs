@@ -27,7 +27,7 @@ use crate::frame::{Frame, Side};
 use held::{insert_by_seq, Held, HeldTotals};
 use notify::Notifier;
 use stats::Counters;
-pub use stats::{MiscompareCounts, Stats};
+pub use stats::{MiscompareCounts, Stats, HOLD_BUCKETS};
 use table::{Flow, FlowTable};
 
 /// Largest `compare_timeout` and `expired_scan_cycle` the command lines accept, in ms (a day):
@@ -379,6 +379,12 @@ impl<C: Clock> Engine<C> {
         self.counters.snapshot(self.table.len(), self.held.frames)
     }
 
+    /// How long released primary frames were held, since start, in seconds (for the metrics
+    /// endpoint: a handle that keeps counting, readable from any thread).
+    pub fn hold_histogram(&self) -> prometheus::Histogram {
+        self.counters.hold_histogram()
+    }
+
     /// Takes a frame from `side`, classifying it first.
     pub fn push<S: Sink>(&mut self, side: Side, frame: Frame, sink: &mut S) -> Push {
         let class = classify(frame.ethernet());
@@ -389,13 +395,15 @@ impl<C: Clock> Engine<C> {
     /// secondary frames before rewriting them).
     pub fn push_classified<S: Sink>(&mut self, side: Side, frame: Frame, class: Class, sink: &mut S) -> Push {
         let now = self.clock.now();
+        let len = frame.ethernet().len() as u64;
         let pushed = self.push_at(side, frame, class, now, sink);
         // A refused frame is offered again later: count each frame once, when it is taken.
         if pushed == Push::Accepted {
+            let s = &mut self.counters.stats;
             match side {
-                Side::Primary => self.counters.stats.frames_primary += 1,
-                Side::Secondary => self.counters.stats.frames_secondary += 1,
-            }
+                Side::Primary => (s.frames_primary += 1, s.bytes_primary += len),
+                Side::Secondary => (s.frames_secondary += 1, s.bytes_secondary += len),
+            };
         }
         pushed
     }
@@ -540,6 +548,7 @@ impl<C: Clock> Engine<C> {
             return;
         }
         tracing::info!(from = self.mode.name(), to = mode.name(), "compare mode");
+        let new_pair = matches!(self.mode, Mode::PrimaryOnly | Mode::SecondaryOnly);
         self.mode = mode;
         match mode {
             Mode::PrimaryOnly => {
@@ -550,6 +559,10 @@ impl<C: Clock> Engine<C> {
                 self.drain(Side::Secondary, None, sink);
                 self.drain(Side::Primary, Some(DropCause::Mode), sink);
             }
+            // A pair formed again after one side served alone (re-protection): the new
+            // secondary starts from the primary's state now, and nothing compared before it
+            // existed says where its streams stand. Meet every flow afresh, as mid-stream.
+            Mode::Colo | Mode::Passive if new_pair => self.table.forget_comparisons(),
             Mode::Colo | Mode::Passive => {}
         }
         self.notifier.flushed();

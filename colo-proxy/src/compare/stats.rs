@@ -2,10 +2,15 @@
 
 use std::time::Duration;
 
-use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 
 use super::Reason;
+
+/// Upper bounds of the hold-time histogram, seconds: a matched frame waits for its twin
+/// (tens of microseconds to milliseconds); in passive mode frames wait for the next checkpoint
+/// (up to the passive interval); the compare timeout defaults to 3 s.
+pub static HOLD_BUCKETS: [f64; 17] =
+    [50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// Inconsistencies by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +55,10 @@ pub struct Stats {
     pub frames_primary: u64,
     /// Frames received from the secondary.
     pub frames_secondary: u64,
+    /// Ethernet bytes of the frames received from the primary.
+    pub bytes_primary: u64,
+    /// Ethernet bytes of the frames received from the secondary.
+    pub bytes_secondary: u64,
     /// Frames sent out (primary frames; secondary frames in `secondary-only` mode).
     pub released: u64,
     /// Primary frames discarded (in `secondary-only` mode).
@@ -97,7 +106,10 @@ pub struct Stats {
 #[derive(Debug)]
 pub(crate) struct Counters {
     pub stats: Stats,
-    hold_us: Histogram<u64>,
+    hold_us: hdrhistogram::Histogram<u64>,
+    /// The same hold times since start, in seconds, in [`HOLD_BUCKETS`] (the metrics
+    /// endpoint's: lock-free, read by its thread while the engine runs).
+    hold_seconds: prometheus::Histogram,
 }
 
 impl Counters {
@@ -105,7 +117,11 @@ impl Counters {
         Counters {
             stats: Stats::default(),
             // 1 µs .. 1 h at 2 significant digits: a few kB, constant-time recording.
-            hold_us: Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds"),
+            hold_us: hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2).expect("valid histogram bounds"),
+            hold_seconds: prometheus::Histogram::with_opts(
+                prometheus::HistogramOpts::new("hold_seconds", "hold times").buckets(HOLD_BUCKETS.to_vec()),
+            )
+            .expect("valid histogram options"),
         }
     }
 
@@ -113,6 +129,7 @@ impl Counters {
     pub fn record_hold(&mut self, held: Duration) {
         let us = (held.as_micros() as u64).max(1);
         self.hold_us.saturating_record(us);
+        self.hold_seconds.observe(held.as_secs_f64());
         self.stats.max_hold_us = self.stats.max_hold_us.max(us);
     }
 
@@ -126,5 +143,10 @@ impl Counters {
             s.hold_p99_us = self.hold_us.value_at_quantile(0.99);
         }
         s
+    }
+
+    /// The hold-time histogram (a handle: it keeps counting).
+    pub fn hold_histogram(&self) -> prometheus::Histogram {
+        self.hold_seconds.clone()
     }
 }

@@ -48,6 +48,13 @@ impl Flow {
         self.queues[0].is_empty() && self.queues[1].is_empty()
     }
 
+    /// Forgets what was compared (a new pair): the flow is met again as if mid-stream.
+    fn forget_comparison(&mut self) {
+        self.compare_seq = None;
+        self.max_ack = [None, None];
+        self.secondary_credit = 0;
+    }
+
     /// TCP: whether everything up to `seq_end` was already compared.
     pub fn covered(&self, seq_end: SeqNumber) -> bool {
         self.compare_seq.is_some_and(|c| !seq_end.after(c))
@@ -83,6 +90,11 @@ pub(crate) struct TableFull;
 impl FlowTable {
     pub fn new(max_flows: usize) -> FlowTable {
         FlowTable { index: FxHashMap::default(), flows: Vec::new(), max_flows: max_flows.max(1) }
+    }
+
+    /// Forgets every flow's comparison state (see [`Flow::forget_comparison`]).
+    pub fn forget_comparisons(&mut self) {
+        self.flows.iter_mut().for_each(Flow::forget_comparison);
     }
 
     pub fn len(&self) -> usize {

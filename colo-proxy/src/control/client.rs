@@ -144,7 +144,7 @@ impl ControlClient {
     /// `query-stats`: the compare process's counters.
     pub fn stats(&mut self) -> Result<Stats, ClientError> {
         match self.call(|id| Command::QueryStats { id })? {
-            Event::Stats { stats, .. } => Ok(stats),
+            Event::Stats { stats, .. } => Ok(*stats),
             other => Err(unexpected("stats", &other)),
         }
     }

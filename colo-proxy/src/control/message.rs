@@ -216,9 +216,9 @@ pub enum Event {
     Stats {
         /// The command's id.
         id: u64,
-        /// The counters.
+        /// The counters (boxed: they are far larger than any other event).
         #[serde(flatten)]
-        stats: Stats,
+        stats: Box<Stats>,
     },
     /// Reply to [`Command::Role`].
     RoleSet {
@@ -477,7 +477,7 @@ mod tests {
             hold_p99_us: 18,
             ..Stats::default()
         };
-        let event = Event::Stats { id: 42, stats: stats.clone() };
+        let event = Event::Stats { id: 42, stats: Box::new(stats.clone()) };
         let v = value(&event.to_line());
         assert_eq!(v["type"], "stats");
         assert_eq!(v["id"], 42);
@@ -527,7 +527,7 @@ mod tests {
     fn reply_to_names_the_command() {
         assert_eq!(Event::Flushed { id: 1, released: 0, dropped: 0 }.reply_to(), Some(1));
         assert_eq!(Event::ModeSet { id: 2, mode: Mode::Colo }.reply_to(), Some(2));
-        assert_eq!(Event::Stats { id: 3, stats: Stats::default() }.reply_to(), Some(3));
+        assert_eq!(Event::Stats { id: 3, stats: Box::default() }.reply_to(), Some(3));
         assert_eq!(Event::Error { id: Some(4), message: String::new() }.reply_to(), Some(4));
         assert_eq!(Event::Error { id: None, message: String::new() }.reply_to(), None);
         assert_eq!(Event::Peer { role: Side::Primary, state: PeerState::Connected }.reply_to(), None);

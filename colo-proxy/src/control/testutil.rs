@@ -126,7 +126,7 @@ impl Harness {
                         Command::Mode { id, mode } => server.reply(registry, r.conn, &Event::ModeSet { id, mode }),
                         Command::QueryStats { id } => {
                             let stats = Stats { flows: 7, ..Stats::default() };
-                            server.reply(registry, r.conn, &Event::Stats { id, stats });
+                            server.reply(registry, r.conn, &Event::Stats { id, stats: Box::new(stats) });
                         }
                         other => {
                             let id = Some(other.id());

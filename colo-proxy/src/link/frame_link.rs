@@ -80,6 +80,53 @@ pub struct FrameLinkStats {
     pub refused_full: AtomicU64,
 }
 
+/// A link as the metrics endpoint shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameLinkState {
+    /// Not closed.
+    pub open: bool,
+    /// The peer answered a ping within the lease (see [`FrameLink::lease_fresh`]).
+    pub lease_fresh: bool,
+    /// Authenticated and encrypted.
+    pub secure: bool,
+    /// See [`FrameLinkStats::frames_sent`].
+    pub frames_sent: u64,
+    /// See [`FrameLinkStats::frames_received`].
+    pub frames_received: u64,
+    /// See [`FrameLinkStats::refused_full`].
+    pub refused_full: u64,
+}
+
+/// A view of a [`FrameLink`] for the metrics endpoint ([`FrameLink::watch`]).
+#[derive(Clone)]
+pub struct FrameLinkWatch {
+    shared: Arc<Shared>,
+    secure: bool,
+    lease: Duration,
+}
+
+impl std::fmt::Debug for FrameLinkWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrameLinkWatch").field("state", &self.state()).finish()
+    }
+}
+
+impl FrameLinkWatch {
+    /// The link's state and counters now.
+    pub fn state(&self) -> FrameLinkState {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.shared;
+        FrameLinkState {
+            open: !s.closed.load(Ordering::Relaxed),
+            lease_fresh: s.lease_fresh(self.lease),
+            secure: self.secure,
+            frames_sent: get(&s.stats.frames_sent),
+            frames_received: get(&s.stats.frames_received),
+            refused_full: get(&s.stats.refused_full),
+        }
+    }
+}
+
 struct Out {
     queue: VecDeque<PeerMessage>,
     bytes: usize,
@@ -106,6 +153,12 @@ struct Shared {
 impl Shared {
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether a ping sent less than `max_age` ago has been answered.
+    fn lease_fresh(&self, max_age: Duration) -> bool {
+        let answered = self.answered.load(Ordering::SeqCst);
+        answered != 0 && self.now_ms().saturating_sub(answered) < max_age.as_millis() as u64
     }
 
     /// Queues `msg`; control messages always fit, frames only within the queue's bound.
@@ -247,13 +300,18 @@ impl FrameLink {
 
     /// Whether a ping sent less than `max_age` ago has been answered.
     pub fn lease_fresh(&self, max_age: Duration) -> bool {
-        let answered = self.shared.answered.load(Ordering::SeqCst);
-        answered != 0 && self.shared.now_ms().saturating_sub(answered) < max_age.as_millis() as u64
+        self.shared.lease_fresh(max_age)
     }
 
     /// Counters.
     pub fn stats(&self) -> &FrameLinkStats {
         &self.shared.stats
+    }
+
+    /// A view of this link for the metrics endpoint, with `lease` as the lease: it reads the
+    /// link's atomics from any thread, at any time.
+    pub fn watch(&self, lease: Duration) -> FrameLinkWatch {
+        FrameLinkWatch { shared: self.shared.clone(), secure: self.secure, lease }
     }
 
     /// Ends the link: both threads stop, the handler gets [`PeerEvent::Closed`].

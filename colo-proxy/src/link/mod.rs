@@ -18,7 +18,7 @@ pub mod message;
 pub mod secure;
 pub mod socket;
 
-pub use frame_link::{FrameLink, FrameLinkConfig, PeerEvent};
+pub use frame_link::{FrameLink, FrameLinkConfig, FrameLinkState, FrameLinkWatch, PeerEvent};
 pub use key::{KeyError, LinkKey};
 pub use listener::{accept_one, AuthPolicy, LinkAcceptor, LinkListener, AUTH_TIMEOUT};
 pub use message::PeerMessage;

@@ -61,6 +61,27 @@ pub enum Silence {
     Corrupt(String),
 }
 
+/// What the metrics endpoint reads of a link, from any thread: whether it is up and how long
+/// the peer has been silent.
+#[derive(Debug, Clone)]
+pub struct LinkWatch {
+    last_heard: Arc<AtomicU64>,
+    origin: Instant,
+    up: Arc<AtomicBool>,
+}
+
+impl LinkWatch {
+    /// Whether the link still carries messages (not closed, not broken, no garbage received).
+    pub fn up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// How long the peer has been silent (heartbeats count as speech).
+    pub fn silent_for(&self) -> Duration {
+        self.origin.elapsed().saturating_sub(Duration::from_millis(self.last_heard.load(Ordering::Relaxed)))
+    }
+}
+
 /// One end of the checkpoint link.
 pub struct Link<W: Write + Send + 'static> {
     writer: Arc<Mutex<StreamWriter<W>>>,
@@ -71,6 +92,8 @@ pub struct Link<W: Write + Send + 'static> {
     woke: Arc<AtomicU64>,
     origin: Instant,
     stop: Arc<AtomicBool>,
+    /// Cleared when the link breaks or is closed.
+    up: Arc<AtomicBool>,
     chan: Channel,
     closed: Option<Silence>,
 }
@@ -91,6 +114,8 @@ impl<W: Write + Send + 'static> Link<W> {
         let writer = Arc::new(Mutex::new(writer));
         let (tx, rx) = channel();
         let heard = last_heard.clone();
+        let up = Arc::new(AtomicBool::new(true));
+        let reader_up = up.clone();
         std::thread::Builder::new()
             .name("colo-link-rx".into())
             .spawn(move || loop {
@@ -115,6 +140,7 @@ impl<W: Write + Send + 'static> Link<W> {
                 };
                 let last = matches!(msg, Incoming::Closed(_) | Incoming::Corrupt(_));
                 if tx.send(msg).is_err() || last {
+                    reader_up.store(false, Ordering::Relaxed);
                     return;
                 }
             })
@@ -137,7 +163,12 @@ impl<W: Write + Send + 'static> Link<W> {
                 }
             })
             .expect("spawn the heartbeat");
-        Link { writer, rx, last_heard, woke, origin, stop, chan, closed: None }
+        Link { writer, rx, last_heard, woke, origin, stop, up, chan, closed: None }
+    }
+
+    /// A view of this link for the metrics endpoint.
+    pub fn watch(&self) -> LinkWatch {
+        LinkWatch { last_heard: self.last_heard.clone(), origin: self.origin, up: self.up.clone() }
     }
 
     /// Sends a control message.
@@ -215,6 +246,7 @@ impl<W: Write + Send + 'static> Link<W> {
     /// Stops the heartbeat and closes the connection.
     pub fn close(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.up.store(false, Ordering::Relaxed);
         self.chan.shutdown();
     }
 }

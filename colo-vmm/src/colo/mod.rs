@@ -5,6 +5,7 @@
 pub mod blocks;
 pub mod cache;
 pub mod compare;
+pub mod histograms;
 pub mod hybrid;
 pub mod link;
 pub mod message;

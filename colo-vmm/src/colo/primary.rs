@@ -213,6 +213,7 @@ fn begin<'a, V: Migratable>(
     };
     let Transfer { w, chan, .. } = t;
     let link = Link::new(reader, w, chan, colo.heartbeat_ms.clone());
+    colo.watch_link(link.watch());
     let mut ctl = Controller::new(vm, colo, link, compare, test);
     if let Err(End::Error(e) | End::Lost(e)) = ctl.resume() {
         ctl.fail_over(End::Error(e.clone()));

@@ -184,6 +184,7 @@ impl SecondaryRunner {
         let received = DirtyBitmap::empty(vm.page_count());
         let mut svm = Svm { cache, received, compare, blocks };
         let mut link = Link::new(reader, writer, chan, colo.heartbeat_ms.clone());
+        colo.watch_link(link.watch());
         let mut phase = Phase::Idle;
         let end = loop {
             match crate::panic_guard::catch(|| svm.step(vm, colo, &mut link, &mut phase)) {

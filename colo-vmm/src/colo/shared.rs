@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use super::compare::CompareSet;
+use super::link::LinkWatch;
 use super::params::{ColoParams, ColoParamsUpdate, ParamsError};
 use super::status::ColoStatus;
 use crate::arbiter::claim::Claim;
@@ -26,6 +27,8 @@ pub struct ColoShared {
     pub compare: Mutex<Option<CompareSet>>,
     /// With `--arbiter`: this replica's claim on the VM's key in etcd.
     pub arbiter: OnceLock<Arc<Claim>>,
+    /// The checkpoint link of the current (or last) COLO run, for the metrics endpoint.
+    link: Mutex<Option<LinkWatch>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -45,6 +48,7 @@ impl ColoShared {
             compare_sockets,
             compare: Mutex::new(None),
             arbiter: OnceLock::new(),
+            link: Mutex::new(None),
         }
     }
 
@@ -83,6 +87,13 @@ impl ColoShared {
         s
     }
 
+    /// A copy of the status without its recent history (with the arbiter's, asked now).
+    pub fn summary(&self) -> ColoStatus {
+        let mut s = lock(&self.status).summary();
+        s.arbiter = self.arbiter().map(|c| c.status());
+        s
+    }
+
     /// The arbiter's claim, with `--arbiter`.
     pub fn arbiter(&self) -> Option<&Arc<Claim>> {
         self.arbiter.get()
@@ -91,6 +102,16 @@ impl ColoShared {
     /// Changes the status.
     pub fn update(&self, f: impl FnOnce(&mut ColoStatus)) {
         f(&mut lock(&self.status));
+    }
+
+    /// Shows this checkpoint link (it replaces the last one) on the metrics endpoint.
+    pub fn watch_link(&self, link: LinkWatch) {
+        *lock(&self.link) = Some(link);
+    }
+
+    /// The checkpoint link of the current (or last) COLO run, if there was one.
+    pub fn link(&self) -> Option<LinkWatch> {
+        lock(&self.link).clone()
     }
 
     /// The compare connection (primary).

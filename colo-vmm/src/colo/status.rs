@@ -196,6 +196,8 @@ pub struct ColoStatus {
     pub frames_dropped: u64,
     /// The last failover.
     pub last_failover: Option<Failover>,
+    /// Failovers since this VMM started.
+    pub failovers: u64,
     /// Why COLO ended, if it ended with an error.
     pub error: Option<String>,
     /// With an arbiter: the key's holder, this replica's lease, the last renewal.
@@ -213,6 +215,9 @@ pub struct ColoStatus {
     pub recent: VecDeque<CheckpointRecord>,
     #[serde(skip)]
     pauses: Pauses,
+    /// Pause, pages, blocks and bytes of every checkpoint since start (the metrics endpoint's).
+    #[serde(skip)]
+    pub histograms: super::histograms::CheckpointHistograms,
 }
 
 /// The longest pause told apart from longer ones: an hour, in µs.
@@ -246,6 +251,16 @@ pub fn unix_ms() -> u64 {
 }
 
 impl ColoStatus {
+    /// A copy without the recent history and the pause histogram (the metrics endpoint's: it
+    /// needs neither, and the copy is made under the status lock).
+    pub fn summary(&mut self) -> ColoStatus {
+        let recent = std::mem::take(&mut self.recent);
+        let pauses = std::mem::take(&mut self.pauses);
+        let copy = self.clone();
+        (self.recent, self.pauses) = (recent, pauses);
+        copy
+    }
+
     /// Records a finished checkpoint that ended a running interval of `interval`.
     pub fn checkpoint(
         &mut self,
@@ -256,6 +271,7 @@ impl ColoStatus {
         pages: u64,
         bytes: u64,
     ) {
+        self.histograms.record(pause, pages, bytes);
         let c = &mut self.checkpoints;
         c.total += 1;
         if self.recent.len() == HISTORY {
@@ -293,6 +309,7 @@ impl ColoStatus {
 
     /// Adds the disk blocks of the checkpoint just recorded by [`ColoStatus::checkpoint`].
     pub fn checkpoint_blocks(&mut self, blocks: u64) {
+        self.histograms.record_blocks(blocks);
         let d = &mut self.disk;
         d.blocks_last = blocks;
         d.blocks_total += blocks;
@@ -307,6 +324,7 @@ impl ColoStatus {
         let at_unix_ms = unix_ms();
         self.state = State::FailedOver;
         self.mode = None;
+        self.failovers += 1;
         self.last_failover =
             Some(Failover { at_unix_ms, survivor, reason: reason.to_string(), resumed_from: resumed_from.to_string() });
     }

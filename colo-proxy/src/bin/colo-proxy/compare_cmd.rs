@@ -17,9 +17,11 @@ use colo_proxy::control::Command;
 use colo_proxy::control::{ConnId, ControlServer, Event, Request};
 use colo_proxy::endpoint::{Port, Stream};
 use colo_proxy::framing::Decoder;
+use colo_proxy::metrics::CompareState;
 use colo_proxy::notify_dev::{Inbound, NotifyCodec, Outbound};
 use colo_proxy::{Frame, Side};
 
+use crate::metrics::{earliest, LoopMetrics};
 use crate::options::CompareArgs;
 use crate::output::OutQueue;
 use crate::signals::Signals;
@@ -143,6 +145,7 @@ struct Proxy {
     events: Vec<Miscompare>,
     flushes: Vec<PendingFlush>,
     nic: String,
+    metrics: Option<LoopMetrics>,
 }
 
 macro_rules! outlet {
@@ -157,6 +160,11 @@ macro_rules! outlet {
 }
 
 pub fn run(args: CompareArgs) -> anyhow::Result<()> {
+    // First, so that a --metrics address that cannot be bound stops the start at once.
+    let metrics = match args.engine.metrics {
+        Some(addr) => Some(LoopMetrics::start(addr)?),
+        None => None,
+    };
     let poll = Poll::new().context("creating the event loop")?;
     let mut signals = Signals::register(poll.registry(), SIGNALS)?;
     let registry = poll.registry();
@@ -196,6 +204,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         events: vec![],
         flushes: vec![],
         nic: args.engine.nic.clone().unwrap_or_else(|| "net0".to_string()),
+        metrics,
         poll,
     };
     proxy.engine.set_mode(args.engine.mode(), outlet!(proxy));
@@ -227,15 +236,31 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         proxy.engine.poll_timeouts(outlet!(proxy));
         proxy.reconnect();
         proxy.settle();
+        proxy.publish_metrics();
     }
 }
 
 impl Proxy {
+    /// Leaves the counters for the metrics endpoint.
+    fn publish_metrics(&mut self) {
+        if let Some(m) = &mut self.metrics {
+            m.offer(|| CompareState {
+                nic: self.nic.clone(),
+                mode: self.engine.mode(),
+                stats: self.engine.stats(),
+                role: None,
+                hold: Some(self.engine.hold_histogram()),
+                frame_link: None,
+            });
+        }
+    }
+
     fn next_timeout(&self) -> Option<std::time::Duration> {
         let now = Instant::now();
         let engine = self.engine.next_deadline().map(|t| self.engine.clock().instant(t));
         let retries = self.ports().filter_map(|p| p.next_retry());
-        engine.into_iter().chain(retries).min().map(|at| at.saturating_duration_since(now))
+        let next = engine.into_iter().chain(retries).min().map(|at| at.saturating_duration_since(now));
+        earliest(next, self.metrics.as_ref().and_then(LoopMetrics::next_due))
     }
 
     fn ports(&self) -> impl Iterator<Item = &Port> {
@@ -501,7 +526,7 @@ impl Proxy {
                 }
                 Command::QueryStats { id } => {
                     let stats = self.engine.stats();
-                    self.reply(conn, &Event::Stats { id, stats });
+                    self.reply(conn, &Event::Stats { id, stats: Box::new(stats) });
                 }
                 other => self.reply(conn, &other.refused_by_pair()),
             }

@@ -7,6 +7,7 @@
 //!   release the primary's output to the uplink.
 
 mod compare_cmd;
+mod metrics;
 mod options;
 mod output;
 mod replica_cmd;

@@ -22,14 +22,16 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use colo_proxy::announce;
 use colo_proxy::capture::Capture;
-use colo_proxy::compare::{Disposal, Miscompare, Push};
+use colo_proxy::compare::{Disposal, Miscompare, Push, Stats};
 use colo_proxy::control::{Command, ControlServer, Event, HelloReplica, Request};
 use colo_proxy::link::{self, AuthPolicy, FrameLink, FrameLinkConfig, LinkConn, LinkKey, LinkListener, PeerEvent};
+use colo_proxy::metrics::CompareState;
 use colo_proxy::packet_socket::PacketSocket;
 use colo_proxy::replica::{Replica, ReplicaOutput, Role};
 use colo_proxy::wire::MacAddr;
 use colo_proxy::{Frame, MonotonicClock};
 
+use crate::metrics::{earliest, LoopMetrics};
 use crate::options::RunArgs;
 use crate::run_cmd::send;
 use crate::signals::Signals;
@@ -131,6 +133,7 @@ struct ReplicaRun {
     tx_errors: u64,
     rx_errors: u64,
     dropped_full: u64,
+    metrics: Option<LoopMetrics>,
 }
 
 macro_rules! out {
@@ -152,6 +155,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if vm_name == args.uplink {
         anyhow::bail!("--uplink and --vm must be two different interfaces");
     }
+    // First, so that a --metrics address that cannot be bound stops the start at once.
+    let metrics = match args.engine.metrics {
+        Some(addr) => Some(LoopMetrics::start(addr)?),
+        None => None,
+    };
     let key = match &args.link_key {
         Some(path) => Some(LinkKey::load(path)?),
         None => {
@@ -215,6 +223,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         tx_errors: 0,
         rx_errors: 0,
         dropped_full: 0,
+        metrics,
     };
     tracing::info!(uplink = %args.uplink, vm = %vm_name, peer_listen = ?args.peer_listen,
         "colo-proxy run: one VM, its role set by its colo-vmm (none yet: nothing passes)");
@@ -251,10 +260,33 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(c) = run.capture.as_mut() {
             c.flush();
         }
+        run.publish_metrics();
     }
 }
 
 impl ReplicaRun {
+    /// The engine's counters with the routing's (`query-stats`, metrics).
+    fn stats(&self) -> Stats {
+        let mut stats = self.core.stats();
+        stats.replica = Some(self.core.counters());
+        stats.dropped_overflow += self.dropped_full;
+        stats
+    }
+
+    /// Leaves the counters for the metrics endpoint (the frame link is read live).
+    fn publish_metrics(&mut self) {
+        let Some(mut m) = self.metrics.take() else { return };
+        m.offer(|| CompareState {
+            nic: self.nic.clone(),
+            mode: self.core.mode(),
+            stats: self.stats(),
+            role: Some(self.core.role()),
+            hold: Some(self.core.engine().hold_histogram()),
+            frame_link: self.link.as_ref().map(|l| l.watch(self.lease)),
+        });
+        self.metrics = Some(m);
+    }
+
     /// When the loop must wake without I/O: the engine's next deadline or the next announcement.
     fn next_wake(&self) -> Option<Duration> {
         let engine = self.core.next_deadline().map(|t| {
@@ -262,10 +294,8 @@ impl ReplicaRun {
             clock.instant(t).saturating_duration_since(Instant::now())
         });
         let announce = self.announcing.as_ref().map(|a| announce::SCHEDULE[a.next].saturating_sub(a.started.elapsed()));
-        match (engine, announce) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let metrics = self.metrics.as_ref().and_then(LoopMetrics::next_due);
+        earliest(earliest(engine, announce), metrics)
     }
 
     /// Reads up to a batch from the uplink (0) or the VM (1); returns whether frames remain.
@@ -478,12 +508,7 @@ impl ReplicaRun {
                 Ok(()) => Event::ModeSet { id, mode },
                 Err(e) => error(id, e),
             },
-            Command::QueryStats { id } => {
-                let mut stats = self.core.stats();
-                stats.replica = Some(self.core.counters());
-                stats.dropped_overflow += self.dropped_full;
-                Event::Stats { id, stats }
-            }
+            Command::QueryStats { id } => Event::Stats { id, stats: Box::new(self.stats()) },
         }
     }
 

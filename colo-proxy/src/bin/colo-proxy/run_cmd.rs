@@ -18,10 +18,12 @@ use mio::{Events, Interest, Poll, Token};
 use colo_proxy::capture::Capture;
 use colo_proxy::compare::{Disposal, Miscompare, Push, Sink, Verdict};
 use colo_proxy::control::{Command, ControlServer, Event, Request};
+use colo_proxy::metrics::CompareState;
 use colo_proxy::packet_socket::PacketSocket;
 use colo_proxy::proxy::Proxy;
 use colo_proxy::{Frame, MonotonicClock, Side};
 
+use crate::metrics::{earliest, LoopMetrics};
 use crate::options::RunArgs;
 use crate::signals::Signals;
 
@@ -76,6 +78,7 @@ struct Run {
     nic: String,
     tx_errors: u64,
     rx_errors: u64,
+    metrics: Option<LoopMetrics>,
 }
 
 macro_rules! outlet {
@@ -97,6 +100,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if names[0] == names[1] || names[0] == names[2] || names[1] == names[2] {
         anyhow::bail!("--uplink, --primary and --secondary must be three different interfaces");
     }
+    // First, so that a --metrics address that cannot be bound stops the start at once.
+    let metrics = match args.engine.metrics {
+        Some(addr) => Some(LoopMetrics::start(addr)?),
+        None => None,
+    };
     let open = |role: &str, name: &str| PacketSocket::open(name).with_context(|| format!("--{role} {name}"));
     let ifaces = [open("uplink", &args.uplink)?, open("primary", primary)?, open("secondary", secondary)?];
     let poll = Poll::new().context("creating the event loop")?;
@@ -126,6 +134,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         nic: args.engine.nic.clone().unwrap_or_else(|| args.uplink.clone()),
         tx_errors: 0,
         rx_errors: 0,
+        metrics,
     };
     run.proxy.set_mode(args.engine.mode(), outlet!(run));
     tracing::info!(
@@ -144,6 +153,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 clock.instant(t).saturating_duration_since(std::time::Instant::now())
             })
         };
+        let timeout = earliest(timeout, run.metrics.as_ref().and_then(LoopMetrics::next_due));
         match run.poll.poll(&mut events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -172,10 +182,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if let Some(c) = run.capture.as_mut() {
             c.flush();
         }
+        run.publish_metrics();
     }
 }
 
 impl Run {
+    /// Leaves the counters for the metrics endpoint.
+    fn publish_metrics(&mut self) {
+        if let Some(m) = &mut self.metrics {
+            m.offer(|| CompareState {
+                nic: self.nic.clone(),
+                mode: self.proxy.mode(),
+                stats: self.proxy.stats(),
+                role: None,
+                hold: Some(self.proxy.engine().hold_histogram()),
+                frame_link: None,
+            });
+        }
+    }
+
     /// Reads up to a batch from interface `i`; returns whether frames remain.
     fn drain(&mut self, i: usize) -> bool {
         for _ in 0..BATCH {
@@ -238,7 +263,7 @@ impl Run {
                     self.proxy.set_mode(mode, outlet!(self));
                     Event::ModeSet { id, mode }
                 }
-                Command::QueryStats { id } => Event::Stats { id, stats: self.proxy.stats() },
+                Command::QueryStats { id } => Event::Stats { id, stats: Box::new(self.proxy.stats()) },
                 other => other.refused_by_pair(),
             };
             self.report_events();

@@ -1,6 +1,6 @@
-//! Helpers shared by the tests of every crate (the end-to-end tests in `tests/` and
-//! vhost-net-compare's process tests): a temporary directory, the rule for skipping a test whose
-//! prerequisites are missing, and waiting for a control event.
+//! Helpers shared by the tests of every crate (the end-to-end tests in `tests/`,
+//! vhost-net-compare's process tests, colo-vmm's unit tests): a temporary directory, the rule for
+//! skipping a test whose prerequisites are missing, and waiting for a control event.
 
 #![warn(missing_docs)]
 

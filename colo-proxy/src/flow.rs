@@ -1,6 +1,7 @@
 //! Flow keys: which connection a frame belongs to.
 
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 
 use crate::wire::ipv4::protocol;
@@ -21,7 +22,7 @@ pub enum FlowKind {
 
 /// The key of a flow: (VLAN, IP source, IP destination, source port, destination port, protocol).
 /// Primary and secondary frames of the same connection and direction have the same key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowKey {
     /// VLAN identifier of the innermost tag, or [`FlowKey::UNTAGGED`].
     pub vlan: u16,
@@ -37,6 +38,45 @@ pub struct FlowKey {
     pub src_port: u16,
     /// Destination port (0 for protocols without ports).
     pub dst_port: u16,
+}
+
+/// Hashed as a few machine words, not field by field: the compare engine looks a key up for
+/// every frame, and the derived hash (an enum tag and a length-prefixed byte slice per address)
+/// cost several times more than the lookup itself. Equal keys give equal words. The fields that
+/// vary most between flows (ports, the peer's address) go in the low bits of the last words
+/// written: a multiplicative hasher such as FxHash carries a difference only towards the high
+/// bits, so differences written high in an early word would never reach the bucket index.
+impl Hash for FlowKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let kind = match self.kind {
+            FlowKind::Tcp => 0u64,
+            FlowKind::Datagram => 1,
+            FlowKind::Other => 2,
+            FlowKind::Fragment => 3,
+        };
+        let ports = u64::from(self.src_port) << 16 | u64::from(self.dst_port);
+        let meta = kind << 56 | u64::from(self.protocol) << 48 | u64::from(self.vlan) << 32 | ports;
+        match (self.src, self.dst) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                state.write_u64(u64::from(s.to_bits()) << 32 ^ u64::from(d.to_bits()) ^ u64::from(s.to_bits()));
+                state.write_u64(meta);
+            }
+            (s, d) => {
+                state.write_u128(ip_bits(s));
+                state.write_u128(ip_bits(d));
+                state.write_u64(meta | 1 << 63);
+            }
+        }
+    }
+}
+
+/// An address as 128 bits (IPv4 in the low 32 with the top bit set; should that ever equal an
+/// IPv6 address of the same key, the collision costs one key comparison, nothing more).
+fn ip_bits(a: IpAddr) -> u128 {
+    match a {
+        IpAddr::V4(a) => 1 << 127 | u128::from(a.to_bits()),
+        IpAddr::V6(a) => a.to_bits(),
+    }
 }
 
 impl FlowKey {
@@ -109,6 +149,52 @@ mod tests {
         let mut k = key("10.0.0.2", "10.0.0.1", 0, 0);
         k.vlan = 7;
         assert_eq!(k.to_string(), "10.0.0.2>10.0.0.1@vlan7");
+    }
+
+    fn hash_of(k: &FlowKey) -> u64 {
+        let mut h = rustc_hash::FxHasher::default();
+        k.hash(&mut h);
+        h.finish()
+    }
+
+    #[test]
+    fn equal_keys_hash_alike_and_near_keys_apart() {
+        for (src, dst) in [("10.0.0.2", "10.0.0.1"), ("fd00::2", "fd00::1")] {
+            let k = key(src, dst, 80, 40000);
+            assert_eq!(hash_of(&k), hash_of(&key(src, dst, 80, 40000)));
+            let near = [
+                k.reversed(),
+                key(src, dst, 81, 40000),
+                key(src, dst, 80, 40001),
+                FlowKey { vlan: 7, ..k },
+                FlowKey { protocol: protocol::UDP, kind: FlowKind::Datagram, ..k },
+                FlowKey { kind: FlowKind::Fragment, ..k },
+            ];
+            for n in near {
+                assert_ne!(hash_of(&k), hash_of(&n), "{k} vs {n}");
+            }
+        }
+        let v4 = key("10.0.0.2", "10.0.0.1", 80, 40000);
+        let v6 = key("::ffff:10.0.0.2", "::ffff:10.0.0.1", 80, 40000);
+        assert_ne!(v4, v6);
+        assert_ne!(hash_of(&v4), hash_of(&v6));
+    }
+
+    #[test]
+    fn flows_that_differ_in_one_field_spread_over_buckets() {
+        // A hash table with 128 buckets indexes by the low 7 bits: 64 flows differing only in
+        // a port, or only in the peer's address, must not crowd into a few buckets.
+        let spread = |keys: Vec<FlowKey>| {
+            let buckets: std::collections::HashSet<u64> = keys.iter().map(|k| hash_of(k) & 127).collect();
+            buckets.len()
+        };
+        let by_port = (0..64).map(|p| key("10.0.0.2", "10.0.0.1", 10_000 + p, 7)).collect();
+        let by_peer = (0..64).map(|i| key("10.0.0.2", &format!("10.0.1.{i}"), 80, 40000)).collect();
+        let by_peer6 = (0..64).map(|i| key("fd00::2", &format!("fd00::1:{i:x}"), 80, 40000)).collect();
+        for (what, keys) in [("port", by_port), ("peer", by_peer), ("IPv6 peer", by_peer6)] {
+            let n = spread(keys);
+            assert!(n >= 32, "64 flows differing by {what} fill only {n} of 128 buckets");
+        }
     }
 
     #[test]

@@ -177,6 +177,12 @@ impl Decoder {
     /// Frames must hold the vnet header and a 14-byte Ethernet header; the vnet header length
     /// comes from the record (0 outside vnet-header mode).
     pub fn next_frame(&mut self) -> Option<Result<Frame, FrameError>> {
+        self.next_frame_with(<[u8]>::to_vec)
+    }
+
+    /// [`Decoder::next_frame`], with the frame's buffer made by `copy` from the record's bytes
+    /// (e.g. [`crate::frame_pool::FramePool::copy_of`], so that buffers are recycled).
+    pub fn next_frame_with(&mut self, copy: impl FnOnce(&[u8]) -> Vec<u8>) -> Option<Result<Frame, FrameError>> {
         let rec = match self.next_record()? {
             Ok(rec) => rec,
             Err(e) => return Some(Err(e)),
@@ -190,7 +196,7 @@ impl Decoder {
         if rec.len < vnet_hdr_len + ethernet::HEADER_LEN {
             return Some(Err(FrameError::TooShort { len, vnet_hdr_len: rec.vnet_hdr_len }));
         }
-        let data = self.buf[rec.payload..rec.payload + rec.len].to_vec();
+        let data = copy(&self.buf[rec.payload..rec.payload + rec.len]);
         Some(Ok(Frame { data, vnet_hdr_len }))
     }
 

@@ -23,6 +23,7 @@ pub mod endpoint;
 pub mod engine_args;
 pub mod flow;
 pub mod frame;
+pub mod frame_pool;
 pub mod framing;
 pub mod link;
 pub mod metrics;

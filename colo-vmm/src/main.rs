@@ -186,7 +186,7 @@ COLO (docs/colo.md; with an arbiter docs/arbiter.md):
                             the arbiter (holder, pair, lease), waiting, fenced, re-protection
   set-parameters NAME=N...  max-time min-time relax-time passive-limit passive-time passive-count
                             ram-background-limit heartbeat-interval heartbeat-timeout arbiter-ttl
-                            (ms, bytes) auto-reprotect=true|false
+                            (ms, bytes) auto-reprotect=true|false resume-before-load=true|false
   query-parameters
   colo-checkpoint           on the primary: checkpoint now
   lost-heartbeat            on the survivor: fail over now (the peer is declared dead)

@@ -116,6 +116,11 @@ impl VhostNet {
         o
     }
 
+    /// The backend's process id.
+    pub fn backend_pid(&self) -> u32 {
+        self.backend.pid()
+    }
+
     /// A controller connection to the backend.
     pub fn control(&self) -> ControlClient {
         ControlClient::connect(&self.control).expect("connect to the backend's control socket")

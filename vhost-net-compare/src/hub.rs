@@ -276,7 +276,20 @@ impl Hub {
         if !matches!(self.mode(), Mode::Colo | Mode::Passive) {
             return;
         }
-        self.secondary_queue_from_primary(secondary);
+        self.secondary_queue_from_primary(secondary, false);
+    }
+
+    /// At a checkpoint's output commit (both VMs paused): a secondary whose RX has not
+    /// restarted yet gets the primary's inbound queue now. The primary resumes as soon as its
+    /// output is committed, while the secondary still loads, so by the time the secondary's
+    /// ring restarts the primary may be consuming again and the copy there would be skipped.
+    /// One whose RX restarted already was aligned then (the primary was still paused).
+    fn checkpoint_aligns_secondary(&self) {
+        if !matches!(self.mode(), Mode::Colo | Mode::Passive) {
+            return;
+        }
+        let Some(secondary) = lock(&self.ports)[Side::Secondary.index()].clone() else { return };
+        self.secondary_queue_from_primary(&secondary, true);
     }
 
     /// In passive mode the SVM stays paused after loading each checkpoint (its rings do not
@@ -289,17 +302,17 @@ impl Hub {
             return;
         }
         let Some(secondary) = lock(&self.ports)[Side::Secondary.index()].clone() else { return };
-        if secondary.rx_stopped() {
-            self.secondary_queue_from_primary(&secondary);
-        }
+        self.secondary_queue_from_primary(&secondary, true);
     }
 
     /// With the primary's RX stopped (it is paused for a checkpoint): the secondary's inbound
-    /// queue becomes a copy of the primary's.
-    fn secondary_queue_from_primary(&self, secondary: &Arc<Port>) {
+    /// queue becomes a copy of the primary's (`if_stopped`: only while the secondary's RX is
+    /// stopped too, checked under the same lock as the copy, so a ring that restarts
+    /// meanwhile is never handed frames it may have taken already).
+    fn secondary_queue_from_primary(&self, secondary: &Arc<Port>, if_stopped: bool) {
         let _sync = lock(&self.rx_sync);
         let Some(primary) = lock(&self.ports)[Side::Primary.index()].clone() else { return };
-        if !primary.rx_stopped() {
+        if !primary.rx_stopped() || (if_stopped && !secondary.rx_stopped()) {
             return;
         }
         let frames = primary.pending_copy();
@@ -320,6 +333,10 @@ impl Hub {
             reply(self.execute_passthrough(command));
             return;
         };
+        if matches!(command, Command::Checkpoint { .. }) {
+            // Before the COLO lock (queueing inbound frames takes the RX lock before it).
+            self.checkpoint_aligns_secondary();
+        }
         let mut state = lock(colo);
         let checkpoint = matches!(command, Command::Checkpoint { .. } | Command::Mode { mode: Mode::Passive, .. });
         let event = match command {

@@ -395,8 +395,28 @@ impl<C: Clock> Engine<C> {
     /// secondary frames before rewriting them).
     pub fn push_classified<S: Sink>(&mut self, side: Side, frame: Frame, class: Class, sink: &mut S) -> Push {
         let now = self.clock.now();
+        self.push_classified_at(side, frame, class, now, sink)
+    }
+
+    /// Takes a frame from `side` that arrived at `now` (a time of this engine's clock, not
+    /// earlier than any given before). A transport that reads many frames at once stamps them
+    /// all with the time of the read: one clock read per batch instead of one per frame.
+    pub fn push_at<S: Sink>(&mut self, side: Side, frame: Frame, now: Timestamp, sink: &mut S) -> Push {
+        let class = classify(frame.ethernet());
+        self.push_classified_at(side, frame, class, now, sink)
+    }
+
+    /// [`Engine::push_classified`] for a frame that arrived at `now` (see [`Engine::push_at`]).
+    pub fn push_classified_at<S: Sink>(
+        &mut self,
+        side: Side,
+        frame: Frame,
+        class: Class,
+        now: Timestamp,
+        sink: &mut S,
+    ) -> Push {
         let len = frame.ethernet().len() as u64;
-        let pushed = self.push_at(side, frame, class, now, sink);
+        let pushed = self.take(side, frame, class, now, sink);
         // A refused frame is offered again later: count each frame once, when it is taken.
         if pushed == Push::Accepted {
             let s = &mut self.counters.stats;
@@ -408,7 +428,7 @@ impl<C: Clock> Engine<C> {
         pushed
     }
 
-    fn push_at<S: Sink>(&mut self, side: Side, frame: Frame, class: Class, now: Timestamp, sink: &mut S) -> Push {
+    fn take<S: Sink>(&mut self, side: Side, frame: Frame, class: Class, now: Timestamp, sink: &mut S) -> Push {
         let compared = match class {
             Class::Uncompared(why) => {
                 self.counters.stats.passed_uncompared += 1;

@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,9 @@ const STALL_SLACK: Duration = Duration::from_millis(50);
 /// After such a stall, silence is not judged for this long: what the peer sent meanwhile waits
 /// in the socket until the reader thread runs again, so the silence is this side's own.
 const WAKE_GRACE: Duration = Duration::from_millis(100);
+
+/// Spent payload buffers kept for the reader to fill again (see [`Link::recycle`]).
+const SPARE_BUFFERS: usize = 4;
 
 /// Writing to the peer failed.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +99,8 @@ pub struct Link<W: Write + Send + 'static> {
     up: Arc<AtomicBool>,
     chan: Channel,
     closed: Option<Silence>,
+    /// Hands spent payload buffers back to the reader thread.
+    spare: SyncSender<Vec<u8>>,
 }
 
 impl<W: Write + Send + 'static> Link<W> {
@@ -113,35 +118,45 @@ impl<W: Write + Send + 'static> Link<W> {
         let stop = Arc::new(AtomicBool::new(false));
         let writer = Arc::new(Mutex::new(writer));
         let (tx, rx) = channel();
+        let (spare, spares) = sync_channel::<Vec<u8>>(SPARE_BUFFERS);
         let heard = last_heard.clone();
         let up = Arc::new(AtomicBool::new(true));
         let reader_up = up.clone();
         std::thread::Builder::new()
             .name("colo-link-rx".into())
-            .spawn(move || loop {
-                let msg = match reader.next_record() {
-                    Ok(Some(rec)) => {
-                        heard.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
-                        match rec.kind {
-                            Kind::Control => match message::parse(&rec.payload) {
-                                Ok(Control::Heartbeat) => continue,
-                                Ok(c) => Incoming::Control(c),
-                                Err(e) => Incoming::Corrupt(e.to_string()),
-                            },
-                            Kind::Pages => Incoming::Pages(rec.payload),
-                            Kind::Blocks => Incoming::Blocks(rec.payload),
-                            Kind::State => Incoming::State(rec.payload),
-                            Kind::End => Incoming::Closed("the peer ended the stream".into()),
+            .spawn(move || {
+                // A control record's buffer stays here for the next record.
+                let mut own: Option<Vec<u8>> = None;
+                loop {
+                    let buf = own.take().or_else(|| spares.try_recv().ok()).unwrap_or_default();
+                    let msg = match reader.next_record_into(buf) {
+                        Ok(Some(rec)) => {
+                            heard.store(origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+                            match rec.kind {
+                                Kind::Control => {
+                                    let parsed = message::parse(&rec.payload);
+                                    own = Some(rec.payload);
+                                    match parsed {
+                                        Ok(Control::Heartbeat) => continue,
+                                        Ok(c) => Incoming::Control(c),
+                                        Err(e) => Incoming::Corrupt(e.to_string()),
+                                    }
+                                }
+                                Kind::Pages => Incoming::Pages(rec.payload),
+                                Kind::Blocks => Incoming::Blocks(rec.payload),
+                                Kind::State => Incoming::State(rec.payload),
+                                Kind::End => Incoming::Closed("the peer ended the stream".into()),
+                            }
                         }
+                        Ok(None) => Incoming::Closed("the peer ended the stream".into()),
+                        Err(e @ (StreamError::Io(_) | StreamError::Truncated(_))) => Incoming::Closed(e.to_string()),
+                        Err(e) => Incoming::Corrupt(e.to_string()),
+                    };
+                    let last = matches!(msg, Incoming::Closed(_) | Incoming::Corrupt(_));
+                    if tx.send(msg).is_err() || last {
+                        reader_up.store(false, Ordering::Relaxed);
+                        return;
                     }
-                    Ok(None) => Incoming::Closed("the peer ended the stream".into()),
-                    Err(e @ (StreamError::Io(_) | StreamError::Truncated(_))) => Incoming::Closed(e.to_string()),
-                    Err(e) => Incoming::Corrupt(e.to_string()),
-                };
-                let last = matches!(msg, Incoming::Closed(_) | Incoming::Corrupt(_));
-                if tx.send(msg).is_err() || last {
-                    reader_up.store(false, Ordering::Relaxed);
-                    return;
                 }
             })
             .expect("spawn the link reader");
@@ -163,12 +178,18 @@ impl<W: Write + Send + 'static> Link<W> {
                 }
             })
             .expect("spawn the heartbeat");
-        Link { writer, rx, last_heard, woke, origin, stop, up, chan, closed: None }
+        Link { writer, rx, last_heard, woke, origin, stop, up, chan, closed: None, spare }
     }
 
     /// A view of this link for the metrics endpoint.
     pub fn watch(&self) -> LinkWatch {
         LinkWatch { last_heard: self.last_heard.clone(), origin: self.origin, up: self.up.clone() }
+    }
+
+    /// Gives a spent payload (of [`Incoming::Pages`] or [`Incoming::Blocks`]) back for the
+    /// reader to fill again; beyond a few spares it is dropped.
+    pub fn recycle(&self, payload: Vec<u8>) {
+        let _ = self.spare.try_send(payload);
     }
 
     /// Sends a control message.

@@ -36,6 +36,10 @@ pub struct ColoParams {
     /// With an arbiter: a replica serving without a secondary starts COLO with a registered
     /// standby by itself.
     pub auto_reprotect: bool,
+    /// The PVM resumes once its output is committed, while the secondary still loads the
+    /// checkpoint (its `vmstate-loaded` is awaited before the next one): a shorter pause, at
+    /// the price of the order QEMU keeps (resume after the load). Off by default.
+    pub resume_before_load: bool,
 }
 
 impl Default for ColoParams {
@@ -52,6 +56,7 @@ impl Default for ColoParams {
             heartbeat_timeout: 1000,
             arbiter_ttl: 2000,
             auto_reprotect: true,
+            resume_before_load: false,
         }
     }
 }
@@ -88,6 +93,8 @@ pub struct ColoParamsUpdate {
     pub arbiter_ttl: Option<u64>,
     /// `auto-reprotect`.
     pub auto_reprotect: Option<bool>,
+    /// `resume-before-load`.
+    pub resume_before_load: Option<bool>,
 }
 
 /// Why a set of parameters is refused.
@@ -178,6 +185,9 @@ impl ColoParams {
         set(&mut p.arbiter_ttl, u.arbiter_ttl);
         if let Some(v) = u.auto_reprotect {
             p.auto_reprotect = v;
+        }
+        if let Some(v) = u.resume_before_load {
+            p.resume_before_load = v;
         }
         p.validate()?;
         Ok(p)

@@ -265,22 +265,57 @@ fn take_compare(colo: &ColoShared) -> Result<CompareSet, CompareError> {
     }
 }
 
-/// What a transaction sent and released, and when its steps ended (ms after the pause's state
-/// was saved): pages and state sent, `vmstate-received`, output committed, `vmstate-loaded`.
+/// What a transaction sent and released, and what each of its steps cost.
 struct Sent {
     pages: u64,
     blocks: u64,
     bytes: u64,
     released: u64,
     dropped: u64,
-    sent_ms: f64,
-    received_ms: f64,
-    committed_ms: f64,
-    loaded_ms: f64,
+    steps: Steps,
 }
 
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1000.0
+/// How long each step of a checkpoint took, ms, in the transaction's order (logged with every
+/// checkpoint, so a pause can be taken apart: colo-bench's step table reads them).
+#[derive(Debug, Default, Clone, Copy)]
+struct Steps {
+    /// Stopping the vCPUs and the devices' rings (`vm.pause`).
+    pause: f64,
+    /// Reading the dirty logs (KVM's, the VMM's, the backends').
+    dirty: f64,
+    /// Copying the dirty pages and disk blocks into the link.
+    pages: f64,
+    /// The compare processes' receive marks (two hosts; a round trip each).
+    marks: f64,
+    /// Saving the vCPUs', the VM's and the devices' state, encoding it (with the digests in
+    /// verify mode) and sending it.
+    state: f64,
+    /// Until `vmstate-received`: the secondary took in everything.
+    received: f64,
+    /// The output commit (and a mode switch) at the compare processes.
+    commit: f64,
+    /// Until `vmstate-loaded`: the secondary applied its cache and the state (0 with
+    /// `resume-before-load`, where the PVM does not wait for it).
+    loaded: f64,
+    /// Restarting the devices and the vCPUs.
+    resume: f64,
+}
+
+/// Measures the steps of a transaction one after the other.
+struct StepClock(Instant);
+
+impl StepClock {
+    fn start() -> StepClock {
+        StepClock(Instant::now())
+    }
+
+    /// Ms since the previous lap.
+    fn lap(&mut self) -> f64 {
+        let now = Instant::now();
+        let ms = (now - self.0).as_secs_f64() * 1000.0;
+        self.0 = now;
+        ms
+    }
 }
 
 /// Why COLO ended on the primary.
@@ -313,6 +348,9 @@ struct Controller<'a, V: Migratable> {
     test: TestOptions,
     /// The heartbeat parameters last sent to the secondary (interval, timeout).
     heartbeat_sent: (u64, u64),
+    /// The checkpoint the secondary is still loading: the PVM resumed once its output was
+    /// committed, and its `vmstate-loaded` is due before the next checkpoint.
+    loading: Option<(u64, Instant)>,
 }
 
 impl<'a, V: Migratable> Controller<'a, V> {
@@ -338,6 +376,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
             resumed_at: Instant::now(),
             test,
             heartbeat_sent: (0, 0),
+            loading: None,
         }
     }
 
@@ -428,8 +467,15 @@ impl<'a, V: Migratable> Controller<'a, V> {
         let mut early: Option<String> = None;
         let mut last_background = Instant::now();
         loop {
-            if let Some(c) = self.check_peer(Duration::ZERO)? {
-                return Err(End::Error(format!("unexpected message from the secondary between checkpoints: {c:?}")));
+            match self.check_peer(Duration::ZERO)? {
+                Some(Control::VmstateLoaded { seq }) if self.loading.is_some_and(|(s, _)| s == seq) => {
+                    let since = self.loading.take().map(|(_, t)| t.elapsed()).unwrap_or_default();
+                    tracing::debug!(target: "colo", seq, ms = since.as_secs_f64() * 1000.0, "the secondary loaded the checkpoint");
+                }
+                Some(c) => {
+                    return Err(End::Error(format!("unexpected message from the secondary between checkpoints: {c:?}")))
+                }
+                None => {}
             }
             // Parameters apply at once, also within an interval.
             let p = self.colo.params();
@@ -532,6 +578,10 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.seq += 1;
         let seq = self.seq;
         let passive = decision.kind == CheckpointKind::Passive;
+        // The secondary loads one checkpoint at a time: the previous one first.
+        if let Some((prev, _)) = self.loading.take() {
+            self.expect("vmstate-loaded", &Control::VmstateLoaded { seq: prev })?;
+        }
         self.link
             .send(&Control::CheckpointRequest { seq, passive, trigger: trigger.to_string() })
             .map_err(|e| self.write_failed(e))?;
@@ -541,13 +591,19 @@ impl<'a, V: Migratable> Controller<'a, V> {
         }
         self.expect("checkpoint-reply", &Control::CheckpointReply { seq })?;
         let paused_at = Instant::now();
+        let mut clock = StepClock::start();
         self.vm.pause().map_err(|e| End::Error(format!("pausing the VM: {e}")))?;
+        let paused_ms = clock.lap();
         let sent = self.transaction(seq, decision);
+        clock.lap();
         // Whatever happened, the PVM runs on.
         let resumed = self.resume();
+        let resume_ms = clock.lap();
         let pause = paused_at.elapsed();
-        let Sent { pages, blocks, bytes, released, dropped, sent_ms, received_ms, committed_ms, loaded_ms } = sent?;
+        let Sent { pages, blocks, bytes, released, dropped, mut steps } = sent?;
         resumed?;
+        steps.pause = paused_ms;
+        steps.resume = resume_ms;
         let kind = decision.kind;
         let hybrid = self.hybrid.clone();
         self.colo.update(|s| {
@@ -571,10 +627,15 @@ impl<'a, V: Migratable> Controller<'a, V> {
             pages,
             blocks,
             released,
-            sent_ms,
-            received_ms,
-            committed_ms,
-            loaded_ms,
+            step_pause_ms = steps.pause,
+            step_dirty_ms = steps.dirty,
+            step_pages_ms = steps.pages,
+            step_marks_ms = steps.marks,
+            step_state_ms = steps.state,
+            step_received_ms = steps.received,
+            step_commit_ms = steps.commit,
+            step_loaded_ms = steps.loaded,
+            step_resume_ms = steps.resume,
             "checkpoint"
         );
         if decision.switched {
@@ -591,19 +652,29 @@ impl<'a, V: Migratable> Controller<'a, V> {
     }
 
     /// With the PVM paused: send the pages and state, commit the output once the secondary
-    /// holds them, switch the compare mode if the kind changed, wait until it loaded.
+    /// holds them, switch the compare mode if the kind changed, wait until it loaded — or, with
+    /// `resume-before-load`, not: the PVM resumes then, while the secondary loads (its
+    /// `vmstate-loaded` is awaited before the next checkpoint): everything released so far was produced before the checkpoint the secondary holds, and what the PVM
+    /// sends from now on is held until the SVM, loaded and running, sends the same (or until
+    /// the next checkpoint), so the secondary's load need not stop the PVM. Loading applies
+    /// every page of the interval, those streamed in the background too, and that grows with
+    /// the interval, not with what the pause sent.
     /// Returns pages, bytes, frames released and dropped.
     fn transaction(&mut self, seq: u64, decision: Decision) -> Result<Sent, End> {
         let vm = self.vm;
-        let t0 = Instant::now();
+        let mut steps = Steps::default();
+        let mut clock = StepClock::start();
         self.gather()?;
+        self.pending_blocks.gather(vm);
+        steps.dirty = clock.lap();
         self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
         let pages = self.send_pending()?;
-        self.pending_blocks.gather(vm);
         let blocks = self.pending_blocks.send(&self.link, vm).map_err(|e| self.write_failed(e))?;
+        steps.pages = clock.lap();
         if let Some(d) = self.test.checkpoint_delay {
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
             std::thread::sleep(d);
+            clock.lap();
         }
         // Two hosts: where the secondary's backends restart its VM's inbound frames.
         let rx_marks = if self.compare().one_vm() {
@@ -611,6 +682,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
         } else {
             vec![]
         };
+        steps.marks = clock.lap();
         let state = Box::new(vm.save_state().map_err(|e| End::Error(format!("saving the VM state: {e}")))?);
         let page_digests = match self.test.verify {
             true => Some(page_digests(vm).map_err(|e| End::Error(e.to_string()))?),
@@ -625,9 +697,9 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.link.send_state(&record).map_err(|e| self.write_failed(e))?;
         let size = Control::VmstateSize { seq, pages, blocks, rx_marks };
         self.link.send(&size).map_err(|e| self.write_failed(e))?;
-        let sent_ms = ms_since(t0);
+        steps.state = clock.lap();
         self.expect("vmstate-received", &Control::VmstateReceived { seq })?;
-        let received_ms = ms_since(t0);
+        steps.received = clock.lap();
         // Output commit: only now may the frames of the interval leave.
         let (released, dropped) =
             self.compare().checkpoint().map_err(|e| End::Error(format!("compare process: {e}")))?;
@@ -639,19 +711,14 @@ impl<'a, V: Migratable> Controller<'a, V> {
             self.compare().set_mode(mode).map_err(|e| End::Error(format!("compare process: {e}")))?;
         }
         self.compare().forget_miscompares();
-        let committed_ms = ms_since(t0);
-        self.expect("vmstate-loaded", &Control::VmstateLoaded { seq })?;
-        Ok(Sent {
-            pages,
-            blocks,
-            bytes: (pages + blocks) * PAGE_SIZE as u64 + encoded,
-            released,
-            dropped,
-            sent_ms,
-            received_ms,
-            committed_ms,
-            loaded_ms: ms_since(t0),
-        })
+        steps.commit = clock.lap();
+        if self.colo.params().resume_before_load {
+            self.loading = Some((seq, Instant::now()));
+        } else {
+            self.expect("vmstate-loaded", &Control::VmstateLoaded { seq })?;
+            steps.loaded = clock.lap();
+        }
+        Ok(Sent { pages, blocks, bytes: (pages + blocks) * PAGE_SIZE as u64 + encoded, released, dropped, steps })
     }
 
     /// The secondary is lost: release what the compare processes hold and run alone.

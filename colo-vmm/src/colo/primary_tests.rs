@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::colo::params::ColoParamsUpdate;
 use crate::colo::testing::{link_ends, FakeCompare, FakeVm, Log, Peer};
 
 /// A controller on a fake PVM of 16 pages, and the scripted secondary at the other end of its
@@ -56,10 +57,21 @@ fn serve_checkpoint(secondary: &mut Peer, seq: u64) {
 
 #[test]
 fn a_checkpoint_runs_the_transaction_in_the_spec_order() {
+    checkpoint_transaction_order(false);
+}
+
+#[test]
+fn with_resume_before_load_the_pvm_runs_while_the_secondary_loads() {
+    checkpoint_transaction_order(true);
+}
+
+fn checkpoint_transaction_order(resume_before_load: bool) {
     let log = Log::default();
     let vm = FakeVm::new(&log, 16);
     vm.guest_writes(3, 0xaa);
     let colo = with_controller(&log, &vm, |colo, secondary| {
+        let update = ColoParamsUpdate { resume_before_load: Some(resume_before_load), ..Default::default() };
+        colo.set_params(&update).unwrap();
         colo.user_checkpoint.store(true, Ordering::Relaxed);
         serve_checkpoint(secondary, 1);
         log.wait_for("vm: resume");
@@ -75,12 +87,19 @@ fn a_checkpoint_runs_the_transaction_in_the_spec_order() {
         ("secondary: got pages", "secondary: got state"),
         ("vm: save-state", "secondary: got state"),
         ("secondary: got state", "secondary: got vmstate-size"),
-        // Output commit only once the secondary holds the whole checkpoint...
+        // Output commit only once the secondary holds the whole checkpoint.
         ("secondary: sent vmstate-received", "compare: checkpoint"),
-        // ...and the PVM runs again only once the SVM has loaded it.
-        ("compare: checkpoint", "secondary: sent vmstate-loaded"),
-        ("secondary: sent vmstate-loaded", "vm: resume"),
     ]);
+    if resume_before_load {
+        // The PVM runs again right after the commit, while the SVM loads it.
+        log.assert_order(&[("compare: checkpoint", "vm: resume"), ("vm: resume", "secondary: sent vmstate-loaded")]);
+    } else {
+        // The PVM runs again only once the SVM has loaded it.
+        log.assert_order(&[
+            ("compare: checkpoint", "secondary: sent vmstate-loaded"),
+            ("secondary: sent vmstate-loaded", "vm: resume"),
+        ]);
+    }
     let entries = log.entries();
     assert_eq!(entries.iter().filter(|e| *e == "vm: pause").count(), 1, "{entries:#?}");
     let s = colo.status();

@@ -298,6 +298,7 @@ impl Svm {
                 if let Phase::Receiving { pages, .. } = ph {
                     *pages += n;
                 }
+                link.recycle(p);
             }
             (Incoming::Control(Control::CheckpointRequest { seq, passive, trigger }), Phase::Idle) => {
                 // Stop the rings before replying: see the module's comment.
@@ -307,7 +308,8 @@ impl Svm {
                 *phase = Phase::Receiving { seq, passive, trigger, pages: 0, state: None, started: Instant::now() };
             }
             (Incoming::Blocks(b), _) => {
-                self.blocks.store(&b).map_err(|e| error(format!("disk blocks from the primary: {e}")))?
+                self.blocks.store(&b).map_err(|e| error(format!("disk blocks from the primary: {e}")))?;
+                link.recycle(b);
             }
             (Incoming::Control(Control::VmstateSend { seq }), Phase::Receiving { seq: s, pages, .. }) if seq == *s => {
                 // Pages (and blocks) streamed in the background before this point are not part

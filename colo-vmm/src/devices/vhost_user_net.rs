@@ -166,9 +166,45 @@ impl VhostUserNet {
         let fail = |step: &'static str| move |source: vhost::Error| DeviceError::Vhost { step, source };
         let Shared { frontend, log, .. } = &mut *shared;
         let frontend = frontend.as_mut().ok_or(DeviceError::Disconnected)?;
+        // Pipelined: the requests go out without waiting for each answer, and one request
+        // answered at the end confirms them all, since the backend handles them in order and
+        // drops the connection at the first it refuses (a restart after every checkpoint costs
+        // two round trips, not fifteen: SET_LOG_BASE is answered whatever the flags).
+        frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        let sent = Self::send_rings(frontend, log, &self.memory, &self.calls, &self.kicks, to_backend, queues, bases);
+        if self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let active = sent?;
+        frontend.get_features().map_err(fail("restarting the rings (the backend refused a request)"))?;
+        self.active = active;
+        // A ring restarted after a pause may have work waiting (inbound frames the backend
+        // queued meanwhile, descriptors the guest posted): kick it rather than wait for the
+        // guest's next notification.
+        for &i in &self.active {
+            let _ = self.kicks[i].write(1);
+        }
+        shared.features = to_backend;
+        Ok(())
+    }
+
+    /// The requests of [`Self::setup_rings`]; returns the queues started.
+    #[allow(clippy::too_many_arguments)]
+    fn send_rings(
+        frontend: &mut Frontend,
+        log: &Option<LogBuffer>,
+        memory: &GuestMemoryMmap,
+        calls: &[EventFd],
+        kicks: &[EventFd],
+        to_backend: u64,
+        queues: &[QueueConfig],
+        bases: &[u16],
+    ) -> Result<Vec<usize>, DeviceError> {
+        let protocol_features = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let fail = |step: &'static str| move |source: vhost::Error| DeviceError::Vhost { step, source };
+        let mut active = vec![];
         frontend.set_features(to_backend).map_err(fail("SET_FEATURES"))?;
-        let regions = self
-            .memory
+        let regions = memory
             .iter()
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()
@@ -186,8 +222,8 @@ impl VhostUserNet {
             }
             let n = u64::from(q.size);
             let host = |gpa: u64, len: u64, what: &'static str| -> Result<u64, DeviceError> {
-                let ok = self.memory.check_range(GuestAddress(gpa), len as usize);
-                let addr = self.memory.get_host_address(GuestAddress(gpa)).ok().filter(|_| ok);
+                let ok = memory.check_range(GuestAddress(gpa), len as usize);
+                let addr = memory.get_host_address(GuestAddress(gpa)).ok().filter(|_| ok);
                 addr.map(|p| p as u64).ok_or(DeviceError::QueueOutsideMemory { queue: i, what, gpa })
             };
             let config = VringConfigData {
@@ -203,21 +239,14 @@ impl VhostUserNet {
             frontend.set_vring_addr(i, &config).map_err(fail("SET_VRING_ADDR"))?;
             let base = bases.get(i).copied().unwrap_or(0);
             frontend.set_vring_base(i, base).map_err(fail("SET_VRING_BASE"))?;
-            frontend.set_vring_call(i, &self.calls[i]).map_err(fail("SET_VRING_CALL"))?;
-            frontend.set_vring_kick(i, &self.kicks[i]).map_err(fail("SET_VRING_KICK"))?;
+            frontend.set_vring_call(i, &calls[i]).map_err(fail("SET_VRING_CALL"))?;
+            frontend.set_vring_kick(i, &kicks[i]).map_err(fail("SET_VRING_KICK"))?;
             if to_backend & protocol_features != 0 {
                 frontend.set_vring_enable(i, true).map_err(fail("SET_VRING_ENABLE"))?;
             }
-            self.active.push(i);
+            active.push(i);
         }
-        // A ring restarted after a pause may have work waiting (inbound frames the backend
-        // queued meanwhile, descriptors the guest posted): kick it rather than wait for the
-        // guest's next notification.
-        for &i in &self.active {
-            let _ = self.kicks[i].write(1);
-        }
-        shared.features = to_backend;
-        Ok(())
+        Ok(active)
     }
 }
 

@@ -83,6 +83,9 @@ pub fn send_pages<V: Migratable + ?Sized>(
     set: impl Iterator<Item = usize>,
     skip_zero: bool,
 ) -> Result<u64, MigrationError> {
+    if !skip_zero {
+        return send_pages_in_place(w, vm, set);
+    }
     let mut batch: Vec<(u64, Vec<u8>)> = Vec::with_capacity(PAGES_PER_RECORD);
     let mut spare: Vec<Vec<u8>> = Vec::new();
     let mut sent = 0;
@@ -101,6 +104,34 @@ pub fn send_pages<V: Migratable + ?Sized>(
         }
     }
     sent += w.pages(batch.iter().map(|(a, d)| (*a, &d[..])))?;
+    Ok(sent)
+}
+
+/// [`send_pages`] of every page of `set`: each is read straight into its record.
+fn send_pages_in_place<V: Migratable + ?Sized>(
+    w: &mut Writer,
+    vm: &V,
+    set: impl Iterator<Item = usize>,
+) -> Result<u64, MigrationError> {
+    let mut pages = [0usize; PAGES_PER_RECORD];
+    let mut addrs = [0u64; PAGES_PER_RECORD];
+    let mut n = 0;
+    let mut sent = 0;
+    let flush = |w: &mut Writer, pages: &[usize], addrs: &[u64]| -> Result<u64, MigrationError> {
+        w.page_record_with(addrs, |i, slot| vm.read_page(pages[i], slot).map_err(MigrationError::from))
+    };
+    for page in set {
+        pages[n] = page;
+        addrs[n] = page as u64 * PAGE_SIZE as u64;
+        n += 1;
+        if n == PAGES_PER_RECORD {
+            sent += flush(w, &pages, &addrs)?;
+            n = 0;
+        }
+    }
+    if n > 0 {
+        sent += flush(w, &pages[..n], &addrs[..n])?;
+    }
     Ok(sent)
 }
 

@@ -46,13 +46,20 @@ struct Args {
     /// Guest disk dirty rates for the blocks table, 4 KiB blocks per second.
     #[arg(long, value_delimiter = ',', default_value = "0,100,1000,4000")]
     blocks: Vec<u64>,
-    /// Run only these parts (pause, modes, failover, cpus, blocks, disk); default: all.
+    /// Run only these parts (pause, modes, echo, failover, cpus, blocks, disk); default: all.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Write the report here as well as to stdout.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// The pause rows run with `resume-before-load=true` (the PVM resumes while the secondary
+    /// loads; off by default in colo-vmm).
+    #[arg(long)]
+    resume_before_load: bool,
 }
+
+/// `--resume-before-load`, for the pause rows.
+static RESUME_BEFORE_LOAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl Args {
     fn wants(&self, part: &str) -> bool {
@@ -96,13 +103,62 @@ fn last_seq(net: &ColoNet) -> u64 {
     n(&net.status(Side::Primary)["checkpoints"]["total"]) as u64
 }
 
-/// Pause and pages per checkpoint with the guest dirtying `rate` pages per second.
-fn pause_row(rate: u64, background: bool, secs: f64) -> (f64, f64, f64) {
+/// The `p` quantile (0..=1) of `v` (nearest rank).
+fn quantile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
+}
+
+/// The steps of a checkpoint the primary logs with each one (`step_<name>_ms`), in order
+/// (`loaded`, waiting for the secondary to load, was in the pause until the PVM resumed before
+/// the load: a step a log does not have is left out).
+const STEPS: [&str; 9] = ["pause", "dirty", "pages", "marks", "state", "received", "commit", "loaded", "resume"];
+
+/// The step times of the primary's checkpoints after `from` (by seq), from its log: one row of
+/// [`STEPS`] per checkpoint.
+fn step_times(net: &ColoNet, from: u64) -> Vec<[Option<f64>; STEPS.len()]> {
+    let field = |line: &str, key: &str| -> Option<f64> {
+        let at = line.find(&format!(" {key}="))? + key.len() + 2;
+        line[at..].split(|c: char| c.is_whitespace()).next()?.parse().ok()
+    };
+    net.log(Side::Primary)
+        .lines()
+        .filter(|l| l.contains("step_pause_ms="))
+        .filter(|l| field(l, "seq").is_some_and(|s| s as u64 > from))
+        .map(|l| {
+            let mut row = [None; STEPS.len()];
+            for (v, k) in row.iter_mut().zip(STEPS) {
+                *v = field(l, &format!("step_{k}_ms"));
+            }
+            row
+        })
+        .collect()
+}
+
+/// A pause row: medians of pages and pause per checkpoint, the pause's p99, background pages,
+/// and the median of each step.
+struct PauseRow {
+    pages: f64,
+    pause: f64,
+    p99: f64,
+    checkpoints: usize,
+    bg_pages: f64,
+    steps: [Option<f64>; STEPS.len()],
+}
+
+/// Pause and pages per checkpoint with the guest dirtying `rate` pages per second, one
+/// checkpoint every `every_ms`.
+fn pause_row(rate: u64, background: bool, secs: f64, every_ms: u64) -> PauseRow {
     let app =
         if rate == 0 { "app=counter".to_string() } else { format!("app=counter,dirty dirty={rate} dirty_mib=128") };
     let mut net = ColoNet::start(Backend::VhostNetCompare, &app, &[]);
     let bg = if background { 1 << 20 } else { 0 };
-    net.set_params(Side::Primary, &[("max-time", 1000), ("ram-background-limit", bg)]);
+    net.set_params(Side::Primary, &[("max-time", every_ms), ("ram-background-limit", bg)]);
+    if RESUME_BEFORE_LOAD.load(std::sync::atomic::Ordering::Relaxed) {
+        net.ctl(Side::Primary, "set-parameters", &["resume-before-load=true"])
+            .unwrap_or_else(|e| panic!("set-parameters: {e}"));
+    }
     net.start_colo();
     // Let the first (larger) checkpoint pass.
     std::thread::sleep(Duration::from_millis(1500));
@@ -112,10 +168,29 @@ fn pause_row(rate: u64, background: bool, secs: f64) -> (f64, f64, f64) {
     let pauses: Vec<f64> = cps.iter().map(|c| n(&c["pause-ms"])).collect();
     let pages: Vec<f64> = cps.iter().map(|c| n(&c["pages"])).collect();
     let bg_pages = n(&net.status(Side::Primary)["background-pages"]);
-    if pauses.is_empty() {
-        return (0.0, 0.0, bg_pages);
+    let times = step_times(&net, from);
+    if let Some(dir) = std::env::var_os("COLO_BENCH_LOGS") {
+        // Where each row's processes logged, for a closer look (COLO_BENCH_LOGS=DIR).
+        let dir = std::path::PathBuf::from(dir);
+        let name = format!("pause-{rate}-{}-{every_ms}", if background { "bg" } else { "nobg" });
+        let _ = std::fs::write(dir.join(format!("{name}.log")), net.logs());
     }
-    (median(pages), median(pauses), bg_pages)
+    let mut steps = [None; STEPS.len()];
+    for (i, s) in steps.iter_mut().enumerate() {
+        let v: Vec<f64> = times.iter().filter_map(|t| t[i]).collect();
+        *s = (!v.is_empty()).then(|| median(v));
+    }
+    if pauses.is_empty() {
+        return PauseRow { pages: 0.0, pause: 0.0, p99: 0.0, checkpoints: 0, bg_pages, steps };
+    }
+    PauseRow {
+        pages: median(pages),
+        pause: median(pauses.clone()),
+        p99: quantile(pauses.clone(), 0.99),
+        checkpoints: pauses.len(),
+        bg_pages,
+        steps,
+    }
 }
 
 /// How the pair is configured for a mode comparison.
@@ -255,6 +330,7 @@ fn failover_gap(heartbeat_ms: u64, freeze: bool) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    RESUME_BEFORE_LOAD.store(args.resume_before_load, std::sync::atomic::Ordering::Relaxed);
     if let Err(why) = prerequisites(Backend::VhostNetCompare) {
         anyhow::bail!("colo-bench {why}");
     }
@@ -264,6 +340,9 @@ fn main() -> anyhow::Result<()> {
     }
     if args.wants("modes") {
         modes_table(&args, &mut r)?;
+    }
+    if args.wants("echo") {
+        echo_table(&args, &mut r)?;
     }
     if args.wants("failover") {
         failover_table(&args, &mut r)?;
@@ -287,6 +366,20 @@ fn main() -> anyhow::Result<()> {
 fn pause_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
     use std::fmt::Write as _;
     let budget = copy_budget_per_page();
+    let mut step_rows = vec![];
+    writeln!(r, "### Idle checkpoint pause\n")?;
+    writeln!(
+        r,
+        "The counter guest idle, a checkpoint every 100 ms (`max-time=100`) for {}s: the pause's \
+         median and p99 over every checkpoint.\n",
+        args.secs
+    )?;
+    writeln!(r, "| checkpoints | pause p50 ms | pause p99 ms |")?;
+    writeln!(r, "|---:|---:|---:|")?;
+    eprintln!("pause: idle, every 100 ms…");
+    let idle_row = pause_row(0, false, args.secs, 100);
+    writeln!(r, "| {} | {:.2} | {:.2} |\n", idle_row.checkpoints, idle_row.pause, idle_row.p99)?;
+    step_rows.push(("idle, every 100 ms".to_string(), idle_row.pause, idle_row.steps));
     writeln!(r, "### Checkpoint pause against dirty pages\n")?;
     writeln!(
         r,
@@ -298,9 +391,9 @@ fn pause_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
     )?;
     writeln!(
         r,
-        "| dirty pages/s | background transfer | pages/checkpoint | pause ms | µs/page beyond idle | vs copy budget | background pages |"
+        "| dirty pages/s | background transfer | pages/checkpoint | pause ms | pause p99 ms | µs/page beyond idle | vs copy budget | background pages |"
     )?;
-    writeln!(r, "|---:|:---|---:|---:|---:|---:|---:|")?;
+    writeln!(r, "|---:|:---|---:|---:|---:|---:|---:|---:|")?;
     let mut idle = None;
     for &rate in &args.dirty {
         for bg in [false, true] {
@@ -308,7 +401,8 @@ fn pause_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
                 continue;
             }
             eprintln!("pause: {rate} pages/s, background {bg}…");
-            let (pages, pause, bgp) = pause_row(rate, bg, args.secs);
+            let row = pause_row(rate, bg, args.secs, 1000);
+            let (pages, pause) = (row.pages, row.pause);
             let base = *idle.get_or_insert(pause);
             let per_page = if rate > 0 && pages > 0.0 { (pause - base).max(0.0) * 1000.0 / pages } else { 0.0 };
             let (per, ratio) = if per_page > 0.0 {
@@ -318,10 +412,33 @@ fn pause_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
             };
             writeln!(
                 r,
-                "| {rate} | {} | {pages:.0} | {pause:.2} | {per} | {ratio} | {bgp:.0} |",
-                if bg { "1 MiB" } else { "off" }
+                "| {rate} | {} | {pages:.0} | {pause:.2} | {:.2} | {per} | {ratio} | {:.0} |",
+                if bg { "1 MiB" } else { "off" },
+                row.p99,
+                row.bg_pages
             )?;
+            step_rows.push((
+                format!("{rate} pages/s, background {}", if bg { "1 MiB" } else { "off" }),
+                pause,
+                row.steps,
+            ));
         }
+    }
+    writeln!(r, "\n### Checkpoint pause by step\n")?;
+    writeln!(
+        r,
+        "The median of each step of the transaction over the same checkpoints, ms, as the primary \
+         logs them: `pause` stops the vCPUs and the rings, `dirty` reads the dirty logs, `pages` \
+         copies the dirty pages (and blocks) into the link, `marks` asks the compare processes \
+         for their receive marks (two hosts), `state` saves, encodes and sends the device state, \
+         `received` waits for the secondary to take everything in, `commit` releases the \
+         interval's output, `loaded` waits for the secondary to load, `resume` restarts the PVM.\n"
+    )?;
+    writeln!(r, "| checkpoints | pause | {} |", STEPS.join(" | "))?;
+    writeln!(r, "|:---|---:|{}", "---:|".repeat(STEPS.len()))?;
+    for (name, pause, steps) in step_rows {
+        let cols: Vec<String> = steps.iter().map(|v| v.map_or("–".into(), |v| format!("{v:.3}"))).collect();
+        writeln!(r, "| {name} | {pause:.2} | {} |", cols.join(" | "))?;
     }
     Ok(())
 }
@@ -362,6 +479,67 @@ fn modes_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+/// Echo round trips without and with COLO, alternating fresh pairs `--repeat` times so both
+/// see the same machine; with `COLO_BENCH_PERF=FILE`, the last COLO run is profiled
+/// (`perf record` of the two VMMs and the backend) into FILE.
+fn echo_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    writeln!(r, "\n### Echo round trips, COLO against unprotected\n")?;
+    writeln!(
+        r,
+        "64-byte TCP round trips on one connection for {}s; an unprotected pair and a COLO-only \
+         pair (`passive-limit=0`) alternately, {} times; medians.\n",
+        args.secs, args.repeat
+    )?;
+    let (mut plain, mut colo, mut ratios) = (vec![], vec![], vec![]);
+    let perf = std::env::var_os("COLO_BENCH_PERF");
+    for i in 0..args.repeat.max(1) {
+        eprintln!("echo: round {}…", i + 1);
+        let a = measure(&pair(Setup::Unprotected, "app=echo"), args.secs, echo).rate;
+        let net = pair(Setup::ColoOnly, "app=echo");
+        let profiler = match (&perf, i + 1 == args.repeat.max(1)) {
+            (Some(out), true) => {
+                let pids: Vec<String> = net
+                    .primary
+                    .iter()
+                    .chain(net.secondary.iter())
+                    .chain(net.backends.iter())
+                    .map(|p| p.pid().to_string())
+                    .collect();
+                std::process::Command::new("perf")
+                    .args(["record", "-F", "2000", "-g", "-o"])
+                    .arg(out)
+                    .args(["-p", &pids.join(","), "--", "sleep"])
+                    .arg(format!("{}", args.secs))
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .ok()
+            }
+            _ => None,
+        };
+        let b = measure(&net, args.secs, echo).rate;
+        if let Some(mut p) = profiler {
+            let _ = p.wait();
+        }
+        plain.push(a);
+        colo.push(b);
+        ratios.push(if a > 0.0 { b / a } else { 0.0 });
+    }
+    writeln!(r, "| unprotected round trips/s | COLO round trips/s | COLO / unprotected (median of rounds) | rounds |")?;
+    writeln!(r, "|---:|---:|---:|:---|")?;
+    let rounds: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
+    writeln!(
+        r,
+        "| {:.0} | {:.0} | {:.2} | {} |",
+        median(plain),
+        median(colo),
+        median(ratios.clone()),
+        rounds.join(", ")
+    )?;
     Ok(())
 }
 

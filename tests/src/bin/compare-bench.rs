@@ -2,7 +2,8 @@
 //! same UDP frame streams over the same four Unix sockets, both implementations in one run.
 //!
 //! For every frame size and flow count, each implementation is started fresh for every run
-//! (`--repeat` times each of):
+//! (`--repeat` rounds, each running every implementation in turn, so that all of them see the
+//! same conditions on a shared machine; each round is one of each of):
 //! - **loaded**: `--pairs` matching primary/secondary pairs are sent as fast as the
 //!   implementation takes them (P batch, S batch, ...), with at most `--window` pairs in flight
 //!   so that queues stay far below max_queue_size (QEMU drops frames silently beyond it) and
@@ -18,6 +19,11 @@
 //! mismatches. The driver also acts as the
 //! COLO controller on notify_dev: every `DO_CHECKPOINT` is answered with `COLO_CHECKPOINT`
 //! (which releases anything held) and counted.
+//!
+//! Besides frames/s, each loaded run records the CPU time the implementation's process used
+//! (all its threads, from /proc): on a machine shared with other work, CPU per frame is steadier
+//! than frames/s. `--baseline` adds an earlier colo-proxy build as a third implementation, for
+//! before/after figures from one run.
 
 use std::fmt::Write as _;
 use std::io::{Read as _, Write as _};
@@ -82,8 +88,13 @@ struct Args {
     /// Run only one implementation.
     #[arg(long, value_enum)]
     only: Option<Only>,
-    /// Runs of each kind per implementation and stream; the table shows the median run (by
-    /// frames/s for loaded runs, by p99 hold for paced ones) and counts over all runs.
+    /// An earlier colo-proxy build, run beside the others as "colo-proxy compare (baseline)"
+    /// (before/after comparisons in one run).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
+    /// Rounds per stream, each running every implementation once of each kind; the table shows
+    /// the median run (by frames/s for loaded runs, by p99 hold for paced ones) and counts over
+    /// all runs.
     #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Also write the markdown table to this file.
@@ -112,6 +123,9 @@ struct RunResult {
     checkpoints: u64,
     /// Frames on outdev that were no primary frame in flight, or a second copy of one.
     unexpected: u64,
+    /// CPU time of the implementation's process from its start-up (sockets connected) to the
+    /// end of the run.
+    cpu: Duration,
 }
 
 impl RunResult {
@@ -131,11 +145,39 @@ impl RunResult {
     fn lost(&self) -> u64 {
         self.sent - self.received
     }
+
+    /// CPU time of the implementation per released frame, in µs.
+    fn cpu_us_per_frame(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / (self.received.max(1) as f64)
+    }
+}
+
+/// CPU time used so far by the live threads of process `pid`, in ns (each thread's
+/// /proc/PID/task/TID/schedstat: nanosecond resolution, where /proc/PID/stat counts 10 ms
+/// ticks). Both implementations keep their threads for their whole life.
+fn process_cpu(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Duration::ZERO };
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
+/// One implementation in the comparison.
+#[derive(Clone)]
+struct Impl {
+    kind: Compare,
+    /// Name in the tables.
+    label: &'static str,
+    /// Its configuration (the colo-proxy binary differs for the baseline).
+    cfg: CompareConfig,
 }
 
 /// Results of one implementation at one frame size and flow count.
 struct Row {
     kind: Compare,
+    label: &'static str,
     size: usize,
     flows: u16,
     /// Loaded runs, sorted by frames/s.
@@ -153,6 +195,13 @@ impl Row {
     /// The paced run with the median p99 hold time.
     fn paced(&self) -> &RunResult {
         &self.paced[self.paced.len() / 2]
+    }
+
+    /// The median over all loaded runs of the CPU time per frame, in µs.
+    fn median_cpu_us_per_frame(&self) -> f64 {
+        let mut v: Vec<f64> = self.loaded.iter().map(RunResult::cpu_us_per_frame).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
     }
 
     /// Checkpoints over all loaded runs and over all paced runs.
@@ -277,7 +326,9 @@ fn run(
 ) -> anyhow::Result<RunResult> {
     let running = kind.start(cfg).with_context(|| format!("starting {}", kind.name()))?;
     // `proc` and `dir` stay alive (and the process running) until the end of this function.
-    let Running { mut pri, mut sec, mut out, mut notify, proc: _proc, dir: _dir, .. } = running;
+    let Running { mut pri, mut sec, mut out, mut notify, proc, dir: _dir, .. } = running;
+    // CPU spent starting up (QEMU's is large) is not the compare's.
+    let cpu_at_start = process_cpu(proc.pid());
 
     // Send time of each pair (ns since `base`, +1 so that 0 means "not sent").
     let sent_at: Vec<AtomicU64> = (0..pairs).map(|_| AtomicU64::new(0)).collect();
@@ -351,6 +402,7 @@ fn run(
         controller.join().expect("controller thread").context("notify_dev")?;
         send_result?;
         let (holds, last, unexpected) = read_result.context("outdev")?;
+        let cpu = process_cpu(proc.pid()).saturating_sub(cpu_at_start);
         Ok(RunResult {
             sent: sent.load(Ordering::Relaxed),
             received: holds.len() as u64,
@@ -358,6 +410,7 @@ fn run(
             holds,
             checkpoints: checkpoints.load(Ordering::Relaxed),
             unexpected,
+            cpu,
         })
     })
 }
@@ -424,6 +477,17 @@ fn send_all(
     Ok(())
 }
 
+/// The name of the baseline's rows.
+const BASELINE: &str = "colo-proxy compare (baseline)";
+
+/// The name of an implementation's rows.
+fn label(kind: Compare) -> &'static str {
+    match kind {
+        Compare::Qemu => "QEMU 7.2 colo-compare",
+        Compare::Ours => "colo-proxy compare",
+    }
+}
+
 /// The in-flight window for a run with `flows` flows.
 fn window(args: &Args, flows: u16) -> u64 {
     args.window.unwrap_or((1000 * u64::from(flows)).min(4000))
@@ -465,6 +529,15 @@ fn main() -> anyhow::Result<()> {
     if kinds.contains(&Compare::Ours) && !cfg.ours.exists() {
         bail!("{} not found (build it: cargo build --release -p colo-proxy, or pass --ours)", cfg.ours.display());
     }
+    let mut impls: Vec<Impl> = kinds.iter().map(|&kind| Impl { kind, label: label(kind), cfg: cfg.clone() }).collect();
+    if let Some(b) = &args.baseline {
+        if !b.exists() {
+            bail!("--baseline: {} not found", b.display());
+        }
+        let mut c = cfg.clone();
+        c.ours = b.clone();
+        impls.push(Impl { kind: Compare::Ours, label: BASELINE, cfg: c });
+    }
     // Sleeps in the paced sender should last what they ask for, not 50 µs more.
     // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
     unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1) };
@@ -473,26 +546,38 @@ fn main() -> anyhow::Result<()> {
     for &size in &args.sizes {
         for &flows in &args.flows {
             let streams = Streams::new(size, flows);
-            for &kind in &kinds {
-                let mut loaded = Vec::new();
-                let mut paced = Vec::new();
-                for _ in 0..args.repeat {
-                    eprint!("{:>4} {size:>5} B {flows:>3} flows: loaded ", kind.name());
-                    let l = run(kind, &cfg, &streams, args.pairs, None, window(&args, flows))?;
+            let mut stream_rows: Vec<Row> = impls
+                .iter()
+                .map(|i| Row { kind: i.kind, label: i.label, size, flows, loaded: vec![], paced: vec![] })
+                .collect();
+            for round in 1..=args.repeat {
+                for (imp, row) in impls.iter().zip(&mut stream_rows) {
+                    eprint!("round {round} {:>28} {size:>5} B {flows:>3} flows: loaded ", imp.label);
+                    let l = run(imp.kind, &imp.cfg, &streams, args.pairs, None, window(&args, flows))?;
                     eprint!(
-                        "{:.0} frames/s (checkpoints {}, lost {}), paced ",
+                        "{:.0} frames/s, {:.2} CPU µs/frame (checkpoints {}, lost {}), paced ",
                         l.frames_per_sec(),
+                        l.cpu_us_per_frame(),
                         l.checkpoints,
                         l.lost()
                     );
-                    let p = run(kind, &cfg, &streams, args.paced_pairs, Some(args.paced_rate), window(&args, flows))?;
+                    let p = run(
+                        imp.kind,
+                        &imp.cfg,
+                        &streams,
+                        args.paced_pairs,
+                        Some(args.paced_rate),
+                        window(&args, flows),
+                    )?;
                     eprintln!("p50 {:.1} µs p99 {:.1} µs", p.hold_us(0.5), p.hold_us(0.99));
-                    loaded.push(l);
-                    paced.push(p);
+                    row.loaded.push(l);
+                    row.paced.push(p);
                 }
-                loaded.sort_by(|a, b| a.frames_per_sec().total_cmp(&b.frames_per_sec()));
-                paced.sort_by(|a, b| a.hold_us(0.99).total_cmp(&b.hold_us(0.99)));
-                rows.push(Row { kind, size, flows, loaded, paced });
+            }
+            for mut row in stream_rows {
+                row.loaded.sort_by(|a, b| a.frames_per_sec().total_cmp(&b.frames_per_sec()));
+                row.paced.sort_by(|a, b| a.hold_us(0.99).total_cmp(&b.hold_us(0.99)));
+                rows.push(row);
             }
         }
     }
@@ -526,7 +611,8 @@ fn report(args: &Args, cfg: &CompareConfig, kinds: &[Compare], rows: &[Row]) -> 
     let _ = writeln!(
         t,
         "- UDP over Unix sockets (QEMU chardev framing); loaded: {} pairs, at most {} in flight; \
-         paced: {} pairs at {} pairs/s; median of {} runs each (fresh process per run)",
+         paced: {} pairs at {} pairs/s; median of {} rounds, each running every implementation \
+         in turn (fresh process per run)",
         args.pairs,
         args.window.map_or_else(|| "1000 per flow (≤ 4000)".to_string(), |w| w.to_string()),
         args.paced_pairs,
@@ -536,27 +622,28 @@ fn report(args: &Args, cfg: &CompareConfig, kinds: &[Compare], rows: &[Row]) -> 
     let _ = writeln!(
         t,
         "- frames/s: primary frames released on outdev per second (loaded run); hold: primary-in \
-         write to outdev read; checkpoints: DO_CHECKPOINT requests answered, all loaded / all \
-         paced runs; lost: primary frames never released, all runs\n"
+         write to outdev read; CPU µs/frame: CPU time of the implementation's process (all \
+         its threads, start-up excluded) per released frame (loaded run with the median frames/s; the median of all \
+         loaded runs in brackets); checkpoints: DO_CHECKPOINT requests answered, all loaded / \
+         all paced runs; lost: primary frames never released, all runs\n"
     );
     let _ = writeln!(
         t,
-        "| implementation | frame | flows | frames/s | hold p50 / p99 paced (µs) | hold p50 / p99 / max loaded (µs) | checkpoints | lost |"
+        "| implementation | frame | flows | frames/s | CPU µs/frame | hold p50 / p99 paced (µs) | hold p50 / p99 / max loaded (µs) | checkpoints | lost |"
     );
-    let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows {
-        let name = match r.kind {
-            Compare::Qemu => "QEMU 7.2 colo-compare",
-            Compare::Ours => "colo-proxy compare",
-        };
+        let name = r.label;
         let (cl, cp) = r.checkpoints();
         let (lost, unexpected) = r.lost();
         let _ = writeln!(
             t,
-            "| {name} | {} B | {} | {:.0} | {:.1} / {:.1} | {:.0} / {:.0} / {:.0} | {cl} / {cp} | {lost}{} |",
+            "| {name} | {} B | {} | {:.0} | {:.2} ({:.2}) | {:.1} / {:.1} | {:.0} / {:.0} / {:.0} | {cl} / {cp} | {lost}{} |",
             r.size,
             r.flows,
             r.loaded().frames_per_sec(),
+            r.loaded().cpu_us_per_frame(),
+            r.median_cpu_us_per_frame(),
             r.paced().hold_us(0.5),
             r.paced().hold_us(0.99),
             r.loaded().hold_us(0.5),
@@ -568,23 +655,23 @@ fn report(args: &Args, cfg: &CompareConfig, kinds: &[Compare], rows: &[Row]) -> 
     if kinds.len() == 2 {
         let _ = writeln!(
             t,
-            "\n| frame | flows | throughput ours / QEMU | ours p99 / QEMU p50 paced | ours p99 / QEMU p50 loaded |"
+            "\n| implementation | frame | flows | throughput / QEMU | QEMU CPU per frame / its | p99 / QEMU p50 paced | p99 / QEMU p50 loaded |"
         );
-        let _ = writeln!(t, "|---:|---:|---:|---:|---:|");
+        let _ = writeln!(t, "|---|---:|---:|---:|---:|---:|---:|");
         for q in rows.iter().filter(|r| r.kind == Compare::Qemu) {
-            let Some(o) = rows.iter().find(|r| r.kind == Compare::Ours && r.size == q.size && r.flows == q.flows)
-            else {
-                continue;
-            };
-            let _ = writeln!(
-                t,
-                "| {} B | {} | {:.2}x | {:.2} | {:.2} |",
-                q.size,
-                q.flows,
-                o.loaded().frames_per_sec() / q.loaded().frames_per_sec(),
-                o.paced().hold_us(0.99) / q.paced().hold_us(0.5),
-                o.loaded().hold_us(0.99) / q.loaded().hold_us(0.5),
-            );
+            for o in rows.iter().filter(|r| r.kind == Compare::Ours && r.size == q.size && r.flows == q.flows) {
+                let _ = writeln!(
+                    t,
+                    "| {} | {} B | {} | {:.2}x | {:.2}x | {:.2} | {:.2} |",
+                    o.label,
+                    q.size,
+                    q.flows,
+                    o.loaded().frames_per_sec() / q.loaded().frames_per_sec(),
+                    q.median_cpu_us_per_frame() / o.median_cpu_us_per_frame(),
+                    o.paced().hold_us(0.99) / q.paced().hold_us(0.5),
+                    o.loaded().hold_us(0.99) / q.loaded().hold_us(0.5),
+                );
+            }
         }
     }
     t

@@ -44,7 +44,7 @@ use colo_tests::qemu_vhost::{self, client_udp, guest, VhostNet, GUEST_IP};
 /// vhost-net-compare passthrough vs COLO compare path, with QEMU guests.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Repeat each measurement this many times (the median is reported).
+    /// Rounds, each running every measurement on each path in turn (the median is reported).
     #[arg(long, default_value_t = 3)]
     repeat: usize,
     /// Length of each UDP echo run, seconds.
@@ -80,6 +80,8 @@ struct Results {
     bulk_mb_s: f64,
     lost_pct: f64,
     tcp_mb_s: f64,
+    /// Backend CPU µs per guest TX frame in the 64-byte flood.
+    backend_cpu_us: f64,
     stalled: u64,
     checkpoints: u64,
 }
@@ -293,58 +295,123 @@ fn boot(net: &VhostNet, args: &Args) -> anyhow::Result<Vec<LinuxGuest>> {
     Ok(guests)
 }
 
-/// Boots the guests of one path and runs every workload `repeat` times.
-fn run_path(args: &Args, colo: bool) -> anyhow::Result<Results> {
-    let extra: Vec<&str> = if colo { args.colo_arg.iter().map(String::as_str).collect() } else { vec![] };
-    let net = VhostNet::start(colo, &extra);
-    let mut stats_ctl = net.control();
-    let guests = boot(&net, args)?;
-    let controller = colo.then(|| Controller::start(net.control()));
-    // The client's ARP, and a warm-up.
-    let (ok, out) = net.client.try_exec(&["ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST_IP]);
-    if !ok {
-        bail!("ping {GUEST_IP}: {out}");
-    }
-    udp_rtt(&net, 50)?;
+/// CPU time used so far by the live threads of process `pid` (each thread's schedstat, in ns).
+fn process_cpu(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Duration::ZERO };
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
 
-    let (mut rtt50, mut rtt99, mut echo, mut frames, mut bulk, mut lost, mut tcp) =
-        (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
-    let mut stalled = 0;
-    for run in 0..args.repeat {
-        eprintln!("  run {}/{}", run + 1, args.repeat);
-        let (p50, p99) = udp_rtt(&net, args.round_trips)?;
-        rtt50.push(p50);
-        rtt99.push(p99);
-        let before = stats_ctl.stats()?.frames_primary;
-        let small = udp_flood(&net, args.seconds, args.window, 64)?;
-        let after = stats_ctl.stats()?.frames_primary;
-        echo.push(small.echoes_per_s);
-        frames.push(after.saturating_sub(before) as f64 / small.secs);
-        let large = udp_flood(&net, args.seconds, args.window, 1472)?;
-        bulk.push(large.echoes_per_s * 1472.0 / 1e6);
-        lost.push(small.lost_pct.max(large.lost_pct));
-        let (rate, stalls) = download(&net, args.blob_mib << 20)?;
-        tcp.push(rate);
-        stalled += stalls;
+/// One path, booted, and what its rounds measured so far.
+struct PathRun {
+    colo: bool,
+    // Dropped in this order: the controller, the guests, then the backend.
+    controller: Option<Controller>,
+    guests: Vec<LinuxGuest>,
+    stats_ctl: ControlClient,
+    net: VhostNet,
+    rtt50: Vec<f64>,
+    rtt99: Vec<f64>,
+    echo: Vec<f64>,
+    frames: Vec<f64>,
+    bulk: Vec<f64>,
+    lost: Vec<f64>,
+    tcp: Vec<f64>,
+    /// Backend CPU µs per guest TX frame in the 64-byte floods.
+    cpu: Vec<f64>,
+    stalled: u64,
+}
+
+impl PathRun {
+    /// Boots the guests of one path and warms it up.
+    fn start(args: &Args, colo: bool) -> anyhow::Result<PathRun> {
+        let extra: Vec<&str> = if colo { args.colo_arg.iter().map(String::as_str).collect() } else { vec![] };
+        let net = VhostNet::start(colo, &extra);
+        let stats_ctl = net.control();
+        let guests = boot(&net, args)?;
+        let controller = colo.then(|| Controller::start(net.control()));
+        // The client's ARP, and a warm-up.
+        let (ok, out) = net.client.try_exec(&["ping", "-c", "3", "-i", "0.2", "-W", "5", GUEST_IP]);
+        if !ok {
+            bail!("ping {GUEST_IP}: {out}");
+        }
+        udp_rtt(&net, 50)?;
+        Ok(PathRun {
+            colo,
+            net,
+            stats_ctl,
+            guests,
+            controller,
+            rtt50: vec![],
+            rtt99: vec![],
+            echo: vec![],
+            frames: vec![],
+            bulk: vec![],
+            lost: vec![],
+            tcp: vec![],
+            cpu: vec![],
+            stalled: 0,
+        })
     }
-    let checkpoints = match controller {
-        Some(c) => c.finish()?,
-        None => 0,
-    };
-    let stats = stats_ctl.stats()?;
-    eprintln!("  backend: {stats:?}");
-    drop(guests);
-    Ok(Results {
-        rtt_p50_us: median(rtt50),
-        rtt_p99_us: median(rtt99),
-        echo_per_s: median(echo),
-        guest_frames_per_s: median(frames),
-        bulk_mb_s: median(bulk),
-        lost_pct: median(lost),
-        tcp_mb_s: median(tcp),
-        stalled,
-        checkpoints,
-    })
+
+    /// Runs every workload once.
+    fn round(&mut self, args: &Args) -> anyhow::Result<()> {
+        let net = &self.net;
+        let (p50, p99) = udp_rtt(net, args.round_trips)?;
+        self.rtt50.push(p50);
+        self.rtt99.push(p99);
+        let before = self.stats_ctl.stats()?.frames_primary;
+        let cpu_before = process_cpu(net.backend_pid());
+        let small = udp_flood(net, args.seconds, args.window, 64)?;
+        let cpu = process_cpu(net.backend_pid()).saturating_sub(cpu_before);
+        let after = self.stats_ctl.stats()?.frames_primary;
+        self.echo.push(small.echoes_per_s);
+        let frames = after.saturating_sub(before);
+        self.frames.push(frames as f64 / small.secs);
+        self.cpu.push(cpu.as_secs_f64() * 1e6 / frames.max(1) as f64);
+        let large = udp_flood(net, args.seconds, args.window, 1472)?;
+        self.bulk.push(large.echoes_per_s * 1472.0 / 1e6);
+        self.lost.push(small.lost_pct.max(large.lost_pct));
+        let (rate, stalls) = download(net, args.blob_mib << 20)?;
+        self.tcp.push(rate);
+        self.stalled += stalls;
+        eprintln!(
+            "    {}: echoes/s {:.0}, guest TX frames/s {:.0}, backend {:.1} CPU µs/frame, RTT p50 {p50:.0} µs, \
+             {:.1} MB/s UDP, {rate:.1} MB/s TCP",
+            if self.colo { "COLO" } else { "passthrough" },
+            small.echoes_per_s,
+            self.frames.last().copied().unwrap_or(0.0),
+            self.cpu.last().copied().unwrap_or(0.0),
+            large.echoes_per_s * 1472.0 / 1e6
+        );
+        Ok(())
+    }
+
+    /// Stops the path; the medians of its rounds.
+    fn finish(mut self) -> anyhow::Result<Results> {
+        let checkpoints = match self.controller.take() {
+            Some(c) => c.finish()?,
+            None => 0,
+        };
+        let stats = self.stats_ctl.stats()?;
+        eprintln!("  {} backend: {stats:?}", if self.colo { "COLO" } else { "passthrough" });
+        drop(self.guests);
+        Ok(Results {
+            rtt_p50_us: median(self.rtt50),
+            rtt_p99_us: median(self.rtt99),
+            echo_per_s: median(self.echo),
+            guest_frames_per_s: median(self.frames),
+            bulk_mb_s: median(self.bulk),
+            lost_pct: median(self.lost),
+            tcp_mb_s: median(self.tcp),
+            backend_cpu_us: median(self.cpu),
+            stalled: self.stalled,
+            checkpoints,
+        })
+    }
 }
 
 fn qemu_version() -> String {
@@ -379,13 +446,14 @@ fn report(args: &Args, pass: &Results, colo: &Results) -> anyhow::Result<String>
     writeln!(
         r,
         "- Guests: Debian 12 kernel and busybox, `-smp 1`, virtio-net-pci on vhost-user (INTx), no offloads; \
-         median of {} runs",
+         median of {} rounds, each measuring both paths in turn (both booted throughout)",
         args.repeat
     )?;
     writeln!(
         r,
         "- UDP: echo RTT of {} 64-byte round trips one at a time; echoes/s with 64-byte datagrams, {} in flight, \
-         {} s (guest TX frames/s: the backend's count); echo MB/s the same with 1472-byte datagrams (full frames \
+         {} s (guest TX frames/s: the backend's count of the primary's frames; backend CPU: the backend \
+         process's CPU time during that flood per such frame, all its threads); echo MB/s the same with 1472-byte datagrams (full frames \
          both ways); TCP: GET of {} MiB from busybox httpd, guest to client",
         args.round_trips, args.window, args.seconds, args.blob_mib
     )?;
@@ -396,18 +464,19 @@ fn report(args: &Args, pass: &Results, colo: &Results) -> anyhow::Result<String>
     )?;
     writeln!(
         r,
-        "| path | UDP echo RTT p50 / p99 (µs) | UDP echoes/s (64 B) | guest TX frames/s | UDP echo MB/s (1472 B) \
-         | lost | TCP download MB/s | checkpoints | stalled |"
+        "| path | UDP echo RTT p50 / p99 (µs) | UDP echoes/s (64 B) | guest TX frames/s | backend CPU µs/frame \
+         | UDP echo MB/s (1472 B) | lost | TCP download MB/s | checkpoints | stalled |"
     )?;
-    writeln!(r, "|---|---:|---:|---:|---:|---:|---:|---:|---:|")?;
+    writeln!(r, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")?;
     for (name, x) in [("passthrough (1 guest)", pass), ("COLO compare (2 guests)", colo)] {
         writeln!(
             r,
-            "| {name} | {:.0} / {:.0} | {:.0} | {:.0} | {:.1} | {:.2} % | {:.1} | {} | {} |",
+            "| {name} | {:.0} / {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} % | {:.1} | {} | {} |",
             x.rtt_p50_us,
             x.rtt_p99_us,
             x.echo_per_s,
             x.guest_frames_per_s,
+            x.backend_cpu_us,
             x.bulk_mb_s,
             x.lost_pct,
             x.tcp_mb_s,
@@ -418,11 +487,12 @@ fn report(args: &Args, pass: &Results, colo: &Results) -> anyhow::Result<String>
     let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.2}", a / b) } else { "–".into() };
     writeln!(
         r,
-        "| **COLO / passthrough** | {} / {} | **{}** | {} | **{}** | | **{}** | | |",
+        "| **COLO / passthrough** | {} / {} | **{}** | {} | {} | **{}** | | **{}** | | |",
         ratio(colo.rtt_p50_us, pass.rtt_p50_us),
         ratio(colo.rtt_p99_us, pass.rtt_p99_us),
         ratio(colo.echo_per_s, pass.echo_per_s),
         ratio(colo.guest_frames_per_s, pass.guest_frames_per_s),
+        ratio(colo.backend_cpu_us, pass.backend_cpu_us),
         ratio(colo.bulk_mb_s, pass.bulk_mb_s),
         ratio(colo.tcp_mb_s, pass.tcp_mb_s)
     )?;
@@ -435,14 +505,30 @@ fn main() -> anyhow::Result<()> {
     if args.repeat == 0 || args.window == 0 || args.seconds <= 0.0 || args.round_trips == 0 {
         bail!("--repeat, --window, --seconds and --round-trips must be positive");
     }
-    let (mut pass, mut colo) = (Results::default(), Results::default());
-    if args.only.as_deref() != Some("colo") {
-        eprintln!("passthrough (one guest)…");
-        pass = run_path(&args, false)?;
+    // Both paths are booted first, then every round measures one after the other: on a shared
+    // machine both see the same conditions, and the ratio compares like with like. (The path
+    // not being measured has idle guests.)
+    let mut paths = Vec::new();
+    for colo in [false, true] {
+        if args.only.as_deref() == Some(if colo { "passthrough" } else { "colo" }) {
+            continue;
+        }
+        eprintln!("{} booting…", if colo { "COLO compare (two guests)" } else { "passthrough (one guest)" });
+        paths.push(PathRun::start(&args, colo)?);
     }
-    if args.only.as_deref() != Some("passthrough") {
-        eprintln!("COLO compare (two guests)…");
-        colo = run_path(&args, true)?;
+    for round in 0..args.repeat {
+        eprintln!("  round {}/{}", round + 1, args.repeat);
+        for p in &mut paths {
+            p.round(&args)?;
+        }
+    }
+    let (mut pass, mut colo) = (Results::default(), Results::default());
+    for p in paths {
+        if p.colo {
+            colo = p.finish()?;
+        } else {
+            pass = p.finish()?;
+        }
     }
     let r = report(&args, &pass, &colo)?;
     print!("{r}");

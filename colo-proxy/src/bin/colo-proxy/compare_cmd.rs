@@ -4,6 +4,11 @@
 //! output piling up because `outdev` does not read, stops reading that input (backpressure
 //! reaches the sender through the socket) instead of dropping frames. Reading resumes after the
 //! next flush, mode change or write.
+//!
+//! Per frame the loop does no system call, no allocation and no clock read: a read takes
+//! whatever the socket holds (up to 256 KiB, thousands of small frames) and stamps them all
+//! with one time, frame buffers come from and go back to a [`FramePool`], and released frames
+//! leave in large vectored writes (see [`OutQueue`]).
 
 use std::io::{self, Read, Write};
 use std::time::Instant;
@@ -12,10 +17,12 @@ use anyhow::Context;
 use mio::{Events, Interest, Poll, Token};
 
 use colo_proxy::capture::Capture;
+use colo_proxy::clock::Clock;
 use colo_proxy::compare::{Disposal, Engine, Miscompare, Push, Sink, Verdict};
 use colo_proxy::control::Command;
 use colo_proxy::control::{ConnId, ControlServer, Event, Request};
 use colo_proxy::endpoint::{Port, Stream};
+use colo_proxy::frame_pool::FramePool;
 use colo_proxy::framing::Decoder;
 use colo_proxy::metrics::CompareState;
 use colo_proxy::notify_dev::{Inbound, NotifyCodec, Outbound};
@@ -93,6 +100,7 @@ struct Notify {
 /// Where the engine's decisions go during one call.
 struct Outlet<'a> {
     queue: &'a mut OutQueue,
+    pool: &'a mut FramePool,
     /// Where released frames are written as they come, while it takes them.
     outdev: Option<&'a mut Stream>,
     capture: Option<&'a mut Capture>,
@@ -104,16 +112,18 @@ impl Sink for Outlet<'_> {
         if let Some(c) = self.capture.as_deref_mut() {
             c.record(&frame, &d);
         }
-        if d.verdict == Verdict::Released {
-            self.queue.push(frame);
-            // A checkpoint may release every held frame at once: hand them to outdev as they
-            // come rather than after the flush, a batch at a time.
-            if self.queue.pending_bytes() >= STREAM_BATCH {
-                if let Some(s) = self.outdev.as_deref_mut() {
-                    if self.queue.write_to(s).is_err() {
-                        // Left to the next write_output, which disconnects the peer.
-                        self.outdev = None;
-                    }
+        if d.verdict != Verdict::Released {
+            self.pool.recycle(frame.data);
+            return;
+        }
+        self.queue.push(frame, self.pool);
+        // A checkpoint may release every held frame at once: hand them to outdev as they come
+        // rather than after the flush, a batch at a time.
+        if self.queue.pending_bytes() >= STREAM_BATCH {
+            if let Some(s) = self.outdev.as_deref_mut() {
+                if self.queue.write_to(s, self.pool).is_err() {
+                    // Left to the next write_output, which disconnects the peer.
+                    self.outdev = None;
                 }
             }
         }
@@ -139,6 +149,8 @@ struct Proxy {
     inputs: [Input; 2],
     outdev: Port,
     queue: OutQueue,
+    /// Buffers of frames written or dropped, for the frames read next.
+    pool: FramePool,
     notify: Option<Notify>,
     control: Option<ControlServer>,
     capture: Option<Capture>,
@@ -152,6 +164,7 @@ macro_rules! outlet {
     ($s:expr) => {
         &mut Outlet {
             queue: &mut $s.queue,
+            pool: &mut $s.pool,
             outdev: $s.outdev.stream(),
             capture: $s.capture.as_mut(),
             events: &mut $s.events,
@@ -198,6 +211,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         inputs: [input(Side::Primary, primary), input(Side::Secondary, secondary)],
         outdev,
         queue: OutQueue::new(args.vnet_hdr),
+        pool: FramePool::new(),
         notify,
         control,
         capture,
@@ -293,19 +307,22 @@ impl Proxy {
     /// (or the output) cannot take more.
     fn pump(&mut self, i: usize) {
         let side = self.inputs[i].side;
+        // Frames are stamped with the time of the read that brought them.
+        let mut now = self.engine.clock().now();
         loop {
             if self.queue.pending_bytes() > OUTPUT_HIGH_WATER {
                 self.inputs[i].stalled = true;
                 return;
             }
             if let Some(f) = self.inputs[i].pending.take() {
-                if let Push::Full(f) = self.engine.push(side, f, outlet!(self)) {
+                if let Push::Full(f) = self.engine.push_at(side, f, now, outlet!(self)) {
                     self.inputs[i].pending = Some(f);
                     self.inputs[i].stalled = true;
                     return;
                 }
             }
-            match self.inputs[i].decoder.next_frame() {
+            let pool = &mut self.pool;
+            match self.inputs[i].decoder.next_frame_with(|b| pool.copy_of(b)) {
                 Some(Ok(f)) => {
                     self.inputs[i].pending = Some(f);
                     continue;
@@ -342,7 +359,7 @@ impl Proxy {
                     self.drop_input_peer(i);
                     return;
                 }
-                Ok(_) => {}
+                Ok(_) => now = self.engine.clock().now(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     input.stalled = false;
                     return;
@@ -380,7 +397,7 @@ impl Proxy {
             }
         }
         if gone {
-            self.queue.peer_lost();
+            self.queue.peer_lost(&mut self.pool);
             self.outdev.disconnect(self.poll.registry());
         }
         self.write_output();
@@ -388,9 +405,9 @@ impl Proxy {
 
     fn write_output(&mut self) {
         if let Some(s) = self.outdev.stream() {
-            if let Err(e) = self.queue.write_to(s) {
+            if let Err(e) = self.queue.write_to(s, &mut self.pool) {
                 tracing::warn!(error = %e, "outdev write failed");
-                self.queue.peer_lost();
+                self.queue.peer_lost(&mut self.pool);
                 self.outdev.disconnect(self.poll.registry());
             }
         }

@@ -8,6 +8,8 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use crate::wire::MacAddr;
+
 /// When each round goes out, after the takeover.
 pub const SCHEDULE: [Duration; 5] = [
     Duration::from_millis(0),
@@ -17,7 +19,6 @@ pub const SCHEDULE: [Duration; 5] = [
     Duration::from_millis(500),
 ];
 
-const BROADCAST: [u8; 6] = [0xff; 6];
 const ETHERTYPE_ARP: u16 = 0x0806;
 const ETHERTYPE_RARP: u16 = 0x8035;
 /// RARP "request reverse" (RFC 903), what QEMU sends.
@@ -27,32 +28,32 @@ const ARP_REQUEST: u16 = 1;
 const MIN_FRAME: usize = 60;
 
 /// A broadcast RARP frame from `mac` (Ethernet, no virtio-net header).
-pub fn rarp(mac: [u8; 6]) -> Vec<u8> {
+pub fn rarp(mac: MacAddr) -> Vec<u8> {
     arp_frame(ETHERTYPE_RARP, RARP_REQUEST_REVERSE, mac, Ipv4Addr::UNSPECIFIED, mac, Ipv4Addr::UNSPECIFIED)
 }
 
 /// A broadcast gratuitous ARP request: `mac` is at `ip`.
-pub fn gratuitous_arp(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
-    arp_frame(ETHERTYPE_ARP, ARP_REQUEST, mac, ip, [0; 6], ip)
+pub fn gratuitous_arp(mac: MacAddr, ip: Ipv4Addr) -> Vec<u8> {
+    arp_frame(ETHERTYPE_ARP, ARP_REQUEST, mac, ip, MacAddr([0; 6]), ip)
 }
 
 /// One round: the RARP and a gratuitous ARP per address.
-pub fn round(mac: [u8; 6], addresses: &[Ipv4Addr]) -> Vec<Vec<u8>> {
+pub fn round(mac: MacAddr, addresses: &[Ipv4Addr]) -> Vec<Vec<u8>> {
     std::iter::once(rarp(mac)).chain(addresses.iter().map(|&ip| gratuitous_arp(mac, ip))).collect()
 }
 
-fn arp_frame(ethertype: u16, op: u16, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec<u8> {
+fn arp_frame(ethertype: u16, op: u16, sha: MacAddr, spa: Ipv4Addr, tha: MacAddr, tpa: Ipv4Addr) -> Vec<u8> {
     let mut f = Vec::with_capacity(MIN_FRAME);
-    f.extend_from_slice(&BROADCAST);
-    f.extend_from_slice(&sha);
+    f.extend_from_slice(&MacAddr::BROADCAST.0);
+    f.extend_from_slice(&sha.0);
     f.extend_from_slice(&ethertype.to_be_bytes());
     f.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
     f.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
     f.extend_from_slice(&[6, 4]);
     f.extend_from_slice(&op.to_be_bytes());
-    f.extend_from_slice(&sha);
+    f.extend_from_slice(&sha.0);
     f.extend_from_slice(&spa.octets());
-    f.extend_from_slice(&tha);
+    f.extend_from_slice(&tha.0);
     f.extend_from_slice(&tpa.octets());
     f.resize(MIN_FRAME, 0);
     f
@@ -65,11 +66,11 @@ mod tests {
 
     #[test]
     fn rarp_and_gratuitous_arp_carry_the_vm_mac_as_source() {
-        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let mac = MacAddr([0x52, 0x54, 0, 1, 2, 3]);
         let r = rarp(mac);
         assert_eq!(r.len(), 60);
         assert_eq!(&r[..6], &[0xff; 6]);
-        assert_eq!(&r[6..12], &mac);
+        assert_eq!(mac, r[6..12]);
         assert_eq!(&r[12..14], &[0x80, 0x35]);
         let ip = Ipv4Addr::new(10, 0, 0, 2);
         let g = gratuitous_arp(mac, ip);

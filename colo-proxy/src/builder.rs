@@ -11,9 +11,9 @@ use crate::wire::ipv4::protocol;
 use crate::wire::tcp::Flags;
 
 /// MAC address of the VM in built frames.
-pub const VM_MAC: MacAddr = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+pub const VM_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56]);
 /// MAC address of the client in built frames.
-pub const CLIENT_MAC: MacAddr = [0x52, 0x54, 0x00, 0x00, 0x00, 0x01];
+pub const CLIENT_MAC: MacAddr = MacAddr([0x52, 0x54, 0x00, 0x00, 0x00, 0x01]);
 /// IPv4 address of the VM.
 pub const VM_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 2);
 /// IPv4 address of the client.
@@ -26,8 +26,8 @@ pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1);
 /// An Ethernet header.
 pub fn ethernet(dst: MacAddr, src: MacAddr, ethertype: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(1514);
-    f.extend_from_slice(&dst);
-    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst.0);
+    f.extend_from_slice(&src.0);
     f.extend_from_slice(&ethertype.to_be_bytes());
     f
 }
@@ -174,9 +174,9 @@ pub fn ip4_other(proto: u8, ident: u16, payload: &[u8]) -> Vec<u8> {
 
 /// An ARP request from the client for the VM's address.
 pub fn arp_request() -> Vec<u8> {
-    let mut f = ethernet([0xff; 6], CLIENT_MAC, ether_type::ARP);
+    let mut f = ethernet(MacAddr::BROADCAST, CLIENT_MAC, ether_type::ARP);
     f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
-    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&CLIENT_MAC.0);
     f.extend_from_slice(&CLIENT_IP.octets());
     f.extend_from_slice(&[0; 6]);
     f.extend_from_slice(&VM_IP.octets());

@@ -10,7 +10,7 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -18,35 +18,24 @@ use mio::event::Source;
 use mio::{Interest, Registry, Token};
 
 use crate::control::SocketFile;
+use crate::stream_addr::StreamAddr;
 
 /// How long a client endpoint waits between reconnection attempts.
 pub const RECONNECT_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Where a port's peer is.
+/// Where a port's peer is: an address, and whether to listen there or connect to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    /// A Unix stream socket.
-    Unix {
-        /// Socket path.
-        path: PathBuf,
-        /// Listen (true) or connect (false).
-        server: bool,
-    },
-    /// A TCP socket.
-    Tcp {
-        /// `HOST:PORT`.
-        addr: String,
-        /// Listen (true) or connect (false).
-        server: bool,
-    },
+pub struct Endpoint {
+    /// The socket's address.
+    pub addr: StreamAddr,
+    /// Listen (true) or connect (false).
+    pub server: bool,
 }
 
 impl Endpoint {
     /// Whether this endpoint listens.
     pub fn is_server(&self) -> bool {
-        match self {
-            Endpoint::Unix { server, .. } | Endpoint::Tcp { server, .. } => *server,
-        }
+        self.server
     }
 
     fn tcp_addr(addr: &str) -> io::Result<SocketAddr> {
@@ -65,31 +54,14 @@ impl FromStr for Endpoint {
             Some((_, opt)) => return Err(format!("unknown endpoint option '{opt}' in '{s}' (only ',server')")),
             None => (s, false),
         };
-        if let Some(path) = body.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err(format!("'{s}': unix endpoint needs a path"));
-            }
-            Ok(Endpoint::Unix { path: PathBuf::from(path), server })
-        } else if let Some(addr) = body.strip_prefix("tcp:") {
-            match addr.rsplit_once(':') {
-                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                    Ok(Endpoint::Tcp { addr: addr.to_string(), server })
-                }
-                _ => Err(format!("'{s}': tcp endpoint needs HOST:PORT")),
-            }
-        } else {
-            Err(format!("'{s}': expected unix:PATH[,server] or tcp:HOST:PORT[,server]"))
-        }
+        let addr = body.parse().map_err(|_| format!("'{s}': expected unix:PATH[,server] or tcp:HOST:PORT[,server]"))?;
+        Ok(Endpoint { addr, server })
     }
 }
 
 impl fmt::Display for Endpoint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (kind, where_, server) = match self {
-            Endpoint::Unix { path, server } => ("unix", path.display().to_string(), *server),
-            Endpoint::Tcp { addr, server } => ("tcp", addr.clone(), *server),
-        };
-        write!(f, "{kind}:{where_}{}", if server { ",server" } else { "" })
+        write!(f, "{}{}", self.addr, if self.server { ",server" } else { "" })
     }
 }
 
@@ -162,14 +134,14 @@ enum Listener {
 
 impl Listener {
     fn bind(endpoint: &Endpoint) -> io::Result<Listener> {
-        match endpoint {
-            Endpoint::Unix { path, .. } => {
+        match &endpoint.addr {
+            StreamAddr::Unix(path) => {
                 // Frames and notify_dev messages are for the COLO frame only: mode 0600 before
                 // anyone can connect, whatever the umask.
                 let (file, listener) = SocketFile::bind(path)?;
                 Ok(Listener::Unix { socket: mio::net::UnixListener::from_std(listener), _file: file })
             }
-            Endpoint::Tcp { addr, .. } => Ok(Listener::Tcp(mio::net::TcpListener::bind(Endpoint::tcp_addr(addr)?)?)),
+            StreamAddr::Tcp(addr) => Ok(Listener::Tcp(mio::net::TcpListener::bind(Endpoint::tcp_addr(addr)?)?)),
         }
     }
 
@@ -380,9 +352,9 @@ impl Port {
         if now < at {
             return false;
         }
-        let result = match &self.endpoint {
-            Endpoint::Unix { path, .. } => mio::net::UnixStream::connect(path).map(Stream::Unix).map(Ok),
-            Endpoint::Tcp { addr, .. } => Endpoint::tcp_addr(addr).and_then(mio::net::TcpStream::connect).map(Err),
+        let result = match &self.endpoint.addr {
+            StreamAddr::Unix(path) => mio::net::UnixStream::connect(path).map(Stream::Unix).map(Ok),
+            StreamAddr::Tcp(addr) => Endpoint::tcp_addr(addr).and_then(mio::net::TcpStream::connect).map(Err),
         };
         match result {
             Ok(Ok(stream)) => match self.attach(registry, stream) {
@@ -408,13 +380,13 @@ impl Port {
 
 /// Connects a client endpoint at start, waiting at most two seconds.
 fn connect_blocking(endpoint: &Endpoint) -> io::Result<Stream> {
-    match endpoint {
-        Endpoint::Unix { path, .. } => {
+    match &endpoint.addr {
+        StreamAddr::Unix(path) => {
             let s = std::os::unix::net::UnixStream::connect(path)?;
             s.set_nonblocking(true)?;
             Ok(Stream::Unix(mio::net::UnixStream::from_std(s)))
         }
-        Endpoint::Tcp { addr, .. } => {
+        StreamAddr::Tcp(addr) => {
             let s = std::net::TcpStream::connect_timeout(&Endpoint::tcp_addr(addr)?, Duration::from_secs(2))?;
             s.set_nonblocking(true)?;
             s.set_nodelay(true)?;
@@ -431,15 +403,15 @@ mod tests {
     fn parses_qemu_style_endpoints() {
         assert_eq!(
             "unix:/tmp/a.sock".parse::<Endpoint>().unwrap(),
-            Endpoint::Unix { path: "/tmp/a.sock".into(), server: false }
+            Endpoint { addr: StreamAddr::Unix("/tmp/a.sock".into()), server: false }
         );
         assert_eq!(
             "unix:/tmp/a.sock,server".parse::<Endpoint>().unwrap(),
-            Endpoint::Unix { path: "/tmp/a.sock".into(), server: true }
+            Endpoint { addr: StreamAddr::Unix("/tmp/a.sock".into()), server: true }
         );
         assert_eq!(
             "tcp:127.0.0.1:9000,server=on".parse::<Endpoint>().unwrap(),
-            Endpoint::Tcp { addr: "127.0.0.1:9000".into(), server: true }
+            Endpoint { addr: StreamAddr::Tcp("127.0.0.1:9000".into()), server: true }
         );
         assert_eq!("tcp:[::1]:9".parse::<Endpoint>().unwrap().to_string(), "tcp:[::1]:9");
         for bad in ["", "unix:", "tcp:host", "tcp::9", "tcp:h:99999", "udp:x:1", "unix:/a,wait=off", "/tmp/x"] {
@@ -447,7 +419,7 @@ mod tests {
         }
     }
 
-    fn temp_path(tag: &str) -> PathBuf {
+    fn temp_path(tag: &str) -> std::path::PathBuf {
         std::env::temp_dir().join(format!("colo-endpoint-{tag}-{}.sock", std::process::id()))
     }
 
@@ -455,7 +427,7 @@ mod tests {
     fn server_reaccepts_after_peer_leaves_and_client_must_connect_at_start() {
         let path = temp_path("reaccept");
         let poll = mio::Poll::new().unwrap();
-        let ep = Endpoint::Unix { path: path.clone(), server: true };
+        let ep = Endpoint { addr: StreamAddr::Unix(path.clone()), server: true };
         let mut port = Port::open("test", ep, poll.registry(), Token(10)).unwrap();
         let c1 = std::os::unix::net::UnixStream::connect(&path).unwrap();
         assert!(port.handle_event(poll.registry(), Token(10)));
@@ -465,7 +437,7 @@ mod tests {
         assert!(port.disconnect(poll.registry()), "the waiting peer is accepted at once");
         drop(c2);
         // A client endpoint to a path nobody listens on fails at start.
-        let missing = Endpoint::Unix { path: temp_path("missing"), server: false };
+        let missing = Endpoint { addr: StreamAddr::Unix(temp_path("missing")), server: false };
         let err = Port::open("test", missing, poll.registry(), Token(20)).unwrap_err();
         assert!(err.to_string().contains("test unix:"), "{err}");
         drop(port);
@@ -490,7 +462,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let path = temp_path("stale");
         let poll = mio::Poll::new().unwrap();
-        let ep = Endpoint::Unix { path: path.clone(), server: true };
+        let ep = Endpoint { addr: StreamAddr::Unix(path.clone()), server: true };
         let open = || Port::open("test", ep.clone(), poll.registry(), Token(10));
         let live = std::os::unix::net::UnixListener::bind(&path).unwrap();
         assert_eq!(open().unwrap_err().kind(), io::ErrorKind::AddrInUse);

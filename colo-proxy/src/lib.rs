@@ -20,6 +20,7 @@ pub mod clock;
 pub mod compare;
 pub mod control;
 pub mod endpoint;
+pub mod engine_args;
 pub mod flow;
 pub mod frame;
 pub mod frame_pool;
@@ -32,6 +33,8 @@ pub mod pcap;
 pub mod proxy;
 pub mod replica;
 pub mod rewrite;
+pub mod stream_addr;
+pub mod virtio_net;
 pub mod wire;
 
 pub use classify::{classify, Class};

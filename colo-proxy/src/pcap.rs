@@ -1,48 +1,39 @@
 //! A pcapng writer for captures of Ethernet frames, with an optional comment per packet (so a
-//! capture can say why a frame was released or dropped).
+//! capture can say why a frame was released or dropped), on the `pcap-file` crate.
 //!
-//! Format: draft-ietf-opsawg-pcapng. One section (Section Header Block), one interface (Interface
-//! Description Block, `LINKTYPE_ETHERNET`, microsecond timestamps), then one Enhanced Packet Block
-//! per frame. Little-endian, which every reader handles via the byte-order magic; every block and
-//! option value is padded to 32 bits and every block repeats its total length at its end.
+//! Format: draft-ietf-opsawg-pcapng. One little-endian section (Section Header Block, naming
+//! this program), one interface (Interface Description Block, `LINKTYPE_ETHERNET`, nanosecond
+//! timestamps), then one Enhanced Packet Block per frame.
+//!
+//! Nanoseconds because `pcap-file` (2.0) writes and reads an Enhanced Packet Block's timestamp
+//! in nanoseconds whatever the interface says; declaring `if_tsresol` 9 makes the file mean
+//! what the crate writes, for every other reader (tshark, tcpdump) too.
 
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// Section Header Block type; a palindrome so the byte order can be detected after it.
-const SHB_TYPE: u32 = 0x0A0D_0D0A;
-/// Interface Description Block type.
-const IDB_TYPE: u32 = 0x0000_0001;
-/// Enhanced Packet Block type.
-const EPB_TYPE: u32 = 0x0000_0006;
-/// Written as-is; a reader sees 0x4D3C2B1A if the file's byte order differs from its own.
-const BYTE_ORDER_MAGIC: u32 = 0x1A2B_3C4D;
+use pcap_file::pcapng::blocks::enhanced_packet::{EnhancedPacketBlock, EnhancedPacketOption};
+use pcap_file::pcapng::blocks::interface_description::{InterfaceDescriptionBlock, InterfaceDescriptionOption};
+use pcap_file::pcapng::blocks::section_header::{SectionHeaderBlock, SectionHeaderOption};
+use pcap_file::pcapng::PcapNgWriter;
+use pcap_file::{DataLink, Endianness, PcapError};
 
-/// Ethernet II, as in pcap's LINKTYPE_ETHERNET.
-pub const LINKTYPE_ETHERNET: u16 = 1;
 /// Largest frame length recorded, libpcap's `MAXIMUM_SNAPLEN`; well above any frame we carry.
 pub const SNAPLEN: u32 = 262_144;
-
-/// Terminates an option list.
-const OPT_ENDOFOPT: u16 = 0;
-/// A UTF-8 comment, valid in every block.
-const OPT_COMMENT: u16 = 1;
-/// SHB: the application that wrote the file.
-const SHB_USERAPPL: u16 = 4;
-/// IDB: the interface's name.
-const IF_NAME: u16 = 2;
+/// `if_tsresol`: timestamps in units of 10^-9 s.
+pub const TSRESOL_NANOSECONDS: u8 = 9;
+/// The longest option value pcapng can hold (its length is a `u16`).
+const MAX_OPTION_LEN: usize = u16::MAX as usize;
 
 /// Writes a pcapng capture to `W`.
 ///
-/// Each block is assembled in a reusable buffer and handed to `W` in one `write_all`, so an
-/// unbuffered `W` costs one system call per packet; use [`create`] for a buffered file.
-#[derive(Debug)]
+/// `pcap-file` hands each block to `W` in several small writes; use [`create`] (buffered) for a
+/// file.
 pub struct PcapWriter<W: Write> {
-    w: W,
-    /// Scratch space for the block being built.
-    block: Vec<u8>,
+    w: PcapNgWriter<W>,
 }
 
 impl<W: Write> PcapWriter<W> {
@@ -57,62 +48,49 @@ impl<W: Write> PcapWriter<W> {
     }
 
     fn start(w: W, if_name: Option<&str>) -> io::Result<Self> {
-        let mut pw = PcapWriter { w, block: Vec::with_capacity(2048) };
-
-        begin_block(&mut pw.block, SHB_TYPE);
-        put_u32(&mut pw.block, BYTE_ORDER_MAGIC);
-        put_u16(&mut pw.block, 1); // major version
-        put_u16(&mut pw.block, 0); // minor version
-        pw.block.extend_from_slice(&(-1i64).to_le_bytes()); // section length: not known
         let userappl = concat!("colo-proxy ", env!("CARGO_PKG_VERSION"));
-        put_option(&mut pw.block, SHB_USERAPPL, userappl.as_bytes());
-        end_block(&mut pw.block, true)?;
-        pw.w.write_all(&pw.block)?;
-
-        begin_block(&mut pw.block, IDB_TYPE);
-        put_u16(&mut pw.block, LINKTYPE_ETHERNET);
-        put_u16(&mut pw.block, 0); // reserved
-        put_u32(&mut pw.block, SNAPLEN);
-        // if_tsresol is left out: its default is microseconds, which is what we write.
+        let section = SectionHeaderBlock {
+            endianness: Endianness::Little,
+            options: vec![SectionHeaderOption::UserApplication(Cow::Borrowed(userappl))],
+            ..Default::default()
+        };
+        let mut w = PcapNgWriter::with_section_header(w, section).map_err(io_error)?;
+        let mut options = vec![InterfaceDescriptionOption::IfTsResol(TSRESOL_NANOSECONDS)];
         if let Some(name) = if_name {
-            put_option(&mut pw.block, IF_NAME, truncate_utf8(name, u16::MAX as usize).as_bytes());
+            options.push(InterfaceDescriptionOption::IfName(Cow::Borrowed(truncate_utf8(name, MAX_OPTION_LEN))));
         }
-        end_block(&mut pw.block, if_name.is_some())?;
-        pw.w.write_all(&pw.block)?;
-
-        Ok(pw)
+        let interface = InterfaceDescriptionBlock { linktype: DataLink::ETHERNET, snaplen: SNAPLEN, options };
+        w.write_pcapng_block(interface).map_err(io_error)?;
+        Ok(PcapWriter { w })
     }
 
     /// Appends one Ethernet frame (without any virtio-net header) captured at `timestamp`, with
-    /// an optional comment. Timestamps have microsecond resolution; ones before 1970 are written
-    /// as 0. A comment over 65535 bytes is truncated at a character boundary.
+    /// an optional comment. Timestamps before 1970 are written as 0. A comment over 65535 bytes
+    /// is truncated at a character boundary.
     pub fn write_packet(&mut self, timestamp: SystemTime, frame: &[u8], comment: Option<&str>) -> io::Result<()> {
-        let len = u32::try_from(frame.len()).map_err(|_| invalid("frame too long for pcapng"))?;
-        let micros = timestamp.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
-
-        begin_block(&mut self.block, EPB_TYPE);
-        put_u32(&mut self.block, 0); // interface id: our only interface
-        put_u32(&mut self.block, (micros >> 32) as u32);
-        put_u32(&mut self.block, micros as u32);
-        put_u32(&mut self.block, len); // captured length
-        put_u32(&mut self.block, len); // original length
-        self.block.extend_from_slice(frame);
-        pad32(&mut self.block);
-        if let Some(text) = comment {
-            put_option(&mut self.block, OPT_COMMENT, truncate_utf8(text, u16::MAX as usize).as_bytes());
-        }
-        end_block(&mut self.block, comment.is_some())?;
-        self.w.write_all(&self.block)
+        let original_len = u32::try_from(frame.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too long for pcapng"))?;
+        let packet = EnhancedPacketBlock {
+            interface_id: 0,
+            timestamp: timestamp.duration_since(UNIX_EPOCH).unwrap_or_default(),
+            original_len,
+            data: Cow::Borrowed(frame),
+            options: comment
+                .map(|text| EnhancedPacketOption::Comment(Cow::Borrowed(truncate_utf8(text, MAX_OPTION_LEN))))
+                .into_iter()
+                .collect(),
+        };
+        self.w.write_pcapng_block(packet).map(drop).map_err(io_error)
     }
 
     /// Flushes the underlying writer.
     pub fn flush(&mut self) -> io::Result<()> {
-        self.w.flush()
+        self.w.get_mut().flush()
     }
 
     /// The underlying writer, not flushed.
     pub fn into_inner(self) -> W {
-        self.w
+        self.w.into_inner()
     }
 }
 
@@ -121,49 +99,11 @@ pub fn create(path: &Path) -> io::Result<PcapWriter<BufWriter<File>>> {
     PcapWriter::new(BufWriter::new(File::create(path)?))
 }
 
-fn invalid(what: &'static str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, what)
-}
-
-fn put_u16(buf: &mut Vec<u8>, v: u16) {
-    buf.extend_from_slice(&v.to_le_bytes());
-}
-
-fn put_u32(buf: &mut Vec<u8>, v: u32) {
-    buf.extend_from_slice(&v.to_le_bytes());
-}
-
-/// Zero-pads `buf` to a multiple of 4 bytes (blocks always start aligned, so this aligns the
-/// block's contents too).
-fn pad32(buf: &mut Vec<u8>) {
-    buf.resize(buf.len().next_multiple_of(4), 0);
-}
-
-/// Clears `buf` and starts a block: type and a total-length placeholder.
-fn begin_block(buf: &mut Vec<u8>, block_type: u32) {
-    buf.clear();
-    put_u32(buf, block_type);
-    put_u32(buf, 0);
-}
-
-/// Appends one option; `value` must be at most 65535 bytes.
-fn put_option(buf: &mut Vec<u8>, code: u16, value: &[u8]) {
-    put_u16(buf, code);
-    put_u16(buf, value.len() as u16);
-    buf.extend_from_slice(value);
-    pad32(buf);
-}
-
-/// Ends the options (if any were written) and the block: total length at both ends.
-fn end_block(buf: &mut Vec<u8>, has_options: bool) -> io::Result<()> {
-    if has_options {
-        put_u16(buf, OPT_ENDOFOPT);
-        put_u16(buf, 0);
+fn io_error(e: PcapError) -> io::Error {
+    match e {
+        PcapError::IoError(e) => e,
+        other => io::Error::other(other),
     }
-    let total = u32::try_from(buf.len() + 4).map_err(|_| invalid("pcapng block too long"))?;
-    buf[4..8].copy_from_slice(&total.to_le_bytes());
-    put_u32(buf, total);
-    Ok(())
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
@@ -180,57 +120,27 @@ fn truncate_utf8(s: &str, max: usize) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use std::process::Command;
     use std::time::Duration;
 
-    fn le16(b: &[u8], at: usize) -> u16 {
-        u16::from_le_bytes([b[at], b[at + 1]])
-    }
+    use pcap_file::pcapng::{Block, PcapNgParser};
 
-    fn le32(b: &[u8], at: usize) -> u32 {
-        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-    }
-
-    /// A parsed block: type, body (between the length fields).
-    fn blocks(file: &[u8]) -> Vec<(u32, &[u8])> {
-        let mut out = Vec::new();
-        let mut at = 0;
-        while at < file.len() {
-            let ty = le32(file, at);
-            let len = le32(file, at + 4) as usize;
-            assert_eq!(len % 4, 0, "block length {len} not aligned");
-            assert!(len >= 12);
-            assert_eq!(le32(file, at + len - 4) as usize, len, "trailing length differs");
-            out.push((ty, &file[at + 8..at + len - 4]));
-            at += len;
-        }
-        assert_eq!(at, file.len());
-        out
-    }
-
-    /// Parses an option list, checking padding and the terminator.
-    fn options(mut b: &[u8]) -> Vec<(u16, Vec<u8>)> {
-        let mut out = Vec::new();
-        if b.is_empty() {
-            return out;
-        }
-        loop {
-            let (code, len) = (le16(b, 0), le16(b, 2) as usize);
-            if code == OPT_ENDOFOPT {
-                assert_eq!(len, 0);
-                assert_eq!(b.len(), 4, "bytes after opt_endofopt");
-                return out;
-            }
-            out.push((code, b[4..4 + len].to_vec()));
-            let padded = len.next_multiple_of(4);
-            assert!(b[4 + len..4 + padded].iter().all(|&x| x == 0));
-            b = &b[4 + padded..];
-        }
-    }
+    use super::*;
 
     fn frame(len: usize) -> Vec<u8> {
         (0..len).map(|i| i as u8).collect()
+    }
+
+    /// The blocks of `file`, which must hold nothing else.
+    fn blocks(file: &[u8]) -> Vec<Block<'static>> {
+        let (mut rest, mut parser) = PcapNgParser::new(file).unwrap();
+        let mut out = vec![Block::SectionHeader(parser.section().clone())];
+        while !rest.is_empty() {
+            let (r, block) = parser.next_block(rest).unwrap();
+            out.push(block.into_owned());
+            rest = r;
+        }
+        out
     }
 
     fn sample(w: Vec<u8>, name: Option<&str>) -> Vec<u8> {
@@ -238,7 +148,7 @@ mod tests {
             Some(n) => PcapWriter::with_if_name(w, n).unwrap(),
             None => PcapWriter::new(w).unwrap(),
         };
-        let t = UNIX_EPOCH + Duration::from_micros(0x1_2345_6789);
+        let t = UNIX_EPOCH + Duration::from_nanos(0x1_2345_6789_abcd);
         pw.write_packet(t, &frame(60), None).unwrap();
         pw.write_packet(t, &frame(61), Some("primary released (miscompare: payload)")).unwrap();
         pw.write_packet(t, &frame(1514), Some("é")).unwrap();
@@ -249,43 +159,37 @@ mod tests {
     #[test]
     fn structure() {
         let file = sample(Vec::new(), Some("eth0"));
+        assert_eq!(&file[..4], &[0x0a, 0x0d, 0x0d, 0x0a]);
+        assert_eq!(&file[8..12], &0x1a2b_3c4du32.to_le_bytes(), "little-endian section");
         let b = blocks(&file);
-        assert_eq!(b.iter().map(|(t, _)| *t).collect::<Vec<_>>(), [SHB_TYPE, IDB_TYPE, EPB_TYPE, EPB_TYPE, EPB_TYPE]);
-
-        let shb = b[0].1;
-        assert_eq!(le32(shb, 0), BYTE_ORDER_MAGIC);
-        assert_eq!((le16(shb, 4), le16(shb, 6)), (1, 0));
-        assert_eq!(&shb[8..16], &[0xff; 8]);
-        let opts = options(&shb[16..]);
-        assert_eq!(opts[0].0, SHB_USERAPPL);
-        assert!(opts[0].1.starts_with(b"colo-proxy "));
-
-        let idb = b[1].1;
-        assert_eq!((le16(idb, 0), le32(idb, 4)), (LINKTYPE_ETHERNET, SNAPLEN));
-        assert_eq!(options(&idb[8..]), vec![(IF_NAME, b"eth0".to_vec())]);
-
-        for (i, (len, comment)) in [(60, None), (61, Some("primary released (miscompare: payload)")), (1514, Some("é"))]
-            .into_iter()
-            .enumerate()
+        assert_eq!(b.len(), 5);
+        let Block::SectionHeader(shb) = &b[0] else { panic!("{:?}", b[0]) };
+        assert_eq!((shb.endianness, shb.major_version, shb.minor_version), (Endianness::Little, 1, 0));
+        assert!(matches!(&shb.options[..], [SectionHeaderOption::UserApplication(a)] if a.starts_with("colo-proxy ")));
+        let Block::InterfaceDescription(idb) = &b[1] else { panic!("{:?}", b[1]) };
+        assert_eq!((idb.linktype, idb.snaplen), (DataLink::ETHERNET, SNAPLEN));
+        assert_eq!(
+            idb.options,
+            [InterfaceDescriptionOption::IfTsResol(9), InterfaceDescriptionOption::IfName("eth0".into())]
+        );
+        for (block, (len, comment)) in
+            b[2..].iter().zip([(60, None), (61, Some("primary released (miscompare: payload)")), (1514, Some("é"))])
         {
-            let epb = b[2 + i].1;
-            assert_eq!(le32(epb, 0), 0);
-            let ts = (le32(epb, 4) as u64) << 32 | le32(epb, 8) as u64;
-            assert_eq!(ts, 0x1_2345_6789);
-            assert_eq!((le32(epb, 12), le32(epb, 16)), (len as u32, len as u32));
-            assert_eq!(&epb[20..20 + len], &frame(len)[..]);
-            let padded = 20 + len.next_multiple_of(4);
-            assert!(epb[20 + len..padded].iter().all(|&x| x == 0));
-            let want: Vec<(u16, Vec<u8>)> = comment.map(|c| (OPT_COMMENT, c.as_bytes().to_vec())).into_iter().collect();
-            assert_eq!(options(&epb[padded..]), want);
+            let Block::EnhancedPacket(epb) = block else { panic!("{block:?}") };
+            assert_eq!(epb.interface_id, 0);
+            assert_eq!(epb.timestamp, Duration::from_nanos(0x1_2345_6789_abcd));
+            assert_eq!((epb.data.as_ref(), epb.original_len), (&frame(len)[..], len as u32));
+            let want: Vec<EnhancedPacketOption> =
+                comment.map(|c| EnhancedPacketOption::Comment(c.into())).into_iter().collect();
+            assert_eq!(epb.options, want);
         }
     }
 
     #[test]
-    fn no_if_name_means_no_idb_options() {
+    fn no_if_name_means_only_the_time_resolution() {
         let file = sample(Vec::new(), None);
-        let b = blocks(&file);
-        assert_eq!(b[1].1.len(), 8);
+        let Block::InterfaceDescription(idb) = &blocks(&file)[1] else { panic!() };
+        assert_eq!(idb.options, [InterfaceDescriptionOption::IfTsResol(9)]);
     }
 
     #[test]
@@ -294,12 +198,10 @@ mod tests {
         let long = "é".repeat(40_000); // 80000 bytes
         pw.write_packet(UNIX_EPOCH - Duration::from_secs(1), &frame(14), Some(&long)).unwrap();
         let file = pw.into_inner();
-        let b = blocks(&file);
-        let epb = b[2].1;
-        assert_eq!((le32(epb, 4), le32(epb, 8)), (0, 0));
-        let opts = options(&epb[36..]);
-        assert_eq!(opts[0].1.len(), 65534);
-        assert!(std::str::from_utf8(&opts[0].1).is_ok());
+        let Block::EnhancedPacket(epb) = &blocks(&file)[2] else { panic!() };
+        assert_eq!(epb.timestamp, Duration::ZERO);
+        let [EnhancedPacketOption::Comment(c)] = &epb.options[..] else { panic!("{:?}", epb.options) };
+        assert_eq!(c.len(), 65534, "cut at a character boundary");
     }
 
     /// Removes the file when dropped, whether the test passes or not.
@@ -311,6 +213,8 @@ mod tests {
         }
     }
 
+    /// An independent reader: lengths, comments, and the nanosecond timestamps as tshark reads
+    /// them.
     #[test]
     fn tshark_reads_it() {
         let tshark = std::env::var_os("PATH")
@@ -322,7 +226,7 @@ mod tests {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().subsec_nanos();
         let tmp = TempFile(std::env::temp_dir().join(format!("colo-pcap-test-{}-{nanos}.pcapng", std::process::id())));
         let mut pw = create(&tmp.0).unwrap();
-        let t = SystemTime::now();
+        let t = UNIX_EPOCH + Duration::new(1_700_000_000, 123_456_789);
         pw.write_packet(t, &frame(60), None).unwrap();
         pw.write_packet(t, &frame(61), Some("primary released (miscompare: payload)")).unwrap();
         pw.write_packet(t, &frame(1514), Some("secondary dropped")).unwrap();
@@ -333,12 +237,19 @@ mod tests {
         let out = Command::new(tshark)
             .args(["-n", "-r"])
             .arg(&tmp.0)
-            .args(["-T", "fields", "-e", "frame.len", "-e", "frame.comment"])
+            .args(["-T", "fields", "-e", "frame.time_epoch", "-e", "frame.len", "-e", "frame.comment"])
             .output()
             .unwrap();
         assert!(out.status.success(), "tshark failed: {}", String::from_utf8_lossy(&out.stderr));
         let stdout = String::from_utf8(out.stdout).unwrap();
         let lines: Vec<&str> = stdout.lines().collect();
-        assert_eq!(lines, ["60\t", "61\tprimary released (miscompare: payload)", "1514\tsecondary dropped"]);
+        assert_eq!(
+            lines,
+            [
+                "1700000000.123456789\t60\t",
+                "1700000000.123456789\t61\tprimary released (miscompare: payload)",
+                "1700000000.123456789\t1514\tsecondary dropped"
+            ]
+        );
     }
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use colo_proxy::wire::{MacAddr, MacError};
 use colo_vmm_abi::{VirtioMmioDevice, MAX_CPUS, MAX_MEM, MIN_MEM, MMIO_BASE, MMIO_DEVICE_SIZE};
 use kvm_ioctls::{IoEventAddress, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
@@ -38,12 +39,12 @@ pub struct NetConfig {
     /// The backend's socket.
     pub socket: PathBuf,
     /// The guest's MAC address.
-    pub mac: [u8; 6],
+    pub mac: MacAddr,
 }
 
 /// The default MAC: locally administered, QEMU's prefix, device index in the last byte.
-pub fn default_mac(index: usize) -> [u8; 6] {
-    [0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index as u8)]
+pub fn default_mac(index: usize) -> MacAddr {
+    MacAddr([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index as u8)])
 }
 
 /// Why a `--net` option is refused.
@@ -60,12 +61,9 @@ pub enum NetOptionError {
     /// No socket.
     #[error("'{0}': missing vhost-user=PATH")]
     NoSocket(String),
-    /// Not six hexadecimal bytes.
-    #[error("'{0}' is not a MAC address (six bytes, as 52:54:00:12:34:56)")]
-    Mac(String),
-    /// A group address.
-    #[error("'{0}' is a multicast address")]
-    Multicast(String),
+    /// A MAC address that is not a unicast one.
+    #[error(transparent)]
+    Mac(#[from] MacError),
 }
 
 impl FromStr for NetConfig {
@@ -76,26 +74,13 @@ impl FromStr for NetConfig {
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("vhost-user", p)) if !p.is_empty() => socket = Some(PathBuf::from(p)),
-                Some(("mac", m)) => mac = Some(parse_mac(m)?),
+                Some(("mac", m)) => mac = Some(m.parse()?),
                 _ => return Err(NetOptionError::Part { part: part.into(), option: s.into() }),
             }
         }
         let socket = socket.ok_or_else(|| NetOptionError::NoSocket(s.into()))?;
         Ok(NetConfig { socket, mac: mac.unwrap_or_else(|| default_mac(0)) })
     }
-}
-
-/// Parses `52:54:00:12:34:56`.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], NetOptionError> {
-    let bytes: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).map_err(|_| NetOptionError::Mac(s.into())))
-        .collect::<Result<_, _>>()?;
-    let mac: [u8; 6] = bytes.try_into().map_err(|_| NetOptionError::Mac(s.into()))?;
-    if mac[0] & 1 != 0 {
-        return Err(NetOptionError::Multicast(s.into()));
-    }
-    Ok(mac)
 }
 
 /// Everything needed to boot a VM.

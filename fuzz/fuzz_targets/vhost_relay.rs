@@ -17,7 +17,8 @@ use std::os::unix::net::UnixStream;
 
 use libfuzzer_sys::fuzz_target;
 use vhost::vhost_user::message::{FrontendReq, MAX_MSG_SIZE};
-use vhost_net_compare::frontend_shim::{relay, HEADER_LEN, MAX_DEFERRED_RINGS};
+use vhost_net_compare::frontend_shim::enable_order::MAX_RINGS as MAX_DEFERRED_RINGS;
+use vhost_net_compare::frontend_shim::{relay, HEADER_LEN};
 
 /// Requests the relay may add: one deferred enable per ring it remembers.
 const MAX_INJECTED: u64 = MAX_DEFERRED_RINGS as u64;

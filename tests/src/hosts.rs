@@ -37,22 +37,8 @@ pub fn prerequisites() -> Result<(), String> {
 /// The frames of a capture (classic pcap as tcpdump writes it, or pcapng as the compare
 /// processes write theirs), with their times since the epoch.
 pub fn read_capture(path: &Path) -> Vec<(Duration, Vec<u8>)> {
-    let Ok(bytes) = std::fs::read(path) else { return vec![] };
-    let mut frames = vec![];
     // A capture cut short by its process's end ends with a partial packet: keep what is whole.
-    if bytes.starts_with(&[0x0a, 0x0d, 0x0d, 0x0a]) {
-        let Ok(mut reader) = pcap_file::pcapng::PcapNgReader::new(&bytes[..]) else { return vec![] };
-        while let Some(Ok(block)) = reader.next_block() {
-            if let pcap_file::pcapng::Block::EnhancedPacket(p) = block {
-                frames.push((p.timestamp, p.data.into_owned()));
-            }
-        }
-    } else if let Ok(mut reader) = pcap_file::pcap::PcapReader::new(&bytes[..]) {
-        while let Some(Ok(p)) = reader.next_packet() {
-            frames.push((p.timestamp, p.data.into_owned()));
-        }
-    }
-    frames
+    std::fs::read(path).ok().and_then(|bytes| crate::pcapread::try_packets(&bytes).ok()).unwrap_or_default()
 }
 
 /// One host.

@@ -27,6 +27,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use colo_test_support::{can_run, expect_event, skip, TempDir};
+
 /// Path of a binary of this workspace: next to the running executable (a binary in
 /// `target/<profile>/`) or one directory up (a test in `target/<profile>/deps/`). `cargo test`
 /// alone does not build the binaries of members without integration tests, so
@@ -49,29 +51,6 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
     format!("{prefix}{}{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::SeqCst))
-}
-
-/// A temporary directory removed on drop.
-pub struct TempDir(PathBuf);
-
-impl TempDir {
-    /// Creates `/tmp/colo-<tag>-<unique>`.
-    pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(unique(&format!("colo-{tag}-")));
-        std::fs::create_dir_all(&p).expect("create temp dir");
-        TempDir(p)
-    }
-
-    /// A path inside the directory.
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A child process killed (SIGKILL) and reaped on drop, with its stderr kept for diagnostics.
@@ -180,27 +159,6 @@ pub fn have(program: &str) -> bool {
     std::env::var_os("PATH")
         .map(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
         .unwrap_or(false)
-}
-
-/// Prints a visible skip notice (the test then returns). Set `COLO_REQUIRE_ALL=1` to turn
-/// skips into failures (CI does, so a missing prerequisite cannot pass unnoticed).
-pub fn skip(test: &str, why: &str) {
-    if std::env::var_os("COLO_REQUIRE_ALL").is_some_and(|v| v == "1") {
-        panic!("{test}: prerequisite missing and COLO_REQUIRE_ALL=1: {why}");
-    }
-    eprintln!("SKIPPED {test}: {why}");
-}
-
-/// Whether `test` can run here: its prerequisites are met, or it is skipped with the reason
-/// (see [`skip`]).
-pub fn can_run(test: &str, prerequisites: Result<(), String>) -> bool {
-    match prerequisites {
-        Ok(()) => true,
-        Err(why) => {
-            skip(test, &why);
-            false
-        }
-    }
 }
 
 /// A memory figure of process `pid` from /proc/PID/status, in KiB: `VmRSS` (resident now) or

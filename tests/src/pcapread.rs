@@ -1,5 +1,16 @@
-//! Reading packet captures: the classic pcap files tcpdump writes (microsecond or nanosecond,
-//! either byte order) and pcapng (what the compare processes' `--capture` writes, and tshark).
+//! Reading packet captures with the `pcap-file` crate: the classic pcap files tcpdump writes
+//! (microsecond or nanosecond, either byte order) and pcapng (what the compare processes'
+//! `--capture` writes, and tshark).
+
+use std::time::Duration;
+
+use pcap_file::pcap::PcapParser;
+use pcap_file::pcapng::blocks::interface_description::InterfaceDescriptionOption;
+use pcap_file::pcapng::{Block, PcapNgParser};
+use pcap_file::{Endianness, PcapError};
+
+/// The first bytes of a pcapng file (a Section Header Block's type).
+const PCAPNG_MAGIC: [u8; 4] = [0x0a, 0x0d, 0x0d, 0x0a];
 
 /// The frames of a pcap or pcapng file, in order. Panics on a malformed file (tests only); use
 /// [`try_frames`] where a test must report something else first.
@@ -10,107 +21,104 @@ pub fn frames(bytes: &[u8]) -> Vec<Vec<u8>> {
 /// The frames of a pcap or pcapng file, in order, or why the file cannot be read. A record cut
 /// by the end of the file (a capture still being written) ends the list without error.
 pub fn try_frames(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    let magic = bytes.get(0..4).ok_or("capture file too short")?;
-    if magic == PCAPNG_SHB.to_le_bytes() {
-        pcapng_frames(bytes)
+    Ok(try_packets(bytes)?.into_iter().map(|(_, frame)| frame).collect())
+}
+
+/// The frames of a pcap or pcapng file with their times since the epoch, as [`try_frames`].
+pub fn try_packets(bytes: &[u8]) -> Result<Vec<(Duration, Vec<u8>)>, String> {
+    if bytes.len() < 4 {
+        return Err("capture file too short".into());
+    }
+    if bytes.starts_with(&PCAPNG_MAGIC) {
+        pcapng_packets(bytes)
     } else {
-        pcap_frames(bytes)
+        pcap_packets(bytes)
     }
 }
 
-fn pcap_frames(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    if bytes.len() < 24 {
-        return Err("pcap file too short".into());
-    }
-    let magic = u32::from_le_bytes(bytes[0..4].try_into().unwrap());
-    let le = match magic {
-        0xa1b2c3d4 | 0xa1b23c4d => true,
-        0xd4c3b2a1 | 0x4d3cb2a1 => false,
-        m => return Err(format!("neither a pcap nor a pcapng file (magic {m:#x})")),
-    };
-    let u32_at = |at: usize| read_u32(bytes, at, le);
+fn pcap_packets(bytes: &[u8]) -> Result<Vec<(Duration, Vec<u8>)>, String> {
+    let (mut rest, parser) = PcapParser::new(bytes).map_err(|e| match e {
+        PcapError::IncompleteBuffer => "pcap file too short".to_string(),
+        e => format!("neither a pcap nor a pcapng file: {e}"),
+    })?;
     let mut out = vec![];
-    let mut at = 24;
-    while at + 16 <= bytes.len() {
-        let caplen = u32_at(at + 8) as usize;
-        let start = at + 16;
-        if start + caplen > bytes.len() {
-            break; // a record cut by the capture's end
+    loop {
+        match parser.next_packet(rest) {
+            Ok((r, packet)) => {
+                out.push((packet.timestamp, packet.data.into_owned()));
+                rest = r;
+            }
+            Err(PcapError::IncompleteBuffer) => break, // the end, or a record cut by it
+            Err(e) => return Err(format!("pcap record at byte {}: {e}", bytes.len() - rest.len())),
         }
-        out.push(bytes[start..start + caplen].to_vec());
-        at = start + caplen;
     }
     Ok(out)
 }
 
-/// Block types (pcapng, draft-ietf-opsawg-pcapng).
-const PCAPNG_SHB: u32 = 0x0a0d_0d0a;
-const PCAPNG_OBSOLETE_PACKET: u32 = 2;
-const PCAPNG_SIMPLE_PACKET: u32 = 3;
-const PCAPNG_ENHANCED_PACKET: u32 = 6;
-/// The Section Header Block's byte-order magic, as written by the capture's host.
-const PCAPNG_BYTE_ORDER: u32 = 0x1a2b_3c4d;
-
-fn pcapng_frames(bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+fn pcapng_packets(bytes: &[u8]) -> Result<Vec<(Duration, Vec<u8>)>, String> {
+    let (mut rest, mut parser) = PcapNgParser::new(bytes).map_err(|e| format!("pcapng section header: {e}"))?;
     let mut out = vec![];
-    let mut le = true;
-    let mut at = 0;
-    // Every block: type, total length, body, total length again.
-    while at + 12 <= bytes.len() {
-        if read_u32(bytes, at, true) == PCAPNG_SHB {
-            // A section header sets the byte order of its section.
-            le = match read_u32(bytes, at + 8, true) {
-                PCAPNG_BYTE_ORDER => true,
-                m if m.swap_bytes() == PCAPNG_BYTE_ORDER => false,
-                m => return Err(format!("pcapng section at byte {at}: bad byte-order magic {m:#x}")),
-            };
-        }
-        let block_type = read_u32(bytes, at, le);
-        let total = read_u32(bytes, at + 4, le) as usize;
-        if total < 12 || !total.is_multiple_of(4) {
-            return Err(format!("pcapng block at byte {at}: bad length {total}"));
-        }
-        if at + total > bytes.len() {
-            break; // a block cut by the capture's end
-        }
-        let body = &bytes[at + 8..at + total - 4];
-        let packet = match block_type {
-            // Enhanced: interface, timestamp (two words), captured length, original length,
-            // data. Obsolete: interface and drops (16 bits each), then the same.
-            PCAPNG_ENHANCED_PACKET | PCAPNG_OBSOLETE_PACKET => Some((20, 12)),
-            // original length, data (as much as the block holds)
-            PCAPNG_SIMPLE_PACKET => {
-                if body.len() < 4 {
-                    return Err(format!("pcapng simple packet block at byte {at} too short"));
-                }
-                let len = (read_u32(body, 0, le) as usize).min(body.len() - 4);
-                out.push(body[4..4 + len].to_vec());
-                None
+    loop {
+        let at = bytes.len() - rest.len();
+        let block = match parser.next_block(rest) {
+            Ok((r, block)) => {
+                rest = r;
+                block
             }
-            _ => None,
+            // The end, or a block cut by it (a capture still being written).
+            Err(PcapError::IncompleteBuffer) if runs_past_the_end(rest, parser.section().endianness) => break,
+            Err(e) => return Err(format!("pcapng block at byte {at}: {e}")),
         };
-        if let Some((data_at, caplen_at)) = packet {
-            if body.len() < data_at {
-                return Err(format!("pcapng packet block at byte {at} too short"));
+        let tsresol = |interface: u32| {
+            parser.interfaces().get(interface as usize).map_or(DEFAULT_TSRESOL, |i| {
+                i.options
+                    .iter()
+                    .find_map(|o| match o {
+                        InterfaceDescriptionOption::IfTsResol(r) => Some(*r),
+                        _ => None,
+                    })
+                    .unwrap_or(DEFAULT_TSRESOL)
+            })
+        };
+        match block {
+            // pcap-file reports the raw timestamp as nanoseconds; the interface says what it is.
+            Block::EnhancedPacket(p) => {
+                let ticks = p.timestamp.as_nanos() as u64;
+                out.push((ticks_to_time(ticks, tsresol(p.interface_id)), p.data.into_owned()));
             }
-            let caplen = read_u32(body, caplen_at, le) as usize;
-            let data = body.get(data_at..data_at + caplen).ok_or_else(|| {
-                format!("pcapng packet block at byte {at}: captured length {caplen} beyond the block")
-            })?;
-            out.push(data.to_vec());
+            Block::Packet(p) => {
+                out.push((ticks_to_time(p.timestamp, tsresol(p.interface_id.into())), p.data.into_owned()))
+            }
+            // No timestamp; the data is padded, the original length says how much is the frame.
+            Block::SimplePacket(p) => {
+                let len = (p.original_len as usize).min(p.data.len());
+                out.push((Duration::ZERO, p.data[..len].to_vec()));
+            }
+            _ => {}
         }
-        at += total;
     }
     Ok(out)
 }
 
-fn read_u32(bytes: &[u8], at: usize, le: bool) -> u32 {
-    let b: [u8; 4] = bytes[at..at + 4].try_into().unwrap();
-    if le {
-        u32::from_le_bytes(b)
-    } else {
-        u32::from_be_bytes(b)
-    }
+/// The block at the start of `rest` (or its header) needs more bytes than the file has.
+fn runs_past_the_end(rest: &[u8], endianness: Endianness) -> bool {
+    let Some(&[a, b, c, d]) = rest.get(4..8) else { return true };
+    let total = match endianness {
+        Endianness::Big => u32::from_be_bytes([a, b, c, d]),
+        Endianness::Little => u32::from_le_bytes([a, b, c, d]),
+    };
+    total as usize > rest.len()
+}
+
+/// `if_tsresol` when an interface does not say: microseconds.
+const DEFAULT_TSRESOL: u8 = 6;
+
+/// A pcapng timestamp in units of `tsresol` (10^-n seconds, or 2^-n with the top bit set).
+fn ticks_to_time(ticks: u64, tsresol: u8) -> Duration {
+    let per_second: u128 =
+        if tsresol & 0x80 == 0 { 10u128.pow(u32::from(tsresol.min(19))) } else { 1u128 << (tsresol & 0x7f).min(64) };
+    let (secs, frac) = (u128::from(ticks) / per_second, u128::from(ticks) % per_second);
+    Duration::new(secs as u64, (frac * 1_000_000_000 / per_second) as u32)
 }
 
 #[cfg(test)]
@@ -118,6 +126,11 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
+
+    /// Block types and the byte-order magic (draft-ietf-opsawg-pcapng), for building files.
+    const PCAPNG_SHB: u32 = 0x0a0d_0d0a;
+    const PCAPNG_SIMPLE_PACKET: u32 = 3;
+    const PCAPNG_BYTE_ORDER: u32 = 0x1a2b_3c4d;
 
     fn frame(len: usize, fill: u8) -> Vec<u8> {
         (0..len).map(|i| fill.wrapping_add(i as u8)).collect()
@@ -135,6 +148,9 @@ mod tests {
         }
         let bytes = w.into_inner();
         assert_eq!(try_frames(&bytes).unwrap(), frames_in);
+        // Its timestamps are nanoseconds (if_tsresol 9).
+        let times: Vec<Duration> = try_packets(&bytes).unwrap().into_iter().map(|(t, _)| t).collect();
+        assert_eq!(times, (0..4).map(Duration::from_secs).collect::<Vec<_>>());
         // Cut inside the last block: the complete ones are read.
         assert_eq!(try_frames(&bytes[..bytes.len() - 10]).unwrap(), frames_in[..3]);
     }
@@ -153,6 +169,16 @@ mod tests {
             bytes.extend_from_slice(&f);
         }
         assert_eq!(try_frames(&bytes).unwrap(), vec![frame(42, 9), frame(60, 7)]);
+        // A record cut by the end of the file.
+        assert_eq!(try_frames(&bytes[..bytes.len() - 1]).unwrap(), vec![frame(42, 9)]);
+    }
+
+    #[test]
+    fn timestamps_follow_the_interface_resolution() {
+        assert_eq!(ticks_to_time(1_500_000, DEFAULT_TSRESOL), Duration::from_millis(1500));
+        assert_eq!(ticks_to_time(1_500_000_001, 9), Duration::new(1, 500_000_001));
+        assert_eq!(ticks_to_time(3, 0x80 | 1), Duration::from_millis(1500), "2^-1 s");
+        assert!(ticks_to_time(u64::MAX, 0xff) < Duration::from_secs(1), "2^-127 s taken as 2^-64 s, no panic");
     }
 
     #[test]
@@ -183,6 +209,6 @@ mod tests {
         bad.extend_from_slice(&28u32.to_le_bytes());
         bad.extend_from_slice(&0xdead_beefu32.to_le_bytes());
         bad.resize(28, 0);
-        assert!(try_frames(&bad).unwrap_err().contains("byte-order magic"));
+        assert!(try_frames(&bad).unwrap_err().contains("magic"));
     }
 }

@@ -44,7 +44,7 @@ impl PortCaptures {
             t.signal(libc::SIGINT);
             t.wait_timeout(Duration::from_secs(5));
         }
-        let mac = colo_proxy::wire::ethernet::parse_mac(GUEST_MAC).expect("the VM's MAC");
+        let mac: colo_proxy::wire::MacAddr = GUEST_MAC.parse().expect("the VM's MAC");
         self.files
             .iter()
             .map(|f| {

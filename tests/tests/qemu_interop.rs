@@ -436,7 +436,7 @@ fn unparseable_frames_from_the_primary_pass_at_once() {
     let Some((_serial, cfg)) = setup("unparseable_frames_from_the_primary_pass_at_once", false) else { return };
     // An IPv4 frame cut inside its IP header, and a non-IP protocol (LLDP).
     let runt = udp4(1, 2, b"cut")[..30].to_vec();
-    let mut lldp = ethernet([0x01, 0x80, 0xc2, 0, 0, 0x0e], VM_MAC, 0x88cc);
+    let mut lldp = ethernet(colo_proxy::wire::MacAddr([0x01, 0x80, 0xc2, 0, 0, 0x0e]), VM_MAC, 0x88cc);
     lldp.extend_from_slice(&[0x02, 0x07, 0x04, 0x52, 0x54, 0x00, 0x12, 0x34, 0x56, 0, 0]);
     let q = agree(&cfg, &[Step::P(runt.clone()), Step::P(lldp.clone()), Step::Observe, Step::S(runt.clone())]);
     assert_eq!(q.phases[0].released, vec![(runt, 0), (lldp, 0)]);

@@ -105,8 +105,8 @@ fn colo_across_two_hosts_carries_counter_echo_and_http_with_only_periodic_checkp
     colo_with_periodic_checkpoints(HostBackend::VhostNetCompare, true);
 }
 
-fn vm_mac() -> [u8; 6] {
-    colo_proxy::wire::ethernet::parse_mac(GUEST_MAC).unwrap()
+fn vm_mac() -> colo_proxy::wire::MacAddr {
+    GUEST_MAC.parse().unwrap()
 }
 
 /// Times (since the epoch) of the frames in a capture sent from the VM's MAC.
@@ -330,6 +330,14 @@ fn hostile_connections_to_incoming_and_peer_listen_are_refused_and_colo_then_sta
         assert!(log.contains("does not verify"), "{what}: the wrong key named:\n{log}");
         assert!(log.contains("has no --link-key"), "{what}: the missing key named:\n{log}");
         assert!(log.contains("no colo link hello"), "{what}: the garbage named:\n{log}");
+    }
+    // The silent connection is dropped when its handshake time (1 s) runs out, which a fast
+    // COLO start and 20 increments may not yet have taken.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut vmm_b = vmm_b;
+    while !vmm_b.contains("did not complete the link handshake") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        vmm_b = net.on[1].vmm.as_ref().unwrap().stderr();
     }
     let timeouts = vmm_b.matches("did not complete the link handshake").count();
     assert!(timeouts >= 1, "the silent connection to --incoming was dropped after its timeout:\n{vmm_b}");

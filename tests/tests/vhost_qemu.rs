@@ -16,13 +16,13 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use colo_proxy::compare::Reason;
-use colo_proxy::control::{ControlClient, Event, PeerState};
+use colo_proxy::control::{Event, PeerState};
 use colo_proxy::Side;
 use colo_tests::linux_guest::{blob, feature, LinuxGuest, Ready, ECHO_PORT, INDEX_HTML, TOKEN_PORT};
 use colo_tests::qemu_vhost::{
     self, http_get, parse_from_guest, tcp_connect, tcp_exchange, udp_request, Seen, VhostNet, GUEST_IP, GUEST_MAC,
 };
-use colo_tests::{skip, TempDir};
+use colo_tests::{expect_event, skip, TempDir};
 
 /// TCG boots take 10–30 s here; two guests at once on two cores take longer.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -36,19 +36,6 @@ fn boot(net: &VhostNet, name: &str, socket: &std::path::Path, blob_bytes: usize)
 
 fn wait_ready(g: &mut LinuxGuest) -> Ready {
     g.wait_ready(BOOT_TIMEOUT).unwrap_or_else(|e| panic!("{e:#}"))
-}
-
-fn expect_event(c: &mut ControlClient, timeout: Duration, what: &str, wanted: impl Fn(&Event) -> bool) -> Event {
-    let deadline = Instant::now() + timeout;
-    let mut skipped = vec![];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match c.next_event(Some(left)).expect("control socket") {
-            Some(e) if wanted(&e) => return e,
-            Some(e) => skipped.push(e),
-            None => panic!("no {what} event within {timeout:?}; got {skipped:?}"),
-        }
-    }
 }
 
 fn peer(role: Side, state: PeerState) -> impl Fn(&Event) -> bool {
@@ -287,7 +274,6 @@ fn qemu_version() -> String {
     out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
-fn mac(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s.split(':').map(|h| u8::from_str_radix(h, 16).expect("hex")).collect();
-    v.try_into().expect("6 bytes")
+fn mac(s: &str) -> colo_proxy::wire::MacAddr {
+    s.parse().expect("a MAC address")
 }

@@ -194,7 +194,7 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        self.config.read(offset, size)
+        device::read_config(&self.config, offset, size)
     }
 
     fn set_config(&mut self, _offset: u32, _buf: &[u8]) -> io::Result<()> {

@@ -1,10 +1,10 @@
 //! The command line.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Parser;
-use colo_proxy::compare::{Config, Mode, DEFAULT_MAX_QUEUE_BYTES, MAX_TIMER_MS};
+use colo_proxy::compare::{Config, Mode};
+use colo_proxy::engine_args::EngineArgs;
 
 use crate::device::MacAddr;
 
@@ -58,37 +58,9 @@ pub struct Options {
     /// Default: 02:00:00:c0:10:01 (locally administered).
     #[arg(long, value_name = "MAC")]
     pub mac: Option<MacAddr>,
-    /// Listen for controllers on this Unix socket (JSON lines, docs/control.md; mode 0600):
-    /// checkpoint, mode and query-stats commands; hello, miscompare and peer events.
-    #[arg(long, value_name = "PATH")]
-    pub control_socket: Option<PathBuf>,
-    /// COLO: a frame held longer than this (ms, at most a day) causes a checkpoint request.
-    #[arg(long, value_name = "MS", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMER_MS))]
-    pub compare_timeout: u64,
-    /// COLO: how often (ms, at most a day) held frames are checked against --compare-timeout.
-    #[arg(long, value_name = "MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMER_MS))]
-    pub expired_scan_cycle: u64,
-    /// COLO: most frames held per flow and VM. A full queue requests a checkpoint and leaves the
-    /// guest's TX descriptors on its ring (backpressure) until room appears.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
-    pub max_queue_size: u64,
-    /// COLO: most bytes of frames held for each VM, all flows together. Past it, as with a full
-    /// queue: a checkpoint request, and the guest's TX descriptors stay on its ring.
-    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_QUEUE_BYTES as u64, value_parser = clap::value_parser!(u64).range(1 << 16..=1 << 40))]
-    pub max_queue_bytes: u64,
-    /// COLO: write every miscompared frame of both VMs, with its verdict, to this pcapng file.
-    #[arg(long, value_name = "FILE.pcap")]
-    pub capture: Option<PathBuf>,
-    /// Initial compare mode: colo (default), passive, primary-only or secondary-only. A
-    /// passthrough backend only accepts primary-only.
-    #[arg(long, value_name = "MODE")]
-    pub mode: Option<Mode>,
-    /// Name of this NIC in control events (default: the tap's name).
-    #[arg(long, value_name = "NAME")]
-    pub nic: Option<String>,
-    /// The metrics endpoint.
-    #[arg(long, value_name = "HOST:PORT", help = colo_proxy::metrics::FLAG_HELP)]
-    pub metrics: Option<std::net::SocketAddr>,
+    /// The compare engine (COLO), its control socket and capture.
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 /// An inconsistent combination of options.
@@ -111,7 +83,7 @@ pub enum OptionsError {
 impl Options {
     /// Checks what clap cannot: distinct socket paths, and a mode a passthrough can run.
     pub fn validate(&self) -> Result<(), OptionsError> {
-        if self.vm_socket.is_some() && self.mode.is_some() {
+        if self.vm_socket.is_some() && self.engine.mode.is_some() {
             return Err(OptionsError::ModeWithVmSocket);
         }
         if self.vm_socket.is_none() {
@@ -126,7 +98,7 @@ impl Options {
             ("--primary-socket", self.primary_socket.as_ref()),
             ("--vm-socket", self.vm_socket.as_ref()),
             ("--secondary-socket", self.secondary_socket.as_ref()),
-            ("--control-socket", self.control_socket.as_ref()),
+            ("--control-socket", self.engine.control_socket.as_ref()),
         ];
         for (i, (a, pa)) in sockets.iter().enumerate() {
             for (b, pb) in &sockets[i + 1..] {
@@ -135,7 +107,7 @@ impl Options {
                 }
             }
         }
-        if let Some(mode) = self.mode {
+        if let Some(mode) = self.engine.mode {
             if self.secondary_socket.is_none() && mode != Mode::PrimaryOnly {
                 return Err(OptionsError::ModeNeedsSecondary(mode.name()));
             }
@@ -156,7 +128,7 @@ impl Options {
     /// The mode to start in: `primary-only` for passthrough, else `--mode` (default `colo`).
     pub fn initial_mode(&self) -> Mode {
         if self.colo() {
-            self.mode.unwrap_or(Mode::Colo)
+            self.engine.mode()
         } else {
             Mode::PrimaryOnly
         }
@@ -164,18 +136,12 @@ impl Options {
 
     /// The compare engine's configuration.
     pub fn engine_config(&self) -> Config {
-        Config {
-            compare_timeout: Duration::from_millis(self.compare_timeout),
-            expired_scan_cycle: Duration::from_millis(self.expired_scan_cycle),
-            max_queue_size: self.max_queue_size as usize,
-            max_queue_bytes: usize::try_from(self.max_queue_bytes).unwrap_or(usize::MAX),
-            ..Config::default()
-        }
+        self.engine.config()
     }
 
     /// The NIC name for control events.
     pub fn nic(&self) -> String {
-        self.nic.clone().unwrap_or_else(|| self.tap.clone())
+        self.engine.nic.clone().unwrap_or_else(|| self.tap.clone())
     }
 }
 
@@ -237,35 +203,12 @@ mod tests {
     }
 
     #[test]
-    fn the_byte_budget_has_a_default_and_bounds() {
+    fn the_engine_options_are_colo_proxy_s() {
         let base = ["--primary-socket", "/tmp/p", "--secondary-socket", "/tmp/s", "--tap", "t0"];
-        assert_eq!(parse(&base).unwrap().engine_config().max_queue_bytes, 64 << 20);
-        let args: Vec<&str> = base.iter().copied().chain(["--max-queue-bytes", "1048576"]).collect();
-        assert_eq!(parse(&args).unwrap().engine_config().max_queue_bytes, 1 << 20);
-        for bad in ["0", "65535", "1099511627777", "1M"] {
-            let args: Vec<&str> = base.iter().copied().chain(["--max-queue-bytes", bad]).collect();
-            assert!(parse(&args).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn timer_options_are_bounded() {
-        let base = ["--primary-socket", "/tmp/p", "--secondary-socket", "/tmp/s", "--tap", "t0"];
-        let day = MAX_TIMER_MS.to_string();
-        let args: Vec<&str> =
-            base.iter().copied().chain(["--compare-timeout", &day, "--expired-scan-cycle", &day]).collect();
-        let config = parse(&args).unwrap().engine_config();
-        assert_eq!(
-            (config.compare_timeout, config.expired_scan_cycle),
-            (Duration::from_secs(86_400), Duration::from_secs(86_400))
-        );
-        // Beyond 2^64 ns this once became a 0.45 ms scan.
-        for opt in ["--compare-timeout", "--expired-scan-cycle"] {
-            for bad in ["0", "86400001", "18446744073710"] {
-                let args: Vec<&str> = base.iter().copied().chain([opt, bad]).collect();
-                let e = parse(&args).unwrap_err().to_string();
-                assert!(e.contains(opt) && e.contains(bad), "{opt} {bad}: {e}");
-            }
-        }
+        let args: Vec<&str> = base.iter().copied().chain(["--max-queue-bytes", "1048576", "--nic", "n1"]).collect();
+        let o = parse(&args).unwrap();
+        assert_eq!((o.engine_config().max_queue_bytes, o.nic()), (1 << 20, "n1".to_string()));
+        let args: Vec<&str> = base.iter().copied().chain(["--expired-scan-cycle", "0"]).collect();
+        assert!(parse(&args).is_err(), "bounded as in colo-proxy");
     }
 }

@@ -4,15 +4,10 @@
 //! The device deliberately offers no checksum or segmentation offloads: frames must leave both
 //! guests complete and byte for byte comparable, and the tap is set to the same (no offloads).
 
-use std::fmt;
-use std::str::FromStr;
-
+use colo_proxy::virtio_net::{feature, FEATURES};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
-};
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use virtio_bindings::virtio_net::{virtio_net_hdr, virtio_net_hdr_v1, VIRTIO_NET_F_MRG_RXBUF};
 
 /// Queue 0 receives (host to guest).
 pub const RX_QUEUE: usize = 0;
@@ -26,9 +21,9 @@ pub const MAX_QUEUE_SIZE: usize = 1024;
 /// The virtio-net header with VERSION_1 or MRG_RXBUF (`virtio_net_hdr_v1`): flags, gso_type,
 /// hdr_len, gso_size, csum_start, csum_offset, num_buffers. Frames exchanged with the tap carry
 /// a header of this size too (TUNSETVNETHDRSZ).
-pub const VNET_HDR_LEN: usize = 12;
+pub const VNET_HDR_LEN: usize = std::mem::size_of::<virtio_net_hdr_v1>();
 /// The legacy header (neither VERSION_1 nor MRG_RXBUF acknowledged): no num_buffers.
-pub const LEGACY_VNET_HDR_LEN: usize = 10;
+pub const LEGACY_VNET_HDR_LEN: usize = std::mem::size_of::<virtio_net_hdr>();
 /// Offset of `num_buffers` (little endian u16) in the 12-byte header.
 pub const NUM_BUFFERS_OFFSET: usize = 10;
 
@@ -39,13 +34,10 @@ pub const ETH_HLEN: usize = 14;
 /// offloads nothing longer is legitimate.
 pub const MAX_ETH_FRAME: usize = 65535 + ETH_HLEN + 4;
 
-/// The virtio feature bits offered to the frontend.
+/// The virtio feature bits offered to the frontend: the guest's ([`FEATURES`]) and two that
+/// only vhost-user knows.
 pub fn features() -> u64 {
-    (1u64 << VIRTIO_F_VERSION_1)
-        | (1 << VIRTIO_NET_F_MAC)
-        | (1 << VIRTIO_NET_F_STATUS)
-        | (1 << VIRTIO_RING_F_EVENT_IDX)
-        | (1 << VIRTIO_NET_F_MRG_RXBUF)
+    FEATURES
         // vhost-user only (never shown to the guest): the protocol-features handshake, and
         // LOG_ALL so a frontend can turn on dirty logging for checkpoints and migration.
         | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
@@ -60,93 +52,32 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
 
 /// Whether mergeable RX buffers were negotiated.
 pub fn mrg_rxbuf(acked: u64) -> bool {
-    acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0
+    acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0
 }
 
 /// The header length the guest uses, from the acknowledged features: 12 bytes with VERSION_1 or
 /// MRG_RXBUF (as Linux decides), 10 otherwise.
 pub fn header_len(acked: u64) -> usize {
-    if acked & ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_NET_F_MRG_RXBUF)) != 0 {
+    if acked & (feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MRG_RXBUF)) != 0 {
         VNET_HDR_LEN
     } else {
         LEGACY_VNET_HDR_LEN
     }
 }
 
-/// An Ethernet MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MacAddr(pub [u8; 6]);
+pub use colo_proxy::wire::{MacAddr, MacError};
 
-impl MacAddr {
-    /// The MAC given to guests when `--mac` is absent: fixed (both COLO VMs must have the same
-    /// one) and locally administered (bit 1 of the first octet), so it never collides with a
-    /// vendor's address.
-    pub const DEFAULT: MacAddr = MacAddr([0x02, 0x00, 0x00, 0xc0, 0x10, 0x01]);
-}
+/// The MAC given to guests when `--mac` is absent: fixed (both COLO VMs must have the same one)
+/// and locally administered (bit 1 of the first octet), so it never collides with a vendor's
+/// address.
+pub const DEFAULT_MAC: MacAddr = MacAddr([0x02, 0x00, 0x00, 0xc0, 0x10, 0x01]);
 
-/// Why a MAC address string was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum MacError {
-    /// Not six colon-separated hex octets.
-    #[error("'{0}' is not a MAC address (expected six hex octets such as 02:00:00:c0:10:01)")]
-    Syntax(String),
-    /// The group bit is set: guests need a unicast address.
-    #[error("'{0}' is a multicast address; a NIC needs a unicast MAC")]
-    Multicast(String),
-}
+pub use colo_proxy::virtio_net::NetConfig;
 
-impl FromStr for MacAddr {
-    type Err = MacError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut mac = [0u8; 6];
-        let mut parts = s.split([':', '-']);
-        for byte in mac.iter_mut() {
-            let part = parts.next().filter(|p| p.len() == 2).ok_or_else(|| MacError::Syntax(s.to_string()))?;
-            *byte = u8::from_str_radix(part, 16).map_err(|_| MacError::Syntax(s.to_string()))?;
-        }
-        if parts.next().is_some() {
-            return Err(MacError::Syntax(s.to_string()));
-        }
-        if mac[0] & 1 != 0 {
-            return Err(MacError::Multicast(s.to_string()));
-        }
-        Ok(MacAddr(mac))
-    }
-}
-
-impl fmt::Display for MacAddr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
-    }
-}
-
-/// Longest config-space read answered; the rest of `virtio_net_config` past the fields we
-/// offer reads as zeros, beyond this the read is refused (empty reply).
-const CONFIG_SPACE_LEN: usize = 256;
-
-/// The virtio-net config space (`virtio_net_config`): `mac` (6 bytes), `status` (le16: link
-/// up), `max_virtqueue_pairs` (le16: 1); everything after reads as zero.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NetConfig {
-    /// The guest's MAC address.
-    pub mac: MacAddr,
-}
-
-impl NetConfig {
-    /// The config-space bytes at `offset..offset + size`, or an empty vector (which the
-    /// vhost-user frontend reports as an error) when the range is outside the config space.
-    pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
-        let mut space = [0u8; CONFIG_SPACE_LEN];
-        space[..6].copy_from_slice(&self.mac.0);
-        space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        space[8..10].copy_from_slice(&1u16.to_le_bytes());
-        let (offset, size) = (offset as usize, size as usize);
-        match offset.checked_add(size) {
-            Some(end) if end <= CONFIG_SPACE_LEN => space[offset..end].to_vec(),
-            _ => Vec::new(),
-        }
-    }
+/// The config-space bytes at `offset..offset + size`, or an empty vector (which the vhost-user
+/// frontend reports as an error) when the range is outside the config space.
+pub fn read_config(config: &NetConfig, offset: u32, size: u32) -> Vec<u8> {
+    config.read(offset.into(), size.into()).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -175,25 +106,19 @@ mod tests {
     }
 
     #[test]
-    fn macs_parse_and_print() {
-        let m: MacAddr = "02:AA:bb:00:01:ff".parse().unwrap();
-        assert_eq!(m.to_string(), "02:aa:bb:00:01:ff");
-        assert!(matches!("01:00:5e:00:00:01".parse::<MacAddr>(), Err(MacError::Multicast(_))));
-        for bad in ["", "02:00:00:00:00", "02:00:00:00:00:00:00", "0g:00:00:00:00:00", "2:0:0:0:0:0"] {
-            assert!(matches!(bad.parse::<MacAddr>(), Err(MacError::Syntax(_))), "{bad}");
-        }
-        assert_eq!(MacAddr::DEFAULT.0[0] & 3, 2, "locally administered unicast");
+    fn the_default_mac_is_locally_administered_unicast() {
+        assert_eq!(DEFAULT_MAC.0[0] & 3, 2);
     }
 
     #[test]
     fn config_space_holds_mac_and_link_up() {
-        let c = NetConfig { mac: MacAddr::DEFAULT };
-        let all = c.read(0, 10);
-        assert_eq!(&all[..6], &MacAddr::DEFAULT.0);
+        let c = NetConfig { mac: DEFAULT_MAC };
+        let all = read_config(&c, 0, 10);
+        assert_eq!(&all[..6], &DEFAULT_MAC.0);
         assert_eq!(&all[6..8], &[1, 0]);
-        assert_eq!(c.read(6, 2), vec![1, 0]);
-        assert_eq!(c.read(20, 4), vec![0; 4]);
-        assert!(c.read(250, 10).is_empty());
-        assert!(c.read(u32::MAX, 2).is_empty());
+        assert_eq!(read_config(&c, 6, 2), vec![1, 0]);
+        assert_eq!(read_config(&c, 20, 4), vec![0; 4]);
+        assert!(read_config(&c, 250, 10).is_empty());
+        assert!(read_config(&c, u32::MAX, 2).is_empty());
     }
 }

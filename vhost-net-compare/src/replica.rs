@@ -33,7 +33,7 @@ use colo_proxy::link::{self, FrameLink, FrameLinkConfig, FrameLinkWatch, LinkCon
 use colo_proxy::replica::{Replica, ReplicaOutput, Role};
 use colo_proxy::{announce, Frame, MonotonicClock, Side};
 
-use crate::device::VNET_HDR_LEN;
+use crate::device::{MacAddr, VNET_HDR_LEN};
 use crate::lock::lock;
 use crate::port::Port;
 use crate::ratelimit::RateLimit;
@@ -87,7 +87,7 @@ pub struct ReplicaSetup {
     /// The NIC's name in control events.
     pub nic: String,
     /// The VM's MAC (for the announcement).
-    pub mac: [u8; 6],
+    pub mac: MacAddr,
     /// The compare engine's configuration (as primary).
     pub config: Config,
     /// The link key (`None`: plain links).
@@ -117,7 +117,7 @@ struct Inner {
 pub struct ReplicaRouter {
     tap: Arc<Tap>,
     nic: String,
-    mac: [u8; 6],
+    mac: MacAddr,
     key: Option<LinkKey>,
     control: Option<ControlHandle>,
     role: Arc<SharedRole>,

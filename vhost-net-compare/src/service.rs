@@ -26,7 +26,7 @@ use vhost::vhost_user::Listener;
 use crate::cli::{Options, OptionsError};
 use crate::colo::ColoState;
 use crate::control;
-use crate::device::{MacAddr, NetConfig};
+use crate::device::{NetConfig, DEFAULT_MAC};
 use crate::hub::{Hub, SharedMode};
 use crate::replica::{ReplicaRouter, ReplicaSetup, SharedRole};
 use crate::router::Router;
@@ -120,8 +120,11 @@ impl Service {
             None => None,
         };
         let metrics_router = Arc::new(std::sync::OnceLock::new());
-        let metrics =
-            opts.metrics.map(|addr| crate::metrics::serve(addr, metrics_router.clone(), opts.nic())).transpose()?;
+        let metrics = opts
+            .engine
+            .metrics
+            .map(|addr| crate::metrics::serve(addr, metrics_router.clone(), opts.nic()))
+            .transpose()?;
         let tap = Arc::new(Tap::open(&opts.tap)?);
         let mut socket_paths = Vec::new();
         let mut socket_files = Vec::new();
@@ -144,7 +147,7 @@ impl Service {
         let nic = opts.nic();
         let mode = Arc::new(SharedMode::new(opts.initial_mode()));
         let role = opts.replica().then(|| Arc::new(SharedRole::default()));
-        let control = match &opts.control_socket {
+        let control = match &opts.engine.control_socket {
             Some(path) => {
                 refuse_non_socket(path)?;
                 let hello_role = role.clone().map(|r| (r, opts.peer_listen.map(|a| a.to_string())));
@@ -155,14 +158,14 @@ impl Service {
             }
             None => None,
         };
-        let capture = match &opts.capture {
+        let capture = match &opts.engine.capture {
             Some(path) if opts.colo() || opts.replica() => {
                 Some(Capture::create(path).map_err(|error| StartError::Capture { path: path.clone(), error })?)
             }
             _ => None,
         };
         let handle = control.as_ref().map(|(h, _)| h.clone());
-        let mac = opts.mac.unwrap_or(MacAddr::DEFAULT);
+        let mac = opts.mac.unwrap_or(DEFAULT_MAC);
         let mut listener = None;
         let hub: Arc<dyn Router> = match role {
             Some(role) => {
@@ -174,7 +177,7 @@ impl Service {
                 let router = ReplicaRouter::new(ReplicaSetup {
                     tap: tap.clone(),
                     nic: nic.clone(),
-                    mac: mac.0,
+                    mac,
                     config: opts.engine_config(),
                     key: key.clone(),
                     capture,
@@ -220,7 +223,7 @@ impl Service {
             mac = %config.mac,
             vm = %first_path.display(),
             secondary = ?opts.secondary_socket,
-            control = ?opts.control_socket,
+            control = ?opts.engine.control_socket,
             peer_listen = ?opts.peer_listen,
             mode = hub.mode().name(),
             "vhost-net-compare: {}",
@@ -312,7 +315,7 @@ fn bind(path: &Path) -> Result<(Listener, SocketFile), StartError> {
 }
 
 fn warn_unused_compare_options(opts: &Options) {
-    if opts.capture.is_some() {
+    if opts.engine.capture.is_some() {
         tracing::warn!("--capture has no effect without --secondary-socket (nothing is compared)");
     }
 }

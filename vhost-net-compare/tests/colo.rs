@@ -9,6 +9,7 @@ use colo_proxy::builder::{udp4, udp4_to, CLIENT_IP, VM_IP};
 use colo_proxy::compare::{Mode, Reason};
 use colo_proxy::control::{ControlClient, Event, PeerState};
 use colo_proxy::Side;
+use colo_test_support::expect_event;
 use common::*;
 use vhost::VhostBackend;
 
@@ -40,7 +41,7 @@ fn peer(role: Side, state: PeerState) -> impl Fn(&Event) -> bool {
 }
 
 fn colo(extra: &[&str]) -> Colo {
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let mut args: Vec<String> = vec!["--compare-timeout".into(), NO_TIMEOUT.into()];
     args.extend(extra.iter().map(|s| s.to_string()));
@@ -259,7 +260,7 @@ fn timeouts_are_reported_and_a_hostile_secondary_does_not_disturb_the_primary() 
     if !prerequisites("timeouts_are_reported_and_a_hostile_secondary_does_not_disturb_the_primary") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = Backend::spawn(
         &dir,
@@ -317,7 +318,7 @@ fn a_burst_of_frames_crosses_passthrough_and_colo_without_loss_or_differences() 
     let frames: Vec<Vec<u8>> = (0..n).map(|i| udp4(40000, 9, &(i as u32).to_be_bytes())).collect();
 
     // Passthrough, one VM.
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let pass = Backend::spawn(
         &dir,

@@ -22,7 +22,7 @@ fn malformed_chains_are_completed_empty_counted_and_survived() {
     if !prerequisites("malformed_chains_are_completed_empty_counted_and_survived") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = Backend::spawn(
         &dir,
@@ -140,7 +140,7 @@ fn a_frontend_with_no_memory_table_or_bogus_rings_does_not_hurt_the_backend() {
     if !prerequisites("a_frontend_with_no_memory_table_or_bogus_rings_does_not_hurt_the_backend") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = Backend::spawn(
         &dir,
@@ -181,7 +181,7 @@ fn a_control_flood_delays_no_flushed_reply_and_memory_stays_bounded() {
     if !prerequisites("a_control_flood_delays_no_flushed_reply_and_memory_stays_bounded") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = Backend::spawn(
         &dir,

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use colo_proxy::compare::Mode;
 use colo_proxy::control::{Event, PeerState};
 use colo_proxy::Side;
+use colo_test_support::expect_event;
 use common::*;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::VhostUserFrontend;
@@ -25,7 +26,7 @@ fn negotiation_config_and_frames_both_ways() {
     if !prerequisites("negotiation_config_and_frames_both_ways") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = Backend::spawn(
         &dir,
@@ -98,7 +99,7 @@ fn mergeable_rx_buffers_carry_a_long_frame() {
     if !prerequisites("mergeable_rx_buffers_carry_a_long_frame") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = passthrough(&dir, &tap, false);
     let wire = Wire::open(&tap.name);
@@ -122,7 +123,7 @@ fn get_vring_base_stops_the_rings_and_a_restart_resumes_them() {
     if !prerequisites("get_vring_base_stops_the_rings_and_a_restart_resumes_them") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = passthrough(&dir, &tap, false);
     let wire = Wire::open(&tap.name);
@@ -172,7 +173,7 @@ fn the_dirty_log_holds_exactly_the_pages_the_backend_wrote() {
     if !prerequisites("the_dirty_log_holds_exactly_the_pages_the_backend_wrote") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = passthrough(&dir, &tap, false);
     let wire = Wire::open(&tap.name);
@@ -241,7 +242,7 @@ fn a_new_frontend_is_served_after_a_disconnect() {
     if !prerequisites("a_new_frontend_is_served_after_a_disconnect") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = passthrough(&dir, &tap, true);
     let wire = Wire::open(&tap.name);
@@ -285,7 +286,7 @@ fn connections_leave_no_descriptors_behind() {
     if !prerequisites("connections_leave_no_descriptors_behind") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = passthrough(&dir, &tap, false);
     let fds = || std::fs::read_dir(format!("/proc/{}/fd", backend.pid())).unwrap().count();
@@ -309,7 +310,7 @@ fn rings_enabled_before_set_features_like_qemu_7_2_work() {
     if !prerequisites("rings_enabled_before_set_features_like_qemu_7_2_work") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = passthrough(&dir, &tap, true);
     let wire = Wire::open(&tap.name);
@@ -350,7 +351,7 @@ fn a_second_set_owner_or_garbage_ends_only_that_connection() {
     if !prerequisites("a_second_set_owner_or_garbage_ends_only_that_connection") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = passthrough(&dir, &tap, false);
     let vm = Vm::connect(&backend.primary);
@@ -377,7 +378,7 @@ fn passthrough_frames_per_second() {
     if !prerequisites("passthrough_frames_per_second") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = passthrough(&dir, &tap, true);
     let mut vm = Vm::connect(&backend.primary);
@@ -469,7 +470,7 @@ fn bad_options_and_unusable_paths_fail_clearly() {
     if !prerequisites("bad_options_and_unusable_paths_fail_clearly (paths, taps)") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let missing = dir.path("no/such/dir/p.sock");
     let tap = TestTap::new();
     let (code, err) = run(&["--primary-socket", missing.to_str().unwrap(), "--tap", &tap.name]);
@@ -491,7 +492,7 @@ fn sigterm_exits_cleanly_and_removes_the_sockets() {
     if !prerequisites("sigterm_exits_cleanly_and_removes_the_sockets") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = Backend::spawn(
         &dir,
@@ -521,7 +522,7 @@ fn inbound_frames_wait_for_rx_buffers_up_to_a_bound() {
     if !prerequisites("inbound_frames_wait_for_rx_buffers_up_to_a_bound") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let tap = TestTap::new();
     let backend = passthrough(&dir, &tap, false);
     let wire = Wire::open(&tap.name);

@@ -27,7 +27,10 @@ fn every_socket_is_private_even_under_umask_000() {
     }
     // SAFETY: umask has no preconditions; no other test runs in this process.
     unsafe { libc::umask(0) };
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
+    // The temporary directory is private (0700); open it to everyone, so that only the
+    // backend's own modes keep others out.
+    std::fs::set_permissions(dir.dir(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let tap = TestTap::new();
     let backend = Backend::spawn(
         &dir,
@@ -41,7 +44,7 @@ fn every_socket_is_private_even_under_umask_000() {
     for s in &sockets[..2] {
         assert_eq!(mode(&relay_dir(s)), 0o700, "{}", relay_dir(s).display());
     }
-    assert_eq!(mode(dir.0.as_path()) & 0o005, 0o005, "others may reach the sockets' directory");
+    assert_eq!(mode(dir.dir()) & 0o005, 0o005, "others may reach the sockets' directory");
 
     // Another user is refused by the socket's mode (socat is one of scripts/setup.sh's tools).
     if Command::new("socat").arg("-V").output().is_ok() {

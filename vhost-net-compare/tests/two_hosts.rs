@@ -15,6 +15,7 @@ use colo_proxy::builder::{udp4, udp4_to, CLIENT_IP, VM_IP};
 use colo_proxy::compare::Mode;
 use colo_proxy::control::{ControlClient, Event, HelloReplica};
 use colo_proxy::replica::Role;
+use colo_test_support::expect_event;
 use common::*;
 
 const T: Duration = Duration::from_secs(5);
@@ -91,7 +92,7 @@ fn without_a_role_nothing_reaches_the_vm_or_the_lan() {
     if !prerequisites("without_a_role_nothing_reaches_the_vm_or_the_lan") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let mut h = host(&dir, None, None);
     assert!(matches!(
         h.ctl.hello(),
@@ -120,7 +121,7 @@ fn across_the_frame_link_inbound_reaches_both_vms_and_output_is_released_once_by
     if !prerequisites("across_the_frame_link_inbound_reaches_both_vms_and_output_is_released_once_by_the_primary") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let key = key_file(&dir, "key", 7);
     let (mut a, mut b, addr) = pair(&dir, Some(&key));
     assert!(matches!(
@@ -171,7 +172,7 @@ fn a_primary_whose_peer_is_gone_holds_its_output_until_its_controller_decides() 
     if !prerequisites("a_primary_whose_peer_is_gone_holds_its_output_until_its_controller_decides") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let (mut a, b, _) = pair(&dir, None);
     // The secondary's host dies: nothing answers the primary's pings any more.
     drop(b);
@@ -191,7 +192,7 @@ fn a_secondary_loading_a_checkpoint_gets_the_inbound_frames_from_the_primarys_ma
     if !prerequisites("a_secondary_loading_a_checkpoint_gets_the_inbound_frames_from_the_primarys_mark") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let addr = free_addr();
     let mut b = host(&dir, Some(&addr), None);
     let mut a = host(&dir, None, None);
@@ -232,7 +233,7 @@ fn the_frame_link_needs_the_same_key_on_both_hosts() {
     if !prerequisites("the_frame_link_needs_the_same_key_on_both_hosts") {
         return;
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("vnc");
     let (k1, k2) = (key_file(&dir, "k1", 1), key_file(&dir, "k2", 2));
     let addr = free_addr();
     let mut b = host(&dir, Some(&addr), Some(&k1));

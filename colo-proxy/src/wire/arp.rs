@@ -40,7 +40,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
     /// Sender hardware address.
     pub fn sender_mac(&self) -> MacAddr {
-        self.buffer.as_ref()[8..14].try_into().expect("checked length")
+        MacAddr::from_prefix(&self.buffer.as_ref()[8..]).expect("checked length")
     }
 
     /// Sender protocol address.
@@ -51,7 +51,7 @@ impl<T: AsRef<[u8]>> Packet<T> {
 
     /// Target hardware address.
     pub fn target_mac(&self) -> MacAddr {
-        self.buffer.as_ref()[18..24].try_into().expect("checked length")
+        MacAddr::from_prefix(&self.buffer.as_ref()[18..]).expect("checked length")
     }
 
     /// Target protocol address.

@@ -11,8 +11,11 @@ pub mod ethernet;
 pub mod icmp;
 pub mod ipv4;
 pub mod ipv6;
+pub mod mac;
 pub mod tcp;
 pub mod udp;
+
+pub use mac::{MacAddr, MacError};
 
 /// Why a buffer could not be viewed as the requested header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

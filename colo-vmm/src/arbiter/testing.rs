@@ -3,16 +3,18 @@
 //! `COLO_REQUIRE_ALL=1`) where etcd is not installed.
 
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use colo_test_support::{skip, TempDir};
 
 use super::etcd::Etcd;
 
 /// A running etcd.
 pub struct EtcdServer {
     child: Child,
-    dir: PathBuf,
+    /// Its data directory, removed (after the kill) on drop.
+    _dir: TempDir,
     /// Its client URL.
     pub url: String,
 }
@@ -25,20 +27,15 @@ impl EtcdServer {
     /// Starts one for `test`, or says why it cannot (`None`: skipped).
     pub fn start(test: &str) -> Option<EtcdServer> {
         if Command::new("etcd").arg("--version").stdout(Stdio::null()).status().is_err() {
-            let why = "needs etcd (apt-get install etcd-server)";
-            if std::env::var("COLO_REQUIRE_ALL").is_ok_and(|v| v == "1") {
-                panic!("{test}: {why} (COLO_REQUIRE_ALL=1)");
-            }
-            eprintln!("SKIPPED {test}: {why}");
+            skip(test, "needs etcd (apt-get install etcd-server)");
             return None;
         }
-        let dir = std::env::temp_dir().join(format!("colo-etcd-{test}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = TempDir::new(&format!("etcd-{test}"));
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let child = Command::new("etcd")
             .args(["--name", test, "--data-dir"])
-            .arg(dir.join("data"))
+            .arg(dir.path("data"))
             .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
             .args(["--listen-peer-urls", &format!("http://127.0.0.1:{peer}")])
             .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{peer}")])
@@ -48,7 +45,7 @@ impl EtcdServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("start etcd");
-        let server = EtcdServer { child, dir, url };
+        let server = EtcdServer { child, _dir: dir, url };
         let probe = server.client();
         let deadline = Instant::now() + Duration::from_secs(10);
         while probe.get("/probe").is_err() {
@@ -68,6 +65,5 @@ impl Drop for EtcdServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -248,7 +248,7 @@ fn a_panic_in_the_secondary_ends_colo_with_an_error_and_failover_stays_possible(
 
 /// A fake SVM with a disk whose writes go to its overlay (as `start` sets it up), the SVM
 /// having written block 3 itself.
-fn svm_with_disk(log: &Log) -> (crate::devices::block::testing::Dir, std::path::PathBuf, FakeVm) {
+fn svm_with_disk(log: &Log) -> (colo_test_support::TempDir, std::path::PathBuf, FakeVm) {
     let (dir, config) = crate::devices::block::testing::image(1);
     let disk = crate::devices::block::disk::Disk::open(&config).unwrap();
     disk.buffer_writes().unwrap();

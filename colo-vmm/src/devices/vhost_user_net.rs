@@ -9,9 +9,13 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use colo_proxy::virtio_net::{feature, NetConfig, FEATURES};
+use colo_proxy::wire::MacAddr;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserDirtyLogRegion, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,31 +23,13 @@ use super::virtio_mmio::{QueueConfig, VirtioDevice};
 use super::DeviceError;
 use crate::vstate::memory::GuestMemoryMmap;
 
-/// Virtio-net feature bits we deal with.
-pub mod feature {
-    /// The device has a MAC address in its configuration space.
-    pub const MAC: u64 = 1 << 5;
-    /// Mergeable receive buffers.
-    pub const MRG_RXBUF: u64 = 1 << 15;
-    /// Link status in the configuration space.
-    pub const STATUS: u64 = 1 << 16;
-    /// Event-index notification suppression.
-    pub const RING_EVENT_IDX: u64 = 1 << 29;
-    /// Virtio 1.x.
-    pub const VERSION_1: u64 = 1 << 32;
-}
-
-/// Features we let through from the backend to the guest. No checksum or segmentation
-/// offloads: COLO compares frames byte for byte.
-const PASSED_THROUGH: u64 = feature::MRG_RXBUF | feature::RING_EVENT_IDX | feature::VERSION_1 | feature::STATUS;
-/// Features the VMM provides itself (configuration space).
-const OWN: u64 = feature::MAC | feature::STATUS;
+/// Features the VMM provides itself: the configuration space (MAC address, link status) is
+/// served here, whatever the backend offers.
+const OWN: u64 = feature(VIRTIO_NET_F_MAC) | feature(VIRTIO_NET_F_STATUS);
 /// Queue 0 receives, queue 1 transmits.
 const NUM_QUEUES: usize = 2;
 /// Largest queue we offer.
 const QUEUE_MAX: u16 = 256;
-/// Link up, in the configuration space's status field.
-const LINK_UP: u16 = 1;
 
 /// Errors talking to the backend.
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +79,7 @@ struct Shared {
 pub struct VhostUserNet {
     shared: Arc<Mutex<Shared>>,
     path: PathBuf,
-    mac: [u8; 6],
+    mac: MacAddr,
     backend_features: u64,
     protocol: VhostUserProtocolFeatures,
     memory: GuestMemoryMmap,
@@ -110,7 +96,7 @@ fn negotiate(path: &Path) -> Result<(Frontend, u64, VhostUserProtocolFeatures), 
     let step = |step: &'static str| move |error| NetError::Negotiate { path: path.into(), step, error };
     frontend.set_owner().map_err(step("SET_OWNER"))?;
     let backend_features = frontend.get_features().map_err(step("GET_FEATURES"))?;
-    if backend_features & feature::VERSION_1 == 0 {
+    if backend_features & feature(VIRTIO_F_VERSION_1) == 0 {
         return Err(NetError::Unsupported { path: path.into(), why: "does not offer VIRTIO_F_VERSION_1" });
     }
     let mut protocol = VhostUserProtocolFeatures::empty();
@@ -130,7 +116,7 @@ fn negotiate(path: &Path) -> Result<(Frontend, u64, VhostUserProtocolFeatures), 
 
 impl VhostUserNet {
     /// Connects to the backend at `path` and negotiates.
-    pub fn connect(path: &Path, mac: [u8; 6], memory: GuestMemoryMmap) -> Result<VhostUserNet, NetError> {
+    pub fn connect(path: &Path, mac: MacAddr, memory: GuestMemoryMmap) -> Result<VhostUserNet, NetError> {
         let (frontend, backend_features, protocol) = negotiate(path)?;
         let new_fd = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::EventFd);
         let kicks = (0..NUM_QUEUES).map(|_| new_fd()).collect::<Result<_, _>>()?;
@@ -270,7 +256,9 @@ impl VirtioDevice for VhostUserNet {
     }
 
     fn features(&self) -> u64 {
-        (self.backend_features & PASSED_THROUGH) | OWN
+        // What the backend offers of what a protected guest may use (no offloads: COLO
+        // compares frames byte for byte), and the configuration space.
+        (self.backend_features & FEATURES) | OWN
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
@@ -278,12 +266,10 @@ impl VirtioDevice for VhostUserNet {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_net_config { u8 mac[6]; le16 status; ... }
-        let mut config = [0u8; 8];
-        config[..6].copy_from_slice(&self.mac);
-        config[6..8].copy_from_slice(&LINK_UP.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset).ok().and_then(|o| config.get(o + i)).copied().unwrap_or(0);
+        // Outside the configuration space: zeros (a register read cannot fail).
+        match (NetConfig { mac: self.mac }).read(offset, data.len() as u64) {
+            Some(bytes) => data.copy_from_slice(&bytes),
+            None => data.fill(0),
         }
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::protocol::{Control, Purpose};
-use super::uri::{Channel, MigrationUri};
+use super::uri::{Channel, MigrationEnds, MigrationUri};
 use crate::colo::shared::ColoShared;
 use crate::persist::message as protocol;
 use crate::persist::snapshot::{self, load_pages, Meta};

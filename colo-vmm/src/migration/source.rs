@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::protocol::{Control, Purpose};
 use super::status::{update, MigrationParams, MigrationState, MigrationStatus, StatusHandle};
-use super::uri::{Channel, MigrationUri};
+use super::uri::{Channel, MigrationEnds, MigrationUri};
 use crate::migratable::{block_digests, page_digests, Migratable, MigratableError};
 use crate::persist::message as protocol;
 use crate::persist::snapshot::is_zero;

@@ -4,65 +4,15 @@ use std::io;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use colo_proxy::link::{self, AuthPolicy, LinkConn, LinkError, LinkKey, LinkReader, LinkSocket, LinkWriter};
 
-/// A migration address (as text in API requests).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub enum MigrationUri {
-    /// TCP `HOST:PORT`.
-    Tcp(String),
-    /// A Unix socket path.
-    Unix(PathBuf),
-}
-
-/// A migration address that is neither `tcp:HOST:PORT` nor `unix:PATH`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("'{0}': expected tcp:HOST:PORT or unix:PATH")]
-pub struct UriError(String);
-
-impl FromStr for MigrationUri {
-    type Err = UriError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if let Some(a) = s.strip_prefix("tcp:") {
-            match a.rsplit_once(':') {
-                Some((h, p)) if !h.is_empty() && p.parse::<u16>().is_ok() => Ok(MigrationUri::Tcp(a.to_string())),
-                _ => Err(UriError(s.into())),
-            }
-        } else if let Some(p) = s.strip_prefix("unix:").filter(|p| !p.is_empty()) {
-            Ok(MigrationUri::Unix(PathBuf::from(p)))
-        } else {
-            Err(UriError(s.into()))
-        }
-    }
-}
-
-impl TryFrom<String> for MigrationUri {
-    type Error = UriError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<MigrationUri> for String {
-    fn from(u: MigrationUri) -> String {
-        u.to_string()
-    }
-}
-
-impl std::fmt::Display for MigrationUri {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MigrationUri::Tcp(a) => write!(f, "tcp:{a}"),
-            MigrationUri::Unix(p) => write!(f, "unix:{}", p.display()),
-        }
-    }
-}
+/// A migration address, `tcp:HOST:PORT` or `unix:PATH` (as text in API requests): the
+/// address type colo-proxy's endpoints use too.
+pub use colo_proxy::stream_addr::{AddrError as UriError, StreamAddr as MigrationUri};
 
 /// This process's link key (`--link-key`), set once at start: every link it makes or accepts
 /// (migration and COLO) is authenticated and encrypted with it.
@@ -196,14 +146,22 @@ fn link_error(e: LinkError) -> io::Error {
     }
 }
 
-impl MigrationUri {
+/// A migration address's two ends: connecting (the source) and listening (the destination).
+pub trait MigrationEnds {
     /// Connects and authenticates (the source side) with the process's link key.
-    pub fn connect(&self) -> io::Result<Channel> {
+    fn connect(&self) -> io::Result<Channel> {
         self.connect_with(link_key())
     }
 
     /// Connects and authenticates with `key` (`None`: plain).
-    pub fn connect_with(&self, key: Option<&LinkKey>) -> io::Result<Channel> {
+    fn connect_with(&self, key: Option<&LinkKey>) -> io::Result<Channel>;
+
+    /// Listens (the destination side).
+    fn listen(&self) -> io::Result<Listener>;
+}
+
+impl MigrationEnds for MigrationUri {
+    fn connect_with(&self, key: Option<&LinkKey>) -> io::Result<Channel> {
         match self {
             MigrationUri::Tcp(a) => {
                 let addr = a
@@ -221,8 +179,7 @@ impl MigrationUri {
         }
     }
 
-    /// Listens (the destination side).
-    pub fn listen(&self) -> io::Result<Listener> {
+    fn listen(&self) -> io::Result<Listener> {
         match self {
             MigrationUri::Tcp(a) => Ok(Listener::Tcp(TcpListener::bind(a.as_str())?)),
             // Only this user may hand us a VM: 0600 before it can be reached.
@@ -268,16 +225,6 @@ impl Drop for Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses() {
-        assert_eq!("tcp:127.0.0.1:4444".parse::<MigrationUri>().unwrap(), MigrationUri::Tcp("127.0.0.1:4444".into()));
-        assert_eq!("unix:/tmp/m.sock".parse::<MigrationUri>().unwrap(), MigrationUri::Unix("/tmp/m.sock".into()));
-        for bad in ["tcp:host", "unix:", "udp:1:2", "tcp::1", "/tmp/x"] {
-            assert!(bad.parse::<MigrationUri>().is_err(), "{bad}");
-        }
-        assert_eq!("tcp:[::1]:9".parse::<MigrationUri>().unwrap().to_string(), "tcp:[::1]:9");
-    }
 
     #[test]
     fn an_incoming_unix_socket_is_0600_whatever_the_umask() {

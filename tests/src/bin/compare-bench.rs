@@ -233,7 +233,7 @@ impl Streams {
             let p = udp4(10_000 + f, 7, &payload);
             assert_eq!(p.len(), size);
             let mut s = p.clone();
-            s[6..12].copy_from_slice(&[VM_MAC[0], VM_MAC[1], VM_MAC[2], 0xaa, 0xbb, 0xcc]);
+            s[6..12].copy_from_slice(&[VM_MAC.0[0], VM_MAC.0[1], VM_MAC.0[2], 0xaa, 0xbb, 0xcc]);
             set_seq(&mut s, (1 << SEQ_BITS) - 1);
             primary.push(p);
             secondary.push(s);

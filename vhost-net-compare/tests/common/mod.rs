@@ -16,7 +16,9 @@ use std::sync::atomic::{fence, AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use colo_proxy::control::{ControlClient, Event};
+use colo_proxy::control::ControlClient;
+use colo_test_support::can_run;
+pub use colo_test_support::TempDir;
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -28,26 +30,17 @@ use vmm_sys_util::eventfd::EventFd;
 // ---------------------------------------------------------------------------------------------
 // Prerequisites and names
 
-/// Whether this test can run (root and /dev/net/tun). Prints a visible SKIPPED line when not;
-/// with COLO_REQUIRE_ALL=1 a missing prerequisite fails the test instead.
+/// Whether this test can run (root and /dev/net/tun), by the project's skip rule: a visible
+/// SKIPPED line when not, a failure instead with COLO_REQUIRE_ALL=1.
 pub fn prerequisites(test: &str) -> bool {
-    let why = if unsafe { libc::geteuid() } != 0 {
-        Some("needs root (tap devices, AF_PACKET)")
+    let missing = if unsafe { libc::geteuid() } != 0 {
+        Err("needs root (tap devices, AF_PACKET)".to_string())
     } else if !Path::new("/dev/net/tun").exists() {
-        Some("needs /dev/net/tun")
+        Err("needs /dev/net/tun".to_string())
     } else {
-        None
+        Ok(())
     };
-    match why {
-        None => true,
-        Some(why) => {
-            if std::env::var("COLO_REQUIRE_ALL").as_deref() == Ok("1") {
-                panic!("{test}: prerequisite missing: {why} (COLO_REQUIRE_ALL=1)");
-            }
-            eprintln!("SKIPPED {test}: {why}");
-            false
-        }
-    }
+    can_run(test, missing)
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -65,26 +58,6 @@ pub fn fork_guard() -> MutexGuard<'static, ()> {
 pub fn unique_name() -> String {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
     format!("vnc{}x{}", std::process::id() % 10_000_000, n % 100)
-}
-
-/// A temporary directory, removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new() -> TempDir {
-        let p = std::env::temp_dir().join(format!("vnc-test-{}-{}", std::process::id(), unique_name()));
-        fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    pub fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -344,20 +317,6 @@ impl Drop for Backend {
         }
         if std::thread::panicking() {
             eprintln!("---- backend log ----\n{}---- end ----", self.log_text());
-        }
-    }
-}
-
-/// Waits for the first event `wanted` accepts (others are skipped).
-pub fn expect_event(c: &mut ControlClient, timeout: Duration, what: &str, wanted: impl Fn(&Event) -> bool) -> Event {
-    let deadline = Instant::now() + timeout;
-    let mut skipped = vec![];
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match c.next_event(Some(left)).expect("control socket") {
-            Some(e) if wanted(&e) => return e,
-            Some(e) => skipped.push(e),
-            None => panic!("no {what} event within {timeout:?}; got {skipped:?}"),
         }
     }
 }

@@ -221,10 +221,10 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         metrics,
         poll,
     };
-    proxy.engine.set_mode(args.engine.mode, outlet!(proxy));
+    proxy.engine.set_mode(args.engine.mode(), outlet!(proxy));
     tracing::info!(
         primary_in = %args.primary_in, secondary_in = %args.secondary_in, outdev = %args.outdev,
-        vnet_hdr = args.vnet_hdr, mode = args.engine.mode.name(), "colo-proxy compare running"
+        vnet_hdr = args.vnet_hdr, mode = args.engine.mode().name(), "colo-proxy compare running"
     );
     let mut events = Events::with_capacity(256);
     loop {

@@ -30,7 +30,7 @@ use colo_proxy::link::{self, AuthPolicy, FrameLink, FrameLinkConfig, LinkConn, L
 use colo_proxy::metrics::CompareState;
 use colo_proxy::packet_socket::PacketSocket;
 use colo_proxy::replica::{Replica, ReplicaOutput, Role};
-use colo_proxy::wire::ethernet::parse_mac;
+use colo_proxy::wire::MacAddr;
 use colo_proxy::{Frame, MonotonicClock};
 
 use crate::metrics::{earliest, LoopMetrics};
@@ -131,7 +131,7 @@ struct ReplicaRun {
     lease: Duration,
     key: Option<LinkKey>,
     nic: String,
-    mac: Option<[u8; 6]>,
+    mac: Option<MacAddr>,
     peer_listen: Option<SocketAddr>,
     announcing: Option<Announcing>,
     tx_errors: u64,
@@ -171,7 +171,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let mac = args.mac.as_deref().map(parse_mac).transpose().map_err(anyhow::Error::msg).context("--mac")?;
+    let mac = args.mac;
     let open = |role: &str, name: &str| PacketSocket::open(name).with_context(|| format!("--{role} {name}"));
     let (uplink, vm) = (open("uplink", &args.uplink)?, open("vm", &vm_name)?);
     let poll = Poll::new().context("creating the event loop")?;
@@ -322,7 +322,7 @@ impl ReplicaRun {
             } else {
                 if self.mac.is_none() && frame.ethernet().len() >= 12 {
                     // The VM's own address, for the announcement after a takeover.
-                    self.mac = frame.ethernet()[6..12].try_into().ok();
+                    self.mac = MacAddr::from_prefix(&frame.ethernet()[6..]);
                 }
                 if let Push::Full(_) = self.core.from_local(frame, out!(self)) {
                     // AF_PACKET cannot push back on the VM.

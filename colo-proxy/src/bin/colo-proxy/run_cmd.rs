@@ -136,10 +136,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         rx_errors: 0,
         metrics,
     };
-    run.proxy.set_mode(args.engine.mode, outlet!(run));
+    run.proxy.set_mode(args.engine.mode(), outlet!(run));
     tracing::info!(
         uplink = %args.uplink, primary = %primary, secondary = %secondary,
-        mode = args.engine.mode.name(), "colo-proxy run: proxying"
+        mode = args.engine.mode().name(), "colo-proxy run: proxying"
     );
     let mut events = Events::with_capacity(64);
     // Interfaces whose socket still had frames after a batch.

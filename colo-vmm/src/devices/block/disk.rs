@@ -424,14 +424,14 @@ mod tests {
     fn bad_images_are_refused_with_clear_errors() {
         let (dir, config) = image(1);
         let e = |c: &DiskConfig| Disk::open(c).err().expect("refused").to_string();
-        let missing = DiskConfig { path: dir.0.join("nope.img"), readonly: false };
+        let missing = DiskConfig { path: dir.path("nope.img"), readonly: false };
         assert!(e(&missing).contains("No such file"), "{}", e(&missing));
-        let small = DiskConfig { path: dir.0.join("small.img"), readonly: false };
+        let small = DiskConfig { path: dir.path("small.img"), readonly: false };
         File::create(&small.path).unwrap().set_len(4096).unwrap();
         assert!(e(&small).contains("at least"), "{}", e(&small));
         File::create(&small.path).unwrap().set_len((1 << 20) + 512).unwrap();
         assert!(e(&small).contains("whole number"), "{}", e(&small));
-        let dirpath = DiskConfig { path: dir.0.clone(), readonly: false };
+        let dirpath = DiskConfig { path: dir.dir().to_path_buf(), readonly: false };
         assert!(e(&dirpath).contains("not a regular file"), "{}", e(&dirpath));
         std::fs::set_permissions(&config.path, std::fs::Permissions::from_mode(0o444)).unwrap();
         assert!(e(&config).contains("read-only"), "{}", e(&config));

@@ -69,33 +69,14 @@ impl FromStr for DiskConfig {
 /// Images for unit tests.
 #[cfg(test)]
 pub(crate) mod testing {
-    use std::path::PathBuf;
+    use colo_test_support::TempDir;
 
     use super::DiskConfig;
 
-    /// A directory removed on drop.
-    pub(crate) struct Dir(pub PathBuf);
-
-    impl Dir {
-        pub(crate) fn new() -> Dir {
-            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-            let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let p = std::env::temp_dir().join(format!("colo-disk-test-{}-{n}", std::process::id()));
-            std::fs::create_dir_all(&p).unwrap();
-            Dir(p)
-        }
-    }
-
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
     /// A fresh zeroed image of `mib` MiB in a directory of its own.
-    pub(crate) fn image(mib: u64) -> (Dir, DiskConfig) {
-        let dir = Dir::new();
-        let path = dir.0.join("disk.img");
+    pub(crate) fn image(mib: u64) -> (TempDir, DiskConfig) {
+        let dir = TempDir::new("disk-test");
+        let path = dir.path("disk.img");
         std::fs::File::create(&path).unwrap().set_len(mib << 20).unwrap();
         (dir, DiskConfig { path, readonly: false })
     }

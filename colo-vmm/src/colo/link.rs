@@ -18,8 +18,11 @@ use crate::persist::stream::{Kind, StreamError, StreamReader, StreamWriter};
 const STALL_SLACK: Duration = Duration::from_millis(50);
 
 /// After such a stall, silence is not judged for this long: what the peer sent meanwhile waits
-/// in the socket until the reader thread runs again, so the silence is this side's own.
-const WAKE_GRACE: Duration = Duration::from_millis(100);
+/// in the socket until the reader thread runs again, so the silence is this side's own. On a
+/// loaded host that thread may wait well beyond 100 ms for a CPU (a woken primary once judged a
+/// secondary that had taken over silent and went on alone instead of stepping down); only a
+/// side that itself stalled waits this long.
+const WAKE_GRACE: Duration = Duration::from_millis(500);
 
 /// Spent payload buffers kept for the reader to fill again (see [`Link::recycle`]).
 const SPARE_BUFFERS: usize = 4;
@@ -320,7 +323,8 @@ mod tests {
         // Heartbeats every 10 s: after the headers the peer says nothing.
         let (mut a, _b) = pair(10_000);
         let limit = Duration::from_millis(150);
-        std::thread::sleep(Duration::from_millis(250));
+        // (Longer than the grace too: the link's start counts as a wake-up.)
+        std::thread::sleep(WAKE_GRACE + Duration::from_millis(100));
         assert!(a.peer_silent(limit), "silent for {:?}", a.silent_for());
         // This side wakes from a stall (as the heartbeat thread or recv notice an overrun):
         // the peer's messages may still wait in the socket, so no verdict yet...

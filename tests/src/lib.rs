@@ -172,6 +172,18 @@ pub fn memory_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
+/// CPU time used so far by the live threads of process `pid` (each thread's
+/// /proc/PID/task/TID/schedstat: nanosecond resolution, where /proc/PID/stat counts 10 ms
+/// ticks; threads that ended are not counted, so measure processes that keep theirs).
+pub fn process_cpu(pid: u32) -> Duration {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Duration::ZERO };
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    Duration::from_nanos(ns)
+}
+
 /// Reads exactly `n` bytes or fails after the stream's timeout.
 pub fn read_exact(r: &mut impl Read, n: usize) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0; n];

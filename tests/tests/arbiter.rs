@@ -58,6 +58,24 @@ fn colo_under_load(hosts: usize) -> (ColoHosts, CounterLoad) {
     (net, load)
 }
 
+/// The last failover of a test: host `victim`'s processes are killed, host `survivor` takes
+/// over, the counter runs a second more and stops. Returns the survivor's status, the reply
+/// times, the last value, the longest gap around the kill and the replies after it.
+fn last_failover(
+    net: &ColoHosts,
+    load: CounterLoad,
+    victim: usize,
+    survivor: usize,
+) -> (Value, Vec<Instant>, u64, Duration, usize) {
+    let killed = Instant::now();
+    net.signal_host(victim, libc::SIGKILL);
+    let status = net.wait_status(survivor, "took over", Duration::from_secs(10), failed_over);
+    std::thread::sleep(Duration::from_secs(1));
+    let (times, last) = finish(load, net);
+    let (gap, after) = gap_around(&times, killed);
+    (status, times, last, gap, after)
+}
+
 fn failed_over(s: &Value) -> bool {
     s["state"] == "failed-over"
 }
@@ -254,12 +272,7 @@ fn survivors_are_protected_again_by_colo_start_and_one_session_outlives_three_fa
     net.start_colo(1, 0);
     std::thread::sleep(Duration::from_secs(1));
     // 3. Host b's processes die: host a takes over.
-    let killed = Instant::now();
-    net.signal_host(1, libc::SIGKILL);
-    let a = net.wait_status(0, "took over", Duration::from_secs(10), failed_over);
-    std::thread::sleep(Duration::from_secs(1));
-    let (times, last) = finish(load, &net);
-    let (gap, after) = gap_around(&times, killed);
+    let (a, times, last, gap, after) = last_failover(&net, load, 1, 0);
     eprintln!("three failovers, two re-protections: {} increments, last {last}; last gap {gap:?}", times.len());
     assert_eq!(a["last-failover"]["survivor"], "secondary", "{a:#}");
     assert!(after >= 20, "the session went on after the third failover: {after}");
@@ -283,12 +296,7 @@ fn with_an_arbiter_a_to_b_to_c_protects_itself_again_from_a_standby() {
     assert!(net.log(1).contains("re-protection"), "a trace event says so\n{}", net.logs());
     std::thread::sleep(Duration::from_secs(1));
     // Host b's processes die: host c takes over.
-    let killed = Instant::now();
-    net.signal_host(1, libc::SIGKILL);
-    let c = net.wait_status(2, "took over", Duration::from_secs(10), failed_over);
-    std::thread::sleep(Duration::from_secs(1));
-    let (times, last) = finish(load, &net);
-    let (gap, after) = gap_around(&times, killed);
+    let (c, times, last, gap, after) = last_failover(&net, load, 1, 2);
     eprintln!("a→b→c: {} increments, last {last}; gap at the second failover {gap:?}", times.len());
     assert_eq!(c["arbiter"]["holder"], "host-c", "{c:#}");
     assert!(after >= 20, "the session went on with host c: {after}");

@@ -37,6 +37,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use colo_proxy::builder::{udp4, VM_MAC};
 use colo_proxy::notify_dev::{CHECKPOINT, DO_CHECKPOINT};
+use colo_tests::process_cpu;
 use colo_tests::qemu::{check_qemu, colo_proxy_path, qemu_path, Compare, CompareConfig, Running};
 use colo_tests::qframe::QPeer;
 
@@ -150,18 +151,6 @@ impl RunResult {
     fn cpu_us_per_frame(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / (self.received.max(1) as f64)
     }
-}
-
-/// CPU time used so far by the live threads of process `pid`, in ns (each thread's
-/// /proc/PID/task/TID/schedstat: nanosecond resolution, where /proc/PID/stat counts 10 ms
-/// ticks). Both implementations keep their threads for their whole life.
-fn process_cpu(pid: u32) -> Duration {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Duration::ZERO };
-    let ns: u64 = tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    Duration::from_nanos(ns)
 }
 
 /// One implementation in the comparison.

@@ -39,6 +39,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use colo_proxy::control::{ControlClient, Event};
 use colo_tests::linux_guest::{LinuxGuest, ECHO_PORT, HTTP_PORT};
+use colo_tests::process_cpu;
 use colo_tests::qemu_vhost::{self, client_udp, guest, VhostNet, GUEST_IP};
 
 /// vhost-net-compare passthrough vs COLO compare path, with QEMU guests.
@@ -293,16 +294,6 @@ fn boot(net: &VhostNet, args: &Args) -> anyhow::Result<Vec<LinuxGuest>> {
         g.wait_ready(Duration::from_secs(180))?;
     }
     Ok(guests)
-}
-
-/// CPU time used so far by the live threads of process `pid` (each thread's schedstat, in ns).
-fn process_cpu(pid: u32) -> Duration {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Duration::ZERO };
-    let ns: u64 = tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum();
-    Duration::from_nanos(ns)
 }
 
 /// One path, booted, and what its rounds measured so far.

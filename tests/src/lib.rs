@@ -2,6 +2,7 @@
 //! processes that are killed when a test ends (even by panic), network namespaces, and skips
 //! that say why.
 
+pub mod checkpoint_steps;
 pub mod colo_hosts;
 pub mod colo_topology;
 pub mod counter_load;

@@ -17,7 +17,7 @@
 //! the link's bytes as they are. Each side recognises the other kind of hello and says which
 //! side lacks the key, rather than failing on garbage.
 
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, IoSlice, Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -397,30 +397,32 @@ pub struct LinkReader<S: LinkSocket> {
 }
 
 impl<S: LinkSocket> LinkReader<S> {
-    /// Opens the next transport message into `plain`. `Ok(false)`: the peer closed the link
-    /// cleanly between records.
-    fn next_record(&mut self) -> io::Result<bool> {
-        let Some(opener) = self.opener.as_mut() else { unreachable!("plain links read directly") };
+    /// Reads the next sealed transport message into `sealed`; its length, or `None` when the
+    /// peer closed the link cleanly between messages.
+    fn next_sealed(&mut self) -> io::Result<Option<usize>> {
         let mut len = [0u8; 2];
         match self.inner.read(&mut len[..1])? {
-            0 => return Ok(false),
+            0 => return Ok(None),
             _ => self.inner.read_exact(&mut len[1..])?,
         }
         let len = u16::from_be_bytes(len) as usize;
         if len < TAG {
             return Err(io::Error::new(io::ErrorKind::InvalidData, Tampered));
         }
-        let sealed = &mut self.sealed[..len];
-        self.inner.read_exact(sealed)?;
-        self.plain.resize(len - TAG, 0);
+        self.inner.read_exact(&mut self.sealed[..len])?;
+        Ok(Some(len))
+    }
+
+    /// Authenticates and decrypts the message of `len` bytes in `sealed` into `out` (at least
+    /// `len - TAG` bytes long); the plain length.
+    fn open_into(&mut self, len: usize, out: &mut [u8]) -> io::Result<usize> {
+        let Some(opener) = self.opener.as_mut() else { unreachable!("plain links read directly") };
         let n = opener
             .state
-            .read_message(opener.nonce, sealed, &mut self.plain)
+            .read_message(opener.nonce, &self.sealed[..len], out)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, Tampered))?;
         opener.nonce += 1;
-        self.plain.truncate(n);
-        self.pos = 0;
-        Ok(true)
+        Ok(n)
     }
 }
 
@@ -430,15 +432,39 @@ impl<S: LinkSocket> Read for LinkReader<S> {
             return self.inner.read(buf);
         }
         while self.pos == self.plain.len() {
-            if !self.next_record()? {
-                return Ok(0);
+            let Some(len) = self.next_sealed()? else { return Ok(0) };
+            if len > TAG && buf.len() >= len - TAG {
+                // The caller takes the whole message (a batch of pages): open it in place
+                // there instead of into `plain` and copying.
+                return self.open_into(len, buf);
             }
+            let mut plain = std::mem::take(&mut self.plain);
+            plain.resize(len - TAG, 0);
+            let opened = self.open_into(len, &mut plain);
+            self.plain = plain;
+            self.pos = 0;
+            // Nothing of a message that does not verify is ever read out.
+            self.plain.truncate(opened.as_ref().map_or(0, |n| *n));
+            opened?;
         }
         let n = buf.len().min(self.plain.len() - self.pos);
         buf[..n].copy_from_slice(&self.plain[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
     }
+}
+
+/// Writes all of `bufs`, in as few system calls as the socket takes.
+fn write_all_vectored<S: Write>(w: &mut S, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !bufs.is_empty() {
+        match w.write_vectored(bufs) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The writing half of a link: buffered; records are sealed and written on `flush` (and
@@ -455,20 +481,28 @@ pub struct LinkWriter<S: LinkSocket> {
 impl<S: LinkSocket> LinkWriter<S> {
     /// Seals `pending` into one transport message at the end of `out`.
     fn seal(&mut self) {
-        let Some(sealer) = self.sealer.as_mut() else { return };
         if self.pending.is_empty() {
             return;
         }
+        let pending = std::mem::take(&mut self.pending);
+        self.seal_from(&pending);
+        self.pending = pending;
+        self.pending.clear();
+    }
+
+    /// Seals `plain` (at most [`MAX_PLAIN`] bytes) into one transport message at the end of
+    /// `out`, encrypting straight from the caller's bytes.
+    fn seal_from(&mut self, plain: &[u8]) {
+        let Some(sealer) = self.sealer.as_mut() else { return };
         let at = self.out.len();
-        self.out.resize(at + 2 + self.pending.len() + TAG, 0);
+        self.out.resize(at + 2 + plain.len() + TAG, 0);
         let n = sealer
             .state
-            .write_message(sealer.nonce, &self.pending, &mut self.out[at + 2..])
+            .write_message(sealer.nonce, plain, &mut self.out[at + 2..])
             .expect("a record of at most MAX_PLAIN bytes fits its message");
         sealer.nonce += 1;
         self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
         self.out.truncate(at + 2 + n);
-        self.pending.clear();
     }
 
     fn write_out(&mut self) -> io::Result<()> {
@@ -486,10 +520,29 @@ impl<S: LinkSocket> LinkWriter<S> {
 impl<S: LinkSocket> Write for LinkWriter<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.sealer.is_none() {
-            self.out.extend_from_slice(buf);
-        } else {
-            let mut rest = buf;
-            while !rest.is_empty() {
+            if self.out.len() + buf.len() < WRITE_BATCH {
+                self.out.extend_from_slice(buf);
+                return Ok(buf.len());
+            }
+            // A large write (a batch of pages) goes to the socket from the caller's buffer,
+            // in one system call behind what was gathered (a record's head), instead of being
+            // copied into `out` first.
+            let mut slices = [IoSlice::new(&self.out), IoSlice::new(buf)];
+            let mut left = &mut slices[..];
+            IoSlice::advance_slices(&mut left, 0);
+            let written = write_all_vectored(&mut self.inner, left);
+            self.out.clear();
+            written?;
+            return Ok(buf.len());
+        }
+        let mut rest = buf;
+        while !rest.is_empty() {
+            if self.pending.is_empty() && rest.len() >= MAX_PLAIN {
+                // Whole messages are sealed from the caller's bytes, not copied to `pending`.
+                let (whole, tail) = rest.split_at(MAX_PLAIN);
+                self.seal_from(whole);
+                rest = tail;
+            } else {
                 let n = rest.len().min(MAX_PLAIN - self.pending.len());
                 self.pending.extend_from_slice(&rest[..n]);
                 rest = &rest[n..];

@@ -18,6 +18,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use colo_tests::checkpoint_steps::{cells, header, median_steps, step_times, StepTimes, STEPS};
 use colo_tests::colo_topology::{prerequisites, Backend, ColoNet, CounterClient, Side};
 use colo_tests::kv::{make_image, KvClient};
 use colo_tests::vm_topology::cpu_time;
@@ -110,32 +111,6 @@ fn quantile(mut v: Vec<f64>, p: f64) -> f64 {
     v[rank - 1]
 }
 
-/// The steps of a checkpoint the primary logs with each one (`step_<name>_ms`), in order
-/// (`loaded`, waiting for the secondary to load, was in the pause until the PVM resumed before
-/// the load: a step a log does not have is left out).
-const STEPS: [&str; 9] = ["pause", "dirty", "pages", "marks", "state", "received", "commit", "loaded", "resume"];
-
-/// The step times of the primary's checkpoints after `from` (by seq), from its log: one row of
-/// [`STEPS`] per checkpoint.
-fn step_times(net: &ColoNet, from: u64) -> Vec<[Option<f64>; STEPS.len()]> {
-    let field = |line: &str, key: &str| -> Option<f64> {
-        let at = line.find(&format!(" {key}="))? + key.len() + 2;
-        line[at..].split(|c: char| c.is_whitespace()).next()?.parse().ok()
-    };
-    net.log(Side::Primary)
-        .lines()
-        .filter(|l| l.contains("step_pause_ms="))
-        .filter(|l| field(l, "seq").is_some_and(|s| s as u64 > from))
-        .map(|l| {
-            let mut row = [None; STEPS.len()];
-            for (v, k) in row.iter_mut().zip(STEPS) {
-                *v = field(l, &format!("step_{k}_ms"));
-            }
-            row
-        })
-        .collect()
-}
-
 /// A pause row: medians of pages and pause per checkpoint, the pause's p99, background pages,
 /// and the median of each step.
 struct PauseRow {
@@ -144,7 +119,7 @@ struct PauseRow {
     p99: f64,
     checkpoints: usize,
     bg_pages: f64,
-    steps: [Option<f64>; STEPS.len()],
+    steps: StepTimes,
 }
 
 /// Pause and pages per checkpoint with the guest dirtying `rate` pages per second, one
@@ -168,18 +143,14 @@ fn pause_row(rate: u64, background: bool, secs: f64, every_ms: u64) -> PauseRow 
     let pauses: Vec<f64> = cps.iter().map(|c| n(&c["pause-ms"])).collect();
     let pages: Vec<f64> = cps.iter().map(|c| n(&c["pages"])).collect();
     let bg_pages = n(&net.status(Side::Primary)["background-pages"]);
-    let times = step_times(&net, from);
+    let times = step_times(&net.log(Side::Primary), from);
     if let Some(dir) = std::env::var_os("COLO_BENCH_LOGS") {
         // Where each row's processes logged, for a closer look (COLO_BENCH_LOGS=DIR).
         let dir = std::path::PathBuf::from(dir);
         let name = format!("pause-{rate}-{}-{every_ms}", if background { "bg" } else { "nobg" });
         let _ = std::fs::write(dir.join(format!("{name}.log")), net.logs());
     }
-    let mut steps = [None; STEPS.len()];
-    for (i, s) in steps.iter_mut().enumerate() {
-        let v: Vec<f64> = times.iter().filter_map(|t| t[i]).collect();
-        *s = (!v.is_empty()).then(|| median(v));
-    }
+    let steps = median_steps(&times);
     if pauses.is_empty() {
         return PauseRow { pages: 0.0, pause: 0.0, p99: 0.0, checkpoints: 0, bg_pages, steps };
     }
@@ -434,11 +405,10 @@ fn pause_table(args: &Args, r: &mut String) -> anyhow::Result<()> {
          `received` waits for the secondary to take everything in, `commit` releases the \
          interval's output, `loaded` waits for the secondary to load, `resume` restarts the PVM.\n"
     )?;
-    writeln!(r, "| checkpoints | pause | {} |", STEPS.join(" | "))?;
+    writeln!(r, "| checkpoints | whole pause | {} |", header())?;
     writeln!(r, "|:---|---:|{}", "---:|".repeat(STEPS.len()))?;
     for (name, pause, steps) in step_rows {
-        let cols: Vec<String> = steps.iter().map(|v| v.map_or("–".into(), |v| format!("{v:.3}"))).collect();
-        writeln!(r, "| {name} | {pause:.2} | {} |", cols.join(" | "))?;
+        writeln!(r, "| {name} | {pause:.2} | {} |", cells(&steps))?;
     }
     Ok(())
 }

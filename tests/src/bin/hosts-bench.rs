@@ -14,6 +14,7 @@ use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use colo_tests::checkpoint_steps::{cells, header, median_steps, step_times, StepTimes, STEPS};
 use colo_tests::colo_hosts::{ColoHosts, HostBackend};
 use colo_tests::colo_topology::{Backend, ColoNet, CounterClient};
 use colo_tests::hosts::Lan;
@@ -89,7 +90,7 @@ fn copy_budget_per_page() -> f64 {
 fn iperf(secs: u64) -> anyhow::Result<f64> {
     let lan = Lan::new(2);
     let (a, b) = (lan.host(0), lan.host(1));
-    let mut server = b.ns.spawn("iperf3-server", "iperf3", &["-s", "-1", "-B", &b.repl_ip]);
+    let mut server = b.ns.spawn("iperf3-server", "iperf3", &["-s", "-1", "-B", &b.repl_ip, "--logfile", "/dev/null"]);
     std::thread::sleep(Duration::from_millis(500));
     let out = a.ns.exec(&["iperf3", "-c", &b.repl_ip, "-t", &secs.to_string(), "-J"]);
     server.wait_timeout(Duration::from_secs(5));
@@ -97,9 +98,16 @@ fn iperf(secs: u64) -> anyhow::Result<f64> {
     Ok(n(&v["end"]["sum_received"]["bits_per_second"]) / 1e9)
 }
 
-/// Median pause and pages per checkpoint, across two hosts, with the guest dirtying `rate`
-/// pages per second.
-fn pause_row(rate: u64, keyed: bool, secs: f64) -> (f64, f64) {
+/// A pause row: medians of pages and pause per checkpoint and of each step of the transaction.
+struct PauseRow {
+    pages: f64,
+    pause: f64,
+    steps: StepTimes,
+}
+
+/// Median pause, pages and step times per checkpoint, across two hosts, with the guest
+/// dirtying `rate` pages per second.
+fn pause_row(rate: u64, keyed: bool, secs: f64) -> PauseRow {
     let app =
         if rate == 0 { "app=counter".to_string() } else { format!("app=counter,dirty dirty={rate} dirty_mib=128") };
     let net = ColoHosts::start(HostBackend::VhostNetCompare, 2, &app, keyed);
@@ -112,7 +120,8 @@ fn pause_row(rate: u64, keyed: bool, secs: f64) -> (f64, f64) {
     let cps: Vec<&Value> = recent.iter().filter(|c| n(&c["seq"]) > from).collect();
     let pauses = cps.iter().map(|c| n(&c["pause-ms"])).collect();
     let pages = cps.iter().map(|c| n(&c["pages"])).collect();
-    (median(pages), median(pauses))
+    let steps = median_steps(&step_times(&net.log(0), from as u64));
+    PauseRow { pages: median(pages), pause: median(pauses), steps }
 }
 
 /// TCP echo round trips (64 bytes) from the client: their times in µs.
@@ -172,9 +181,11 @@ fn main() -> anyhow::Result<()> {
     ));
     let budget = copy_budget_per_page();
     r.push_str(&format!("- Local memory-copy budget: {:.2} µs per 4 KiB page\n", budget * 1e6));
+    let mut iperf_mbs = None;
     if args.wants("iperf") {
         eprintln!("iperf3 across the replication network...");
         let gbps = iperf(5)?;
+        iperf_mbs = Some(gbps * 1e9 / 8e6);
         r.push_str(&format!(
             "- Replication network, raw TCP (iperf3, 5 s): {gbps:.2} Gbit/s = {:.0} MB/s\n",
             gbps * 1e9 / 8e6
@@ -182,14 +193,19 @@ fn main() -> anyhow::Result<()> {
     }
     if args.wants("pause") {
         r.push_str("\n#### Checkpoint pause against dirty pages, across two hosts\n\n");
-        r.push_str("One checkpoint per second (`max-time=1000`), no background transfer; medians.\n\n");
-        r.push_str("| dirty pages/s | link | pages/checkpoint | pause ms | µs/page beyond idle | vs copy budget | MB/s beyond idle |\n");
-        r.push_str("|---:|:---|---:|---:|---:|---:|---:|\n");
+        r.push_str(
+            "One checkpoint per second (`max-time=1000`), no background transfer; medians. The stream \
+             column is the pages' bytes over the `pages` step alone (reading the dirty pages into \
+             the link until the secondary took them), against iperf3's throughput above.\n\n",
+        );
+        r.push_str("| dirty pages/s | link | pages/checkpoint | pause ms | µs/page beyond idle | vs copy budget | MB/s beyond idle | stream MB/s (pages step) | vs iperf3 |\n");
+        r.push_str("|---:|:---|---:|---:|---:|---:|---:|---:|---:|\n");
+        let mut step_rows = vec![];
         for keyed in [false, true] {
             let mut idle = None;
             for &rate in &args.dirty {
                 eprintln!("pause: {rate} pages/s, keyed {keyed}...");
-                let (pages, pause) = pause_row(rate, keyed, args.secs);
+                let PauseRow { pages, pause, steps } = pause_row(rate, keyed, args.secs);
                 let idle_pause = *idle.get_or_insert(pause);
                 let extra = (pause - idle_pause).max(0.0);
                 let (per_page, ratio, mbs) = if rate == 0 || pages < 1.0 {
@@ -202,9 +218,26 @@ fn main() -> anyhow::Result<()> {
                         format!("{:.0}", pages * 4096.0 / (extra / 1000.0) / 1e6),
                     )
                 };
+                let (stream, vs) = match steps[2] {
+                    Some(ms) if rate > 0 && ms > 0.0 => {
+                        let mbs = pages * 4096.0 / (ms / 1000.0) / 1e6;
+                        let vs = iperf_mbs.map_or("–".into(), |i| format!("{:.0} %", mbs / i * 100.0));
+                        (format!("{mbs:.0}"), vs)
+                    }
+                    _ => ("–".into(), "–".into()),
+                };
                 let link = if keyed { "Noise (AES-GCM)" } else { "plain" };
-                r.push_str(&format!("| {rate} | {link} | {pages:.0} | {pause:.2} | {per_page} | {ratio} | {mbs} |\n"));
+                r.push_str(&format!(
+                    "| {rate} | {link} | {pages:.0} | {pause:.2} | {per_page} | {ratio} | {mbs} | {stream} | {vs} |\n"
+                ));
+                step_rows.push((format!("{rate} pages/s, {link}"), pause, steps));
             }
+        }
+        r.push_str("\nThe median of each step of the same checkpoints, ms, as the primary logs them:\n\n");
+        r.push_str(&format!("| checkpoints | whole pause | {} |\n", header()));
+        r.push_str(&format!("|:---|---:|{}\n", "---:|".repeat(STEPS.len())));
+        for (name, pause, steps) in step_rows {
+            r.push_str(&format!("| {name} | {pause:.2} | {} |\n", cells(&steps)));
         }
     }
     if args.wants("latency") {

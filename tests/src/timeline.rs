@@ -100,6 +100,7 @@ pub fn mesh<'a, 'b, 'c, Y: Ranged + ValueFormatter<Y::ValueType>>(
     mesh.disable_x_mesh()
         .light_line_style(TRANSPARENT)
         .set_all_tick_mark_size(4)
+        .axis_style(FRAME)
         .x_labels(20)
         .x_label_formatter(&seconds)
         .label_style(text(12.0, GREY))
@@ -114,6 +115,17 @@ pub fn mesh<'a, 'b, 'c, Y: Ranged + ValueFormatter<Y::ValueType>>(
 /// The time axis's labels: whole seconds.
 fn seconds(t: &f64) -> String {
     format!("{:.0} s", t + 0.0)
+}
+
+/// `label` in the label area left of `chart`, level with `y`, ending 8 pixels before it.
+pub fn label_left<Y: Ranged<ValueType = f64>>(
+    chart: &TimeChart<'_, '_, Y>,
+    y: f64,
+    label: &str,
+    style: TextStyle<'static>,
+) -> Result<(), DrawError> {
+    let text = Text::new(label.to_string(), (-8, 0), anchored(style, HPos::Right, VPos::Center));
+    chart.plotting_area().draw(&(EmptyElement::at((chart.x_range().start, y)) + text))
 }
 
 /// A thin frame around the plotting area of `chart`.

@@ -238,9 +238,7 @@ fn host_lane(chart: &mut TimeChart<'_, '_, RangedCoordf64>, o: &Outcome, i: usiz
     )?;
     let (x0, x1) = (chart.x_range().start, chart.x_range().end);
     chart.draw_series([Rectangle::new([(x0, top), (x1, bottom)], timeline::FRAME)])?;
-    let label = Text::new("frames as the VM", (-8, 0), anchored(text(10.0, NOTE), HPos::Right, VPos::Center));
-    let strip_mid = lane(i) + (STRIP.0 + STRIP.1) / 2.0;
-    chart.plotting_area().draw(&(EmptyElement::at((x0, strip_mid)) + label))?;
+    timeline::label_left(chart, lane(i) + (STRIP.0 + STRIP.1) / 2.0, "frames as the VM", text(10.0, NOTE))?;
     let frames = o.frames.get(i).map(Vec::as_slice).unwrap_or(&[]);
     let strip = lane(i) + STRIP.0..lane(i) + STRIP.1;
     let sent = frames.iter().filter(|f| !f.rarp).map(|f| f.t);
@@ -289,4 +287,112 @@ fn markers(chart: &TimeChart<'_, '_, RangedCoordf64>, o: &Outcome) -> Result<(),
         timeline::vline(chart, f.kill_t, timeline::ALARM.stroke_width(2), false)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::outcome::{Change, Check, Event, Failover, Phase, VmFrame};
+
+    /// A run as the demo records one: COLO a→b, a dies at 5 s, b serves and protects itself
+    /// with c, a b–c partition, b dies at 19 s, c serves.
+    fn outcome() -> Outcome {
+        let phase = |name, start, end| Phase {
+            name,
+            title: String::new(),
+            start,
+            end,
+            checks: vec![Check { what: "it held".into(), pass: true, detail: String::new() }],
+        };
+        let look = |role: &str, state: &str| Some(Look::of(&json!({ "role": role, "state": state })));
+        let change = |t, host, look| Change { t, host, look, inferred: false };
+        let frames = |from: f64, to: f64, rarp: bool| {
+            let mut f: Vec<VmFrame> = (0..((to - from) * 20.0) as usize)
+                .map(|k| VmFrame { t: from + k as f64 * 0.05, rarp: false })
+                .collect();
+            if rarp {
+                f.splice(0..0, (0..5).map(|k| VmFrame { t: from - 0.5 + 0.1 * k as f64, rarp: true }));
+            }
+            f
+        };
+        let failover = |dead, survivor, kill_t: f64| Failover {
+            dead,
+            survivor,
+            kill_t,
+            took_over_t: Some(kill_t + 2.0),
+            reason: "no heartbeat from the primary for 1000 ms".into(),
+            protected_t: None,
+        };
+        let replies: Vec<f64> = (0..2400)
+            .map(|k| 1.5 + k as f64 * 0.01)
+            .filter(|t| !(5.05..8.1).contains(t) && !(19.05..22.1).contains(t))
+            .collect();
+        Outcome {
+            phases: vec![
+                phase("colo", 1.2, 5.0),
+                phase("a dies", 5.0, 10.8),
+                phase("partition", 10.8, 19.0),
+                phase("b dies", 19.0, 25.6),
+                phase("counter", 25.6, 25.7),
+            ],
+            events: vec![Event { t: 10.8, host: None, what: "the b–c link cut".into() }],
+            changes: vec![
+                change(1.2, 0, look("primary", "running")),
+                change(1.2, 1, look("secondary", "running")),
+                change(1.2, 2, None),
+                change(7.0, 1, look("primary", "failed-over")),
+                change(8.0, 2, look("secondary", "running")),
+                change(10.8, 2, None),
+                change(16.0, 2, look("secondary", "running")),
+                change(21.0, 2, look("secondary", "failed-over")),
+            ],
+            failovers: vec![failover(0, 1, 5.0), failover(1, 2, 19.0)],
+            partition: Some((10.8, 14.9)),
+            counter_first: 0,
+            counter_last: replies.len() as u64,
+            replies,
+            frames: vec![frames(1.5, 5.0, false), frames(7.5, 19.0, true), frames(21.5, 25.5, true)],
+            colo_t: 1.2,
+            end_t: 25.6,
+            logs: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_timeline_shows_every_lane_phase_death_gap_and_the_legend() {
+        let o = outcome();
+        let svg = timeline(&o).expect("drawn");
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+        for text in [
+            "a→b: took over after 2000 ms, client gap 3060 ms",
+            format!("counter 0 → {}, {} increments", o.replies.len(), o.replies.len()).as_str(),
+            "every check passed",
+            "host a",
+            "host b",
+            "host c",
+            "frames as the VM",
+            "colo",
+            "partition",
+            "b dies",
+            "host a dies",
+            "host b dies",
+            "b–c partition",
+            "gap 3060 ms",
+            "10 s",
+            "RARP: the survivor announces the VM",
+        ] {
+            assert!(svg.contains(text), "{text:?} is not in the timeline");
+        }
+        // Each stand in its colour: in a lane and in the legend, or only in the legend.
+        let fills = |s: Stand| {
+            let c = s.colour();
+            svg.matches(&format!("fill=\"#{:02X}{:02X}{:02X}\"", c.0, c.1, c.2)).count()
+        };
+        assert_eq!(fills(Stand::PrimaryColo), 1 + 1);
+        assert_eq!(fills(Stand::Alone), 2 + 1);
+        assert_eq!(fills(Stand::Down), 2 + 1);
+        assert_eq!(fills(Stand::Waiting), 1);
+    }
 }

@@ -85,11 +85,7 @@ fn draw(root: &Area, o: &Outcome, args: &Args) -> Result<(), DrawError> {
     // Panel B: the counter's replies.
     let mut cb = timeline::time_chart(b, time.clone(), 0.0..1.0, SIDES, (18, 14), false)?;
     passive_bands(&mut cb, o)?;
-    timeline::mesh(&mut cb, None)
-        // Labels at 0, 0.5 and 1: the middle one names the panel.
-        .y_labels(3)
-        .y_label_formatter(&|y: &f64| if (y - 0.5).abs() < 0.01 { "counter".into() } else { String::new() })
-        .draw()?;
+    timeline::label_left(&cb, 0.5, "counter", text(12.0, timeline::GREY))?;
     timeline::frame(&cb)?;
     markers(&cb, o)?;
     timeline::ticks(&mut cb, o.replies.iter().map(|r| r.0), 0.15..0.85, timeline::TRAFFIC.stroke_width(1))?;
@@ -224,4 +220,112 @@ fn longest_gap<Y: Ranged<ValueType = f64>>(chart: &mut TimeChart<'_, '_, Y>, o: 
     chart
         .plotting_area()
         .draw(&(EmptyElement::at((at, ys.end)) + Text::new(label, (dx, -3), anchored(style, h, VPos::Bottom))))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use serde_json::json;
+
+    use super::*;
+    use crate::{Ckpt, CpuTrack, FailoverResult, Phase};
+
+    /// A run as the demo records one: periodic COLO checkpoints, then miscompares and passive
+    /// ones, then COLO again, the kill at 30 s and a takeover 40 ms later.
+    fn outcome() -> Outcome {
+        let phase = |name, start, end| Phase { name, start, end };
+        let phases = vec![
+            phase("colo-start", 0.2, 0.7),
+            phase("deterministic", 0.7, 8.7),
+            phase("top", 8.7, 23.7),
+            phase("top stopped", 23.7, 30.0),
+            phase("failover", 30.0, 34.0),
+        ];
+        let ckpt = |seq: u64, t: f64, passive: bool, trigger: &str, interval_ms: f64| Ckpt {
+            seq,
+            t,
+            passive,
+            trigger: trigger.into(),
+            interval_ms,
+            pause_ms: 8.0,
+            pages: 24,
+        };
+        let mut ckpts = vec![];
+        for k in 0..4 {
+            ckpts.push(ckpt(k, 2.7 + 2.0 * k as f64, false, "periodic", 2000.0));
+        }
+        for k in 0..5 {
+            ckpts.push(ckpt(4 + k, 9.0 + 0.2 * k as f64, false, "miscompare:payload", 180.0));
+        }
+        for k in 0..20 {
+            ckpts.push(ckpt(9 + k, 10.2 + 0.25 * k as f64, true, "passive", 250.0));
+        }
+        ckpts.push(ckpt(29, 28.0, false, "periodic", 2000.0));
+        let share = (0..170).map(|k| k as f64 * 0.2).map(|t| (t, if (10.0..15.0).contains(&t) { 0.03 } else { 0.95 }));
+        let cpu = CpuTrack { share: share.collect(), ..Default::default() };
+        let replies: Vec<(f64, u64)> =
+            (0..680).map(|k| k as f64 * 0.05).filter(|t| !(30.01..30.08).contains(t)).zip(1..).collect();
+        Outcome {
+            phases,
+            colo_start_t: 0.2,
+            end_t: 34.0,
+            ckpts,
+            primary: json!({
+                "checkpoints": { "total": 30, "colo": 10, "passive": 20, "mode-switches": 2 },
+                "pause-p50-ms": 8.0, "pause-p99-ms": 17.0,
+            }),
+            cpu,
+            counter_first: 0,
+            counter_last: replies.len() as u64,
+            counter_incs: replies.len() as u64,
+            replies,
+            counter_error: None,
+            top_lines: 70,
+            top_error: None,
+            failover: FailoverResult {
+                kill_t: 30.0,
+                detected_t: Some(30.04),
+                secondary: json!({ "last-failover": { "reason": "checkpoint link broken" } }),
+                compare_mode: "secondary-only".into(),
+                fresh_get: Ok(680),
+            },
+            logs: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_timeline_shows_every_checkpoint_phase_the_kill_the_gap_and_the_legend() {
+        let args = Args::parse_from(["colo-demo"]);
+        let svg = timeline(&outcome(), &args).expect("drawn");
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+        for name in ["colo-start", "deterministic", "top", "top stopped", "failover"] {
+            assert!(svg.contains(&format!("\n{name}\n")), "phase {name} is not named");
+        }
+        for text in [
+            "30 checkpoints (10 COLO, 20 passive), 2 mode switches",
+            "primary SIGKILL",
+            "the secondary took over after 40 ms",
+            "checkpoint link broken",
+            "longest gap 100 ms",
+            "interval before the checkpoint (log)",
+            "10 ms",
+            "10 s",
+            "secondary CPU",
+            "30 s",
+            "counter",
+            "COLO checkpoint",
+            "passive mode",
+            "triggered by a miscompare",
+        ] {
+            assert!(svg.contains(text), "{text:?} is not in the timeline");
+        }
+        // A bar per checkpoint in its mode's colour (and one swatch in the legend).
+        let bars = |colour: RGBColor| {
+            svg.matches(&format!("fill=\"#{:02X}{:02X}{:02X}\"", colour.0, colour.1, colour.2)).count()
+        };
+        assert_eq!(bars(COLO), 10 + 1);
+        assert_eq!(bars(PASSIVE), 20 + 1);
+        // A dot over each checkpoint a miscompare triggered (and one in the legend).
+        assert_eq!(svg.matches("<circle").count(), 5 + 1);
+    }
 }

@@ -19,6 +19,7 @@ pub mod qframe;
 pub mod scrape;
 pub mod soak;
 pub mod status_watch;
+pub mod timeline;
 pub mod topology;
 pub mod vm_topology;
 
@@ -144,6 +145,24 @@ pub fn run(cmd: &mut Command) -> (ExitStatus, String) {
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status, text)
+}
+
+/// Writes a demo's outputs, each to its path: (path, what it is, its contents or why there
+/// are none). Says on stderr, as `program: ...`, what could not be written; returns whether
+/// everything was.
+pub fn write_outputs<'a>(
+    program: &str,
+    outputs: impl IntoIterator<Item = (&'a Path, &'a str, anyhow::Result<String>)>,
+) -> bool {
+    let mut all = true;
+    for (path, what, contents) in outputs {
+        let written = contents.and_then(|c| std::fs::write(path, c).map_err(anyhow::Error::from));
+        if let Err(e) = written {
+            eprintln!("{program}: the {what} ({}): {e:#}", path.display());
+            all = false;
+        }
+    }
+    all
 }
 
 /// Whether we are root (namespaces, taps, AF_PACKET).

@@ -25,7 +25,7 @@ mod outcome;
 mod story;
 mod svg;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 
@@ -117,21 +117,14 @@ fn main() -> ExitCode {
     };
     let (text, json) = outcome::summary(&o, &args);
     print!("{text}");
-    let mut write_failed = false;
-    let mut write = |path: &Path, what: &str, data: &str| {
-        if let Err(e) = std::fs::write(path, data).with_context(|| format!("writing the {what} to {}", path.display()))
-        {
-            eprintln!("arbiter-demo: {e:#}");
-            write_failed = true;
-        }
-    };
-    write(&args.svg, "timeline", &svg::timeline(&o));
+    let mut outputs = vec![(args.svg.as_path(), "timeline", svg::timeline(&o).context("drawing it"))];
     if let Some(p) = &args.json {
-        write(p, "JSON summary", &format!("{json:#}\n"));
+        outputs.push((p, "JSON summary", Ok(format!("{json:#}\n"))));
     }
     if let Some(p) = &args.logs {
-        write(p, "logs", &o.logs);
+        outputs.push((p, "logs", Ok(o.logs.clone())));
     }
+    let written = colo_tests::write_outputs("arbiter-demo", outputs);
     if interrupt::interrupted() {
         return ExitCode::from(130);
     }
@@ -141,7 +134,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(1);
     }
-    if write_failed {
+    if !written {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS

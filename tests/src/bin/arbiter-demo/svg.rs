@@ -1,11 +1,17 @@
-//! The timeline as an SVG, by hand: one lane per host showing where it stood over time (as the
-//! watch saw it), under each lane the frames the host sent from the VM's MAC (its switch
-//! port), then the counter's replies with the gap of each failover; the phases, the deaths and
-//! the partition marked across.
-
-use std::fmt::Write as _;
+//! The timeline as an SVG, drawn with plotters: one lane per host showing where it stood over
+//! time (as the watch saw it), under each lane the frames the host sent from the VM's MAC (its
+//! switch port), then the counter's replies with the gap of each failover; the phases, the
+//! deaths and the partition marked across, a legend under it.
+//!
+//! What each lane segment and each event line stood for was once a hover title; plotters
+//! writes no `<title>` elements, and the demo's text timeline (stdout) and JSON summary
+//! (`--json`) list every change and event.
 
 use colo_tests::status_watch::Look;
+use colo_tests::timeline::{self, anchored, bold, rgb, text, Area, DrawError, Key, TimeChart};
+use plotters::coord::types::RangedCoordf64;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, VPos};
 
 use crate::outcome::{failover_gap, Outcome, HOSTS};
 
@@ -51,17 +57,17 @@ impl Stand {
         Stand::Down,
     ];
 
-    fn colour(self) -> &'static str {
+    fn colour(self) -> RGBColor {
         match self {
-            Stand::PrimaryColo => "#3274a1",
-            Stand::SecondaryColo => "#9ecae1",
-            Stand::Starting => "#b5cf6b",
-            Stand::Waiting => "#f2cf5b",
-            Stand::Alone => "#e1812c",
-            Stand::Fenced => "#d62728",
-            Stand::Stopped => "#c7c7c7",
-            Stand::NoApi => "#f2f2f2",
-            Stand::Down => "#555555",
+            Stand::PrimaryColo => rgb(0x3274a1),
+            Stand::SecondaryColo => rgb(0x9ecae1),
+            Stand::Starting => rgb(0xb5cf6b),
+            Stand::Waiting => rgb(0xf2cf5b),
+            Stand::Alone => rgb(0xe1812c),
+            Stand::Fenced => rgb(0xd62728),
+            Stand::Stopped => rgb(0xc7c7c7),
+            Stand::NoApi => rgb(0xf2f2f2),
+            Stand::Down => rgb(0x555555),
         }
     }
 
@@ -80,38 +86,49 @@ impl Stand {
     }
 }
 
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+const W: u32 = 1200;
+const H: u32 = 470;
+/// The label area left of the chart and the margin right of it.
+const SIDES: (u32, u32) = (120, 30);
+/// Where the header ends, where the legend begins.
+const BREAKS: [u32; 2] = [104, 360];
+
+/// The chart's y counts rows top down: host a's lane is centred on 1, b's on 2, c's on 3, the
+/// counter on 4, so the whole numbers the mesh labels name them. A row is about 62 pixels;
+/// these are in rows, from a row's centre.
+const LANE_HALF: f64 = 0.24;
+/// The strip under a lane with the frames its host sent as the VM.
+const STRIP: (f64, f64) = (0.28, 0.43);
+const COUNTER_ROW: f64 = 4.0;
+const COUNTER_HALF: f64 = 0.23;
+/// From just above host a's lane to just below the counter.
+const ROWS: std::ops::Range<f64> = 4.33..0.66;
+
+const PHASE: RGBColor = rgb(0x777777);
+const PARTITION: RGBColor = rgb(0x9467bd);
+const NOTE: RGBColor = rgb(0x666666);
+
+fn lane(i: usize) -> f64 {
+    i as f64 + 1.0
 }
 
-const W: f64 = 1200.0;
-const LEFT: f64 = 120.0;
-const RIGHT: f64 = 30.0;
-const LANES_TOP: f64 = 100.0;
-const LANE_H: f64 = 30.0;
-const STRIP_H: f64 = 10.0;
-const LANE_STEP: f64 = 62.0;
-const COUNTER_TOP: f64 = LANES_TOP + 3.0 * LANE_STEP + 8.0;
-const COUNTER_H: f64 = 28.0;
-const AXIS_Y: f64 = COUNTER_TOP + COUNTER_H;
-const H: f64 = AXIS_Y + 120.0;
-
 /// The SVG.
-pub fn timeline(o: &Outcome) -> String {
-    let x0 = o.colo_t - 1.0;
-    let x1 = o.end_t + 0.5;
-    let px = |t: f64| LEFT + (t.clamp(x0, x1) - x0) / (x1 - x0) * (W - LEFT - RIGHT);
-    let lane_top = |i: usize| LANES_TOP + i as f64 * LANE_STEP;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{LEFT}" y="24" font-size="16" font-weight="bold">COLO across three hosts with an etcd arbiter: who served, over time</text>"#
-    );
+pub fn timeline(o: &Outcome) -> Result<String, DrawError> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (W, H)).into_drawing_area();
+        draw(&root, o)?;
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+fn draw(root: &Area, o: &Outcome) -> Result<(), DrawError> {
+    root.fill(&WHITE)?;
+    let areas = root.split_by_breakpoints([] as [u32; 0], BREAKS);
+    let [head, body, foot] = &areas[..] else { unreachable!("two breaks make three areas") };
+    let left = SIDES.0 as i32;
+
     let gaps: Vec<String> = o
         .failovers
         .iter()
@@ -121,199 +138,261 @@ pub fn timeline(o: &Outcome) -> String {
             format!("{}→{}: took over after {took}, client gap {gap}", HOSTS[f.dead], HOSTS[f.survivor])
         })
         .collect();
-    let _ = writeln!(
-        s,
-        r##"<text x="{LEFT}" y="42" fill="#444">{}; counter {} → {}, {} increments on one connection; {}</text>"##,
-        esc(&gaps.join("; ")),
+    let counter = format!(
+        "counter {} → {}, {} increments on one connection; {}",
         o.counter_first,
         o.counter_last,
         o.replies.len(),
         if o.passed() { "every check passed" } else { "SOME CHECKS FAILED" }
     );
-    // The partition: a band across hosts b and c.
-    if let Some((cut, heal)) = o.partition {
-        let _ = writeln!(
-            s,
-            r##"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="#9467bd" fill-opacity="0.15"/><text x="{:.1}" y="{:.1}" fill="#6a3d9a" font-size="11">b–c partition</text>"##,
-            px(cut),
-            lane_top(1) - 4.0,
-            (px(heal) - px(cut)).max(1.0),
-            2.0 * LANE_STEP,
-            px(cut) + 3.0,
-            lane_top(1) - 6.0
-        );
+    timeline::header(
+        head,
+        left,
+        "COLO across three hosts with an etcd arbiter: who served, over time",
+        &[gaps.join("; "), counter],
+    )?;
+
+    let time = o.colo_t - 1.0..o.end_t + 0.5;
+    let mut chart = timeline::time_chart(body, time.clone(), ROWS, SIDES, (0, 0), true)?;
+    partition(&mut chart, o)?;
+    for i in 0..HOSTS.len() {
+        host_lane(&mut chart, o, i)?;
     }
-    // Lanes.
-    for (i, name) in HOSTS.iter().enumerate() {
-        let top = lane_top(i);
-        let _ = writeln!(
-            s,
-            r##"<text x="{:.1}" y="{:.1}" text-anchor="end" font-weight="bold">host {name}</text><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#666" font-size="10">frames as the VM</text>"##,
-            LEFT - 8.0,
-            top + LANE_H / 2.0 + 4.0,
-            LEFT - 8.0,
-            top + LANE_H + STRIP_H - 1.0
-        );
-        let dead = o.killed_at(i);
-        let changes: Vec<_> = o.changes.iter().filter(|c| c.host == i).collect();
-        for (k, c) in changes.iter().enumerate() {
-            let mut end = changes.get(k + 1).map(|n| n.t).unwrap_or(o.end_t);
-            if let Some(d) = dead.filter(|d| c.t < *d) {
-                end = end.min(d);
-            }
-            let stand = Stand::of(&c.look, dead.is_some_and(|d| c.t >= d));
-            let tip = crate::outcome::describe(&c.look);
-            segment(&mut s, px(c.t), px(end), top, stand, &format!("host {name} from {:.2} s: {tip}", c.t));
-        }
-        if let Some(d) = dead {
-            segment(&mut s, px(d), px(o.end_t), top, Stand::Down, &format!("host {name} died at {d:.2} s"));
-        }
-        let _ = writeln!(
-            s,
-            r##"<rect x="{LEFT}" y="{top}" width="{:.1}" height="{LANE_H}" fill="none" stroke="#999"/>"##,
-            W - LEFT - RIGHT
-        );
-        // What the host sent from the VM's MAC; the announcements (RARP) taller and red.
-        let frames = o.frames.get(i).map(Vec::as_slice).unwrap_or(&[]);
-        let mut ticks = String::new();
-        let mut rarps = String::new();
-        let mut last_x = f64::MIN;
-        for f in frames {
-            let x = px(f.t);
-            if f.rarp {
-                let _ = write!(rarps, "M{x:.1} {:.1}v{:.1}", top + LANE_H, STRIP_H + 2.0);
-            } else if x - last_x >= 0.5 {
-                let _ = write!(ticks, "M{x:.1} {:.1}v{:.1}", top + LANE_H + 2.0, STRIP_H - 2.0);
-                last_x = x;
-            }
-        }
-        let _ = writeln!(s, r##"<path d="{ticks}" stroke="#2ca02c" stroke-width="0.8"/>"##);
-        let _ = writeln!(s, r##"<path d="{rarps}" stroke="#d62728" stroke-width="1.5"/>"##);
-    }
-    // The counter's replies, and the gap of each failover.
-    let _ = writeln!(
-        s,
-        r##"<text x="{:.1}" y="{:.1}" text-anchor="end" font-weight="bold">counter</text>"##,
-        LEFT - 8.0,
-        COUNTER_TOP + COUNTER_H / 2.0 + 4.0
-    );
-    let mut ticks = String::new();
-    let mut last_x = f64::MIN;
-    for t in &o.replies {
-        let x = px(*t);
-        if x - last_x >= 0.5 {
-            let _ = write!(ticks, "M{x:.1} {:.1}v{:.1}", COUNTER_TOP + 4.0, COUNTER_H - 8.0);
-            last_x = x;
-        }
-    }
-    let _ = writeln!(s, r##"<path d="{ticks}" stroke="#2ca02c" stroke-width="0.8"/>"##);
-    for f in &o.failovers {
-        if let Some((gap, from)) = failover_gap(&o.replies, f) {
-            let (a, b) = (px(from), px(from + gap));
-            let _ = writeln!(
-                s,
-                r##"<rect x="{a:.1}" y="{COUNTER_TOP}" width="{:.1}" height="{COUNTER_H}" fill="#d62728" fill-opacity="0.3"/><text x="{:.1}" y="{:.1}" fill="#d62728" font-size="11">gap {:.0} ms</text>"##,
-                (b - a).max(1.5),
-                b + 3.0,
-                COUNTER_TOP + 12.0,
-                gap * 1000.0
-            );
-        }
-    }
-    let _ = writeln!(
-        s,
-        r##"<rect x="{LEFT}" y="{COUNTER_TOP}" width="{:.1}" height="{COUNTER_H}" fill="none" stroke="#999"/>"##,
-        W - LEFT - RIGHT
-    );
-    // Phases: a dashed line and the name at each start; the deaths in red.
-    for p in &o.phases {
-        let x = px(p.start);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" x2="{x:.1}" y1="60" y2="{AXIS_Y}" stroke="#777" stroke-dasharray="4 3"/><text x="{:.1}" y="70" fill="#222" font-weight="bold">{}</text>"##,
-            x + 3.0,
-            esc(p.name)
-        );
-    }
-    for f in &o.failovers {
-        let x = px(f.kill_t);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" x2="{x:.1}" y1="76" y2="{AXIS_Y}" stroke="#d62728" stroke-width="2"/><text x="{:.1}" y="88" fill="#d62728" font-weight="bold">host {} dies</text>"##,
-            x + 3.0,
-            HOSTS[f.dead]
-        );
-    }
-    for e in &o.events {
-        let x = px(e.t);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{LANES_TOP}" y2="{AXIS_Y}" stroke="#000" stroke-opacity="0.12"><title>{:.2} s: {}</title></line>"##,
-            e.t,
-            esc(&e.what)
-        );
-    }
-    // Time axis.
-    let span = x1 - x0;
-    let step = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0].into_iter().find(|st| span / st <= 20.0).unwrap_or(120.0);
-    let mut t = (x0 / step).ceil() * step;
-    while t <= x1 {
-        let x = px(t);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{AXIS_Y}" y2="{:.1}" stroke="#999"/><text x="{x:.1}" y="{:.1}" text-anchor="middle" fill="#444">{t:.0} s</text>"##,
-            AXIS_Y + 5.0,
-            AXIS_Y + 18.0
-        );
-        t += step;
-    }
-    // Legend.
-    let mut lx = LEFT;
-    let mut ly = AXIS_Y + 44.0;
-    for stand in Stand::ALL {
-        let label = stand.label();
-        let w = 30.0 + label.len() as f64 * 6.5;
-        if lx + w > W - RIGHT {
-            lx = LEFT;
-            ly += 18.0;
-        }
-        let _ = writeln!(
-            s,
-            r##"<rect x="{lx:.1}" y="{:.1}" width="14" height="12" fill="{}" stroke="#999" stroke-width="0.5"/><text x="{:.1}" y="{ly:.1}">{label}</text>"##,
-            ly - 10.0,
-            stand.colour(),
-            lx + 18.0
-        );
-        lx += w;
-    }
-    ly += 18.0;
-    let _ = writeln!(
-        s,
-        r##"<path d="M{LEFT} {:.1}v10" stroke="#2ca02c" stroke-width="2"/><text x="{:.1}" y="{ly:.1}">a frame from the VM's MAC on the host's switch port, a counter reply</text><path d="M{:.1} {:.1}v12" stroke="#d62728" stroke-width="2"/><text x="{:.1}" y="{ly:.1}">RARP: the survivor announces the VM</text>"##,
-        ly - 10.0,
-        LEFT + 8.0,
-        LEFT + 440.0,
-        ly - 11.0,
-        LEFT + 448.0
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="{LEFT}" y="{:.1}" fill="#666">lanes: each host's query-colo-status, polled every 100 ms; time in seconds since the demo started; hover for details</text>"##,
-        ly + 20.0
-    );
-    s.push_str("</svg>\n");
-    s
+    counter_row(&mut chart, o)?;
+    timeline::mesh(&mut chart, None)
+        .y_labels(5)
+        .y_label_formatter(&row_name)
+        .y_label_style(bold(12.0, BLACK))
+        .draw()?;
+    markers(&chart, o)?;
+    let names = o.phases.iter().map(|p| (p.start, p.name.to_string()));
+    timeline::labels_at(head, &chart, names, BREAKS[0] as i32 - 20, rgb(0x222222))?;
+    let deaths = o.failovers.iter().map(|f| (f.kill_t, format!("host {} dies", HOSTS[f.dead])));
+    timeline::labels_at(head, &chart, deaths, BREAKS[0] as i32 - 4, timeline::ALARM)?;
+
+    let mut entries: Vec<(Key, &str)> =
+        Stand::ALL.iter().map(|s| (Key::Swatch(s.colour().to_rgba()), s.label())).collect();
+    entries.extend([
+        (
+            Key::Tick(timeline::TRAFFIC.to_rgba()),
+            "a frame from the VM's MAC on the host's switch port, a counter reply",
+        ),
+        (Key::Tick(timeline::ALARM.to_rgba()), "RARP: the survivor announces the VM"),
+        (Key::Dashed(PHASE.to_rgba()), "a phase begins"),
+        (Key::Tick(BLACK.mix(0.2)), "an event of the text timeline"),
+    ]);
+    let below = timeline::legend(foot, &entries, left, (W - SIDES.1) as i32, 14)?;
+    foot.draw(&Text::new(
+        "lanes: each host's query-colo-status, polled every 100 ms; time in seconds since the demo started",
+        (left, below),
+        text(12.0, NOTE),
+    ))?;
+    Ok(())
 }
 
-fn segment(s: &mut String, a: f64, b: f64, top: f64, stand: Stand, tip: &str) {
-    if b <= a {
-        return;
+/// The mesh's label for row `y`: a host's lane or the counter.
+fn row_name(y: &f64) -> String {
+    let row = y.round();
+    if (y - row).abs() > 0.01 {
+        return String::new();
     }
-    let _ = writeln!(
-        s,
-        r#"<rect x="{a:.1}" y="{top:.1}" width="{:.1}" height="{LANE_H}" fill="{}"><title>{}</title></rect>"#,
-        b - a,
-        stand.colour(),
-        esc(tip)
-    );
+    match row as usize {
+        r @ 1..=3 => format!("host {}", HOSTS[r - 1]),
+        4 => "counter".into(),
+        _ => String::new(),
+    }
+}
+
+/// The partition: a band across hosts b and c while it held.
+fn partition(chart: &mut TimeChart<'_, '_, RangedCoordf64>, o: &Outcome) -> Result<(), DrawError> {
+    let Some((cut, heal)) = o.partition else { return Ok(()) };
+    let (top, bottom) = (lane(1) - LANE_HALF - 0.08, lane(2) + 0.55);
+    chart.draw_series([Rectangle::new([(cut, top), (heal, bottom)], PARTITION.mix(0.15).filled())])?;
+    let label = Text::new("b–c partition", (3, -2), text(11.0, rgb(0x6a3d9a)));
+    chart.plotting_area().draw(&(EmptyElement::at((cut, top)) + label))
+}
+
+/// Host `i`'s lane, coloured by where it stood from each change to the next (dark from its
+/// death), framed; under it the frames it sent from the VM's MAC, the announcements (RARP)
+/// taller and red.
+fn host_lane(chart: &mut TimeChart<'_, '_, RangedCoordf64>, o: &Outcome, i: usize) -> Result<(), DrawError> {
+    let (top, bottom) = (lane(i) - LANE_HALF, lane(i) + LANE_HALF);
+    let dead = o.killed_at(i);
+    let changes: Vec<_> = o.changes.iter().filter(|c| c.host == i).collect();
+    let mut segments = vec![];
+    for (k, c) in changes.iter().enumerate() {
+        let mut end = changes.get(k + 1).map(|n| n.t).unwrap_or(o.end_t);
+        if let Some(d) = dead.filter(|d| c.t < *d) {
+            end = end.min(d);
+        }
+        segments.push((c.t, end, Stand::of(&c.look, dead.is_some_and(|d| c.t >= d))));
+    }
+    if let Some(d) = dead {
+        segments.push((d, o.end_t, Stand::Down));
+    }
+    chart.draw_series(
+        segments
+            .into_iter()
+            .filter(|(a, b, _)| b > a)
+            .map(|(a, b, stand)| Rectangle::new([(a, top), (b, bottom)], stand.colour().filled())),
+    )?;
+    let (x0, x1) = (chart.x_range().start, chart.x_range().end);
+    chart.draw_series([Rectangle::new([(x0, top), (x1, bottom)], timeline::FRAME)])?;
+    timeline::label_left(chart, lane(i) + (STRIP.0 + STRIP.1) / 2.0, "frames as the VM", text(10.0, NOTE))?;
+    let frames = o.frames.get(i).map(Vec::as_slice).unwrap_or(&[]);
+    let strip = lane(i) + STRIP.0..lane(i) + STRIP.1;
+    let sent = frames.iter().filter(|f| !f.rarp).map(|f| f.t);
+    timeline::ticks(chart, sent, strip, timeline::TRAFFIC.stroke_width(1))?;
+    let rarps = frames.iter().filter(|f| f.rarp).map(|f| f.t);
+    timeline::ticks(chart, rarps, bottom..lane(i) + STRIP.1 + 0.03, timeline::ALARM.stroke_width(2))
+}
+
+/// The counter's replies, and the gap of each failover shaded with its length in it (or after
+/// it, when it is too narrow).
+fn counter_row(chart: &mut TimeChart<'_, '_, RangedCoordf64>, o: &Outcome) -> Result<(), DrawError> {
+    let (top, bottom) = (COUNTER_ROW - COUNTER_HALF, COUNTER_ROW + COUNTER_HALF);
+    timeline::ticks(chart, o.replies.iter().copied(), top + 0.06..bottom - 0.06, timeline::TRAFFIC.stroke_width(1))?;
+    let style = text(11.0, timeline::ALARM);
+    for f in &o.failovers {
+        let Some((gap, from)) = failover_gap(&o.replies, f) else { continue };
+        chart.draw_series([Rectangle::new([(from, top), (from + gap, bottom)], timeline::ALARM.mix(0.3).filled())])?;
+        let label = format!("gap {:.0} ms", gap * 1000.0);
+        let w = chart.plotting_area().estimate_text_size(&label, &style)?.0 as i32;
+        let (a, b) = (chart.backend_coord(&(from, top)).0, chart.backend_coord(&(from + gap, top)).0);
+        let at = if b - a >= w + 6 { from } else { from + gap };
+        let label = Text::new(label, (3, 0), anchored(style.clone(), HPos::Left, VPos::Center));
+        chart.plotting_area().draw(&(EmptyElement::at((at, COUNTER_ROW)) + label))?;
+    }
+    let (x0, x1) = (chart.x_range().start, chart.x_range().end);
+    chart.draw_series([Rectangle::new([(x0, top), (x1, bottom)], timeline::FRAME)])?;
+    Ok(())
+}
+
+/// The phases' starts (dashed), the deaths (red) and the demo's events (faint) across the
+/// chart.
+fn markers(chart: &TimeChart<'_, '_, RangedCoordf64>, o: &Outcome) -> Result<(), DrawError> {
+    for e in &o.events {
+        timeline::vline_between(
+            chart,
+            e.t,
+            lane(0) - LANE_HALF..COUNTER_ROW + COUNTER_HALF,
+            BLACK.mix(0.2).into(),
+            false,
+        )?;
+    }
+    for p in &o.phases {
+        timeline::vline(chart, p.start, PHASE.stroke_width(1), true)?;
+    }
+    for f in &o.failovers {
+        timeline::vline(chart, f.kill_t, timeline::ALARM.stroke_width(2), false)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::outcome::{Change, Check, Event, Failover, Phase, VmFrame};
+
+    /// A run as the demo records one: COLO a→b, a dies at 5 s, b serves and protects itself
+    /// with c, a b–c partition, b dies at 19 s, c serves.
+    fn outcome() -> Outcome {
+        let phase = |name, start, end| Phase {
+            name,
+            title: String::new(),
+            start,
+            end,
+            checks: vec![Check { what: "it held".into(), pass: true, detail: String::new() }],
+        };
+        let look = |role: &str, state: &str| Some(Look::of(&json!({ "role": role, "state": state })));
+        let change = |t, host, look| Change { t, host, look, inferred: false };
+        let frames = |from: f64, to: f64, rarp: bool| {
+            let mut f: Vec<VmFrame> = (0..((to - from) * 20.0) as usize)
+                .map(|k| VmFrame { t: from + k as f64 * 0.05, rarp: false })
+                .collect();
+            if rarp {
+                f.splice(0..0, (0..5).map(|k| VmFrame { t: from - 0.5 + 0.1 * k as f64, rarp: true }));
+            }
+            f
+        };
+        let failover = |dead, survivor, kill_t: f64| Failover {
+            dead,
+            survivor,
+            kill_t,
+            took_over_t: Some(kill_t + 2.0),
+            reason: "no heartbeat from the primary for 1000 ms".into(),
+            protected_t: None,
+        };
+        let replies: Vec<f64> = (0..2400)
+            .map(|k| 1.5 + k as f64 * 0.01)
+            .filter(|t| !(5.05..8.1).contains(t) && !(19.05..22.1).contains(t))
+            .collect();
+        Outcome {
+            phases: vec![
+                phase("colo", 1.2, 5.0),
+                phase("a dies", 5.0, 10.8),
+                phase("partition", 10.8, 19.0),
+                phase("b dies", 19.0, 25.6),
+                phase("counter", 25.6, 25.7),
+            ],
+            events: vec![Event { t: 10.8, host: None, what: "the b–c link cut".into() }],
+            changes: vec![
+                change(1.2, 0, look("primary", "running")),
+                change(1.2, 1, look("secondary", "running")),
+                change(1.2, 2, None),
+                change(7.0, 1, look("primary", "failed-over")),
+                change(8.0, 2, look("secondary", "running")),
+                change(10.8, 2, None),
+                change(16.0, 2, look("secondary", "running")),
+                change(21.0, 2, look("secondary", "failed-over")),
+            ],
+            failovers: vec![failover(0, 1, 5.0), failover(1, 2, 19.0)],
+            partition: Some((10.8, 14.9)),
+            counter_first: 0,
+            counter_last: replies.len() as u64,
+            replies,
+            frames: vec![frames(1.5, 5.0, false), frames(7.5, 19.0, true), frames(21.5, 25.5, true)],
+            colo_t: 1.2,
+            end_t: 25.6,
+            logs: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_timeline_shows_every_lane_phase_death_gap_and_the_legend() {
+        let o = outcome();
+        let svg = timeline(&o).expect("drawn");
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
+        for text in [
+            "a→b: took over after 2000 ms, client gap 3060 ms",
+            format!("counter 0 → {}, {} increments", o.replies.len(), o.replies.len()).as_str(),
+            "every check passed",
+            "host a",
+            "host b",
+            "host c",
+            "frames as the VM",
+            "colo",
+            "partition",
+            "b dies",
+            "host a dies",
+            "host b dies",
+            "b–c partition",
+            "gap 3060 ms",
+            "10 s",
+            "RARP: the survivor announces the VM",
+        ] {
+            assert!(svg.contains(text), "{text:?} is not in the timeline");
+        }
+        // Each stand in its colour: in a lane and in the legend, or only in the legend.
+        let fills = |s: Stand| {
+            let c = s.colour();
+            svg.matches(&format!("fill=\"#{:02X}{:02X}{:02X}\"", c.0, c.1, c.2)).count()
+        };
+        assert_eq!(fills(Stand::PrimaryColo), 1 + 1);
+        assert_eq!(fills(Stand::Alone), 2 + 1);
+        assert_eq!(fills(Stand::Down), 2 + 1);
+        assert_eq!(fills(Stand::Waiting), 1);
+    }
 }

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,8 @@ use colo_tests::colo_topology::{ctl, prerequisites, Backend, ColoNet, CounterCli
 use colo_tests::interrupt::{self, pause};
 use colo_tests::vm_topology::{cpu_time, LineClient};
 use serde_json::{json, Value};
+
+mod svg;
 
 /// The full COLO demo on one machine with the embedded reference guest (needs root and
 /// /dev/kvm).
@@ -985,272 +987,6 @@ fn summary(o: &Outcome, v: &Verdict, args: &Args) -> (String, Value) {
     (s, j)
 }
 
-// ---------------------------------------------------------------------------------------------
-// The SVG timeline, by hand.
-
-fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
-}
-
-fn svg(o: &Outcome, args: &Args) -> String {
-    const W: f64 = 1200.0;
-    const LEFT: f64 = 80.0;
-    const RIGHT: f64 = 30.0;
-    // Panel A: checkpoint intervals; B: counter replies; C: secondary CPU.
-    const A_TOP: f64 = 80.0;
-    const A_H: f64 = 280.0;
-    const B_TOP: f64 = 390.0;
-    const B_H: f64 = 28.0;
-    const C_TOP: f64 = 450.0;
-    const C_H: f64 = 110.0;
-    const H: f64 = 660.0;
-    let x0 = o.colo_start_t - 0.5;
-    let x1 = o.end_t + 0.5;
-    let px = |t: f64| LEFT + (t - x0) / (x1 - x0) * (W - LEFT - RIGHT);
-    let (lo, hi) = (10f64.log10(), 10_000f64.log10());
-    let py = |ms: f64| A_TOP + A_H - (ms.clamp(10.0, 10_000.0).log10() - lo) / (hi - lo) * A_H;
-    let cpu_max = o.cpu.share.iter().map(|s| s.1).fold(1.0f64, f64::max);
-    let pc = |share: f64| C_TOP + C_H - share / cpu_max * C_H;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="{W}" height="{H}" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{LEFT}" y="24" font-size="16" font-weight="bold">COLO demo: every checkpoint of the primary, the counter client, the secondary's CPU</text>"#
-    );
-    let c = &o.primary["checkpoints"];
-    let _ = writeln!(
-        s,
-        r##"<text x="{LEFT}" y="42" fill="#444">{} checkpoints ({} COLO, {} passive), {} mode switches, pause p50 {:.1} ms / p99 {:.1} ms; max-time {} ms, passive-count {}</text>"##,
-        n(&c["total"]),
-        n(&c["colo"]),
-        n(&c["passive"]),
-        n(&c["mode-switches"]),
-        f(&o.primary["pause-p50-ms"]),
-        f(&o.primary["pause-p99-ms"]),
-        args.max_time,
-        args.passive_count
-    );
-    // Passive bands: from a passive checkpoint to the next COLO one (or the kill).
-    let mut band: Option<f64> = None;
-    let mut bands = vec![];
-    for ck in &o.ckpts {
-        match (ck.passive, band) {
-            (true, None) => band = Some(ck.t),
-            (false, Some(b)) => {
-                bands.push((b, ck.t));
-                band = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(b) = band {
-        bands.push((b, o.failover.kill_t));
-    }
-    for (a, b) in &bands {
-        let _ = writeln!(
-            s,
-            r##"<rect x="{:.1}" y="{A_TOP}" width="{:.1}" height="{:.1}" fill="#fde3c8"/>"##,
-            px(*a),
-            (px(*b) - px(*a)).max(1.0),
-            C_TOP + C_H - A_TOP
-        );
-    }
-    // Panel frames and axes.
-    for (top, h) in [(A_TOP, A_H), (B_TOP, B_H), (C_TOP, C_H)] {
-        let _ = writeln!(
-            s,
-            r##"<rect x="{LEFT}" y="{top}" width="{:.1}" height="{h}" fill="none" stroke="#999"/>"##,
-            W - LEFT - RIGHT
-        );
-    }
-    for ms in [10.0, 100.0, 1000.0, 10_000.0] {
-        let y = py(ms);
-        let label = if ms >= 1000.0 { format!("{} s", ms / 1000.0) } else { format!("{ms} ms") };
-        let _ = writeln!(
-            s,
-            r##"<line x1="{LEFT}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#444">{label}</text>"##,
-            W - RIGHT,
-            LEFT - 6.0,
-            y + 4.0
-        );
-    }
-    let _ = writeln!(
-        s,
-        r##"<text transform="translate(18 {:.1}) rotate(-90)" text-anchor="middle" fill="#444">interval before the checkpoint (log)</text>"##,
-        A_TOP + A_H / 2.0
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="{:.1}" y="{:.1}" text-anchor="end" fill="#444">counter</text>"##,
-        LEFT - 6.0,
-        B_TOP + B_H / 2.0 + 4.0
-    );
-    for share in [0.0, 0.5, 1.0] {
-        let y = pc(share);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{LEFT}" x2="{:.1}" y1="{y:.1}" y2="{y:.1}" stroke="#eee"/><text x="{:.1}" y="{:.1}" text-anchor="end" fill="#444">{:.0}%</text>"##,
-            W - RIGHT,
-            LEFT - 6.0,
-            y + 4.0,
-            share * 100.0
-        );
-    }
-    let _ = writeln!(
-        s,
-        r##"<text transform="translate(18 {:.1}) rotate(-90)" text-anchor="middle" fill="#444">secondary CPU</text>"##,
-        C_TOP + C_H / 2.0
-    );
-    // Time axis.
-    let span = x1 - x0;
-    let step = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0].into_iter().find(|st| span / st <= 15.0).unwrap_or(120.0);
-    let mut t = (x0 / step).ceil() * step;
-    while t <= x1 {
-        let x = px(t);
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{:.1}" y2="{:.1}" stroke="#999"/><text x="{x:.1}" y="{:.1}" text-anchor="middle" fill="#444">{:.0} s</text>"##,
-            C_TOP + C_H,
-            C_TOP + C_H + 5.0,
-            C_TOP + C_H + 18.0,
-            t + 0.0
-        );
-        t += step;
-    }
-    // Checkpoints.
-    let bar_w = ((W - LEFT - RIGHT) / span * 0.12).clamp(1.5, 4.0);
-    for ck in &o.ckpts {
-        let x = px(ck.t) - bar_w / 2.0;
-        let y = py(ck.interval_ms);
-        let colour = if ck.passive { "#e1812c" } else { "#3274a1" };
-        let _ = writeln!(
-            s,
-            r#"<rect x="{x:.1}" y="{y:.1}" width="{bar_w:.1}" height="{:.1}" fill="{colour}"><title>#{} {} {} at {:.2} s: interval {:.0} ms, pause {:.1} ms, {} pages</title></rect>"#,
-            A_TOP + A_H - y,
-            ck.seq,
-            if ck.passive { "passive" } else { "COLO" },
-            esc(&ck.trigger),
-            ck.t,
-            ck.interval_ms,
-            ck.pause_ms,
-            ck.pages
-        );
-        if ck.miscompare() {
-            let _ = writeln!(s, r##"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="#d62728"/>"##, px(ck.t), y - 4.0);
-        }
-    }
-    // Counter replies: one tick each; the failover gap stands out.
-    let mut ticks = String::new();
-    for (t, _) in &o.replies {
-        let _ = write!(ticks, "M{:.1} {:.1}v{:.1}", px(*t), B_TOP + 4.0, B_H - 8.0);
-    }
-    let _ = writeln!(s, r##"<path d="{ticks}" stroke="#2ca02c" stroke-width="0.8"/>"##);
-    // Secondary CPU.
-    let pts: Vec<String> = o.cpu.share.iter().map(|(t, v)| format!("{:.1},{:.1}", px(*t), pc(*v))).collect();
-    let _ = writeln!(s, r##"<polyline points="{}" fill="none" stroke="#6a3d9a" stroke-width="1.5"/>"##, pts.join(" "));
-    // Phase markers; a label that would run into the previous one goes a row higher.
-    let mut label_end = f64::MIN;
-    for ph in &o.phases {
-        let x = px(ph.start);
-        let row = if x + 3.0 < label_end + 6.0 { 14.0 } else { 0.0 };
-        if row == 0.0 {
-            label_end = x + 3.0 + ph.name.len() as f64 * 7.5;
-        }
-        let _ = writeln!(
-            s,
-            r##"<line x1="{x:.1}" x2="{x:.1}" y1="{:.1}" y2="{:.1}" stroke="#555" stroke-dasharray="4 3"/><text x="{:.1}" y="{:.1}" fill="#222" font-weight="bold">{}</text>"##,
-            A_TOP - 14.0 - row,
-            C_TOP + C_H,
-            x + 3.0,
-            A_TOP - 4.0 - row,
-            ph.name
-        );
-    }
-    // The failover.
-    let fo = &o.failover;
-    let xk = px(fo.kill_t);
-    // Labels go left of the line when it is near the right edge.
-    let (lx_k, anchor) = if xk > W - 330.0 { (xk - 5.0, "end") } else { (xk + 5.0, "start") };
-    let _ = writeln!(
-        s,
-        r##"<line x1="{xk:.1}" x2="{xk:.1}" y1="{A_TOP}" y2="{:.1}" stroke="#d62728" stroke-width="2"/><text x="{lx_k:.1}" y="{:.1}" fill="#d62728" text-anchor="{anchor}" font-weight="bold">{}</text>"##,
-        C_TOP + C_H,
-        A_TOP + 16.0,
-        if args.hosts == 1 { "primary SIGKILL" } else { "host a dies" }
-    );
-    if let Some(ph) = o.phases.iter().find(|p| p.name == "top stopped") {
-        if let Some(g) = failover_gap(&o.replies, fo, ph) {
-            let (a, b) = (px(g.from), px(g.from + g.secs));
-            let (gx, ganchor) = if b > W - 150.0 { (a - 4.0, "end") } else { (b + 4.0, "start") };
-            let _ = writeln!(
-                s,
-                r##"<rect x="{a:.1}" y="{B_TOP}" width="{:.1}" height="{B_H}" fill="#d62728" fill-opacity="0.3"/><text x="{gx:.1}" y="{:.1}" fill="#d62728" text-anchor="{ganchor}">longest gap {:.0} ms</text>"##,
-                (b - a).max(1.5),
-                B_TOP - 4.0,
-                g.secs * 1000.0
-            );
-        }
-    }
-    if let Some(td) = fo.detected_t {
-        let reason = fo.secondary["last-failover"]["reason"].as_str().unwrap_or("");
-        let _ = writeln!(
-            s,
-            r##"<text x="{lx_k:.1}" y="{:.1}" fill="#d62728" text-anchor="{anchor}">the secondary took over after {:.0} ms</text><text x="{lx_k:.1}" y="{:.1}" fill="#d62728" text-anchor="{anchor}">{}</text>"##,
-            A_TOP + 32.0,
-            (td - fo.kill_t) * 1000.0,
-            A_TOP + 46.0,
-            esc(&reason.chars().take(100).collect::<String>())
-        );
-    }
-    // Legend.
-    let ly = H - 40.0;
-    let items: [(&str, &str); 4] = [
-        ("#3274a1", "COLO checkpoint"),
-        ("#e1812c", "passive checkpoint"),
-        ("#fde3c8", "passive mode"),
-        ("#2ca02c", "counter reply"),
-    ];
-    let mut lx = LEFT;
-    for (colour, label) in items {
-        let _ = writeln!(
-            s,
-            r##"<rect x="{lx}" y="{:.1}" width="14" height="12" fill="{colour}" stroke="#999" stroke-width="0.5"/><text x="{:.1}" y="{ly}">{label}</text>"##,
-            ly - 10.0,
-            lx + 20.0
-        );
-        lx += 40.0 + label.len() as f64 * 7.0;
-    }
-    let _ = writeln!(
-        s,
-        r##"<circle cx="{:.1}" cy="{:.1}" r="4" fill="#d62728"/><text x="{:.1}" y="{ly}">triggered by a miscompare</text>"##,
-        lx + 7.0,
-        ly - 4.0,
-        lx + 20.0
-    );
-    lx += 220.0;
-    let _ = writeln!(
-        s,
-        r##"<line x1="{lx}" x2="{:.1}" y1="{:.1}" y2="{:.1}" stroke="#6a3d9a" stroke-width="2"/><text x="{:.1}" y="{ly}">secondary colo-vmm CPU (1 s window)</text>"##,
-        lx + 14.0,
-        ly - 4.0,
-        ly - 4.0,
-        lx + 20.0
-    );
-    let _ = writeln!(
-        s,
-        r##"<text x="{LEFT}" y="{:.1}" fill="#666">bar height: how long the VMs ran before the checkpoint; periodic COLO checkpoints come after max-time, passive ones every passive-time; time in seconds since the demo started</text>"##,
-        ly + 20.0
-    );
-    s.push_str("</svg>\n");
-    s
-}
-
-// ---------------------------------------------------------------------------------------------
-
 fn main() -> ExitCode {
     let args = Args::parse();
     if !colo_tests::is_root() {
@@ -1289,21 +1025,14 @@ fn main() -> ExitCode {
     let verdict = judge(&outcome, &args);
     let (text, json) = summary(&outcome, &verdict, &args);
     print!("{text}");
-    let mut write_failed = false;
-    let mut write = |path: &Path, what: &str, data: &str| {
-        if let Err(e) = std::fs::write(path, data).with_context(|| format!("writing the {what} to {}", path.display()))
-        {
-            eprintln!("colo-demo: {e:#}");
-            write_failed = true;
-        }
-    };
-    write(&args.svg, "timeline", &svg(&outcome, &args));
+    let mut outputs = vec![(args.svg.as_path(), "timeline", svg::timeline(&outcome, &args).context("drawing it"))];
     if let Some(p) = &args.json {
-        write(p, "JSON summary", &format!("{json:#}\n"));
+        outputs.push((p, "JSON summary", Ok(format!("{json:#}\n"))));
     }
     if let Some(p) = &args.logs {
-        write(p, "logs", &outcome.logs);
+        outputs.push((p, "logs", Ok(outcome.logs.clone())));
     }
+    let written = colo_tests::write_outputs("colo-demo", outputs);
     if let Some(e) = sh.poll_error.lock().unwrap().as_ref() {
         eprintln!("colo-demo: note: a status poll of the primary failed: {e}");
     }
@@ -1313,7 +1042,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::from(1);
     }
-    if write_failed {
+    if !written {
         return ExitCode::from(1);
     }
     ExitCode::SUCCESS

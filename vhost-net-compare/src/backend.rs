@@ -203,10 +203,10 @@ impl VhostUserBackendMut for NetBackend {
     }
 
     fn update_memory(&mut self, mem: MemAtomic) -> io::Result<()> {
+        // A restart of the receive ring is told by the relay (its SET_VRING_KICK, see
+        // `frontend_shim::started_ring`), not by the memory table: a frontend restarting the
+        // rings over the same memory does not send one.
         self.mem = mem;
-        // A frontend sends the memory table when it sets the rings up (again).
-        self.hub.rx_restarting(&self.port);
-        self.port.set_rx_stopped(false);
         Ok(())
     }
 

@@ -28,7 +28,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::backend::NetBackend;
-use crate::device::NetConfig;
+use crate::device::{NetConfig, RX_QUEUE};
 use crate::frontend_shim::Shim;
 use crate::port::{Port, RX_PENDING_EVENT, TX_RETRY_EVENT};
 use crate::router::Router;
@@ -286,7 +286,17 @@ impl VmServer {
         let to_daemon = UnixStream::connect(&self.private.path)
             .map_err(|error| ServeError::Private { path: self.private.path.clone(), error })?;
         daemon.start(&mut self.private.listener).map_err(|e| ServeError::Accept(e.to_string()))?;
-        let shim = Shim::spawn(format!("{}-relay", role.name()), frontend, to_daemon).map_err(ServeError::Relay)?;
+        // The VM's receive ring runs again (first start, or a restart after a checkpoint
+        // stopped it): the hub aligns a secondary's inbound queue, and the port takes frames.
+        let (hub, rx_port) = (self.hub.clone(), port.clone());
+        let rx_started = move |ring: u32| {
+            if ring as usize == RX_QUEUE {
+                hub.rx_restarting(&rx_port);
+                rx_port.set_rx_stopped(false);
+            }
+        };
+        let shim = Shim::spawn(format!("{}-relay", role.name()), frontend, to_daemon, rx_started)
+            .map_err(ServeError::Relay)?;
         tracing::info!(vm = role.name(), "VM connected");
         self.hub.attach(port.clone());
         let result = daemon.wait();

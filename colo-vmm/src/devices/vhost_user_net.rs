@@ -7,6 +7,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use colo_proxy::virtio_net::{feature, NetConfig, FEATURES};
@@ -73,6 +74,19 @@ struct Shared {
     /// Features sent with the last SET_FEATURES (0 before the driver activates the device).
     features: u64,
     log: Option<LogBuffer>,
+    /// The backend on this connection has guest memory (SET_MEM_TABLE was sent) and, when
+    /// logging, the current log: restarting the rings after a checkpoint leaves both as they
+    /// are instead of having the backend remap all of guest memory each time.
+    table_sent: bool,
+}
+
+/// What a ring (re)start sends beyond the rings themselves.
+#[derive(Debug, Clone, Copy)]
+struct Resend {
+    /// SET_FEATURES: the features changed, or the backend has none yet.
+    features: bool,
+    /// SET_MEM_TABLE (and SET_LOG_BASE when logging): a fresh connection.
+    table: bool,
 }
 
 /// The device.
@@ -128,7 +142,12 @@ impl VhostUserNet {
             "vhost-user backend connected"
         );
         Ok(VhostUserNet {
-            shared: Arc::new(Mutex::new(Shared { frontend: Some(frontend), features: 0, log: None })),
+            shared: Arc::new(Mutex::new(Shared {
+                frontend: Some(frontend),
+                features: 0,
+                log: None,
+                table_sent: false,
+            })),
             path: path.into(),
             mac,
             backend_features,
@@ -164,19 +183,22 @@ impl VhostUserNet {
             to_backend |= VhostUserVirtioFeatures::LOG_ALL.bits();
         }
         let fail = |step: &'static str| move |source: vhost::Error| DeviceError::Vhost { step, source };
-        let Shared { frontend, log, .. } = &mut *shared;
+        let Shared { frontend, log, features, table_sent } = &mut *shared;
         let frontend = frontend.as_mut().ok_or(DeviceError::Disconnected)?;
+        let resend = Resend { features: *features != to_backend || !*table_sent, table: !*table_sent };
         // Pipelined: the requests go out without waiting for each answer, and one request
         // answered at the end confirms them all, since the backend handles them in order and
         // drops the connection at the first it refuses (a restart after every checkpoint costs
         // two round trips, not fifteen: SET_LOG_BASE is answered whatever the flags).
         frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
-        let sent = Self::send_rings(frontend, log, &self.memory, &self.calls, &self.kicks, to_backend, queues, bases);
+        let sent =
+            Self::send_rings(frontend, log, &self.memory, &self.calls, &self.kicks, to_backend, resend, queues, bases);
         if self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
         let active = sent?;
         frontend.get_features().map_err(fail("restarting the rings (the backend refused a request)"))?;
+        *table_sent = true;
         self.active = active;
         // A ring restarted after a pause may have work waiting (inbound frames the backend
         // queued meanwhile, descriptors the guest posted): kick it rather than wait for the
@@ -197,24 +219,29 @@ impl VhostUserNet {
         calls: &[EventFd],
         kicks: &[EventFd],
         to_backend: u64,
+        resend: Resend,
         queues: &[QueueConfig],
         bases: &[u16],
     ) -> Result<Vec<usize>, DeviceError> {
         let protocol_features = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         let fail = |step: &'static str| move |source: vhost::Error| DeviceError::Vhost { step, source };
         let mut active = vec![];
-        frontend.set_features(to_backend).map_err(fail("SET_FEATURES"))?;
-        let regions = memory
-            .iter()
-            .map(VhostUserMemoryRegionInfo::from_guest_region)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(fail("describing guest memory"))?;
-        frontend.set_mem_table(&regions).map_err(fail("SET_MEM_TABLE"))?;
-        if let Some(log) = log {
-            // A backend maps the new table with fresh bitmaps (rust-vmm's vhost-user-backend
-            // does), which would silently end dirty logging after a checkpoint restarts the
-            // rings: hand it the current log again.
-            frontend.set_log_base(0, Some(log.region())).map_err(fail("SET_LOG_BASE"))?;
+        if resend.features {
+            frontend.set_features(to_backend).map_err(fail("SET_FEATURES"))?;
+        }
+        if resend.table {
+            let regions = memory
+                .iter()
+                .map(VhostUserMemoryRegionInfo::from_guest_region)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(fail("describing guest memory"))?;
+            frontend.set_mem_table(&regions).map_err(fail("SET_MEM_TABLE"))?;
+            if let Some(log) = log {
+                // A backend maps the new table with fresh bitmaps (rust-vmm's
+                // vhost-user-backend does), which would silently end dirty logging: hand it
+                // the current log again.
+                frontend.set_log_base(0, Some(log.region())).map_err(fail("SET_LOG_BASE"))?;
+            }
         }
         for (i, q) in queues.iter().enumerate().take(NUM_QUEUES) {
             if !q.ready || q.size == 0 {
@@ -315,6 +342,7 @@ impl VirtioDevice for VhostUserNet {
         let mut shared = lock(&self.shared);
         shared.frontend = None;
         shared.features = 0;
+        shared.table_sent = false;
         shared.log = None;
         self.active.clear();
         tracing::info!(path = %self.path.display(), "vhost-user backend released");
@@ -333,6 +361,7 @@ impl VirtioDevice for VhostUserNet {
         let mut shared = lock(&self.shared);
         shared.frontend = Some(frontend);
         shared.features = 0;
+        shared.table_sent = false;
         tracing::info!(path = %self.path.display(), "vhost-user backend attached");
         Ok(())
     }
@@ -391,13 +420,22 @@ impl LogBuffer {
         VhostUserDirtyLogRegion { mmap_size: self.len as u64, mmap_offset: 0, mmap_handle: self.file.as_raw_fd() }
     }
 
-    /// The bits, one u64 per 64 pages.
-    fn words(&self) -> Vec<u64> {
+    /// The bits, one u64 per 64 pages, each word cleared as it is read. The backend sets bits
+    /// with atomic ORs on this shared memory, so a bit it sets meanwhile is either in what this
+    /// returns or stays for the next call: nothing is lost, and no fresh log (and no
+    /// SET_LOG_BASE round trip, with the backend mapping it) is needed per collection. QEMU
+    /// clears the kernel's vhost log the same way. A word that reads zero is left untouched,
+    /// so an idle log costs one plain read per 64 pages.
+    fn take_words(&self) -> Vec<u64> {
         (0..self.len / 8)
             .map(|i| {
-                // SAFETY: in bounds and 8-aligned (mmap is page-aligned); the backend only ORs
-                // bits in, and this log is no longer the active one when it is read.
-                unsafe { std::ptr::read_volatile(self.ptr.add(i * 8).cast::<u64>()) }
+                // SAFETY: in bounds and 8-aligned (mmap is page-aligned); this shared mapping
+                // is only ever accessed atomically, here and by the backend.
+                let word = unsafe { &*self.ptr.add(i * 8).cast::<AtomicU64>() };
+                match word.load(Ordering::Relaxed) {
+                    0 => 0,
+                    _ => word.swap(0, Ordering::AcqRel),
+                }
             })
             .collect()
     }
@@ -410,9 +448,9 @@ impl Drop for LogBuffer {
     }
 }
 
-/// Drives a vhost-user backend's dirty log (LOG_SHMFD): start, collect, stop. Collecting swaps
-/// in a fresh log first (SET_LOG_BASE waits for the backend's reply), then reads the old one,
-/// so no write the backend makes meanwhile is lost.
+/// Drives a vhost-user backend's dirty log (LOG_SHMFD): start, collect, stop. Collecting reads
+/// and clears the shared log in place, word by word with atomic swaps (see
+/// [`LogBuffer::take_words`]).
 #[derive(Clone)]
 pub struct DirtyLog {
     shared: Arc<Mutex<Shared>>,
@@ -452,17 +490,8 @@ impl DirtyLog {
 
     /// The pages the backend wrote since the last collection (one bit per page).
     pub fn collect(&self) -> Result<Vec<u64>, DeviceError> {
-        let fresh = LogBuffer::new(self.mem_size).map_err(DeviceError::LogBuffer)?;
-        let mut s = lock(&self.shared);
-        if s.log.is_none() {
-            return Err(DeviceError::LogInactive);
-        }
-        let frontend = s.frontend.as_mut().ok_or(DeviceError::Disconnected)?;
-        frontend
-            .set_log_base(0, Some(fresh.region()))
-            .map_err(|source| DeviceError::Vhost { step: "SET_LOG_BASE", source })?;
-        let old = s.log.replace(fresh).expect("checked above");
-        Ok(old.words())
+        let s = lock(&self.shared);
+        Ok(s.log.as_ref().ok_or(DeviceError::LogInactive)?.take_words())
     }
 
     /// Stops logging.
@@ -478,5 +507,50 @@ impl DirtyLog {
             }
             s.features = f;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicU8;
+
+    /// Sets page `page`'s bit in the log mapped at `base` as vhost-user-backend does: an
+    /// atomic OR on the byte.
+    fn mark(base: usize, page: usize) {
+        // SAFETY: in bounds for the pages of the logs made below, which outlive every call.
+        let byte = unsafe { &*(base as *const u8).add(page / 8).cast::<AtomicU8>() };
+        byte.fetch_or(1 << (page % 8), Ordering::Relaxed);
+    }
+
+    #[test]
+    fn taking_the_log_returns_its_bits_once() {
+        let log = LogBuffer::new(64 * 4096 * 4).unwrap();
+        for p in [0, 5, 63, 64, 200] {
+            mark(log.ptr as usize, p);
+        }
+        let words = log.take_words();
+        assert_eq!(words, vec![1 | 1 << 5 | 1 << 63, 1, 0, 1 << 8]);
+        assert_eq!(log.take_words(), vec![0; 4], "each bit is returned once");
+    }
+
+    #[test]
+    fn no_bit_set_while_the_log_is_taken_is_lost() {
+        let log = LogBuffer::new(64 * 4096 * 16).unwrap();
+        let (base, pages) = (log.ptr as usize, 64 * 16);
+        // The backend's side: another thread marking every page once, while this one takes.
+        let marking = std::thread::spawn(move || (0..pages).for_each(|p| mark(base, p)));
+        let mut seen = vec![0u64; 16];
+        while !marking.is_finished() {
+            for (s, w) in seen.iter_mut().zip(log.take_words()) {
+                assert_eq!(*s & w, 0, "a bit came back twice");
+                *s |= w;
+            }
+        }
+        marking.join().unwrap();
+        for (s, w) in seen.iter_mut().zip(log.take_words()) {
+            *s |= w;
+        }
+        assert_eq!(seen, vec![u64::MAX; 16]);
     }
 }

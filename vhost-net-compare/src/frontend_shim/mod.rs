@@ -67,6 +67,7 @@
 
 pub mod enable_order;
 pub mod message;
+pub mod ring_start;
 pub mod wire;
 
 #[cfg(test)]
@@ -81,6 +82,7 @@ use std::thread::JoinHandle;
 
 pub use enable_order::{EnableOrder, Verdict};
 pub use message::{ack, set_vring_enable, Message, HEADER_LEN};
+pub use ring_start::started_ring;
 pub use wire::{recv_message, send_message, WireError};
 
 /// Which side ended a relay, and how.
@@ -135,11 +137,19 @@ pub struct Shim {
 impl Shim {
     /// Relays between `frontend` (the accepted connection) and `backend` (connected to the
     /// daemon) on a new thread named `name`.
-    pub fn spawn(name: String, frontend: UnixStream, backend: UnixStream) -> io::Result<Shim> {
+    /// `ring_started(index)` is called once a request that starts ring `index` has been
+    /// forwarded (see [`started_ring`]).
+    pub fn spawn(
+        name: String,
+        frontend: UnixStream,
+        backend: UnixStream,
+        mut ring_started: impl FnMut(u32) + Send + 'static,
+    ) -> io::Result<Shim> {
         frontend.set_nonblocking(false)?;
         backend.set_nonblocking(false)?;
         let handles = (frontend.try_clone()?, backend.try_clone()?);
-        let thread = std::thread::Builder::new().name(name).spawn(move || relay(frontend, backend))?;
+        let thread =
+            std::thread::Builder::new().name(name).spawn(move || relay(frontend, backend, &mut ring_started))?;
         Ok(Shim { frontend: handles.0, backend: handles.1, thread: Some(thread) })
     }
 
@@ -166,8 +176,9 @@ impl Drop for Shim {
     }
 }
 
-/// Relays until one side closes or fails, then shuts both down.
-pub fn relay(frontend: UnixStream, backend: UnixStream) -> Summary {
+/// Relays until one side closes or fails, then shuts both down; `ring_started` hears of each
+/// ring start forwarded.
+pub fn relay(frontend: UnixStream, backend: UnixStream, ring_started: &mut dyn FnMut(u32)) -> Summary {
     let mut order = EnableOrder::default();
     let (mut to_backend, mut to_frontend) = (0u64, 0u64);
     let end = loop {
@@ -216,6 +227,9 @@ pub fn relay(frontend: UnixStream, backend: UnixStream) -> Summary {
                     if let Some(e) = failed {
                         break End::Backend(e.into());
                     }
+                    if let Some(ring) = started_ring(&m) {
+                        ring_started(ring);
+                    }
                 }
             }
         }
@@ -257,7 +271,7 @@ mod tests {
         for s in [&front, &back] {
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         }
-        let shim = Shim::spawn("test-shim".into(), front_relay, back_relay).unwrap();
+        let shim = Shim::spawn("test-shim".into(), front_relay, back_relay, |_| {}).unwrap();
         (front, back, shim)
     }
 

@@ -260,3 +260,9 @@ pub fn legend(area: &Area, entries: &[(Key, &str)], left: i32, right: i32, top: 
     }
     Ok(y + ROW)
 }
+
+/// How many shapes of `svg` (an SVG these helpers drew) are filled with `colour`: what the
+/// demos' drawing tests count bars, lanes and legend swatches by.
+pub fn fills(svg: &str, colour: RGBColor) -> usize {
+    svg.matches(&format!("fill=\"#{:02X}{:02X}{:02X}\"", colour.0, colour.1, colour.2)).count()
+}

@@ -386,10 +386,7 @@ mod tests {
             assert!(svg.contains(text), "{text:?} is not in the timeline");
         }
         // Each stand in its colour: in a lane and in the legend, or only in the legend.
-        let fills = |s: Stand| {
-            let c = s.colour();
-            svg.matches(&format!("fill=\"#{:02X}{:02X}{:02X}\"", c.0, c.1, c.2)).count()
-        };
+        let fills = |s: Stand| colo_tests::timeline::fills(&svg, s.colour());
         assert_eq!(fills(Stand::PrimaryColo), 1 + 1);
         assert_eq!(fills(Stand::Alone), 2 + 1);
         assert_eq!(fills(Stand::Down), 2 + 1);

@@ -320,9 +320,7 @@ mod tests {
             assert!(svg.contains(text), "{text:?} is not in the timeline");
         }
         // A bar per checkpoint in its mode's colour (and one swatch in the legend).
-        let bars = |colour: RGBColor| {
-            svg.matches(&format!("fill=\"#{:02X}{:02X}{:02X}\"", colour.0, colour.1, colour.2)).count()
-        };
+        let bars = |colour: RGBColor| colo_tests::timeline::fills(&svg, colour);
         assert_eq!(bars(COLO), 10 + 1);
         assert_eq!(bars(PASSIVE), 20 + 1);
         // A dot over each checkpoint a miscompare triggered (and one in the legend).

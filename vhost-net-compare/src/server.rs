@@ -286,16 +286,17 @@ impl VmServer {
         let to_daemon = UnixStream::connect(&self.private.path)
             .map_err(|error| ServeError::Private { path: self.private.path.clone(), error })?;
         daemon.start(&mut self.private.listener).map_err(|e| ServeError::Accept(e.to_string()))?;
-        // The VM's receive ring runs again (first start, or a restart after a checkpoint
-        // stopped it): the hub aligns a secondary's inbound queue, and the port takes frames.
+        // The VM's receive ring is about to run again (first start, or a restart after a
+        // checkpoint stopped it): the hub aligns a secondary's inbound queue while the ring
+        // cannot take from it yet, and the port takes frames.
         let (hub, rx_port) = (self.hub.clone(), port.clone());
-        let rx_started = move |ring: u32| {
+        let rx_starting = move |ring: u32| {
             if ring as usize == RX_QUEUE {
                 hub.rx_restarting(&rx_port);
                 rx_port.set_rx_stopped(false);
             }
         };
-        let shim = Shim::spawn(format!("{}-relay", role.name()), frontend, to_daemon, rx_started)
+        let shim = Shim::spawn(format!("{}-relay", role.name()), frontend, to_daemon, rx_starting)
             .map_err(ServeError::Relay)?;
         tracing::info!(vm = role.name(), "VM connected");
         self.hub.attach(port.clone());

@@ -137,19 +137,19 @@ pub struct Shim {
 impl Shim {
     /// Relays between `frontend` (the accepted connection) and `backend` (connected to the
     /// daemon) on a new thread named `name`.
-    /// `ring_started(index)` is called once a request that starts ring `index` has been
-    /// forwarded (see [`started_ring`]).
+    /// `ring_starting(index)` is called just before a request that starts ring `index` is
+    /// forwarded (see [`started_ring`]): the ring does not run yet.
     pub fn spawn(
         name: String,
         frontend: UnixStream,
         backend: UnixStream,
-        mut ring_started: impl FnMut(u32) + Send + 'static,
+        mut ring_starting: impl FnMut(u32) + Send + 'static,
     ) -> io::Result<Shim> {
         frontend.set_nonblocking(false)?;
         backend.set_nonblocking(false)?;
         let handles = (frontend.try_clone()?, backend.try_clone()?);
         let thread =
-            std::thread::Builder::new().name(name).spawn(move || relay(frontend, backend, &mut ring_started))?;
+            std::thread::Builder::new().name(name).spawn(move || relay(frontend, backend, &mut ring_starting))?;
         Ok(Shim { frontend: handles.0, backend: handles.1, thread: Some(thread) })
     }
 
@@ -176,9 +176,9 @@ impl Drop for Shim {
     }
 }
 
-/// Relays until one side closes or fails, then shuts both down; `ring_started` hears of each
-/// ring start forwarded.
-pub fn relay(frontend: UnixStream, backend: UnixStream, ring_started: &mut dyn FnMut(u32)) -> Summary {
+/// Relays until one side closes or fails, then shuts both down; `ring_starting` hears of each
+/// ring start before it is forwarded, and the ring is kicked once (see [`ring_start`]).
+pub fn relay(frontend: UnixStream, backend: UnixStream, ring_starting: &mut dyn FnMut(u32)) -> Summary {
     let mut order = EnableOrder::default();
     let (mut to_backend, mut to_frontend) = (0u64, 0u64);
     let end = loop {
@@ -212,6 +212,10 @@ pub fn relay(frontend: UnixStream, backend: UnixStream, ring_started: &mut dyn F
                     }
                 }
                 Verdict::Forward => {
+                    if let Some(ring) = started_ring(&m) {
+                        ring_starting(ring);
+                        ring_start::kick(&m);
+                    }
                     if let Err(e) = send_message(&backend, &m) {
                         break End::Backend(e.into());
                     }
@@ -226,9 +230,6 @@ pub fn relay(frontend: UnixStream, backend: UnixStream, ring_started: &mut dyn F
                     }
                     if let Some(e) = failed {
                         break End::Backend(e.into());
-                    }
-                    if let Some(ring) = started_ring(&m) {
-                        ring_started(ring);
                     }
                 }
             }

@@ -73,6 +73,11 @@ pub trait Snapshottable: Pausable {
     /// What kind of machine this is.
     fn describe(&self) -> Meta;
 
+    /// Starts reading the paused machine's vCPU state in the background (on the vCPU
+    /// threads), for the [`Snapshottable::save_state`] of this pause: a checkpoint sends its
+    /// pages meanwhile. Does nothing unless paused, or where there is nothing to overlap.
+    fn begin_save_state(&self) {}
+
     /// The state of the paused machine.
     fn save_state(&self) -> Result<MachineState, MigratableError>;
 

@@ -25,12 +25,13 @@ use crate::devices::{Devices, DevicesState};
 use crate::loader::{self, Image};
 use crate::migratable::{Migratable, MigratableError, Pausable, Snapshottable};
 use crate::persist::snapshot::{self, DiskMeta, Meta};
-use crate::persist::state::MachineState;
+use crate::persist::state::{MachineState, VcpuState};
 use crate::persist::stream::{StreamError, StreamReader, PAGE_SIZE};
-use crate::persist::{vcpu_state, vm_state};
+use crate::persist::vcpu_state::{self, VcpuStateError};
+use crate::persist::vm_state;
 use crate::vstate::dirty::{DirtyBitmap, DirtyTracker};
 use crate::vstate::memory::GuestRam;
-use crate::vstate::vcpu::{self, SharedDevices, VcpuEnd, Vcpus};
+use crate::vstate::vcpu::{self, Queued, SharedDevices, VcpuEnd, Vcpus};
 use crate::vstate::vm::Vm;
 
 /// `--net vhost-user=PATH[,mac=MAC]`.
@@ -313,6 +314,7 @@ impl Machine {
             disk,
             quiesced: Mutex::new(None),
             tracker: Mutex::new(self.tracker),
+            saving: Mutex::new(None),
             stopped: AtomicBool::new(false),
             handed_over: AtomicBool::new(false),
         })
@@ -341,6 +343,9 @@ pub struct Vmm {
     quiesced: Mutex<Option<DevicesState>>,
     /// Dirty tracking, while a migration or COLO wants it.
     tracker: Mutex<Option<DirtyTracker>>,
+    /// The vCPU threads' reading of their state for the next [`Snapshottable::save_state`] of
+    /// this pause, begun by [`Snapshottable::begin_save_state`].
+    saving: Mutex<Option<Queued<Result<VcpuState, VcpuStateError>>>>,
     /// The user stopped the vCPUs (`stop`): a pause and resume around a snapshot leaves them so.
     stopped: AtomicBool,
     /// The backends went to a migration destination: the vCPUs must not run (until `cont`).
@@ -476,6 +481,12 @@ impl Vmm {
     fn devices(&self) -> std::sync::MutexGuard<'_, Devices> {
         lock(&self.devices)
     }
+
+    /// Hands each paused vCPU thread the reading of its own state.
+    fn queue_vcpu_saves(&self) -> Option<Queued<Result<VcpuState, VcpuStateError>>> {
+        let msrs = self.msr_list.clone();
+        self.vcpus.queue_paused_each(move |_, vcpu| vcpu_state::save(vcpu, &msrs))
+    }
 }
 
 impl Pausable for Vmm {
@@ -486,13 +497,9 @@ impl Pausable for Vmm {
         }
         let mut quiesced = lock(&self.quiesced);
         if quiesced.is_none() {
-            // Every vCPU is out of the guest. Finish the exits the VMM already served first, so
-            // none can write guest memory after the devices stopped
-            // (vcpu_state::complete_pending_io).
-            let completed = self.vcpus.run_paused_each(|_, vcpu| vcpu_state::complete_pending_io(vcpu));
-            if completed.is_none() {
-                return Err(MigratableError::NotRunning);
-            }
+            // Every vCPU is out of the guest, the exits the VMM already served finished (a
+            // vCPU thread completes them as it pauses), so none can write guest memory after
+            // the devices stopped.
             match self.devices().pause() {
                 Ok(state) => *quiesced = Some(state),
                 Err(e) => {
@@ -508,6 +515,8 @@ impl Pausable for Vmm {
     }
 
     fn resume(&self) -> Result<(), MigratableError> {
+        // A state saved for this pause describes nothing after it.
+        lock(&self.saving).take();
         let devices = lock(&self.quiesced).take();
         let restarted = match devices {
             Some(d) => self.devices().resume(&d).map_err(MigratableError::Device),
@@ -531,24 +540,33 @@ impl Snapshottable for Vmm {
         }
     }
 
+    fn begin_save_state(&self) {
+        let mut saving = lock(&self.saving);
+        if saving.is_none() && lock(&self.quiesced).is_some() {
+            *saving = self.queue_vcpu_saves();
+        }
+    }
+
     fn save_state(&self) -> Result<MachineState, MigratableError> {
         let devices = lock(&self.quiesced).clone().ok_or(MigratableError::NotPaused)?;
-        let msrs = self.msr_list.clone();
-        // Every vCPU is paused (the quiesced devices say so) before any is read.
-        let vcpus = self
-            .vcpus
-            .run_paused_each(move |_, vcpu| vcpu_state::save(vcpu, &msrs))
+        // Every vCPU is paused (the quiesced devices say so) before any is read. The vCPU
+        // threads read theirs while this thread reads the VM's.
+        let queued = lock(&self.saving).take().or_else(|| self.queue_vcpu_saves());
+        let vm = vm_state::save(self.vm.fd());
+        let vcpus = queued
+            .and_then(|q| q.wait())
             .ok_or(MigratableError::NotRunning)?
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
-        let vm = vm_state::save(self.vm.fd())?;
-        Ok(MachineState { vcpus, vm, devices })
+        Ok(MachineState { vcpus, vm: vm?, devices })
     }
 
     fn restore_state(&self, state: MachineState) -> Result<(), MigratableError> {
         if !self.vcpus.is_paused() {
             return Err(MigratableError::NotPaused);
         }
+        // What a begun save read is overwritten now.
+        lock(&self.saving).take();
         let MachineState { vcpus, vm, devices } = state;
         if vcpus.len() != self.vcpus.len() {
             return Err(MigratableError::VcpuCount { saved: vcpus.len(), here: self.vcpus.len() });

@@ -666,6 +666,9 @@ impl<'a, V: Migratable> Controller<'a, V> {
         let mut clock = StepClock::start();
         self.gather()?;
         self.pending_blocks.gather(vm);
+        // The vCPU threads read their state while this thread sends the pages (after reading
+        // the dirty logs, which the vCPU ioctls would slow down).
+        vm.begin_save_state();
         steps.dirty = clock.lap();
         self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
         let pages = self.send_pending()?;

@@ -78,6 +78,9 @@ struct Shared {
     /// logging, the current log: restarting the rings after a checkpoint leaves both as they
     /// are instead of having the backend remap all of guest memory each time.
     table_sent: bool,
+    /// The last restart of the rings went out unconfirmed (see [`VhostUserNet::setup_rings`]):
+    /// the next answer the backend gives confirms it, and a failure then may be its refusal.
+    restart_unconfirmed: bool,
 }
 
 /// What a ring (re)start sends beyond the rings themselves.
@@ -147,6 +150,7 @@ impl VhostUserNet {
                 features: 0,
                 log: None,
                 table_sent: false,
+                restart_unconfirmed: false,
             })),
             path: path.into(),
             mac,
@@ -183,13 +187,18 @@ impl VhostUserNet {
             to_backend |= VhostUserVirtioFeatures::LOG_ALL.bits();
         }
         let fail = |step: &'static str| move |source: vhost::Error| DeviceError::Vhost { step, source };
-        let Shared { frontend, log, features, table_sent } = &mut *shared;
+        let Shared { frontend, log, features, table_sent, restart_unconfirmed } = &mut *shared;
         let frontend = frontend.as_mut().ok_or(DeviceError::Disconnected)?;
         let resend = Resend { features: *features != to_backend || !*table_sent, table: !*table_sent };
         // Pipelined: the requests go out without waiting for each answer, and one request
         // answered at the end confirms them all, since the backend handles them in order and
-        // drops the connection at the first it refuses (a restart after every checkpoint costs
-        // two round trips, not fifteen: SET_LOG_BASE is answered whatever the flags).
+        // drops the connection at the first it refuses (SET_LOG_BASE is answered whatever the
+        // flags). A restart over the same memory and features (after every checkpoint) is
+        // not even confirmed: the PVM resumes one round trip sooner, and the next request
+        // answered (the next pause's GET_VRING_BASE) confirms it. The kicks below, and the
+        // backend's own on each ring start, are not lost meanwhile: an eventfd keeps its count
+        // until the backend reads it.
+        let confirm = resend.features || resend.table || std::mem::take(restart_unconfirmed);
         frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
         let sent =
             Self::send_rings(frontend, log, &self.memory, &self.calls, &self.kicks, to_backend, resend, queues, bases);
@@ -197,7 +206,11 @@ impl VhostUserNet {
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
         let active = sent?;
-        frontend.get_features().map_err(fail("restarting the rings (the backend refused a request)"))?;
+        if confirm {
+            frontend.get_features().map_err(fail("restarting the rings (the backend refused a request)"))?;
+        } else {
+            *restart_unconfirmed = true;
+        }
         *table_sent = true;
         self.active = active;
         // A ring restarted after a pause may have work waiting (inbound frames the backend
@@ -313,10 +326,15 @@ impl VirtioDevice for VhostUserNet {
         let mut bases = vec![0u16; NUM_QUEUES];
         // GET_VRING_BASE stops the ring in the backend and returns where it stands; the
         // backend completes descriptors synchronously, so nothing is in flight afterwards.
-        let shared = lock(&self.shared);
+        let mut shared = lock(&self.shared);
+        let unconfirmed = std::mem::take(&mut shared.restart_unconfirmed);
         let frontend = shared.frontend.as_ref().ok_or(DeviceError::Disconnected)?;
         for i in std::mem::take(&mut self.active) {
-            let base = frontend.get_vring_base(i).map_err(|source| DeviceError::VringBase { queue: i, source })?;
+            let base = frontend.get_vring_base(i).map_err(|source| match unconfirmed {
+                // The first answer since an unconfirmed restart: the backend may have refused it.
+                true => DeviceError::Vhost { step: "restarting the rings, or stopping them again", source },
+                false => DeviceError::VringBase { queue: i, source },
+            })?;
             bases[i] = base as u16;
         }
         Ok(bases)
@@ -343,6 +361,7 @@ impl VirtioDevice for VhostUserNet {
         shared.frontend = None;
         shared.features = 0;
         shared.table_sent = false;
+        shared.restart_unconfirmed = false;
         shared.log = None;
         self.active.clear();
         tracing::info!(path = %self.path.display(), "vhost-user backend released");
@@ -362,6 +381,7 @@ impl VirtioDevice for VhostUserNet {
         shared.frontend = Some(frontend);
         shared.features = 0;
         shared.table_sent = false;
+        shared.restart_unconfirmed = false;
         tracing::info!(path = %self.path.display(), "vhost-user backend attached");
         Ok(())
     }

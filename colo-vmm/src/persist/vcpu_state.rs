@@ -88,9 +88,9 @@ pub fn complete_pending_io(vcpu: &mut VcpuFd) {
     vcpu.set_kvm_immediate_exit(0);
 }
 
-/// Saves a vCPU. It must be out of KVM_RUN and every vCPU paused.
+/// Saves a vCPU. It must be paused (out of KVM_RUN, its pending I/O completed: a vCPU thread
+/// does that as it pauses) and every vCPU paused.
 pub fn save(vcpu: &mut VcpuFd, msr_list: &[u32]) -> Result<VcpuState, VcpuStateError> {
-    complete_pending_io(vcpu);
     Ok(VcpuState {
         mp_state: vcpu.get_mp_state().map_err(kvm("MP state"))?,
         regs: vcpu.get_regs().map_err(kvm("registers"))?,

@@ -18,6 +18,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::pvhalt::{Waiter, Wake};
 use crate::devices::{Devices, PioAction};
+use crate::persist::vcpu_state;
 
 /// How the vCPU thread ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -233,6 +234,17 @@ fn obey(h: &VcpuHandle, vcpu: &mut VcpuFd) -> bool {
             Want::Quit => return false,
             Want::Pause => {
                 if !s.paused {
+                    // Finish the exit the VMM already served before saying "paused", so a
+                    // paused vCPU never has an instruction half done: nothing it does later
+                    // writes guest memory or devices, and its saved state is complete
+                    // (vcpu_state::complete_pending_io). Here, on its own thread, it costs the
+                    // pause no extra round trip.
+                    drop(s);
+                    vcpu_state::complete_pending_io(vcpu);
+                    s = h.lock();
+                    if s.want != Want::Pause {
+                        continue;
+                    }
                     s.paused = true;
                     h.changed.notify_all();
                 }
@@ -368,13 +380,33 @@ impl Vcpus {
         &self,
         task: impl Fn(usize, &mut VcpuFd) -> R + Send + Sync + 'static,
     ) -> Option<Vec<R>> {
+        self.queue_paused_each(task)?.wait()
+    }
+
+    /// Hands `task` to every paused vCPU thread and returns at once: the threads work while
+    /// the caller does something else, [`Queued::wait`] collects. `None` if a vCPU is not
+    /// paused or has ended.
+    pub fn queue_paused_each<R: Send + 'static>(
+        &self,
+        task: impl Fn(usize, &mut VcpuFd) -> R + Send + Sync + 'static,
+    ) -> Option<Queued<R>> {
         let task = Arc::new(task);
         let mut results = Vec::with_capacity(self.handles.len());
-        // Hand every vCPU its task first, then collect: the threads work in parallel.
         for h in &self.handles {
             let (t, i) = (task.clone(), h.index);
             results.push(h.queue_paused(move |v| t(i, v))?);
         }
-        results.into_iter().map(|rx| rx.recv().ok()).collect()
+        Some(Queued(results))
+    }
+}
+
+/// Work [`Vcpus::queue_paused_each`] handed to the vCPU threads; dropping it discards the
+/// results (the threads still finish the work).
+pub struct Queued<R>(Vec<std::sync::mpsc::Receiver<R>>);
+
+impl<R> Queued<R> {
+    /// Each vCPU's result, by index; `None` if a vCPU thread ended before it finished.
+    pub fn wait(self) -> Option<Vec<R>> {
+        self.0.into_iter().map(|rx| rx.recv().ok()).collect()
     }
 }

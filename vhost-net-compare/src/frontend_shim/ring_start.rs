@@ -54,7 +54,7 @@ pub fn kick(m: &Message) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{new_fd, req, u64_msg, REPLY};
+    use super::super::testutil::{new_fd, owned, req, u64_msg, REPLY};
     use super::*;
 
     #[test]
@@ -79,9 +79,7 @@ mod tests {
         use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
         let efd = EventFd::new(EFD_NONBLOCK).unwrap();
-        // SAFETY: a fresh duplicate of a live descriptor, owned by the message from here on.
-        let dup = unsafe { OwnedFd::from_raw_fd(libc::dup(efd.as_raw_fd())) };
-        let m = u64_msg(FrontendReq::SET_VRING_KICK, 0, 0).with_fds(vec![dup]);
+        let m = u64_msg(FrontendReq::SET_VRING_KICK, 0, 0).with_fds(vec![owned(&efd)]);
         kick(&m);
         assert_eq!(efd.read().unwrap(), 1);
         assert!(efd.read().is_err(), "signalled exactly once");

@@ -73,10 +73,12 @@ pub trait Snapshottable: Pausable {
     /// What kind of machine this is.
     fn describe(&self) -> Meta;
 
-    /// Starts reading the paused machine's vCPU state in the background (on the vCPU
-    /// threads), for the [`Snapshottable::save_state`] of this pause: a checkpoint sends its
-    /// pages meanwhile. Does nothing unless paused, or where there is nothing to overlap.
-    fn begin_save_state(&self) {}
+    /// [`Pausable::pause`] for a [`Snapshottable::save_state`] that follows: the vCPU threads
+    /// may start reading their state as soon as they stopped, while the devices stop (a
+    /// checkpoint waits on the backends meanwhile). By default, just the pause.
+    fn pause_to_save(&self) -> Result<(), MigratableError> {
+        self.pause()
+    }
 
     /// The state of the paused machine.
     fn save_state(&self) -> Result<MachineState, MigratableError>;

@@ -344,7 +344,7 @@ pub struct Vmm {
     /// Dirty tracking, while a migration or COLO wants it.
     tracker: Mutex<Option<DirtyTracker>>,
     /// The vCPU threads' reading of their state for the next [`Snapshottable::save_state`] of
-    /// this pause, begun by [`Snapshottable::begin_save_state`].
+    /// this pause, begun by [`Snapshottable::pause_to_save`].
     saving: Mutex<Option<Queued<Result<VcpuState, VcpuStateError>>>>,
     /// The user stopped the vCPUs (`stop`): a pause and resume around a snapshot leaves them so.
     stopped: AtomicBool,
@@ -489,11 +489,22 @@ impl Vmm {
     }
 }
 
-impl Pausable for Vmm {
-    fn pause(&self) -> Result<(), MigratableError> {
+impl Vmm {
+    /// [`Pausable::pause`]; with `save`, the vCPU threads start reading their state as soon as
+    /// they stopped, while this thread stops the devices.
+    fn pause_vm(&self, save: bool) -> Result<(), MigratableError> {
         let was_paused = self.vcpus.is_paused();
         if !self.vcpus.pause() {
             return Err(MigratableError::NotRunning);
+        }
+        if save {
+            // Only its own thread changes a vCPU's KVM state (devices signal the guest through
+            // the halt's eventfds, not the in-kernel interrupt chips), so stopping the rings
+            // cannot change what the threads read now.
+            let mut saving = lock(&self.saving);
+            if saving.is_none() {
+                *saving = self.queue_vcpu_saves();
+            }
         }
         let mut quiesced = lock(&self.quiesced);
         if quiesced.is_none() {
@@ -504,6 +515,7 @@ impl Pausable for Vmm {
                 Ok(state) => *quiesced = Some(state),
                 Err(e) => {
                     drop(quiesced);
+                    lock(&self.saving).take();
                     if !was_paused {
                         self.vcpus.resume();
                     }
@@ -512,6 +524,12 @@ impl Pausable for Vmm {
             }
         }
         Ok(())
+    }
+}
+
+impl Pausable for Vmm {
+    fn pause(&self) -> Result<(), MigratableError> {
+        self.pause_vm(false)
     }
 
     fn resume(&self) -> Result<(), MigratableError> {
@@ -540,11 +558,8 @@ impl Snapshottable for Vmm {
         }
     }
 
-    fn begin_save_state(&self) {
-        let mut saving = lock(&self.saving);
-        if saving.is_none() && lock(&self.quiesced).is_some() {
-            *saving = self.queue_vcpu_saves();
-        }
+    fn pause_to_save(&self) -> Result<(), MigratableError> {
+        self.pause_vm(true)
     }
 
     fn save_state(&self) -> Result<MachineState, MigratableError> {

@@ -1,19 +1,21 @@
-//! The control thread: carries out controllers' commands (docs/control.md) and runs the compare
-//! engine's timers.
+//! Carrying out controllers' commands (docs/control.md) and running the compare engine's
+//! timers.
 //!
-//! The socket itself is served by colo-proxy's threaded [`ControlServer`]; requests arrive here
-//! on a channel, and replies and events leave through its [`ControlHandle`]. The same thread
-//! wakes at least once per `expired_scan_cycle` to check held frames against
-//! `compare_timeout`, so timeouts fire even when no traffic and no command arrives.
+//! The socket is served by colo-proxy's threaded [`ControlServer`], whose thread also carries
+//! out the commands (a checkpoint's flush is answered without waking another thread); events
+//! leave through its [`ControlHandle`]. That thread wakes at least once per
+//! `expired_scan_cycle` to check held frames against `compare_timeout`, so timeouts fire even
+//! when no traffic and no command arrives. Without a control socket, a thread of its own runs
+//! the timers.
 
 use std::io;
 use std::path::Path;
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use colo_proxy::control::{ControlHandle, ControlServer, Event, HelloReplica, Request};
+use colo_proxy::control::{Command, ControlHandle, ControlServer, Event, Executor, HelloReplica, Request};
 
 use crate::hub::SharedMode;
 use crate::replica::SharedRole;
@@ -40,38 +42,54 @@ pub fn listen(
     })
 }
 
-/// Starts the thread that executes `requests` (if there is a control socket) and runs the
-/// timers (if there is an engine) every `scan` at least. Returns `None` when there is nothing
-/// to do (passthrough without control socket). The thread ends when the control server stops.
+/// Has the control server's thread carry out `requests` (if there is a control socket) and
+/// run the timers (if there is an engine) every `scan` at least; without a control socket, a
+/// thread of its own runs the timers. Returns that thread, or `None`.
 pub fn spawn(
     hub: Arc<dyn Router>,
     control: Option<(ControlHandle, Receiver<Request>)>,
     scan: Duration,
 ) -> io::Result<Option<JoinHandle<()>>> {
-    if control.is_none() && !hub.has_timers() {
-        return Ok(None);
+    let timers = hub.has_timers();
+    let mut executor = HubExecutor { hub, timers, scan, next_timers: Instant::now() + scan };
+    match control {
+        Some((handle, requests)) => {
+            handle.execute_here(requests, executor);
+            Ok(None)
+        }
+        None if timers => {
+            let thread = std::thread::Builder::new().name("timers".into()).spawn(move || loop {
+                let next = executor.run_due();
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            })?;
+            Ok(Some(thread))
+        }
+        None => Ok(None),
     }
-    let thread = std::thread::Builder::new().name("control".into()).spawn(move || run(hub.as_ref(), control, scan))?;
-    Ok(Some(thread))
 }
 
-fn run(hub: &dyn Router, control: Option<(ControlHandle, Receiver<Request>)>, scan: Duration) {
-    let mut next_timers = Instant::now() + scan;
-    loop {
-        let wait = next_timers.saturating_duration_since(Instant::now()).min(scan);
-        match &control {
-            Some((handle, requests)) => match requests.recv_timeout(wait) {
-                Ok(Request { conn, command }) => hub.execute(command, &mut |reply| handle.reply(conn, reply)),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    tracing::warn!("the control socket thread stopped; no more commands");
-                    return;
-                }
-            },
-            None => std::thread::sleep(wait),
+/// The router's side of the control server's thread.
+struct HubExecutor {
+    hub: Arc<dyn Router>,
+    timers: bool,
+    scan: Duration,
+    next_timers: Instant,
+}
+
+impl Executor for HubExecutor {
+    fn execute(&mut self, command: Command, reply: &mut dyn FnMut(Event)) {
+        self.hub.execute(command, reply);
+    }
+
+    fn run_due(&mut self) -> Instant {
+        let now = Instant::now();
+        if !self.timers {
+            // Nothing is ever due: the thread sleeps until a request or an event.
+            return now + Duration::from_secs(3600);
         }
-        if Instant::now() >= next_timers {
-            next_timers = hub.poll_timers().map_or(Instant::now() + scan, |due| due.min(Instant::now() + scan));
+        if now >= self.next_timers {
+            self.next_timers = self.hub.poll_timers().map_or(now + self.scan, |due| due.min(now + self.scan));
         }
+        self.next_timers
     }
 }

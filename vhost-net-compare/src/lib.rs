@@ -8,7 +8,8 @@
 //!   worker thread that owns both vrings ([`backend`]: RX in [`rx`], TX in [`tx`]);
 //! - one uplink thread reading the tap ([`uplink`]) and handing frames to the VMs through
 //!   per-VM queues ([`port`]) and eventfds, so RX rings are written only by their worker;
-//! - one control thread ([`control`]) for the control socket and the engine's timers;
+//! - one control thread ([`control`]): the control socket, its commands and the engine's timers
+//!   (without a control socket, a `timers` thread);
 //! - one accept thread per VM socket ([`server`]), which builds a fresh daemon per connection,
 //!   and per connection a relay thread ([`frontend_shim`]) between the frontend and the daemon's
 //!   private socket, which fixes QEMU 7.2's order of vhost-user requests (control messages

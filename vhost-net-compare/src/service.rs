@@ -7,8 +7,9 @@
 //! - per connection, `primary-relay` (`secondary-relay`): the frontend's control messages to
 //!   the daemon's private socket and back ([`crate::frontend_shim`]);
 //! - `uplink`: tap → VMs' pending RX queues;
-//! - `control`: controllers' commands and the engine's timers; the control socket server runs
-//!   on its own thread too (colo-proxy's [`colo_proxy::control::ControlServer::spawn`]).
+//! - `control`: the control socket (colo-proxy's [`colo_proxy::control::ControlServer::spawn`]),
+//!   which carries out the controllers' commands itself and runs the engine's timers (without a
+//!   control socket, `timers` runs them).
 
 use std::fs;
 use std::io;

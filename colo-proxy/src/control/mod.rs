@@ -44,4 +44,4 @@ pub use server::{
     TOKEN_SPAN,
 };
 pub use socket::SocketFile;
-pub use threaded::ControlHandle;
+pub use threaded::{ControlHandle, Executor};

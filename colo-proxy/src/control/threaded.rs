@@ -1,16 +1,19 @@
 //! A [`ControlServer`] on its own thread, for processes that have no single mio loop to host it
 //! (vhost-net-compare). Requests arrive on a channel; replies and events go back through a
-//! [`ControlHandle`], which wakes the thread.
+//! [`ControlHandle`], which wakes the thread. Or the thread carries the requests out itself
+//! ([`ControlHandle::execute_here`]): a checkpoint's flush is answered without waking a second
+//! thread and being woken back, two of the few hops a checkpoint pause is made of.
 
 use std::io;
 use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use mio::{Events, Poll, Token, Waker};
 
-use super::message::Event;
+use super::message::{Command, Event};
 use super::server::{ConnId, ControlServer, Request};
 
 const WAKE: Token = Token(0);
@@ -19,7 +22,21 @@ const SERVER: Token = Token(1);
 enum Outgoing {
     Reply(ConnId, Event),
     Broadcast(Event),
+    /// From now on the thread executes the requests itself; those already on the channel first.
+    Execute(Receiver<Request>, Box<dyn Executor>),
     Stop,
+}
+
+/// Carries out controllers' commands on the server's own thread (see
+/// [`ControlHandle::execute_here`]), and runs what is due between them (timers).
+pub trait Executor: Send + 'static {
+    /// Carries out `command`; its answer goes to `reply`. Events queued through a
+    /// [`ControlHandle`] before the answer reach the controllers before it.
+    fn execute(&mut self, command: Command, reply: &mut dyn FnMut(Event));
+
+    /// Runs what is due; returns when to be called again at the latest. It is also called
+    /// after every wake-up.
+    fn run_due(&mut self) -> Instant;
 }
 
 /// Sends replies and events through a server running on its own thread (see
@@ -51,6 +68,13 @@ impl ControlHandle {
     /// Sends `event` to every connected controller.
     pub fn broadcast(&self, event: Event) {
         self.send(Outgoing::Broadcast(event));
+    }
+
+    /// From now on the server's thread carries out the requests with `executor` instead of
+    /// handing them to `requests` (the receiver [`ControlServer::spawn`] returned); those
+    /// already waiting there are carried out first, in order.
+    pub fn execute_here(&self, requests: Receiver<Request>, executor: impl Executor) {
+        self.send(Outgoing::Execute(requests, Box::new(executor)));
     }
 
     fn send(&self, message: Outgoing) {
@@ -106,8 +130,13 @@ fn run(
 ) {
     let mut events = Events::with_capacity(64);
     let mut requests = Vec::new();
+    let mut executor: Option<Box<dyn Executor>> = None;
+    // Executors to install, met while delivering.
+    let mut held = vec![];
+    let mut due: Option<Instant> = None;
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
+        let timeout = due.map(|d| d.saturating_duration_since(Instant::now()));
+        if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
@@ -128,19 +157,63 @@ fn run(
                 server.handle_event(registry, event, hello, &mut requests);
             }
         }
-        for request in requests.drain(..) {
-            // The receiver is gone when its owner stopped listening; the commands go unanswered.
-            if requests_tx.send(request).is_err() {
-                tracing::debug!("control request dropped: nobody receives requests");
+        // Replies and events queued before these requests go out before their answers.
+        if deliver(&outgoing, &mut server, registry, &mut held) {
+            return;
+        }
+        for message in held.drain(..) {
+            if let Outgoing::Execute(waiting, x) = message {
+                // The requests that reached the channel before: first, in order.
+                requests.splice(0..0, waiting.try_iter());
+                executor = Some(x);
             }
         }
-        loop {
-            match outgoing.try_recv() {
-                Ok(Outgoing::Reply(conn, event)) => server.reply(registry, conn, &event),
-                Ok(Outgoing::Broadcast(event)) => server.broadcast(registry, &event),
-                Ok(Outgoing::Stop) | Err(mpsc::TryRecvError::Disconnected) => return,
-                Err(mpsc::TryRecvError::Empty) => break,
+        for request in requests.drain(..) {
+            let Some(x) = executor.as_mut() else {
+                // The receiver is gone when its owner stopped listening; the commands go unanswered.
+                if requests_tx.send(request).is_err() {
+                    tracing::debug!("control request dropped: nobody receives requests");
+                }
+                continue;
+            };
+            let conn = request.conn;
+            let mut stop = false;
+            x.execute(request.command, &mut |event| {
+                // Whatever the execution queued (events of the engine) precedes its answer.
+                stop |= deliver(&outgoing, &mut server, registry, &mut held);
+                server.reply(registry, conn, &event);
+            });
+            if stop {
+                return;
             }
+        }
+        if deliver(&outgoing, &mut server, registry, &mut held) {
+            return;
+        }
+        if !held.is_empty() {
+            // An executor came with the last replies: install it at once.
+            due = Some(Instant::now());
+            continue;
+        }
+        due = executor.as_mut().map(|x| x.run_due());
+    }
+}
+
+/// Sends the queued replies and events; keeps an executor to install in `held`. Whether the
+/// thread is to stop.
+fn deliver(
+    outgoing: &Receiver<Outgoing>,
+    server: &mut ControlServer,
+    registry: &mio::Registry,
+    held: &mut Vec<Outgoing>,
+) -> bool {
+    loop {
+        match outgoing.try_recv() {
+            Ok(Outgoing::Reply(conn, event)) => server.reply(registry, conn, &event),
+            Ok(Outgoing::Broadcast(event)) => server.broadcast(registry, &event),
+            Ok(m @ Outgoing::Execute(..)) => held.push(m),
+            Ok(Outgoing::Stop) | Err(mpsc::TryRecvError::Disconnected) => return true,
+            Err(mpsc::TryRecvError::Empty) => return false,
         }
     }
 }
@@ -236,5 +309,72 @@ mod tests {
         assert!(matches!(c.next_event(Some(Duration::from_secs(5))), Err(crate::control::ClientError::Closed)));
         // The request channel is closed with the thread.
         assert!(requests.recv().is_err());
+    }
+
+    /// Answers `mode` after broadcasting "before <mode>" through its handle; drops the handle at
+    /// `query-stats` (so the test's is the last); counts its timer runs.
+    struct Broadcasting {
+        handle: Option<ControlHandle>,
+        runs: Arc<AtomicU64>,
+    }
+
+    impl Executor for Broadcasting {
+        fn execute(&mut self, command: Command, reply: &mut dyn FnMut(Event)) {
+            match command {
+                Command::Mode { id, mode } => {
+                    if let Some(h) = &self.handle {
+                        h.broadcast(Event::Error { id: None, message: format!("before {}", mode.name()) });
+                    }
+                    reply(Event::ModeSet { id, mode });
+                }
+                Command::QueryStats { id } => {
+                    self.handle = None;
+                    reply(Event::Error { id: Some(id), message: "dropped".into() });
+                }
+                _ => {}
+            }
+        }
+
+        fn run_due(&mut self) -> Instant {
+            self.runs.fetch_add(1, Ordering::SeqCst);
+            Instant::now() + Duration::from_millis(10)
+        }
+    }
+
+    #[test]
+    fn an_executor_on_the_thread_answers_waiting_requests_first_and_events_before_answers() {
+        let path = TempPath::new();
+        let (handle, requests) = ControlServer::spawn(&path, || Event::Hello {
+            component: "t".into(),
+            version: "0".into(),
+            nic: "n".into(),
+            mode: Mode::Passive,
+            replica: None,
+        })
+        .unwrap();
+        let mut c = ControlClient::connect(&path).unwrap();
+        // Sent before the executor exists: it waits on the channel.
+        c.send_raw_line(r#"{"type":"mode","id":7,"mode":"colo"}"#).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let runs = Arc::new(AtomicU64::new(0));
+        handle.execute_here(requests, Broadcasting { handle: Some(handle.clone()), runs: runs.clone() });
+        let mut next = || c.next_event(Some(Duration::from_secs(5))).unwrap().expect("an event");
+        assert_eq!(next(), Event::Error { id: None, message: "before colo".into() });
+        assert_eq!(next(), Event::ModeSet { id: 7, mode: Mode::Colo });
+        c.send_raw_line(r#"{"type":"mode","id":9,"mode":"passive"}"#).unwrap();
+        let mut next = || c.next_event(Some(Duration::from_secs(5))).unwrap().expect("an event");
+        assert_eq!(next(), Event::Error { id: None, message: "before passive".into() });
+        assert_eq!(next(), Event::ModeSet { id: 9, mode: Mode::Passive });
+        // Timers run without requests.
+        let before = runs.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(runs.load(Ordering::SeqCst) >= before + 3, "run_due is called while idle");
+        c.send_raw_line(r#"{"type":"query-stats","id":8}"#).unwrap();
+        assert_eq!(
+            c.next_event(Some(Duration::from_secs(5))).unwrap(),
+            Some(Event::Error { id: Some(8), message: "dropped".into() })
+        );
+        drop(handle);
+        assert!(!path.exists(), "the last handle stops the thread and removes the socket");
     }
 }

@@ -592,7 +592,8 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.expect("checkpoint-reply", &Control::CheckpointReply { seq })?;
         let paused_at = Instant::now();
         let mut clock = StepClock::start();
-        self.vm.pause().map_err(|e| End::Error(format!("pausing the VM: {e}")))?;
+        // The vCPU threads read their state while the rings stop.
+        self.vm.pause_to_save().map_err(|e| End::Error(format!("pausing the VM: {e}")))?;
         let paused_ms = clock.lap();
         let sent = self.transaction(seq, decision);
         clock.lap();
@@ -666,9 +667,6 @@ impl<'a, V: Migratable> Controller<'a, V> {
         let mut clock = StepClock::start();
         self.gather()?;
         self.pending_blocks.gather(vm);
-        // The vCPU threads read their state while this thread sends the pages (after reading
-        // the dirty logs, which the vCPU ioctls would slow down).
-        vm.begin_save_state();
         steps.dirty = clock.lap();
         self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
         let pages = self.send_pending()?;

@@ -6,6 +6,7 @@ pub mod pvhalt;
 pub mod serial;
 pub mod vhost_user_net;
 pub mod virtio_mmio;
+pub mod vring_stop;
 
 use colo_vmm_abi::port;
 

@@ -21,6 +21,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::virtio_mmio::{QueueConfig, VirtioDevice};
+use super::vring_stop;
 use super::DeviceError;
 use crate::vstate::memory::GuestMemoryMmap;
 
@@ -329,12 +330,14 @@ impl VirtioDevice for VhostUserNet {
         let mut shared = lock(&self.shared);
         let unconfirmed = std::mem::take(&mut shared.restart_unconfirmed);
         let frontend = shared.frontend.as_ref().ok_or(DeviceError::Disconnected)?;
-        for i in std::mem::take(&mut self.active) {
-            let base = frontend.get_vring_base(i).map_err(|source| match unconfirmed {
-                // The first answer since an unconfirmed restart: the backend may have refused it.
-                true => DeviceError::Vhost { step: "restarting the rings, or stopping them again", source },
-                false => DeviceError::VringBase { queue: i, source },
-            })?;
+        let active = std::mem::take(&mut self.active);
+        // All rings in one round trip.
+        let stopped = vring_stop::get_vring_bases(frontend, &active).map_err(|(k, source)| match unconfirmed {
+            // The first answer since an unconfirmed restart: the backend may have refused it.
+            true => DeviceError::Vhost { step: "restarting the rings, or stopping them again", source },
+            false => DeviceError::VringBase { queue: active[k], source },
+        })?;
+        for (&i, base) in active.iter().zip(stopped) {
             bases[i] = base as u16;
         }
         Ok(bases)

@@ -230,15 +230,25 @@ impl<W: Write + Send + 'static> Link<W> {
             Ok(Incoming::Corrupt(why)) => Silence::Corrupt(why),
             Ok(m) => return Ok(m),
             Err(RecvTimeoutError::Timeout) => {
-                if asked.elapsed() > timeout + STALL_SLACK {
-                    self.woke.store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
-                }
+                self.note_wait(asked, timeout);
                 return Err(Silence::Timeout);
             }
             Err(RecvTimeoutError::Disconnected) => Silence::Closed("the link reader stopped".into()),
         };
         self.closed = Some(end.clone());
         Err(end)
+    }
+
+    /// After this side waited up to `wait` from `asked` for something else (the compare
+    /// processes, a sleep): a wait that overran means this process stalled, as a [`Link::recv`]
+    /// that overran does, and silence is not judged for [`WAKE_GRACE`]. Without it a primary
+    /// frozen while it waited for miscompares judged, the moment it woke, a secondary that had
+    /// taken over meanwhile silent, before its reader thread took in the `taken-over` waiting
+    /// in the socket.
+    pub fn note_wait(&self, asked: Instant, wait: Duration) {
+        if asked.elapsed() > wait + STALL_SLACK {
+            self.woke.store(self.origin.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
     }
 
     /// After a failed write: whether the peer explained itself before the link went down (an
@@ -333,6 +343,24 @@ mod tests {
         // ...until the reader had its grace.
         assert!(matches!(a.recv(WAKE_GRACE + Duration::from_millis(20)), Err(Silence::Timeout)));
         assert!(a.peer_silent(limit));
+    }
+
+    #[test]
+    fn an_overrun_wait_for_something_else_is_a_stall_too() {
+        let (a, _b) = pair(10_000);
+        let limit = Duration::from_millis(150);
+        std::thread::sleep(WAKE_GRACE + Duration::from_millis(100));
+        assert!(a.peer_silent(limit));
+        // A wait that kept its time says nothing about this side.
+        let asked = Instant::now();
+        std::thread::sleep(Duration::from_millis(20));
+        a.note_wait(asked, Duration::from_millis(100));
+        assert!(a.peer_silent(limit));
+        // One that overran (this process was stopped during it) holds the verdict back.
+        let asked = Instant::now();
+        std::thread::sleep(STALL_SLACK + Duration::from_millis(40));
+        a.note_wait(asked, Duration::from_millis(20));
+        assert!(!a.peer_silent(limit));
     }
 
     #[test]

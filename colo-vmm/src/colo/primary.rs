@@ -497,8 +497,11 @@ impl<'a, V: Migratable> Controller<'a, V> {
                 last_background = Instant::now();
             }
             let slice = TICK.min(limit - ran);
+            let asked = Instant::now();
             if colo_mode && early.is_none() {
-                match self.compare().next_miscompare(slice) {
+                let heard = self.compare().next_miscompare(slice);
+                self.link.note_wait(asked, slice);
+                match heard {
                     Ok(Some(m)) => {
                         tracing::debug!(target: "colo", nic = %m.nic, reason = %m.reason, "miscompare");
                         early = Some(m.reason);
@@ -508,6 +511,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
                 }
             } else {
                 std::thread::sleep(slice);
+                self.link.note_wait(asked, slice);
             }
         }
     }

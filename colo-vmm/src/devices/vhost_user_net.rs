@@ -335,7 +335,7 @@ impl VirtioDevice for VhostUserNet {
         let stopped = vring_stop::get_vring_bases(frontend, &active).map_err(|(k, source)| match unconfirmed {
             // The first answer since an unconfirmed restart: the backend may have refused it.
             true => DeviceError::Vhost { step: "restarting the rings, or stopping them again", source },
-            false => DeviceError::VringBase { queue: active[k], source },
+            false => DeviceError::VringBase { queue: active.get(k).copied().unwrap_or_default(), source },
         })?;
         for (&i, base) in active.iter().zip(stopped) {
             bases[i] = base as u16;

@@ -201,6 +201,26 @@ impl<W: Write + Send + 'static> Link<W> {
         Ok(message::send(&mut w, c)?)
     }
 
+    /// Writes a control message without flushing: it leaves with the next flush (a
+    /// checkpoint's `vmstate-send`, pages, device state and `vmstate-size` go out in as few
+    /// writes as fit, so the secondary's reader wakes once for them, not once each).
+    pub fn queue(&self, c: &Control) -> Result<(), LinkError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(message::write(&mut w, c)?)
+    }
+
+    /// Runs `f` with the stream writer without flushing (see [`Link::queue`]).
+    pub fn with_writer_queued<T, E>(&self, f: impl FnOnce(&mut StreamWriter<W>) -> Result<T, E>) -> Result<T, E> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut w)
+    }
+
+    /// Sends what was queued.
+    pub fn flush(&self) -> Result<(), LinkError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(w.flush()?)
+    }
+
     /// Runs `f` with the stream writer (heartbeats wait meanwhile), then flushes.
     pub fn with_writer<T, E: From<std::io::Error>>(
         &self,
@@ -217,6 +237,13 @@ impl<W: Write + Send + 'static> Link<W> {
         let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         w.record(Kind::State, payload)?;
         Ok(w.flush()?)
+    }
+
+    /// Sends a state record and the control message `then` in one flush.
+    pub fn send_state_then(&self, payload: &[u8], then: &Control) -> Result<(), LinkError> {
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        w.record(Kind::State, payload)?;
+        Ok(message::send(&mut w, then)?)
     }
 
     /// The next message, waiting at most `timeout`.

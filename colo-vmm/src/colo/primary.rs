@@ -523,13 +523,16 @@ impl<'a, V: Migratable> Controller<'a, V> {
         Ok(())
     }
 
-    /// Sends the pending pages as they are now and empties the set; returns how many.
-    fn send_pending(&mut self) -> Result<u64, End> {
+    /// Sends the pending pages as they are now and empties the set; returns how many. Without
+    /// `flush`, the last of them leave with the next flush.
+    fn send_pending(&mut self, flush: bool) -> Result<u64, End> {
         let (vm, pending) = (self.vm, &self.pending);
-        let n = self
-            .link
-            .with_writer(|w| source::send_pages(w, vm, pending.iter(), false))
-            .map_err(|e| self.write_failed(e))?;
+        let send = |w: &mut _| source::send_pages(w, vm, pending.iter(), false);
+        let sent = match flush {
+            true => self.link.with_writer(send),
+            false => self.link.with_writer_queued(send),
+        };
+        let n = sent.map_err(|e| self.write_failed(e))?;
         self.pending = DirtyBitmap::empty(self.pending.words().len() * 64);
         Ok(n)
     }
@@ -553,7 +556,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
         if (self.pending.count() as u64) * (PAGE_SIZE as u64) < limit {
             return Ok(());
         }
-        let n = self.send_pending()?;
+        let n = self.send_pending(true)?;
         self.colo.update(|s| s.background_pages += n);
         tracing::debug!(target: "colo", pages = n, "dirty pages streamed in the background");
         Ok(())
@@ -672,11 +675,14 @@ impl<'a, V: Migratable> Controller<'a, V> {
         self.gather()?;
         self.pending_blocks.gather(vm);
         steps.dirty = clock.lap();
-        self.link.send(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
-        let pages = self.send_pending()?;
+        // Queued: `vmstate-send`, the pages and the state leave in as few writes as fit.
+        self.link.queue(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
+        let pages = self.send_pending(false)?;
         let blocks = self.pending_blocks.send(&self.link, vm).map_err(|e| self.write_failed(e))?;
         steps.pages = clock.lap();
         if let Some(d) = self.test.checkpoint_delay {
+            // The secondary is to see the checkpoint begun.
+            self.link.flush().map_err(|e| self.write_failed(e))?;
             tracing::warn!(target: "colo", ms = d.as_millis() as u64, "test hook: pausing inside the checkpoint");
             std::thread::sleep(d);
             clock.lap();
@@ -699,9 +705,8 @@ impl<'a, V: Migratable> Controller<'a, V> {
         };
         let record = StateRecord::Paused { state, page_digests, block_digests }.encode();
         let encoded = record.len() as u64;
-        self.link.send_state(&record).map_err(|e| self.write_failed(e))?;
         let size = Control::VmstateSize { seq, pages, blocks, rx_marks };
-        self.link.send(&size).map_err(|e| self.write_failed(e))?;
+        self.link.send_state_then(&record, &size).map_err(|e| self.write_failed(e))?;
         steps.state = clock.lap();
         self.expect("vmstate-received", &Control::VmstateReceived { seq })?;
         steps.received = clock.lap();

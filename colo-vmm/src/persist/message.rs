@@ -11,8 +11,14 @@ use super::stream::{Kind, StreamError, StreamReader, StreamWriter};
 
 /// Sends a control message and flushes.
 pub fn send<M: Serialize, W: Write>(w: &mut StreamWriter<W>, msg: &M) -> Result<(), StreamError> {
-    w.record(Kind::Control, &serde_json::to_vec(msg).expect("control messages serialize"))?;
+    write(w, msg)?;
     w.flush()?;
+    Ok(())
+}
+
+/// Writes a control message without flushing: it leaves with whatever the next flush sends.
+pub fn write<M: Serialize, W: Write>(w: &mut StreamWriter<W>, msg: &M) -> Result<(), StreamError> {
+    w.record(Kind::Control, &serde_json::to_vec(msg).expect("control messages serialize"))?;
     Ok(())
 }
 

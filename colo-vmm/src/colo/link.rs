@@ -439,4 +439,31 @@ mod tests {
         d.close();
         assert_eq!(c.last_words(Duration::from_millis(200)), None, "nothing said");
     }
+
+    #[test]
+    fn queued_messages_leave_with_the_next_flush_in_order() {
+        // Heartbeats every 10 s: none flushes the queue meanwhile.
+        let (mut a, b) = pair(10_000);
+        b.queue(&Control::VmstateSend { seq: 3 }).unwrap();
+        b.with_writer_queued(|w| w.pages([(0x2000, &[7u8; 4096][..])])).unwrap();
+        assert!(matches!(a.recv(Duration::from_millis(200)), Err(Silence::Timeout)), "nothing before the flush");
+        let size = Control::VmstateSize { seq: 3, pages: 1, blocks: 0, rx_marks: vec![] };
+        b.send_state_then(b"state", &size).unwrap();
+        match a.recv(Duration::from_secs(2)) {
+            Ok(Incoming::Control(Control::VmstateSend { seq: 3 })) => {}
+            other => panic!("{other:?}"),
+        }
+        match a.recv(Duration::from_secs(2)) {
+            Ok(Incoming::Pages(p)) => assert_eq!(p.len(), 4 + 8 + 4096),
+            other => panic!("{other:?}"),
+        }
+        match a.recv(Duration::from_secs(2)) {
+            Ok(Incoming::State(st)) => assert_eq!(st, b"state"),
+            other => panic!("{other:?}"),
+        }
+        match a.recv(Duration::from_secs(2)) {
+            Ok(Incoming::Control(c)) => assert_eq!(c, size),
+            other => panic!("{other:?}"),
+        }
+    }
 }

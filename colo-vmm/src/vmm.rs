@@ -487,9 +487,7 @@ impl Vmm {
         let msrs = self.msr_list.clone();
         self.vcpus.queue_paused_each(move |_, vcpu| vcpu_state::save(vcpu, &msrs))
     }
-}
 
-impl Vmm {
     /// [`Pausable::pause`]; with `save`, the vCPU threads start reading their state as soon as
     /// they stopped, while this thread stops the devices.
     fn pause_vm(&self, save: bool) -> Result<(), MigratableError> {

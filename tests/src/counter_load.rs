@@ -51,6 +51,20 @@ impl CounterLoad {
         self.replies.load(Ordering::Relaxed)
     }
 
+    /// Waits until the session answered `n` more increments than now, at most `limit`; whether
+    /// it did. After an outage of seconds the client's TCP retransmission timer has backed off,
+    /// so its session may resume seconds after the service did.
+    pub fn wait_for_more(&self, n: u64, limit: Duration) -> bool {
+        let (start, deadline) = (self.replies(), Instant::now() + limit);
+        while self.replies() < start + n {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     /// Stops; the reply times and the last value. An error if a value was lost or repeated, or
     /// the last value is not the first plus the increments (not one session throughout).
     pub fn finish(self) -> Result<(Vec<Instant>, u64), String> {

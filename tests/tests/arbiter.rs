@@ -92,7 +92,8 @@ fn with_an_arbiter_a_killed_primary_process_is_replaced_at_once() {
     net.signal_host(0, libc::SIGKILL);
     let s = net.wait_status(1, "took over", Duration::from_secs(10), failed_over);
     let took = killed.elapsed();
-    std::thread::sleep(Duration::from_secs(2));
+    // Whenever the client's backed-off retransmission timer lets its session resume.
+    load.wait_for_more(25, Duration::from_secs(12));
     let (times, _) = finish(load, &net);
     let (gap, after) = gap_around(&times, killed);
     eprintln!("killed: took over within {took:?}; longest gap {gap:?}; arbiter {:#}", s["arbiter"]);
@@ -114,7 +115,8 @@ fn with_an_arbiter_a_dead_primary_host_is_replaced_once_its_lease_expired() {
     let waiting = net.wait_status(1, "waiting for the key", Duration::from_secs(10), |s| !s["waiting"].is_null());
     let s = net.wait_status(1, "took over", Duration::from_secs(15), failed_over);
     let took = killed.elapsed();
-    std::thread::sleep(Duration::from_secs(2));
+    // Whenever the client's backed-off retransmission timer lets its session resume.
+    load.wait_for_more(25, Duration::from_secs(12));
     let (times, _) = finish(load, &net);
     let (gap, after) = gap_around(&times, killed);
     eprintln!("host a dead: took over after {took:?}; longest gap {gap:?}; waited for: {}", waiting["waiting"]);
@@ -184,7 +186,8 @@ fn with_an_arbiter_a_primary_cut_off_from_arbiter_and_secondary_fences_itself_be
     let b = net.wait_status(1, "took over", Duration::from_secs(15), failed_over);
     let took = cut.elapsed();
     let a = net.wait_status(0, "fenced", Duration::from_secs(10), |s| !s["fenced"].is_null());
-    std::thread::sleep(Duration::from_secs(2));
+    // Whenever the client's backed-off retransmission timer lets its session resume.
+    load.wait_for_more(25, Duration::from_secs(12));
     let (times, last) = finish(load, &net);
     let from = caps.finish();
     let (gap, after) = gap_around(&times, cut);

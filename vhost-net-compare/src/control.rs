@@ -51,7 +51,7 @@ pub fn spawn(
     scan: Duration,
 ) -> io::Result<Option<JoinHandle<()>>> {
     let timers = hub.has_timers();
-    let mut executor = HubExecutor { hub, timers, scan, next_timers: Instant::now() + scan };
+    let mut executor = HubExecutor { hub, scan, next_timers: Instant::now() + scan };
     match control {
         Some((handle, requests)) => {
             handle.execute_here(requests, executor);
@@ -71,7 +71,6 @@ pub fn spawn(
 /// The router's side of the control server's thread.
 struct HubExecutor {
     hub: Arc<dyn Router>,
-    timers: bool,
     scan: Duration,
     next_timers: Instant,
 }
@@ -83,7 +82,7 @@ impl Executor for HubExecutor {
 
     fn run_due(&mut self) -> Instant {
         let now = Instant::now();
-        if !self.timers {
+        if !self.hub.has_timers() {
             // Nothing is ever due: the thread sleeps until a request or an event.
             return now + Duration::from_secs(3600);
         }

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::{Events, Poll, Token, Waker};
 
@@ -131,11 +131,15 @@ fn run(
     let mut events = Events::with_capacity(64);
     let mut requests = Vec::new();
     let mut executor: Option<Box<dyn Executor>> = None;
-    // Executors to install, met while delivering.
-    let mut held = vec![];
+    // An executor met while delivering, with the requests that waited for it.
+    let mut installing: Option<Installing> = None;
     let mut due: Option<Instant> = None;
     loop {
-        let timeout = due.map(|d| d.saturating_duration_since(Instant::now()));
+        // An executor to install does not wait for the next event.
+        let timeout = match installing {
+            Some(_) => Some(Duration::ZERO),
+            None => due.map(|d| d.saturating_duration_since(Instant::now())),
+        };
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
                 continue;
@@ -158,15 +162,13 @@ fn run(
             }
         }
         // Replies and events queued before these requests go out before their answers.
-        if deliver(&outgoing, &mut server, registry, &mut held) {
+        if deliver(&outgoing, &mut server, registry, &mut installing) {
             return;
         }
-        for message in held.drain(..) {
-            if let Outgoing::Execute(waiting, x) = message {
-                // The requests that reached the channel before: first, in order.
-                requests.splice(0..0, waiting.try_iter());
-                executor = Some(x);
-            }
+        if let Some((waiting, x)) = installing.take() {
+            // The requests that reached the channel before: first, in order.
+            requests.splice(0..0, waiting.try_iter());
+            executor = Some(x);
         }
         for request in requests.drain(..) {
             let Some(x) = executor.as_mut() else {
@@ -180,38 +182,36 @@ fn run(
             let mut stop = false;
             x.execute(request.command, &mut |event| {
                 // Whatever the execution queued (events of the engine) precedes its answer.
-                stop |= deliver(&outgoing, &mut server, registry, &mut held);
+                stop |= deliver(&outgoing, &mut server, registry, &mut installing);
                 server.reply(registry, conn, &event);
             });
             if stop {
                 return;
             }
         }
-        if deliver(&outgoing, &mut server, registry, &mut held) {
+        if deliver(&outgoing, &mut server, registry, &mut installing) {
             return;
-        }
-        if !held.is_empty() {
-            // An executor came with the last replies: install it at once.
-            due = Some(Instant::now());
-            continue;
         }
         due = executor.as_mut().map(|x| x.run_due());
     }
 }
 
-/// Sends the queued replies and events; keeps an executor to install in `held`. Whether the
-/// thread is to stop.
+/// An executor to install, and the receiver of the requests that reached the channel before it.
+type Installing = (Receiver<Request>, Box<dyn Executor>);
+
+/// Sends the queued replies and events; keeps an executor to install in `installing`. Whether
+/// the thread is to stop.
 fn deliver(
     outgoing: &Receiver<Outgoing>,
     server: &mut ControlServer,
     registry: &mio::Registry,
-    held: &mut Vec<Outgoing>,
+    installing: &mut Option<Installing>,
 ) -> bool {
     loop {
         match outgoing.try_recv() {
             Ok(Outgoing::Reply(conn, event)) => server.reply(registry, conn, &event),
             Ok(Outgoing::Broadcast(event)) => server.broadcast(registry, &event),
-            Ok(m @ Outgoing::Execute(..)) => held.push(m),
+            Ok(Outgoing::Execute(waiting, x)) => *installing = Some((waiting, x)),
             Ok(Outgoing::Stop) | Err(mpsc::TryRecvError::Disconnected) => return true,
             Err(mpsc::TryRecvError::Empty) => return false,
         }
@@ -289,17 +289,15 @@ mod tests {
         assert!(matches!(a.next_event(Some(Duration::from_secs(5))), Err(crate::control::ClientError::Closed)));
     }
 
+    /// A fixed `hello` in `mode`.
+    fn hello(mode: Mode) -> Event {
+        Event::Hello { component: "t".into(), version: "0".into(), nic: "n".into(), mode, replica: None }
+    }
+
     #[test]
     fn dropping_the_last_handle_stops_the_thread_and_removes_the_socket() {
         let path = TempPath::new();
-        let (handle, requests) = ControlServer::spawn(&path, || Event::Hello {
-            component: "t".into(),
-            version: "0".into(),
-            nic: "n".into(),
-            mode: Mode::Colo,
-            replica: None,
-        })
-        .unwrap();
+        let (handle, requests) = ControlServer::spawn(&path, || hello(Mode::Colo)).unwrap();
         let mut c = ControlClient::connect(&path).unwrap();
         let other = handle.clone();
         drop(handle);
@@ -344,14 +342,7 @@ mod tests {
     #[test]
     fn an_executor_on_the_thread_answers_waiting_requests_first_and_events_before_answers() {
         let path = TempPath::new();
-        let (handle, requests) = ControlServer::spawn(&path, || Event::Hello {
-            component: "t".into(),
-            version: "0".into(),
-            nic: "n".into(),
-            mode: Mode::Passive,
-            replica: None,
-        })
-        .unwrap();
+        let (handle, requests) = ControlServer::spawn(&path, || hello(Mode::Passive)).unwrap();
         let mut c = ControlClient::connect(&path).unwrap();
         // Sent before the executor exists: it waits on the channel.
         c.send_raw_line(r#"{"type":"mode","id":7,"mode":"colo"}"#).unwrap();

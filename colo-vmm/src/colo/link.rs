@@ -5,7 +5,7 @@
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::message::Control;
@@ -197,7 +197,7 @@ impl<W: Write + Send + 'static> Link<W> {
 
     /// Sends a control message.
     pub fn send(&self, c: &Control) -> Result<(), LinkError> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writer();
         Ok(message::send(&mut w, c)?)
     }
 
@@ -205,20 +205,23 @@ impl<W: Write + Send + 'static> Link<W> {
     /// checkpoint's `vmstate-send`, pages, device state and `vmstate-size` go out in as few
     /// writes as fit, so the secondary's reader wakes once for them, not once each).
     pub fn queue(&self, c: &Control) -> Result<(), LinkError> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writer();
         Ok(message::write(&mut w, c)?)
     }
 
     /// Runs `f` with the stream writer without flushing (see [`Link::queue`]).
     pub fn with_writer_queued<T, E>(&self, f: impl FnOnce(&mut StreamWriter<W>) -> Result<T, E>) -> Result<T, E> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut w)
+        f(&mut self.writer())
+    }
+
+    /// The stream writer; heartbeats wait meanwhile.
+    fn writer(&self) -> MutexGuard<'_, StreamWriter<W>> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Sends what was queued.
     pub fn flush(&self) -> Result<(), LinkError> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(w.flush()?)
+        Ok(self.writer().flush()?)
     }
 
     /// Runs `f` with the stream writer (heartbeats wait meanwhile), then flushes.
@@ -226,7 +229,7 @@ impl<W: Write + Send + 'static> Link<W> {
         &self,
         f: impl FnOnce(&mut StreamWriter<W>) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writer();
         let v = f(&mut w)?;
         w.flush()?;
         Ok(v)
@@ -234,14 +237,14 @@ impl<W: Write + Send + 'static> Link<W> {
 
     /// Sends a state record (an encoded `persist::state::StateRecord`).
     pub fn send_state(&self, payload: &[u8]) -> Result<(), LinkError> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writer();
         w.record(Kind::State, payload)?;
         Ok(w.flush()?)
     }
 
     /// Sends a state record and the control message `then` in one flush.
     pub fn send_state_then(&self, payload: &[u8], then: &Control) -> Result<(), LinkError> {
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut w = self.writer();
         w.record(Kind::State, payload)?;
         Ok(message::send(&mut w, then)?)
     }

@@ -498,20 +498,21 @@ impl<'a, V: Migratable> Controller<'a, V> {
             }
             let slice = TICK.min(limit - ran);
             let asked = Instant::now();
-            if colo_mode && early.is_none() {
-                let heard = self.compare().next_miscompare(slice);
-                self.link.note_wait(asked, slice);
-                match heard {
-                    Ok(Some(m)) => {
-                        tracing::debug!(target: "colo", nic = %m.nic, reason = %m.reason, "miscompare");
-                        early = Some(m.reason);
-                    }
-                    Ok(None) => {}
-                    Err(e) => return Err(End::Error(format!("compare process: {e}"))),
+            let heard = match colo_mode && early.is_none() {
+                true => self.compare().next_miscompare(slice),
+                false => {
+                    std::thread::sleep(slice);
+                    Ok(None)
                 }
-            } else {
-                std::thread::sleep(slice);
-                self.link.note_wait(asked, slice);
+            };
+            self.link.note_wait(asked, slice);
+            match heard {
+                Ok(Some(m)) => {
+                    tracing::debug!(target: "colo", nic = %m.nic, reason = %m.reason, "miscompare");
+                    early = Some(m.reason);
+                }
+                Ok(None) => {}
+                Err(e) => return Err(End::Error(format!("compare process: {e}"))),
             }
         }
     }
@@ -523,16 +524,14 @@ impl<'a, V: Migratable> Controller<'a, V> {
         Ok(())
     }
 
-    /// Sends the pending pages as they are now and empties the set; returns how many. Without
-    /// `flush`, the last of them leave with the next flush.
-    fn send_pending(&mut self, flush: bool) -> Result<u64, End> {
+    /// Sends the pending pages as they are now and empties the set; returns how many. The last
+    /// of them leave with the next flush.
+    fn send_pending(&mut self) -> Result<u64, End> {
         let (vm, pending) = (self.vm, &self.pending);
-        let send = |w: &mut _| source::send_pages(w, vm, pending.iter(), false);
-        let sent = match flush {
-            true => self.link.with_writer(send),
-            false => self.link.with_writer_queued(send),
-        };
-        let n = sent.map_err(|e| self.write_failed(e))?;
+        let n = self
+            .link
+            .with_writer_queued(|w| source::send_pages(w, vm, pending.iter(), false))
+            .map_err(|e| self.write_failed(e))?;
         self.pending = DirtyBitmap::empty(self.pending.words().len() * 64);
         Ok(n)
     }
@@ -556,7 +555,8 @@ impl<'a, V: Migratable> Controller<'a, V> {
         if (self.pending.count() as u64) * (PAGE_SIZE as u64) < limit {
             return Ok(());
         }
-        let n = self.send_pending(true)?;
+        let n = self.send_pending()?;
+        self.link.flush().map_err(|e| self.write_failed(e))?;
         self.colo.update(|s| s.background_pages += n);
         tracing::debug!(target: "colo", pages = n, "dirty pages streamed in the background");
         Ok(())
@@ -677,7 +677,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
         steps.dirty = clock.lap();
         // Queued: `vmstate-send`, the pages and the state leave in as few writes as fit.
         self.link.queue(&Control::VmstateSend { seq }).map_err(|e| self.write_failed(e))?;
-        let pages = self.send_pending(false)?;
+        let pages = self.send_pending()?;
         let blocks = self.pending_blocks.send(&self.link, vm).map_err(|e| self.write_failed(e))?;
         steps.pages = clock.lap();
         if let Some(d) = self.test.checkpoint_delay {

@@ -332,10 +332,10 @@ impl VirtioDevice for VhostUserNet {
         let frontend = shared.frontend.as_ref().ok_or(DeviceError::Disconnected)?;
         let active = std::mem::take(&mut self.active);
         // All rings in one round trip.
-        let stopped = vring_stop::get_vring_bases(frontend, &active).map_err(|(k, source)| match unconfirmed {
+        let stopped = vring_stop::get_vring_bases(frontend, &active).map_err(|(queue, source)| match unconfirmed {
             // The first answer since an unconfirmed restart: the backend may have refused it.
             true => DeviceError::Vhost { step: "restarting the rings, or stopping them again", source },
-            false => DeviceError::VringBase { queue: active.get(k).copied().unwrap_or_default(), source },
+            false => DeviceError::VringBase { queue, source },
         })?;
         for (&i, base) in active.iter().zip(stopped) {
             bases[i] = base as u16;

@@ -33,27 +33,27 @@ fn header(flags: u32) -> [u8; HEADER] {
 
 /// Stops `queues` on the backend at the other end of `socket` (a frontend's connection, which
 /// nothing else may use meanwhile) and returns where each ring stands (its next available
-/// index), in the order of `queues`. An error names the position in `queues` of the ring whose
-/// answer failed.
+/// index), in the order of `queues`. An error names the ring whose answer failed (the first
+/// ring if the requests could not be sent).
 pub fn get_vring_bases(socket: &impl AsRawFd, queues: &[usize]) -> Result<Vec<u32>, (usize, vhost::Error)> {
     // SAFETY: the descriptor stays open while `socket` is borrowed, and ManuallyDrop keeps
     // this handle from closing it.
     let mut stream = ManuallyDrop::new(unsafe { UnixStream::from_raw_fd(socket.as_raw_fd()) });
+    let first = queues.first().copied().unwrap_or_default();
     let mut requests = Vec::with_capacity(queues.len() * MESSAGE);
     for &q in queues {
-        let index = u32::try_from(q).map_err(|_| (0, protocol(ProtocolError::InvalidParam)))?;
+        let index = u32::try_from(q).map_err(|_| (q, protocol(ProtocolError::InvalidParam)))?;
         // No NEED_REPLY: GET_VRING_BASE is always answered, with the ring's state.
         requests.extend_from_slice(&header(VERSION));
         requests.extend_from_slice(VhostUserVringState::new(index, 0).as_slice());
     }
-    stream.write_all(&requests).map_err(|e| (0, broken(e)))?;
-    let mut bases = Vec::with_capacity(queues.len());
-    for (k, &q) in queues.iter().enumerate() {
+    stream.write_all(&requests).map_err(|e| (first, broken(e)))?;
+    let answer = |&q: &usize| {
         let mut answer = [0u8; MESSAGE];
-        stream.read_exact(&mut answer).map_err(|e| (k, broken(e)))?;
-        bases.push(parse_answer(&answer, q).map_err(|e| (k, protocol(e)))?);
-    }
-    Ok(bases)
+        stream.read_exact(&mut answer).map_err(|e| (q, broken(e)))?;
+        parse_answer(&answer, q).map_err(|e| (q, protocol(e)))
+    };
+    queues.iter().map(answer).collect()
 }
 
 /// The ring state in a `GET_VRING_BASE` answer for ring `queue`.

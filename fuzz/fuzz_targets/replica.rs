@@ -1,5 +1,6 @@
 //! The backend of one VM (the two-host replica core) fed any frames from its VM, the LAN and the
-//! peer host, role and mode changes, checkpoints, resyncs, lease changes and time.
+//! peer host (frames and `loading`), role and mode changes, checkpoints, resyncs, lease changes
+//! and time.
 //!
 //! Invariants:
 //! - nothing panics;
@@ -29,6 +30,7 @@ enum Op {
     /// A mirrored frame: the next number (skipping some), or any number (a peer gone wrong).
     PeerInbound(Result<u8, u64>, FrameSpec),
     PeerOutbound(FrameSpec),
+    PeerLoading(u64),
     Role(u8),
     Mode(u8),
     Checkpoint,
@@ -70,6 +72,9 @@ impl ReplicaOutput for Out {
     }
     fn to_peer(&mut self, _: Frame) {
         assert_eq!(self.role, Role::Secondary, "only a secondary sends its VM's frames to the peer");
+    }
+    fn loading_to_peer(&mut self, _: u64) {
+        assert_eq!(self.role, Role::Secondary, "only a secondary tells the peer it loads");
     }
     fn grant(&mut self, _: usize) {}
     fn lease_fresh(&self) -> bool {
@@ -119,6 +124,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 r.from_peer_inbound(seq, tagged(&spec.build(), 0, false), &mut out);
             }
             Op::PeerOutbound(spec) => r.from_peer_outbound(tagged(&spec.build(), id(false), false), &mut out),
+            Op::PeerLoading(mark) => r.from_peer_loading(*mark, &mut out),
             Op::Role(n) => {
                 // The outlet judges each frame by the role in force when it leaves.
                 let to = role(*n);
@@ -134,7 +140,7 @@ fuzz_target!(|ops: Vec<Op>| {
             }
             Op::Resync(back) => {
                 let mark = peer_seq.saturating_sub(u64::from(*back % 8));
-                let frames = r.resync(mark);
+                let frames = r.resync(mark, &mut out);
                 assert!(frames.windows(2).all(|w| w[0].0 <= w[1].0), "resync out of order");
                 assert!(frames.iter().all(|(s, _)| *s >= mark), "resync before the mark {mark}");
             }

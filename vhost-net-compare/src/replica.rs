@@ -14,9 +14,11 @@
 //!
 //! Checkpoints across hosts: the primary's colo-vmm asks for the **mark** (`query-rx-mark`, the
 //! number of the first inbound frame its paused VM has not taken) and carries it in the
-//! checkpoint; the secondary's colo-vmm hands it to its backend (`resync`) when its VM has
-//! loaded the checkpoint, and the VM's inbound queue becomes the frames from the mark on — the
-//! two-host form of [`crate::hub::Hub::secondary_rx_restarting`].
+//! checkpoint; the secondary's colo-vmm hands it to its backend (`resync`) when it holds the
+//! whole checkpoint and its VM is about to load it, and the VM's inbound queue becomes the
+//! frames from the mark on — the two-host form of [`crate::hub::Hub::secondary_rx_restarting`].
+//! The backend also sends `loading` to the primary's, which pairs it with its flush, so the
+//! secondary's output before the checkpoint is never compared with the primary's after it.
 //!
 //! Lock order: a vring lock (a worker), then `inner`, then the port table, then a port's
 //! pending queue. The link's reader thread and the listener take `inner` only.
@@ -178,6 +180,12 @@ impl ReplicaOutput for Out<'_> {
         }
     }
 
+    fn loading_to_peer(&mut self, mark: u64) {
+        if let Some(l) = self.link {
+            l.send_loading(mark);
+        }
+    }
+
     fn grant(&mut self, bytes: usize) {
         if let Some(l) = self.link {
             l.grant(bytes);
@@ -322,6 +330,9 @@ impl ReplicaRouter {
             }
             PeerEvent::Outbound(frame) => {
                 self.run(&mut inner, |core, out| core.from_peer_outbound(from_wire(frame), out));
+            }
+            PeerEvent::Loading(mark) => {
+                self.run(&mut inner, |core, out| core.from_peer_loading(mark, out));
             }
             PeerEvent::Room => {
                 if let Some(p) = lock(&self.port).as_ref() {
@@ -488,7 +499,7 @@ impl ReplicaRouter {
                     drop(inner);
                     return reply(error(id, message));
                 }
-                let frames = inner.core.resync(mark);
+                let frames = self.run(&mut inner, |core, out| core.resync(mark, out));
                 let n = frames.len() as u64;
                 if let Some(port) = lock(&self.port).as_ref() {
                     port.replace_pending_numbered(frames.into_iter().map(|(seq, f)| (f, Some(seq))));

@@ -223,6 +223,16 @@ fn a_secondary_loading_a_checkpoint_gets_the_inbound_frames_from_the_primarys_ma
     assert!(b.vm.recv_matching(T, has_payload(b"two")).is_some());
     assert!(b.vm.recv_matching(T, has_payload(b"three")).is_some());
     assert!(b.vm.recv(Duration::from_millis(300)).is_none());
+    // Its VM, loaded, answers before the primary's flush: the answer waits for the flush
+    // instead of being dropped by it, and then pairs with the primary VM's.
+    b.vm.send(&udp4(1, 2, b"answer"));
+    std::thread::sleep(Duration::from_millis(300));
+    let flushed = a.ctl.checkpoint().unwrap();
+    assert_eq!(flushed.dropped, 0, "the answer came after the secondary's `loading`: kept for after the flush");
+    a.vm.send(&udp4(1, 2, b"answer"));
+    assert!(a.wire.recv_matching(T, has_payload(b"answer")).is_some(), "compared with the secondary's and released");
+    let stats = a.ctl.stats().unwrap();
+    assert_eq!(stats.miscompares.total(), 0, "{stats:?}");
     // Commands for the other role are refused with a reason.
     assert!(a.ctl.resync(0).is_err());
     assert!(b.ctl.rx_mark().is_err());

@@ -65,6 +65,9 @@ pub enum PeerEvent {
     /// A frame of the secondary VM. The handler must [`FrameLink::grant`] its length once
     /// the frame is taken (at once, or later from a backlog).
     Outbound(Vec<u8>),
+    /// The secondary VM loads the checkpoint with this inbound mark: the `outbound` frames
+    /// after this event come from the checkpoint's state.
+    Loading(u64),
     /// Credit arrived: `outbound` frames refused for lack of it may be sent now.
     Room,
     /// A ping was answered after the lease had lapsed (or for the first time).
@@ -304,6 +307,13 @@ impl FrameLink {
         ok
     }
 
+    /// As secondary: the VM loads the checkpoint with inbound mark `mark`. Queued behind every
+    /// `outbound` frame sent before it (and never refused: the primary needs it to tell the
+    /// VM's output before the checkpoint from the output after).
+    pub fn send_loading(&self, mark: u64) {
+        self.shared.push(PeerMessage::Loading(mark), false);
+    }
+
     fn count(&self, ok: bool) {
         let c = if ok { &self.shared.stats.frames_sent } else { &self.shared.stats.refused_full };
         c.fetch_add(1, Ordering::Relaxed);
@@ -426,6 +436,7 @@ fn read_loop<S: LinkSocket>(
                 s.stats.frames_received.fetch_add(1, Ordering::Relaxed);
                 handler(PeerEvent::Outbound(frame));
             }
+            PeerMessage::Loading(mark) => handler(PeerEvent::Loading(mark)),
             PeerMessage::Ping(n) => s.answer(n),
             PeerMessage::Pong(n) => {
                 let newest = s.next_ping.load(Ordering::SeqCst);

@@ -8,6 +8,7 @@
 //! | 3 | `ping` | number (u64 LE) | both ways |
 //! | 4 | `pong` | the ping's number | both ways |
 //! | 5 | `credit` | bytes (u64 LE) | primary → secondary: room for that many more `outbound` bytes |
+//! | 6 | `loading` | the checkpoint's inbound mark (u64 LE) | secondary → primary: its VM loads a checkpoint; every later `outbound` frame comes from that state |
 
 use std::io::{self, Read, Write};
 
@@ -21,6 +22,7 @@ const OUTBOUND: u8 = 2;
 const PING: u8 = 3;
 const PONG: u8 = 4;
 const CREDIT: u8 = 5;
+const LOADING: u8 = 6;
 
 /// One message of the frame link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,6 +42,10 @@ pub enum PeerMessage {
     Pong(u64),
     /// Room for this many more bytes of `outbound` frames.
     Credit(u64),
+    /// The secondary VM loads the checkpoint whose inbound mark this is: the `outbound` frames
+    /// before this message came from its state before the checkpoint, the ones after from the
+    /// checkpoint's.
+    Loading(u64),
 }
 
 /// Why a message could not be read.
@@ -59,7 +65,7 @@ impl PeerMessage {
         5 + match self {
             PeerMessage::Inbound { frame, .. } => 8 + frame.len(),
             PeerMessage::Outbound(frame) => frame.len(),
-            PeerMessage::Ping(_) | PeerMessage::Pong(_) | PeerMessage::Credit(_) => 8,
+            PeerMessage::Ping(_) | PeerMessage::Pong(_) | PeerMessage::Credit(_) | PeerMessage::Loading(_) => 8,
         }
     }
 
@@ -71,6 +77,7 @@ impl PeerMessage {
             PeerMessage::Ping(n) => (PING, Some(*n), &[]),
             PeerMessage::Pong(n) => (PONG, Some(*n), &[]),
             PeerMessage::Credit(n) => (CREDIT, Some(*n), &[]),
+            PeerMessage::Loading(mark) => (LOADING, Some(*mark), &[]),
         };
         let len = 1 + head.map_or(0, |_| 8) + body.len();
         w.write_all(&(len as u32).to_le_bytes())?;
@@ -128,6 +135,7 @@ impl PeerMessage {
             PING => PeerMessage::Ping(fixed(&body)?),
             PONG => PeerMessage::Pong(fixed(&body)?),
             CREDIT => PeerMessage::Credit(fixed(&body)?),
+            LOADING => PeerMessage::Loading(fixed(&body)?),
             other => return Err(MessageError::Malformed(format!("unknown type {other}"))),
         }))
     }
@@ -145,6 +153,7 @@ mod tests {
             PeerMessage::Ping(7),
             PeerMessage::Pong(7),
             PeerMessage::Credit(1 << 40),
+            PeerMessage::Loading(42),
             PeerMessage::Outbound(vec![]),
         ];
         let mut buf = Vec::new();
@@ -165,6 +174,7 @@ mod tests {
             vec![0, 0, 0, 0, 1],                                // zero length
             vec![0xff, 0xff, 0xff, 0x7f, 1],                    // 2 GiB
             vec![2, 0, 0, 0, 9, 0],                             // unknown type
+            vec![5, 0, 0, 0, LOADING, 0, 0, 0, 0],              // short loading
             vec![3, 0, 0, 0, PING, 0, 0],                       // short ping
             vec![10, 0, 0, 0, PONG, 0, 0, 0, 0, 0, 0, 0, 0, 0], // long pong
             vec![4, 0, 0, 0, INBOUND, 0, 0, 0],                 // inbound without its number

@@ -175,6 +175,21 @@ impl CompareState {
                     r.window_dropped,
                 ),
                 ("colo_replica_takeovers_total", "Times the VM was announced after a takeover.", r.takeovers),
+                (
+                    "colo_replica_stale_secondary_frames_total",
+                    "Frames of the secondary VM from before a checkpoint that arrived after its flush (dropped).",
+                    r.stale_secondary,
+                ),
+                (
+                    "colo_replica_loading_ignored_total",
+                    "Loading messages from the secondary ignored because one already waited for its flush.",
+                    r.loading_ignored,
+                ),
+                (
+                    "colo_replica_loading_missing_total",
+                    "Flushes whose loading message from the secondary did not come within a second.",
+                    r.loading_missing,
+                ),
             ] {
                 x.counter(name, help, l, n);
             }

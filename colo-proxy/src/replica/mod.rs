@@ -28,6 +28,15 @@
 //!   keeps the newest in an [`InboundWindow`], so that after loading a checkpoint its VM can be
 //!   given exactly the frames numbered from the primary VM's mark at the pause
 //!   ([`Replica::resync`]).
+//! - **Checkpoint boundaries in the secondary's output.** The secondary's VM may resume from
+//!   a checkpoint, and send, before the primary has flushed that checkpoint (the flush waits
+//!   for the secondary's `vmstate-received`; the load follows it at once); and frames it sent
+//!   before the checkpoint may still be on the link after the flush. Either way, frames from
+//!   the two sides of a checkpoint would be compared with each other. So the secondary sends
+//!   `loading` on the frame link before its VM loads ([`Replica::resync`]), and the primary
+//!   pairs it with its flush ([`Replica::checkpoint`]): the secondary's frames after a
+//!   `loading` wait for the flush, and those still arriving after a flush but before its
+//!   `loading` are dropped (their counterparts were flushed).
 
 mod gate;
 mod role;
@@ -38,6 +47,7 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +67,11 @@ pub const GATE_BYTES: usize = 16 << 20;
 pub const WINDOW_BYTES: usize = 8 << 20;
 /// IPv4 addresses remembered per VM for the announcement.
 const MAX_ADDRESSES: usize = 4;
+/// How long after a flush a primary drops the secondary's frames while its `loading` has not
+/// come. The secondary sends it before the primary can flush (right after
+/// `vmstate-received`), so it is only ever behind by the link's latency; a peer that never
+/// sends one (a bug, another version) costs at most this much of its output per checkpoint.
+const LOADING_WAIT: Duration = Duration::from_secs(1);
 
 /// Where the replica's decisions go (implemented by the transport).
 pub trait ReplicaOutput {
@@ -74,6 +89,9 @@ pub trait ReplicaOutput {
     fn grant(&mut self, bytes: usize);
     /// Whether the frame link's lease is fresh (a primary may release).
     fn lease_fresh(&self) -> bool;
+    /// As secondary: the VM loads the checkpoint with inbound mark `mark`; tell the peer, in
+    /// order with the frames sent to it.
+    fn loading_to_peer(&mut self, mark: u64);
     /// The fate of every frame the engine decided on (for the capture).
     fn record(&mut self, _frame: &Frame, _disposal: &Disposal) {}
     /// A checkpoint request from the engine.
@@ -115,6 +133,25 @@ pub struct ReplicaCounters {
     pub window_dropped: u64,
     /// Times the VM was announced after a takeover.
     pub takeovers: u64,
+    /// As primary: frames of the secondary VM from before a checkpoint that arrived after its
+    /// flush (dropped: their counterparts were released or dropped by the flush).
+    pub stale_secondary: u64,
+    /// As primary: `loading` messages ignored because one was already waiting for its flush (a
+    /// correct secondary never sends a second before the first is paired).
+    pub loading_ignored: u64,
+    /// As primary: flushes whose `loading` did not come within a second (the secondary's
+    /// frames were compared again without it).
+    pub loading_missing: u64,
+}
+
+/// What came from the secondary's side of the frame link and waits for the engine, in order.
+#[derive(Debug)]
+enum FromPeer {
+    /// A frame of the secondary VM.
+    Frame(Frame),
+    /// The secondary VM loads a checkpoint (its inbound mark): what follows waits for the
+    /// primary's flush of that checkpoint.
+    Loading(u64),
 }
 
 /// The backend of one VM.
@@ -127,9 +164,13 @@ pub struct Replica<C: Clock> {
     translating: bool,
     gate: Gate,
     window: InboundWindow,
-    /// As primary: the secondary's frames the engine had no room for yet, in arrival order (at
-    /// most one credit window of them).
-    backlog: VecDeque<Frame>,
+    /// As primary: the secondary's frames the engine had no room for yet, and those waiting
+    /// behind a `loading` for the flush, in arrival order (at most one credit window of
+    /// frames, and at most one `loading`).
+    backlog: VecDeque<FromPeer>,
+    /// As primary: when a flush happened whose `loading` has not come yet (the secondary's
+    /// frames arriving meanwhile are from before the checkpoint).
+    awaiting_loading: Option<Timestamp>,
     next_seq: u64,
     addresses: Vec<Ipv4Addr>,
     counters: ReplicaCounters,
@@ -196,6 +237,7 @@ impl<C: Clock> Replica<C> {
             gate: Gate::new(GATE_BYTES),
             window: InboundWindow::new(WINDOW_BYTES),
             backlog: VecDeque::new(),
+            awaiting_loading: None,
             next_seq: 0,
             addresses: Vec::new(),
             counters: ReplicaCounters::default(),
@@ -358,35 +400,74 @@ impl<C: Clock> Replica<C> {
         if self.role != Role::Primary {
             return;
         }
-        self.backlog.push_back(frame);
+        self.backlog.push_back(FromPeer::Frame(frame));
         self.settle(out);
     }
 
-    /// Frames of the secondary waiting for room in the engine.
-    pub fn backlog(&self) -> usize {
-        self.backlog.len()
+    /// The peer's `loading` (as primary): the secondary's VM loads the checkpoint with inbound
+    /// mark `mark`, so its frames from here on pair with the primary's after that
+    /// checkpoint's flush.
+    pub fn from_peer_loading<O: ReplicaOutput>(&mut self, mark: u64, out: &mut O) {
+        if self.role != Role::Primary {
+            return;
+        }
+        if self.backlog.iter().any(|item| matches!(item, FromPeer::Loading(_))) {
+            self.counters.loading_ignored += 1;
+            return;
+        }
+        self.backlog.push_back(FromPeer::Loading(mark));
+        self.settle(out);
     }
 
-    /// Offers the backlog to the engine, oldest first, as far as it has room.
+    /// Frames of the secondary waiting for room in the engine or for a flush.
+    pub fn backlog(&self) -> usize {
+        self.backlog.iter().filter(|item| matches!(item, FromPeer::Frame(_))).count()
+    }
+
+    /// Offers the backlog to the engine, oldest first, as far as it has room, and up to a
+    /// `loading` whose flush has not happened yet.
     fn settle<O: ReplicaOutput>(&mut self, out: &mut O) {
-        while let Some(frame) = self.backlog.pop_front() {
-            let len = frame.ethernet().len();
-            match self.with_outlet(out, |engine, outlet| engine.push(Side::Secondary, frame, outlet)) {
-                Push::Accepted => out.grant(len),
-                Push::Full(frame) => {
-                    self.backlog.push_front(frame);
+        if self.awaiting_loading.is_some_and(|since| self.now().since(since) > LOADING_WAIT) {
+            self.awaiting_loading = None;
+            self.counters.loading_missing += 1;
+            tracing::warn!(
+                "no `loading` from the secondary within {LOADING_WAIT:?} of a flush: comparing its frames again"
+            );
+        }
+        while let Some(item) = self.backlog.pop_front() {
+            match item {
+                FromPeer::Frame(frame) if self.awaiting_loading.is_some() => {
+                    self.counters.stale_secondary += 1;
+                    out.grant(frame.ethernet().len());
+                }
+                FromPeer::Frame(frame) => {
+                    let len = frame.ethernet().len();
+                    match self.with_outlet(out, |engine, outlet| engine.push(Side::Secondary, frame, outlet)) {
+                        Push::Accepted => out.grant(len),
+                        Push::Full(frame) => {
+                            self.backlog.push_front(FromPeer::Frame(frame));
+                            return;
+                        }
+                    }
+                }
+                FromPeer::Loading(_) if self.awaiting_loading.is_some() => self.awaiting_loading = None,
+                FromPeer::Loading(mark) => {
+                    self.backlog.push_front(FromPeer::Loading(mark));
                     return;
                 }
             }
         }
     }
 
-    /// The checkpoint's flush (as primary; a no-op otherwise).
+    /// The checkpoint's flush (as primary; a no-op otherwise). The secondary's frames before
+    /// its `loading` of this checkpoint are from before it: the flush drops those the engine
+    /// holds, and the ones still to come are dropped as they arrive.
     pub fn checkpoint<O: ReplicaOutput>(&mut self, out: &mut O) -> FlushSummary {
         if self.role != Role::Primary {
             return FlushSummary::default();
         }
         let summary = self.with_outlet(out, |engine, outlet| engine.flush(outlet));
+        self.awaiting_loading = Some(self.now());
         self.settle(out);
         summary
     }
@@ -421,6 +502,7 @@ impl<C: Clock> Replica<C> {
         self.role = role;
         // Whatever the secondary sent ahead is of no use to any other role (nor to a new pair).
         self.backlog.clear();
+        self.awaiting_loading = None;
         match role {
             Role::Unset => {}
             Role::Alone => {
@@ -461,11 +543,15 @@ impl<C: Clock> Replica<C> {
         change
     }
 
-    /// As secondary, after the local VM loaded a checkpoint: every offset is 0 again, and the
+    /// As secondary, when the local VM (paused) is about to load a checkpoint: every offset is
+    /// 0 again, the peer is told (`loading`, behind every frame the VM sent before), and the
     /// VM's inbound queue must become the frames numbered from `mark` (the first the primary VM
     /// had not taken at its pause), rewritten. Returns them, oldest first.
-    pub fn resync(&mut self, mark: u64) -> Vec<(u64, Frame)> {
+    pub fn resync<O: ReplicaOutput>(&mut self, mark: u64, out: &mut O) -> Vec<(u64, Frame)> {
         self.rewriter.checkpoint();
+        if self.role == Role::Secondary {
+            out.loading_to_peer(mark);
+        }
         let now = self.now();
         let kept: Vec<(u64, Frame)> = self.window.from_mark(mark).cloned().collect();
         kept.into_iter()

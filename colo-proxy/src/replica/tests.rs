@@ -7,13 +7,20 @@ use crate::builder::*;
 use crate::clock::ManualClock;
 use crate::wire::tcp::Flags;
 
+/// What a secondary sent its peer, in order.
+#[derive(Debug, PartialEq)]
+enum ToPeer {
+    Frame(Frame),
+    Loading(u64),
+}
+
 /// Records what a replica asked its transport to do.
 #[derive(Default)]
 struct Wire {
     lan: Vec<Frame>,
     local: Vec<(Frame, Option<u64>)>,
     mirrored: VecDeque<(u64, Frame)>,
-    to_peer: VecDeque<Frame>,
+    to_peer: VecDeque<ToPeer>,
     miscompares: Vec<Miscompare>,
     lease: bool,
     room: bool,
@@ -41,7 +48,10 @@ impl ReplicaOutput for Wire {
         self.room
     }
     fn to_peer(&mut self, frame: Frame) {
-        self.to_peer.push_back(frame);
+        self.to_peer.push_back(ToPeer::Frame(frame));
+    }
+    fn loading_to_peer(&mut self, mark: u64) {
+        self.to_peer.push_back(ToPeer::Loading(mark));
     }
     fn grant(&mut self, bytes: usize) {
         self.granted += bytes;
@@ -98,8 +108,11 @@ impl Pair {
         while let Some((seq, f)) = self.pw.mirrored.pop_front() {
             self.s.from_peer_inbound(seq, f, &mut self.sw);
         }
-        while let Some(f) = self.sw.to_peer.pop_front() {
-            self.p.from_peer_outbound(f, &mut self.pw);
+        while let Some(sent) = self.sw.to_peer.pop_front() {
+            match sent {
+                ToPeer::Frame(f) => self.p.from_peer_outbound(f, &mut self.pw),
+                ToPeer::Loading(mark) => self.p.from_peer_loading(mark, &mut self.pw),
+            }
         }
     }
 
@@ -257,7 +270,8 @@ fn resync_gives_the_frames_from_the_mark_with_offsets_back_at_zero() {
     }
     assert_eq!(ack_of(&h.sw.local.last().unwrap().0), 5001, "rewritten while the offset holds");
     // The checkpoint: the PVM had taken frames 0..3 at its pause (mark 3).
-    let frames = h.s.resync(3);
+    let frames = h.s.resync(3, &mut h.sw);
+    assert_eq!(h.sw.to_peer.pop_back(), Some(ToPeer::Loading(3)), "the primary is told");
     assert_eq!(frames.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![3, 4]);
     assert!(frames.iter().all(|(_, f)| ack_of(f) == 1001), "offset 0 after the checkpoint");
     h.client(to_guest(105, Some(1001), Flags::ACK, b"y"));
@@ -279,4 +293,64 @@ fn a_secondary_told_secondary_again_starts_a_new_pair_from_scratch() {
     h.s.set_role(Role::Alone, &mut h.sw);
     h.s.from_local(from_guest(5007, Some(104), Flags::PSH | Flags::ACK, b"more"), &mut h.sw);
     assert_eq!(seq_of(h.sw.lan.last().unwrap()), 5007, "nothing translated with the old pair's offsets");
+}
+
+fn payloads(frames: &[Frame]) -> Vec<&[u8]> {
+    frames.iter().map(|f| &f.ethernet()[42..]).collect()
+}
+
+#[test]
+fn the_secondarys_frames_after_its_loading_wait_for_the_primarys_flush() {
+    let mut h = Pair::new();
+    // The SVM answered a request the PVM has not answered yet when the checkpoint came.
+    h.s.from_local(Frame::new(udp4(2, 1, b"old")), &mut h.sw);
+    // The secondary received the checkpoint, loads it and resumes its VM, which answers the
+    // next request, all before the primary's flush (it waits for `vmstate-received`).
+    h.s.resync(0, &mut h.sw);
+    h.s.from_local(Frame::new(udp4(2, 1, b"new")), &mut h.sw);
+    h.s.from_peer_loading(0, &mut h.sw); // a secondary ignores a peer's `loading`
+    h.pump();
+    assert_eq!(h.p.backlog(), 1, "after the loading: waits for the flush");
+    // A second `loading` before the flush is not from a correct peer: ignored, counted.
+    h.p.from_peer_loading(9, &mut h.pw);
+    assert_eq!(h.p.counters().loading_ignored, 1);
+    let flushed = h.p.checkpoint(&mut h.pw);
+    assert_eq!((flushed.released, flushed.dropped), (0, 1), "the old answer is flushed");
+    assert_eq!(h.p.backlog(), 0, "the new one met the engine after the flush");
+    h.p.from_local(Frame::new(udp4(2, 1, b"new")), &mut h.pw);
+    assert_eq!(payloads(&h.pw.lan), [b"new"], "compared with the PVM's answer after the checkpoint");
+    assert!(h.pw.miscompares.is_empty(), "{:?}", h.pw.miscompares);
+    let frame_len = Frame::new(udp4(2, 1, b"new")).ethernet().len();
+    assert_eq!(h.pw.granted, 2 * frame_len, "credit for both");
+}
+
+#[test]
+fn the_secondarys_frames_from_before_a_checkpoint_that_arrive_after_its_flush_are_dropped() {
+    let mut h = Pair::new();
+    h.s.from_local(Frame::new(udp4(2, 1, b"old")), &mut h.sw);
+    // The flush comes first; the old answer and the `loading` are still on the link.
+    assert_eq!(h.p.checkpoint(&mut h.pw).dropped, 0);
+    h.s.resync(0, &mut h.sw);
+    h.pump();
+    assert_eq!(h.p.counters().stale_secondary, 1);
+    assert_eq!(h.p.stats().frames_secondary, 0, "never compared");
+    // After the `loading` the two sides pair again.
+    h.both_send(Frame::new(udp4(2, 1, b"new")), Frame::new(udp4(2, 1, b"new")));
+    assert_eq!(payloads(&h.pw.lan), [b"new"]);
+    assert!(h.pw.miscompares.is_empty(), "{:?}", h.pw.miscompares);
+    let frame_len = Frame::new(udp4(2, 1, b"new")).ethernet().len();
+    assert_eq!(h.pw.granted, 2 * frame_len, "a dropped frame's credit returns too");
+}
+
+#[test]
+fn a_loading_that_never_comes_stops_the_dropping_after_a_second() {
+    let mut h = Pair::new();
+    h.p.checkpoint(&mut h.pw);
+    h.s.from_local(Frame::new(udp4(2, 1, b"before")), &mut h.sw);
+    h.pump();
+    assert_eq!(h.p.counters().stale_secondary, 1);
+    h.p.engine().clock().advance(LOADING_WAIT + Duration::from_millis(1));
+    h.both_send(Frame::new(udp4(2, 1, b"after")), Frame::new(udp4(2, 1, b"after")));
+    assert_eq!(payloads(&h.pw.lan), [b"after"], "compared again");
+    assert_eq!(h.p.counters().loading_missing, 1);
 }

@@ -9,7 +9,7 @@
 //!
 //! Differences from vhost-net-compare's one-VM backend, both from AF_PACKET: a frame is in the
 //! VM once written to its interface, so the primary's mark is always the next number (a
-//! secondary's `resync` only zeroes its rewriter's offsets); and nothing can push back on a
+//! secondary's `resync` zeroes its rewriter's offsets and sends `loading`); and nothing can push back on a
 //! VM, so a frame that finds a full compare queue (or no credit) is dropped and counted.
 
 use std::io;
@@ -90,6 +90,12 @@ impl ReplicaOutput for Out<'_> {
             l.send_outbound(frame.ethernet());
         }
     }
+    fn loading_to_peer(&mut self, mark: u64) {
+        if let Some(l) = self.link {
+            l.send_loading(mark);
+        }
+    }
+
     fn grant(&mut self, bytes: usize) {
         if let Some(l) = self.link {
             l.grant(bytes);
@@ -345,6 +351,9 @@ impl ReplicaRun {
                 Outside::Peer(_, PeerEvent::Outbound(frame)) => {
                     self.core.from_peer_outbound(Frame::new(frame), out!(self));
                 }
+                Outside::Peer(_, PeerEvent::Loading(mark)) => {
+                    self.core.from_peer_loading(mark, out!(self));
+                }
                 // Credit arrived: AF_PACKET keeps no frames back, nothing waits for it.
                 Outside::Peer(_, PeerEvent::Room) => {}
                 Outside::Peer(_, PeerEvent::Renewed) => {
@@ -494,7 +503,7 @@ impl ReplicaRun {
                 Event::RxMark { id, mark: self.core.next_seq() }
             }
             Command::Resync { id, mark } if self.core.role() == Role::Secondary => {
-                let frames = self.core.resync(mark).len() as u64;
+                let frames = self.core.resync(mark, out!(self)).len() as u64;
                 Event::Resynced { id, frames }
             }
             Command::QueryRxMark { id } | Command::Resync { id, .. } => error(

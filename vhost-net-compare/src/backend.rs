@@ -213,6 +213,7 @@ impl VhostUserBackendMut for NetBackend {
     fn stop_vring(&mut self, queue_index: u32) -> io::Result<()> {
         if queue_index as usize == RX_QUEUE {
             self.port.set_rx_stopped(true);
+            self.hub.rx_stopped(&self.port);
         }
         Ok(())
     }

@@ -16,6 +16,7 @@ use colo_proxy::proxy::{Mirrored, Proxy};
 use colo_proxy::{Frame, MonotonicClock, Side};
 
 use crate::ratelimit::RateLimit;
+use crate::secondary_cut::SecondaryCut;
 use crate::tap::Tap;
 
 /// What an engine operation did besides consuming its input, for the caller to act on while it
@@ -36,6 +37,7 @@ pub struct ColoState {
     captured: u64,
     tap_errors: u64,
     tap_error_log: RateLimit,
+    secondary_cut: SecondaryCut,
 }
 
 /// The engine's sink: released frames to the tap, every disposal to the capture.
@@ -78,6 +80,7 @@ impl ColoState {
             captured: 0,
             tap_errors: 0,
             tap_error_log: RateLimit::default(),
+            secondary_cut: SecondaryCut::default(),
         };
         // The hub aligns the secondary's queue at each passive checkpoint (`Hub::execute`).
         state.proxy.set_passive_mirror(true);
@@ -106,6 +109,10 @@ impl ColoState {
     /// A frame `side`'s guest transmitted. `Some(frame)` gives it back when its compare queue is
     /// full (backpressure: the caller leaves the descriptor on the ring).
     pub fn from_vm(&mut self, side: Side, frame: Frame) -> (Option<Frame>, Effects) {
+        if side == Side::Secondary && self.secondary_cut.holds() {
+            // Loaded from a checkpoint not flushed yet: after the flush (which makes room).
+            return (Some(frame), Effects::default());
+        }
         let before = self.proxy.engine().held();
         let (pushed, mut effects) = self.with_sink(|proxy, outlet| match side {
             Side::Primary => proxy.from_primary(frame, outlet),
@@ -136,6 +143,7 @@ impl ColoState {
     /// the tap when this returns.
     pub fn checkpoint(&mut self) -> (FlushSummary, Effects) {
         let (summary, mut effects) = self.with_sink(|proxy, outlet| proxy.checkpoint(outlet));
+        self.secondary_cut.open();
         effects.made_room = true;
         (summary, effects)
     }
@@ -143,9 +151,27 @@ impl ColoState {
     /// Switches mode (releasing or dropping held frames as the mode says).
     pub fn set_mode(&mut self, mode: Mode) -> Effects {
         let ((), mut effects) = self.with_sink(|proxy, outlet| proxy.set_mode(mode, outlet));
+        self.secondary_cut.open();
         // A blocked side may now pass without queueing at all.
         effects.made_room = true;
         effects
+    }
+
+    /// The SVM's receive ring stopped (it paused, for a checkpoint in `colo` or `passive`).
+    pub fn secondary_rx_stopped(&mut self) {
+        let comparing = matches!(self.mode(), Mode::Colo | Mode::Passive);
+        self.secondary_cut.rx_stopped(comparing);
+    }
+
+    /// The SVM's receive ring is about to run again: if the checkpoint it loaded has not been
+    /// flushed yet, its frames wait for the flush ([`SecondaryCut`]).
+    pub fn secondary_rx_restarting(&mut self) {
+        self.secondary_cut.rx_restarting();
+    }
+
+    /// The SVM connected or left: nothing it sends waits for a flush.
+    pub fn secondary_changed(&mut self) {
+        self.secondary_cut.open();
     }
 
     /// Runs due timers (held-frame timeouts).

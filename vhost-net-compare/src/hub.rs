@@ -137,6 +137,7 @@ impl Hub {
     /// Makes `port` the connected VM of its role and tells the controllers.
     pub fn attach(&self, port: Arc<Port>) {
         let role = port.role();
+        self.secondary_changed(role);
         lock(&self.ports)[role.index()] = Some(port);
         self.broadcast(Event::Peer { role, state: PeerState::Connected });
     }
@@ -144,6 +145,7 @@ impl Hub {
     /// Forgets `port` (if it is still the connected VM of its role) and tells the controllers.
     pub fn detach(&self, port: &Arc<Port>) {
         let role = port.role();
+        self.secondary_changed(role);
         {
             let mut ports = lock(&self.ports);
             if ports[role.index()].as_ref().is_some_and(|p| Arc::ptr_eq(p, port)) {
@@ -151,6 +153,14 @@ impl Hub {
             }
         }
         self.broadcast(Event::Peer { role, state: PeerState::Disconnected });
+    }
+
+    /// A VM of `role` connected or left: if it is the secondary, nothing it sends waits for a
+    /// flush. (The COLO lock alone: it comes before the ports table.)
+    fn secondary_changed(&self, role: Side) {
+        if let (Side::Secondary, Some(colo)) = (role, &self.colo) {
+            lock(colo).secondary_changed();
+        }
     }
 
     fn broadcast(&self, event: Event) {
@@ -273,6 +283,9 @@ impl Hub {
     /// until the next checkpoint), and one that reached the primary's ring before its pause
     /// but waited in the secondary's queue would reach the secondary twice.
     pub fn secondary_rx_restarting(&self, secondary: &Arc<Port>) {
+        if let Some(colo) = &self.colo {
+            lock(colo).secondary_rx_restarting();
+        }
         if !matches!(self.mode(), Mode::Colo | Mode::Passive) {
             return;
         }
@@ -432,6 +445,11 @@ impl Router for Hub {
     fn rx_restarting(&self, port: &Arc<Port>) {
         if port.role() == Side::Secondary {
             self.secondary_rx_restarting(port);
+        }
+    }
+    fn rx_stopped(&self, port: &Arc<Port>) {
+        if let (Side::Secondary, Some(colo)) = (port.role(), &self.colo) {
+            lock(colo).secondary_rx_stopped();
         }
     }
     fn inbound(&self, frames: Vec<Vec<u8>>) {

@@ -37,6 +37,7 @@ pub mod ratelimit;
 pub mod replica;
 pub mod router;
 pub mod rx;
+pub mod secondary_cut;
 pub mod server;
 pub mod service;
 pub mod stats;

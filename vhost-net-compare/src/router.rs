@@ -36,6 +36,9 @@ pub trait Router: Send + Sync {
     fn count_rejected(&self);
     /// `port`'s RX ring is about to (re)start (a frontend sent its memory table).
     fn rx_restarting(&self, port: &Arc<Port>);
+    /// `port`'s RX ring stopped (GET_VRING_BASE: its VM paused). Called with the backend
+    /// locked, so no worker is delivering meanwhile.
+    fn rx_stopped(&self, _port: &Arc<Port>) {}
     /// Frames read from the tap (each with a 12-byte vnet header).
     fn inbound(&self, frames: Vec<Vec<u8>>);
     /// Carries out a controller's command; the reply goes to `reply`.

@@ -136,7 +136,8 @@ fn a_secondary_restarting_its_rings_during_a_checkpoint_gets_what_the_primary_ha
     }
     // The checkpoint as colo-vmm runs it: the secondary stops its rings (step 1), then the
     // primary (step 2); the secondary restarts its rings after loading the checkpoint (step 6),
-    // the primary after that (step 7).
+    // which may come before the primary's flush (step 5 at the primary); the primary restarts
+    // its rings after the flush.
     let mut c = colo(&[]);
     c.p.post_rx(16);
     c.s.post_rx(16);
@@ -158,10 +159,20 @@ fn a_secondary_restarting_its_rings_during_a_checkpoint_gets_what_the_primary_ha
     assert_eq!(udp_payload(&first.eth), Some(&b"during the checkpoint"[..]));
     let more = c.s.recv(Duration::from_millis(300)).map(|f| String::from_utf8_lossy(&f.eth[42..]).into_owned());
     assert_eq!(more, None, "the secondary got a frame the primary consumed before its pause");
+    // The secondary, loaded, answers before the primary's controller has flushed the
+    // checkpoint: its answer waits on its TX ring for the flush instead of being dropped by it.
+    c.s.send(&udp4(2, 1, b"answer"));
+    std::thread::sleep(Duration::from_millis(200));
+    let flushed = c.ctl.checkpoint().unwrap();
+    assert_eq!(flushed.dropped, 0, "the loaded secondary's answer is not the old interval's");
     c.p.set_mem_table();
     c.p.start_ring(0, p_bases.0 as u16);
     c.p.start_ring(1, p_bases.1 as u16);
     assert!(c.p.recv_matching(T, has_payload(b"during the checkpoint")).is_some());
+    c.p.send(&udp4(2, 1, b"answer"));
+    assert!(c.wire.recv_matching(T, has_payload(b"answer")).is_some(), "the two answers compared and released");
+    let stats = c.ctl.stats().unwrap();
+    assert_eq!((stats.miscompares.total(), stats.frames_secondary), (0, 1), "{stats:?}");
     // And on as usual.
     c.wire.send(&udp4_to(CLIENT_IP, VM_IP, 2, 1, b"after"));
     assert!(c.p.recv_matching(T, has_payload(b"after")).is_some());

@@ -37,6 +37,7 @@ enum Msg {
     Ping(u64),
     Pong(u64),
     Credit(u64),
+    Loading(u64),
 }
 
 fn key() -> &'static LinkKey {
@@ -78,6 +79,7 @@ fuzz_target!(|pieces: Vec<Piece>| {
                     Msg::Ping(n) => PeerMessage::Ping(*n),
                     Msg::Pong(n) => PeerMessage::Pong(*n),
                     Msg::Credit(n) => PeerMessage::Credit(*n),
+                    Msg::Loading(mark) => PeerMessage::Loading(*mark),
                 };
                 budget -= msg.wire_len().min(budget);
                 if budget == 0 {
@@ -89,6 +91,7 @@ fuzz_target!(|pieces: Vec<Piece>| {
                             expected.push(PeerEvent::Inbound { seq: *seq, frame: frame.clone() })
                         }
                         PeerMessage::Outbound(f) => expected.push(PeerEvent::Outbound(f.clone())),
+                        PeerMessage::Loading(mark) => expected.push(PeerEvent::Loading(*mark)),
                         _ => {}
                     }
                 }
@@ -109,7 +112,7 @@ fuzz_target!(|pieces: Vec<Piece>| {
     let mut got = Vec::new();
     let closed = loop {
         match rx.recv_timeout(Duration::from_secs(20)).expect("the link reports its end") {
-            e @ (PeerEvent::Inbound { .. } | PeerEvent::Outbound(_)) => got.push(e),
+            e @ (PeerEvent::Inbound { .. } | PeerEvent::Outbound(_) | PeerEvent::Loading(_)) => got.push(e),
             PeerEvent::Room | PeerEvent::Renewed => {
                 assert!(!link.has_credit(WINDOW as usize + 1), "credit beyond the window");
             }

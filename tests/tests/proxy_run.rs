@@ -94,18 +94,23 @@ fn proxy_run_in_namespaces_mirrors_compares_and_releases_once() {
     // 3. A TCP echo session: the two kernels choose different ISNs.
     let lines: Vec<String> = (0..20).map(|i| format!("line {i} of the tcp echo session")).collect();
     let to_send = lines.clone();
-    topo.client.enter(move || {
+    let echoed = topo.client.enter(move || -> Result<(), String> {
         let s = TcpStream::connect_timeout(&"10.0.0.2:7".parse().unwrap(), Duration::from_secs(5)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
         let mut w = s;
-        for l in &to_send {
+        for (i, l) in to_send.iter().enumerate() {
             writeln!(w, "{l}").unwrap();
             let mut got = String::new();
-            r.read_line(&mut got).expect("echo");
+            r.read_line(&mut got).map_err(|e| format!("no echo of line {i}: {e}"))?;
             assert_eq!(got.trim_end(), l);
         }
+        Ok(())
     });
+    if let Err(why) = echoed {
+        // What the proxy held and why, for a failure that happened once in many runs.
+        panic!("TCP echo through the proxy: {why}\nproxy stats: {:?}", control.stats());
+    }
     let stats = control.stats().unwrap();
     assert_eq!(stats.miscompares.total(), 0, "deterministic services must not miscompare: {stats:?}");
     assert!(stats.released > 0 && stats.frames_secondary > 0);

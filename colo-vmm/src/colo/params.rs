@@ -37,8 +37,8 @@ pub struct ColoParams {
     /// standby by itself.
     pub auto_reprotect: bool,
     /// The PVM resumes once its output is committed, while the secondary still loads the
-    /// checkpoint (its `vmstate-loaded` is awaited before the next one): a shorter pause, at
-    /// the price of the order QEMU keeps (resume after the load). Off by default.
+    /// checkpoint (its `vmstate-loaded` is awaited before the next one), so the load is not
+    /// part of the pause. On by default; off keeps QEMU's order (resume after the load).
     pub resume_before_load: bool,
 }
 
@@ -56,7 +56,7 @@ impl Default for ColoParams {
             heartbeat_timeout: 1000,
             arbiter_ttl: 2000,
             auto_reprotect: true,
-            resume_before_load: false,
+            resume_before_load: true,
         }
     }
 }

@@ -53,14 +53,14 @@ struct Args {
     /// Write the report here as well as to stdout.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
-    /// The pause rows run with `resume-before-load=true` (the PVM resumes while the secondary
-    /// loads; off by default in colo-vmm).
+    /// The pause rows run with `resume-before-load=false`: the PVM waits for the secondary's
+    /// load before it resumes (colo-vmm's default is to resume while the secondary loads).
     #[arg(long)]
-    resume_before_load: bool,
+    wait_for_load: bool,
 }
 
-/// `--resume-before-load`, for the pause rows.
-static RESUME_BEFORE_LOAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `--wait-for-load`, for the pause rows.
+static WAIT_FOR_LOAD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 impl Args {
     fn wants(&self, part: &str) -> bool {
@@ -130,8 +130,8 @@ fn pause_row(rate: u64, background: bool, secs: f64, every_ms: u64) -> PauseRow 
     let mut net = ColoNet::start(Backend::VhostNetCompare, &app, &[]);
     let bg = if background { 1 << 20 } else { 0 };
     net.set_params(Side::Primary, &[("max-time", every_ms), ("ram-background-limit", bg)]);
-    if RESUME_BEFORE_LOAD.load(std::sync::atomic::Ordering::Relaxed) {
-        net.ctl(Side::Primary, "set-parameters", &["resume-before-load=true"])
+    if WAIT_FOR_LOAD.load(std::sync::atomic::Ordering::Relaxed) {
+        net.ctl(Side::Primary, "set-parameters", &["resume-before-load=false"])
             .unwrap_or_else(|e| panic!("set-parameters: {e}"));
     }
     net.start_colo();
@@ -301,7 +301,7 @@ fn failover_gap(heartbeat_ms: u64, freeze: bool) -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    RESUME_BEFORE_LOAD.store(args.resume_before_load, std::sync::atomic::Ordering::Relaxed);
+    WAIT_FOR_LOAD.store(args.wait_for_load, std::sync::atomic::Ordering::Relaxed);
     if let Err(why) = prerequisites(Backend::VhostNetCompare) {
         anyhow::bail!("colo-bench {why}");
     }

@@ -171,6 +171,12 @@ pub struct Replica<C: Clock> {
     /// As primary: when a flush happened whose `loading` has not come yet (the secondary's
     /// frames arriving meanwhile are from before the checkpoint).
     awaiting_loading: Option<Timestamp>,
+    /// As primary: the controller has not set a mode since this VM became primary. COLO
+    /// starts with the role (the frame link comes up, the frames waiting for the paused VM
+    /// are mirrored) and then the mode; the running secondary may answer those frames in
+    /// between, and an engine still in `primary-only` would drop its answers, leaving the
+    /// primary's to wait for a timeout. So the secondary's frames wait for the mode.
+    awaiting_mode: bool,
     next_seq: u64,
     addresses: Vec<Ipv4Addr>,
     counters: ReplicaCounters,
@@ -238,6 +244,7 @@ impl<C: Clock> Replica<C> {
             window: InboundWindow::new(WINDOW_BYTES),
             backlog: VecDeque::new(),
             awaiting_loading: None,
+            awaiting_mode: false,
             next_seq: 0,
             addresses: Vec::new(),
             counters: ReplicaCounters::default(),
@@ -427,6 +434,9 @@ impl<C: Clock> Replica<C> {
     /// Offers the backlog to the engine, oldest first, as far as it has room, and up to a
     /// `loading` whose flush has not happened yet.
     fn settle<O: ReplicaOutput>(&mut self, out: &mut O) {
+        if self.awaiting_mode {
+            return;
+        }
         if self.awaiting_loading.is_some_and(|since| self.now().since(since) > LOADING_WAIT) {
             self.awaiting_loading = None;
             self.counters.loading_missing += 1;
@@ -478,6 +488,7 @@ impl<C: Clock> Replica<C> {
         match (self.role, mode) {
             (Role::Primary, _) => {
                 self.with_outlet(out, |engine, outlet| engine.set_mode(mode, outlet));
+                self.awaiting_mode = false;
                 self.settle(out);
                 Ok(())
             }
@@ -503,6 +514,7 @@ impl<C: Clock> Replica<C> {
         // Whatever the secondary sent ahead is of no use to any other role (nor to a new pair).
         self.backlog.clear();
         self.awaiting_loading = None;
+        self.awaiting_mode = role == Role::Primary;
         match role {
             Role::Unset => {}
             Role::Alone => {

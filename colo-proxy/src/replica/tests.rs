@@ -354,3 +354,21 @@ fn a_loading_that_never_comes_stops_the_dropping_after_a_second() {
     assert_eq!(payloads(&h.pw.lan), [b"after"], "compared again");
     assert_eq!(h.p.counters().loading_missing, 1);
 }
+
+#[test]
+fn the_secondarys_answers_before_the_primarys_first_mode_wait_for_it() {
+    // COLO starts: the primary's backend becomes primary, mirrors what waited for its paused
+    // VM; the running secondary answers before the controller has set the mode.
+    let (mut p, mut pw, mut s, mut sw) = (replica(), Wire::new(), replica(), Wire::new());
+    s.set_role(Role::Secondary, &mut sw);
+    p.set_role(Role::Alone, &mut pw);
+    p.set_role(Role::Primary, &mut pw);
+    s.from_local(Frame::new(udp4(2, 1, b"answer")), &mut sw);
+    let Some(ToPeer::Frame(f)) = sw.to_peer.pop_front() else { panic!("sent to the peer") };
+    p.from_peer_outbound(f, &mut pw);
+    assert_eq!(p.backlog(), 1, "kept, not dropped by primary-only");
+    p.set_mode(Mode::Colo, &mut pw).unwrap();
+    p.from_local(Frame::new(udp4(2, 1, b"answer")), &mut pw);
+    assert_eq!(payloads(&pw.lan), [b"answer"], "the PVM's answer met the SVM's");
+    assert!(pw.miscompares.is_empty(), "{:?}", pw.miscompares);
+}

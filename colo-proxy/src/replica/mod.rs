@@ -149,9 +149,9 @@ pub struct ReplicaCounters {
 enum FromPeer {
     /// A frame of the secondary VM.
     Frame(Frame),
-    /// The secondary VM loads a checkpoint (its inbound mark): what follows waits for the
-    /// primary's flush of that checkpoint.
-    Loading(u64),
+    /// The secondary VM loads a checkpoint: what follows waits for the primary's flush of that
+    /// checkpoint.
+    Loading,
 }
 
 /// The backend of one VM.
@@ -418,11 +418,12 @@ impl<C: Clock> Replica<C> {
         if self.role != Role::Primary {
             return;
         }
-        if self.backlog.iter().any(|item| matches!(item, FromPeer::Loading(_))) {
+        if self.backlog.iter().any(|item| matches!(item, FromPeer::Loading)) {
             self.counters.loading_ignored += 1;
             return;
         }
-        self.backlog.push_back(FromPeer::Loading(mark));
+        tracing::debug!(mark, "the secondary loads a checkpoint");
+        self.backlog.push_back(FromPeer::Loading);
         self.settle(out);
     }
 
@@ -460,9 +461,9 @@ impl<C: Clock> Replica<C> {
                         }
                     }
                 }
-                FromPeer::Loading(_) if self.awaiting_loading.is_some() => self.awaiting_loading = None,
-                FromPeer::Loading(mark) => {
-                    self.backlog.push_front(FromPeer::Loading(mark));
+                FromPeer::Loading if self.awaiting_loading.is_some() => self.awaiting_loading = None,
+                FromPeer::Loading => {
+                    self.backlog.push_front(FromPeer::Loading);
                     return;
                 }
             }

@@ -45,7 +45,7 @@ impl PendingBlocks {
     }
 
     /// Sends the pending blocks as the disk holds them now and empties the set; returns how
-    /// many.
+    /// many. Like the pages, they leave with the link's next flush.
     pub fn send<V: Migratable + ?Sized, W: Write + Send + 'static>(
         &mut self,
         link: &Link<W>,
@@ -56,7 +56,7 @@ impl PendingBlocks {
             return Ok(0);
         }
         let set = std::mem::replace(&mut self.set, DirtyBitmap::empty(disk.blocks() as usize));
-        link.with_writer(|w| write_blocks(w, disk, set.iter().map(|b| b as u64), false))
+        link.with_writer_queued(|w| write_blocks(w, disk, set.iter().map(|b| b as u64), false))
     }
 }
 

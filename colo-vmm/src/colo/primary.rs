@@ -544,6 +544,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
             return Ok(());
         }
         let n = self.pending_blocks.send(&self.link, self.vm).map_err(|e| self.write_failed(e))?;
+        self.link.flush().map_err(|e| self.write_failed(e))?;
         self.colo.update(|s| s.disk.background_blocks += n);
         Ok(())
     }

@@ -17,6 +17,9 @@ use crate::vstate::dirty::DirtyBitmap;
 /// The stream reader of an incoming transfer.
 pub type Reader = StreamReader<BufReader<Channel>>;
 
+/// The incoming stream's read buffer: headers, control messages and the tails of records.
+const READ_BUFFER: usize = 64 << 10;
+
 /// What arrived: the running VM and, for a COLO start, the secondary's checkpoint loop to run.
 pub struct Arrived {
     /// The VM.
@@ -59,7 +62,10 @@ fn receive(
 ) -> Result<Arrived, BootError> {
     let reader_chan =
         chan.try_clone().map_err(|e| BootError::Other { what: "migration channel", error: e.to_string() })?;
-    let mut r = StreamReader::new(BufReader::with_capacity(1 << 20, reader_chan))?;
+    // A small buffer: `BufReader` reads a request larger than its buffer straight into the
+    // caller's memory, so a megabyte of pages goes from the socket into its record in one copy
+    // (through a buffer as large as a record it would be copied twice).
+    let mut r = StreamReader::new(BufReader::with_capacity(READ_BUFFER, reader_chan))?;
     let purpose = match protocol::recv(&mut r)? {
         Control::Hello { purpose } => purpose,
         other => return Err(StreamError::Corrupt(format!("expected hello, got {other:?}")).into()),

@@ -301,9 +301,14 @@ impl<R: Read> StreamReader<R> {
         if len > MAX_RECORD {
             return Err(StreamError::Corrupt(format!("record of {len} bytes exceeds the limit")));
         }
+        // Every byte is read over below, so a reused buffer is only cut or grown: zeroing a
+        // megabyte per record would cost as much as half a copy of it.
         let mut payload = buf;
-        payload.clear();
-        payload.resize(len, 0);
+        if payload.len() >= len {
+            payload.truncate(len);
+        } else {
+            payload.resize(len, 0);
+        }
         read_exact(&mut self.r, &mut payload, "inside a record")?;
         let mut sum = [0u8; 8];
         read_exact(&mut self.r, &mut sum, "inside a record")?;
@@ -456,6 +461,22 @@ mod tests {
         assert_eq!(p, vec![(0, 1, 1), (4096, 2, 2), (8192, 3, 3)]);
         let p: Vec<(u64, u8, u8)> = pages(&recs[1].payload).map(|(a, d)| (a, d[0], d[4095])).collect();
         assert_eq!(p, vec![(0x7000, 0x77, 0x77)]);
+    }
+
+    #[test]
+    fn a_reused_buffer_yields_exactly_the_record_read_into_it() {
+        let mut w = StreamWriter::new(Vec::new()).unwrap();
+        w.record(Kind::State, b"short").unwrap();
+        w.record(Kind::State, &[9u8; 40]).unwrap();
+        let bytes = w.finish().unwrap();
+        let mut r = StreamReader::new(&bytes[..]).unwrap();
+        // Longer than the first record and full of other bytes: cut, not cleared.
+        let rec = r.next_record_into(vec![0xee; 100]).unwrap().unwrap();
+        assert_eq!(rec.payload, b"short");
+        // Shorter than the second: grown.
+        let rec = r.next_record_into(rec.payload).unwrap().unwrap();
+        assert_eq!(rec.payload, vec![9u8; 40]);
+        assert!(r.next_record_into(rec.payload).unwrap().is_none());
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::Instant;
 use colo_proxy::wire::{MacAddr, MacError};
 use colo_vmm_abi::{VirtioMmioDevice, MAX_CPUS, MAX_MEM, MIN_MEM, MMIO_BASE, MMIO_DEVICE_SIZE};
 use kvm_ioctls::{IoEventAddress, VcpuFd};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::arch::{cpuid, regs};
 use crate::devices::block::disk::{Disk, DiskError};
@@ -643,6 +643,31 @@ impl Migratable for Vmm {
             .memory()
             .read_slice(buf, GuestAddress((page * PAGE_SIZE) as u64))
             .map_err(|source| MigratableError::Page { page, source })
+    }
+
+    fn with_paused_pages(
+        &self,
+        pages: &[usize],
+        f: &mut dyn FnMut(&[&[u8]]) -> std::io::Result<u64>,
+    ) -> Result<Option<std::io::Result<u64>>, MigratableError> {
+        // Held until `f` returns: `resume` takes it first, so the devices stay stopped.
+        let quiesced = lock(&self.quiesced);
+        if quiesced.is_none() || !self.vcpus.is_paused() {
+            return Ok(None);
+        }
+        let mem = self.ram.memory();
+        let mut slices = Vec::with_capacity(pages.len());
+        for &page in pages {
+            let at = GuestAddress((page * PAGE_SIZE) as u64);
+            let slice = mem.get_slice(at, PAGE_SIZE).map_err(|source| MigratableError::Page { page, source })?;
+            // SAFETY: `slice` is PAGE_SIZE mapped bytes of guest memory, mapped as long as the
+            // VM (and so `self`) lives. Nothing writes them while the returned slices live:
+            // every vCPU is out of the guest and paused, and the devices (the vhost-user
+            // backends' rings and the block device included) are stopped (`quiesced`), and stay
+            // so while this holds the lock that `resume` takes first.
+            slices.push(unsafe { std::slice::from_raw_parts(slice.ptr_guard().as_ptr(), PAGE_SIZE) });
+        }
+        Ok(Some(f(&slices)))
     }
 
     fn write_page(&self, page: usize, data: &[u8]) -> Result<(), MigratableError> {

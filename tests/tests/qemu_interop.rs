@@ -239,11 +239,24 @@ fn describe_both(q: &Outcome, o: &Outcome) -> String {
 
 /// The core claim: same frames released in each phase, same "checkpoint requested" verdict.
 fn assert_same(q: &Outcome, o: &Outcome) {
+    assert_same_but_verdicts_of(q, o, &[]);
+}
+
+/// [`assert_same`], except the checkpoint verdicts of the phases `chance`: phases where
+/// whether either side's once-a-second age scan falls in them is chance.
+fn assert_same_but_verdicts_of(q: &Outcome, o: &Outcome, chance: &[usize]) {
     let msg = || describe_both(q, o);
     assert_eq!(q.phases.len(), o.phases.len(), "{}", msg());
     for (i, (pq, po)) in q.phases.iter().zip(&o.phases).enumerate() {
         assert!(pq.released == po.released, "phase {i}: different frames released\n{}", msg());
-        assert_eq!(pq.do_checkpoints > 0, po.do_checkpoints > 0, "phase {i}: checkpoint verdicts differ\n{}", msg());
+        if !chance.contains(&i) {
+            assert_eq!(
+                pq.do_checkpoints > 0,
+                po.do_checkpoints > 0,
+                "phase {i}: checkpoint verdicts differ\n{}",
+                msg()
+            );
+        }
         assert!(pq.notify == po.notify, "phase {i}: different notify_dev messages\n{}", msg());
     }
 }
@@ -481,7 +494,12 @@ fn held_frames_time_out_into_a_checkpoint_request() {
         Step::S(udp4(9001, 7, b"secondary only")),
         Step::Wait(Duration::from_millis(2500)),
     ];
-    let q = agree(&cfg, &steps);
+    let (q, o) = run_both(&cfg, &steps);
+    // Phase 1 lasts from the checkpoint's flush to the next look. Each side scans for aged
+    // frames once a second, at an offset of its own, and until the flush the primary frame is
+    // still held: whether a scan falls in that short phase is chance (a CI run under load saw
+    // QEMU's do so and ours not). Its released frames are compared all the same.
+    assert_same_but_verdicts_of(&q, &o, &[1]);
     assert!(q.phases[0].released.is_empty());
     assert!(q.phases[0].do_checkpoints >= 1, "the held primary frame timed out");
     assert_eq!(q.phases[1].released, vec![(p, 0)], "the checkpoint flushed it");

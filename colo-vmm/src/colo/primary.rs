@@ -4,7 +4,6 @@
 //! runs the transaction in the spec's order; and fails over to `primary-only` when the
 //! secondary is lost.
 
-use std::io::BufWriter;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -333,7 +332,7 @@ enum End {
 struct Controller<'a, V: Migratable> {
     vm: &'a V,
     colo: &'a ColoShared,
-    link: Link<BufWriter<Channel>>,
+    link: Link<Channel>,
     compare: Option<CompareSet>,
     /// The VM's dirty tracking is on (until failover).
     tracking: bool,
@@ -359,7 +358,7 @@ impl<'a, V: Migratable> Controller<'a, V> {
     fn new(
         vm: &'a V,
         colo: &'a ColoShared,
-        link: Link<BufWriter<Channel>>,
+        link: Link<Channel>,
         compare: CompareSet,
         test: TestOptions,
     ) -> Controller<'a, V> {

@@ -1,7 +1,6 @@
 //! The secondary's side of the checkpoint transaction and its failover rules, against a fake
 //! VM, a real compare control server and a scripted primary (no KVM).
 
-use std::io::BufWriter;
 use std::time::Duration;
 
 use super::*;
@@ -10,11 +9,7 @@ use crate::persist::stream::PAGE_SIZE;
 
 /// Runs the secondary's loop on `vm` (16 pages, tracking on) until it fails over; `f` is the
 /// primary meanwhile. Returns the COLO state.
-fn with_secondary(
-    log: &Log,
-    vm: &FakeVm,
-    f: impl FnOnce(&ColoShared, &mut Peer<BufWriter<Channel>>),
-) -> Arc<ColoShared> {
+fn with_secondary(log: &Log, vm: &FakeVm, f: impl FnOnce(&ColoShared, &mut Peer<Channel>)) -> Arc<ColoShared> {
     let compare = FakeCompare::start(log);
     let colo = Arc::new(ColoShared::new(vec![compare.path().to_path_buf()]));
     colo.update(|s| {
@@ -52,7 +47,7 @@ fn with_secondary(
 }
 
 /// The primary's side of checkpoint `seq`, carrying page 5 filled with `byte`.
-fn send_checkpoint(primary: &mut Peer<BufWriter<Channel>>, vm: &FakeVm, seq: u64, passive: bool, byte: u8) {
+fn send_checkpoint(primary: &mut Peer<Channel>, vm: &FakeVm, seq: u64, passive: bool, byte: u8) {
     primary.send(&Control::CheckpointRequest { seq, passive, trigger: "user".into() });
     primary.expect("checkpoint-reply");
     primary.send(&Control::VmstateSend { seq });
@@ -265,7 +260,7 @@ fn image_block(path: &std::path::Path, b: u64) -> u8 {
 }
 
 /// The primary's side of a checkpoint up to its blocks: block 7 filled with 0x77.
-fn send_checkpoint_blocks(primary: &mut Peer<BufWriter<Channel>>, seq: u64) {
+fn send_checkpoint_blocks(primary: &mut Peer<Channel>, seq: u64) {
     primary.send(&Control::CheckpointRequest { seq, passive: false, trigger: "user".into() });
     primary.expect("checkpoint-reply");
     primary.send(&Control::VmstateSend { seq });

@@ -3,7 +3,6 @@
 //! server) that logs the commands it gets, and both ends of a checkpoint link. The roles' unit
 //! tests then read the order of operations from one log, without KVM.
 
-use std::io::BufWriter;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -299,13 +298,11 @@ pub struct LinkEnd<W: std::io::Write> {
     pub chan: Channel,
 }
 
-/// Both ends of a link over a socket pair: one buffered (as the primary's), one not (as the
-/// secondary's).
-pub fn link_ends() -> (LinkEnd<BufWriter<Channel>>, LinkEnd<Channel>) {
+/// Both ends of a link over a socket pair (the channel gathers small writes until a flush).
+pub fn link_ends() -> (LinkEnd<Channel>, LinkEnd<Channel>) {
     let (a, b) = UnixStream::pair().unwrap();
     let (a, b) = (Channel::paired(a).unwrap(), Channel::paired(b).unwrap());
-    let mut wa = StreamWriter::new(BufWriter::new(a.try_clone().unwrap())).unwrap();
-    wa.flush().unwrap();
+    let wa = StreamWriter::new(a.try_clone().unwrap()).unwrap();
     let wb = StreamWriter::new(b.try_clone().unwrap()).unwrap();
     let ra = StreamReader::new(std::io::BufReader::new(a.try_clone().unwrap())).unwrap();
     let rb = StreamReader::new(std::io::BufReader::new(b.try_clone().unwrap())).unwrap();

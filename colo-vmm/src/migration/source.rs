@@ -1,6 +1,5 @@
 //! The source side: pre-copy rounds, the final pause, the handover.
 
-use std::io::BufWriter;
 use std::time::{Duration, Instant};
 
 use std::sync::Arc;
@@ -74,7 +73,7 @@ pub enum MigrationError {
 }
 
 /// The stream writer of a transfer.
-pub type Writer = StreamWriter<BufWriter<Channel>>;
+pub type Writer = StreamWriter<Channel>;
 
 /// Sends the pages of `set` (all pages, skipping zero ones, when `skip_zero`).
 pub fn send_pages<V: Migratable + ?Sized>(
@@ -107,7 +106,9 @@ pub fn send_pages<V: Migratable + ?Sized>(
     Ok(sent)
 }
 
-/// [`send_pages`] of every page of `set`: each is read straight into its record.
+/// [`send_pages`] of every page of `set`. While the VM is paused for a save the pages go to
+/// the link straight from guest memory; while it runs, each is read into its record first (its
+/// checksum must match what is sent, and the guest may write it meanwhile).
 fn send_pages_in_place<V: Migratable + ?Sized>(
     w: &mut Writer,
     vm: &V,
@@ -118,6 +119,9 @@ fn send_pages_in_place<V: Migratable + ?Sized>(
     let mut n = 0;
     let mut sent = 0;
     let flush = |w: &mut Writer, pages: &[usize], addrs: &[u64]| -> Result<u64, MigrationError> {
+        if let Some(r) = vm.with_paused_pages(pages, &mut |slices| w.page_record_from(addrs, slices))? {
+            return Ok(r?);
+        }
         w.page_record_with(addrs, |i, slot| vm.read_page(pages[i], slot).map_err(MigrationError::from))
     };
     for page in set {
@@ -184,7 +188,9 @@ pub fn connect<V: Migratable + ?Sized>(
     purpose: Purpose,
 ) -> Result<Transfer, MigrationError> {
     let chan = uri.connect().map_err(|source| MigrationError::Connect { uri: uri.clone(), source })?;
-    let mut w: Writer = StreamWriter::new(BufWriter::with_capacity(1 << 20, chan.try_clone()?))?;
+    // The channel gathers small writes itself and passes large ones through (no BufWriter:
+    // it would copy gathered pages into its buffer).
+    let mut w: Writer = StreamWriter::new(chan.try_clone()?)?;
     protocol::send(&mut w, &Control::Hello { purpose })?;
     w.record(Kind::State, &StateRecord::Machine(vm.describe()).encode())?;
     vm.start_dirty_log()?;

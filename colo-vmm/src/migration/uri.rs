@@ -130,6 +130,12 @@ impl io::Write for Channel {
             Channel::Unix(e) => lock(&e.writer).write(buf),
         }
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Channel::Tcp(e) => lock(&e.writer).write_vectored(bufs),
+            Channel::Unix(e) => lock(&e.writer).write_vectored(bufs),
+        }
+    }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Channel::Tcp(e) => lock(&e.writer).flush(),

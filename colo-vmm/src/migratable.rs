@@ -109,14 +109,14 @@ pub trait Migratable: Snapshottable + Send + Sync {
     fn read_page(&self, page: usize, buf: &mut [u8]) -> Result<(), MigratableError>;
 
     /// Runs `f` with pages `pages` where they lie in guest memory, without copying them, if
-    /// nothing can write guest memory meanwhile: the VM paused for a save (vCPUs and devices
-    /// stopped, see [`Migratable::pause_to_save`]), and kept so until `f` returns. `Ok(None)`
-    /// otherwise (and by default): the caller copies the pages instead.
-    fn with_paused_pages(
+    /// nothing can write guest memory meanwhile: the VM paused (vCPUs and devices stopped, see
+    /// [`Migratable::pause_to_save`]), and kept so until `f` returns. `Ok(None)` otherwise
+    /// (and by default): the caller copies the pages instead.
+    fn with_paused_pages<T>(
         &self,
         _pages: &[usize],
-        _f: &mut dyn FnMut(&[&[u8]]) -> std::io::Result<u64>,
-    ) -> Result<Option<std::io::Result<u64>>, MigratableError> {
+        _f: impl FnOnce(&[&[u8]]) -> T,
+    ) -> Result<Option<T>, MigratableError> {
         Ok(None)
     }
 

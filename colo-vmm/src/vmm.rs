@@ -645,11 +645,11 @@ impl Migratable for Vmm {
             .map_err(|source| MigratableError::Page { page, source })
     }
 
-    fn with_paused_pages(
+    fn with_paused_pages<T>(
         &self,
         pages: &[usize],
-        f: &mut dyn FnMut(&[&[u8]]) -> std::io::Result<u64>,
-    ) -> Result<Option<std::io::Result<u64>>, MigratableError> {
+        f: impl FnOnce(&[&[u8]]) -> T,
+    ) -> Result<Option<T>, MigratableError> {
         // Held until `f` returns: `resume` takes it first, so the devices stay stopped.
         let quiesced = lock(&self.quiesced);
         if quiesced.is_none() || !self.vcpus.is_paused() {

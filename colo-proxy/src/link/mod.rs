@@ -22,5 +22,7 @@ pub use frame_link::{FrameLink, FrameLinkConfig, FrameLinkState, FrameLinkWatch,
 pub use key::{KeyError, LinkKey};
 pub use listener::{accept_one, AuthPolicy, LinkAcceptor, LinkListener, AUTH_TIMEOUT};
 pub use message::PeerMessage;
-pub use secure::{accept, connect, is_tampered, paired, LinkConn, LinkError, LinkReader, LinkWriter};
+pub use secure::{
+    accept, connect, is_tampered, paired, write_all_vectored, LinkConn, LinkError, LinkReader, LinkWriter,
+};
 pub use socket::LinkSocket;

@@ -456,8 +456,10 @@ impl<S: LinkSocket> Read for LinkReader<S> {
     }
 }
 
-/// Writes all of `bufs`, in as few system calls as the socket takes.
-fn write_all_vectored<S: Write>(w: &mut S, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Writes all of `bufs` (empty ones skipped), in as few system calls as `w` takes
+/// (`Write::write_all_vectored` is not stable yet).
+pub fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+    IoSlice::advance_slices(&mut bufs, 0);
     while !bufs.is_empty() {
         match w.write_vectored(bufs) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -530,9 +532,7 @@ impl<S: LinkSocket> Write for LinkWriter<S> {
             // in one system call behind what was gathered (a record's head), instead of being
             // copied into `out` first.
             let mut slices = [IoSlice::new(&self.out), IoSlice::new(buf)];
-            let mut left = &mut slices[..];
-            IoSlice::advance_slices(&mut left, 0);
-            let written = write_all_vectored(&mut self.inner, left);
+            let written = write_all_vectored(&mut self.inner, &mut slices);
             self.out.clear();
             written?;
             return Ok(buf.len());

@@ -119,7 +119,7 @@ fn send_pages_in_place<V: Migratable + ?Sized>(
     let mut n = 0;
     let mut sent = 0;
     let flush = |w: &mut Writer, pages: &[usize], addrs: &[u64]| -> Result<u64, MigrationError> {
-        if let Some(r) = vm.with_paused_pages(pages, &mut |slices| w.page_record_from(addrs, slices))? {
+        if let Some(r) = vm.with_paused_pages(pages, |slices| w.page_record_from(addrs, slices))? {
             return Ok(r?);
         }
         w.page_record_with(addrs, |i, slot| vm.read_page(pages[i], slot).map_err(MigrationError::from))

@@ -150,9 +150,9 @@ const UNIX_SEND_BUFFER: libc::c_int = 4 << 20;
 /// Asks for a larger send buffer on a Unix link. A Unix stream's sender may have only its send
 /// buffer's worth in flight (about 200 KiB by default), so a checkpoint's megabytes would go in
 /// hundreds of rounds of the writer sleeping until the reader woke and drained it, and waking
-/// the other CPU is expensive in a VM (a third faster pause at 20000 dirty pages/s here). As
-/// root (`CAP_NET_ADMIN`) the size is set whatever `net.core.wmem_max` says; otherwise the
-/// kernel caps it there. A refusal only costs speed. (TCP links tune their buffers themselves.)
+/// the other CPU is expensive in a VM (a pause about a fifth shorter at 20000 dirty pages/s
+/// here). As root (`CAP_NET_ADMIN`) the size is set whatever `net.core.wmem_max` says;
+/// otherwise the kernel caps it there. A refusal only costs speed. (TCP links tune their buffers themselves.)
 fn widen_send_buffer(s: &UnixStream) {
     use std::os::fd::AsRawFd;
     let set = |option: libc::c_int| {

@@ -20,6 +20,7 @@
 
 use std::io::{self, Read, Write};
 
+use colo_proxy::link::write_all_vectored;
 use xxhash_rust::xxh3::Xxh3;
 
 /// Stream magic.
@@ -285,21 +286,6 @@ fn record_head(kind: Kind, len: usize) -> ([u8; 8], Xxh3) {
     let mut h = Xxh3::new();
     h.update(&head);
     (head, h)
-}
-
-/// Writes all of `bufs` through `w`'s gathered writes (`Write::write_all_vectored` is not
-/// stable yet).
-fn write_all_vectored<W: Write>(w: &mut W, mut bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
-    io::IoSlice::advance_slices(&mut bufs, 0);
-    while !bufs.is_empty() {
-        match w.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Reads a stream, verifying every record.

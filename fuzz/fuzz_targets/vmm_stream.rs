@@ -176,7 +176,7 @@ fuzz_target!(|input: Input| {
                 written.push(Record { kind: Kind::Control, payload: text.as_bytes().to_vec() });
             }
             Rec::Colo(which, seq) => {
-                let msg = match which % 5 {
+                let msg = match which % 6 {
                     0 => ColoControl::CheckpointRequest { seq: *seq, passive: seq % 2 == 0, trigger: "fuzz".into() },
                     1 => ColoControl::VmstateSend { seq: *seq },
                     2 => ColoControl::VmstateSize {
@@ -186,6 +186,7 @@ fuzz_target!(|input: Input| {
                         rx_marks: vec![Some(*seq), None],
                     },
                     3 => ColoControl::HeartbeatParameters { interval_ms: *seq, timeout_ms: seq.wrapping_mul(3) },
+                    4 => ColoControl::Committed { seq: *seq },
                     _ => ColoControl::Heartbeat,
                 };
                 message::send(&mut w, &msg).unwrap();

@@ -69,6 +69,14 @@ pub enum Control {
         /// The checkpoint.
         seq: u64,
     },
+    /// Primary → secondary: the interval's output is committed (step 5, after
+    /// `vmstate-received`): the compare processes have released or dropped everything of the
+    /// interval. Only now does the SVM resume, so that nothing it sends from the checkpoint's
+    /// state on can meet that flush, whatever backend compares its output.
+    Committed {
+        /// The checkpoint.
+        seq: u64,
+    },
     /// Secondary → primary, at failover: the secondary took over (it lost the primary's
     /// heartbeat, or was told `lost-heartbeat`). A primary still alive to read this must not
     /// serve any more.

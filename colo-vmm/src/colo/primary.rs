@@ -721,6 +721,8 @@ impl<'a, V: Migratable> Controller<'a, V> {
             self.compare().set_mode(mode).map_err(|e| End::Error(format!("compare process: {e}")))?;
         }
         self.compare().forget_miscompares();
+        // The SVM may run now: its output from here on belongs to the next interval.
+        self.link.send(&Control::Committed { seq }).map_err(|e| self.write_failed(e))?;
         steps.commit = clock.lap();
         if self.colo.params().resume_before_load {
             self.loading = Some((seq, Instant::now()));

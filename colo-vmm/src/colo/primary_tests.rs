@@ -51,6 +51,8 @@ fn serve_checkpoint(secondary: &mut Peer, seq: u64) {
     // Held long enough that a primary flushing its output early would be seen doing it.
     std::thread::sleep(Duration::from_millis(100));
     secondary.send(&Control::VmstateReceived { seq });
+    // The primary commits without waiting for the load (which follows, and takes its time).
+    secondary.expect("committed");
     std::thread::sleep(Duration::from_millis(100));
     secondary.send(&Control::VmstateLoaded { seq });
 }
@@ -87,8 +89,10 @@ fn checkpoint_transaction_order(resume_before_load: bool) {
         ("secondary: got pages", "secondary: got state"),
         ("vm: save-state", "secondary: got state"),
         ("secondary: got state", "secondary: got vmstate-size"),
-        // Output commit only once the secondary holds the whole checkpoint.
+        // Output commit only once the secondary holds the whole checkpoint...
         ("secondary: sent vmstate-received", "compare: checkpoint"),
+        // ...and the SVM may resume only after it.
+        ("compare: checkpoint", "secondary: got committed"),
     ]);
     if resume_before_load {
         // The PVM runs again right after the commit, while the SVM loads it.
@@ -255,6 +259,7 @@ fn a_checkpoint_carries_the_disk_blocks_the_guest_wrote_read_while_paused() {
         assert_eq!(n, 2);
         secondary.send(&Control::VmstateReceived { seq });
         secondary.send(&Control::VmstateLoaded { seq });
+        secondary.expect("committed");
         log.wait_for("vm: resume");
         secondary.link.close();
     });

@@ -4,8 +4,8 @@
 //! 3. and 4. pages go to the RAM cache, then the device state; `vmstate-received`;
 //! 6. copy into guest memory every page either side dirtied since the last checkpoint
 //!    (received ∪ the SVM's own, from KVM, the VMM and its backend's log), load the vCPU, VM and
-//!    device state (its rings restart where the primary's stood), resume unless passive,
-//!    `vmstate-loaded`.
+//!    device state, `vmstate-loaded`; on the primary's `committed` (its output commit is done),
+//!    resume unless passive (the rings restart where the primary's stood).
 //!
 //! The rings stop at step 1, before the primary stops its own (it pauses only after our reply):
 //! an inbound frame then either reaches the PVM before its pause (and the SVM with the
@@ -156,6 +156,9 @@ enum Phase {
     Idle,
     /// Paused for checkpoint `seq`; receiving.
     Receiving { seq: u64, passive: bool, trigger: Trigger, pages: u64, state: Option<Vec<u8>>, started: Instant },
+    /// Checkpoint `seq` is loaded; the SVM waits paused for the primary's `committed`, and
+    /// then resumes unless the checkpoint is passive.
+    Loaded { seq: u64, passive: bool },
 }
 
 /// Why COLO ended on the secondary.
@@ -346,8 +349,18 @@ impl Svm {
                 }
                 self.load(vm, colo, state, passive, &trigger, started)
                     .map_err(|e| error(format!("loading checkpoint {seq}: {e}")))?;
+                *phase = Phase::Loaded { seq, passive };
                 told.map_err(|e| write_failed(link, e))?;
                 link.send(&Control::VmstateLoaded { seq }).map_err(|e| write_failed(link, e))?;
+            }
+            (Incoming::Control(Control::Committed { seq }), Phase::Loaded { seq: s, passive }) if seq == *s => {
+                // Resumed any earlier, the SVM could send before the primary's compare
+                // processes flush the interval: its first answers would be dropped with the
+                // interval's output, and the next one start with a miscompare.
+                if !*passive {
+                    vm.resume().map_err(|e| error(format!("checkpoint {seq}: resuming the SVM: {e}")))?;
+                }
+                *phase = Phase::Idle;
             }
             (Incoming::Control(Control::HeartbeatParameters { interval_ms, timeout_ms }), _) => {
                 colo.set_heartbeat(interval_ms, timeout_ms)
@@ -360,7 +373,7 @@ impl Svm {
             (Incoming::Control(other), _) => {
                 return Err(error(format!("unexpected message from the primary: {other:?}")))
             }
-            (Incoming::State(_), Phase::Idle) => return Err(error("device state outside a checkpoint".into())),
+            (Incoming::State(_), _) => return Err(error("device state outside a checkpoint".into())),
             (Incoming::Closed(why), _) => return Err(End::Lost { reason: why, gone: true }),
             (Incoming::Corrupt(why), _) => return Err(error(why)),
         }
@@ -408,9 +421,6 @@ impl Svm {
         let _ = vm.dirty_pages();
         self.received = DirtyBitmap::empty(self.received.words().len() * 64);
         let kind = if passive { CheckpointKind::Passive } else { CheckpointKind::Colo };
-        if !passive {
-            vm.resume()?;
-        }
         colo.update(|s| {
             s.mode = Some(kind);
             s.checkpoint(kind, trigger, Duration::ZERO, started.elapsed(), n, n * 4096 + len);

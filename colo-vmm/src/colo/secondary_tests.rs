@@ -59,6 +59,9 @@ fn send_checkpoint(primary: &mut Peer<Channel>, vm: &FakeVm, seq: u64, passive: 
     primary.send(&Control::VmstateSize { seq, pages: 1, blocks: 0, rx_marks: vec![] });
     primary.expect("vmstate-received");
     primary.expect("vmstate-loaded");
+    // Held, so that an SVM resuming before the commit would be seen doing it.
+    std::thread::sleep(Duration::from_millis(50));
+    primary.send(&Control::Committed { seq });
 }
 
 #[test]
@@ -81,9 +84,11 @@ fn a_checkpoint_is_loaded_in_the_spec_order() {
         ("primary: sent vmstate-size", "primary: got vmstate-received"),
         // The checkpoint is acknowledged as received before it is loaded...
         ("primary: got vmstate-received", "vm: restore-state"),
-        // ...and as loaded only once the SVM runs it.
-        ("vm: restore-state", "vm: resume"),
-        ("vm: resume", "primary: got vmstate-loaded"),
+        // ...and as loaded once it holds it.
+        ("vm: restore-state", "primary: got vmstate-loaded"),
+        // The SVM runs only once the primary's output commit is done: nothing it sends can
+        // meet that flush.
+        ("primary: sent committed", "vm: resume"),
     ]);
     assert_eq!(vm.first_byte(5), 0xaa, "the primary's page");
     assert_eq!(vm.first_byte(9), 0, "the SVM's own write is replaced by the cache's copy");

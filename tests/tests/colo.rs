@@ -852,6 +852,14 @@ fn inbound_frames_during_checkpoints(backend: Backend, test: &str) {
     let mut net = ColoNet::start(backend, "app=echo", &[]);
     // Frequent user checkpoints must not make hybrid mode go passive here.
     net.set_params(Side::Primary, &[("passive-limit", 0)]);
+    if backend == Backend::ColoProxy {
+        // Behind colo-proxy a datagram arriving between the two VMs' pauses reaches the SVM
+        // twice, a miscompare (see below). Its checkpoint would be followed at once by the
+        // next user checkpoint (they take 300 ms each), and the SVM, not running in between,
+        // would never answer the datagrams queued during the first: counted against it below
+        // although they reached it. So only the user checkpoints here, 200 ms apart.
+        net.set_params(Side::Primary, &[("min-time", 10000)]);
+    }
     net.start_colo_with(&["test-checkpoint-delay=300"]);
     let sock = net.client.enter(|| {
         let s = std::net::UdpSocket::bind("10.0.0.1:0").unwrap();

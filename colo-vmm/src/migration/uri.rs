@@ -112,6 +112,13 @@ impl Channel {
             Channel::Unix(e) => e.secure,
         }
     }
+
+    /// Whether every byte arrives as written without a checksum of ours: on a Unix socket the
+    /// kernel copies them from one process to the other, and a secure link authenticates each
+    /// one. A plain TCP link has only TCP's 16-bit sums: the state stream sums its pages there.
+    pub fn delivers_bytes_intact(&self) -> bool {
+        matches!(self, Channel::Unix(_)) || self.secure()
+    }
 }
 
 impl io::Read for Channel {
@@ -303,6 +310,32 @@ mod tests {
             assert!(after >= before, "{before} -> {after}");
             eprintln!("not root: the send buffer is capped by net.core.wmem_max ({before} -> {after})");
         }
+    }
+
+    /// Both ends of a link over `uri` with `key`: (connecting, accepted).
+    fn ends(uri: &MigrationUri, key: Option<&LinkKey>) -> (Channel, Channel) {
+        let l = uri.listen().unwrap();
+        let uri = match (uri, &l) {
+            (MigrationUri::Tcp(_), Listener::Tcp(t)) => MigrationUri::Tcp(t.local_addr().unwrap().to_string()),
+            _ => uri.clone(),
+        };
+        let key2 = key.cloned();
+        let accepted = std::thread::spawn(move || l.accept_with(key2.as_ref()).unwrap());
+        let c = uri.connect_with(key).unwrap();
+        (c, accepted.join().unwrap())
+    }
+
+    #[test]
+    fn only_a_plain_tcp_link_leaves_the_state_stream_to_sum_its_pages() {
+        let dir = crate::unix_socket::tests::scratch("intact");
+        let key = LinkKey::derive(&[5; 32]);
+        let unix = MigrationUri::Unix(dir.join("l.sock"));
+        let tcp = MigrationUri::Tcp("127.0.0.1:0".into());
+        for (uri, key, intact) in [(&unix, None, true), (&tcp, None, false), (&tcp, Some(&key), true)] {
+            let (c, a) = ends(uri, key);
+            assert_eq!((c.delivers_bytes_intact(), a.delivers_bytes_intact()), (intact, intact), "{uri:?} {c:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -6,7 +6,12 @@
 //! record  = kind u8 | 3 reserved bytes | length u32 LE | payload (length bytes) | xxh3-64 LE
 //! ```
 //! The checksum covers kind, reserved bytes, length and payload, so a flipped bit anywhere is
-//! caught, and a record cut short is caught by its length. A stream ends with an [`Kind::End`]
+//! caught, and a record cut short is caught by its length. One header flag,
+//! [`FLAG_UNSUMMED_PAGES`], leaves the pages of [`Kind::Pages`] records out of their checksums
+//! (it still covers their head, count and addresses): a writer sets it on a transport that
+//! already delivers every byte as written, a Unix socket or a link that authenticates each
+//! byte, where summing 4 KiB per page on both sides is a pass over the data that catches
+//! nothing. A stream ends with an [`Kind::End`]
 //! record that counts what came before; a stream without it is truncated. Unknown record kinds
 //! are refused with a clear error; nothing is applied from a stream that did not verify.
 //!
@@ -55,6 +60,11 @@ pub const PAGE_SIZE: usize = 4096;
 pub const MAX_RECORD: usize = 64 << 20;
 /// Pages per [`Kind::Pages`] record when writing.
 pub const PAGES_PER_RECORD: usize = 256;
+/// Header flag: the checksums of [`Kind::Pages`] records cover their head, count and
+/// addresses, not the pages (see the module's doc).
+pub const FLAG_UNSUMMED_PAGES: u32 = 1;
+/// Every header flag this build knows.
+const KNOWN_FLAGS: u32 = FLAG_UNSUMMED_PAGES;
 
 /// Record kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -120,24 +130,37 @@ pub struct StreamWriter<W: Write> {
     pages: u64,
     records: u64,
     scratch: Vec<u8>,
+    /// Whether pages are summed ([`FLAG_UNSUMMED_PAGES`] not set).
+    sum_pages: bool,
 }
 
 impl<W: Write> StreamWriter<W> {
     /// Starts a stream: writes the header and flushes it, so a reader on the other end of a
     /// link can start at once.
-    pub fn new(mut w: W) -> io::Result<StreamWriter<W>> {
+    pub fn new(w: W) -> io::Result<StreamWriter<W>> {
+        Self::with_flags(w, 0)
+    }
+
+    /// [`Self::new`] for a transport that delivers every byte as written (a Unix socket, a
+    /// link that authenticates each byte): pages are not summed ([`FLAG_UNSUMMED_PAGES`]).
+    pub fn unsummed_pages(w: W) -> io::Result<StreamWriter<W>> {
+        Self::with_flags(w, FLAG_UNSUMMED_PAGES)
+    }
+
+    fn with_flags(mut w: W, flags: u32) -> io::Result<StreamWriter<W>> {
         w.write_all(&MAGIC)?;
         w.write_all(&VERSION.major.to_le_bytes())?;
         w.write_all(&VERSION.minor.to_le_bytes())?;
-        w.write_all(&0u32.to_le_bytes())?;
+        w.write_all(&flags.to_le_bytes())?;
         w.flush()?;
-        Ok(StreamWriter { w, pages: 0, records: 0, scratch: Vec::new() })
+        let sum_pages = flags & FLAG_UNSUMMED_PAGES == 0;
+        Ok(StreamWriter { w, pages: 0, records: 0, scratch: Vec::new(), sum_pages })
     }
 
     /// Writes one record.
     pub fn record(&mut self, kind: Kind, payload: &[u8]) -> io::Result<()> {
         let (head, mut h) = record_head(kind, payload.len());
-        h.update(payload);
+        h.update(summed(kind, payload, self.sum_pages));
         self.w.write_all(&head)?;
         self.w.write_all(payload)?;
         self.w.write_all(&h.digest().to_le_bytes())?;
@@ -160,8 +183,10 @@ impl<W: Write> StreamWriter<W> {
         }
         let (head, mut h) = record_head(Kind::Pages, index.len() + PAGE_SIZE * pages.len());
         h.update(&index);
-        for p in pages {
-            h.update(p);
+        if self.sum_pages {
+            for p in pages {
+                h.update(p);
+            }
         }
         let sum = h.digest().to_le_bytes();
         let mut slices = Vec::with_capacity(pages.len() + 3);
@@ -288,12 +313,26 @@ fn record_head(kind: Kind, len: usize) -> ([u8; 8], Xxh3) {
     (head, h)
 }
 
+/// What of a record's payload its checksum covers: all of it, except the pages of a
+/// [`Kind::Pages`] record when they are not summed — then its count and addresses (as many as
+/// the count says and the payload holds; a malformed record is refused after the checksum).
+fn summed(kind: Kind, payload: &[u8], sum_pages: bool) -> &[u8] {
+    if sum_pages || kind != Kind::Pages {
+        return payload;
+    }
+    let count = payload.get(..4).map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+    let index = count.saturating_mul(8).saturating_add(4);
+    &payload[..index.min(payload.len())]
+}
+
 /// Reads a stream, verifying every record.
 pub struct StreamReader<R: Read> {
     r: R,
     pages: u64,
     records: u64,
     ended: bool,
+    /// Whether pages are summed (the writer did not set [`FLAG_UNSUMMED_PAGES`]).
+    sum_pages: bool,
 }
 
 impl<R: Read> StreamReader<R> {
@@ -311,13 +350,14 @@ impl<R: Read> StreamReader<R> {
         if !VERSION.reads(version) {
             return Err(StreamError::UnsupportedVersion(version));
         }
-        // No flag is defined: one set is damage (the header has no checksum of its own) or a
-        // feature this build does not know.
+        // A flag this build does not know is damage (the header has no checksum of its own) or
+        // a feature it cannot read.
         let flags = u32::from_le_bytes(head[12..16].try_into().expect("4 bytes"));
-        if flags != 0 {
+        if flags & !KNOWN_FLAGS != 0 {
             return Err(StreamError::Corrupt(format!("unknown header flags {flags:#x}")));
         }
-        Ok(StreamReader { r, pages: 0, records: 0, ended: false })
+        let sum_pages = flags & FLAG_UNSUMMED_PAGES == 0;
+        Ok(StreamReader { r, pages: 0, records: 0, ended: false, sum_pages })
     }
 
     /// The next record; `Ok(None)` after the end record. An [`Kind::End`] record is checked
@@ -354,7 +394,7 @@ impl<R: Read> StreamReader<R> {
         read_exact(&mut self.r, &mut sum, "inside a record")?;
         let mut h = Xxh3::new();
         h.update(&head);
-        h.update(&payload);
+        h.update(summed(kind, &payload, self.sum_pages));
         if h.digest() != u64::from_le_bytes(sum) {
             return Err(StreamError::Corrupt(format!("checksum mismatch in a {kind:?} record")));
         }
@@ -538,6 +578,50 @@ mod tests {
         assert_eq!(p, vec![(0x3000, 0x11, 0x11), (0x9000, 0x22, 0x22)]);
         let p: Vec<(u64, u8)> = pages(&recs[2].payload).map(|(at, d)| (at, d[0])).collect();
         assert_eq!(p, vec![(0x4000, 0x44)]);
+    }
+
+    #[test]
+    fn without_page_sums_pages_read_back_and_everything_else_is_still_checked() {
+        let (a, b) = (vec![0x11u8; PAGE_SIZE], vec![0x22u8; PAGE_SIZE]);
+        let mut w = StreamWriter::unsummed_pages(Vec::new()).unwrap();
+        w.page_record_from(&[0x3000, 0x9000], &[&a, &b]).unwrap();
+        w.page_record_with::<io::Error>(&[0x4000], |_, slot| {
+            slot.fill(0x44);
+            Ok(())
+        })
+        .unwrap();
+        let from = w.get_mut().len();
+        w.pages([(0x5000, &b[..])]).unwrap();
+        let to = w.get_mut().len();
+        w.blocks([(7, &a[..])]).unwrap();
+        w.record(Kind::State, b"state").unwrap();
+        let bytes = w.finish().unwrap();
+        assert_eq!(bytes[12..16], FLAG_UNSUMMED_PAGES.to_le_bytes(), "the header says so");
+        let recs = read_all(&bytes).unwrap();
+        let firsts: Vec<Vec<(u64, u8)>> =
+            recs[..3].iter().map(|r| pages(&r.payload).map(|(at, d)| (at, d[4095])).collect()).collect();
+        assert_eq!(firsts, [vec![(0x3000, 0x11), (0x9000, 0x22)], vec![(0x4000, 0x44)], vec![(0x5000, 0x22)]]);
+        // The third pages record (head 8, count 4, one address 8, the page, sum 8): every bit
+        // but the page's is still covered; a flipped bit in the page is what the transport
+        // must not do, and reads as it arrived.
+        assert_eq!(to - from, 8 + 4 + 8 + PAGE_SIZE + 8);
+        for byte in from..to {
+            for bit in [0, 5] {
+                let mut c = bytes.clone();
+                c[byte] ^= 1 << bit;
+                let in_page = (from + 20..from + 20 + PAGE_SIZE).contains(&byte);
+                assert_eq!(read_all(&c).is_ok(), in_page, "bit {bit} of byte {} of the record", byte - from);
+            }
+        }
+        // Blocks and every other kind are summed whole.
+        let blocks_at = to + 8 + 4 + 8 + 100;
+        let mut c = bytes.clone();
+        c[blocks_at] ^= 1;
+        assert!(matches!(read_all(&c), Err(StreamError::Corrupt(m)) if m.contains("checksum")));
+        // A count claiming more addresses than the record holds is refused, not read beyond.
+        let mut c = bytes.clone();
+        c[from + 8..from + 12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(read_all(&c).is_err());
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! quiet machine.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -576,10 +576,9 @@ fn lost_heartbeat_on_the_secondary_takes_over_from_a_fenced_primary() {
     assert_eq!(net.compare_stats()["mode"], "secondary-only");
 }
 
-/// Forwards the checkpoint link from `listen` to `target`; once `arm` is set, flips one bit in
+/// Forwards the checkpoint link from `l` (TCP) to `target` (Unix); once `arm` is set, flips one bit in
 /// the next chunk from the primary that is big enough to hold pages (heartbeats are tiny).
-fn corrupting_relay(listen: &Path, target: &Path, arm: Arc<AtomicBool>) -> JoinHandle<()> {
-    let l = UnixListener::bind(listen).unwrap();
+fn corrupting_relay(l: std::net::TcpListener, target: &Path, arm: Arc<AtomicBool>) -> JoinHandle<()> {
     let target = target.to_path_buf();
     std::thread::spawn(move || {
         let (src, _) = l.accept().unwrap();
@@ -626,11 +625,15 @@ fn corrupt_checkpoint_stream_ends_colo_with_a_clear_error_and_the_primary_keeps_
         return;
     }
     let mut net = ColoNet::start(Backend::VhostNetCompare, "app=counter,dirty dirty=200", &[]);
-    let relay_path = net.dir.path("relay.sock");
+    // The primary reaches the relay over plain TCP (on loopback): there the stream sums its
+    // pages too, as on any link that does not deliver every byte as written itself (on a Unix
+    // socket the kernel does, and a flipped byte of a page would go unseen by design).
+    let relay_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay_uri = format!("uri=tcp:{}", relay_listener.local_addr().unwrap());
     let target = net.uri.strip_prefix("unix:").expect("unix uri").to_string();
     let arm = Arc::new(AtomicBool::new(false));
-    let relay = corrupting_relay(&relay_path, Path::new(&target), arm.clone());
-    net.ctl(Side::Primary, "colo-start", &[&format!("uri=unix:{}", relay_path.display())]).expect("colo-start");
+    let relay = corrupting_relay(relay_listener, Path::new(&target), arm.clone());
+    net.ctl(Side::Primary, "colo-start", &[&relay_uri]).expect("colo-start");
     net.wait_colo_running();
     let mut counter = CounterClient::connect(&net);
     for _ in 0..10 {

@@ -925,7 +925,9 @@ fn inbound_frames_during_checkpoints(backend: Backend, test: &str) {
     if backend == Backend::VhostNetCompare {
         assert_eq!(miscompares(&p), 0, "no reply waited for a compare timeout: {}", p["checkpoints"]);
     } else {
-        assert_eq!(n(&p["checkpoints"]["miscompare"]["timeout"]), 0, "{}", p["checkpoints"]);
+        // With min-time above the test's length no miscompare checkpoints here: the compare
+        // process's own count says whether a reply waited for its timeout.
+        assert_eq!(n(&stats["miscompares"]["timeout"]), 0, "no reply waited for a compare timeout: {stats}");
     }
     assert!(worst < Duration::from_millis(1500), "an echo waited {worst:?} (a checkpoint holds them about 0.4 s)");
 }

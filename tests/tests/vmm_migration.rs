@@ -378,3 +378,51 @@ fn source_killed_mid_migration_makes_the_destination_give_up() {
         faulty_migration(|src, _| Fault::Kill(src), false);
     }
 }
+
+#[test]
+fn a_stream_with_unsummed_pages_relayed_onto_plain_tcp_is_refused() {
+    if !check("a_stream_with_unsummed_pages_relayed_onto_plain_tcp_is_refused") {
+        return;
+    }
+    // The source connects over a Unix socket, where its stream leaves the pages unsummed;
+    // a relay carries it on over plain TCP, which does not guarantee them: the destination
+    // must refuse rather than take pages nothing checks.
+    let vm = VmNet::start("app=counter");
+    let mut counter = LineClient::new(vm.connect(9000));
+    assert_eq!(counter.ask("inc").unwrap(), "1");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (mut dst, dst_api, _) = destination(&vm, &format!("tcp:127.0.0.1:{port}"), "destination");
+    let relay_path = vm.dir.path("relay.sock");
+    let l = std::os::unix::net::UnixListener::bind(&relay_path).unwrap();
+    let relay = std::thread::spawn(move || {
+        let (src, _) = l.accept().unwrap();
+        let t = Instant::now();
+        let dst = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(d) => break d,
+                Err(e) if t.elapsed() > Duration::from_secs(10) => panic!("the destination never listened: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let (mut s_r, mut d_w) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+        let (mut d_r, mut s_w) = (dst, src);
+        let back = std::thread::spawn(move || {
+            let _ = std::io::copy(&mut d_r, &mut s_w);
+            let _ = s_w.shutdown(std::net::Shutdown::Both);
+        });
+        let _ = std::io::copy(&mut s_r, &mut d_w);
+        let _ = d_w.shutdown(std::net::Shutdown::Both);
+        let _ = back.join();
+    });
+    let (ok, out) = vm.ctl("migrate", &[&format!("uri=unix:{}", relay_path.display())]);
+    let _ = relay.join();
+    let status = dst.wait_timeout(Duration::from_secs(20)).expect("the destination exits");
+    assert!(!status.success() && !dst_api.exists(), "the destination refused and ran nothing");
+    let err = dst.stderr();
+    assert!(err.contains("unsummed") && err.contains("plain TCP"), "a clear error: {err}");
+    // The source may find the connection closed before it reads the destination's answer.
+    assert!(!ok && out.contains("\"failed\""), "the migration fails: {out}");
+    let (_, st) = vm.ctl("query-status", &[]);
+    assert!(st.contains("\"running\""), "the source runs its VM again: {st}");
+    assert_eq!(counter.ask("inc").unwrap(), "2", "and its state is intact");
+}

@@ -1,9 +1,10 @@
 //! Where the secondary VM's output stands against the checkpoints, on one host.
 //!
 //! At a checkpoint the secondary's colo-vmm stops the SVM's rings, and once it holds the whole
-//! checkpoint it replies `vmstate-received`, loads it, restarts the rings and resumes the SVM.
-//! The primary's colo-vmm tells this process to flush only when it has heard that reply, so a
-//! loaded SVM may send before the flush: the flush would drop those frames with the SVM's
+//! checkpoint it replies `vmstate-received`, loads it and restarts the rings (its vCPUs wait
+//! for the primary's `committed`, sent after the flush). The primary's colo-vmm tells this
+//! process to flush only when it has heard that reply, so frames already on the restored TX
+//! ring may leave before the flush: the flush would drop those frames with the SVM's
 //! output from before the checkpoint, and the SVM's later frames would be compared with the
 //! PVM's one step behind (a miscompare). So from the SVM's receive-ring restart until the flush
 //! its frames wait on its TX ring (refused like a full queue); the flush lets them go.

@@ -28,9 +28,10 @@
 //!   keeps the newest in an [`InboundWindow`], so that after loading a checkpoint its VM can be
 //!   given exactly the frames numbered from the primary VM's mark at the pause
 //!   ([`Replica::resync`]).
-//! - **Checkpoint boundaries in the secondary's output.** The secondary's VM may resume from
-//!   a checkpoint, and send, before the primary has flushed that checkpoint (the flush waits
-//!   for the secondary's `vmstate-received`; the load follows it at once); and frames it sent
+//! - **Checkpoint boundaries in the secondary's output.** The secondary's VM restarts its rings
+//!   with a checkpoint's load, and may send what was on its restored TX ring, before the primary
+//!   has flushed that checkpoint (the flush waits for the secondary's `vmstate-received`; the
+//!   load follows it at once; only the vCPUs wait for the primary's `committed`); and frames it sent
 //!   before the checkpoint may still be on the link after the flush. Either way, frames from
 //!   the two sides of a checkpoint would be compared with each other. So the secondary sends
 //!   `loading` on the frame link before its VM loads ([`Replica::resync`]), and the primary

@@ -71,8 +71,8 @@ pub enum Control {
     },
     /// Primary → secondary: the interval's output is committed (step 5, after
     /// `vmstate-received`): the compare processes have released or dropped everything of the
-    /// interval. Only now does the SVM resume, so that nothing it sends from the checkpoint's
-    /// state on can meet that flush, whatever backend compares its output.
+    /// interval. Only now do the SVM's vCPUs resume, so that nothing the SVM computes from the
+    /// checkpoint's state on can meet that flush, whatever backend compares its output.
     Committed {
         /// The checkpoint.
         seq: u64,

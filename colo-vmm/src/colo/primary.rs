@@ -660,7 +660,8 @@ impl<'a, V: Migratable> Controller<'a, V> {
     }
 
     /// With the PVM paused: send the pages and state, commit the output once the secondary
-    /// holds them, switch the compare mode if the kind changed, wait until it loaded — or, with
+    /// holds them, switch the compare mode if the kind changed, tell the secondary `committed`
+    /// (its vCPUs wait for it), wait until it loaded — or, with
     /// `resume-before-load`, not: the PVM resumes then, while the secondary loads (its
     /// `vmstate-loaded` is awaited before the next checkpoint): everything released so far was produced before the checkpoint the secondary holds, and what the PVM
     /// sends from now on is held until the SVM, loaded and running, sends the same (or until

@@ -4,8 +4,8 @@
 //! 3. and 4. pages go to the RAM cache, then the device state; `vmstate-received`;
 //! 6. copy into guest memory every page either side dirtied since the last checkpoint
 //!    (received ∪ the SVM's own, from KVM, the VMM and its backend's log), load the vCPU, VM and
-//!    device state, `vmstate-loaded`; on the primary's `committed` (its output commit is done),
-//!    resume unless passive (the rings restart where the primary's stood).
+//!    device state (the rings restart where the primary's stood), `vmstate-loaded`; on the
+//!    primary's `committed` (its output commit is done), resume the vCPUs unless passive.
 //!
 //! The rings stop at step 1, before the primary stops its own (it pauses only after our reply):
 //! an inbound frame then either reaches the PVM before its pause (and the SVM with the

@@ -48,6 +48,14 @@ fn with_secondary(log: &Log, vm: &FakeVm, f: impl FnOnce(&ColoShared, &mut Peer<
 
 /// The primary's side of checkpoint `seq`, carrying page 5 filled with `byte`.
 fn send_checkpoint(primary: &mut Peer<Channel>, vm: &FakeVm, seq: u64, passive: bool, byte: u8) {
+    load_checkpoint(primary, vm, seq, passive, byte);
+    // Held, so that an SVM resuming before the commit would be seen doing it.
+    std::thread::sleep(Duration::from_millis(50));
+    primary.send(&Control::Committed { seq });
+}
+
+/// [`send_checkpoint`] up to the secondary's `vmstate-loaded`, without `committed`.
+fn load_checkpoint(primary: &mut Peer<Channel>, vm: &FakeVm, seq: u64, passive: bool, byte: u8) {
     primary.send(&Control::CheckpointRequest { seq, passive, trigger: "user".into() });
     primary.expect("checkpoint-reply");
     primary.send(&Control::VmstateSend { seq });
@@ -59,9 +67,6 @@ fn send_checkpoint(primary: &mut Peer<Channel>, vm: &FakeVm, seq: u64, passive: 
     primary.send(&Control::VmstateSize { seq, pages: 1, blocks: 0, rx_marks: vec![] });
     primary.expect("vmstate-received");
     primary.expect("vmstate-loaded");
-    // Held, so that an SVM resuming before the commit would be seen doing it.
-    std::thread::sleep(Duration::from_millis(50));
-    primary.send(&Control::Committed { seq });
 }
 
 #[test]
@@ -74,6 +79,8 @@ fn a_checkpoint_is_loaded_in_the_spec_order() {
         // The SVM's own write since the last checkpoint: undone by the checkpoint.
         vm.guest_writes(9, 0x55);
         send_checkpoint(primary, &vm, 1, false, 0xaa);
+        // Resumed by `committed`, not by the failover below.
+        log.wait_for("vm: resume");
         colo.lost_heartbeat.store(true, Ordering::Relaxed);
         primary.expect("taken-over");
     });
@@ -103,12 +110,33 @@ fn a_passive_checkpoint_leaves_the_svm_paused() {
     let vm = FakeVm::new(&log, 16);
     with_secondary(&log, &vm, |colo, primary| {
         send_checkpoint(primary, &vm, 1, true, 0xbb);
+        // Time for `committed` to be taken.
+        std::thread::sleep(Duration::from_millis(100));
         assert!(vm.is_paused(), "passive: the SVM stays paused after loading");
         assert!(!log.contains("vm: resume"));
         colo.lost_heartbeat.store(true, Ordering::Relaxed);
         primary.expect("taken-over");
     });
     assert!(!vm.is_paused(), "failover resumes it");
+}
+
+#[test]
+fn a_loaded_checkpoint_waits_for_committed_and_a_failover_meanwhile_resumes_from_it() {
+    let log = Log::default();
+    let vm = FakeVm::new(&log, 16);
+    let colo = with_secondary(&log, &vm, |colo, primary| {
+        load_checkpoint(primary, &vm, 1, false, 0xcc);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(vm.is_paused(), "loaded, the SVM waits for the primary's commit");
+        // The primary is lost before it said `committed`: its output may have been released
+        // (it heard `vmstate-received`), so the SVM goes on from the checkpoint.
+        colo.lost_heartbeat.store(true, Ordering::Relaxed);
+        primary.expect("taken-over");
+    });
+    assert!(!vm.is_paused(), "the failover resumes it");
+    assert_eq!(vm.first_byte(5), 0xcc, "from the loaded checkpoint");
+    let s = colo.status();
+    assert_eq!((s.checkpoints.total, s.state), (1, State::FailedOver));
 }
 
 #[test]

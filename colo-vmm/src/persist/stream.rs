@@ -21,7 +21,8 @@
 //! Version 1 (up to this build's predecessor) carried the state as string-keyed sections; 2.0
 //! carries one typed machine state (`state.rs`); 2.1 adds the disk: [`Kind::Blocks`] records, the
 //! machine description's disk and the verify mode's block digests (a 2.1 reader reads 2.0
-//! streams: a VM without a disk).
+//! streams: a VM without a disk); 2.2 adds the header flag [`FLAG_UNSUMMED_PAGES`] (a 2.1
+//! reader refuses a 2.2 stream by its version, not as damage).
 
 use std::io::{self, Read, Write};
 
@@ -53,7 +54,7 @@ impl Version {
 }
 
 /// The version this build writes; it reads streams of the same major and a minor up to this.
-pub const VERSION: Version = Version { major: 2, minor: 1 };
+pub const VERSION: Version = Version { major: 2, minor: 2 };
 /// Guest page size.
 pub const PAGE_SIZE: usize = 4096;
 /// Largest record payload accepted (a corrupt length must not make us allocate gigabytes).
@@ -437,6 +438,13 @@ impl<R: Read> StreamReader<R> {
         self.ended
     }
 
+    /// Whether the writer left the pages out of the sums ([`FLAG_UNSUMMED_PAGES`]). A reader
+    /// whose own transport does not guarantee every byte refuses such a stream: the writer
+    /// judged its end of the way, not this one.
+    pub fn pages_unsummed(&self) -> bool {
+        !self.sum_pages
+    }
+
     /// The underlying reader.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.r
@@ -647,13 +655,14 @@ mod tests {
         let mut b = sample();
         b[0] = b'X';
         assert!(matches!(read_all(&b), Err(StreamError::BadMagic)));
-        assert_eq!(&sample()[8..12], &[2, 0, 1, 0], "this build writes 2.1");
+        assert_eq!(&sample()[8..12], &[2, 0, 2, 0], "this build writes 2.2");
         // Version 1 (the u32 1 of the previous format reads as 1.0): another major.
         let e = read_all(&with_version(1, 0)).unwrap_err();
         assert!(e.to_string().contains("version 1.0 cannot be read"), "{e}");
         assert!(matches!(read_all(&with_version(3, 0)), Err(StreamError::UnsupportedVersion(v)) if v.major == 3));
-        assert!(matches!(read_all(&with_version(2, 2)), Err(StreamError::UnsupportedVersion(v)) if v.minor == 2));
-        assert!(read_all(&with_version(2, 0)).is_ok(), "2.1 reads 2.0");
+        assert!(matches!(read_all(&with_version(2, 3)), Err(StreamError::UnsupportedVersion(v)) if v.minor == 3));
+        assert!(read_all(&with_version(2, 0)).is_ok(), "2.2 reads 2.0");
+        assert!(read_all(&with_version(2, 1)).is_ok(), "and 2.1");
         let v = Version { major: 2, minor: 3 };
         assert!(v.reads(Version { major: 2, minor: 0 }) && v.reads(v));
         assert!(!v.reads(Version { major: 2, minor: 4 }) && !v.reads(Version { major: 1, minor: 0 }));

@@ -6,7 +6,8 @@
 //! something else (steal time). With `--fifo` (root) the threads run SCHED_FIFO, so no
 //! ordinary task of this machine can take their CPU: what is left is interrupts and the
 //! hypervisor. RT throttling (`kernel.sched_rt_runtime_us`, by default 50 ms of every second)
-//! still takes the CPU from them; gaps of 40 ms or more are counted apart as that.
+//! still takes the CPU from them; with `--fifo`, gaps of 40 ms or more are counted apart as
+//! that (and `--fifo` is refused where throttling is off: the machine would freeze).
 //!
 //! Why: a checkpoint's pause is a chain of thread hand-offs across the CPUs, and a few ms
 //! taken from any of them stalls the whole pause. This measures how often that happens with
@@ -40,17 +41,17 @@ const THROTTLE_MS: f64 = 40.0;
 #[derive(Default, Clone)]
 struct Gaps {
     counts: [u64; BUCKETS_MS.len()],
-    /// Summed length of the counted gaps, below the throttling bound.
+    /// Summed length of the counted gaps (under `--fifo`, those below the throttling bound).
     lost: Duration,
     longest: Duration,
 }
 
 impl Gaps {
-    fn add(&mut self, gap: Duration) {
+    fn add(&mut self, gap: Duration, fifo: bool) {
         let ms = gap.as_secs_f64() * 1000.0;
         let i = BUCKETS_MS.iter().position(|&b| ms < b).unwrap_or(BUCKETS_MS.len() - 1);
         self.counts[i] += 1;
-        if ms < THROTTLE_MS {
+        if !fifo || ms < THROTTLE_MS {
             self.lost += gap;
             self.longest = self.longest.max(gap);
         }
@@ -81,23 +82,39 @@ fn spin(cpu: usize, secs: f64, min: Duration, fifo: bool) -> Result<Gaps> {
         let now = Instant::now();
         let gap = now - last;
         if gap >= min {
-            gaps.add(gap);
+            gaps.add(gap, fifo);
         }
         last = now;
     }
     Ok(gaps)
 }
 
-/// Each CPU's steal time so far, ms (the `steal` column of /proc/stat).
-fn steal_ms() -> Result<Vec<u64>> {
+/// Each CPU's steal time so far, ms (the `steal` column of /proc/stat), by CPU number.
+fn steal_ms() -> Result<std::collections::HashMap<usize, u64>> {
     let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Ok(stat
         .lines()
-        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
-        .map(|l| l.split_whitespace().nth(8).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1000 / hz)
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let cpu = f.next()?.strip_prefix("cpu")?.parse::<usize>().ok()?;
+            let steal = f.nth(7)?.parse::<u64>().ok()?;
+            Some((cpu, steal * 1000 / hz))
+        })
         .collect())
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Result<Vec<usize>> {
+    // SAFETY: a zeroed CPU set filled by the kernel, read with the libc macros.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            bail!("reading this process's CPUs: {}", std::io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect())
+    }
 }
 
 fn main() -> Result<()> {
@@ -105,30 +122,37 @@ fn main() -> Result<()> {
     if !(args.secs > 0.0 && args.secs <= 600.0) {
         bail!("--secs must be above 0 and at most 600");
     }
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    if args.fifo {
+        let runtime = std::fs::read_to_string("/proc/sys/kernel/sched_rt_runtime_us").unwrap_or_default();
+        if runtime.trim() == "-1" {
+            bail!("--fifo: RT throttling is off (kernel.sched_rt_runtime_us = -1), and spinning SCHED_FIFO threads on every CPU would freeze the machine");
+        }
+    }
+    let cpus = allowed_cpus()?;
     let min = Duration::from_micros(args.min_us.max(1));
     let before = steal_ms()?;
     let results: Vec<Result<Gaps>> = std::thread::scope(|s| {
-        let threads: Vec<_> = (0..cpus).map(|cpu| s.spawn(move || spin(cpu, args.secs, min, args.fifo))).collect();
+        let threads: Vec<_> = cpus.iter().map(|&cpu| s.spawn(move || spin(cpu, args.secs, min, args.fifo))).collect();
         threads.into_iter().map(|t| t.join().expect("a spinning thread panicked")).collect()
     });
     let after = steal_ms()?;
+    let gaps = results.into_iter().collect::<Result<Vec<Gaps>>>()?;
     let policy = if args.fifo { "SCHED_FIFO" } else { "SCHED_OTHER" };
-    println!("{cpus} CPUs, {} s each, {policy}, gaps of at least {} µs", args.secs, min.as_micros());
+    println!("{} CPUs, {} s each, {policy}, gaps of at least {} µs", cpus.len(), args.secs, min.as_micros());
     let header: Vec<String> = BUCKETS_MS
         .iter()
-        .scan(args.min_us as f64 / 1000.0, |lo, &hi| {
+        .scan(min.as_secs_f64() * 1000.0, |lo, &hi| {
             let label = if hi.is_finite() { format!("{lo}–{hi} ms") } else { format!("≥ {lo} ms") };
             *lo = hi;
             Some(label)
         })
         .collect();
-    println!("| CPU | {} | lost (below {THROTTLE_MS} ms) | longest | steal (/proc/stat) |", header.join(" | "));
+    let lost = if args.fifo { format!("lost (below {THROTTLE_MS} ms)") } else { "lost".to_string() };
+    println!("| CPU | {} | {lost} | longest | steal (/proc/stat) |", header.join(" | "));
     println!("|---:|{}---:|---:|---:|", "---:|".repeat(header.len()));
-    for (cpu, r) in results.into_iter().enumerate() {
-        let g = r?;
+    for (&cpu, g) in cpus.iter().zip(gaps) {
         let counts: Vec<String> = g.counts.iter().map(u64::to_string).collect();
-        let steal = after.get(cpu).zip(before.get(cpu)).map(|(a, b)| a.saturating_sub(*b)).unwrap_or(0);
+        let steal = after.get(&cpu).zip(before.get(&cpu)).map(|(a, b)| a.saturating_sub(*b)).unwrap_or(0);
         println!(
             "| {cpu} | {} | {:.2} % | {:.2} ms | {steal} ms |",
             counts.join(" | "),

@@ -243,7 +243,7 @@ fuzz_target!(|input: Input| {
 
     // Read it back.
     let mut read = Vec::new();
-    let complete = match StreamReader::new(&bytes[..]) {
+    let complete = match StreamReader::from_link(&bytes[..], true) {
         Ok(mut r) => loop {
             match r.next_record() {
                 Ok(Some(rec)) => {
@@ -319,7 +319,7 @@ fuzz_target!(|input: Input| {
         Ok(())
     });
 
-    // The same bytes as a snapshot file.
+    // The same bytes as a snapshot file (one whose pages are not summed is refused).
     if let Ok(mut r) = StreamReader::new(&bytes[..]) {
         if snapshot::read_meta(&mut r).is_ok() {
             let _ = snapshot::read_rest(&mut r, mem, MEM, Some(&mut stage));

@@ -519,6 +519,17 @@ impl<S: LinkSocket> LinkWriter<S> {
     pub fn socket(&self) -> &S {
         &self.inner
     }
+
+    /// Plain links: writes what was gathered and then `bufs`, in as few system calls as the
+    /// socket takes, without copying `bufs` here.
+    fn write_behind_out(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let mut slices = Vec::with_capacity(bufs.len() + 1);
+        slices.push(IoSlice::new(&self.out));
+        slices.extend(bufs.iter().map(|b| IoSlice::new(b)));
+        let written = write_all_vectored(&mut self.inner, &mut slices);
+        self.out.clear();
+        written
+    }
 }
 
 impl<S: LinkSocket> Write for LinkWriter<S> {
@@ -531,10 +542,7 @@ impl<S: LinkSocket> Write for LinkWriter<S> {
             // A large write (a batch of pages) goes to the socket from the caller's buffer,
             // in one system call behind what was gathered (a record's head), instead of being
             // copied into `out` first.
-            let mut slices = [IoSlice::new(&self.out), IoSlice::new(buf)];
-            let written = write_all_vectored(&mut self.inner, &mut slices);
-            self.out.clear();
-            written?;
+            self.write_behind_out(&[IoSlice::new(buf)])?;
             return Ok(buf.len());
         }
         let mut rest = buf;
@@ -570,12 +578,7 @@ impl<S: LinkSocket> Write for LinkWriter<S> {
             }
             return Ok(total);
         }
-        let mut slices = Vec::with_capacity(bufs.len() + 1);
-        slices.push(IoSlice::new(&self.out));
-        slices.extend(bufs.iter().map(|b| IoSlice::new(b)));
-        let written = write_all_vectored(&mut self.inner, &mut slices);
-        self.out.clear();
-        written?;
+        self.write_behind_out(bufs)?;
         Ok(total)
     }
 

@@ -65,13 +65,8 @@ fn receive(
     // A small buffer: `BufReader` reads a request larger than its buffer straight into the
     // caller's memory, so a megabyte of pages goes from the socket into its record in one copy
     // (through a buffer as large as a record it would be copied twice).
-    let mut r = StreamReader::new(BufReader::with_capacity(READ_BUFFER, reader_chan))?;
-    if r.pages_unsummed() && !chan.delivers_bytes_intact() {
-        // A relay between may have carried a stream from a Unix socket onto a plain TCP link.
-        let e = "the source left the pages unsummed, but this link does not guarantee them (plain TCP): \
-                 connect without a relay, or with --link-key";
-        return Err(StreamError::Corrupt(e.into()).into());
-    }
+    let mut r =
+        StreamReader::from_link(BufReader::with_capacity(READ_BUFFER, reader_chan), chan.delivers_bytes_intact())?;
     let purpose = match protocol::recv(&mut r)? {
         Control::Hello { purpose } => purpose,
         other => return Err(StreamError::Corrupt(format!("expected hello, got {other:?}")).into()),

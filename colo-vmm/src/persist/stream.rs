@@ -114,6 +114,14 @@ pub enum StreamError {
     /// A record failed its checksum or is malformed.
     #[error("state stream is corrupt: {0}")]
     Corrupt(String),
+    /// The writer left the pages unsummed ([`FLAG_UNSUMMED_PAGES`]), and this reader's
+    /// transport does not guarantee them: the writer judged its end of the way, not this one
+    /// (a relay may have carried the stream off a Unix socket).
+    #[error(
+        "state stream's pages are unsummed, but its transport here does not guarantee them (a file, or plain TCP): \
+         connect without a relay, or with --link-key"
+    )]
+    UnsummedPages,
 }
 
 /// One record read from a stream.
@@ -337,8 +345,16 @@ pub struct StreamReader<R: Read> {
 }
 
 impl<R: Read> StreamReader<R> {
-    /// Reads and checks the header.
-    pub fn new(mut r: R) -> Result<StreamReader<R>, StreamError> {
+    /// Reads and checks the header of a stream from a file or from a link that does not
+    /// guarantee every byte: one whose pages are not summed is refused.
+    pub fn new(r: R) -> Result<StreamReader<R>, StreamError> {
+        Self::from_link(r, false)
+    }
+
+    /// [`Self::new`] for a stream from a link; `intact`: the link delivers every byte as
+    /// written (`Channel::delivers_bytes_intact`), so a stream whose pages are not summed is
+    /// taken.
+    pub fn from_link(mut r: R, intact: bool) -> Result<StreamReader<R>, StreamError> {
         let mut head = [0u8; 16];
         read_exact(&mut r, &mut head, "in the header")?;
         if head[..8] != MAGIC {
@@ -358,6 +374,9 @@ impl<R: Read> StreamReader<R> {
             return Err(StreamError::Corrupt(format!("unknown header flags {flags:#x}")));
         }
         let sum_pages = flags & FLAG_UNSUMMED_PAGES == 0;
+        if !sum_pages && !intact {
+            return Err(StreamError::UnsummedPages);
+        }
         Ok(StreamReader { r, pages: 0, records: 0, ended: false, sum_pages })
     }
 
@@ -438,13 +457,6 @@ impl<R: Read> StreamReader<R> {
         self.ended
     }
 
-    /// Whether the writer left the pages out of the sums ([`FLAG_UNSUMMED_PAGES`]). A reader
-    /// whose own transport does not guarantee every byte refuses such a stream: the writer
-    /// judged its end of the way, not this one.
-    pub fn pages_unsummed(&self) -> bool {
-        !self.sum_pages
-    }
-
     /// The underlying reader.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.r
@@ -505,7 +517,7 @@ mod tests {
     }
 
     fn read_all(bytes: &[u8]) -> Result<Vec<Record>, StreamError> {
-        let mut r = StreamReader::new(bytes)?;
+        let mut r = StreamReader::from_link(bytes, true)?;
         let mut out = vec![];
         while let Some(rec) = r.next_record()? {
             out.push(rec);
@@ -605,6 +617,8 @@ mod tests {
         w.record(Kind::State, b"state").unwrap();
         let bytes = w.finish().unwrap();
         assert_eq!(bytes[12..16], FLAG_UNSUMMED_PAGES.to_le_bytes(), "the header says so");
+        // From a file or a link that does not guarantee the pages: refused.
+        assert!(matches!(StreamReader::new(&bytes[..]), Err(StreamError::UnsummedPages)));
         let recs = read_all(&bytes).unwrap();
         let firsts: Vec<Vec<(u64, u8)>> =
             recs[..3].iter().map(|r| pages(&r.payload).map(|(at, d)| (at, d[4095])).collect()).collect();
